@@ -12,8 +12,11 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent
-FOLDERS = {"histosynth": "plugin", "histosynth.synthesis": "synthesis",
-           "histosynth.integration": "integration"}
+FOLDERS = {
+    "histosynth": "plugin",
+    "histosynth.synthesis": "synthesis",
+    "histosynth.integration": "integration",
+}
 
 
 def _packages() -> list[str]:

@@ -1,0 +1,439 @@
+"""Where model weights come from: local folders and the local Hugging Face cache, offline.
+
+The engine never downloads. A component (``transformer``, ``vae``, ``encoder``) of a
+preset is looked for, in this order:
+
+1. an explicit path given by the caller (a weights folder or file, or a folder that holds
+   ``<component>/`` or the repository's subfolder);
+2. ``$HISTOSYNTH_WEIGHTS`` (one folder, or several joined with ``os.pathsep``), in the
+   layouts ``<root>/<preset>/<component>``, ``<root>/<repo-name>/<subfolder>`` and
+   ``<root>/<owner>/<repo-name>/<subfolder>`` (what ``hf download --local-dir`` writes);
+3. the user settings file (``$HISTOSYNTH_CONFIG``, else
+   ``$XDG_CONFIG_HOME/histosynth/settings.yaml``, else ``~/.config/histosynth/settings.yaml``),
+   key ``weights: {<preset>: {<component>: <path>}}``; relative paths are relative to the
+   settings file;
+4. the local Hugging Face hub cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
+   ``~/.cache/huggingface/hub``), read from disk only — nothing here contacts the Hub.
+
+A missing component is an :class:`EngineError` (``require=True``) that lists every place
+looked in and how to provide the weights; there is never a silent fallback to random
+weights. The ``tiny`` preset has no weights at all: it is untrained, built from a seeded
+random initialisation, and says so (``source == "untrained"``).
+
+Example:
+    >>> found = find_component("pixcell-1024", "vae", require=False)
+    >>> found.source in (None, "explicit", "env", "settings", "hf-cache")
+    True
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from huggingface_hub import try_to_load_from_cache
+
+from histosynth.synthesis.errors import EngineError
+
+__all__ = [
+    "COMPONENTS",
+    "PRESETS",
+    "ComponentSpec",
+    "FoundWeights",
+    "PresetSpec",
+    "find_component",
+    "find_preset",
+    "hf_cache_dir",
+    "read_settings",
+    "settings_path",
+]
+
+COMPONENTS: tuple[str, ...] = ("transformer", "vae", "encoder")
+"""Component names every preset is made of."""
+
+WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".bin", ".pth", ".pt")
+TIMM_FILES: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")
+"""Weight file names of a timm checkpoint folder, in order of preference."""
+
+Source = Literal["explicit", "env", "settings", "hf-cache", "untrained"]
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """Where one component lives on the Hub and what its files look like.
+
+    ``kind`` is ``"diffusers"`` (a folder with ``config.json`` and weight files) or
+    ``"timm"`` (a single checkpoint file, ``model.safetensors`` or ``pytorch_model.bin``).
+    """
+
+    repo: str
+    subfolder: str = ""
+    kind: Literal["diffusers", "timm"] = "diffusers"
+    gated: bool = False
+
+
+@dataclass(frozen=True)
+class PresetSpec:
+    """A model preset: tile size (px) at ``mpp`` (µm/px) and its components."""
+
+    name: str
+    title: str
+    tile_size: int
+    mpp: float
+    trained: bool
+    components: Mapping[str, ComponentSpec] = field(default_factory=dict)
+
+
+_VAE = ComponentSpec("stabilityai/stable-diffusion-3.5-large", "vae", "diffusers", gated=True)
+_UNI = ComponentSpec("MahmoodLab/UNI2-h", "", "timm", gated=True)
+
+PRESETS: dict[str, PresetSpec] = {
+    "pixcell-1024": PresetSpec(
+        "pixcell-1024",
+        "PixCell-1024 (PixArt-XL/2, UNI2-h, SD3 VAE)",
+        tile_size=1024,
+        mpp=0.5,
+        trained=True,
+        components={
+            "transformer": ComponentSpec("StonyBrook-CVLab/PixCell-1024", "transformer"),
+            "vae": _VAE,
+            "encoder": _UNI,
+        },
+    ),
+    "pixcell-256": PresetSpec(
+        "pixcell-256",
+        "PixCell-256 (PixArt-XL/2, UNI2-h, SD3 VAE)",
+        tile_size=256,
+        mpp=0.5,
+        trained=True,
+        components={
+            "transformer": ComponentSpec("StonyBrook-CVLab/PixCell-256", "transformer"),
+            "vae": _VAE,
+            "encoder": _UNI,
+        },
+    ),
+    "tiny": PresetSpec(
+        "tiny",
+        "Tiny engine (UNTRAINED, seeded random weights; for tests and the demo)",
+        tile_size=256,
+        mpp=0.5,
+        trained=False,
+        components={},
+    ),
+}
+
+
+@dataclass
+class FoundWeights:
+    """The outcome of a search for one component.
+
+    ``path`` is a folder (diffusers components) or a checkpoint file (timm), or ``None``
+    when nothing was found (or the preset is untrained). ``source`` says where it was
+    found; ``tried`` lists every place looked in, in order, with the reason it did not
+    qualify; ``how_to_provide`` tells a user how to make the weights available.
+    """
+
+    preset: str
+    component: str
+    path: Path | None
+    source: Source | None
+    tried: list[str]
+    how_to_provide: str
+
+    @property
+    def found(self) -> bool:
+        """True when weights were found."""
+        return self.path is not None
+
+    @property
+    def untrained(self) -> bool:
+        """True for a preset that has no weights by design (seeded random init)."""
+        return self.source == "untrained"
+
+
+# --------------------------------------------------------------------------- places
+
+
+def settings_path() -> Path:
+    """The user settings file (it need not exist)."""
+    if os.environ.get("HISTOSYNTH_CONFIG"):
+        return Path(os.environ["HISTOSYNTH_CONFIG"]).expanduser()
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base).expanduser() / "histosynth" / "settings.yaml"
+
+
+def read_settings(path: Path | None = None) -> dict:
+    """The settings file as a dict (``{}`` when the file does not exist).
+
+    Raises:
+        EngineError: the file is not YAML or not a mapping (naming the file).
+    """
+    path = settings_path() if path is None else Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
+        reason = str(err).replace("\n", " ")
+        raise EngineError(f"cannot read the settings file ({reason})", path=path) from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise EngineError(f"expected a mapping, found {type(data).__name__}", path=path)
+    return data
+
+
+def hf_cache_dir() -> Path:
+    """The local Hugging Face hub cache folder, read from the environment at call time."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "huggingface" / "hub"
+
+
+def _weights_roots() -> list[Path]:
+    raw = os.environ.get("HISTOSYNTH_WEIGHTS", "")
+    return [Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip()]
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check(path: Path, spec: ComponentSpec | None) -> tuple[Path | None, str]:
+    """``(usable path, "")`` or ``(None, reason)`` for one candidate location."""
+    if not path.exists():
+        return None, "missing"
+    kind = spec.kind if spec is not None else "diffusers"
+    if kind == "timm":
+        if path.is_file():
+            if path.suffix in WEIGHT_SUFFIXES:
+                return path, ""
+            return None, f"not a weights file (expected {', '.join(TIMM_FILES)})"
+        for name in TIMM_FILES:
+            if (path / name).is_file():
+                return path / name, ""
+        return None, f"no {' or '.join(TIMM_FILES)}"
+    if not path.is_dir():
+        return None, "not a folder (expected a diffusers folder with config.json)"
+    if not (path / "config.json").is_file():
+        return None, "no config.json"
+    if not any(p.suffix in WEIGHT_SUFFIXES and p.is_file() for p in path.iterdir()):
+        return None, "config.json but no weight file (*.safetensors or *.bin)"
+    return path, ""
+
+
+def _candidates_in(folder: Path, component: str, spec: ComponentSpec | None) -> list[Path]:
+    """``folder`` itself, then the component's subfolders inside it."""
+    out = [folder]
+    for sub in (component, spec.subfolder if spec else ""):
+        if sub and folder / sub not in out:
+            out.append(folder / sub)
+    return out
+
+
+def _env_candidates(
+    root: Path, preset: str, component: str, spec: ComponentSpec | None
+) -> list[Path]:
+    out = [root / preset / component]
+    if spec is not None:
+        owner, name = spec.repo.split("/", 1)
+        for base in (root / preset, root / name, root / owner / name):
+            candidate = base / spec.subfolder if spec.subfolder else base
+            if candidate not in out:
+                out.append(candidate)
+    return out
+
+
+def _hf_cache_lookup(spec: ComponentSpec, cache: Path) -> tuple[Path | None, str]:
+    """Look for ``spec`` in the hub cache ``cache`` on disk (no network)."""
+    prefix = f"{spec.subfolder}/" if spec.subfolder else ""
+    markers = TIMM_FILES if spec.kind == "timm" else ("config.json",)
+    repo_dir = cache / ("models--" + spec.repo.replace("/", "--"))
+    if not repo_dir.is_dir():
+        return None, "not in the cache"
+    reasons = []
+    # the snapshot that refs/main points to first, then any other cached snapshot
+    for marker in markers:
+        hit = try_to_load_from_cache(spec.repo, prefix + marker, cache_dir=str(cache))
+        if isinstance(hit, str):
+            found, reason = _check(Path(hit) if spec.kind == "timm" else Path(hit).parent, spec)
+            if found is not None:
+                return found, ""
+            reasons.append(reason)
+    snapshots = repo_dir / "snapshots"
+    if snapshots.is_dir():
+        for snap in sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True):
+            base = snap / spec.subfolder if spec.subfolder else snap
+            found, reason = _check(base, spec)
+            if found is not None:
+                return found, ""
+            reasons.append(reason)
+    return None, reasons[0] if reasons else "no snapshot"
+
+
+# --------------------------------------------------------------------------- search
+
+
+def how_to_provide(preset: str, component: str) -> str:
+    """Instructions for making a component's weights available (one line)."""
+    spec = PRESETS[preset].components.get(component) if preset in PRESETS else None
+    local = f"$HISTOSYNTH_WEIGHTS/{preset}/{component}"
+    if spec is None:
+        return f"put the weights in {local} or name them in {settings_path()}"
+    include = f" --include '{spec.subfolder}/*'" if spec.subfolder else ""
+    gated = (
+        f"accept the licence on https://huggingface.co/{spec.repo} and log in "
+        "(`hf auth login`), then " if spec.gated else ""
+    )
+    return (
+        f"{gated}download once with `hf download {spec.repo}{include}` (fills the local "
+        f"Hugging Face cache), or with `--local-dir $HISTOSYNTH_WEIGHTS/{spec.repo}` "
+        f"(or copy the files to {local}), or set weights: {{{preset}: {{{component}: PATH}}}}"
+        f" in {settings_path()}"
+    )
+
+
+def find_component(
+    preset: str,
+    component: str,
+    *,
+    explicit: str | os.PathLike | None = None,
+    require: bool = True,
+) -> FoundWeights:
+    """Find the weights of ``component`` of ``preset`` on this machine, offline.
+
+    Args:
+        preset: a key of :data:`PRESETS` (``"pixcell-1024"``, ``"pixcell-256"``, ``"tiny"``).
+        component: ``"transformer"``, ``"vae"`` or ``"encoder"``.
+        explicit: a path the caller names; it must hold the component (an error otherwise).
+        require: raise when nothing is found (else return a result with ``path=None``).
+
+    Returns:
+        FoundWeights: ``path`` is the diffusers folder (transformer, vae) or the
+        checkpoint file (encoder).
+
+    Raises:
+        EngineError: unknown preset/component; an explicit or settings path that does not
+            hold the component; nothing found and ``require`` is true.
+    """
+    if preset not in PRESETS:
+        raise EngineError(f"unknown preset; expected one of {', '.join(PRESETS)}", item=preset)
+    spec_p = PRESETS[preset]
+    if component not in COMPONENTS:
+        raise EngineError(
+            f"unknown component; expected one of {', '.join(COMPONENTS)}",
+            item=f"{preset}/{component}",
+        )
+    spec = spec_p.components.get(component)
+    item = f"{preset}/{component}"
+    tried: list[str] = []
+    hint = how_to_provide(preset, component)
+
+    def result(path: Path | None, source: Source | None) -> FoundWeights:
+        return FoundWeights(preset, component, path, source, tried, hint)
+
+    # 1. explicit path: the caller asked for it, so a wrong one is an error
+    if explicit is not None:
+        folder = Path(explicit).expanduser()
+        reasons = []
+        for candidate in _candidates_in(folder, component, spec):
+            found, reason = _check(candidate, spec)
+            tried.append(f"explicit {candidate} ({reason or 'ok'})")
+            if found is not None:
+                return result(found, "explicit")
+            reasons.append(reason)
+        raise EngineError(f"does not hold {item} weights ({reasons[0]})", path=folder)
+
+    # 2. $HISTOSYNTH_WEIGHTS
+    roots = _weights_roots()
+    if not roots:
+        tried.append("$HISTOSYNTH_WEIGHTS (not set)")
+    for root in roots:
+        for candidate in _env_candidates(root, preset, component, spec):
+            found, reason = _check(candidate, spec)
+            tried.append(f"$HISTOSYNTH_WEIGHTS {candidate} ({reason or 'ok'})")
+            if found is not None:
+                return result(found, "env")
+
+    # 3. settings file
+    sfile = settings_path()
+    entry = ((read_settings(sfile).get("weights") or {}).get(preset) or {}).get(component)
+    if entry is None:
+        state = "no entry" if sfile.is_file() else "missing"
+        tried.append(f"settings {sfile} weights.{preset}.{component} ({state})")
+    else:
+        if not isinstance(entry, str):
+            raise EngineError(
+                f"expected a path, found {type(entry).__name__}",
+                path=sfile,
+                item=f"weights.{preset}.{component}",
+            )
+        configured = Path(entry).expanduser()
+        if not configured.is_absolute():
+            configured = sfile.parent / configured
+        reasons = []
+        for candidate in _candidates_in(configured, component, spec):
+            found, reason = _check(candidate, spec)
+            tried.append(f"settings {candidate} ({reason or 'ok'})")
+            if found is not None:
+                return result(found, "settings")
+            reasons.append(reason)
+        raise EngineError(
+            f"{configured} does not hold {item} weights ({reasons[0]})",
+            path=sfile,
+            item=f"weights.{preset}.{component}",
+        )
+
+    # 4. untrained presets have nothing more to look for
+    if not spec_p.trained:
+        return result(None, "untrained")
+
+    # 5. the local Hugging Face cache
+    assert spec is not None
+    cache = hf_cache_dir()
+    found, reason = _hf_cache_lookup(spec, cache)
+    where = f"{spec.repo}/{spec.subfolder}" if spec.subfolder else spec.repo
+    tried.append(f"hf-cache {cache} {where} ({reason or 'ok'})")
+    if found is not None:
+        return result(found, "hf-cache")
+
+    if require:
+        raise EngineError(
+            f"weights not found; looked in: {'; '.join(tried)}. To provide them: {hint}",
+            item=item,
+        )
+    return result(None, None)
+
+
+def find_preset(
+    preset: str, *, explicit: str | os.PathLike | None = None, require: bool = True
+) -> dict[str, FoundWeights]:
+    """Find every component of ``preset`` (see :func:`find_component`).
+
+    ``explicit`` is a folder holding the components as subfolders (``transformer/``,
+    ``vae/``, ``encoder/``, or the repositories' own subfolder names); a component it
+    does not hold is searched for as usual (e.g. a fine-tuned transformer with the stock
+    VAE and encoder from the cache).
+    """
+    if preset not in PRESETS:
+        raise EngineError(f"unknown preset; expected one of {', '.join(PRESETS)}", item=preset)
+    if explicit is not None and not Path(explicit).expanduser().is_dir():
+        raise EngineError("expected a folder of model components", path=explicit)
+    out = {}
+    for component in COMPONENTS:
+        sub_explicit = None
+        if explicit is not None:
+            spec = PRESETS[preset].components.get(component)
+            subs = _candidates_in(Path(explicit).expanduser(), component, spec)[1:]
+            sub_explicit = next((c for c in subs if c.exists()), None)
+        out[component] = find_component(
+            preset, component, explicit=sub_explicit, require=require
+        )
+    return out

@@ -1,0 +1,879 @@
+"""QuPath-compatible GeoJSON: read what QuPath 0.2–0.7 (and other tools) write, write what
+QuPath imports.
+
+Coordinates are full-resolution (level-0) pixels, origin top-left, y down, on both sides.
+
+Reading accepts a FeatureCollection, a single Feature, a bare geometry, or a JSON array of
+any of these; every QuPath flavour of object type (``objectType`` 0.4+, ``object_type``
+0.3, ``"id": "PathAnnotationObject"`` 0.2, ``type`` alias 0.6+), classification
+(``{name, color}``, ``{names, color}``, ``{name, colorRGB}``, ``{parentClass, name,
+colorRGB}``, plain string) and measurements (map or list of ``{name, value}``); plain
+GeoJSON keeps its class in ``properties.class`` / ``type`` (TIAToolbox) / ``label``.
+Any problem with the input raises :class:`InputError` naming the file and the feature;
+nothing else escapes :func:`read_annotations`.
+
+Writing produces what ``PathIO.readObjects`` imports without error: UUID ids,
+``objectType``, a classification that always carries a ``color``, measurements as a map
+of finite numbers, other properties as QuPath's string→string ``metadata``.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+import logging
+import math
+import numbers
+import operator
+import os
+import re
+import uuid
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import shapely
+from shapely.geometry import GeometryCollection, MultiPolygon, Polygon, box
+from shapely.geometry.base import BaseGeometry
+
+from histosynth.integration.annotations import RGB, Annotation, class_matches, class_parts
+from histosynth.integration.atomic import atomic_write_text
+from histosynth.integration.errors import InputError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "argb_to_rgb",
+    "class_names",
+    "default_color",
+    "filter_by_class",
+    "read_annotations",
+    "rgb_to_argb",
+    "to_feature_collection",
+    "write_annotations",
+]
+
+# --------------------------------------------------------------------------- colours
+
+# QuPath's built-in classes (PathClass.StandardPathClasses and getDefaultColor, v0.4–0.7).
+_STANDARD_COLORS: dict[str, RGB] = {
+    "Tumor": (200, 0, 0),
+    "Stroma": (150, 200, 150),
+    "Immune cells": (160, 90, 160),
+    "Ignore*": (180, 180, 180),
+    "Image": (128, 128, 128),
+    "Necrosis": (50, 50, 50),
+    "Other": (255, 200, 0),
+    "Region*": (0, 0, 180),
+}
+# Intensity classes: base colour, scale when standalone (QuPath scales by 1.25), scale
+# when derived from a class other than "Tumor" (derived from "Tumor" they use the base).
+_INTENSITY_COLORS: dict[str, tuple[RGB, float]] = {
+    "Positive": ((200, 50, 50), 0.75),
+    "Negative": ((90, 90, 180), 1.25),
+    "1+": ((255, 215, 0), 0.9),
+    "2+": ((225, 150, 50), 0.6),
+    "3+": ((200, 50, 50), 0.4),
+}
+
+
+def _scaled(rgb: RGB, scale: float) -> RGB:
+    """``ColorTools.makeScaledRGB``: each channel times ``scale``, truncated, at most 255."""
+    return tuple(int(min(255.0, c * scale)) for c in rgb)  # type: ignore[return-value]
+
+
+def _java_string_hash(text: str) -> int:
+    """Java ``String.hashCode()`` (over UTF-16 code units), as a signed 32-bit int."""
+    h = 0
+    data = text.encode("utf-16-le", errors="surrogatepass")
+    for i in range(0, len(data), 2):
+        h = (31 * h + (data[i] | (data[i + 1] << 8))) & 0xFFFFFFFF
+    return h - (1 << 32) if h >= 1 << 31 else h
+
+
+def _java_random_color(seed: int) -> RGB:
+    """QuPath's colour for a new class: ``java.util.Random(seed)``, rejecting dark colours."""
+    mask = (1 << 48) - 1
+    state = (seed ^ 0x5DEECE66D) & mask
+
+    def next_byte() -> int:  # Random.nextInt(256) == (256 * next(31)) >> 31
+        nonlocal state
+        state = (state * 0x5DEECE66D + 0xB) & mask
+        return (256 * (state >> 17)) >> 31
+
+    r = g = b = 0
+    while r < 40 and g < 40 and b < 40:
+        r, g, b = next_byte(), next_byte(), next_byte()
+    return (r, g, b)
+
+
+def default_color(class_name: str) -> RGB:
+    """The colour QuPath gives a class it creates without one, as (r, g, b) 0–255.
+
+    Built-in classes (Tumor, Stroma, Immune cells, Necrosis, Other, Region*, Ignore*,
+    Positive, Negative, 1+, 2+, 3+, and their derived intensity classes) get QuPath's
+    fixed colours; any other name gets QuPath's deterministic pseudo-random colour
+    (``java.util.Random`` seeded with the hash of the name), so a class created here
+    looks the same as one QuPath creates itself.
+    """
+    parts = class_parts(class_name)
+    if not parts:
+        return (64, 64, 64)  # QuPath's colour for a class without a name
+    last = parts[-1]
+    if len(parts) == 1:
+        if last in _STANDARD_COLORS:
+            return _STANDARD_COLORS[last]
+        if last in _INTENSITY_COLORS:
+            return _scaled(_INTENSITY_COLORS[last][0], 1.25)
+    elif last in _INTENSITY_COLORS:
+        base, derived_scale = _INTENSITY_COLORS[last]
+        if parts[:-1] == ["Tumor"]:
+            return base
+        return _scaled(default_color(": ".join(parts[:-1])), derived_scale)
+    return _java_random_color(_java_string_hash("\n".join(parts)))
+
+
+def argb_to_rgb(value: int) -> RGB:
+    """Unpack a QuPath packed colour (signed or unsigned 32-bit (A)RGB int) into (r, g, b).
+
+    Raises ``TypeError`` for a non-integer and ``ValueError`` outside 32 bits.
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"packed colour must be an integer, not {value!r}")
+    value = operator.index(value)
+    if not -(1 << 31) <= value < (1 << 32):
+        raise ValueError(f"packed colour {value} does not fit in 32 bits")
+    value &= 0xFFFFFFFF
+    return ((value >> 16) & 0xFF, (value >> 8) & 0xFF, value & 0xFF)
+
+
+def rgb_to_argb(rgb: Sequence[int]) -> int:
+    """Pack (r, g, b) 0–255 into QuPath's signed 32-bit ARGB int with alpha 255."""
+    channels = list(rgb)
+    if len(channels) != 3:
+        raise ValueError(f"expected (r, g, b), got {rgb!r}")
+    packed = 0xFF
+    for c in channels:
+        if isinstance(c, bool):
+            raise TypeError(f"colour channel must be an integer, not {c!r}")
+        c = operator.index(c)
+        if not 0 <= c <= 255:
+            raise ValueError(f"colour channel {c} is outside 0–255")
+        packed = (packed << 8) | c
+    return packed - (1 << 32)
+
+
+# --------------------------------------------------------------------------- reading
+
+# QuPath object types, every spelling its versions wrote, to the 0.4+ name.
+_OBJECT_TYPES = {
+    "annotation": "annotation",
+    "detection": "detection",
+    "cell": "cell",
+    "tile": "tile",
+    "tmaCore": "tmaCore",
+    "tma_core": "tmaCore",
+    "root": "root",
+}
+_LEGACY_TYPE_IDS = {  # QuPath 0.2 put the Java class name in the Feature id
+    "PathAnnotationObject": "annotation",
+    "PathDetectionObject": "detection",
+    "PathCellObject": "cell",
+    "PathTileObject": "tile",
+    "TMACoreObject": "tmaCore",
+    "PathRootObject": "root",
+}
+_WRITABLE_TYPES = {"annotation", "detection", "cell", "tile"}
+_NON_POLYGONAL = {"Point", "MultiPoint", "LineString", "MultiLineString"}
+_GEOMETRY_TYPES = _NON_POLYGONAL | {"Polygon", "MultiPolygon", "GeometryCollection"}
+_PLAIN_CLASS_KEYS = ("class", "type", "label")  # class keys of non-QuPath GeoJSON
+_UUID_RE = re.compile(
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+)
+
+
+def _is_uuid(value: Any) -> bool:
+    return isinstance(value, str) and bool(_UUID_RE.fullmatch(value))
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _finite_float(value: Any) -> float | None:
+    """``value`` as a finite float, or ``None`` (NaN, infinity, too large, not a number)."""
+    if not _is_real(value):
+        return None
+    try:
+        result = float(value)
+    except (OverflowError, ValueError, TypeError):
+        return None
+    return result if math.isfinite(result) else None
+
+
+def _load(source: str | os.PathLike | dict | list, origin: str | None) -> tuple[Any, str]:
+    """Parse ``source`` into a JSON value; returns it with the label used in errors."""
+    if isinstance(source, (dict, list)):
+        return source, origin or "<geojson>"
+    if not isinstance(source, (str, os.PathLike)):
+        raise InputError(
+            f"expected a GeoJSON file path or a parsed JSON object, got {type(source).__name__}",
+            path=origin,
+        )
+    path = Path(source)
+    label = origin or str(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError("file not found", path=label) from None
+    except (OSError, ValueError) as exc:
+        raise InputError(
+            f"cannot read file: {getattr(exc, 'strerror', None) or exc}", path=label
+        ) from None
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise InputError(f"cannot decompress: {exc}", path=label) from None
+    if not data.strip():
+        raise InputError("file is empty, expected GeoJSON", path=label)
+    try:
+        return json.loads(data), label
+    except json.JSONDecodeError as exc:
+        raise InputError(
+            f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})", path=label
+        ) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InputError(f"not valid JSON: {exc}", path=label) from None
+
+
+def _features(doc: Any, label: str) -> Iterator[tuple[str, dict]]:
+    """Yield ``(item label, feature dict)`` for every feature of a GeoJSON document.
+
+    Features are numbered from 0 in file order; a nested collection or array numbers its
+    members ``"2.0"``, ``"2.1"``...
+    """
+
+    def container_error(what: Any) -> InputError:
+        if isinstance(what, dict):
+            got = f"an object with type {_short(what.get('type'))}"
+        else:
+            got = f"a JSON {type(what).__name__}"
+        return InputError(
+            "not GeoJSON: expected a FeatureCollection, a Feature or an array of "
+            f"Features, got {got}",
+            path=label,
+        )
+
+    def walk(value: Any, index: tuple[int, ...]) -> Iterator[tuple[str, dict]]:
+        item = "feature " + (".".join(map(str, index)) or "0")
+        if isinstance(value, list):
+            for i, member in enumerate(value):
+                yield from walk(member, (*index, i))
+            return
+        if not isinstance(value, dict):
+            if not index:
+                raise container_error(value)
+            raise InputError(
+                f"not a GeoJSON Feature but a JSON {type(value).__name__}", path=label, item=item
+            )
+        kind = value.get("type")
+        if not isinstance(kind, str) and kind is not None:
+            kind = _short(kind)  # unhashable or odd: only used in messages from here on
+        if kind == "FeatureCollection" or (kind is None and "features" in value):
+            features = value.get("features")
+            if not isinstance(features, list):
+                raise InputError(
+                    "FeatureCollection has no 'features' array",
+                    path=label,
+                    item=item if index else None,
+                )
+            for i, member in enumerate(features):
+                yield from walk(member, (*index, i))
+        elif kind == "Feature" or (kind is None and "geometry" in value):
+            yield (item, value)
+        elif kind in _GEOMETRY_TYPES:  # QuPath also imports a bare geometry
+            yield (item, {"type": "Feature", "geometry": value})
+        elif not index:
+            raise container_error(value)
+        else:
+            raise InputError(f"not a GeoJSON Feature (type {_short(kind)})", path=label, item=item)
+
+    yield from walk(doc, ())
+
+
+def _item_label(index_label: str, feature: dict) -> str:
+    """``"feature 3 (id 5f0c…, name 'Vessel 1')"`` for messages."""
+    bits = []
+    fid = feature.get("id")
+    if isinstance(fid, (str, int)) and not isinstance(fid, bool):
+        bits.append(f"id {_short(fid)}")
+    props = feature.get("properties")
+    name = props.get("name") if isinstance(props, dict) else None
+    if isinstance(name, str) and name:
+        bits.append(f"name {_short(name)!r}")
+    return f"{index_label} ({', '.join(bits)})" if bits else index_label
+
+
+def _normal_class_name(name: str) -> str | None:
+    """``"Vessel:Invasive "`` → ``"Vessel: Invasive"``; blank → ``None``."""
+    parts = class_parts(name)
+    return ": ".join(parts) if parts else None
+
+
+def _parse_color(value: Any) -> RGB | None:
+    """A colour as QuPath writes it: ``[r, g, b]``, ``[r, g, b, a]`` or a packed int."""
+    if isinstance(value, list) and len(value) in (3, 4):
+        channels = [_finite_float(c) for c in value[:3]]
+        if all(c is not None and 0 <= c <= 255 for c in channels):
+            return tuple(int(c) for c in channels)  # type: ignore[arg-type,return-value]
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return argb_to_rgb(value)
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def _parse_classification(value: Any, label: str, item: str) -> tuple[str | None, RGB | None]:
+    """Class name and colour from any classification QuPath 0.2–0.7 writes."""
+    if value is None:
+        return None, None
+    if isinstance(value, str):
+        return _normal_class_name(value), None
+    if isinstance(value, list):  # names only
+        if all(isinstance(n, str) for n in value):
+            return _normal_class_name(": ".join(value)), None
+        raise InputError("classification names must be strings", path=label, item=item)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value), None  # e.g. a class index from another tool
+    if not isinstance(value, dict):
+        raise InputError(f"classification not understood: {_short(value)}", path=label, item=item)
+    color = _parse_color(value.get("color", value.get("colorRGB")))
+    names = value.get("names")
+    name = value.get("name")
+    if names is not None:
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise InputError(
+                "classification 'names' must be an array of strings", path=label, item=item
+            )
+        return _normal_class_name(": ".join(names)), color
+    if name is None:
+        return None, color  # QuPath's "null class": unclassified
+    if not isinstance(name, str):
+        raise InputError(
+            f"classification name must be a string, got {_short(name)}", path=label, item=item
+        )
+    parent = value.get("parentClass")  # derived class serialised by Gson before 0.4
+    if parent is not None:
+        parent_name, _ = _parse_classification(parent, label, item)
+        if parent_name:
+            name = f"{parent_name}: {name}"
+    return _normal_class_name(name), color
+
+
+def _parse_measurements(value: Any) -> dict[str, float]:
+    """Finite numeric measurements from a map or a list of ``{name, value}``; others skipped."""
+    if isinstance(value, dict):
+        pairs: Iterable[tuple[Any, Any]] = value.items()
+    elif isinstance(value, list):
+        pairs = [(m.get("name"), m.get("value")) for m in value if isinstance(m, dict)]
+    else:
+        return {}
+    result: dict[str, float] = {}
+    for key, raw in pairs:
+        if not isinstance(key, str):
+            continue
+        number = _finite_float(raw)
+        if number is None and isinstance(raw, str):
+            try:
+                number = float(raw)
+            except ValueError:
+                number = None
+            number = number if number is not None and math.isfinite(number) else None
+        if number is not None:
+            result[key] = number
+        else:
+            log.debug("measurement %r skipped: not a finite number (%r)", key, raw)
+    return result
+
+
+class _NotPolygonal(Exception):
+    """The geometry has no polygonal part; carries its GeoJSON type."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+def _ring(value: Any, where: str, label: str, item: str) -> list[tuple[float, float]]:
+    if not isinstance(value, list):
+        raise InputError(f"{where}: not an array of positions", path=label, item=item)
+    points: list[tuple[float, float]] = []
+    for j, pos in enumerate(value):
+        if not isinstance(pos, list) or len(pos) < 2:
+            raise InputError(
+                f"{where}, point {j}: not a position [x, y]: {_short(pos)}",
+                path=label,
+                item=item,
+            )
+        x, y = _finite_float(pos[0]), _finite_float(pos[1])
+        if x is None or y is None:
+            raise InputError(
+                f"{where}, point {j}: coordinates must be finite numbers: {_short(pos)}",
+                path=label,
+                item=item,
+            )
+        points.append((x, y))
+    if len(points) > 1 and points[0] == points[-1]:
+        points.pop()
+    if len(points) < 3:
+        raise InputError(
+            f"{where}: a polygon ring needs at least 3 distinct points, got {len(points)}",
+            path=label,
+            item=item,
+        )
+    points.append(points[0])
+    return points
+
+
+def _polygon(value: Any, where: str, label: str, item: str) -> Polygon:
+    if not isinstance(value, list) or not value:
+        raise InputError(f"{where}: polygon has no rings", path=label, item=item)
+    rings = [_ring(r, f"{where} ring {k}", label, item) for k, r in enumerate(value)]
+    return Polygon(rings[0], rings[1:])
+
+
+def _geometry(value: Any, label: str, item: str) -> BaseGeometry:
+    """Shapely (Multi)Polygon from a GeoJSON geometry; raises ``_NotPolygonal``."""
+    if value is None:
+        raise _NotPolygonal("null")
+    if not isinstance(value, dict):
+        raise InputError(f"geometry is not an object: {_short(value)}", path=label, item=item)
+    kind = value.get("type")
+    if kind == "Polygon":
+        return _polygon(value.get("coordinates"), "polygon", label, item)
+    if kind == "MultiPolygon":
+        coords = value.get("coordinates")
+        if not isinstance(coords, list) or not coords:
+            raise InputError("MultiPolygon has no polygons", path=label, item=item)
+        return MultiPolygon(
+            [_polygon(p, f"polygon {k}", label, item) for k, p in enumerate(coords)]
+        )
+    if kind == "GeometryCollection":
+        parts = value.get("geometries")
+        if not isinstance(parts, list):
+            raise InputError("GeometryCollection has no 'geometries' array", path=label, item=item)
+        polygons: list[Polygon] = []
+        for part in parts:
+            try:
+                geom = _geometry(part, label, item)
+            except _NotPolygonal:
+                continue
+            polygons.extend(_polygon_parts(geom))
+        if not polygons:
+            raise _NotPolygonal("GeometryCollection")
+        return polygons[0] if len(polygons) == 1 else MultiPolygon(polygons)
+    raise _NotPolygonal(kind if isinstance(kind, str) else _short(kind))
+
+
+def _polygon_parts(geom: BaseGeometry) -> list[Polygon]:
+    """Every non-empty Polygon inside ``geom`` (collections flattened)."""
+    if geom.is_empty:
+        return []
+    if isinstance(geom, Polygon):
+        return [geom]
+    if isinstance(geom, (MultiPolygon, GeometryCollection)):
+        return [p for g in geom.geoms for p in _polygon_parts(g)]
+    return []
+
+
+def _polygonal(geom: BaseGeometry) -> BaseGeometry | None:
+    """Only the polygonal part of ``geom`` as a valid Polygon/MultiPolygon, or ``None``."""
+    if isinstance(geom, (Polygon, MultiPolygon)) and geom.is_valid:
+        return None if geom.is_empty else geom
+    parts = _polygon_parts(geom)
+    if not parts:
+        return None
+    merged = parts[0] if len(parts) == 1 else shapely.unary_union(parts)
+    if not isinstance(merged, (Polygon, MultiPolygon)):
+        parts = _polygon_parts(merged)
+        if not parts:
+            return None
+        merged = parts[0] if len(parts) == 1 else MultiPolygon(parts)
+    return None if merged.is_empty else merged
+
+
+def _repair(geom: BaseGeometry) -> BaseGeometry | None:
+    """Valid polygonal geometry (``shapely.make_valid``, polygonal parts kept) or ``None``."""
+    if geom.is_valid:
+        return None if geom.is_empty else geom
+    return _polygonal(shapely.make_valid(geom))
+
+
+def _selected(class_name: str | None, classes: Sequence[str] | None) -> bool:
+    return classes is None or any(class_matches(class_name, wanted) for wanted in classes)
+
+
+def _parse_feature(
+    index_label: str,
+    feature: dict,
+    label: str,
+    classes: Sequence[str] | None,
+    out: list[Annotation],
+) -> None:
+    item = _item_label(index_label, feature)
+    raw_props = feature.get("properties")
+    if raw_props is None:
+        raw_props = {}
+    if not isinstance(raw_props, dict):
+        raise InputError("'properties' is not an object", path=label, item=item)
+    props = dict(raw_props)
+
+    # id and object type
+    fid = feature.get("id")
+    object_type: str | None = None
+    extra: dict[str, Any] = {}
+    if isinstance(fid, str) and fid in _LEGACY_TYPE_IDS:
+        object_type = _LEGACY_TYPE_IDS[fid]
+        ann_id = str(uuid.uuid4())
+    elif _is_uuid(fid):
+        ann_id = fid.lower()
+    else:
+        ann_id = str(uuid.uuid4())
+        if fid is not None:
+            extra["original_id"] = fid
+    for key in ("objectType", "object_type"):
+        if key in props:
+            value = props.pop(key)
+            if object_type is None and isinstance(value, str):
+                object_type = _OBJECT_TYPES.get(value, _LEGACY_TYPE_IDS.get(value))
+    type_value = props.get("type")
+    if isinstance(type_value, str) and (
+        type_value in _OBJECT_TYPES or type_value in _LEGACY_TYPE_IDS
+    ):  # QuPath 0.6+ reads "type" as an alias of objectType
+        props.pop("type")
+        if object_type is None:
+            object_type = _OBJECT_TYPES.get(type_value, _LEGACY_TYPE_IDS.get(type_value))
+
+    # classification
+    class_name, color = None, None
+    if "classification" in props:
+        class_name, color = _parse_classification(props.pop("classification"), label, item)
+    else:
+        for key in _PLAIN_CLASS_KEYS:
+            value = props.get(key)
+            if not isinstance(value, (str, dict)) and not (
+                isinstance(value, int) and not isinstance(value, bool)
+            ):
+                continue
+            try:
+                class_name, color = _parse_classification(value, label, item)
+            except InputError:
+                continue
+            if class_name:
+                props.pop(key)
+                break
+
+    name = props.pop("name", None)
+    if name is not None and not isinstance(name, str):
+        name = _short(name, 1000)
+    measurements = _parse_measurements(props.pop("measurements", None))
+    children = None
+    for key in ("childObjects", "children"):
+        if isinstance(props.get(key), list):
+            children = props.pop(key)
+            break
+
+    # geometry: coordinates are checked for every feature, the rest only when selected
+    selected = object_type != "root" and _selected(class_name, classes)
+    geometry = feature.get("geometry")
+    try:
+        geom = _geometry(geometry, label, item)
+    except _NotPolygonal as exc:
+        if selected:
+            raise InputError(
+                f"geometry type {exc.kind!r} is not a polygon; only Polygon and "
+                "MultiPolygon annotations can be used",
+                path=label,
+                item=item,
+            ) from None
+        geom = None
+    if geom is not None and selected:
+        try:
+            repaired = _repair(geom)
+        except shapely.errors.GEOSException as exc:
+            raise InputError(f"geometry cannot be repaired: {exc}", path=label, item=item) from None
+        if repaired is None:
+            log.warning("%s: %s: geometry is empty after repair; skipped", label, item)
+        else:
+            plane = geometry.get("plane") if isinstance(geometry, dict) else None
+            if isinstance(plane, dict):
+                extra["plane"] = plane
+            props.update(extra)
+            out.append(
+                Annotation(
+                    geometry=repaired,
+                    class_name=class_name,
+                    color=color,
+                    id=ann_id,
+                    name=name,
+                    measurements=measurements,
+                    properties=copy.deepcopy(props),
+                    object_type=object_type or "annotation",
+                )
+            )
+    for i, child in enumerate(children or []):
+        child_label = f"{index_label}/child {i}"
+        if not isinstance(child, dict):
+            raise InputError("child object is not a JSON object", path=label, item=child_label)
+        _parse_feature(child_label, child, label, classes, out)
+
+
+def read_annotations(
+    source: str | os.PathLike | dict | list,
+    *,
+    classes: Sequence[str] | None = None,
+    origin: str | None = None,
+) -> list[Annotation]:
+    """Annotations from a GeoJSON file (``.geojson``/``.json``, optionally gzipped) or from
+    an already parsed JSON value.
+
+    Args:
+        source: path, or a parsed FeatureCollection / Feature / array of Features.
+        classes: keep only these classes and classes derived from them (``"Vessel"`` keeps
+            ``"Vessel: Invasive"``); ``None`` keeps everything.
+        origin: name of the source in error messages (default: the path, or
+            ``"<geojson>"`` for a parsed value).
+
+    Returns:
+        Annotations with geometry in full-resolution pixels, repaired to be valid.
+
+    Raises:
+        InputError: for anything wrong with the input (and only InputError), naming the
+            file and the feature. A selected feature whose geometry is not polygonal is an
+            error; an unselected one is ignored. A feature whose geometry is empty after
+            repair is skipped with a warning.
+    """
+    if isinstance(classes, str):
+        classes = [classes]
+    doc, label = _load(source, origin)
+    result: list[Annotation] = []
+    try:
+        for index_label, feature in _features(doc, label):
+            _parse_feature(index_label, feature, label, classes, result)
+    except InputError:
+        raise
+    except RecursionError:
+        raise InputError("GeoJSON is nested too deeply", path=label) from None
+    except Exception as exc:  # a last guard: bad input must never escape as another type
+        raise InputError(f"cannot read GeoJSON: {type(exc).__name__}: {exc}", path=label) from exc
+    if classes is not None:
+        result = filter_by_class(result, classes)
+    return result
+
+
+def filter_by_class(annotations: Iterable[Annotation], classes: Sequence[str]) -> list[Annotation]:
+    """Annotations whose class is one of ``classes`` or derived from one of them."""
+    if isinstance(classes, str):
+        classes = [classes]
+    return [a for a in annotations if any(class_matches(a.class_name, c) for c in classes)]
+
+
+def class_names(annotations: Iterable[Annotation]) -> list[str]:
+    """Sorted unique full class names (``"Vessel: Invasive"``), unclassified left out."""
+    return sorted({a.class_name for a in annotations if a.class_name})
+
+
+# --------------------------------------------------------------------------- writing
+
+_RESERVED_PROPERTIES = {
+    "objectType",
+    "object_type",
+    "classification",
+    "name",
+    "measurements",
+    "metadata",
+    "color",
+    "isLocked",
+    "plane",
+}
+
+
+def _metadata_string(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        return None
+
+
+def _metadata(annotation: Annotation, ann_id: str) -> dict[str, str]:
+    """QuPath's string→string metadata: ``properties["metadata"]`` first, then the rest."""
+    result: dict[str, str] = {}
+    own = annotation.properties.get("metadata")
+    if isinstance(own, dict):
+        for key, value in own.items():
+            text = _metadata_string(value)
+            if text is not None:
+                result[str(key)] = text
+    for key, value in annotation.properties.items():
+        if key in _RESERVED_PROPERTIES or str(key) in result:
+            continue
+        text = _metadata_string(value)
+        if text is not None:
+            result[str(key)] = text
+    if ann_id != annotation.id and "original_id" not in result and annotation.id:
+        result["original_id"] = str(annotation.id)
+    return result
+
+
+def _round(value: float) -> float:
+    return round(float(value), 2) + 0.0  # + 0.0 turns -0.0 into 0.0
+
+
+def _ring_coords(ring: Any) -> list[list[float]]:
+    coords = [[_round(x), _round(y)] for x, y, *_ in ring.coords]
+    if coords and coords[0] != coords[-1]:
+        coords.append(coords[0])
+    return coords
+
+
+def _polygon_coords(polygon: Polygon) -> list[list[list[float]]]:
+    return [_ring_coords(polygon.exterior)] + [_ring_coords(r) for r in polygon.interiors]
+
+
+def _geometry_json(geom: BaseGeometry) -> dict[str, Any]:
+    if isinstance(geom, Polygon):
+        return {"type": "Polygon", "coordinates": _polygon_coords(geom)}
+    return {"type": "MultiPolygon", "coordinates": [_polygon_coords(p) for p in geom.geoms]}
+
+
+def _output_geometry(
+    geom: BaseGeometry,
+    offset: tuple[float, float],
+    scale: float,
+    clip: Polygon | None,
+) -> BaseGeometry | None:
+    """Transform, clip and snap to QuPath's 0.01 px grid; ``None`` when nothing is left."""
+    if not isinstance(geom, (Polygon, MultiPolygon, GeometryCollection)):
+        raise ValueError(f"annotation geometry must be polygonal, got {geom.geom_type}")
+    geom = _repair(geom) if isinstance(geom, (Polygon, MultiPolygon)) else _polygonal(geom)
+    if geom is None:
+        return None
+    ox, oy = offset
+    geom = shapely.transform(geom, lambda xy: (xy - (ox, oy)) * scale)
+    if clip is not None:
+        geom = _polygonal(geom.intersection(clip))
+        if geom is None:
+            return None
+    geom = _polygonal(shapely.set_precision(geom, 0.01))
+    if geom is not None and not all(math.isfinite(v) for v in geom.bounds):
+        raise ValueError("annotation geometry has non-finite coordinates")
+    return geom
+
+
+def _rgb_list(color: Any) -> list[int] | None:
+    if isinstance(color, (list, tuple)) and len(color) == 3:
+        try:
+            return [int(c) for c in color] if all(0 <= int(c) <= 255 for c in color) else None
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def to_feature_collection(
+    annotations: Iterable[Annotation],
+    *,
+    offset: tuple[float, float] = (0.0, 0.0),
+    scale: float = 1.0,
+    clip_to: tuple[float, float, float, float] | None = None,
+) -> dict[str, Any]:
+    """A GeoJSON FeatureCollection that QuPath (0.4+) imports without error.
+
+    Coordinates are written as ``((x - offset_x) * scale, (y - offset_y) * scale)``, e.g.
+    level-0 pixels → tile pixels with ``offset`` = the tile's top-left corner (level-0 px)
+    and ``scale`` = level-0 px per tile px inverted. ``clip_to`` = (minx, miny, maxx,
+    maxy) in OUTPUT coordinates clips every geometry to that box; features left empty are
+    dropped. Coordinates are rounded to 0.01 px like QuPath.
+
+    Raises ``ValueError`` for a non-positive or non-finite ``scale``, or an annotation
+    whose geometry is not polygonal (a programming error, not a user one).
+    """
+    scale = float(scale)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
+    offset = (float(offset[0]), float(offset[1]))
+    clip = None
+    if clip_to is not None:
+        minx, miny, maxx, maxy = (float(v) for v in clip_to)
+        if not (minx < maxx and miny < maxy):
+            raise ValueError(f"clip_to must be (minx, miny, maxx, maxy), got {clip_to}")
+        clip = box(minx, miny, maxx, maxy)
+    features = []
+    for annotation in annotations:
+        geom = _output_geometry(annotation.geometry, offset, scale, clip)
+        if geom is None:
+            continue
+        ann_id = annotation.id.lower() if _is_uuid(annotation.id) else str(uuid.uuid4())
+        object_type = annotation.object_type
+        props: dict[str, Any] = {
+            "objectType": object_type if object_type in _WRITABLE_TYPES else "annotation"
+        }
+        if annotation.name:
+            props["name"] = str(annotation.name)
+        object_color = _rgb_list(annotation.properties.get("color"))
+        if object_color is not None:
+            props["color"] = object_color
+        class_name = _normal_class_name(annotation.class_name) if annotation.class_name else None
+        if class_name:
+            color = _rgb_list(annotation.color) or list(default_color(class_name))
+            props["classification"] = {"name": class_name, "color": color}
+        if annotation.properties.get("isLocked") is True:
+            props["isLocked"] = True
+        measurements = {
+            str(k): v
+            for k, v in ((k, _finite_float(v)) for k, v in annotation.measurements.items())
+            if v is not None
+        }
+        if measurements:
+            props["measurements"] = measurements
+        metadata = _metadata(annotation, ann_id)
+        if metadata:
+            props["metadata"] = metadata
+        geometry = _geometry_json(geom)
+        plane = annotation.properties.get("plane")
+        if isinstance(plane, dict) and all(
+            isinstance(plane.get(k), int) and not isinstance(plane.get(k), bool)
+            for k in ("c", "z", "t")
+        ):
+            geometry["plane"] = {k: plane[k] for k in ("c", "z", "t")}
+        features.append(
+            {"type": "Feature", "id": ann_id, "geometry": geometry, "properties": props}
+        )
+    return {"type": "FeatureCollection", "features": features}
+
+
+def write_annotations(
+    path: str | os.PathLike,
+    annotations: Iterable[Annotation],
+    *,
+    offset: tuple[float, float] = (0.0, 0.0),
+    scale: float = 1.0,
+    clip_to: tuple[float, float, float, float] | None = None,
+) -> None:
+    """Write :func:`to_feature_collection` of ``annotations`` to ``path`` atomically."""
+    collection = to_feature_collection(annotations, offset=offset, scale=scale, clip_to=clip_to)
+    text = json.dumps(collection, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    atomic_write_text(path, text + "\n")

@@ -1,0 +1,787 @@
+"""The dataset / run folder: tiles, masks, per-tile GeoJSON, ``index.csv`` and ``run.json``.
+
+Layout (see contracts.md, "Dataset / run folder")::
+
+    RUN/
+      run.json                  config, versions, device, model + adapter ids, timings, skipped
+      index.csv                 one row per tile, columns INDEX_COLUMNS (+ extra columns)
+      images/<id>.png           RGB, lossless
+      masks/<id>.png            single channel uint8, 0 / 255, same size as the image
+      annotations/<id>.geojson  QuPath FeatureCollection in tile pixels
+      refs/<id>-<name>.png      inputs of the row (background, donor, donor-mask, composite,
+                                reference)
+
+Every file is written atomically, and a tile's index row is appended only after all of its
+files are in place, so a row never points at a missing file. An interrupted run is resumed
+with ``RunWriter(..., resume=True)``: tiles already in the index are skipped by the caller
+(``writer.has(tile_id)``) and never written twice.
+
+Example::
+
+    with RunWriter("out/run", config={"mode": "inpaint", "seed": 0}) as writer:
+        if not writer.has("t0001"):
+            writer.add_tile(TileRecord(id="t0001", synthesis_type="inpainting"),
+                            image, mask, annotations)
+    rows = read_index("out/run")        # list of {column: str}
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import hashlib
+import importlib.metadata
+import io
+import json
+import logging
+import os
+import platform
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import cv2
+import numpy as np
+
+from histosynth.integration.annotations import Annotation
+from histosynth.integration.atomic import atomic_write_bytes, atomic_write_json
+from histosynth.integration.errors import InputError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+"""Version of the run-folder layout written into ``run.json``."""
+
+INDEX_NAME = "index.csv"
+RUN_JSON_NAME = "run.json"
+
+INDEX_COLUMNS: tuple[str, ...] = (
+    "id",
+    "synthesis_type",
+    "image_path",
+    "mask_path",
+    "annotation_path",
+    "class_name",
+    "source_image",
+    "source_entry_id",
+    "source_annotation_id",
+    "tile_x",
+    "tile_y",
+    "tile_size",
+    "mpp",
+    "insert_x",
+    "insert_y",
+    "rotation_deg",
+    "model",
+    "adapter",
+    "seed",
+    "steps",
+    "guidance_scale",
+    "strength",
+    "kv_compress",
+    "image_sha256",
+    "review_status",
+    "created_at",
+)
+"""Required ``index.csv`` columns, in contract order. Extra columns may follow."""
+
+SYNTHESIS_TYPES = ("extracted", "inpainting", "variation")
+REVIEW_STATUSES = ("pending", "accepted", "rejected")
+REF_NAMES = ("background", "donor", "donor-mask", "composite", "reference")
+"""Allowed names of reference images (``refs/<id>-<name>.png``); ``*mask`` ones are masks."""
+
+_ID_RE = re.compile(r"[A-Za-z0-9._-]+")
+_ID_MAX_LEN = 200
+_CSV_KW: dict[str, Any] = {"lineterminator": "\r\n"}  # RFC 4180; "\r" in a cell is quoted
+
+
+@dataclass
+class TileRecord:
+    """One row of ``index.csv``.
+
+    Empty strings / ``None`` (written as an empty cell) mean "not applicable". The paths,
+    ``image_sha256`` and (when empty) ``created_at`` are filled by :meth:`RunWriter.add_tile`.
+
+    Attributes:
+        id: tile id, also the file stem; characters ``[A-Za-z0-9._-]``, not starting with ".".
+        synthesis_type: ``extracted``, ``inpainting`` or ``variation``.
+        tile_x, tile_y: tile's top-left corner in level-0 pixels of the source slide.
+        tile_size: tile width in pixels at ``mpp`` (µm/px).
+        insert_x, insert_y: inserted donor's centre in tile pixels.
+        rotation_deg: donor rotation in degrees.
+        review_status: ``pending`` (default), ``accepted`` or ``rejected``.
+        created_at: ISO-8601 UTC time; filled at write time when empty.
+        extra: values of the run's extra columns (``RunWriter(extra_columns=...)``).
+    """
+
+    id: str
+    synthesis_type: str
+    image_path: str = ""
+    mask_path: str = ""
+    annotation_path: str = ""
+    class_name: str = ""
+    source_image: str = ""
+    source_entry_id: str = ""
+    source_annotation_id: str = ""
+    tile_x: int | None = None
+    tile_y: int | None = None
+    tile_size: int | None = None
+    mpp: float | None = None
+    insert_x: float | None = None
+    insert_y: float | None = None
+    rotation_deg: float | None = None
+    model: str = ""
+    adapter: str = ""
+    seed: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    strength: float | None = None
+    kv_compress: float | None = None
+    image_sha256: str = ""
+    review_status: str = "pending"
+    created_at: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def row(self, columns: Sequence[str]) -> list[str]:
+        """The record as CSV cells for ``columns`` (required columns first, then extras)."""
+        cells = []
+        for name in columns:
+            value = getattr(self, name) if name in INDEX_COLUMNS else self.extra.get(name)
+            cells.append(_cell(value))
+        return cells
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float | np.floating):
+        return repr(float(value))
+    if isinstance(value, np.integer):
+        return str(int(value))
+    return str(value)
+
+
+def utc_now() -> str:
+    """Current time as ISO-8601 UTC with milliseconds, e.g. ``2025-01-31T12:00:00.000Z``."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def validate_tile_id(tile_id: str) -> str:
+    """Return ``tile_id`` if it is safe as a file stem, else raise :class:`InputError`.
+
+    Allowed: 1–200 characters of ``[A-Za-z0-9._-]``, not starting with ``.``.
+    """
+    if (
+        not isinstance(tile_id, str)
+        or not _ID_RE.fullmatch(tile_id)
+        or tile_id.startswith(".")
+        or len(tile_id) > _ID_MAX_LEN
+    ):
+        raise InputError(
+            f"tile id {tile_id!r} is not usable as a file name "
+            f"(1-{_ID_MAX_LEN} characters of A-Z a-z 0-9 . _ -, not starting with '.')",
+            item="tile id",
+        )
+    return tile_id
+
+
+# --------------------------------------------------------------------------- index.csv
+
+
+def _split_records(text: str) -> tuple[list[str], str]:
+    """Split CSV text into complete records (each ending in a newline) and a trailing rest.
+
+    A record is complete when its quote count is even (the csv module doubles quotes inside
+    quoted fields) and it ends with ``\\n``. The rest is a truncated last record, or "".
+    """
+    records: list[str] = []
+    current: list[str] = []
+    quotes = 0
+    for line in re.split(r"(?<=\n)", text):
+        if not line:
+            continue
+        current.append(line)
+        quotes += line.count('"')
+        if quotes % 2 == 0 and line.endswith("\n"):
+            records.append("".join(current))
+            current, quotes = [], 0
+    return records, "".join(current)
+
+
+def _parse_record(record: str) -> list[str]:
+    rows = list(csv.reader(io.StringIO(record, newline="")))
+    return rows[0] if rows else []
+
+
+def _load_index(index: Path) -> tuple[list[str], list[dict[str, str]], int, bool]:
+    """Parse ``index`` -> (header, rows, byte length of the complete part, truncated?)."""
+    try:
+        data = index.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read the index: {exc.strerror or exc}", path=index) from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(data) - 3:
+            raise InputError(f"not UTF-8 text (byte {exc.start})", path=index) from exc
+        text = data[: exc.start].decode("utf-8")  # a write cut inside the last character
+    records, rest = _split_records(text)
+    if not records:
+        if rest:
+            raise InputError("the header line is incomplete", path=index)
+        return [], [], 0, False
+    header = _parse_record(records[0])
+    missing = [name for name in INDEX_COLUMNS if name not in header]
+    if missing:
+        raise InputError(f"required column(s) missing: {', '.join(missing)}", path=index)
+    rows = []
+    for number, record in enumerate(records[1:], start=2):
+        cells = _parse_record(record)
+        if len(cells) != len(header):
+            raise InputError(
+                f"has {len(cells)} cells, the header has {len(header)}",
+                path=index,
+                item=f"record {number}",
+            )
+        rows.append(dict(zip(header, cells, strict=True)))
+    complete = len("".join(records).encode("utf-8"))
+    return header, rows, complete, bool(rest)
+
+
+def _index_path(run_dir: str | os.PathLike) -> Path:
+    path = Path(run_dir)
+    if path.is_dir():
+        path = path / INDEX_NAME
+    if not path.is_file():
+        raise InputError("no index.csv here: not a histosynth run folder", path=run_dir)
+    return path
+
+
+def read_index(run_dir: str | os.PathLike) -> list[dict[str, str]]:
+    """Rows of ``RUN/index.csv`` as ``{column: text}`` dicts, in file order.
+
+    ``run_dir`` is the run folder (or its ``index.csv``). Every value is a string; empty
+    cells are ``""``. A truncated last line (an interrupted append) is ignored.
+
+    Raises:
+        InputError: the folder or its index is missing, a required column is absent, or a
+            record has the wrong number of cells.
+    """
+    index = _index_path(run_dir)
+    header, rows, _, truncated = _load_index(index)
+    if not header:
+        raise InputError("the index is empty (no header line)", path=index)
+    if truncated:
+        log.warning("%s: ignoring an incomplete last line (interrupted write)", index)
+    return rows
+
+
+def update_index(run_dir: str | os.PathLike, updates: Mapping[str, Mapping[str, Any]]) -> int:
+    """Change cells of existing rows and rewrite ``index.csv`` atomically.
+
+    ``updates`` maps tile id → ``{column: new value}`` (e.g. ``{"t1": {"review_status":
+    "accepted"}}``). Not to be called while a :class:`RunWriter` appends to the same run.
+    A truncated last line is dropped. Returns the number of rows whose text changed.
+
+    Raises:
+        InputError: unknown id, unknown column, an attempt to change ``id``, or an invalid
+            ``review_status``.
+    """
+    index = _index_path(run_dir)
+    header, rows, _, _ = _load_index(index)
+    by_id = {row["id"]: row for row in rows}
+    for tile_id, changes in updates.items():
+        if tile_id not in by_id:
+            raise InputError("no such tile id in the index", path=index, item=str(tile_id))
+        for column, value in changes.items():
+            if column not in header:
+                raise InputError(f"no column {column!r} in the index", path=index, item=tile_id)
+            if column == "id":
+                raise InputError("the id of a row cannot be changed", path=index, item=tile_id)
+            if column == "review_status" and value not in REVIEW_STATUSES:
+                raise InputError(
+                    f"review_status {value!r} is not one of {', '.join(REVIEW_STATUSES)}",
+                    path=index,
+                    item=tile_id,
+                )
+    changed = 0
+    for tile_id, changes in updates.items():
+        row = by_id[tile_id]
+        new = {**row, **{column: _cell(value) for column, value in changes.items()}}
+        changed += new != row
+        row.update(new)
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer, **_CSV_KW)
+    writer.writerow(header)
+    writer.writerows([row[name] for name in header] for row in rows)
+    atomic_write_bytes(index, buffer.getvalue().encode("utf-8"))
+    return changed
+
+
+# --------------------------------------------------------------------------- run.json
+
+
+def _package_version(name: str, module: str | None = None) -> str | None:
+    """Version of an installed distribution without importing it (unless already imported)."""
+    loaded = sys.modules.get(module or name)
+    version = getattr(loaded, "__version__", None)
+    if isinstance(version, str):
+        return version
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def collect_versions() -> dict[str, str]:
+    """Versions of Python and of the libraries that shape outputs.
+
+    torch and diffusers are reported when installed but never imported here (the
+    integration layer must not import them).
+    """
+    return dict(_versions())
+
+
+@functools.cache
+def _versions() -> dict[str, str]:
+    versions: dict[str, str] = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "opencv": cv2.__version__,
+    }
+    histosynth = sys.modules.get("histosynth")
+    versions["histosynth"] = getattr(histosynth, "__version__", None) or (
+        _package_version("histosynth") or "unknown"
+    )
+    for name in ("tiatoolbox", "shapely", "torch", "diffusers", "peft", "timm"):
+        version = _package_version(name)
+        if version:
+            versions[name] = version
+    return dict(sorted(versions.items()))
+
+
+def _jsonable(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` as it will read back from JSON (tuples -> lists, paths -> strings)."""
+    try:
+        return json.loads(json.dumps(dict(config), default=str, sort_keys=True))
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"config is not JSON-serialisable: {exc}", item="config") from exc
+
+
+_RESERVED = frozenset(
+    {
+        "format_version",
+        "status",
+        "config",
+        "command",
+        "versions",
+        "timings",
+        "skipped",
+        "counts",
+        "error",
+    }
+)
+
+
+class RunWriter:
+    """Writes tiles into a run folder; a context manager.
+
+    Args:
+        run_dir: the run folder; created if missing. Must be empty, or a histosynth run
+            folder (then ``resume=True`` is needed once it holds an index).
+        config: the settings that change outputs (JSON-serialisable). Stored in
+            ``run.json``; on resume it must equal the stored one.
+        resume: continue an interrupted run: read the ids already written, repair a
+            truncated last index line.
+        command: the command line, for the record.
+        extra_columns: names of index columns after the required ones, fixed for the run;
+            values come from ``TileRecord.extra``.
+        device: where the run ran (e.g. ``"cuda:0 NVIDIA H100"``), for the record.
+
+    ``run.json`` is written when the writer opens (``status: "running"``) and when it
+    closes (``"complete"``, or ``"interrupted"`` / ``"failed"`` when the ``with`` block exits
+    by KeyboardInterrupt / another exception).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        config: Mapping[str, Any],
+        resume: bool = False,
+        command: str = "",
+        extra_columns: Sequence[str] = (),
+        device: str | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.config = _jsonable(config)
+        self.resume = resume
+        self.command = command
+        extra = list(extra_columns)
+        bad = [name for name in extra if name in INDEX_COLUMNS or not name]
+        if bad or len(set(extra)) != len(extra):
+            raise InputError(
+                f"extra columns must be new, unique, non-empty names: {extra}",
+                item="extra_columns",
+            )
+        self.columns: tuple[str, ...] = INDEX_COLUMNS + tuple(extra)
+        self.info: dict[str, Any] = {"device": device}
+        for key in ("model", "adapter"):
+            if key in self.config:
+                self.info[key] = self.config[key]
+        self._ids: set[str] = set()
+        self._counts: Counter[str] = Counter()
+        self._classes: Counter[str] = Counter()
+        self._skipped: list[dict[str, str]] = []
+        self._written = 0
+        self._sessions = 1
+        self._open = False
+        self._started_at = ""
+        self._t0 = 0.0
+
+    # -- state
+
+    @property
+    def index_path(self) -> Path:
+        """``RUN/index.csv``."""
+        return self.run_dir / INDEX_NAME
+
+    @property
+    def run_json_path(self) -> Path:
+        """``RUN/run.json``."""
+        return self.run_dir / RUN_JSON_NAME
+
+    @property
+    def ids(self) -> frozenset[str]:
+        """Ids of every tile in the index (including those of earlier sessions)."""
+        return frozenset(self._ids)
+
+    def has(self, tile_id: str) -> bool:
+        """True when ``tile_id`` already has a row in the index."""
+        return tile_id in self._ids
+
+    # -- open / close
+
+    def __enter__(self) -> RunWriter:
+        return self.open()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close("complete")
+        elif issubclass(exc_type, KeyboardInterrupt | SystemExit | GeneratorExit):
+            self.close("interrupted", error=exc)
+        else:
+            self.close("failed", error=exc)
+
+    def open(self) -> RunWriter:
+        """Check the folder, read an existing index on resume, write ``run.json``."""
+        if self._open:
+            return self
+        run_dir = self.run_dir
+        if run_dir.exists() and not run_dir.is_dir():
+            raise InputError("is a file; the output must be a folder", path=run_dir)
+        has_index = self.index_path.is_file()
+        has_run_json = self.run_json_path.is_file()
+        if run_dir.is_dir() and any(run_dir.iterdir()) and not (has_index or has_run_json):
+            raise InputError(
+                "the folder is not empty and is not a histosynth run folder "
+                "(no run.json or index.csv); choose a new or empty folder",
+                path=run_dir,
+            )
+        if has_index and not self.resume:
+            raise InputError(
+                "already holds a run (index.csv); pass --resume to continue it "
+                "or choose a new folder",
+                path=run_dir,
+            )
+        if self.resume and has_run_json:
+            self._check_config()
+        if self.resume and has_index:
+            self._read_existing()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._started_at = utc_now()
+        self._t0 = time.monotonic()
+        self._open = True
+        self._write_run_json("running")
+        return self
+
+    def close(self, status: str = "complete", *, error: BaseException | None = None) -> None:
+        """Write the final ``run.json`` with ``status`` and stop accepting tiles."""
+        if not self._open:
+            return
+        self._open = False
+        self._write_run_json(status, error=error, finished=True)
+
+    def _check_config(self) -> None:
+        try:
+            stored = json.loads(self.run_json_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read run.json: {exc}", path=self.run_json_path) from exc
+        if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict):
+            raise InputError("run.json has no config object", path=self.run_json_path)
+        old = stored["config"]
+        differing = sorted(
+            key for key in set(old) | set(self.config) if old.get(key) != self.config.get(key)
+        )
+        if differing:
+            details = "; ".join(
+                f"{key}: {old.get(key)!r} -> {self.config.get(key)!r}" for key in differing
+            )
+            raise InputError(
+                f"cannot resume with different settings ({details}); use the original "
+                "settings or a new folder",
+                path=self.run_dir,
+                item="config",
+            )
+        self._sessions = int(stored.get("sessions", 1) or 1) + 1
+
+    def _read_existing(self) -> None:
+        index = self.index_path
+        header, rows, complete, truncated = _load_index(index)
+        if header:
+            missing = [name for name in self.columns if name not in header]
+            if missing:
+                raise InputError(
+                    f"cannot resume: the index lacks the extra column(s) {', '.join(missing)}",
+                    path=index,
+                )
+            self.columns = tuple(header)
+        if truncated:
+            log.warning("%s: removing an incomplete last line (interrupted write)", index)
+            data = index.read_bytes()[:complete]
+            atomic_write_bytes(index, data)
+        if not header:
+            index.unlink()  # empty file: recreated with a header on the first row
+        for row in rows:
+            if row["id"] in self._ids:
+                raise InputError("duplicate tile id in the index", path=index, item=row["id"])
+            self._ids.add(row["id"])
+            self._count(row["synthesis_type"], row["class_name"])
+
+    def _count(self, synthesis_type: str, class_name: str) -> None:
+        self._counts[synthesis_type] += 1
+        self._classes[class_name] += 1
+
+    # -- run.json
+
+    def set_info(self, **info: Any) -> None:
+        """Record run facts in ``run.json`` (``model=``, ``adapter=``, ``device=``, …)."""
+        clash = sorted(set(info) & _RESERVED)
+        if clash:
+            raise ValueError(f"reserved run.json keys: {', '.join(clash)}")
+        self.info.update(_jsonable(info))
+        if self._open:
+            self._write_run_json("running")
+
+    def skip(self, item: str, reason: str) -> None:
+        """Record that ``item`` (an annotation, entry, tile …) was skipped and why."""
+        self._skipped.append({"item": str(item), "reason": str(reason)})
+        log.warning("skipped %s: %s", item, reason)
+
+    @property
+    def skipped(self) -> list[dict[str, str]]:
+        """Items skipped in this session, as ``{"item", "reason"}`` dicts."""
+        return [dict(entry) for entry in self._skipped]
+
+    def _write_run_json(
+        self, status: str, *, error: BaseException | None = None, finished: bool = False
+    ) -> None:
+        seconds = time.monotonic() - self._t0
+        document: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "status": status,
+            "config": self.config,
+            "command": self.command,
+            "versions": collect_versions(),
+            **self.info,
+            "sessions": self._sessions,
+            "timings": {
+                "started_at": self._started_at,
+                "finished_at": utc_now() if finished else None,
+                "seconds": round(seconds, 3) if finished else None,
+                "tiles_written": self._written,
+            },
+            "skipped": self.skipped,
+            "counts": {
+                "tiles": len(self._ids),
+                "tiles_written": self._written,
+                "skipped": len(self._skipped),
+                "by_synthesis_type": dict(sorted(self._counts.items())),
+                "by_class": dict(sorted(self._classes.items())),
+            },
+        }
+        if error is not None:
+            document["error"] = f"{type(error).__name__}: {error}"
+        atomic_write_json(self.run_json_path, document)
+
+    # -- tiles
+
+    def add_tile(
+        self,
+        record: TileRecord,
+        image: np.ndarray,
+        mask: np.ndarray,
+        annotations: Sequence[Annotation],
+        *,
+        refs: Mapping[str, np.ndarray] | None = None,
+        annotation_kwargs: Mapping[str, Any] | None = None,
+    ) -> TileRecord:
+        """Write one tile's files, then append its index row; return the completed record.
+
+        Args:
+            record: the row; paths, ``image_sha256`` and an empty ``created_at`` are filled.
+            image: (H, W, 3) uint8 RGB.
+            mask: (H, W) bool or uint8; non-zero becomes 255.
+            annotations: in tile pixel coordinates, unless ``annotation_kwargs`` (passed to
+                ``write_annotations``: ``offset``, ``scale``, ``clip_to``) says otherwise.
+            refs: reference images by name (``REF_NAMES``); ``*mask`` ones (H, W), others
+                (H, W, 3) uint8 RGB.
+
+        Raises:
+            InputError: unsafe or duplicate id, bad arrays, unknown ref name or extra column.
+            RuntimeError: the writer is not open.
+        """
+        if not self._open:
+            raise RuntimeError("RunWriter is not open; use it in a 'with' block")
+        tile_id = validate_tile_id(record.id)
+        if tile_id in self._ids:
+            raise InputError("a tile with this id is already in the run", item=tile_id)
+        if record.synthesis_type not in SYNTHESIS_TYPES:
+            raise InputError(
+                f"synthesis_type {record.synthesis_type!r} is not one of "
+                f"{', '.join(SYNTHESIS_TYPES)}",
+                item=tile_id,
+            )
+        if record.review_status not in REVIEW_STATUSES:
+            raise InputError(
+                f"review_status {record.review_status!r} is not one of "
+                f"{', '.join(REVIEW_STATUSES)}",
+                item=tile_id,
+            )
+        unknown = sorted(set(record.extra) - set(self.columns[len(INDEX_COLUMNS) :]))
+        if unknown:
+            raise InputError(
+                f"extra value(s) for column(s) not declared in extra_columns: {unknown}",
+                item=tile_id,
+            )
+        image_png = _encode_rgb(image, f"{tile_id}: image")
+        height, width = image.shape[:2]
+        mask_png = _encode_mask(mask, (height, width), f"{tile_id}: mask")
+        ref_pngs = {}
+        for name, array in (refs or {}).items():
+            if name not in REF_NAMES:
+                raise InputError(
+                    f"unknown reference name {name!r} (expected one of {', '.join(REF_NAMES)})",
+                    item=tile_id,
+                )
+            what = f"{tile_id}: ref {name}"
+            ref_pngs[name] = (
+                _encode_mask(array, None, what)
+                if name.endswith("mask")
+                else _encode_rgb(array, what)
+            )
+
+        from histosynth.integration.geojson import write_annotations
+
+        image_rel = f"images/{tile_id}.png"
+        mask_rel = f"masks/{tile_id}.png"
+        annotation_rel = f"annotations/{tile_id}.geojson"
+        written: list[Path] = []
+        try:
+            for name, data in ref_pngs.items():
+                written.append(self.run_dir / "refs" / f"{tile_id}-{name}.png")
+                atomic_write_bytes(written[-1], data)
+            written.append(self.run_dir / image_rel)
+            atomic_write_bytes(written[-1], image_png)
+            written.append(self.run_dir / mask_rel)
+            atomic_write_bytes(written[-1], mask_png)
+            written.append(self.run_dir / annotation_rel)
+            written[-1].parent.mkdir(parents=True, exist_ok=True)
+            write_annotations(written[-1], annotations, **dict(annotation_kwargs or {}))
+            done = dataclasses.replace(
+                record,
+                image_path=image_rel,
+                mask_path=mask_rel,
+                annotation_path=annotation_rel,
+                image_sha256=hashlib.sha256(image_png).hexdigest(),
+                created_at=record.created_at or utc_now(),
+                extra=dict(record.extra),
+            )
+            self._append_row(done.row(self.columns))
+        except BaseException:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
+        self._ids.add(tile_id)
+        self._written += 1
+        self._count(done.synthesis_type, done.class_name)
+        return done
+
+    def _append_row(self, cells: list[str]) -> None:
+        buffer = io.StringIO(newline="")
+        csv.writer(buffer, **_CSV_KW).writerow(cells)
+        row = buffer.getvalue().encode("utf-8")
+        index = self.index_path
+        if not index.exists():
+            header = io.StringIO(newline="")
+            csv.writer(header, **_CSV_KW).writerow(self.columns)
+            atomic_write_bytes(index, header.getvalue().encode("utf-8") + row)
+            return
+        fd = os.open(index, os.O_WRONLY | os.O_APPEND)
+        try:
+            view = memoryview(row)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _encode_rgb(image: Any, what: str) -> bytes:
+    """Lossless PNG bytes of an (H, W, 3) uint8 RGB array."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+        shape = getattr(image, "shape", type(image).__name__)
+        raise InputError(f"expected an (H, W, 3) RGB array, got {shape}", item=what)
+    if image.dtype != np.uint8:
+        raise InputError(f"expected uint8 pixels, got {image.dtype}", item=what)
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise InputError("the image is empty", item=what)
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))
+    if not ok:
+        raise InputError("PNG encoding failed", item=what)
+    return encoded.tobytes()
+
+
+def _encode_mask(mask: Any, size: tuple[int, int] | None, what: str) -> bytes:
+    """PNG bytes of a binary mask: non-zero -> 255, single channel uint8."""
+    if isinstance(mask, np.ndarray) and mask.ndim == 3 and mask.shape[2] == 1:
+        mask = mask[..., 0]
+    if not isinstance(mask, np.ndarray) or mask.ndim != 2:
+        shape = getattr(mask, "shape", type(mask).__name__)
+        raise InputError(f"expected an (H, W) mask, got {shape}", item=what)
+    if not (mask.dtype == np.bool_ or np.issubdtype(mask.dtype, np.integer)):
+        raise InputError(f"expected a bool or integer mask, got {mask.dtype}", item=what)
+    if size is not None and mask.shape != size:
+        raise InputError(f"mask is {mask.shape}, the image is {size}", item=what)
+    if mask.shape[0] == 0 or mask.shape[1] == 0:
+        raise InputError("the mask is empty", item=what)
+    binary = np.where(mask != 0, np.uint8(255), np.uint8(0))
+    ok, encoded = cv2.imencode(".png", binary)
+    if not ok:
+        raise InputError("PNG encoding failed", item=what)
+    return encoded.tobytes()

@@ -43,6 +43,8 @@ from histosynth.integration.atomic import atomic_write_text
 from histosynth.integration.errors import InputError
 
 log = logging.getLogger(__name__)
+# Namespace of the UUIDs given to features that carry none (QuPath 0.2/0.3, other tools).
+_ID_NAMESPACE = uuid.UUID("5b1f6c1e-6f0b-4c7e-9d3a-0c2f3e4a5b6d")
 
 __all__ = [
     "argb_to_rgb",
@@ -521,6 +523,19 @@ def _repair(geom: BaseGeometry) -> BaseGeometry | None:
     return _polygonal(shapely.make_valid(geom))
 
 
+def _stable_id(index_label: str, feature: dict) -> str:
+    """A UUID for a feature that has none, the same on every read of the same document
+    (so tile ids built from it survive ``--resume``)."""
+    try:
+        content = json.dumps(
+            [index_label, feature.get("id"), feature.get("geometry"), feature.get("properties")],
+            sort_keys=True, default=str,
+        )
+    except (TypeError, ValueError):
+        content = f"{index_label}:{feature.get('id')!r}:{feature.get('geometry')!r}"
+    return str(uuid.uuid5(_ID_NAMESPACE, content))
+
+
 def _selected(class_name: str | None, classes: Sequence[str] | None) -> bool:
     return classes is None or any(class_matches(class_name, wanted) for wanted in classes)
 
@@ -546,11 +561,11 @@ def _parse_feature(
     extra: dict[str, Any] = {}
     if isinstance(fid, str) and fid in _LEGACY_TYPE_IDS:
         object_type = _LEGACY_TYPE_IDS[fid]
-        ann_id = str(uuid.uuid4())
+        ann_id = _stable_id(index_label, feature)
     elif _is_uuid(fid):
         ann_id = fid.lower()
     else:
-        ann_id = str(uuid.uuid4())
+        ann_id = _stable_id(index_label, feature)
         if fid is not None:
             extra["original_id"] = fid
     for key in ("objectType", "object_type"):

@@ -6,6 +6,7 @@ The sample documents are written by hand exactly as each QuPath version writes t
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import logging
@@ -991,3 +992,26 @@ def test_detection_object_type_is_kept_and_unknown_becomes_annotation():
     ]
     types = [f["properties"]["objectType"] for f in to_feature_collection(anns)["features"]]
     assert types == ["detection", "annotation"]
+
+
+def test_features_without_uuid_get_the_same_id_on_every_read():
+    """QuPath 0.2/0.3 files carry no UUIDs; tile ids built from annotation ids must survive
+    --resume, so the id given to such a feature is stable across reads."""
+    doc = {
+        "type": "FeatureCollection",
+        "features": [
+            {"type": "Feature", "id": "PathAnnotationObject",
+             "geometry": {"type": "Polygon",
+                          "coordinates": [[[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]]},
+             "properties": {"classification": {"name": "Vessel", "colorRGB": -65536}}},
+            {"type": "Feature", "id": "PathAnnotationObject",
+             "geometry": {"type": "Polygon",
+                          "coordinates": [[[20, 0], [30, 0], [30, 10], [20, 10], [20, 0]]]},
+             "properties": {"classification": {"name": "Vessel", "colorRGB": -65536}}},
+        ],
+    }
+    first = [a.id for a in read_annotations(doc, origin="a.geojson")]
+    second = [a.id for a in read_annotations(copy.deepcopy(doc), origin="a.geojson")]
+    assert first == second
+    assert len(set(first)) == 2
+    assert all(uuid.UUID(i) for i in first)

@@ -195,6 +195,8 @@ def enable_kv_compression(
     written to ``model.config`` (``kv_compress_ratio``, ``kv_compress_blocks``,
     ``kv_compress_norm``). Returns ``model``.
     """
+    if int(ratio) != ratio or ratio < 2:  # checked before anything is changed
+        raise EngineError(f"expected an integer KV-compression ratio >= 2, got {ratio}")
     transformer_blocks = _blocks(model)
     count = len(transformer_blocks)
     chosen = (

@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -175,15 +176,18 @@ class GridEncoder(nn.Module):
     def embed(self, crops: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _first_tensor(self) -> Tensor:
+        return next(itertools.chain(self.parameters(), self.buffers()))
+
     @property
     def device(self) -> torch.device:
         """Where the encoder's weights live."""
-        return next(iter(self.state_dict().values())).device
+        return self._first_tensor().device
 
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of the encoder's weights (rows come out in it)."""
-        return next(iter(self.state_dict().values())).dtype
+        return self._first_tensor().dtype
 
     def rows(self, height: int, width: int) -> int:
         """Number of rows for a tile of ``height`` × ``width`` px."""

@@ -1,0 +1,1102 @@
+"""Real demo and test data built from the H&E image that ships inside TIAToolbox.
+
+No download: the 1000 × 1000 H&E ``tiatoolbox/data/target_image.png`` is mirrored to a
+slide of any size, vessels (pale lumen, eosinophilic wall with nuclei, endothelial
+lining, some with red blood cells) are painted in at seeded positions, and the result is
+written as a real pyramidal OME-TIFF (tifffile) that TIAToolbox and QuPath open. The
+vessels' outlines are returned as annotations in level-0 pixels, and can be written as
+every flavour of GeoJSON QuPath has produced, or as a QuPath project.
+
+>>> slide = build_demo_slide("demo.ome.tif")                       # doctest: +SKIP
+>>> project_file = build_demo_project("project", slide=slide)      # doctest: +SKIP
+
+Used by the tests and by ``histosynth demo``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import re
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import tifffile
+from shapely.geometry import MultiPolygon, Polygon
+from shapely.geometry.base import BaseGeometry
+
+from histosynth.integration.annotations import Annotation, class_parts
+from histosynth.integration.atomic import atomic_write_json, atomic_write_text
+from histosynth.integration.errors import InputError
+from histosynth.integration.geojson import default_color, rgb_to_argb
+from histosynth.integration.qupath.uris import path_to_uri
+
+__all__ = [
+    "CLASS_INVASIVE",
+    "CLASS_TUMOR",
+    "CLASS_VESSEL",
+    "GEOJSON_VARIANTS",
+    "DemoSlide",
+    "build_demo_project",
+    "build_demo_slide",
+    "he_source_image",
+    "write_pyramidal_ome_tiff",
+    "write_qupath_geojson_variants",
+    "write_uncalibrated_tiff",
+]
+
+CLASS_VESSEL = "Vessel"
+CLASS_INVASIVE = "Vessel: Invasive"
+CLASS_TUMOR = "Tumor"
+
+#: Names of the GeoJSON flavours written by :func:`write_qupath_geojson_variants`.
+GEOJSON_VARIANTS = (
+    "v0.4_feature_collection",
+    "v0.4_feature_array",
+    "v0.4_single_feature",
+    "v0.3",
+    "v0.2",
+    "derived_names",
+    "joined_name",
+    "plain",
+)
+
+# QuPath's default class list of a new project (classifiers/classes.json), signed ARGB.
+_QUPATH_DEFAULT_CLASSES = [
+    ("Tumor", -3670016),
+    ("Stroma", -6895466),
+    ("Immune cells", -6268256),
+    ("Necrosis", -13487566),
+    ("Other", -14336),
+    ("Region*", -16777036),
+    ("Ignore*", -4934476),
+    ("Positive", -377282),
+    ("Negative", -9408287),
+]
+
+_BIOFORMATS = "qupath.lib.images.servers.bioformats.BioFormatsServerBuilder"
+
+
+# ----------------------------------------------------------------------------- pixels
+
+
+@lru_cache(maxsize=1)
+def _he_image() -> np.ndarray:
+    spec = importlib.util.find_spec("tiatoolbox")
+    if spec is None or not spec.origin:
+        raise InputError(
+            "TIAToolbox is not installed; its bundled H&E image is needed for demo data",
+            item="tiatoolbox/data/target_image.png",
+        )
+    path = Path(spec.origin).parent / "data" / "target_image.png"
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR) if path.is_file() else None
+    if image is None:
+        raise InputError(
+            "TIAToolbox's bundled H&E image is missing or unreadable; reinstall tiatoolbox",
+            path=path,
+        )
+    rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    rgb.setflags(write=False)
+    return rgb
+
+
+def he_source_image() -> np.ndarray:
+    """TIAToolbox's bundled H&E image (``tiatoolbox/data/target_image.png``), uint8 RGB
+    (1000, 1000, 3). A fresh copy on each call."""
+    return _he_image().copy()
+
+
+def _check_rgb(rgb: np.ndarray) -> np.ndarray:
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected uint8 RGB (H, W, 3), got {rgb.dtype} {rgb.shape}")
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ValueError("image has no pixels")
+    return np.ascontiguousarray(rgb)
+
+
+def _write_atomic_tiff(path: Path, write: Any) -> Path:
+    """Run ``write(tmp_path)`` then rename the temporary file onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # a fresh name (not mkstemp) so the file gets the usual permissions
+    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _compression_args(compression: str | None) -> dict[str, Any]:
+    if compression is None or compression == "none":
+        return {"compression": None}
+    if compression == "jpeg":
+        return {"compression": "jpeg", "compressionargs": {"level": 90}}
+    if compression in ("zlib", "deflate", "lzw", "zstd", "webp", "jpeg2000"):
+        return {"compression": compression}
+    raise ValueError(f"unsupported compression {compression!r}")
+
+
+def write_pyramidal_ome_tiff(
+    path: str | os.PathLike,
+    rgb: np.ndarray,
+    *,
+    mpp: float,
+    tile: int = 256,
+    levels: int | None = None,
+    compression: str | None = "jpeg",
+) -> Path:
+    """Write ``rgb`` as a tiled pyramidal OME-TIFF, atomically.
+
+    Level 0 in the main IFD, reduced levels (each half the previous, area-averaged) in
+    its SubIFDs (``NewSubfileType`` 1), the layout of ``bfconvert -pyramid-resolutions``.
+    Pixel size in the TIFF resolution tags (pixels per cm) and in OME-XML
+    ``PhysicalSizeX/Y`` (µm). TIAToolbox opens it as a ``TIFFWSIReader`` with this mpp.
+
+    Args:
+        path: target file; name it ``*.ome.tif`` (readers pick the OME reader by name).
+        rgb: uint8 (H, W, 3) level-0 pixels.
+        mpp: µm per level-0 pixel.
+        tile: tile side in pixels (multiple of 16).
+        levels: number of pyramid levels; default: halve until the level fits one tile.
+        compression: ``"jpeg"`` (quality 90, YCbCr), ``"zlib"``, ``"lzw"``, ``None``, ...
+    """
+    rgb = _check_rgb(rgb)
+    if not (math.isfinite(mpp) and mpp > 0):
+        raise ValueError(f"mpp must be positive, not {mpp!r}")
+    if tile <= 0 or tile % 16:
+        raise ValueError(f"tile must be a positive multiple of 16, not {tile!r}")
+    pyramid = [rgb]
+    while True:
+        height, width = pyramid[-1].shape[:2]
+        if levels is not None and len(pyramid) >= levels:
+            break
+        if levels is None and max(height, width) <= tile:
+            break
+        if min(height, width) < 2:
+            if levels is not None:
+                raise ValueError(f"image too small for {levels} pyramid levels")
+            break
+        pyramid.append(
+            cv2.resize(pyramid[-1], (width // 2, height // 2), interpolation=cv2.INTER_AREA)
+        )
+    codec = _compression_args(compression)
+    full_width = rgb.shape[1]
+    bigtiff = sum(level.nbytes for level in pyramid) > 2**31
+
+    def write(tmp: str) -> None:
+        options = {"tile": (tile, tile), "photometric": "rgb", **codec}
+        with tifffile.TiffWriter(tmp, bigtiff=bigtiff, ome=True) as tif:
+            tif.write(
+                pyramid[0],
+                subifds=len(pyramid) - 1,
+                resolution=(1e4 / mpp, 1e4 / mpp),
+                resolutionunit="CENTIMETER",
+                metadata={
+                    "axes": "YXS",
+                    "Name": Path(path).name.split(".")[0],
+                    "PhysicalSizeX": mpp,
+                    "PhysicalSizeXUnit": "µm",
+                    "PhysicalSizeY": mpp,
+                    "PhysicalSizeYUnit": "µm",
+                },
+                software="histosynth",
+                **options,
+            )
+            for level in pyramid[1:]:
+                level_mpp = mpp * full_width / level.shape[1]
+                tif.write(
+                    level,
+                    subfiletype=1,
+                    resolution=(1e4 / level_mpp, 1e4 / level_mpp),
+                    resolutionunit="CENTIMETER",
+                    metadata=None,
+                    **options,
+                )
+
+    return _write_atomic_tiff(Path(path), write)
+
+
+def write_uncalibrated_tiff(path: str | os.PathLike, rgb: np.ndarray) -> Path:
+    """Write ``rgb`` as a single-page tiled TIFF without any pixel size (no resolution
+    unit, no OME-XML), atomically: a slide that needs ``--mpp``."""
+    rgb = _check_rgb(rgb)
+
+    def write(tmp: str) -> None:
+        with tifffile.TiffWriter(tmp) as tif:
+            tif.write(
+                rgb,
+                tile=(256, 256),
+                photometric="rgb",
+                compression="zlib",
+                metadata=None,
+                resolution=None,
+            )
+
+    return _write_atomic_tiff(Path(path), write)
+
+
+# ----------------------------------------------------------------------------- vessels
+
+
+@dataclass
+class DemoSlide:
+    """A demo slide on disk and its annotations.
+
+    Attributes:
+        path: the pyramidal OME-TIFF.
+        mpp: µm per level-0 pixel.
+        width, height: level-0 size in pixels.
+        annotations: vessels (``"Vessel"``, ``"Vessel: Invasive"``) and a ``"Tumor"``
+            region, geometry in level-0 pixels.
+    """
+
+    path: Path
+    mpp: float
+    width: int
+    height: int
+    annotations: list[Annotation] = field(default_factory=list)
+
+    def of_class(self, class_name: str) -> list[Annotation]:
+        """Annotations whose class is exactly ``class_name``."""
+        return [a for a in self.annotations if a.class_name == class_name]
+
+
+@dataclass
+class _Shape:
+    """A closed star-shaped outline: ellipse (a, b, angle) with a smooth radial wobble."""
+
+    a: float  # semi-axes, level-0 px
+    b: float
+    angle: float  # radians
+    harmonics: list[tuple[int, float, float]]  # (k, amplitude, phase)
+    cx: float = 0.0
+    cy: float = 0.0
+
+    def wobble(self, phi: np.ndarray) -> np.ndarray:
+        out = np.ones_like(phi)
+        for k, amp, phase in self.harmonics:
+            out += amp * np.cos(k * phi + phase)
+        return out
+
+    def outline(self, scale: float = 1.0, min_vertices: int = 48) -> np.ndarray:
+        """Vertices (N, 2) of the outline scaled radially by ``scale``, level-0 px."""
+        perimeter = math.pi * (self.a + self.b) * scale
+        n = int(np.clip(perimeter / 6, min_vertices, 400))
+        phi = np.linspace(0, 2 * math.pi, n, endpoint=False)
+        r = self.wobble(phi) * scale
+        u, v = self.a * r * np.cos(phi), self.b * r * np.sin(phi)
+        c, s = math.cos(self.angle), math.sin(self.angle)
+        return np.stack([self.cx + c * u - s * v, self.cy + s * u + c * v], axis=1)
+
+    @property
+    def radius(self) -> float:
+        """Radius of a circle about the centre that holds the whole outline."""
+        return max(self.a, self.b) * (1 + sum(abs(h[1]) for h in self.harmonics))
+
+    def rho(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised radius (1 on the outline) and polar angle of points."""
+        dx, dy = xs - self.cx, ys - self.cy
+        c, s = math.cos(self.angle), math.sin(self.angle)
+        u, v = c * dx + s * dy, -s * dx + c * dy
+        phi = np.arctan2(v / self.b, u / self.a)
+        return np.hypot(u / self.a, v / self.b) / self.wobble(phi), phi
+
+
+def _random_shape(rng: np.random.Generator, diameter_px: float, wobble: float) -> _Shape:
+    aspect = rng.uniform(1.0, 1.7)
+    radius = diameter_px / 2
+    harmonics = [
+        (k, float(rng.uniform(0.3, 1.0) * wobble / k), float(rng.uniform(0, 2 * math.pi)))
+        for k in (2, 3, 4, 5)
+    ]
+    return _Shape(
+        a=radius * math.sqrt(aspect),
+        b=radius / math.sqrt(aspect),
+        angle=float(rng.uniform(0, math.pi)),
+        harmonics=harmonics,
+    )
+
+
+def _polygon(vertices: np.ndarray) -> Polygon:
+    return Polygon(np.round(vertices, 2))
+
+
+def _smoothstep(edge0: float, edge1: float, x: np.ndarray) -> np.ndarray:
+    t = np.clip((x - edge0) / (edge1 - edge0), 0.0, 1.0)
+    return t * t * (3 - 2 * t)
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
+    """Unit-variance Gaussian noise smoothed over ``sigma`` px (made at reduced size)."""
+    factor = max(1, int(sigma // 2))
+    small = (max(shape[0] // factor, 1) + 1, max(shape[1] // factor, 1) + 1)
+    noise = rng.standard_normal(small).astype(np.float32)
+    noise = cv2.GaussianBlur(noise, (0, 0), max(sigma / factor, 0.5))
+    noise = cv2.resize(
+        noise, (small[1] * factor, small[0] * factor), interpolation=cv2.INTER_LINEAR
+    )
+    noise = noise[: shape[0], : shape[1]]
+    return noise / (noise.std() + 1e-6)
+
+
+class _Overlay:
+    """Layers painted at half resolution over a patch of the slide, composited once.
+
+    Keeps the transmittance (how much of the slide shows through) and the premultiplied
+    colour of the layers: the patch becomes ``slide · transmittance + colour``.
+    """
+
+    SCALE = 2  # level-0 px per overlay px
+
+    def __init__(self, image: np.ndarray, shape: _Shape, margin: float) -> None:
+        height, width = image.shape[:2]
+        self.image = image
+        self.x0 = max(int(shape.cx - shape.radius - margin), 0)
+        self.y0 = max(int(shape.cy - shape.radius - margin), 0)
+        self.x1 = min(int(shape.cx + shape.radius + margin) + 1, width)
+        self.y1 = min(int(shape.cy + shape.radius + margin) + 1, height)
+        f = self.SCALE
+        self.h = -(-(self.y1 - self.y0) // f)
+        self.w = -(-(self.x1 - self.x0) // f)
+        # level-0 coordinates of the overlay pixel centres
+        ys, xs = np.mgrid[0 : self.h, 0 : self.w].astype(np.float32)
+        self.xs = self.x0 + f * xs + f / 2
+        self.ys = self.y0 + f * ys + f / 2
+        self.transmit = np.ones((self.h, self.w), dtype=np.float32)
+        self.colour = np.zeros((self.h, self.w, 3), dtype=np.float32)
+
+    def to_overlay(self, x: float, y: float) -> tuple[float, float]:
+        """Overlay pixel coordinates (continuous) of a level-0 point."""
+        return (x - self.x0) / self.SCALE, (y - self.y0) / self.SCALE
+
+    def layer(self, colour: Any, alpha: np.ndarray) -> None:
+        """Paint ``colour`` (RGB, or an (h, w, 3) array) with opacity ``alpha`` on top."""
+        colour = np.asarray(colour, dtype=np.float32)
+        a = alpha[..., None]
+        self.colour *= 1 - a
+        self.colour += colour * a
+        self.transmit *= 1 - alpha
+
+    def composite(self) -> None:
+        """Apply the layers to the slide pixels."""
+        f = self.SCALE
+        size = (self.w * f, self.h * f)
+        height, width = self.y1 - self.y0, self.x1 - self.x0
+        transmit = cv2.resize(self.transmit, size, interpolation=cv2.INTER_LINEAR)
+        colour = cv2.resize(self.colour, size, interpolation=cv2.INTER_LINEAR)
+        patch = self.image[self.y0 : self.y1, self.x0 : self.x1].astype(np.float32)
+        patch *= transmit[:height, :width, None]
+        patch += colour[:height, :width]
+        np.clip(patch + 0.5, 0, 255, out=patch)
+        self.image[self.y0 : self.y1, self.x0 : self.x1] = patch.astype(np.uint8)
+
+
+def _draw_ellipse(
+    layer: np.ndarray,
+    overlay: _Overlay,
+    centre: tuple[float, float],
+    axes: tuple[float, float],
+    angle: float,
+) -> None:
+    """Anti-aliased filled ellipse (level-0 centre and semi-axes) on an overlay grid."""
+    cx, cy = overlay.to_overlay(*centre)
+    f = overlay.SCALE
+    cv2.ellipse(
+        layer,
+        (round((cx - 0.5) * 16), round((cy - 0.5) * 16)),
+        (max(int(axes[0] / f * 16), 8), max(int(axes[1] / f * 16), 8)),
+        angle,
+        0,
+        360,
+        1.0,
+        -1,
+        lineType=cv2.LINE_AA,
+        shift=4,
+    )
+
+
+def _paint_vessel(
+    image: np.ndarray, shape: _Shape, wall: float, mpp: float, rng: np.random.Generator
+) -> None:
+    """Paint a vessel in place: lumen (rho < 1 - wall), wall (1 - wall <= rho < 1)."""
+    um = 1.0 / mpp  # level-0 px per µm
+    overlay = _Overlay(image, shape, 3 * um + 4)
+    f = overlay.SCALE
+    rho, _ = shape.rho(overlay.xs, overlay.ys)
+    mean_r = math.sqrt(shape.a * shape.b)
+    edge = 0.8 * f / mean_r  # soft edge of ~1.6 px, in rho units
+    inner = 1.0 - wall
+    inside = 1.0 - _smoothstep(1.0 - edge, 1.0 + edge, rho)
+    lumen = 1.0 - _smoothstep(inner - edge, inner + edge, rho)
+    wall_alpha = np.clip(inside - lumen, 0, 1)
+    grid = (overlay.h, overlay.w)
+    noise = _smooth_noise(rng, grid, 2.5 * um / f)
+    fibres = _smooth_noise(rng, grid, 0.8 * um / f)
+
+    # wall: eosinophilic smooth muscle over a little of the original texture
+    eosin = np.stack(
+        [228 + 6 * noise, 138 + 14 * noise + 8 * fibres, 178 + 8 * noise], axis=-1
+    ).clip(0, 255)
+    overlay.layer(eosin, 0.6 * wall_alpha)
+
+    # lumen: pale, sometimes with pink plasma
+    plasma = rng.uniform(0.0, 0.5) if rng.random() < 0.5 else 0.0
+    lumen_color = np.stack(
+        [
+            244 - 6 * plasma + 2 * noise,
+            233 - 30 * plasma + 2 * noise,
+            238 - 18 * plasma + 2 * noise,
+        ],
+        axis=-1,
+    ).clip(0, 255)
+    overlay.layer(lumen_color, lumen)
+
+    # endothelial lining on the lumen side of the wall
+    lining = np.exp(-(((rho - inner) * mean_r / (0.9 * um)) ** 2)) * inside
+    overlay.layer((150, 92, 160), 0.45 * lining)
+
+    # nuclei: smooth-muscle nuclei in the wall, flat endothelial nuclei on the lining
+    nuclei = np.zeros(grid, dtype=np.float32)
+    ring_area = math.pi * shape.a * shape.b * (1 - inner**2)
+    for _ in range(int(ring_area / (14 * um) ** 2) + 3):
+        t = rng.uniform(0, 2 * math.pi)
+        level = rng.uniform(inner + 0.2 * wall, 1.0 - 0.15 * wall)
+        length = rng.uniform(3, 5) * um
+        _draw_nucleus(nuclei, overlay, shape, t, level, (length, 1.1 * um))
+    perimeter_um = 2 * math.pi * mean_r * inner / um
+    for _ in range(int(perimeter_um / 18) + 2):
+        t = rng.uniform(0, 2 * math.pi)
+        level = inner + 0.6 * um / mean_r
+        _draw_nucleus(nuclei, overlay, shape, t, level, (4 * um, 0.8 * um))
+    nuclei = cv2.GaussianBlur(nuclei, (0, 0), 0.25 * um)
+    overlay.layer((78, 46, 122), 0.85 * np.clip(nuclei, 0, 1) * inside)
+
+    # red blood cells in about half of the lumens
+    if rng.random() < 0.5 and mean_r * inner > 8 * um:
+        cells = np.zeros(grid, dtype=np.float32)
+        centre_t = rng.uniform(0, 2 * math.pi)
+        for _ in range(int(rng.integers(3, 12))):
+            t = centre_t + rng.normal(0, 0.5)
+            point = _point_at(shape, t, rng.uniform(0.1, 0.8) * inner)
+            _draw_ellipse(cells, overlay, point, (3.6 * um, 3.6 * um), 0.0)
+        cells = cv2.GaussianBlur(cells, (0, 0), 0.2 * um) * lumen
+        overlay.layer((203, 72, 92), 0.8 * np.clip(cells, 0, 1))
+
+    overlay.composite()
+
+
+def _point_at(shape: _Shape, t: float, level: float) -> tuple[float, float]:
+    """Level-0 point at polar angle ``t`` and normalised radius ``level`` of ``shape``."""
+    r = float(shape.wobble(np.array([t]))[0]) * level
+    u, v = shape.a * r * math.cos(t), shape.b * r * math.sin(t)
+    c, s = math.cos(shape.angle), math.sin(shape.angle)
+    return shape.cx + c * u - s * v, shape.cy + s * u + c * v
+
+
+def _draw_nucleus(
+    layer: np.ndarray,
+    overlay: _Overlay,
+    shape: _Shape,
+    t: float,
+    level: float,
+    axes: tuple[float, float],
+) -> None:
+    """An elongated nucleus lying along the circumference at (t, level)."""
+    px, py = _point_at(shape, t, level)
+    qx, qy = _point_at(shape, t + 0.01, level)
+    angle = math.degrees(math.atan2(qy - py, qx - px))
+    _draw_ellipse(layer, overlay, (px, py), axes, angle)
+
+
+def _paint_tumour(image: np.ndarray, shape: _Shape, mpp: float, rng: np.random.Generator) -> None:
+    """Crowded, hyperchromatic nuclei and a purple tint inside ``shape``."""
+    um = 1.0 / mpp
+    overlay = _Overlay(image, shape, 4)
+    rho, _ = shape.rho(overlay.xs, overlay.ys)
+    inside = 1.0 - _smoothstep(0.97, 1.03, rho)
+    overlay.layer((150, 100, 175), 0.3 * inside)
+    nuclei = np.zeros((overlay.h, overlay.w), dtype=np.float32)
+    area = math.pi * shape.a * shape.b
+    for _ in range(int(area / (11 * um) ** 2)):
+        t, level = rng.uniform(0, 2 * math.pi), math.sqrt(rng.uniform(0, 0.95))
+        axes = (rng.uniform(3.0, 4.5) * um, rng.uniform(2.2, 3.5) * um)
+        _draw_ellipse(nuclei, overlay, _point_at(shape, t, level), axes, rng.uniform(0, 180))
+    nuclei = cv2.GaussianBlur(nuclei, (0, 0), 0.3 * um)
+    overlay.layer((70, 40, 115), 0.75 * np.clip(nuclei, 0, 1) * inside)
+    overlay.composite()
+
+
+@dataclass
+class _Plan:
+    """One object to place: diameter (µm), class, role."""
+
+    diameter_um: float
+    class_name: str
+    role: str = ""  # "border", "pair", "hole", "tumour" or ""
+    name: str | None = None
+    required: bool = False
+
+
+_PLANS = [
+    # required first (they must fit even on a small slide), then the rest, largest first
+    _Plan(45, CLASS_VESSEL, "border", required=True),
+    _Plan(40, CLASS_VESSEL, "pair", required=True),
+    _Plan(60, CLASS_INVASIVE, required=True),
+    _Plan(220, CLASS_TUMOR, "tumour", name="Tumour region", required=True),
+    _Plan(300, CLASS_VESSEL, name="Artery"),
+    _Plan(180, CLASS_INVASIVE),
+    _Plan(120, CLASS_VESSEL),
+    _Plan(80, CLASS_VESSEL, "hole", name="Vessel wall (lumen excluded)"),
+    _Plan(30, CLASS_VESSEL),
+]
+
+
+def _fits(shape: _Shape, placed: list[_Shape], gap: float, width: int, height: int) -> bool:
+    minx, miny, maxx, maxy = _polygon(shape.outline()).bounds
+    if minx < 2 or miny < 2 or maxx > width - 2 or maxy > height - 2:
+        return False
+    return all(
+        math.hypot(shape.cx - o.cx, shape.cy - o.cy) >= shape.radius + o.radius + gap
+        for o in placed
+    )
+
+
+def _place(
+    shape: _Shape,
+    rng: np.random.Generator,
+    placed: list[_Shape],
+    gap: float,
+    width: int,
+    height: int,
+    tries: int = 400,
+) -> bool:
+    r = shape.radius
+    if 2 * r + 4 > min(width, height):
+        return False
+    for _ in range(tries):
+        shape.cx = float(rng.uniform(r + 2, width - r - 2))
+        shape.cy = float(rng.uniform(r + 2, height - r - 2))
+        if _fits(shape, placed, gap, width, height):
+            return True
+    return False
+
+
+def _place_at_border(
+    shape: _Shape, rng: np.random.Generator, placed: list[_Shape], gap: float, width: int,
+    height: int,
+) -> bool:
+    """Put ``shape`` 4–12 px from one of the slide's edges."""
+    for _ in range(400):
+        side = int(rng.integers(4))
+        shape.cx, shape.cy = 0.0, 0.0
+        minx, miny, maxx, maxy = _polygon(shape.outline()).bounds
+        offset = float(rng.uniform(4, 12))
+        if side == 0:  # left
+            shape.cx = offset - minx
+            shape.cy = float(rng.uniform(-miny + 2, height - maxy - 2))
+        elif side == 1:  # top
+            shape.cy = offset - miny
+            shape.cx = float(rng.uniform(-minx + 2, width - maxx - 2))
+        elif side == 2:  # right
+            shape.cx = width - offset - maxx
+            shape.cy = float(rng.uniform(-miny + 2, height - maxy - 2))
+        else:  # bottom
+            shape.cy = height - offset - maxy
+            shape.cx = float(rng.uniform(-minx + 2, width - maxx - 2))
+        if _fits(shape, placed, gap, width, height):
+            return True
+    return False
+
+
+def _place_pair(
+    first: _Shape, second: _Shape, rng: np.random.Generator, placed: list[_Shape], gap: float,
+    width: int, height: int, tile_extent: float,
+) -> bool:
+    """Place two vessels close enough to share one tile of ``tile_extent`` level-0 px."""
+    for _ in range(400):
+        if not _place(first, rng, placed, gap, width, height, tries=50):
+            continue
+        for _ in range(50):
+            distance = first.radius + second.radius + gap * rng.uniform(1.0, 3.0)
+            t = rng.uniform(0, 2 * math.pi)
+            second.cx = first.cx + distance * math.cos(t)
+            second.cy = first.cy + distance * math.sin(t)
+            if not _fits(second, [*placed, first], gap, width, height):
+                continue
+            minx, miny, maxx, maxy = _polygon(
+                np.concatenate([first.outline(), second.outline()])
+            ).envelope.bounds
+            if maxx - minx <= 0.8 * tile_extent and maxy - miny <= 0.8 * tile_extent:
+                return True
+    return False
+
+
+def _uuid(rng: np.random.Generator) -> str:
+    return str(uuid.UUID(bytes=rng.bytes(16), version=4))
+
+
+def _mirrored_background(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    """The H&E image mirrored (no seams) to ``width`` × ``height``, from a seeded offset."""
+    source = _he_image()
+    if rng.random() < 0.5:
+        source = source.transpose(1, 0, 2)
+    # a 2×2 block of mirror images tiles the plane seamlessly
+    top = np.concatenate([source, source[:, ::-1]], axis=1)
+    block = np.concatenate([top, top[::-1]], axis=0)
+    bh, bw = block.shape[:2]
+    ox, oy = int(rng.integers(0, bw)), int(rng.integers(0, bh))
+    reps = (-(-(height + oy) // bh), -(-(width + ox) // bw), 1)
+    return np.ascontiguousarray(np.tile(block, reps)[oy : oy + height, ox : ox + width])
+
+
+def _layout(
+    rng: np.random.Generator, width: int, height: int, mpp: float
+) -> list[tuple[_Shape, _Plan]] | None:
+    """Seeded positions of the demo objects, or ``None`` when a required one does not fit."""
+    gap = 12.0 / mpp
+    tile_extent = 512.0 / mpp
+    placed: list[_Shape] = []
+    layout: list[tuple[_Shape, _Plan]] = []
+    for plan in _PLANS:
+        diameter = plan.diameter_um / mpp
+        if plan.role == "tumour":
+            diameter = min(diameter, 0.3 * min(width, height))
+        shape = _random_shape(rng, diameter, 0.12 if plan.role == "tumour" else 0.05)
+        shapes = [shape]
+        if plan.role == "border":
+            ok = _place_at_border(shape, rng, placed, gap, width, height)
+        elif plan.role == "pair":
+            shapes.append(_random_shape(rng, 35 / mpp, 0.05))
+            ok = _place_pair(shape, shapes[1], rng, placed, gap, width, height, tile_extent)
+        else:
+            ok = _place(shape, rng, placed, gap, width, height)
+        if not ok:
+            if plan.required:
+                return None
+            continue
+        placed.extend(shapes)
+        layout.extend((one, plan) for one in shapes)
+    return layout
+
+
+def build_demo_slide(
+    path: str | os.PathLike,
+    *,
+    width: int = 4096,
+    height: int = 3072,
+    mpp: float = 0.25,
+    seed: int = 0,
+) -> DemoSlide:
+    """Build a demo slide (pyramidal OME-TIFF at ``path``) and its annotations.
+
+    The H&E background is mirrored to ``width`` × ``height`` level-0 pixels at ``mpp``
+    µm/px, and vessels are painted in at seeded, non-overlapping positions: equivalent
+    diameters 30–300 µm, classes ``"Vessel"`` and ``"Vessel: Invasive"``, one vessel
+    4–12 px from a slide edge, two small vessels close enough to share one 512 µm tile
+    (1024 px at 0.5 µm/px), one vessel annotated with its lumen as a hole, and a
+    ``"Tumor"`` region that is not a vessel. Vessels that do not fit a small slide are
+    left out (the border vessel, the pair, one invasive vessel and the tumour always
+    fit from 1024 × 768 px at 0.25 µm/px). Same seed, same slide and annotations.
+    """
+    if width < 256 or height < 256:
+        raise ValueError(f"demo slide must be at least 256 × 256 px, not {width} × {height}")
+    rng = np.random.default_rng(seed)
+    image = _mirrored_background(width, height, rng)
+    for attempt in range(50):
+        layout = _layout(np.random.default_rng([seed, attempt]), width, height, mpp)
+        if layout is not None:
+            break
+    else:
+        raise ValueError(
+            f"cannot place the demo objects on a {width} × {height} px slide at {mpp} µm/px; "
+            "make it larger"
+        )
+    annotations = [_paint_and_annotate(image, shape, plan, mpp, rng) for shape, plan in layout]
+    order = {CLASS_VESSEL: 0, CLASS_INVASIVE: 1, CLASS_TUMOR: 2}
+    annotations.sort(key=lambda a: order.get(a.class_name or "", 3))
+    write_pyramidal_ome_tiff(path, image, mpp=mpp)
+    return DemoSlide(Path(path), mpp, width, height, annotations)
+
+
+def _paint_and_annotate(
+    image: np.ndarray, shape: _Shape, plan: _Plan, mpp: float, rng: np.random.Generator
+) -> Annotation:
+    wall = 0.0
+    if plan.role == "tumour":
+        _paint_tumour(image, shape, mpp, rng)
+    else:
+        # thicker walls on larger vessels (arteries), thin on capillary-sized ones
+        wall = float(np.clip(rng.uniform(0.18, 0.3) + plan.diameter_um / 1500, 0.15, 0.45))
+        _paint_vessel(image, shape, wall, mpp, rng)
+    geometry: BaseGeometry = _polygon(shape.outline())
+    if plan.role == "hole":
+        lumen = _polygon(shape.outline(1 - wall))
+        geometry = Polygon(geometry.exterior.coords, [lumen.exterior.coords])
+    area_um2 = round(geometry.area * mpp * mpp, 2)
+    return Annotation(
+        geometry=geometry,
+        class_name=plan.class_name,
+        color=default_color(plan.class_name),
+        id=_uuid(rng),
+        name=plan.name,
+        measurements={"Area µm^2": area_um2},
+    )
+
+
+# ----------------------------------------------------------------------------- GeoJSON
+
+
+def _num(value: float) -> float | int:
+    """A coordinate as QuPath writes it: at most 2 decimals, integers without '.0'."""
+    rounded = round(float(value), 2)
+    return int(rounded) if rounded.is_integer() else rounded
+
+
+def _ring(coords: Any) -> list[list[float | int]]:
+    return [[_num(x), _num(y)] for x, y, *_ in coords]
+
+
+def _geometry_json(geometry: BaseGeometry) -> dict[str, Any]:
+    def polygon(p: Polygon) -> list[list[list[float | int]]]:
+        return [_ring(p.exterior.coords), *(_ring(r.coords) for r in p.interiors)]
+
+    if isinstance(geometry, Polygon):
+        return {"type": "Polygon", "coordinates": polygon(geometry)}
+    if isinstance(geometry, MultiPolygon):
+        return {"type": "MultiPolygon", "coordinates": [polygon(p) for p in geometry.geoms]}
+    raise ValueError(f"cannot write a {geometry.geom_type} annotation")
+
+
+def _rgb(annotation: Annotation) -> list[int]:
+    color = annotation.color or default_color(annotation.class_name or "")
+    return [int(c) for c in color]
+
+
+def _class_v04(annotation: Annotation, *, force_names: bool = False) -> dict[str, Any]:
+    """``PathClassTypeAdapter`` (0.4+): ``name`` for a single class, ``names`` for a
+    derived one; always a ``color``."""
+    parts = class_parts(annotation.class_name)
+    if len(parts) == 1 and not force_names:
+        return {"name": parts[0], "color": _rgb(annotation)}
+    return {"names": parts, "color": _rgb(annotation)}
+
+
+def _class_gson(parts: list[str], argb: int, parent_argb: list[int]) -> dict[str, Any]:
+    """Gson's default serialisation of a ``PathClass`` (before 0.4): parent first."""
+    out: dict[str, Any] = {}
+    if len(parts) > 1:
+        out["parentClass"] = _class_gson(parts[:-1], parent_argb[-1], parent_argb[:-1])
+    out["name"] = parts[-1]
+    out["colorRGB"] = argb
+    return out
+
+
+def _class_legacy(annotation: Annotation) -> dict[str, Any]:
+    parts = class_parts(annotation.class_name)
+    parents = [rgb_to_argb(default_color(": ".join(parts[:i]))) for i in range(1, len(parts))]
+    return _class_gson(parts, rgb_to_argb(_rgb(annotation)), parents)
+
+
+def _feature_v04(annotation: Annotation, *, force_names: bool = False) -> dict[str, Any]:
+    properties: dict[str, Any] = {"objectType": annotation.object_type or "annotation"}
+    if annotation.name is not None:
+        properties["name"] = annotation.name
+    if annotation.class_name:
+        properties["classification"] = _class_v04(annotation, force_names=force_names)
+    if annotation.measurements:
+        properties["measurements"] = dict(annotation.measurements)
+    return {
+        "type": "Feature",
+        "id": annotation.id,
+        "geometry": _geometry_json(annotation.geometry),
+        "properties": properties,
+    }
+
+
+def _feature_joined(annotation: Annotation) -> dict[str, Any]:
+    feature = _feature_v04(annotation)
+    if annotation.class_name:
+        feature["properties"]["classification"] = {
+            "name": ": ".join(class_parts(annotation.class_name)),
+            "color": _rgb(annotation),
+        }
+    return feature
+
+
+def _measurement_list(annotation: Annotation) -> list[dict[str, Any]]:
+    return [{"name": k, "value": v} for k, v in annotation.measurements.items()]
+
+
+def _feature_v03(annotation: Annotation) -> dict[str, Any]:
+    """``PathObjectTypeAdapter`` of QuPath 0.3: ``object_type``, no id, Gson classes,
+    ``isLocked`` always, measurements as a list when not empty."""
+    properties: dict[str, Any] = {"object_type": annotation.object_type or "annotation"}
+    if annotation.name is not None:
+        properties["name"] = annotation.name
+    if annotation.class_name:
+        properties["classification"] = _class_legacy(annotation)
+    properties["isLocked"] = False
+    if annotation.measurements:
+        properties["measurements"] = _measurement_list(annotation)
+    return {
+        "type": "Feature",
+        "geometry": _geometry_json(annotation.geometry),
+        "properties": properties,
+    }
+
+
+def _feature_v02(annotation: Annotation) -> dict[str, Any]:
+    """QuPath 0.2: the object type in ``id``, ``color`` written with a ``name``,
+    ``isLocked`` and ``measurements`` (a list) always."""
+    properties: dict[str, Any] = {}
+    if annotation.name is not None:
+        properties["name"] = annotation.name
+        properties["color"] = _rgb(annotation)
+    if annotation.class_name:
+        properties["classification"] = _class_legacy(annotation)
+    properties["isLocked"] = False
+    properties["measurements"] = _measurement_list(annotation)
+    return {
+        "type": "Feature",
+        "id": "PathAnnotationObject",
+        "geometry": _geometry_json(annotation.geometry),
+        "properties": properties,
+    }
+
+
+def _feature_plain(annotation: Annotation) -> dict[str, Any]:
+    """Plain GeoJSON as other tools write it: no id, no object type, class as a string."""
+    properties: dict[str, Any] = {}
+    if annotation.name is not None:
+        properties["name"] = annotation.name
+    if annotation.class_name:
+        properties["classification"] = ": ".join(class_parts(annotation.class_name))
+    return {
+        "type": "Feature",
+        "geometry": _geometry_json(annotation.geometry),
+        "properties": properties,
+    }
+
+
+def _feature_collection(annotations: Sequence[Annotation]) -> dict[str, Any]:
+    return {"type": "FeatureCollection", "features": [_feature_v04(a) for a in annotations]}
+
+
+_PAIR = re.compile(r"\[\s+(-?[0-9.eE+-]+),\s+(-?[0-9.eE+-]+)\s+\]")
+
+
+def _dump(obj: Any, pretty: bool) -> str:
+    if pretty:  # Gson's pretty printing; coordinates inline as QuPath writes them
+        text = json.dumps(obj, indent=2, ensure_ascii=False)
+        return _PAIR.sub(r"[\1, \2]", text) + "\n"
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def write_qupath_geojson_variants(
+    annotations: Sequence[Annotation], folder: str | os.PathLike
+) -> dict[str, Path]:
+    """Write the same annotations in every GeoJSON flavour QuPath has written (plus two
+    that other tools write), one file each, ``<folder>/<variant>.geojson``.
+
+    Variants (keys of the result, in ``GEOJSON_VARIANTS``):
+
+    - ``v0.4_feature_collection``: 0.4+ ``exportObjectsToGeoJson(..., "FEATURE_COLLECTION")``:
+      UUID ``id``, ``objectType``, ``classification {name, color}`` (derived classes
+      ``{names: [...], color}``), ``measurements`` as a map;
+    - ``v0.4_feature_array``: the same Features in a JSON array (0.4+ default export);
+    - ``v0.4_single_feature``: the first annotation alone, as one Feature;
+    - ``v0.3``: array; ``object_type``, no id, classification as Gson wrote ``PathClass``
+      (``{name, colorRGB}``, derived classes nested in ``parentClass``), ``isLocked``,
+      measurements as a list of ``{name, value}``;
+    - ``v0.2``: array; ``"id": "PathAnnotationObject"``, no object type, as 0.3 otherwise
+      (``measurements`` always present);
+    - ``derived_names``: FeatureCollection with every class as ``{names: [...], color}``;
+    - ``joined_name``: FeatureCollection with every class as ``{name: "Vessel: Invasive",
+      color}`` (readable by QuPath's ``PathClass.fromString``);
+    - ``plain``: FeatureCollection without ids or object types, classification a string.
+    """
+    annotations = list(annotations)
+    if not annotations:
+        raise ValueError("no annotations to write")
+    folder = Path(folder)
+    docs: dict[str, tuple[Any, bool]] = {
+        "v0.4_feature_collection": (_feature_collection(annotations), False),
+        "v0.4_feature_array": ([_feature_v04(a) for a in annotations], True),
+        "v0.4_single_feature": (_feature_v04(annotations[0]), True),
+        "v0.3": ([_feature_v03(a) for a in annotations], True),
+        "v0.2": ([_feature_v02(a) for a in annotations], True),
+        "derived_names": (
+            {
+                "type": "FeatureCollection",
+                "features": [_feature_v04(a, force_names=True) for a in annotations],
+            },
+            True,
+        ),
+        "joined_name": (
+            {"type": "FeatureCollection", "features": [_feature_joined(a) for a in annotations]},
+            True,
+        ),
+        "plain": (
+            {"type": "FeatureCollection", "features": [_feature_plain(a) for a in annotations]},
+            False,
+        ),
+    }
+    paths = {}
+    for variant in GEOJSON_VARIANTS:
+        doc, pretty = docs[variant]
+        paths[variant] = folder / f"{variant}.geojson"
+        atomic_write_text(paths[variant], _dump(doc, pretty))
+    return paths
+
+
+# ----------------------------------------------------------------------------- project
+
+
+def _version_tuple(version: str) -> tuple[int, int, int, int]:
+    """``"0.6.0-rc4"`` → (0, 6, 0, 4); a release sorts after its candidates."""
+    match = re.match(r"^(\d+)\.(\d+)\.(\d+)(?:-rc(\d+))?", version)
+    if not match:
+        raise ValueError(f"not a QuPath version: {version!r}")
+    major, minor, patch, rc = match.groups()
+    return int(major), int(minor), int(patch), int(rc) if rc else 10**6
+
+
+def _server_metadata(slide: DemoSlide, levels: list[tuple[int, int]]) -> dict[str, Any]:
+    """``ImageServerMetadata`` as QuPath stores it in an entry's server builder."""
+    return {
+        "name": slide.path.name,
+        "width": slide.width,
+        "height": slide.height,
+        "sizeZ": 1,
+        "sizeT": 1,
+        "channelType": "DEFAULT",
+        "isRGB": True,
+        "pixelType": "UINT8",
+        "levels": [
+            {"downsample": slide.width / w, "width": w, "height": h} for w, h in levels
+        ],
+        "channels": [
+            {"name": "Red", "color": -65536},
+            {"name": "Green", "color": -16711936},
+            {"name": "Blue", "color": -16776961},
+        ],
+        "pixelCalibration": {
+            "pixelWidth": {"value": slide.mpp, "unit": "µm"},
+            "pixelHeight": {"value": slide.mpp, "unit": "µm"},
+            "zSpacing": {"value": 1.0, "unit": "z-slice"},
+            "timeUnit": "SECONDS",
+            "timepoints": [],
+        },
+        "preferredTileWidth": 256,
+        "preferredTileHeight": 256,
+    }
+
+
+def _tiff_levels(path: Path) -> list[tuple[int, int]]:
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages.first
+        levels = [(int(page.imagewidth), int(page.imagelength))]
+        for sub in page.pages or []:
+            levels.append((int(sub.imagewidth), int(sub.imagelength)))
+    return levels
+
+
+def build_demo_project(
+    folder: str | os.PathLike,
+    *,
+    slide: DemoSlide | Sequence[DemoSlide] | None = None,
+    qupath_version: str = "0.5.1",
+    overwrite: bool = False,
+) -> Path:
+    """Build a QuPath project folder around demo slides; returns its ``project.qpproj``.
+
+    Writes ``project.qpproj`` as QuPath ``qupath_version`` does (one Bio-Formats image
+    entry per slide, ``metadata`` ``{}``; ``tags`` ``[]`` from 0.6.0-rc4),
+    ``classifiers/classes.json`` (QuPath's default classes plus the annotations'
+    classes) and ``annotations/<entryID>.geojson`` (0.4+ FeatureCollection) per entry.
+    No ``data/`` folder: QuPath opens such entries without objects.
+
+    Args:
+        folder: project folder (created).
+        slide: one or more slides; default: two new ones in ``folder/slides/``
+            (4096 × 3072 px seed 0, and 2048 × 1536 px seed 1, both 0.25 µm/px).
+        qupath_version: the ``version`` written.
+        overwrite: replace an existing ``project.qpproj``; otherwise that is an
+            :class:`InputError` (never clobber a user's project).
+    """
+    folder = Path(folder).absolute()
+    project_file = folder / "project.qpproj"
+    if project_file.exists() and not overwrite:
+        raise InputError("a QuPath project already exists here", path=project_file)
+    version = _version_tuple(qupath_version)
+    if slide is None:
+        slides = [
+            build_demo_slide(folder / "slides" / "demo-slide-1.ome.tif", seed=0),
+            build_demo_slide(
+                folder / "slides" / "demo-slide-2.ome.tif", width=2048, height=1536, seed=1
+            ),
+        ]
+    elif isinstance(slide, DemoSlide):
+        slides = [slide]
+    else:
+        slides = list(slide)
+    if not slides:
+        raise ValueError("no slides for the project")
+
+    now = int(time.time() * 1000)
+    images = []
+    classes: dict[str, int] = dict(_QUPATH_DEFAULT_CLASSES)
+    for entry_id, one in enumerate(slides, start=1):
+        slide_path = Path(one.path).absolute()
+        entry: dict[str, Any] = {
+            "serverBuilder": {
+                "builderType": "uri",
+                "providerClassName": _BIOFORMATS,
+                "uri": path_to_uri(slide_path, directory=False),
+                "args": ["--series", "0"],
+                "metadata": _server_metadata(one, _tiff_levels(slide_path)),
+            },
+            "entryID": entry_id,
+            "randomizedName": str(uuid.uuid4()),
+            "imageName": slide_path.name,
+            "metadata": {},
+        }
+        if version >= (0, 6, 0, 4):
+            entry["tags"] = []
+        images.append(entry)
+        for annotation in one.annotations:
+            if annotation.class_name and annotation.class_name not in classes:
+                classes[annotation.class_name] = rgb_to_argb(_rgb(annotation))
+        atomic_write_text(
+            folder / "annotations" / f"{entry_id}.geojson",
+            _dump(_feature_collection(one.annotations), False),
+        )
+    atomic_write_json(
+        folder / "classifiers" / "classes.json",
+        {"pathClasses": [{"name": n, "color": c} for n, c in classes.items()]},
+    )
+    project = {
+        "version": qupath_version,
+        "createTimestamp": now,
+        "modifyTimestamp": now,
+        "uri": path_to_uri(project_file, directory=False, ascii_only=False),
+        "lastID": len(images),
+        "images": images,
+    }
+    atomic_write_json(project_file, project)
+    return project_file

@@ -226,6 +226,34 @@ def _as_rgb(region: np.ndarray, path: str | None) -> np.ndarray:
     return np.ascontiguousarray(region)
 
 
+def _area_axis(image: np.ndarray, start: float, step: float, count: int, axis: int) -> np.ndarray:
+    """Means of ``image`` (pixels as unit boxes) over ``[start + k·step, start + (k+1)·step)``
+    for k < count along ``axis`` (0 or 1), from the running integral."""
+    data = np.moveaxis(image, axis, 0).astype(np.float64)
+    length = data.shape[0]
+    integral = np.concatenate([np.zeros_like(data[:1]), np.cumsum(data, axis=0)], axis=0)
+    edges = start + step * np.arange(count + 1)
+    if edges[0] < -1e-9 or edges[-1] > length + 1e-9:
+        raise ValueError("area resampling outside the window")  # a bug, not user input
+    edges = np.clip(edges, 0, length)
+    index = np.minimum(np.floor(edges).astype(np.int64), length - 1)
+    frac = (edges - index).reshape((-1,) + (1,) * (data.ndim - 1))
+    cumulative = integral[index] + frac * data[index]
+    means = (cumulative[1:] - cumulative[:-1]) / step
+    return np.moveaxis(means, 0, axis)
+
+
+def _area_resample(window: np.ndarray, ox: float, oy: float, scale: float, size: int) -> np.ndarray:
+    """``size`` × ``size`` tile whose pixel (i, j) is the mean of ``window`` over
+    ``[ox + j·scale, ox + (j+1)·scale) × [oy + i·scale, oy + (i+1)·scale)`` (window pixels
+    as unit squares): exact area averaging at any scale and sub-pixel offset."""
+    first_row = max(math.floor(oy) - 1, 0)
+    rows = window[first_row : math.ceil(oy + size * scale) + 1]
+    columns = _area_axis(rows, ox, scale, size, axis=1)
+    tile = _area_axis(columns, oy - first_row, scale, size, axis=0)
+    return np.clip(np.rint(tile), 0, 255).astype(np.uint8)
+
+
 def read_tile(reader: WSIReader, x: float, y: float, size: int, mpp: float) -> np.ndarray:
     """Pixels of the square tile whose top-left corner is (x, y) level-0 pixels,
     ``size`` × ``size`` pixels at ``mpp`` µm/px, as uint8 RGB ``(size, size, 3)``.
@@ -273,24 +301,11 @@ def read_tile(reader: WSIReader, x: float, y: float, size: int, mpp: float) -> n
         )
     ox, oy = lx - x0, ly - y0  # tile corner inside the window, level pixels
     if scale >= 1 - _LEVEL_TOLERANCE:
-        if scale != 1.0:
-            # exact scale: OpenCV uses fx/fy as given when dsize is empty
-            window = cv2.resize(
-                window, None, fx=1 / scale, fy=1 / scale, interpolation=cv2.INTER_AREA
-            )
-            ox, oy = ox / scale, oy / scale
         ix, iy = round(ox), round(oy)
-        if abs(ox - ix) < 1e-6 and abs(oy - iy) < 1e-6:
+        if scale == 1.0 and abs(ox - ix) < 1e-6 and abs(oy - iy) < 1e-6:
             tile = window[iy : iy + size, ix : ix + size]
         else:
-            matrix = np.array([[1.0, 0.0, ox], [0.0, 1.0, oy]])
-            tile = cv2.warpAffine(
-                window,
-                matrix,
-                (size, size),
-                flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                borderMode=cv2.BORDER_REPLICATE,
-            )
+            tile = _area_resample(window, ox, oy, scale, size)
     else:
         # enlarging: tile pixel centre (j + 0.5) maps to window index ox + (j + 0.5)·s - 0.5
         shift_x = ox + 0.5 * scale - 0.5

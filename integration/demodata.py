@@ -286,6 +286,7 @@ class _Shape:
     harmonics: list[tuple[int, float, float]]  # (k, amplitude, phase)
     cx: float = 0.0
     cy: float = 0.0
+    _relative_bounds: tuple[float, float, float, float] | None = None
 
     def wobble(self, phi: np.ndarray) -> np.ndarray:
         out = np.ones_like(phi)
@@ -302,6 +303,17 @@ class _Shape:
         u, v = self.a * r * np.cos(phi), self.b * r * np.sin(phi)
         c, s = math.cos(self.angle), math.sin(self.angle)
         return np.stack([self.cx + c * u - s * v, self.cy + s * u + c * v], axis=1)
+
+    def bounds(self) -> tuple[float, float, float, float]:
+        """(minx, miny, maxx, maxy) of the outline at the current centre, level-0 px."""
+        if self._relative_bounds is None:
+            cx, cy = self.cx, self.cy
+            self.cx = self.cy = 0.0
+            vertices = self.outline()
+            self.cx, self.cy = cx, cy
+            self._relative_bounds = (*vertices.min(axis=0), *vertices.max(axis=0))
+        minx, miny, maxx, maxy = self._relative_bounds
+        return minx + self.cx, miny + self.cy, maxx + self.cx, maxy + self.cy
 
     @property
     def radius(self) -> float:
@@ -502,7 +514,7 @@ def _paint_vessel(
 
 def _point_at(shape: _Shape, t: float, level: float) -> tuple[float, float]:
     """Level-0 point at polar angle ``t`` and normalised radius ``level`` of ``shape``."""
-    r = float(shape.wobble(np.array([t]))[0]) * level
+    r = level * (1 + sum(amp * math.cos(k * t + phase) for k, amp, phase in shape.harmonics))
     u, v = shape.a * r * math.cos(t), shape.b * r * math.sin(t)
     c, s = math.cos(shape.angle), math.sin(shape.angle)
     return shape.cx + c * u - s * v, shape.cy + s * u + c * v
@@ -567,7 +579,7 @@ _PLANS = [
 
 
 def _fits(shape: _Shape, placed: list[_Shape], gap: float, width: int, height: int) -> bool:
-    minx, miny, maxx, maxy = _polygon(shape.outline()).bounds
+    minx, miny, maxx, maxy = shape.bounds()
     if minx < 2 or miny < 2 or maxx > width - 2 or maxy > height - 2:
         return False
     return all(
@@ -604,7 +616,7 @@ def _place_at_border(
     for _ in range(400):
         side = int(rng.integers(4))
         shape.cx, shape.cy = 0.0, 0.0
-        minx, miny, maxx, maxy = _polygon(shape.outline()).bounds
+        minx, miny, maxx, maxy = shape.bounds()
         offset = float(rng.uniform(4, 12))
         if side == 0:  # left
             shape.cx = offset - minx
@@ -638,9 +650,9 @@ def _place_pair(
             second.cy = first.cy + distance * math.sin(t)
             if not _fits(second, [*placed, first], gap, width, height):
                 continue
-            minx, miny, maxx, maxy = _polygon(
-                np.concatenate([first.outline(), second.outline()])
-            ).envelope.bounds
+            a, b = first.bounds(), second.bounds()
+            minx, miny = min(a[0], b[0]), min(a[1], b[1])
+            maxx, maxy = max(a[2], b[2]), max(a[3], b[3])
             if maxx - minx <= 0.8 * tile_extent and maxy - miny <= 0.8 * tile_extent:
                 return True
     return False
@@ -650,18 +662,34 @@ def _uuid(rng: np.random.Generator) -> str:
     return str(uuid.UUID(bytes=rng.bytes(16), version=4))
 
 
+def _mirror_tile(image: np.ndarray, start: int, count: int, axis: int) -> np.ndarray:
+    """``count`` rows (axis 0) or columns (axis 1) of ``image`` repeated as mirror images
+    (0 1 .. n-1 n-1 .. 1 0 0 1 ..) from ``start``: seamless, built from whole slices."""
+    n = image.shape[axis]
+    pieces, position = [], start % (2 * n)
+    while count > 0:
+        forward = position < n
+        offset = position if forward else position - n
+        take = min(n - offset, count)
+        index = slice(offset, offset + take) if forward else slice(n - offset - take, n - offset)
+        piece = image[index] if axis == 0 else image[:, index]
+        if not forward:
+            piece = piece[::-1] if axis == 0 else piece[:, ::-1]
+        pieces.append(piece)
+        count -= take
+        position = (position + take) % (2 * n)
+    return np.concatenate(pieces, axis=axis)
+
+
 def _mirrored_background(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
     """The H&E image mirrored (no seams) to ``width`` × ``height``, from a seeded offset."""
     source = _he_image()
     if rng.random() < 0.5:
-        source = source.transpose(1, 0, 2)
-    # a 2×2 block of mirror images tiles the plane seamlessly
-    top = np.concatenate([source, source[:, ::-1]], axis=1)
-    block = np.concatenate([top, top[::-1]], axis=0)
-    bh, bw = block.shape[:2]
-    ox, oy = int(rng.integers(0, bw)), int(rng.integers(0, bh))
-    reps = (-(-(height + oy) // bh), -(-(width + ox) // bw), 1)
-    return np.ascontiguousarray(np.tile(block, reps)[oy : oy + height, ox : ox + width])
+        source = np.ascontiguousarray(source.transpose(1, 0, 2))
+    sh, sw = source.shape[:2]
+    ox, oy = int(rng.integers(0, 2 * sw)), int(rng.integers(0, 2 * sh))
+    strip = _mirror_tile(source, ox, width, axis=1)
+    return np.ascontiguousarray(_mirror_tile(strip, oy, height, axis=0))
 
 
 def _layout(

@@ -39,7 +39,7 @@ from shapely.geometry import GeometryCollection, MultiPolygon, Polygon, box
 from shapely.geometry.base import BaseGeometry
 
 from histosynth.integration.annotations import RGB, Annotation, class_matches, class_parts
-from histosynth.integration.atomic import atomic_write_text
+from histosynth.integration.atomic import atomic_write_bytes
 from histosynth.integration.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ __all__ = [
     "class_names",
     "default_color",
     "filter_by_class",
+    "geojson_bytes",
     "read_annotations",
     "rgb_to_argb",
     "to_feature_collection",
@@ -889,6 +890,18 @@ def write_annotations(
     clip_to: tuple[float, float, float, float] | None = None,
 ) -> None:
     """Write :func:`to_feature_collection` of ``annotations`` to ``path`` atomically."""
+    atomic_write_bytes(path, geojson_bytes(annotations, offset=offset, scale=scale,
+                                           clip_to=clip_to))
+
+
+def geojson_bytes(
+    annotations: Iterable[Annotation],
+    *,
+    offset: tuple[float, float] = (0.0, 0.0),
+    scale: float = 1.0,
+    clip_to: tuple[float, float, float, float] | None = None,
+) -> bytes:
+    """UTF-8 bytes of the file :func:`write_annotations` writes (for writers that batch I/O)."""
     collection = to_feature_collection(annotations, offset=offset, scale=scale, clip_to=clip_to)
     text = json.dumps(collection, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    atomic_write_text(path, text + "\n")
+    return (text + "\n").encode("utf-8")

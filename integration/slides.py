@@ -179,14 +179,18 @@ def centred_tile_origin(
     """Top-left level-0 corner of the ``size`` px tile at ``mpp`` centred on (cx, cy).
 
     The tile is shifted to lie inside the slide; along an axis where the slide is
-    smaller than the tile, the origin is 0.
+    smaller than the tile, the origin is 0. The corner is snapped to the pixel grid of
+    the pyramid level :func:`read_tile` reads (within half a level pixel of centred), so
+    the tile is cut from that level without resampling.
     """
     extent = tile_extent(size, mpp, slide_mpp(reader))
     width, height = slide_size(reader)
+    _, ds = _best_level(reader, mpp / slide_mpp(reader))
+    step = round(ds) if ds >= 1 and abs(ds - round(ds)) < 1e-6 else 1
     origin = []
     for centre, length in ((cx, width), (cy, height)):
-        start = math.floor(centre - extent / 2 + 0.5)
-        start = min(start, math.floor(length - extent))
+        start = step * math.floor((centre - extent / 2) / step + 0.5)
+        start = min(start, step * math.floor((length - extent) / step))
         origin.append(max(start, 0))
     return origin[0], origin[1]
 
@@ -302,8 +306,14 @@ def read_tile(reader: WSIReader, x: float, y: float, size: int, mpp: float) -> n
     ox, oy = lx - x0, ly - y0  # tile corner inside the window, level pixels
     if scale >= 1 - _LEVEL_TOLERANCE:
         ix, iy = round(ox), round(oy)
-        if scale == 1.0 and abs(ox - ix) < 1e-6 and abs(oy - iy) < 1e-6:
+        aligned = abs(ox - ix) < 1e-6 and abs(oy - iy) < 1e-6
+        factor = round(scale)
+        if scale == 1.0 and aligned:
             tile = window[iy : iy + size, ix : ix + size]
+        elif aligned and abs(scale - factor) < 1e-9:
+            # integer shrink on the grid: block means; OpenCV's area resize is exact here
+            block = window[iy : iy + size * factor, ix : ix + size * factor]
+            tile = cv2.resize(block, (size, size), interpolation=cv2.INTER_AREA)
         else:
             tile = _area_resample(window, ox, oy, scale, size)
     else:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +23,7 @@ from shapely.strtree import STRtree
 
 from histosynth import __version__
 from histosynth.integration.annotations import Annotation, class_matches
-from histosynth.integration.dataset import RunWriter, TileRecord
+from histosynth.integration.dataset import EncodedTile, RunWriter, TileRecord
 from histosynth.integration.errors import InputError
 from histosynth.integration.geojson import class_names, read_annotations
 from histosynth.integration.masks import rasterize
@@ -237,22 +240,21 @@ def extract(
         todo = [t for t in plan.tiles if not writer.has(t.tile_id)]
         result.already_present = len(plan.tiles) - len(todo)
         iterator = progress(todo, len(todo)) if progress else todo
-        for planned in iterator:
-            image, mask, tile_annotations = _cut_tile(planned, tile_size, mpp)
-            record = TileRecord(
-                id=planned.tile_id,
-                synthesis_type="extracted",
-                class_name=planned.vessel.class_name or "",
-                source_image=str(planned.source.slide_path),
-                source_entry_id=planned.source.entry_id,
-                source_annotation_id=planned.vessel.id,
-                tile_x=planned.x,
-                tile_y=planned.y,
-                tile_size=tile_size,
-                mpp=mpp,
-            )
-            writer.add_tile(record, image, mask, tile_annotations)
-            result.written += 1
+        # Slides are read here, one tile at a time (readers are not shared between
+        # threads); masks, GeoJSON and PNG encoding run in worker threads meanwhile, and
+        # the writer commits finished tiles in plan order.
+        workers = max(1, min(4, os.cpu_count() or 1))
+        pending: deque[Future] = deque()
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for planned in iterator:
+                image = read_tile(planned.source.reader, planned.x, planned.y, tile_size, mpp)
+                pending.append(pool.submit(_encode_tile, writer, planned, image, tile_size, mpp))
+                while pending and (len(pending) > 2 * workers or pending[0].done()):
+                    writer.commit(pending.popleft().result())
+                    result.written += 1
+            while pending:
+                writer.commit(pending.popleft().result())
+                result.written += 1
     return result
 
 
@@ -322,12 +324,11 @@ def _plan_tiles(
     return plan
 
 
-def _cut_tile(
-    planned: _PlannedTile, tile_size: int, mpp: float
-) -> tuple[np.ndarray, np.ndarray, list[Annotation]]:
-    """Pixels, mask (0/255) and tile-pixel annotations of one planned tile."""
+def _encode_tile(
+    writer: RunWriter, planned: _PlannedTile, image: np.ndarray, tile_size: int, mpp: float
+) -> EncodedTile:
+    """Mask (0/255), tile-pixel annotations and encoded files of one planned tile."""
     source = planned.source
-    image = read_tile(source.reader, planned.x, planned.y, tile_size, mpp)
     scale = source.mpp / mpp
     mask = rasterize(
         [a.geometry for a in planned.neighbours],
@@ -338,8 +339,9 @@ def _cut_tile(
     tile_box = box(0, 0, tile_size, tile_size)
     tile_annotations = []
     for ann in planned.neighbours:
-        geometry = _to_tile(ann.geometry, planned.x, planned.y, scale).intersection(tile_box)
-        geometry = _polygonal(geometry)
+        geometry = _polygonal(
+            _to_tile(ann.geometry, planned.x, planned.y, scale).intersection(tile_box)
+        )
         if geometry is None:
             continue
         tile_annotations.append(
@@ -348,11 +350,22 @@ def _cut_tile(
                 class_name=ann.class_name,
                 color=ann.color,
                 name=ann.name,
-                measurements={},
                 properties={"source_annotation_id": ann.id},
             )
         )
-    return image, mask, tile_annotations
+    record = TileRecord(
+        id=planned.tile_id,
+        synthesis_type="extracted",
+        class_name=planned.vessel.class_name or "",
+        source_image=str(source.slide_path),
+        source_entry_id=source.entry_id,
+        source_annotation_id=planned.vessel.id,
+        tile_x=planned.x,
+        tile_y=planned.y,
+        tile_size=tile_size,
+        mpp=mpp,
+    )
+    return writer.encode_tile(record, image, mask, tile_annotations)
 
 
 def _to_tile(geometry, x0: float, y0: float, scale: float):

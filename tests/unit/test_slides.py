@@ -22,6 +22,7 @@ from histosynth.integration.demodata import (
 )
 from histosynth.integration.errors import InputError
 from histosynth.integration.slides import (
+    _best_level,
     centred_tile_origin,
     open_slide,
     read_tile,
@@ -192,14 +193,17 @@ def test_centred_tile_origin_inside(he_reader):
 def test_centred_tile_stays_inside(he_reader, cx, cy, size, mpp):
     x, y = centred_tile_origin(cx, cy, size, mpp, he_reader)
     extent = tile_extent(size, mpp, 0.25)
+    # the corner lies on the grid of the level read_tile reads (downsample `step`)
+    step = round(_best_level(he_reader, mpp / 0.25)[1])
     assert isinstance(x, int) and isinstance(y, int)
     for origin, centre in ((x, cx), (y, cy)):
+        assert origin % step == 0
         if extent <= 1000:
             assert origin >= 0 and origin + extent <= 1000 + 1e-9
-            # as centred as the slide allows
+            # as centred as the slide and the level grid allow
             wanted = centre - extent / 2
-            if extent / 2 <= centre <= 1000 - extent / 2:
-                assert abs(origin - wanted) <= 0.5 + 1e-9
+            if extent / 2 + step <= centre <= 1000 - extent / 2 - step:
+                assert abs(origin - wanted) <= step / 2 + 1e-9
         else:
             assert origin == 0
 
@@ -328,3 +332,20 @@ def test_read_tile_rejects_bad_arguments(he_reader):
         read_tile(he_reader, 0, 0, 10, -1)
     with pytest.raises(ValueError):
         read_tile(he_reader, math.nan, 0, 10, 0.5)
+
+
+def test_integer_shrink_on_the_grid_equals_exact_area_averaging(files, tmp_path):
+    """A slide without the needed pyramid level: an aligned 2× / 4× shrink takes OpenCV's
+    block means, which must equal the exact area average of the general path."""
+    from histosynth.integration.slides import _area_resample
+
+    he = he_source_image()
+    single = write_pyramidal_ome_tiff(tmp_path / "single.ome.tif", he, mpp=0.25, levels=1,
+                                      compression="zlib")
+    reader = open_slide(single)
+    assert len(reader.info.level_downsamples) == 1
+    for factor, (x, y) in ((2, (100, 36)), (4, (200, 400))):
+        tile = read_tile(reader, x, y, 96, 0.25 * factor)
+        block = he[y : y + 96 * factor, x : x + 96 * factor]
+        exact = _area_resample(block, 0.0, 0.0, float(factor), 96)
+        assert np.abs(tile.astype(int) - exact.astype(int)).max() <= 1

@@ -224,5 +224,33 @@ def extract(
         click.echo(f"dataset: {result.run_dir}")
 
 
+@main.group()
+def models() -> None:
+    """Model presets and where their weights are (offline: nothing is downloaded)."""
+
+
+@models.command("list")
+def models_list() -> None:
+    """Every preset, its tile size and scale, and whether its weights were found."""
+    from histosynth.synthesis.engine import format_models_report
+
+    click.echo(format_models_report(None))
+
+
+@models.command("check")
+@click.argument("preset", required=False, default="pixcell-1024")
+@click.pass_context
+def models_check(ctx: click.Context, preset: str) -> None:
+    """Where each component of PRESET was found, or every place looked and how to provide it.
+
+    Exits 1 when a component is missing.
+    """
+    from histosynth.synthesis.engine import check_preset, format_models_report
+
+    click.echo(format_models_report(preset))
+    if not check_preset(preset):
+        ctx.exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

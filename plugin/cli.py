@@ -27,11 +27,20 @@ class _OneLineHandler(logging.Handler):
         click.echo(f"histosynth: {record.levelname.lower()}: {record.getMessage()}", err=True)
 
 
-def _setup_logging(quiet: bool, debug: bool) -> None:
+def _setup_logging(ctx: click.Context, quiet: bool, debug: bool) -> None:
+    """Send histosynth's log records to stderr as one line each, for this invocation only
+    (restored when the command ends, so in-process callers keep their own logging)."""
     root = logging.getLogger("histosynth")
+    saved = (root.handlers[:], root.level, root.propagate)
     root.handlers[:] = [_OneLineHandler()]
     root.setLevel(logging.DEBUG if debug else logging.ERROR if quiet else logging.WARNING)
     root.propagate = False
+
+    def restore() -> None:
+        root.handlers[:], level, root.propagate = saved[0], saved[1], saved[2]
+        root.setLevel(level)
+
+    ctx.call_on_close(restore)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -92,7 +101,7 @@ def main(ctx: click.Context, quiet: bool, debug: bool) -> None:
     """histosynth: synthetic blood-vessel tiles for QuPath and TIAToolbox projects."""
     ctx.ensure_object(dict)
     ctx.obj.update(quiet=quiet, debug=debug)
-    _setup_logging(quiet, debug)
+    _setup_logging(ctx, quiet, debug)
 
 
 def _input_options(func):

@@ -435,3 +435,20 @@ def test_installed_console_script_exit_codes(demo, tmp_path):
     assert error.returncode == 1
     assert error.stderr.strip().count("\n") == 0 and "bad.geojson" in error.stderr
     assert "Traceback" not in error.stderr
+
+
+def test_entry_without_annotations_is_skipped_with_a_warning_naming_it(demo, tmp_path):
+    import shutil
+
+    project = tmp_path / "project"
+    shutil.copytree(Path(demo["project"]).parent, project)
+    (project / "annotations" / "2.geojson").unlink()
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main, ["extract", "--project", str(project), "--class", "Vessel", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "histosynth: warning:" in line]
+    assert any("2" in line and "slide-2" in line for line in warnings), result.stderr
+    rows = read_index(out)
+    assert rows and {r["source_entry_id"] for r in rows} == {"1"}

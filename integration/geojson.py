@@ -170,8 +170,9 @@ def rgb_to_argb(rgb: Sequence[int]) -> int:
 
 # --------------------------------------------------------------------------- reading
 
-# QuPath object types, every spelling its versions wrote, to the 0.4+ name.
-_OBJECT_TYPES = {
+# QuPath object types, every spelling its versions wrote, to the 0.4+ name (shared with
+# the annotation-store reader).
+OBJECT_TYPES = {
     "annotation": "annotation",
     "detection": "detection",
     "cell": "cell",
@@ -573,14 +574,14 @@ def _parse_feature(
         if key in props:
             value = props.pop(key)
             if object_type is None and isinstance(value, str):
-                object_type = _OBJECT_TYPES.get(value, _LEGACY_TYPE_IDS.get(value))
+                object_type = OBJECT_TYPES.get(value, _LEGACY_TYPE_IDS.get(value))
     type_value = props.get("type")
     if isinstance(type_value, str) and (
-        type_value in _OBJECT_TYPES or type_value in _LEGACY_TYPE_IDS
+        type_value in OBJECT_TYPES or type_value in _LEGACY_TYPE_IDS
     ):  # QuPath 0.6+ reads "type" as an alias of objectType
         props.pop("type")
         if object_type is None:
-            object_type = _OBJECT_TYPES.get(type_value, _LEGACY_TYPE_IDS.get(type_value))
+            object_type = OBJECT_TYPES.get(type_value, _LEGACY_TYPE_IDS.get(type_value))
 
     # classification
     class_name, color = None, None

@@ -59,7 +59,7 @@ from tiatoolbox.annotation.storage import AnnotationStore, SQLiteStore
 
 from histosynth.integration.annotations import RGB, Annotation, class_matches, class_parts
 from histosynth.integration.errors import InputError
-from histosynth.integration.geojson import argb_to_rgb, default_color
+from histosynth.integration.geojson import OBJECT_TYPES, argb_to_rgb, default_color
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +77,6 @@ __all__ = [
 MEASUREMENTS_KEY = "histosynth_measurements"
 ID_KEY = "histosynth_id"
 _RESERVED = ("type", "classification", "objectType", "name", ID_KEY, MEASUREMENTS_KEY)
-_OBJECT_TYPES = {
-    "annotation": "annotation",
-    "detection": "detection",
-    "cell": "cell",
-    "tile": "tile",
-    "tmaCore": "tmaCore",
-    "tma_core": "tmaCore",
-    "root": "root",
-}
 _STORE_TABLES = {"annotations", "metadata", "rtree"}
 
 
@@ -445,12 +436,12 @@ def _to_annotation(
     for name in ("objectType", "object_type"):
         value = props.pop(name, None)
         if object_type is None and isinstance(value, str):
-            object_type = _OBJECT_TYPES.get(value)
+            object_type = OBJECT_TYPES.get(value)
     class_name, color = None, None
     type_value = props.get("type")
-    if isinstance(type_value, str) and type_value in _OBJECT_TYPES:
+    if isinstance(type_value, str) and type_value in OBJECT_TYPES:
         props.pop("type")  # QuPath 0.6+ alias of objectType, not a class
-        object_type = object_type or _OBJECT_TYPES[type_value]
+        object_type = object_type or OBJECT_TYPES[type_value]
     elif type_value is not None:
         class_name = _class_name(props.pop("type"))
     if "classification" in props:

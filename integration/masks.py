@@ -13,10 +13,11 @@ from collections.abc import Iterable
 
 import cv2
 import numpy as np
+import shapely
 from shapely.geometry import GeometryCollection, MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 
-__all__ = ["rasterize", "tissue_mask"]
+__all__ = ["mask_to_polygons", "rasterize", "tissue_mask"]
 
 #: Otsu's saturation threshold is clipped to this range (fractions of full saturation):
 #: the floor keeps a blank (white) tile free of tissue, the ceiling keeps pale stroma in
@@ -191,3 +192,31 @@ def tissue_mask(
         mask = ~_remove_small(~mask, min_area_px)  # fill small holes
         mask = _remove_small(mask, min_area_px)
     return mask
+
+
+def mask_to_polygons(mask: np.ndarray) -> Polygon | MultiPolygon | None:
+    """The exact outline of a tile mask's non-zero pixels, in tile pixel coordinates.
+
+    Each pixel (i, j) is the unit square ``[j, j+1) × [i, i+1)``; the result is the union
+    of those squares (holes kept, pixel edges as boundaries), so
+    ``rasterize([mask_to_polygons(m)], origin=(0, 0), scale=1, shape=m.shape)`` gives
+    ``m`` back exactly. ``None`` for an empty mask.
+    """
+    from shapely import union_all
+
+    binary = np.asarray(mask) != 0
+    if binary.ndim != 2:
+        raise ValueError(f"expected an (H, W) mask, got shape {binary.shape}")
+    if not binary.any():
+        return None
+    # runs of set pixels per row: a rectangle each, merged by one union
+    padded = np.zeros((binary.shape[0], binary.shape[1] + 2), dtype=np.int8)
+    padded[:, 1:-1] = binary
+    edges = np.diff(padded, axis=1)
+    rows_start, cols_start = np.nonzero(edges == 1)
+    rows_end, cols_end = np.nonzero(edges == -1)
+    boxes = shapely.box(cols_start, rows_start, cols_end, rows_end + 1)
+    merged = union_all(boxes).simplify(0)
+    if isinstance(merged, GeometryCollection):
+        merged = MultiPolygon([g for g in merged.geoms if isinstance(g, Polygon)])
+    return merged

@@ -243,3 +243,32 @@ def test_small_specks_are_removed(he):
     mask = tissue_mask(image, min_area_px=100)
     assert not mask[45:60, 45:60].any()
     assert mask[110:150, 110:150].mean() > 0.8
+
+
+# ----------------------------------------------------------------------------- vectorising
+
+from histosynth.integration.masks import mask_to_polygons  # noqa: E402
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(4, 40), st.integers(4, 40))
+def test_mask_to_polygons_round_trips_exactly(seed, h, w):
+    rng = np.random.default_rng(seed)
+    mask = (rng.random((h, w)) < rng.uniform(0.05, 0.95)).astype(np.uint8) * 255
+    geometry = mask_to_polygons(mask)
+    if not mask.any():
+        assert geometry is None
+        return
+    assert geometry.is_valid
+    assert geometry.area == pytest.approx((mask > 0).sum())
+    again = rasterize([geometry], origin=(0, 0), scale=1.0, shape=mask.shape)
+    assert np.array_equal(again, mask)
+
+
+def test_mask_to_polygons_keeps_holes():
+    mask = np.zeros((20, 20), np.uint8)
+    mask[2:18, 2:18] = 255
+    mask[8:12, 8:12] = 0
+    geometry = mask_to_polygons(mask)
+    assert isinstance(geometry, Polygon) and len(geometry.interiors) == 1
+    assert geometry.area == 16 * 16 - 4 * 4

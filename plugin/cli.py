@@ -233,6 +233,232 @@ def extract(
         click.echo(f"dataset: {result.run_dir}")
 
 
+@main.command()
+@_input_options
+@click.option(
+    "--class",
+    "classes",
+    multiple=True,
+    required=True,
+    help="Vessel class to synthesise (repeatable); 'Vessel' includes 'Vessel: …'.",
+)
+@click.option("--count", "-n", type=int, required=True, help="Number of synthetic tiles.")
+@click.option(
+    "--mode",
+    type=click.Choice(["inpaint", "variation"]),
+    default="inpaint",
+    show_default=True,
+    help="inpaint: real donor vessels into new tissue; variation: new tiles like "
+    "real vessel tiles.",
+)
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Run folder to write (created).",
+)
+@click.option(
+    "--tile-size",
+    type=click.IntRange(64, 16384),
+    default=1024,
+    show_default=True,
+    help="Tile side in px at --mpp (must match the model's).",
+)
+@click.option(
+    "--mpp",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.5,
+    show_default=True,
+    help="Target resolution in µm/px (0.5 = 20×).",
+)
+@click.option(
+    "--model",
+    default="tiny",
+    show_default=True,
+    help="Preset (pixcell-1024, pixcell-256, tiny = UNTRAINED) or a local folder.",
+)
+@click.option("--adapter", default=None, help="Name of a loaded LoRA style adapter.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Denoising steps [inpaint 50, variation 20].",
+)
+@click.option(
+    "--guidance",
+    type=click.FloatRange(min=1.0),
+    default=None,
+    help="Classifier-free guidance scale [inpaint 2.5, variation 1.5].",
+)
+@click.option(
+    "--strength",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.55,
+    show_default=True,
+    help="Inpainting noise level τ: the fraction of the schedule regenerated.",
+)
+@click.option(
+    "--kv-compress",
+    type=click.IntRange(min=1),
+    default=None,
+    help="KV-compression ratio R for self-attention (1 = off).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Tiles per model call [4 on CUDA, 1 on CPU].",
+)
+@click.option("--device", default=None, help="cuda, cuda:1, cpu … [cuda when available].")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+@click.option(
+    "--skip-missing",
+    is_flag=True,
+    help="Skip project entries whose image cannot be found instead of stopping.",
+)
+@click.pass_context
+def synthesize(
+    ctx: click.Context,
+    project,
+    slide,
+    annotations,
+    slide_mpp,
+    classes,
+    count,
+    mode,
+    out,
+    tile_size,
+    mpp,
+    model,
+    adapter,
+    seed,
+    steps,
+    guidance,
+    strength,
+    kv_compress,
+    batch_size,
+    device,
+    resume,
+    skip_missing,
+) -> None:
+    """Synthetic vessel tiles, masks, GeoJSON and index into a run folder.
+
+    Every tile records its source slide, donor annotation, model, seed and parameters in
+    RUN/index.csv; review_status starts as 'pending'.
+    """
+    from histosynth.synthesize import synthesize as run_synthesize
+
+    if (project is None) == (slide is None):
+        raise click.UsageError("give either --project or --slide (with --annotations)")
+    if slide is not None and annotations is None:
+        raise click.UsageError("--slide needs --annotations")
+    result = run_synthesize(
+        classes=classes,
+        count=count,
+        out=out,
+        mode=mode,
+        project=project,
+        slide=slide,
+        annotations=annotations,
+        tile_size=tile_size,
+        mpp=mpp,
+        slide_mpp_override=slide_mpp,
+        model=model,
+        adapter=adapter,
+        seed=seed,
+        steps=steps,
+        guidance=guidance,
+        strength=strength,
+        kv_compress=kv_compress,
+        batch_size=batch_size,
+        device=device,
+        resume=resume,
+        skip_missing=skip_missing,
+        progress=_progress(ctx, "synthesize"),
+        command=shlex.join(["histosynth", *sys.argv[1:]]),
+    )
+    _report_synthesis(ctx, result)
+
+
+def _report_synthesis(ctx: click.Context, result) -> None:
+    if ctx.obj.get("quiet"):
+        return
+    click.echo(f"engine: {result.engine_description}")
+    click.echo(
+        f"{result.written} synthetic tile(s) written, {result.already_present} already "
+        f"present, {len(result.skipped)} item(s) skipped (reasons in "
+        f"{result.run_dir / 'run.json'})"
+    )
+    click.echo(f"run: {result.run_dir} (index: {result.run_dir / 'index.csv'})")
+    if not result.trained:
+        click.echo(
+            "note: the engine is UNTRAINED; these tiles show the workflow, they are not "
+            "histology. Install PixCell weights (histosynth models check) for real use."
+        )
+
+
+@main.command()
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Folder for the demo project (DIR/project) and run (DIR/run).",
+)
+@click.option(
+    "--model",
+    default="tiny",
+    show_default=True,
+    help="Preset or local folder; tiny is UNTRAINED and needs no weights.",
+)
+@click.option("--count", "-n", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--tile-size", type=click.IntRange(64, 4096), default=256, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.pass_context
+def demo(
+    ctx: click.Context, out: Path, model: str, count: int, tile_size: int, steps: int, seed: int
+) -> None:
+    """Build a demo QuPath project (real pyramidal slides from H&E shipped with TIAToolbox,
+    vessel annotations) in DIR/project and synthesise vessels into DIR/run.
+
+    Running it again reuses the project and finishes (or keeps) the run.
+    """
+    from histosynth.integration.demodata import build_demo_project
+    from histosynth.synthesize import synthesize as run_synthesize
+
+    if out.exists() and not out.is_dir():
+        from histosynth.integration.errors import InputError
+
+        raise InputError("the output folder is a file", path=out)
+    project_file = out / "project" / "project.qpproj"
+    if not project_file.exists():
+        project_file = build_demo_project(out / "project")
+    quiet = ctx.obj.get("quiet")
+    if not quiet:
+        click.echo(f"demo project: {project_file}")
+    result = run_synthesize(
+        classes=["Vessel"],
+        count=count,
+        out=out / "run",
+        mode="inpaint",
+        project=project_file,
+        tile_size=tile_size,
+        mpp=0.5,
+        model=model,
+        seed=seed,
+        steps=steps,
+        resume=(out / "run" / "index.csv").exists(),
+        progress=_progress(ctx, "demo"),
+        command=shlex.join(["histosynth", *sys.argv[1:]]),
+    )
+    _report_synthesis(ctx, result)
+    if not quiet:
+        click.echo(f"open the project in QuPath: {project_file}")
+
+
 @main.group()
 def models() -> None:
     """Model presets and where their weights are (offline: nothing is downloaded)."""

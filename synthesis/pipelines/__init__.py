@@ -1,6 +1,6 @@
 """Diffusion pipelines on the engine's models (imported lazily: diffusers is heavy).
 
->>> from histosynth.synthesis.pipelines import VariationPipeline
+>>> from histosynth.synthesis.pipelines import InpaintPipeline, VariationPipeline
 """
 
 from __future__ import annotations
@@ -10,14 +10,23 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from histosynth.synthesis.engine import make_scheduler
+    from histosynth.synthesis.pipelines.inpaint import InpaintPipeline, InpaintPipelineOutput
     from histosynth.synthesis.pipelines.variation import (
         VariationPipeline,
         VariationPipelineOutput,
     )
 
-__all__ = ["VariationPipeline", "VariationPipelineOutput", "make_scheduler"]
+__all__ = [
+    "InpaintPipeline",
+    "InpaintPipelineOutput",
+    "VariationPipeline",
+    "VariationPipelineOutput",
+    "make_scheduler",
+]
 
 _LAZY = {
+    "InpaintPipeline": "histosynth.synthesis.pipelines.inpaint",
+    "InpaintPipelineOutput": "histosynth.synthesis.pipelines.inpaint",
     "VariationPipeline": "histosynth.synthesis.pipelines.variation",
     "VariationPipelineOutput": "histosynth.synthesis.pipelines.variation",
     "make_scheduler": "histosynth.synthesis.engine",

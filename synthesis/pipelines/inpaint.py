@@ -1,0 +1,379 @@
+"""Context-aware inpainting, steps 5–6: partial diffusion of a composite, then a seam blend.
+
+The composite ``X = (1 − M′)·T + M′·D′`` (a background tile with a pasted donor, see
+:mod:`histosynth.synthesis.inpaint`) is re-rendered by SDEdit / img2img and blended back
+into itself around the mask boundary only:
+
+1. ``e = E(X)``: the encoder's rows of the composite (or ``uni_rows``);
+   ``z₀ = E_VAE(X)``: the **posterior mean** of the VAE (not a sample), so the same
+   composite always gives the same ``z₀`` and the seed alone decides the noise.
+2. Noise ``z₀`` to the first timestep of the img2img schedule with the scheduler's own
+   ``add_noise`` and per-image generators, then denoise with classifier-free guidance
+   against the transformer's learned null condition
+   (:func:`~histosynth.synthesis.pipelines.variation.guided_noise`), decode:
+   ``X_gen = D_VAE(ẑ₀)``.
+3. Seam blend: ``A = seam_weights(M′, σ)``, ``X_final = (1 − A)·X + A·X_gen``
+   (:mod:`histosynth.synthesis.inpaint.seam`); where ``A == 0`` (beyond 4σ from the seam,
+   inside the donor as well as in the background) ``X_final`` is ``X`` exactly.
+
+**Strength and the first timestep** (diffusers' ``StableDiffusionImg2ImgPipeline.
+get_timesteps``, followed exactly): ``scheduler.set_timesteps(N)``, ``k = min(int(N ·
+strength), N)`` denoising steps, the schedule is cut to its last ``k`` timesteps
+(``timesteps[(N − k) · order:]``, ``set_begin_index`` where the scheduler has it) and
+``z₀`` is noised to the first of them. ``int`` truncates the float product, as in
+diffusers: 0.55 × 50 → 27 steps (not 28). The dissertation writes ``t = ⌊τ · T_max⌋``
+with ``τ = strength`` and ``T_max = 1000`` (550 for τ = 0.55); with a discrete schedule
+the first timestep is the schedule's own value at that place, e.g. DPM-Solver++'s
+``linspace`` spacing gives ``round((T_max − 1) · k / N)`` = 539 for τ = 0.55, N = 50,
+DDIM's ``leading`` spacing ``(T_max / N) · (k − 1)`` = 520. The output reports it
+(``start_step``) with the number of steps run.
+
+**Strength 0**: no step at all — nothing is encoded, noised, denoised or decoded, and
+``images`` and ``generated`` are copies of the composite, exactly.
+
+Reproducible like :class:`~histosynth.synthesis.pipelines.VariationPipeline`: image ``i``
+gets its own CPU ``torch.Generator`` seeded from ``seeds[i]`` that draws its noise (and
+any noise the scheduler adds), so it does not depend on the batch it was made in (up to
+the floating-point effect of the batch size on matrix products).
+
+Example:
+    >>> engine = load_engine("tiny")
+    >>> pipe = InpaintPipeline(transformer=engine.transformer, vae=engine.vae,
+    ...                        scheduler=engine.make_scheduler(), encoder=engine.encoder)
+    >>> out = pipe(composite, mask, seeds=7, num_inference_steps=50)
+    >>> out.images.shape, out.images.dtype        # the seam-blended result
+    ((1, 256, 256, 3), dtype('uint8'))
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor, nn
+
+from histosynth.synthesis.errors import EngineError
+from histosynth.synthesis.inpaint.seam import seam_blend, seam_weights
+from histosynth.synthesis.models.vae import LatentCodec
+from histosynth.synthesis.pipelines.variation import (
+    VariationPipeline,
+    adapter_scope,
+    guided_noise,
+)
+
+__all__ = [
+    "DEFAULT_INPAINT_GUIDANCE",
+    "DEFAULT_INPAINT_STEPS",
+    "DEFAULT_SEAM_SIGMA",
+    "DEFAULT_STRENGTH",
+    "InpaintPipeline",
+    "InpaintPipelineOutput",
+    "img2img_timesteps",
+]
+
+DEFAULT_STRENGTH = 0.55
+"""τ: the fraction of the schedule that is re-run (the dissertation's 0.55)."""
+DEFAULT_INPAINT_GUIDANCE = 2.5
+"""CFG scale of the dissertation's inpainting."""
+DEFAULT_INPAINT_STEPS = 50
+"""Scheduler steps of the full schedule (of which ``int(steps · strength)`` run)."""
+DEFAULT_SEAM_SIGMA = 15.0
+"""σ of the seam blend, px."""
+
+OutputType = Literal["numpy", "pil", "latent"]
+
+
+@dataclass
+class InpaintPipelineOutput(BaseOutput):
+    """What :class:`InpaintPipeline` returns.
+
+    Attributes:
+        images: the seam-blended results ``X_final``: ``"numpy"``: uint8 ``[N, H, W, 3]``;
+            ``"pil"``: a list of RGB images; ``"latent"``: the denoised scaled latents
+            ``ẑ₀`` float32 ``[N, 16, H/8, W/8]`` (no decode, no blend; at strength 0 the
+            composites' own latents).
+        generated: the raw decodes ``X_gen`` before the blend, in the same form as
+            ``images`` (``None`` for ``"latent"``); the composites at strength 0.
+        seeds: the seed of each image (drawn at random when none were given), or ``None``
+            when the caller passed its own generators.
+        start_step: the timestep ``z₀`` was noised to and denoising started from (in the
+            training schedule's units, 0 … T_max − 1; ≈ τ · T_max); ``None`` at strength
+            0 (no noise, no step).
+        num_steps: denoising steps run (``int(num_inference_steps · strength)``).
+    """
+
+    images: np.ndarray | list[Any] | Tensor
+    generated: np.ndarray | list[Any] | None
+    seeds: list[int] | None
+    start_step: int | None
+    num_steps: int
+
+
+def img2img_timesteps(
+    scheduler: SchedulerMixin,
+    num_inference_steps: int,
+    strength: float,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, int]:
+    """Cut ``scheduler``'s schedule for img2img, as diffusers' img2img pipelines do.
+
+    Calls ``scheduler.set_timesteps(num_inference_steps, device=device)``, then keeps the
+    last ``k = min(int(num_inference_steps · strength), num_inference_steps)`` steps
+    (``int`` truncates, as diffusers does) and sets the scheduler's begin index there.
+
+    Returns:
+        ``(timesteps, k)``: the timesteps to run (``timesteps[0]`` is the one to noise
+        to; empty when ``k == 0``) and the number of denoising steps.
+    """
+    scheduler.set_timesteps(int(num_inference_steps), device=device)
+    init = min(int(num_inference_steps * strength), int(num_inference_steps))
+    t_start = max(int(num_inference_steps) - init, 0)
+    order = int(getattr(scheduler, "order", 1))
+    timesteps = scheduler.timesteps[t_start * order :]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start * order)
+    return timesteps, int(num_inference_steps) - t_start
+
+
+def _composites(composite: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    """uint8 RGB ``[B, H, W, 3]`` from one composite or a batch of them."""
+    if isinstance(composite, (list, tuple)):
+        if not composite:
+            raise EngineError("expected at least one composite", item="composite")
+        composite = np.stack([np.asarray(c) for c in composite])
+    if isinstance(composite, Tensor) or not isinstance(composite, np.ndarray):
+        raise EngineError(f"expected uint8 numpy RGB images, found {type(composite).__name__}",
+                          item="composite")
+    images = composite[None] if composite.ndim == 3 else composite
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise EngineError(f"expected RGB images (H, W, 3) or (B, H, W, 3), found "
+                          f"{composite.shape}", item="composite")
+    if images.dtype != np.uint8:
+        raise EngineError(f"expected uint8 images, found {images.dtype}", item="composite")
+    return np.ascontiguousarray(images)
+
+
+def _masks(mask: np.ndarray | Sequence[np.ndarray], shape: tuple[int, int, int]) -> np.ndarray:
+    """Boolean masks ``[B, H, W]`` matching ``shape`` from 0/255, 0/1 or bool masks."""
+    if isinstance(mask, (list, tuple)):
+        mask = np.stack([np.asarray(m) for m in mask])
+    if isinstance(mask, Tensor) or not isinstance(mask, np.ndarray):
+        raise EngineError(f"expected numpy masks, found {type(mask).__name__}", item="mask")
+    masks = mask[None] if mask.ndim == 2 else mask
+    if masks.shape != shape:
+        b, h, w = shape
+        expected = f"({h}, {w})" if b == 1 else f"({b}, {h}, {w})"
+        raise EngineError(f"expected a mask of shape {expected} (one per composite, same "
+                          f"size), found {mask.shape}", item="mask")
+    if masks.dtype == np.bool_:
+        return masks
+    if not np.issubdtype(masks.dtype, np.number):
+        raise EngineError(f"expected a bool or 0/255 mask, found {masks.dtype}", item="mask")
+    for i, one in enumerate(masks):
+        values = set(np.unique(one).tolist())
+        if not (values <= {0, 255} or values <= {0, 1}):
+            where = "" if len(masks) == 1 else f" (mask {i})"
+            raise EngineError(f"expected mask values 0/255 (or 0/1, or bool), found "
+                              f"{sorted(values)[:6]}{where}", item="mask")
+    return masks > 0
+
+
+class InpaintPipeline(DiffusionPipeline):
+    """Partial diffusion of composites (SDEdit) with a seam blend around the mask.
+
+    Components (``register_modules``, as :class:`~histosynth.synthesis.pipelines.
+    VariationPipeline`): ``transformer`` (a PixCell DiT), ``vae`` (the SD3
+    ``AutoencoderKL``), ``scheduler`` (any diffusers scheduler; see
+    :func:`histosynth.synthesis.engine.make_scheduler`), ``encoder`` (a
+    :class:`~histosynth.synthesis.models.encoders.GridEncoder`; optional when ``uni_rows``
+    are passed). Tiles are ``transformer.config.sample_size × 8`` px.
+    """
+
+    model_cpu_offload_seq = "encoder->transformer->vae"
+    _optional_components = ["encoder"]  # noqa: RUF012 - diffusers' class attribute
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        vae: AutoencoderKL,
+        scheduler: SchedulerMixin,
+        encoder: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.register_modules(
+            transformer=transformer, vae=vae, scheduler=scheduler, encoder=encoder
+        )
+
+    @property
+    def codec(self) -> LatentCodec:
+        """The latent codec on the current VAE (scale and shift applied there only)."""
+        return LatentCodec(self.vae)
+
+    @property
+    def tile_size(self) -> int:
+        """Side of the tiles this pipeline takes and makes, px."""
+        return int(self.transformer.config.sample_size) * self.codec.downsample
+
+    def _rows(self, images: np.ndarray, uni_rows: Tensor | np.ndarray | None) -> Tensor:
+        """Condition rows ``[B, tokens, dim]``, float32 on the execution device."""
+        cfg = self.transformer.config
+        tokens, channels = cfg.caption_num_tokens, cfg.caption_channels
+        if uni_rows is None:
+            if self.encoder is None:
+                raise EngineError("this pipeline has no encoder; pass uni_rows instead",
+                                  item="uni_rows")
+            rows = self.encoder.encode(images)
+        else:
+            rows = torch.as_tensor(uni_rows)
+            if rows.ndim == 2:
+                rows = rows[None]
+        expected = (images.shape[0], tokens, channels)
+        if tuple(rows.shape) != expected:
+            raise EngineError(f"expected UNI rows {list(expected)} (one set per composite), "
+                              f"found {list(rows.shape)}", item="uni_rows")
+        if not rows.is_floating_point():
+            raise EngineError(f"expected float UNI rows, found {rows.dtype}", item="uni_rows")
+        return rows.to(self._execution_device, torch.float32)
+
+    def _step_kwargs(self, generator: Any) -> dict[str, Any]:
+        params = set(inspect.signature(self.scheduler.step).parameters)
+        return {"generator": generator} if "generator" in params else {}
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        composite: np.ndarray | Sequence[np.ndarray],
+        mask: np.ndarray | Sequence[np.ndarray],
+        *,
+        strength: float = DEFAULT_STRENGTH,
+        guidance_scale: float = DEFAULT_INPAINT_GUIDANCE,
+        num_inference_steps: int = DEFAULT_INPAINT_STEPS,
+        seeds: int | Sequence[int] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        seam_sigma: float = DEFAULT_SEAM_SIGMA,
+        adapter: str | None = None,
+        uni_rows: Tensor | np.ndarray | None = None,
+        output_type: OutputType = "numpy",
+        return_dict: bool = True,
+    ) -> InpaintPipelineOutput | tuple:
+        """Re-render composites by partial diffusion and blend the result in at the seam.
+
+        Args:
+            composite: uint8 RGB ``(H, W, 3)`` or ``(B, H, W, 3)`` (or a list),
+                ``H = W =`` :attr:`tile_size`.
+            mask: the pasted donor's mask M′, ``(H, W)`` or ``(B, H, W)``: bool, 0/255 or
+                0/1; one per composite.
+            strength: τ in [0, 1], the fraction of the schedule re-run (module docstring);
+                0 returns the composites unchanged.
+            guidance_scale: CFG scale s against the learned null condition; 1 = the
+                conditional prediction alone.
+            num_inference_steps: steps of the full schedule N (``int(N · τ)`` run).
+            seeds: one seed per composite (an ``int`` s means ``s, s+1, ...``); ``None``
+                draws fresh seeds and reports them.
+            generator: instead of ``seeds``, one generator (the noise then depends on the
+                batch) or one per composite.
+            seam_sigma: σ of the seam blend, px (the weights are 0 beyond 4σ).
+            adapter: a LoRA adapter loaded on the transformer, for this call only.
+            uni_rows: the condition ``[B, tokens, dim]`` instead of the encoder's rows of
+                the composites.
+            output_type: ``"numpy"``, ``"pil"`` or ``"latent"`` (see
+                :class:`InpaintPipelineOutput`).
+            return_dict: return an :class:`InpaintPipelineOutput`, else the tuple
+                ``(images, generated, seeds, start_step, num_steps)``.
+
+        Raises:
+            EngineError: composites that are not uint8 RGB tiles of the engine's tile
+                size, masks of another shape or values, rows of the wrong shape, a wrong
+                number of seeds, a strength outside [0, 1], an unknown adapter or output
+                type.
+        """
+        if output_type not in ("numpy", "pil", "latent"):
+            raise EngineError("expected output_type 'numpy', 'pil' or 'latent'",
+                              item=str(output_type))
+        if int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
+            raise EngineError("expected a positive integer", item="num_inference_steps")
+        if not 0 <= float(strength) <= 1:
+            raise EngineError(f"expected a strength in [0, 1], got {strength}", item="strength")
+        if not float(seam_sigma) > 0:
+            raise EngineError(f"expected a positive σ, px, got {seam_sigma}", item="seam_sigma")
+        images = _composites(composite)
+        count, height, width = images.shape[:3]
+        side = self.tile_size
+        if (height, width) != (side, side):
+            raise EngineError(f"expected composites of {side}×{side} px (the engine's tile "
+                              f"size), found {width}×{height} px", item="composite")
+        masks = _masks(mask, (count, height, width))
+        seed_list, gen = VariationPipeline._seeds(seeds, generator, count)
+
+        device = self._execution_device
+        timesteps, num_steps = img2img_timesteps(
+            self.scheduler, int(num_inference_steps), float(strength), device
+        )
+        if num_steps == 0:
+            return self._finish(images.copy(), images.copy(), seed_list, None, 0,
+                                output_type, return_dict)
+
+        rows = self._rows(images, uni_rows)
+        latents = self.codec.encode(images).to(device, torch.float32)  # posterior mean
+        noise = randn_tensor(latents.shape, generator=gen, device=device, dtype=torch.float32)
+        latents = self.scheduler.add_noise(latents, noise, timesteps[:1].repeat(count))
+        null_rows = None
+        if guidance_scale != 1:
+            null_rows = self.transformer.null_condition(count, dtype=torch.float32, device=device)
+        step_kwargs = self._step_kwargs(gen)
+
+        with adapter_scope(self.transformer, adapter), self.progress_bar(
+            total=len(timesteps)
+        ) as bar:
+            for t in timesteps:
+                model_input = self.scheduler.scale_model_input(latents, t)
+                eps = guided_noise(
+                    self.transformer, model_input, t, rows, null_rows, guidance_scale
+                )
+                latents = self.scheduler.step(eps, t, latents, return_dict=False,
+                                              **step_kwargs)[0]
+                bar.update()
+
+        start = int(timesteps[0])
+        if output_type == "latent":
+            return self._finish(latents, None, seed_list, start, num_steps,
+                                output_type, return_dict)
+        generated = self.codec.decode(latents, output="numpy")
+        final = np.stack([
+            seam_blend(images[i], generated[i], seam_weights(masks[i], sigma=float(seam_sigma)))
+            for i in range(count)
+        ])
+        return self._finish(final, generated, seed_list, start, num_steps,
+                            output_type, return_dict)
+
+    def _finish(
+        self,
+        images: Any,
+        generated: Any,
+        seeds: list[int] | None,
+        start_step: int | None,
+        num_steps: int,
+        output_type: OutputType,
+        return_dict: bool,
+    ) -> InpaintPipelineOutput | tuple:
+        if output_type == "pil":
+            from PIL import Image
+
+            images = [Image.fromarray(im) for im in images]
+            generated = [Image.fromarray(im) for im in generated]
+        elif output_type == "latent" and isinstance(images, np.ndarray):
+            # strength 0: the composites' latents are the output (nothing was denoised)
+            images, generated = self.codec.encode(images).float(), None
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, generated, seeds, start_step, num_steps
+        return InpaintPipelineOutput(images=images, generated=generated, seeds=seeds,
+                                     start_step=start_step, num_steps=num_steps)

@@ -1,0 +1,129 @@
+"""Step 3 of context-aware inpainting: Reinhard colour transfer of the donor onto the tile.
+
+CIELAB via OpenCV on float32 RGB in [0, 1] (``cv2.COLOR_RGB2Lab``): true CIELAB, D65,
+L in [0, 100], a and b about ±127 — so "units" below are ΔE76 units. Per channel::
+
+    out = (x − μ_D) · clip(σ_T / σ_D, 0.5, 2) + μ_T          (transferred)
+    out = λ · transferred + (1 − λ) · x                        (blend, in CIELAB)
+
+with μ/σ over the donor's mask pixels (D) and the target's tissue pixels (T). Only the
+donor mask's pixels are converted and changed; the others are returned untouched, and
+λ = 0 returns the donor unchanged (exactly).
+
+>>> out = reinhard_transfer(donor, donor_mask, tile)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+
+__all__ = ["lab_stats", "reinhard_transfer"]
+
+
+def _to_lab(pixels: np.ndarray) -> np.ndarray:
+    """(N, 3) uint8 RGB → (N, 3) float32 CIELAB."""
+    rgb = pixels.reshape(-1, 1, 3).astype(np.float32) * np.float32(1.0 / 255.0)
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2Lab).reshape(-1, 3)
+
+
+def _to_rgb8(lab: np.ndarray) -> np.ndarray:
+    """(N, 3) float32 CIELAB → (N, 3) uint8 RGB (out-of-gamut clipped, rounded)."""
+    rgb = cv2.cvtColor(lab.reshape(-1, 1, 3).astype(np.float32), cv2.COLOR_Lab2RGB)
+    return np.clip(np.rint(rgb.reshape(-1, 3) * 255.0), 0, 255).astype(np.uint8)
+
+
+def _mean_std(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean, std = cv2.meanStdDev(lab.reshape(-1, 1, 3))
+    return mean.ravel(), std.ravel()
+
+
+def lab_stats(
+    rgb: np.ndarray, mask: np.ndarray | None = None, *, max_pixels: int = 16384
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel CIELAB mean and standard deviation (float64, shape (3,)) of the uint8
+    RGB pixels of ``rgb`` where ``mask`` is non-zero (all pixels when None). Large
+    selections are measured on a regular grid of every k-th row and column, keeping
+    about ``max_pixels`` (deterministic; the estimates move by ≪ 1 unit)."""
+    rgb = np.asarray(rgb)
+    sel = np.ones(rgb.shape[:2], dtype=bool) if mask is None else np.asarray(mask) != 0
+    count = int(np.count_nonzero(sel))
+    if count == 0:
+        raise ValueError("no pixels to measure")
+    step = max(1, math.ceil(math.sqrt(count / max_pixels)))
+    if step > 1:
+        sub_rgb, sub_sel = rgb[::step, ::step], sel[::step, ::step]
+        if np.count_nonzero(sub_sel) >= 1024:  # else a thin selection: measure it all
+            rgb, sel = sub_rgb, sub_sel
+    return _mean_std(_to_lab(rgb[sel]))
+
+
+def _check(image: np.ndarray, name: str) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"{name}: expected uint8 RGB (H, W, 3), got {image.dtype} {image.shape}")
+    return image
+
+
+def _mask(mask: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.ndim == 3 and mask.shape[2] == 1:
+        mask = mask[..., 0]
+    if mask.shape != shape[:2]:
+        raise ValueError(f"{name}: shape {mask.shape} does not match the image {shape[:2]}")
+    return mask if mask.dtype == bool else mask != 0
+
+
+def reinhard_transfer(
+    donor: np.ndarray,
+    donor_mask: np.ndarray,
+    target: np.ndarray,
+    target_tissue: np.ndarray | None = None,
+    *,
+    blend: float = 0.85,
+    ratio_clip: tuple[float, float] = (0.5, 2.0),
+    gray_threshold: float = 180,
+) -> np.ndarray:
+    """Donor (uint8 RGB) with its mask's pixels moved towards the target's CIELAB
+    statistics; a new uint8 array, pixels outside the mask unchanged.
+
+    ``donor_mask``: (h, w), non-zero = donor; ``target``: uint8 RGB of any size (the tile,
+    or the region around the placement); ``target_tissue``: target pixels to measure
+    (non-zero = tissue), default gray < ``gray_threshold``; ``blend``: λ in [0, 1];
+    ``ratio_clip``: bounds of σ_T / σ_D (σ_D = 0 counts as the upper bound). Raises
+    ValueError when the donor mask or the target tissue is empty.
+    """
+    donor = _check(donor, "donor")
+    target = _check(target, "target")
+    inside = _mask(donor_mask, donor.shape, "donor mask")
+    if not 0.0 <= blend <= 1.0:
+        raise ValueError(f"blend must be in [0, 1], got {blend}")
+    lo, hi = ratio_clip
+    if not 0 < lo <= hi:
+        raise ValueError(f"ratio_clip must be 0 < low ≤ high, got {ratio_clip}")
+    if not inside.any():
+        raise ValueError("donor mask is empty")
+    if target_tissue is None:
+        gray = cv2.cvtColor(np.ascontiguousarray(target), cv2.COLOR_RGB2GRAY)
+        tissue = gray < gray_threshold
+    else:
+        tissue = _mask(target_tissue, target.shape, "target tissue")
+    if not tissue.any():
+        raise ValueError("target has no tissue pixels to take colour statistics from")
+    out = donor.copy()
+    if blend == 0.0:
+        return out
+    lab = _to_lab(donor[inside])
+    mu_d, sd_d = _mean_std(lab)
+    mu_t, sd_t = lab_stats(target, tissue)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(sd_d > 0, sd_t / sd_d, hi)
+    ratio = np.clip(ratio, lo, hi)
+    # out = λ·((x − μ_D)·r + μ_T) + (1 − λ)·x = x·(λ·r + 1 − λ) + λ·(μ_T − μ_D·r)
+    gain = (blend * ratio + (1.0 - blend)).astype(np.float32)
+    offset = (blend * (mu_t - mu_d * ratio)).astype(np.float32)
+    moved = lab * gain + offset
+    out[inside] = _to_rgb8(moved)
+    return out

@@ -1,0 +1,349 @@
+"""Step 2 of context-aware inpainting: where on the background tile to put the donor.
+
+Rules (engine-facts "Context-aware inpainting", reconciled):
+
+* **Hard** — the donor crop's rectangle stays inside the tile, and no pixel of the placed
+  donor *mask* lies on a ``forbidden`` pixel. Pass the existing annotations there
+  (``forbidden_zone(tile, existing, non_tissue=False)``); passing the full
+  :func:`forbidden_zone` (which also marks non-tissue) forbids any non-tissue pixel under
+  the mask as well — a stricter mode.
+* **Scored** — the tissue fraction (share of the placed mask's pixels on tissue, gray <
+  ``gray_threshold``): below ``min_tissue`` [0.5] rejected, from ``preferred_tissue`` [0.9]
+  up no penalty; the distance of the crop rectangle from the tile border (no penalty
+  beyond ``edge_margin`` px); the colour difference (CIELAB ΔE between the mean of the
+  donor's tissue pixels and the mean of the background's tissue pixels in a ring of
+  ``ring`` px around the placed mask). ``penalty = w_e·edge + w_t·tissue + w_c·colour``,
+  each term in [0, 1] (colour: ΔE / ``colour_scale``, unbounded); the lowest wins.
+
+Speed: all grid positions are scored at once by correlating downscaled maps with the
+downscaled donor mask (``cv2.filter2D``, DFT for large kernels) at ≤ ``max_side`` px
+(1024² tile → 128², 8 px blocks; tiles up to 128 px are searched at full resolution).
+Forbidden pixels and the mask are both max-pooled, so the coarse overlap test is
+conservative (it never passes an overlap, and may give up positions within one block of
+a forbidden pixel); the winner is re-checked and measured exactly at full resolution, and
+the next best is taken if its exact tissue fraction falls below ``min_tissue``. The
+ranking uses the coarse measures; the returned record holds the exact ones.
+
+>>> forbidden = forbidden_zone(tile, existing, non_tissue=False)  # doctest: +SKIP
+>>> rng = np.random.default_rng(0)
+>>> p = find_placement(tile, donor, donor_mask, forbidden, rng=rng)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+__all__ = ["Placement", "find_placement", "forbidden_zone", "tissue_mask"]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the donor crop goes: (x, y) = its top-left corner in background pixels.
+
+    ``penalty``: the score that chose it (lower is better); ``edge_distance``: px from the
+    crop rectangle to the nearest tile border; ``tissue_fraction``: share [0, 1] of the
+    placed mask's pixels on tissue; ``colour_difference``: CIELAB ΔE between donor tissue
+    and the background ring around the mask; ``width`` / ``height``: donor crop size, px.
+    """
+
+    x: int
+    y: int
+    penalty: float
+    edge_distance: float
+    tissue_fraction: float
+    colour_difference: float
+    width: int = 0
+    height: int = 0
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        """Centre (x, y) of the donor crop in background pixels."""
+        return (self.x + self.width / 2.0, self.y + self.height / 2.0)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready record (ints and floats)."""
+        return asdict(self)
+
+
+def _gray(rgb: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
+
+
+def _check_rgb(rgb: np.ndarray, name: str) -> np.ndarray:
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"{name}: expected uint8 RGB (H, W, 3), got {rgb.dtype} {rgb.shape}")
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ValueError(f"{name}: image has no pixels")
+    return rgb
+
+
+def _as_bool(mask: np.ndarray, shape: tuple[int, int], name: str) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.ndim == 3 and mask.shape[2] == 1:
+        mask = mask[..., 0]
+    if mask.shape != shape:
+        raise ValueError(f"{name}: shape {mask.shape} does not match {shape}")
+    return mask if mask.dtype == bool else mask != 0
+
+
+def tissue_mask(background: np.ndarray, *, gray_threshold: float = 180) -> np.ndarray:
+    """Tissue pixels of a uint8 RGB image: gray (ITU-R 601 luma, 0–255) < ``gray_threshold``."""
+    return _gray(_check_rgb(background, "background")) < gray_threshold
+
+
+def forbidden_zone(
+    background: np.ndarray,
+    existing: np.ndarray | None = None,
+    *,
+    gray_threshold: float = 180,
+    margin: int = 0,
+    non_tissue: bool = True,
+) -> np.ndarray:
+    """Pixels (bool, background size) where a synthetic vessel should not go: non-tissue
+    (gray ≥ ``gray_threshold``; left out with ``non_tissue=False``) OR the ``existing``
+    annotation mask (non-zero = annotated) dilated by ``margin`` px (Euclidean disc)."""
+    background = _check_rgb(background, "background")
+    shape = background.shape[:2]
+    zone = (
+        _gray(background) >= gray_threshold if non_tissue else np.zeros(shape, dtype=bool)
+    )
+    if existing is not None:
+        ann = _as_bool(existing, shape, "existing annotations")
+        if margin > 0 and ann.any():
+            disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1, 2 * margin + 1))
+            ann = cv2.dilate(ann.astype(np.uint8), disc) > 0
+        zone |= ann
+    return zone
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _pool(mask: np.ndarray, f: int, shape: tuple[int, int], *, fill: float, how: str) -> np.ndarray:
+    """Block-pool a 2-D map by ``f`` after padding it to ``shape`` × f with ``fill``:
+    ``how="max"`` (any, bool) or ``"mean"`` (fraction, float32). Area resampling by an
+    integer factor is the exact block mean; "any" is mean > 0."""
+    hc, wc = shape
+    src = mask.astype(np.float32) if mask.dtype != np.float32 else mask
+    pad_y, pad_x = hc * f - src.shape[0], wc * f - src.shape[1]
+    if pad_y or pad_x:
+        src = cv2.copyMakeBorder(src, 0, pad_y, 0, pad_x, cv2.BORDER_CONSTANT, value=fill)
+    pooled = src if f == 1 else cv2.resize(src, (wc, hc), interpolation=cv2.INTER_AREA)
+    return pooled > 0 if how == "max" else pooled
+
+
+def _correlate(image: np.ndarray, kernel: np.ndarray, out_shape: tuple[int, int]) -> np.ndarray:
+    """Valid cross-correlation Σ kernel[a, b]·image[j + a, i + b] for j, i < out_shape."""
+    out = cv2.filter2D(
+        np.ascontiguousarray(image, dtype=np.float32),
+        cv2.CV_32F,
+        np.ascontiguousarray(kernel, dtype=np.float32),
+        anchor=(0, 0),
+        borderType=cv2.BORDER_CONSTANT,
+    )
+    return out[: out_shape[0], : out_shape[1]]
+
+
+def _lab(rgb_pixels: np.ndarray) -> np.ndarray:
+    """CIELAB (L 0–100, a/b ≈ ±127, D65) of an (N, 3) or (H, W, 3) RGB array in 0–255."""
+    arr = np.asarray(rgb_pixels, dtype=np.float32)
+    shape = arr.shape
+    lab = cv2.cvtColor(arr.reshape(-1, 1, 3) / np.float32(255.0), cv2.COLOR_RGB2Lab)
+    return lab.reshape(shape)
+
+
+def _ring(mask: np.ndarray, width: int) -> tuple[np.ndarray, int]:
+    """Pixels within ``width`` px (Euclidean) of ``mask`` but outside it, on a canvas
+    padded by ``width`` on every side: (ring, pad)."""
+    outside = cv2.copyMakeBorder(
+        (~mask).astype(np.uint8), width, width, width, width, cv2.BORDER_CONSTANT, value=1
+    )
+    dist = cv2.distanceTransform(outside, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    return (outside > 0) & (dist <= width), width
+
+
+def _sample(image: np.ndarray, mask: np.ndarray, limit: int) -> np.ndarray:
+    """(N, 3) pixels of ``image`` under ``mask``, on a regular grid of every k-th row and
+    column so that about ``limit`` or fewer remain (deterministic)."""
+    count = int(np.count_nonzero(mask))
+    step = max(1, math.ceil(math.sqrt(count / limit)))
+    if step > 1:
+        image, mask = image[::step, ::step], mask[::step, ::step]
+    return image[mask]
+
+
+def _donor_colour(
+    donor_image: np.ndarray, donor_mask: np.ndarray, gray_threshold: float
+) -> np.ndarray:
+    """Mean CIELAB of the donor's tissue pixels under the mask (all mask pixels if none),
+    from about 16384 pixels on a regular grid."""
+    pixels = _sample(donor_image, donor_mask, 16384)
+    gray = _gray(pixels.reshape(-1, 1, 3)).ravel()
+    tissue = pixels[gray < gray_threshold]
+    if len(tissue):
+        pixels = tissue
+    return _lab(pixels).mean(axis=0, dtype=np.float64)
+
+
+def _exact_measures(
+    tissue: np.ndarray,
+    background: np.ndarray,
+    donor_mask: np.ndarray,
+    donor_lab: np.ndarray,
+    x: int,
+    y: int,
+    ring: int,
+    colour_scale: float,
+) -> tuple[float, float]:
+    """Exact (tissue fraction, colour difference) of a placement at full resolution."""
+    h, w = donor_mask.shape
+    H, W = tissue.shape
+    frac = float(np.count_nonzero(tissue[y : y + h, x : x + w][donor_mask]))
+    frac /= float(np.count_nonzero(donor_mask))
+    ring_mask, pad = _ring(donor_mask, ring)
+    # the ring's window on the tile, clipped at the tile border
+    y0, x0 = y - pad, x - pad
+    cy0, cx0 = max(0, y0), max(0, x0)
+    cy1, cx1 = min(H, y0 + ring_mask.shape[0]), min(W, x0 + ring_mask.shape[1])
+    window = ring_mask[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
+    window = window & tissue[cy0:cy1, cx0:cx1]
+    if not window.any():
+        return frac, colour_scale
+    pixels = _sample(background[cy0:cy1, cx0:cx1], window, 16384)
+    ring_lab = _lab(pixels).mean(axis=0, dtype=np.float64)
+    return frac, float(np.linalg.norm(ring_lab - donor_lab))
+
+
+def find_placement(
+    background: np.ndarray,
+    donor_image: np.ndarray,
+    donor_mask: np.ndarray,
+    forbidden: np.ndarray,
+    *,
+    rng: np.random.Generator,
+    grid_step: int | None = None,
+    min_tissue: float = 0.5,
+    preferred_tissue: float = 0.9,
+    weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    tissue: np.ndarray | None = None,
+    gray_threshold: float = 180,
+    edge_margin: float = 64.0,
+    colour_scale: float = 20.0,
+    ring: int = 16,
+    max_side: int = 128,
+) -> Placement | None:
+    """Best top-left (x, y) for the donor crop on ``background``, or None if nothing fits.
+
+    ``background``: uint8 RGB tile (H, W, 3); ``donor_image`` / ``donor_mask``: the
+    (rotated) crop and its mask (non-zero = donor), same (h, w); ``forbidden``: (H, W)
+    hard zone for the donor mask (see the module docstring); ``tissue``: (H, W) tissue
+    map (default gray < ``gray_threshold``). Candidates lie on a grid of ``grid_step`` px
+    (default ≈ tile side / 32, a multiple of the analysis block) whose offset is drawn
+    from ``rng`` — variety between seeds, the same result for the same seed. ``weights``
+    = (edge, tissue, colour). Raises ValueError when the donor is larger than the tile or
+    its mask is empty.
+    """
+    background = _check_rgb(background, "background")
+    donor_image = _check_rgb(donor_image, "donor image")
+    H, W = background.shape[:2]
+    mask = _as_bool(donor_mask, donor_image.shape[:2], "donor mask")
+    h, w = mask.shape
+    if h > H or w > W:
+        raise ValueError(f"donor ({h}×{w} px) is larger than the background tile ({H}×{W} px)")
+    if not mask.any():
+        raise ValueError("donor mask is empty")
+    hard = _as_bool(forbidden, (H, W), "forbidden zone")
+    tissue = (
+        _gray(background) < gray_threshold
+        if tissue is None
+        else _as_bool(tissue, (H, W), "tissue mask")
+    )
+    if not 0 <= min_tissue <= preferred_tissue <= 1:
+        raise ValueError("need 0 ≤ min_tissue ≤ preferred_tissue ≤ 1")
+    w_edge, w_tissue, w_colour = (float(v) for v in weights)
+
+    # ---- coarse maps (f px blocks)
+    f = max(1, math.ceil(max(H, W) / max_side))
+    Hc, Wc = math.ceil(H / f), math.ceil(W / f)
+    hc, wc = math.ceil(h / f), math.ceil(w / f)
+    hard_c = _pool(hard, f, (Hc, Wc), fill=1.0, how="max")
+    tissue_c = _pool(tissue, f, (Hc, Wc), fill=0.0, how="mean")
+    mask_any = _pool(mask, f, (hc, wc), fill=0.0, how="max")
+    mask_frac = _pool(mask, f, (hc, wc), fill=0.0, how="mean")
+    jmax, imax = (H - h) // f, (W - w) // f  # footprint inside the tile
+    out_shape = (jmax + 1, imax + 1)
+
+    overlap = _correlate(hard_c.astype(np.float32), mask_any.astype(np.float32), out_shape)
+    frac = _correlate(tissue_c, mask_frac, out_shape) / np.float32(mask_frac.sum())
+
+    # colour: tissue-weighted block means of the background in CIELAB, summed over the ring
+    rc = max(1, round(ring / f))
+    ring_c, _ = _ring(mask_any, rc)
+    # (block means over all pixels: in partly non-tissue blocks the colour is paler, but
+    # those blocks weigh by their tissue share; the winner is measured exactly)
+    pad_y, pad_x = Hc * f - H, Wc * f - W
+    rgb = background
+    if pad_y or pad_x:
+        rgb = cv2.copyMakeBorder(rgb, 0, pad_y, 0, pad_x, cv2.BORDER_REPLICATE)
+    block_rgb = rgb if f == 1 else cv2.resize(rgb, (Wc, Hc), interpolation=cv2.INTER_AREA)
+    block_lab = _lab(block_rgb)
+    stack = np.concatenate([tissue_c[..., None], block_lab * tissue_c[..., None]], axis=2)
+    stack = cv2.copyMakeBorder(stack, rc, rc, rc, rc, cv2.BORDER_CONSTANT, value=0)
+    ring_sums = _correlate(stack, ring_c.astype(np.float32), out_shape)
+    donor_lab = _donor_colour(donor_image, mask, gray_threshold)
+    ring_t = ring_sums[..., 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ring_mean = ring_sums[..., 1:] / ring_t[..., None]
+    colour = np.linalg.norm(ring_mean - donor_lab, axis=2)
+    colour = np.where(ring_t > 1e-3, colour, colour_scale)
+
+    # ---- the grid (coarse units), offset drawn from rng
+    step = grid_step if grid_step is not None else max(f, round(min(H, W) / 32))
+    step_c = max(1, round(step / f))
+    off_y = int(rng.integers(0, step_c)) % (jmax + 1)
+    off_x = int(rng.integers(0, step_c)) % (imax + 1)
+    js = np.arange(off_y, jmax + 1, step_c)
+    is_ = np.arange(off_x, imax + 1, step_c)
+    jj, ii = np.meshgrid(js, is_, indexing="ij")
+    jj, ii = jj.ravel(), ii.ravel()
+    ok = (overlap[jj, ii] < 0.5) & (frac[jj, ii] >= min_tissue - 0.05)
+    jj, ii = jj[ok], ii[ok]
+    if jj.size == 0:
+        return None
+    xs, ys = ii * f, jj * f
+
+    def terms(x, y, t, c):
+        edge = np.minimum(np.minimum(x, y), np.minimum(W - w - x, H - h - y)).astype(np.float64)
+        e_term = np.clip(1.0 - edge / edge_margin, 0.0, 1.0) if edge_margin > 0 else 0 * edge
+        span = preferred_tissue - min_tissue
+        t_term = np.clip((preferred_tissue - t) / span, 0, 1) if span > 0 else 0 * t
+        penalty = w_edge * e_term + w_tissue * t_term + w_colour * np.asarray(c) / colour_scale
+        return edge, penalty
+
+    _, penalty = terms(xs, ys, frac[jj, ii].astype(np.float64), colour[jj, ii])
+    order = np.lexsort((xs, ys, penalty))
+    for k in order[:64]:
+        x, y = int(xs[k]), int(ys[k])
+        if (hard[y : y + h, x : x + w] & mask).any():  # cannot happen (conservative test)
+            continue
+        t, c = _exact_measures(tissue, background, mask, donor_lab, x, y, ring, colour_scale)
+        if t < min_tissue:
+            continue
+        edge, pen = terms(np.array(x), np.array(y), np.float64(t), c)
+        return Placement(
+            x=x,
+            y=y,
+            penalty=float(pen),
+            edge_distance=float(edge),
+            tissue_fraction=t,
+            colour_difference=float(c),
+            width=w,
+            height=h,
+        )
+    return None

@@ -23,28 +23,32 @@ import numpy as np
 __all__ = ["lab_stats", "reinhard_transfer"]
 
 
-def _to_lab(pixels: np.ndarray) -> np.ndarray:
-    """(N, 3) uint8 RGB → (N, 3) float32 CIELAB."""
-    rgb = pixels.reshape(-1, 1, 3).astype(np.float32) * np.float32(1.0 / 255.0)
-    return cv2.cvtColor(rgb, cv2.COLOR_RGB2Lab).reshape(-1, 3)
+def _to_lab(rgb: np.ndarray) -> np.ndarray:
+    """uint8 RGB (..., 3) → float32 CIELAB of the same shape."""
+    flat = np.ascontiguousarray(rgb).reshape(-1, 1, 3) if rgb.ndim != 3 else rgb
+    lab = cv2.cvtColor(np.multiply(flat, np.float32(1.0 / 255.0), dtype=np.float32),
+                       cv2.COLOR_RGB2Lab)
+    return lab.reshape(rgb.shape)
 
 
 def _to_rgb8(lab: np.ndarray) -> np.ndarray:
-    """(N, 3) float32 CIELAB → (N, 3) uint8 RGB (out-of-gamut clipped, rounded)."""
-    rgb = cv2.cvtColor(lab.reshape(-1, 1, 3).astype(np.float32), cv2.COLOR_Lab2RGB)
-    return np.clip(np.rint(rgb.reshape(-1, 3) * 255.0), 0, 255).astype(np.uint8)
+    """float32 CIELAB (H, W, 3) → uint8 RGB (out-of-gamut clipped, rounded half to even)."""
+    rgb = cv2.cvtColor(lab, cv2.COLOR_Lab2RGB)
+    np.clip(rgb, 0.0, 1.0, out=rgb)
+    return cv2.convertScaleAbs(rgb, alpha=255.0).reshape(lab.shape)
 
 
-def _mean_std(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mean, std = cv2.meanStdDev(lab.reshape(-1, 1, 3))
-    return mean.ravel(), std.ravel()
+def _masked_mean_std(lab: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and σ (float64) of a (H, W, 3) float32 image under a bool mask."""
+    mean, std = cv2.meanStdDev(lab, mask=np.ascontiguousarray(mask).view(np.uint8))
+    return mean.ravel()[:3], std.ravel()[:3]
 
 
 def lab_stats(
     rgb: np.ndarray, mask: np.ndarray | None = None, *, max_pixels: int = 16384
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel CIELAB mean and standard deviation (float64, shape (3,)) of the uint8
-    RGB pixels of ``rgb`` where ``mask`` is non-zero (all pixels when None). Large
+    RGB (H, W, 3) image ``rgb`` where ``mask`` is non-zero (all pixels when None). Large
     selections are measured on a regular grid of every k-th row and column, keeping
     about ``max_pixels`` (deterministic; the estimates move by ≪ 1 unit)."""
     rgb = np.asarray(rgb)
@@ -57,7 +61,7 @@ def lab_stats(
         sub_rgb, sub_sel = rgb[::step, ::step], sel[::step, ::step]
         if np.count_nonzero(sub_sel) >= 1024:  # else a thin selection: measure it all
             rgb, sel = sub_rgb, sub_sel
-    return _mean_std(_to_lab(rgb[sel]))
+    return _masked_mean_std(_to_lab(rgb), sel)
 
 
 def _check(image: np.ndarray, name: str) -> np.ndarray:
@@ -115,15 +119,14 @@ def reinhard_transfer(
     out = donor.copy()
     if blend == 0.0:
         return out
-    lab = _to_lab(donor[inside])
-    mu_d, sd_d = _mean_std(lab)
+    lab = _to_lab(donor)  # the whole crop: no gather, only the mask is used
+    mu_d, sd_d = _masked_mean_std(lab, inside)
     mu_t, sd_t = lab_stats(target, tissue)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(sd_d > 0, sd_t / sd_d, hi)
     ratio = np.clip(ratio, lo, hi)
     # out = λ·((x − μ_D)·r + μ_T) + (1 − λ)·x = x·(λ·r + 1 − λ) + λ·(μ_T − μ_D·r)
-    gain = (blend * ratio + (1.0 - blend)).astype(np.float32)
-    offset = (blend * (mu_t - mu_d * ratio)).astype(np.float32)
-    moved = lab * gain + offset
-    out[inside] = _to_rgb8(moved)
+    lab *= (blend * ratio + (1.0 - blend)).astype(np.float32)
+    lab += (blend * (mu_t - mu_d * ratio)).astype(np.float32)
+    np.copyto(out, _to_rgb8(lab), where=inside[..., None])
     return out

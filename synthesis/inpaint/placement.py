@@ -38,6 +38,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from histosynth.synthesis.inpaint.colour import _masked_mean_std, _to_lab
+
 __all__ = ["Placement", "find_placement", "forbidden_zone", "tissue_mask"]
 
 
@@ -125,17 +127,29 @@ def forbidden_zone(
 # ----------------------------------------------------------------------------- helpers
 
 
+def _u8(mask: np.ndarray) -> np.ndarray:
+    """A bool (or non-zero) mask as uint8 0/255."""
+    flags = mask if mask.dtype == bool else mask != 0
+    return np.ascontiguousarray(flags).view(np.uint8) * np.uint8(255)
+
+
 def _pool(mask: np.ndarray, f: int, shape: tuple[int, int], *, fill: float, how: str) -> np.ndarray:
-    """Block-pool a 2-D map by ``f`` after padding it to ``shape`` × f with ``fill``:
-    ``how="max"`` (any, bool) or ``"mean"`` (fraction, float32). Area resampling by an
-    integer factor is the exact block mean; "any" is mean > 0."""
+    """Block-pool a bool map by ``f`` after padding it to ``shape`` × f with ``fill`` (0 or
+    1): ``how="max"`` (any, bool) or ``"mean"`` (fraction, float32). Area resampling by an
+    integer factor is the block mean; "any" is mean > 0 (uint8 0/255 data while one pixel
+    in a block still averages to ≥ 1, i.e. f ≤ 15; float32 beyond)."""
     hc, wc = shape
-    src = mask.astype(np.float32) if mask.dtype != np.float32 else mask
+    if f <= 15:
+        src, top = _u8(mask), 255.0
+    else:
+        src, top = mask.astype(np.float32), 1.0
     pad_y, pad_x = hc * f - src.shape[0], wc * f - src.shape[1]
     if pad_y or pad_x:
-        src = cv2.copyMakeBorder(src, 0, pad_y, 0, pad_x, cv2.BORDER_CONSTANT, value=fill)
+        src = cv2.copyMakeBorder(src, 0, pad_y, 0, pad_x, cv2.BORDER_CONSTANT, value=fill * top)
     pooled = src if f == 1 else cv2.resize(src, (wc, hc), interpolation=cv2.INTER_AREA)
-    return pooled > 0 if how == "max" else pooled
+    if how == "max":
+        return pooled > 0
+    return pooled.astype(np.float32) * np.float32(1.0 / top)
 
 
 def _correlate(image: np.ndarray, kernel: np.ndarray, out_shape: tuple[int, int]) -> np.ndarray:
@@ -150,14 +164,6 @@ def _correlate(image: np.ndarray, kernel: np.ndarray, out_shape: tuple[int, int]
     return out[: out_shape[0], : out_shape[1]]
 
 
-def _lab(rgb_pixels: np.ndarray) -> np.ndarray:
-    """CIELAB (L 0–100, a/b ≈ ±127, D65) of an (N, 3) or (H, W, 3) RGB array in 0–255."""
-    arr = np.asarray(rgb_pixels, dtype=np.float32)
-    shape = arr.shape
-    lab = cv2.cvtColor(arr.reshape(-1, 1, 3) / np.float32(255.0), cv2.COLOR_RGB2Lab)
-    return lab.reshape(shape)
-
-
 def _ring(mask: np.ndarray, width: int) -> tuple[np.ndarray, int]:
     """Pixels within ``width`` px (Euclidean) of ``mask`` but outside it, on a canvas
     padded by ``width`` on every side: (ring, pad)."""
@@ -168,14 +174,14 @@ def _ring(mask: np.ndarray, width: int) -> tuple[np.ndarray, int]:
     return (outside > 0) & (dist <= width), width
 
 
-def _sample(image: np.ndarray, mask: np.ndarray, limit: int) -> np.ndarray:
-    """(N, 3) pixels of ``image`` under ``mask``, on a regular grid of every k-th row and
-    column so that about ``limit`` or fewer remain (deterministic)."""
+def _grid(image: np.ndarray, mask: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every k-th row and column of ``image`` and ``mask`` so that about ``limit`` or fewer
+    mask pixels remain (deterministic); unchanged when that leaves too few (< 256)."""
     count = int(np.count_nonzero(mask))
     step = max(1, math.ceil(math.sqrt(count / limit)))
-    if step > 1:
-        image, mask = image[::step, ::step], mask[::step, ::step]
-    return image[mask]
+    if step > 1 and np.count_nonzero(mask[::step, ::step]) >= 256:
+        return image[::step, ::step], mask[::step, ::step]
+    return image, mask
 
 
 def _donor_colour(
@@ -183,30 +189,27 @@ def _donor_colour(
 ) -> np.ndarray:
     """Mean CIELAB of the donor's tissue pixels under the mask (all mask pixels if none),
     from about 16384 pixels on a regular grid."""
-    pixels = _sample(donor_image, donor_mask, 16384)
-    gray = _gray(pixels.reshape(-1, 1, 3)).ravel()
-    tissue = pixels[gray < gray_threshold]
-    if len(tissue):
-        pixels = tissue
-    return _lab(pixels).mean(axis=0, dtype=np.float64)
+    image, mask = _grid(donor_image, donor_mask, 16384)
+    image = np.ascontiguousarray(image)
+    tissue = mask & (_gray(image) < gray_threshold)
+    lab = _to_lab(image)
+    return _masked_mean_std(lab, tissue if tissue.any() else mask)[0]
 
 
-def _exact_measures(
+def _ring_colour_difference(
     tissue: np.ndarray,
     background: np.ndarray,
-    donor_mask: np.ndarray,
+    ring_mask: np.ndarray,
+    pad: int,
     donor_lab: np.ndarray,
     x: int,
     y: int,
-    ring: int,
     colour_scale: float,
-) -> tuple[float, float]:
-    """Exact (tissue fraction, colour difference) of a placement at full resolution."""
-    h, w = donor_mask.shape
+) -> float:
+    """Exact CIELAB ΔE between the donor's mean and the mean of the tile's tissue pixels
+    in ``ring_mask`` (from :func:`_ring`) placed with the crop at (x, y);
+    ``colour_scale`` when the ring holds no tissue."""
     H, W = tissue.shape
-    frac = float(np.count_nonzero(tissue[y : y + h, x : x + w][donor_mask]))
-    frac /= float(np.count_nonzero(donor_mask))
-    ring_mask, pad = _ring(donor_mask, ring)
     # the ring's window on the tile, clipped at the tile border
     y0, x0 = y - pad, x - pad
     cy0, cx0 = max(0, y0), max(0, x0)
@@ -214,10 +217,10 @@ def _exact_measures(
     window = ring_mask[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
     window = window & tissue[cy0:cy1, cx0:cx1]
     if not window.any():
-        return frac, colour_scale
-    pixels = _sample(background[cy0:cy1, cx0:cx1], window, 16384)
-    ring_lab = _lab(pixels).mean(axis=0, dtype=np.float64)
-    return frac, float(np.linalg.norm(ring_lab - donor_lab))
+        return colour_scale
+    image, window = _grid(background[cy0:cy1, cx0:cx1], window, 16384)
+    ring_lab = _masked_mean_std(_to_lab(image), window)[0]
+    return float(np.linalg.norm(ring_lab - donor_lab))
 
 
 def find_placement(
@@ -292,7 +295,7 @@ def find_placement(
     if pad_y or pad_x:
         rgb = cv2.copyMakeBorder(rgb, 0, pad_y, 0, pad_x, cv2.BORDER_REPLICATE)
     block_rgb = rgb if f == 1 else cv2.resize(rgb, (Wc, Hc), interpolation=cv2.INTER_AREA)
-    block_lab = _lab(block_rgb)
+    block_lab = _to_lab(block_rgb)
     stack = np.concatenate([tissue_c[..., None], block_lab * tissue_c[..., None]], axis=2)
     stack = cv2.copyMakeBorder(stack, rc, rc, rc, rc, cv2.BORDER_CONSTANT, value=0)
     ring_sums = _correlate(stack, ring_c.astype(np.float32), out_shape)
@@ -328,13 +331,17 @@ def find_placement(
 
     _, penalty = terms(xs, ys, frac[jj, ii].astype(np.float64), colour[jj, ii])
     order = np.lexsort((xs, ys, penalty))
-    for k in order[:64]:
+    area = float(np.count_nonzero(mask))
+    for k in order:
         x, y = int(xs[k]), int(ys[k])
         if (hard[y : y + h, x : x + w] & mask).any():  # cannot happen (conservative test)
             continue
-        t, c = _exact_measures(tissue, background, mask, donor_lab, x, y, ring, colour_scale)
+        t = float(np.count_nonzero(tissue[y : y + h, x : x + w] & mask)) / area
         if t < min_tissue:
             continue
+        ring_mask, pad = _ring(mask, ring)
+        c = _ring_colour_difference(tissue, background, ring_mask, pad, donor_lab, x, y,
+                                    colour_scale)
         edge, pen = terms(np.array(x), np.array(y), np.float64(t), c)
         return Placement(
             x=x,

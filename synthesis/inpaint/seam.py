@@ -132,17 +132,22 @@ def seam_blend(composite: np.ndarray, generated: np.ndarray, weights: np.ndarray
     if bw == 0:
         return out
     ys, xs = slice(by, by + bh), slice(bx, bx + bw)
-    aw = np.clip(a[ys, xs], 0.0, 1.0)
-    if composite.ndim == 3:
-        aw = aw[..., None]
-    x = composite[ys, xs]
+    aw = a[ys, xs]
+    if not np.isfinite(aw).all():
+        raise ValueError("weights must be finite")
+    aw = np.clip(aw, 0.0, 1.0)
+    x = np.ascontiguousarray(composite[ys, xs])
+    channels = x.shape[2] if x.ndim == 3 else 1
+    if channels > 1:
+        aw = cv2.merge([aw] * channels)
     xf = x.astype(np.float32)
-    # x + A·(g − x) = (1 − A)·x + A·g; float32 is exact to ≈1e-4 grey levels
-    blended = np.subtract(generated[ys, xs], xf, dtype=np.float32)
-    blended *= aw
+    # x + A·(g − x) = (1 − A)·x + A·g; float32 is exact to ≈1e-4 grey levels, and exactly
+    # x where A = 0
+    blended = cv2.multiply(np.subtract(generated[ys, xs], xf, dtype=np.float32), aw)
     blended += xf
-    blended = np.rint(blended, out=blended).astype(np.uint8)
-    keep = ~active[ys, xs]
-    np.copyto(blended, x, where=keep[..., None] if x.ndim == 3 else keep)
+    # rounded half to even (cvRound) and saturated; the values are already in [0, 255]
+    blended = cv2.convertScaleAbs(blended).reshape(x.shape)
+    # and copy X where A == 0, so that those pixels are X by construction
+    cv2.copyTo(x, np.ascontiguousarray(~active[ys, xs]).view(np.uint8), blended)
     out[ys, xs] = blended
     return out

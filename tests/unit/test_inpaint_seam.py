@@ -110,6 +110,8 @@ def test_blend_input_errors() -> None:
         seam_blend(x_img, np.zeros((8, 9, 3), np.uint8), np.zeros((8, 8)))
     with pytest.raises(ValueError, match="weights"):
         seam_blend(x_img, x_img, np.zeros((4, 4)))
+    with pytest.raises(ValueError, match="finite"):
+        seam_blend(x_img, x_img, np.full((8, 8), np.nan))
     with pytest.raises(ValueError, match="sigma"):
         seam_weights(np.zeros((8, 8), bool), 0.0)
 

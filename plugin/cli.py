@@ -414,7 +414,7 @@ def _report_synthesis(ctx: click.Context, result) -> None:
     help="Preset or local folder; tiny is UNTRAINED and needs no weights.",
 )
 @click.option("--count", "-n", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--tile-size", type=click.IntRange(64, 4096), default=256, show_default=True)
+@click.option("--tile-size", type=click.IntRange(64, 4096), default=512, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.pass_context

@@ -144,6 +144,24 @@ def synthesize(
         skip_missing=skip_missing,
     )
     check_classes(sources, classes)
+    if engine is None:
+        from histosynth.synthesis.engine import load_engine
+
+        engine = load_engine(
+            model,
+            device=device,
+            kv_compress=kv_compress,
+            tile_size=tile_size if model == "tiny" else None,
+        )
+    if engine.tile_size != tile_size:
+        raise InputError(
+            f"the model makes {engine.tile_size} px tiles; use --tile-size {engine.tile_size}"
+        )
+    if not engine.trained:
+        log.warning(
+            "the engine is UNTRAINED (seeded random weights): the synthetic pixels "
+            "are not histology; use it to try the workflow, not for training data"
+        )
     skipped: list[tuple[str, str]] = []
     donors = collect_donors(sources, classes, tile_size, mpp, skipped)
     if not donors:
@@ -164,24 +182,6 @@ def synthesize(
                 + "; use other slides, a smaller --tile-size, or --mode variation"
             )
 
-    if engine is None:
-        from histosynth.synthesis.engine import load_engine
-
-        engine = load_engine(
-            model,
-            device=device,
-            kv_compress=kv_compress,
-            tile_size=tile_size if model == "tiny" else None,
-        )
-    if engine.tile_size != tile_size:
-        raise InputError(
-            f"the model makes {engine.tile_size} px tiles; use --tile-size {engine.tile_size}"
-        )
-    if not engine.trained:
-        log.warning(
-            "the engine is UNTRAINED (seeded random weights): the synthetic pixels "
-            "are not histology; use it to try the workflow, not for training data"
-        )
     batch_size = batch_size or (4 if engine.device.type == "cuda" else 1)
 
     config = {
@@ -396,6 +396,7 @@ def _run_inpaint(
     batch_size: int,
     progress,
 ) -> None:
+    from histosynth.synthesis.errors import EngineError
     from histosynth.synthesis.inpaint import prepare_composite
     from histosynth.synthesis.pipelines.background import rank_backgrounds
     from histosynth.synthesis.pipelines.inpaint import InpaintPipeline
@@ -415,9 +416,12 @@ def _run_inpaint(
         donor_index = int(order[i % len(donors)])
         donor = donors[donor_index]
         if donor_index not in rankings:
-            rankings[donor_index] = rank_backgrounds(
-                donor.context, donor.context_tissue, candidates
-            )
+            try:
+                rankings[donor_index] = rank_backgrounds(
+                    donor.context, donor.context_tissue, candidates
+                )
+            except EngineError:  # no tissue around the donor to compare: keep the order
+                rankings[donor_index] = list(range(len(candidates)))
         ranked = rankings[donor_index]
         rng = np.random.default_rng([config["seed"], i])
         # vary the background among the most similar ones, then fall back down the list

@@ -181,6 +181,11 @@ def _input_options(func):
     is_flag=True,
     help="Skip project entries whose image cannot be found instead of stopping.",
 )
+@click.option(
+    "--compress",
+    is_flag=True,
+    help="Smaller PNGs (zlib; ~35 % smaller, several times slower to write). Both lossless.",
+)
 @click.pass_context
 def extract(
     ctx: click.Context,
@@ -196,6 +201,7 @@ def extract(
     max_area,
     resume,
     skip_missing,
+    compress,
 ) -> None:
     """Real vessel tiles, masks and per-tile GeoJSON into a dataset.
 
@@ -222,6 +228,7 @@ def extract(
         max_area_um2=math.inf if max_area is None else max_area,
         resume=resume,
         skip_missing=skip_missing,
+        png="small" if compress else "fast",
         progress=_progress(ctx, "extract"),
         command=shlex.join(["histosynth", *sys.argv[1:]]),
     )

@@ -465,3 +465,24 @@ def test_odd_strings_round_trip_through_the_index(
         # and the resume reader agrees
         with RunWriter(run, config={"x": class_name}, resume=True) as writer:
             assert writer.ids == {tile_id}
+
+
+def test_fast_and_small_png_are_both_lossless(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    image[:, :24] = 200  # some structure, so that compression does something
+    mask = np.zeros((64, 48), np.uint8)
+    mask[10:30, 5:20] = 255
+    sizes = {}
+    for png in ("fast", "small"):
+        run = tmp_path / png
+        with RunWriter(run, config={}, png=png) as writer:
+            writer.add_tile(TileRecord(id="t", synthesis_type="extracted"), image, mask, [])
+        back = cv2.cvtColor(cv2.imread(str(run / "images" / "t.png")), cv2.COLOR_BGR2RGB)
+        assert np.array_equal(back, image)
+        assert np.array_equal(cv2.imread(str(run / "masks" / "t.png"), cv2.IMREAD_UNCHANGED),
+                              mask)
+        sizes[png] = (run / "images" / "t.png").stat().st_size
+    assert sizes["small"] < sizes["fast"]
+    with pytest.raises(ValueError, match="png must be one of"):
+        RunWriter(tmp_path / "x", config={}, png="tiny")

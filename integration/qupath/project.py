@@ -8,27 +8,53 @@ otherwise from GeoJSON exported beside the project (``annotations/<entryID>.geoj
 Image locations are resolved like QuPath does when a project has moved: a missing image
 is looked for at its path relative to the project's old folder (the stored ``uri``),
 applied to the project's current folder (``UriUpdater.relative``).
+
+Writing (only while the project is not open in QuPath): :meth:`QuPathProject.add_image_entry`
+/ :meth:`QuPathProject.add_synthetic_entry` queue new entries and :meth:`QuPathProject.save`
+appends them to the text of ``project.qpproj`` as QuPath's Gson would write them, keeping
+every other byte of the file (original entries, key order, formatting), updates ``lastID``
+and ``modifyTimestamp``, keeps ``project.qpproj.backup`` and replaces the file atomically.
+It refuses when the file changed on disk since it was read.
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
+import hashlib
 import json
 import logging
+import math
 import os
-from collections.abc import Iterable, Iterator
+import re
+import stat
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath, PureWindowsPath
 from typing import Any
 
 from histosynth.integration.annotations import RGB, Annotation
+from histosynth.integration.atomic import atomic_write_bytes
 from histosynth.integration.errors import InputError
-from histosynth.integration.qupath.uris import is_file_uri, relocate, uri_to_path
+from histosynth.integration.qupath.uris import is_file_uri, path_to_uri, relocate, uri_to_path
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ProjectEntry", "QuPathProject"]
 
 PROJECT_FILE = "project.qpproj"
+BACKUP_SUFFIX = ".backup"
+BIOFORMATS_BUILDER = "qupath.lib.images.servers.bioformats.BioFormatsServerBuilder"
+"""Provider QuPath records for a TIFF it opened with Bio-Formats (as in the fixtures)."""
+SYNTHETIC_TAGS = ("histosynth", "synthetic")
+META_SYNTHETIC = "histosynth.synthetic"
+META_RUN = "histosynth.run"
+META_ID = "histosynth.id"
+META_TYPE = "histosynth.synthesis_type"
+META_SOURCE_ENTRY = "histosynth.source_entry_id"
+META_REVIEW = "review_status"
 
 
 @dataclass
@@ -121,7 +147,10 @@ class QuPathProject:
         self._use_paquo = use_paquo
         self._paquo_state: tuple[bool, str] | None = None
         self._classes: dict[str, RGB] | None = None
-        self.raw: dict[str, Any] = _read_json_object(self.file)
+        self._pending: list[dict[str, Any]] = []
+        data, self._disk = _read_with_fingerprint(self.file)
+        self._data: bytes = data
+        self.raw: dict[str, Any] = _parse_json_object(data, self.file)
         self._parse()
 
     # ------------------------------------------------------------------ reading
@@ -385,6 +414,469 @@ class QuPathProject:
         return found
 
 
+    # ----------------------------------------------------------------- writing
+    @property
+    def pending(self) -> list[ProjectEntry]:
+        """Entries added since the last :meth:`save` (not yet on disk)."""
+        ids = {item["entryID"] for item in self._pending}
+        return [e for e in self.entries if e.entry_id in ids]
+
+    def synthetic_entries(self, run: str | None = None) -> list[ProjectEntry]:
+        """Entries histosynth added (``histosynth.synthetic`` = ``"true"``), of ``run`` if
+        given."""
+        return [
+            e
+            for e in self.entries
+            if e.metadata.get(META_SYNTHETIC) == "true"
+            and (run is None or e.metadata.get(META_RUN) == run)
+        ]
+
+    def synthetic_entry(self, run: str, tile_id: str) -> ProjectEntry | None:
+        """The entry holding tile ``tile_id`` of run ``run`` (by its metadata), if any."""
+        for entry in self.entries:
+            meta = entry.metadata
+            if meta.get(META_RUN) == run and meta.get(META_ID) == tile_id:
+                return entry
+        return None
+
+    def unknown_sidecars(self) -> list[Path]:
+        """GeoJSON files in ``annotations/`` that belong to no entry (neither
+        ``<entryID>.geojson`` of an existing entry nor ``<imageName>.geojson``)."""
+        folder = self.folder / "annotations"
+        if not folder.is_dir():
+            return []
+        known = {path.name for e in self.entries for path in self.geojson_candidates(e)}
+        return sorted(
+            path
+            for path in folder.iterdir()
+            if path.suffix.lower() == ".geojson" and path.is_file() and path.name not in known
+        )
+
+    def changed_on_disk(self) -> str | None:
+        """Why ``project.qpproj`` is no longer the file this object read (``None`` if it is
+        the same: modification time, size and SHA-256 unchanged)."""
+        try:
+            st = self.file.stat()
+        except FileNotFoundError:
+            return "it was deleted"
+        except OSError as exc:
+            return f"it cannot be read: {exc.strerror or exc}"
+        old = self._disk
+        if st.st_size != old.size:
+            return f"its size changed ({old.size} -> {st.st_size} bytes)"
+        if st.st_mtime_ns != old.mtime_ns:
+            return "its modification time changed"
+        try:
+            digest = hashlib.sha256(self.file.read_bytes()).hexdigest()
+        except OSError as exc:
+            return f"it cannot be read: {exc.strerror or exc}"
+        if digest != old.sha256:
+            return "its content changed"
+        return None
+
+    def check_unchanged(self) -> None:
+        """Raise :class:`InputError` when ``project.qpproj`` changed since it was read."""
+        why = self.changed_on_disk()
+        if why is not None:
+            raise InputError(
+                f"the project file changed on disk since it was read ({why}); it may be open "
+                "in QuPath: close the project in QuPath and run again",
+                path=self.file,
+            )
+
+    def add_image_entry(
+        self,
+        image_path: str | os.PathLike,
+        *,
+        width: int,
+        height: int,
+        mpp: float,
+        image_name: str | None = None,
+        description: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        tags: Sequence[str] = (),
+        levels: Sequence[tuple[int, int]] | None = None,
+        tile_size: int = 256,
+    ) -> ProjectEntry:
+        """Queue a new image entry (written by :meth:`save`) and return it.
+
+        The server builder is the one QuPath records for a TIFF opened with Bio-Formats:
+        ``{"builderType": "uri", "providerClassName": BIOFORMATS_BUILDER, "uri": "file:/...",
+        "args": ["--series", "0"], "metadata": {...}}`` with the image's size, pyramid
+        ``levels`` ((width, height) per level, level 0 first), RGB uint8 channels and the
+        pixel size ``mpp`` (µm/px), so QuPath shows the right calibration even before
+        reading the file. The entry gets ``entryID`` = largest id so far + 1 and a fresh
+        ``randomizedName``. ``tags`` are written always (QuPath < 0.6 ignores them).
+
+        Raises:
+            InputError: a bad size, pixel size, metadata value or tag.
+        """
+        path = Path(image_path).absolute()
+        label = str(path)
+        for key, value in (("width", width), ("height", height), ("tile_size", tile_size)):
+            if not _is_int(value) or value <= 0:
+                raise InputError(f"{key} must be a positive integer, not {value!r}", item=label)
+        if not isinstance(mpp, int | float) or not math.isfinite(mpp) or mpp <= 0:
+            raise InputError(f"pixel size must be a positive number of µm, not {mpp!r}",
+                             item=label)
+        meta = dict(metadata or {})
+        for key, value in meta.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise InputError(
+                    f"metadata must map strings to strings, not {key!r}: {value!r}", item=label
+                )
+        if isinstance(tags, str) or not all(isinstance(t, str) for t in tags):
+            raise InputError(f"tags must be a list of strings, not {tags!r}", item=label)
+        for key, value in (("image_name", image_name), ("description", description)):
+            if value is not None and not isinstance(value, str):
+                raise InputError(f"{key} must be a string, not {value!r}", item=label)
+        level_list = [(width, height)] if not levels else [(int(w), int(h)) for w, h in levels]
+        if level_list[0] != (width, height):
+            raise InputError(
+                f"level 0 is {level_list[0]}, the image is {(width, height)}", item=label
+            )
+        entry_id = self.last_id + 1
+        item: dict[str, Any] = {
+            "serverBuilder": {
+                "builderType": "uri",
+                "providerClassName": BIOFORMATS_BUILDER,
+                "uri": path_to_uri(path, directory=False),
+                "args": ["--series", "0"],
+                "metadata": qupath_server_metadata(
+                    path.name, width, height, float(mpp), level_list, tile_size
+                ),
+            },
+            "entryID": entry_id,
+            "randomizedName": str(uuid.uuid4()),
+            "imageName": image_name if image_name is not None else path.name,
+        }
+        if description is not None:
+            item["description"] = description
+        item["metadata"] = meta
+        item["tags"] = list(dict.fromkeys(tags))
+        entry = _parse_entry(item, len(self.entries), self.file)
+        self._resolve(entry)
+        self.entries.append(entry)
+        self._pending.append(item)
+        self.last_id = entry_id
+        return entry
+
+    def add_synthetic_entry(
+        self,
+        image_path: str | os.PathLike,
+        *,
+        run: str,
+        tile_id: str,
+        synthesis_type: str,
+        width: int,
+        height: int,
+        mpp: float,
+        source_entry_id: str = "",
+        description: str | None = None,
+        review_status: str = "pending",
+        levels: Sequence[tuple[int, int]] | None = None,
+        tile_size: int = 256,
+    ) -> ProjectEntry:
+        """Queue the entry of one synthetic tile (contracts.md, "Project write-back").
+
+        ``imageName`` = ``synthetic-<run>-<tile_id>``; metadata (all strings)
+        ``histosynth.synthetic`` = ``"true"``, ``histosynth.run``, ``histosynth.id``,
+        ``histosynth.synthesis_type``, ``histosynth.source_entry_id``, ``review_status``;
+        tags ``histosynth``, ``synthetic``. Other arguments as :meth:`add_image_entry`.
+
+        Raises:
+            InputError: the tile is already in the project, or bad arguments.
+        """
+        for key, value in (("run", run), ("tile_id", tile_id), ("synthesis_type",
+                                                                 synthesis_type)):
+            if not isinstance(value, str) or not value or "\n" in value:
+                raise InputError(f"{key} must be a one-line string, not {value!r}",
+                                 item=str(image_path))
+        existing = self.synthetic_entry(run, tile_id)
+        if existing is not None:
+            raise InputError(
+                f"tile {tile_id!r} of run {run!r} is already in the project",
+                path=self.file,
+                item=existing.label(),
+            )
+        metadata = {
+            META_SYNTHETIC: "true",
+            META_RUN: run,
+            META_ID: tile_id,
+            META_TYPE: synthesis_type,
+            META_SOURCE_ENTRY: str(source_entry_id),
+            META_REVIEW: review_status,
+        }
+        return self.add_image_entry(
+            image_path,
+            width=width,
+            height=height,
+            mpp=mpp,
+            image_name=f"synthetic-{run}-{tile_id}",
+            description=description,
+            metadata=metadata,
+            tags=SYNTHETIC_TAGS,
+            levels=levels,
+            tile_size=tile_size,
+        )
+
+    def save(self) -> Path | None:
+        """Write the queued entries into ``project.qpproj``; return the backup's path
+        (``None`` when nothing was queued).
+
+        The new file is the old text with the entries appended to ``images`` (formatted
+        like QuPath's Gson pretty printing, in the file's own indentation and line ends),
+        ``lastID`` set to the largest entry id and ``modifyTimestamp`` to now (ms); every
+        other byte is kept. The previous file is kept as ``project.qpproj.backup``; the new
+        one replaces it atomically.
+
+        Raises:
+            InputError: the file changed on disk since it was read (QuPath may have it
+                open), or it cannot be written.
+        """
+        if not self._pending:
+            return None
+        self.check_unchanged()
+        bom = self._data.startswith(codecs.BOM_UTF8)
+        old_text = self._data.decode("utf-8-sig")
+        now = max(int(time.time() * 1000), (self.modify_timestamp or 0) + 1)
+        try:
+            new_text = append_entries_text(old_text, self._pending, self.last_id, now)
+        except ValueError as exc:
+            raise InputError(f"cannot append entries to this file: {exc}", path=self.file
+                             ) from None
+        new_raw = json.loads(new_text)
+        _check_append(self.raw, new_raw, self._pending)
+        new_data = (codecs.BOM_UTF8 if bom else b"") + new_text.encode("utf-8")
+        backup = self.file.with_name(self.file.name + BACKUP_SUFFIX)
+        mode = stat.S_IMODE(self._stat_mode())
+        try:
+            atomic_write_bytes(backup, self._data)
+            self.check_unchanged()
+            atomic_write_bytes(self.file, new_data)
+        except OSError as exc:
+            raise InputError(
+                f"cannot write the project: {exc.strerror or exc}",
+                path=getattr(exc, "filename", None) or self.file,
+            ) from None
+        with contextlib.suppress(OSError):
+            os.chmod(self.file, mode)
+        self._data = new_data
+        self._disk = _fingerprint(new_data, _stat(self.file))
+        self.raw = new_raw
+        self.modify_timestamp = now
+        self._pending = []
+        return backup
+
+    def _stat_mode(self) -> int:
+        try:
+            return self.file.stat().st_mode
+        except OSError:
+            return 0o644
+
+
+def qupath_server_metadata(
+    name: str,
+    width: int,
+    height: int,
+    mpp: float,
+    levels: Sequence[tuple[int, int]],
+    tile_size: int = 256,
+) -> dict[str, Any]:
+    """``ImageServerMetadata`` of an RGB uint8 image as QuPath stores it in a server
+    builder (pixel size ``mpp`` in µm, ``levels`` as (width, height), level 0 first)."""
+    return {
+        "name": name,
+        "width": width,
+        "height": height,
+        "sizeZ": 1,
+        "sizeT": 1,
+        "channelType": "DEFAULT",
+        "isRGB": True,
+        "pixelType": "UINT8",
+        "levels": [{"downsample": width / w, "width": w, "height": h} for w, h in levels],
+        "channels": [
+            {"name": "Red", "color": -65536},
+            {"name": "Green", "color": -16711936},
+            {"name": "Blue", "color": -16776961},
+        ],
+        "pixelCalibration": {
+            "pixelWidth": {"value": mpp, "unit": "µm"},
+            "pixelHeight": {"value": mpp, "unit": "µm"},
+            "zSpacing": {"value": 1.0, "unit": "z-slice"},
+            "timeUnit": "SECONDS",
+            "timepoints": [],
+        },
+        "preferredTileWidth": tile_size,
+        "preferredTileHeight": tile_size,
+    }
+
+
+# ------------------------------------------------------- QuPath-style JSON text
+# Gson (QuPath's GsonTools) escapes HTML characters and the JavaScript line separators.
+_GSON_ESCAPES = {
+    "<": "\\u003c",
+    ">": "\\u003e",
+    "&": "\\u0026",
+    "=": "\\u003d",
+    "'": "\\u0027",
+    "\u2028": "\\u2028",
+    "\u2029": "\\u2029",
+}
+_GSON_RE = re.compile("[" + re.escape("".join(_GSON_ESCAPES)) + "]")
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def gson_json(value: Any, *, indent: str | None = "  ", newline: str = "\n",
+              base: str = "") -> str:
+    """``value`` as QuPath's Gson writes it: pretty (``indent`` per level, ``": "``,
+    empty ``[]`` / ``{}``) or compact (``indent=None``); non-ASCII kept, ``< > & = '``
+    escaped. Lines after the first start with ``base``."""
+    if indent is None:
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    else:
+        text = json.dumps(value, ensure_ascii=False, indent=indent)
+        text = text.replace("\n", newline + base)
+    return _GSON_RE.sub(lambda m: _GSON_ESCAPES[m.group()], text)
+
+
+def _members(text: str) -> list[tuple[str, int, int, int]]:
+    """Top-level members of a JSON object text: (key, key start, value start, value end)."""
+    decoder = json.JSONDecoder()
+    pos = _WS.match(text, 0).end()
+    if not text.startswith("{", pos):
+        raise ValueError("it is not a JSON object")
+    pos = _WS.match(text, pos + 1).end()
+    members: list[tuple[str, int, int, int]] = []
+    if text.startswith("}", pos):
+        return members
+    while True:
+        key_start = pos
+        key, pos = decoder.raw_decode(text, pos)
+        if not isinstance(key, str):
+            raise ValueError(f"a key is not a string at character {key_start}")
+        pos = _WS.match(text, pos).end()
+        if not text.startswith(":", pos):
+            raise ValueError(f"':' expected at character {pos}")
+        value_start = _WS.match(text, pos + 1).end()
+        _, pos = decoder.raw_decode(text, value_start)
+        members.append((key, key_start, value_start, pos))
+        pos = _WS.match(text, pos).end()
+        if text.startswith(",", pos):
+            pos = _WS.match(text, pos + 1).end()
+        elif text.startswith("}", pos):
+            return members
+        else:
+            raise ValueError(f"',' or '}}' expected at character {pos}")
+
+
+def _line_indent(text: str, pos: int) -> str | None:
+    """The whitespace from the line start to ``pos``; ``None`` when other text precedes."""
+    start = text.rfind("\n", 0, pos) + 1
+    lead = text[start:pos]
+    if start == 0 or lead.strip(" \t"):
+        return None
+    return lead
+
+
+def append_entries_text(
+    text: str, entries: Sequence[Mapping[str, Any]], last_id: int, modify_timestamp: int
+) -> str:
+    """``project.qpproj`` text with ``entries`` appended to ``images``, ``lastID`` and
+    ``modifyTimestamp`` replaced; every other character kept.
+
+    The new entries follow the file's style: its indentation unit and line ends when it
+    is pretty-printed (as QuPath writes it), one line when it is compact. A missing
+    ``lastID`` / ``createTimestamp`` / ``modifyTimestamp`` (QuPath's loader needs the
+    timestamps) is inserted before ``images``.
+
+    Raises:
+        ValueError: the text is not a JSON object with an ``images`` list.
+    """
+    members = {key: (ks, vs, ve) for key, ks, vs, ve in _members(text)}
+    if "images" not in members:
+        raise ValueError("it has no 'images' list")
+    images_key, start, end = members["images"]
+    if not text.startswith("[", start):
+        raise ValueError("'images' is not a list")
+    newline = "\r\n" if "\r\n" in text else "\n"
+    key_indent = _line_indent(text, images_key)
+    pretty = key_indent is not None
+    last = end - 2  # the character before the closing "]"
+    while last > start and text[last] in " \t\r\n":
+        last -= 1
+    first = _WS.match(text, start + 1).end()
+    unit = key_indent or "  "
+    element_indent = (key_indent or "") + unit
+    between = text[start + 1 : first]
+    if last > start and "\n" in between:
+        element_indent = between.rsplit("\n", 1)[1]
+        if key_indent is not None and element_indent.startswith(key_indent):
+            unit = element_indent[len(key_indent):] or unit
+    elif last > start:
+        pretty = False
+
+    def entry_text(item: Mapping[str, Any]) -> str:
+        if pretty:
+            return element_indent + gson_json(item, indent=unit, newline=newline,
+                                              base=element_indent)
+        return gson_json(item, indent=None)
+
+    joiner = "," + newline if pretty else ","
+    body = joiner.join(entry_text(item) for item in entries)
+    edits: list[tuple[int, int, str]] = []
+    if not entries:
+        pass
+    elif last == start:  # empty list
+        if pretty:
+            edits.append((start, end, "[" + newline + body + newline + (key_indent or "") + "]"))
+        else:
+            edits.append((start, end, "[" + body + "]"))
+    else:
+        edits.append((last + 1, last + 1, joiner + body))
+    inserted = []
+    for key, value in (
+        ("createTimestamp", None),
+        ("modifyTimestamp", modify_timestamp),
+        ("lastID", last_id),
+    ):
+        if key in members:
+            if value is not None:
+                _, vs, ve = members[key]
+                edits.append((vs, ve, json.dumps(value)))
+        else:
+            value = modify_timestamp if value is None else value
+            sep = ": " if pretty else ":"
+            inserted.append(f"{json.dumps(key)}{sep}{json.dumps(value)},")
+    if inserted:
+        glue = newline + (key_indent or "") if pretty else ""
+        edits.append((images_key, images_key, glue.join(inserted) + glue))
+    for begin, stop, replacement in sorted(edits, key=lambda e: (e[0], e[1]), reverse=True):
+        text = text[:begin] + replacement + text[stop:]
+    return text
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _check_append(old: dict[str, Any], new: dict[str, Any], added: list[dict[str, Any]]) -> None:
+    """Guard: ``new`` is ``old`` plus ``added`` entries (and new lastID/timestamps)."""
+    count = len(old["images"])
+    problems = []
+    if not _same_json(new["images"][:count], old["images"]):
+        problems.append("original entries differ")
+    if not _same_json(new["images"][count:], added):
+        problems.append("new entries differ")
+    for key, value in old.items():
+        if key not in ("images", "lastID", "modifyTimestamp") and not _same_json(
+            new.get(key), value
+        ):
+            problems.append(f"key {key!r} differs")
+    if problems:  # a bug here, never bad input: refuse to write
+        raise RuntimeError("project text rewrite failed: " + "; ".join(problems))
+
+
 # ---------------------------------------------------------------------- helpers
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -394,24 +886,66 @@ def _int_or_none(value: Any) -> int | None:
     return value if _is_int(value) else None
 
 
-def _read_json_object(path: Path) -> dict[str, Any]:
+def _read_bytes(path: Path) -> bytes:
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        return path.read_bytes()
     except IsADirectoryError:
         raise InputError("is a folder, not a file", path=path) from None
-    except UnicodeDecodeError as exc:
-        raise InputError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", path=path) from None
     except OSError as exc:
         raise InputError(f"cannot read: {exc.strerror or exc}", path=path) from None
+
+
+def _parse_json_object(data: bytes, path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(text)
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", path=path) from None
+    try:
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(
             f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", path=path
         ) from None
-    if not isinstance(data, dict):
-        raise InputError(f"expected a JSON object, found {type(data).__name__}", path=path)
-    return data
+    if not isinstance(value, dict):
+        raise InputError(f"expected a JSON object, found {type(value).__name__}", path=path)
+    return value
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    return _parse_json_object(_read_bytes(path), path)
+
+
+@dataclass(frozen=True)
+class _Fingerprint:
+    """What identifies the file as read: modification time (ns), size and SHA-256."""
+
+    mtime_ns: int
+    size: int
+    sha256: str
+
+
+def _fingerprint(data: bytes, st: os.stat_result) -> _Fingerprint:
+    return _Fingerprint(st.st_mtime_ns, st.st_size, hashlib.sha256(data).hexdigest())
+
+
+def _read_with_fingerprint(path: Path) -> tuple[bytes, _Fingerprint]:
+    """The file's bytes and their fingerprint (re-read if it changed while reading)."""
+    for _ in range(5):
+        before = _stat(path)
+        data = _read_bytes(path)
+        after = _stat(path)
+        if (before.st_mtime_ns, before.st_size) == (after.st_mtime_ns, after.st_size) and (
+            len(data) == after.st_size
+        ):
+            return data, _fingerprint(data, after)
+    raise InputError("the file keeps changing while it is read; is QuPath saving it?", path=path)
+
+
+def _stat(path: Path) -> os.stat_result:
+    try:
+        return path.stat()
+    except OSError as exc:
+        raise InputError(f"cannot read: {exc.strerror or exc}", path=path) from None
 
 
 def _collect_uris(node: Any, uris: list[str], holders: list[dict[str, Any]]) -> None:

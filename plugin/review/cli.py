@@ -1,0 +1,57 @@
+"""``histosynth review …``: the review commands.
+
+The group is registered on the main command in ``histosynth.cli``; user errors
+(:class:`~histosynth.integration.errors.InputError`) raised here become one line on stderr
+and exit code 1 there.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import click
+
+
+def progress_for(ctx: click.Context, description: str, unit: str = "tile"):
+    """``progress(items, total)`` showing a tqdm bar on stderr unless ``--quiet`` was given."""
+    root = ctx.find_root()
+    quiet = bool(root.obj and root.obj.get("quiet"))
+
+    def wrap(items: Iterable, total: int) -> Iterable:
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            items,
+            total=total,
+            desc=description,
+            unit=unit,
+            disable=quiet,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            leave=False,
+        )
+
+    return wrap
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def review() -> None:
+    """Review synthetic tiles: a gallery page, reviewers' decisions from QuPath."""
+
+
+@review.command()
+@click.argument("run", type=click.Path(path_type=Path, file_okay=False))
+@click.pass_context
+def gallery(ctx: click.Context, run: Path) -> None:
+    """Write RUN/review.html: one card per tile with its inputs, result, mask overlay,
+    provenance and review status; filters by status, class and type.
+
+    Prints the page's path. Open it in a browser straight from the disk; it loads
+    nothing from the network.
+    """
+    from histosynth.review.gallery import write_gallery
+
+    page = write_gallery(run, progress=progress_for(ctx, "gallery"))
+    click.echo(str(page))

@@ -1,0 +1,495 @@
+"""The review gallery of a run: ``RUN/review.html``, one card per row of ``index.csv``.
+
+A reviewer opens the page in any browser, straight from the disk (``file://``). It is
+self-contained: no network, no external script or style sheet; a Content-Security-Policy
+allows only the page's own inline script and style (by hash) and images from the run.
+
+Images are *linked* by paths relative to ``RUN`` (the page lives in ``RUN``), not embedded:
+a run of a thousand 1024-px tiles would make a page of gigabytes with data URIs, while
+relative links keep it a few hundred kB and let the browser load images lazily. The page
+therefore stays valid only inside its run folder (move the folder, not the page).
+
+Per card, by ``synthesis_type``:
+
+- ``inpainting``: background, donor, composite (``refs/<id>-*.png``), result, mask overlay
+- ``variation``: reference (``refs/<id>-reference.png``), result, mask overlay
+- ``extracted`` (and anything else): image, mask overlay
+
+The mask overlay is the row's image with its mask drawn on it (translucent fill and an
+outline), precomputed with OpenCV into ``RUN/review/<id>-overlay.png``: it shows whether the
+label fits the image it will be trained with. Overlays are rebuilt only when missing or
+older than the image or the mask.
+
+Filters (plain JavaScript in the page): status check boxes, class and type selects, and a
+"N shown" counter; a hidden card gets the ``hidden`` attribute. The filters are read from,
+and written back to, the URL fragment, so a link can preset them:
+``review.html#status=accepted,pending&class=Vessel&type=inpainting`` (a class includes its
+derived classes: ``Vessel`` shows ``Vessel: Invasive``).
+
+Every value from the index (class names, paths, ids) is HTML-escaped.
+
+Example::
+
+    page = write_gallery("out/run")     # -> out/run/review.html
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from urllib.parse import quote
+
+import cv2
+import numpy as np
+
+from histosynth.integration.annotations import class_parts
+from histosynth.integration.atomic import atomic_write_bytes, atomic_write_text
+from histosynth.integration.dataset import (
+    INDEX_COLUMNS,
+    REVIEW_STATUSES,
+    read_index,
+    validate_tile_id,
+)
+from histosynth.integration.errors import InputError
+
+log = logging.getLogger(__name__)
+
+GALLERY_NAME = "review.html"
+OVERLAY_DIR = "review"
+OVERLAY_RGB = (0, 230, 64)
+"""Colour of the mask overlay (RGB): green stands out on H&E pinks and purples."""
+OVERLAY_ALPHA = 0.3
+"""Opacity of the overlay's fill; the outline is opaque."""
+
+Progress = Callable[[Iterable, int], Iterable]
+"""``progress(items, total) -> items``: wraps the loop over rows (e.g. a tqdm bar)."""
+
+# (label, column) of the provenance list, in display order.
+PROVENANCE: tuple[tuple[str, str], ...] = (
+    ("source slide", "source_image"),
+    ("entry", "source_entry_id"),
+    ("annotation", "source_annotation_id"),
+    ("tile x, y", "tile_x,tile_y"),
+    ("tile size", "tile_size"),
+    ("µm/px", "mpp"),
+    ("model", "model"),
+    ("adapter", "adapter"),
+    ("seed", "seed"),
+    ("steps", "steps"),
+    ("guidance", "guidance_scale"),
+    ("strength", "strength"),
+    ("KV compression", "kv_compress"),
+    ("insert x, y", "insert_x,insert_y"),
+    ("rotation °", "rotation_deg"),
+    ("created", "created_at"),
+    ("image sha256", "image_sha256"),
+)
+
+# (caption, ref name or None for the row's image) per synthesis type.
+_PANELS: dict[str, tuple[tuple[str, str | None], ...]] = {
+    "inpainting": (
+        ("background", "background"),
+        ("donor", "donor"),
+        ("composite", "composite"),
+        ("result", None),
+    ),
+    "variation": (("reference", "reference"), ("result", None)),
+}
+_DEFAULT_PANELS: tuple[tuple[str, str | None], ...] = (("image", None),)
+
+
+def write_gallery(
+    run_dir: str | os.PathLike,
+    *,
+    progress: Progress | None = None,
+) -> Path:
+    """Write ``RUN/review.html`` (atomically) and the overlays it shows; return its path.
+
+    Rows whose files are missing still get a card, with "missing file" in place of the
+    image (and a warning in the log), so that a reviewer sees the problem.
+
+    Raises:
+        InputError: ``run_dir`` is not a run folder or its ``index.csv`` is unreadable.
+    """
+    run = Path(run_dir)
+    rows = read_index(run)
+    extra_columns = _extra_columns(rows)
+    cards = []
+    iterator: Iterable = progress(rows, len(rows)) if progress else rows
+    for row in iterator:
+        cards.append(_card(run, row, extra_columns))
+    page = _page(run, rows, cards)
+    target = run / GALLERY_NAME
+    atomic_write_text(target, page)
+    return target
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _run_file(run: Path, rel: str) -> str | None:
+    """``rel`` (from the index or built from an id) as a URL path relative to the page,
+    or None when it is empty, leaves the run folder or does not exist."""
+    if not rel:
+        return None
+    posix = PurePosixPath(rel.replace("\\", "/"))
+    if not posix.parts or posix.is_absolute() or ".." in posix.parts or ":" in posix.parts[0]:
+        return None
+    path = run / Path(*posix.parts)
+    if not path.is_file():
+        return None
+    return quote(posix.as_posix(), safe="/")
+
+
+def _safe_id(tile_id: str) -> bool:
+    try:
+        validate_tile_id(tile_id)
+    except InputError:
+        return False
+    return True
+
+
+def write_overlay(image_path: Path, mask_path: Path, target: Path) -> bool:
+    """Draw ``mask_path`` on ``image_path`` (fill + outline) into PNG ``target``.
+
+    Skipped when ``target`` is newer than both inputs. Returns False (and writes nothing)
+    when an input cannot be read or the sizes differ.
+    """
+    try:
+        newest = max(image_path.stat().st_mtime_ns, mask_path.stat().st_mtime_ns)
+        if target.is_file() and target.stat().st_mtime_ns >= newest:
+            return True
+    except OSError:
+        return False
+    image = cv2.imread(str(image_path), cv2.IMREAD_COLOR)
+    mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
+    if image is None or mask is None:
+        log.warning("%s: cannot read the image or its mask for the overlay", image_path)
+        return False
+    if image.shape[:2] != mask.shape:
+        log.warning(
+            "%s: mask is %s, the image %s; no overlay", mask_path, mask.shape, image.shape[:2]
+        )
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(target, overlay_png(image, mask))
+    return True
+
+
+def overlay_png(image_bgr: np.ndarray, mask: np.ndarray) -> bytes:
+    """PNG bytes of ``image_bgr`` (H, W, 3 uint8, OpenCV's BGR) with ``mask`` (H, W; non-zero
+    = vessel) as a translucent fill and an opaque outline in :data:`OVERLAY_RGB`."""
+    inside = mask > 0
+    colour = np.array(OVERLAY_RGB[::-1], dtype=np.float32)
+    out = image_bgr.copy()
+    if inside.any():
+        blended = image_bgr[inside].astype(np.float32) * (1 - OVERLAY_ALPHA)
+        out[inside] = np.clip(blended + colour * OVERLAY_ALPHA + 0.5, 0, 255).astype(np.uint8)
+        contours, _ = cv2.findContours(
+            inside.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE
+        )
+        thickness = max(1, round(max(mask.shape) / 256))
+        cv2.drawContours(out, contours, -1, tuple(int(c) for c in colour), thickness)
+    ok, encoded = cv2.imencode(".png", out, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:
+        raise RuntimeError("PNG encoding of an overlay failed")
+    return encoded.tobytes()
+
+
+# --------------------------------------------------------------------------- HTML
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _extra_columns(rows: Sequence[dict[str, str]]) -> list[str]:
+    if not rows:
+        return []
+    return [name for name in rows[0] if name not in INDEX_COLUMNS]
+
+
+def _status(row: dict[str, str]) -> str:
+    return row.get("review_status", "") or "pending"
+
+
+def _figure(caption: str, src: str | None, missing: str, tile_id: str) -> str:
+    if src is None:
+        return (
+            f'<figure class="missing"><div class="placeholder">missing file<br>'
+            f"<code>{_e(missing)}</code></div><figcaption>{_e(caption)}</figcaption></figure>"
+        )
+    return (
+        f'<figure><a href="{_e(src)}" target="_blank" rel="noopener">'
+        f'<img src="{_e(src)}" alt="{_e(caption)} of {_e(tile_id)}" loading="lazy"></a>'
+        f"<figcaption>{_e(caption)}</figcaption></figure>"
+    )
+
+
+def _card(run: Path, row: dict[str, str], extra_columns: Sequence[str]) -> str:
+    tile_id = row.get("id", "")
+    kind = row.get("synthesis_type", "")
+    status = _status(row)
+    class_name = row.get("class_name", "")
+    safe = _safe_id(tile_id)
+    figures = []
+    for caption, ref in _PANELS.get(kind, _DEFAULT_PANELS):
+        rel = row.get("image_path", "") if ref is None else f"refs/{tile_id}-{ref}.png"
+        src = _run_file(run, rel) if (ref is None or safe) else None
+        if src is None:
+            log.warning("%s: %s: %s file missing: %s", run, tile_id, caption, rel or "(none)")
+        figures.append(_figure(caption, src, rel, tile_id))
+
+    image_src = _run_file(run, row.get("image_path", ""))
+    mask_src = _run_file(run, row.get("mask_path", ""))
+    overlay_rel = f"{OVERLAY_DIR}/{tile_id}-overlay.png"
+    overlay_src = None
+    if safe and image_src and mask_src:
+        made = write_overlay(
+            run / Path(*PurePosixPath(row["image_path"].replace("\\", "/")).parts),
+            run / Path(*PurePosixPath(row["mask_path"].replace("\\", "/")).parts),
+            run / OVERLAY_DIR / f"{tile_id}-overlay.png",
+        )
+        overlay_src = quote(overlay_rel, safe="/") if made else None
+    if overlay_src is None:
+        log.warning("%s: %s: no mask overlay (image or mask missing or unreadable)", run, tile_id)
+    figures.append(
+        _figure("mask overlay", overlay_src, row.get("mask_path", "") or overlay_rel, tile_id)
+    )
+
+    items = []
+    for label, columns in PROVENANCE:
+        values = [row.get(column, "") for column in columns.split(",")]
+        text = ", ".join(values) if any(values) else ""
+        items.append(_dd(label, text, full=text))
+    for column in extra_columns:
+        if row.get(column):
+            items.append(_dd(column.replace("_", " "), row[column], full=row[column]))
+
+    return (
+        f'<article class="card" id="card-{_e(tile_id)}" data-id="{_e(tile_id)}" '
+        f'data-status="{_e(status)}" data-class="{_e(class_name)}" data-type="{_e(kind)}">\n'
+        f'<header><h2>{_e(tile_id)}</h2>'
+        f'<span class="badge status-{_e(status)}">{_e(status)}</span>'
+        f'<span class="type">{_e(kind)}</span>'
+        f'<span class="class">{_e(class_name) or "(no class)"}</span></header>\n'
+        f'<div class="images">{"".join(figures)}</div>\n'
+        f'<dl class="provenance">{"".join(items)}</dl>\n'
+        "</article>"
+    )
+
+
+def _dd(label: str, text: str, *, full: str) -> str:
+    shown = text
+    if "/" in text or "\\" in text:  # a path: show the file name, the full path on hover
+        shown = text.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] or text
+    value = f"<dd>{_e(shown)}</dd>" if text else '<dd class="empty">—</dd>'
+    if text and shown != text:
+        value = f'<dd title="{_e(full)}">{_e(shown)}</dd>'
+    return f"<dt>{_e(label)}</dt>{value}"
+
+
+def _class_options(rows: Sequence[dict[str, str]]) -> list[tuple[str, int]]:
+    """Every class and every parent class of one (``Vessel`` for ``Vessel: Invasive``),
+    with the number of rows it selects."""
+    counts: Counter[str] = Counter()
+    for row in rows:
+        parts = class_parts(row.get("class_name", ""))
+        for depth in range(1, len(parts) + 1):
+            counts[": ".join(parts[:depth])] += 1
+    return sorted(counts.items(), key=lambda item: item[0].casefold())
+
+
+def _csp_hash(text: str) -> str:
+    digest = base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii")
+    return f"'sha256-{digest}'"
+
+
+def _page(run: Path, rows: Sequence[dict[str, str]], cards: Sequence[str]) -> str:
+    statuses = Counter(_status(row) for row in rows)
+    status_names = list(REVIEW_STATUSES) + sorted(set(statuses) - set(REVIEW_STATUSES))
+    types = Counter(row.get("synthesis_type", "") for row in rows)
+    boxes = "".join(
+        f'<label class="status-{_e(name)}"><input type="checkbox" name="status" '
+        f'value="{_e(name)}" checked> {_e(name)} ({statuses.get(name, 0)})</label>'
+        for name in status_names
+    )
+    class_options = "".join(
+        f'<option value="{_e(name)}">{_e(name)} ({count})</option>'
+        for name, count in _class_options(rows)
+    )
+    type_options = "".join(
+        f'<option value="{_e(name)}">{_e(name)} ({count})</option>'
+        for name, count in sorted(types.items())
+    )
+    summary = ", ".join(f"{statuses.get(name, 0)} {_e(name)}" for name in status_names)
+    title = f"histosynth review: {run.resolve().name}"
+    csp = (
+        "default-src 'none'; img-src 'self' file: data:; "
+        f"style-src {_csp_hash(_STYLE)}; script-src {_csp_hash(_SCRIPT)}; "
+        "base-uri 'none'; form-action 'none'"
+    )
+    written = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    body = "\n".join(cards) if cards else '<p class="none">The index has no rows.</p>'
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{_e(csp)}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="generator" content="histosynth review gallery">
+<title>{_e(title)}</title>
+<style>{_STYLE}</style>
+</head>
+<body>
+<header class="page">
+<h1>{_e(title)}</h1>
+<p class="summary">{len(rows)} tiles: {summary}. Written {_e(written)}.</p>
+<form id="filters" autocomplete="off">
+<fieldset><legend>status</legend>{boxes}</fieldset>
+<label>class <select id="class-filter"><option value="">all classes</option>\
+{class_options}</select></label>
+<label>type <select id="type-filter"><option value="">all types</option>\
+{type_options}</select></label>
+<output id="shown" aria-live="polite">{len(rows)} shown</output>
+</form>
+</header>
+<main id="cards">
+{body}
+</main>
+<script>{_SCRIPT}</script>
+</body>
+</html>
+"""
+
+
+_STYLE = """
+:root { color-scheme: light dark; --fg: #1d1d1f; --bg: #f4f4f6; --card: #fff; --muted: #666;
+  --line: #d8d8de; }
+@media (prefers-color-scheme: dark) {
+  :root { --fg: #e8e8ea; --bg: #17171a; --card: #222226; --muted: #a0a0a8; --line: #3a3a40; }
+}
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.4 system-ui, sans-serif; color: var(--fg); background: var(--bg); }
+[hidden] { display: none !important; }
+header.page { position: sticky; top: 0; z-index: 1; padding: 8px 16px; background: var(--card);
+  border-bottom: 1px solid var(--line); }
+h1 { font-size: 18px; margin: 0 0 4px; }
+.summary { margin: 0 0 6px; color: var(--muted); }
+#filters { display: flex; flex-wrap: wrap; gap: 12px; align-items: center; }
+#filters fieldset { border: 1px solid var(--line); padding: 2px 8px; margin: 0; }
+#filters legend { font-size: 12px; color: var(--muted); }
+#filters label { margin-right: 8px; }
+#filters select { max-width: 24em; }
+#shown { font-weight: 600; }
+main { padding: 12px 16px; display: grid; gap: 12px; }
+.card { background: var(--card); border: 1px solid var(--line); border-radius: 6px;
+  padding: 8px 12px; }
+.card > header { display: flex; flex-wrap: wrap; gap: 8px; align-items: baseline; }
+.card h2 { font-size: 15px; margin: 0; font-family: ui-monospace, monospace; }
+.badge { border-radius: 9px; padding: 0 8px; font-size: 12px; font-weight: 600; color: #fff;
+  background: #777; }
+.badge.status-pending { background: #b7791f; }
+.badge.status-accepted { background: #2f855a; }
+.badge.status-rejected { background: #c53030; }
+.type, .class { color: var(--muted); }
+.images { display: flex; flex-wrap: wrap; gap: 8px; margin: 8px 0; }
+figure { margin: 0; width: 200px; }
+figure img { width: 200px; height: 200px; object-fit: contain; display: block;
+  background: repeating-conic-gradient(#ccc 0 25%, #eee 0 50%) 0 0 / 16px 16px; }
+figure.broken img { outline: 3px solid #c53030; }
+figcaption { font-size: 12px; color: var(--muted); text-align: center; }
+.placeholder { width: 200px; height: 200px; display: flex; flex-direction: column;
+  justify-content: center; align-items: center; text-align: center; color: #c53030;
+  border: 2px dashed #c53030; font-size: 12px; overflow-wrap: anywhere; padding: 4px; }
+.provenance { display: grid; grid-template-columns: max-content 1fr max-content 1fr
+  max-content 1fr; gap: 1px 10px; margin: 0; font-size: 12px; }
+.provenance dt { color: var(--muted); }
+.provenance dd { margin: 0; overflow-wrap: anywhere; }
+.provenance dd.empty { color: var(--muted); }
+.none { color: var(--muted); }
+"""
+
+_SCRIPT = """
+(function () {
+  "use strict";
+  var cards = Array.prototype.slice.call(document.querySelectorAll("article.card"));
+  var boxes = Array.prototype.slice.call(
+    document.querySelectorAll('#filters input[name="status"]'));
+  var classSelect = document.getElementById("class-filter");
+  var typeSelect = document.getElementById("type-filter");
+  var shown = document.getElementById("shown");
+
+  function parts(name) {
+    return String(name || "").split(":").map(function (p) { return p.trim(); })
+      .filter(function (p) { return p.length > 0; });
+  }
+  function classMatches(name, wanted) {
+    var have = parts(name), want = parts(wanted);
+    if (want.length === 0 || have.length < want.length) { return false; }
+    for (var i = 0; i < want.length; i++) { if (have[i] !== want[i]) { return false; } }
+    return true;
+  }
+  function choose(select, value) {
+    for (var i = 0; i < select.options.length; i++) {
+      if (select.options[i].value === value) { select.selectedIndex = i; return; }
+    }
+    select.selectedIndex = 0;
+  }
+  function readHash() {
+    var params = new URLSearchParams(window.location.hash.replace(/^#/, ""));
+    if (params.has("status")) {
+      var wanted = params.get("status").split(",");
+      boxes.forEach(function (box) { box.checked = wanted.indexOf(box.value) >= 0; });
+    }
+    if (params.has("class")) { choose(classSelect, params.get("class")); }
+    if (params.has("type")) { choose(typeSelect, params.get("type")); }
+  }
+  function writeHash() {
+    var params = new URLSearchParams();
+    var checked = boxes.filter(function (b) { return b.checked; })
+      .map(function (b) { return b.value; });
+    if (checked.length !== boxes.length) { params.set("status", checked.join(",")); }
+    if (classSelect.value) { params.set("class", classSelect.value); }
+    if (typeSelect.value) { params.set("type", typeSelect.value); }
+    try { history.replaceState(null, "", "#" + params.toString()); } catch (e) { /* file: */ }
+  }
+  function apply() {
+    var statuses = {};
+    boxes.forEach(function (box) { if (box.checked) { statuses[box.value] = true; } });
+    var wantedClass = classSelect.value, wantedType = typeSelect.value, count = 0;
+    cards.forEach(function (card) {
+      var visible = statuses[card.dataset.status] === true &&
+        (wantedClass === "" || classMatches(card.dataset.class, wantedClass)) &&
+        (wantedType === "" || card.dataset.type === wantedType);
+      card.hidden = !visible;
+      if (visible) { count += 1; }
+    });
+    shown.textContent = count + " shown";
+    document.body.dataset.shown = String(count);
+  }
+  function changed() { apply(); writeHash(); }
+
+  boxes.forEach(function (box) { box.addEventListener("change", changed); });
+  classSelect.addEventListener("change", changed);
+  typeSelect.addEventListener("change", changed);
+  window.addEventListener("hashchange", function () { readHash(); apply(); });
+  Array.prototype.forEach.call(document.querySelectorAll("figure img"), function (img) {
+    function broken() { img.closest("figure").classList.add("broken"); }
+    if (img.complete && img.naturalWidth === 0 && img.getAttribute("loading") !== "lazy") {
+      broken();
+    }
+    img.addEventListener("error", broken);
+  });
+  readHash();
+  apply();
+  document.body.dataset.ready = "true";
+})();
+"""

@@ -325,6 +325,14 @@ def extract(
     is_flag=True,
     help="Skip project entries whose image cannot be found instead of stopping.",
 )
+@click.option(
+    "--write-project",
+    type=click.Choice(["none", "native", "paquo"]),
+    default="none",
+    show_default=True,
+    help="Add the synthetic tiles to --project as new entries marked for review: native "
+    "(edits project.qpproj; close the project in QuPath first) or paquo (needs QuPath).",
+)
 @click.pass_context
 def synthesize(
     ctx: click.Context,
@@ -349,6 +357,7 @@ def synthesize(
     device,
     resume,
     skip_missing,
+    write_project,
 ) -> None:
     """Synthetic vessel tiles, masks, GeoJSON and index into a run folder.
 
@@ -361,6 +370,8 @@ def synthesize(
         raise click.UsageError("give either --project or --slide (with --annotations)")
     if slide is not None and annotations is None:
         raise click.UsageError("--slide needs --annotations")
+    if write_project != "none" and project is None:
+        raise click.UsageError("--write-project needs --project")
     result = run_synthesize(
         classes=classes,
         count=count,
@@ -387,6 +398,25 @@ def synthesize(
         command=shlex.join(["histosynth", *sys.argv[1:]]),
     )
     _report_synthesis(ctx, result)
+    _write_back(ctx, write_project, project, result.run_dir)
+
+
+def _write_back(ctx: click.Context, how: str, project, run_dir: Path) -> None:
+    """Add a finished run's tiles to the QuPath project (``--write-project``)."""
+    if how == "none":
+        return
+    if project is None:
+        raise click.UsageError("--write-project needs --project")
+    if how == "native":
+        from histosynth.integration.qupath.writeback import write_run_to_project
+
+        written = write_run_to_project(project, run_dir)
+    else:
+        from histosynth.integration.qupath.paquo_backend import write_run_with_paquo
+
+        written = write_run_with_paquo(project, run_dir)
+    if not ctx.obj.get("quiet"):
+        click.echo(written.summary())
 
 
 def _report_synthesis(ctx: click.Context, result) -> None:
@@ -429,9 +459,11 @@ def demo(
     ctx: click.Context, out: Path, model: str, count: int, tile_size: int, steps: int, seed: int
 ) -> None:
     """Build a demo QuPath project (real pyramidal slides from H&E shipped with TIAToolbox,
-    vessel annotations) in DIR/project and synthesise vessels into DIR/run.
+    vessel annotations) in DIR/project, synthesise vessels into DIR/run and add them to
+    the project as entries marked for review.
 
-    Running it again reuses the project and finishes (or keeps) the run.
+    Running it again reuses the project and finishes (or keeps) the run; nothing is added
+    twice.
     """
     from histosynth.integration.demodata import build_demo_project
     from histosynth.synthesize import synthesize as run_synthesize
@@ -462,6 +494,7 @@ def demo(
         command=shlex.join(["histosynth", *sys.argv[1:]]),
     )
     _report_synthesis(ctx, result)
+    _write_back(ctx, "native", project_file, out / "run")
     if not quiet:
         click.echo(f"open the project in QuPath: {project_file}")
 
@@ -493,6 +526,17 @@ def models_check(ctx: click.Context, preset: str) -> None:
     if not check_preset(preset):
         ctx.exit(1)
 
+
+
+def _register_subcommands() -> None:
+    from histosynth.export import export
+    from histosynth.review.cli import review
+
+    main.add_command(review)
+    main.add_command(export)
+
+
+_register_subcommands()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -99,6 +99,9 @@ def load_sources(
                 path=qp.file,
             )
         for entry in qp.entries:
+            if entry.metadata.get("histosynth.synthetic") == "true":
+                # our own synthetic tiles are never sources: no synthetic-on-synthetic
+                continue
             if entry in missing:
                 log.warning(
                     "skipping entry %s %r: image not found (%s)",

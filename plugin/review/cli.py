@@ -55,3 +55,20 @@ def gallery(ctx: click.Context, run: Path) -> None:
 
     page = write_gallery(run, progress=progress_for(ctx, "gallery"))
     click.echo(str(page))
+
+
+@review.command()
+@click.argument("project", type=click.Path(path_type=Path))
+@click.option("--run", "run", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="The run folder whose tiles were added to PROJECT.")
+@click.pass_context
+def sync(ctx: click.Context, project: Path, run: Path) -> None:
+    """Copy reviewers' decisions (entry metadata review_status: accepted / rejected /
+    pending) from the QuPath PROJECT into RUN/index.csv, atomically.
+    """
+    from histosynth.integration.qupath.writeback import review_sync
+
+    result = review_sync(project, run)
+    root = ctx.find_root()
+    if not (root.obj and root.obj.get("quiet")):
+        click.echo(result.summary())

@@ -1,0 +1,78 @@
+"""``histosynth qupath …``: the QuPath menu scripts.
+
+The group is registered on the main command line with ``main.add_command(qupath)``.
+User errors are raised as :class:`~histosynth.integration.errors.InputError`, which the
+main group reports as one line and exit code 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from histosynth.qupath import MODES, SETTINGS_NAME, install_scripts
+
+
+@click.group("qupath")
+def qupath() -> None:
+    """QuPath integration: menu scripts for a project."""
+
+
+@qupath.command("install-scripts")
+@click.argument("project", type=click.Path(path_type=Path))
+@click.option(
+    "--python",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Python interpreter that runs histosynth [this one].",
+)
+@click.option(
+    "--class",
+    "classes",
+    multiple=True,
+    default=("Vessel",),
+    show_default=True,
+    help="Vessel class the scripts export and synthesise (repeatable); 'Vessel' includes "
+    "'Vessel: …'.",
+)
+@click.option("--count", "-n", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Synthetic tiles per run.")
+@click.option("--model", default="tiny", show_default=True,
+              help="Preset (pixcell-1024, pixcell-256, tiny = UNTRAINED) or a local folder.")
+@click.option("--mode", type=click.Choice(list(MODES)), default="inpaint", show_default=True)
+@click.option("--tile-size", type=click.IntRange(64, 16384), default=1024, show_default=True,
+              help="Tile side in px at --mpp.")
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=0.5,
+              show_default=True, help="Target resolution in µm/px.")
+@click.option("--overwrite/--no-overwrite", default=True, show_default=True,
+              help="Replace scripts and settings already in the project.")
+def install_scripts_command(
+    project: Path,
+    python: Path | None,
+    classes: tuple[str, ...],
+    count: int,
+    model: str,
+    mode: str,
+    tile_size: int,
+    mpp: float,
+    overwrite: bool,
+) -> None:
+    """Copy the histosynth menu scripts into PROJECT/scripts/histosynth/.
+
+    PROJECT is a QuPath project: project.qpproj or its folder. QuPath then lists the scripts
+    under Automate > Project scripts > histosynth. Their defaults go to
+    histosynth_settings.json beside them (also listed there, to edit).
+    """
+    paths = install_scripts(
+        project, python=python, classes=classes, count=count, model=model, mode=mode,
+        tile_size=tile_size, mpp=mpp, overwrite=overwrite,
+    )
+    folder = paths[0].parent
+    click.echo(f"scripts installed in {folder}")
+    for path in paths:
+        if path.name == SETTINGS_NAME:
+            click.echo(f"  {path.name} (settings)")
+        else:
+            click.echo(f"  {path.name}  (menu: {path.stem.replace('_', ' ')})")
+    click.echo("In QuPath: Automate > Project scripts > histosynth > Synthesize vessels")

@@ -318,7 +318,6 @@ List<String> buildSynthesizeCommand(Map settings, String projectFile, List<Strin
                     "--seed", seed, "--out", runFolder, "--write-project", "none"])
     return command.collect { String.valueOf(it) }
 }
-// END histosynth:command
 
 /** Run the command, every output line to the log; returns its exit code. */
 int runAndLog(List<String> command, File workingFolder) {
@@ -346,6 +345,7 @@ int runAndLog(List<String> command, File workingFolder) {
         }
     }
 }
+// END histosynth:command
 
 /** The entry's description: one line of provenance (as histosynth's native write-back writes). */
 String describeTile(String runName, Map<String, String> row) {

@@ -358,6 +358,10 @@ out.next = [fromNone: name(nextPendingEntry(images, null)),
             fromReal: name(nextPendingEntry(images, real)),
             pending: pendingSyntheticEntries(images).collect { name(it) },
             none: name(nextPendingEntry(new Images([real, done]), real))]
+println("process output follows")
+out.exit_help = runAndLog(out.command.subList(0, 4) + ["--help"], new File(input.project_folder))
+out.exit_fail = runAndLog([out.command[0], "-c", "import sys; print('failing'); sys.exit(3)"],
+        new File(input.project_folder))
 out.batch = [histosynthBatch()]
 binding.setVariable("qupath.script.batchIndex", 2)  // as QuPath's "Run for project" sets them
 binding.setVariable("qupath.script.batchSize", 5)
@@ -441,6 +445,7 @@ def groovy_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     result = _groovy(str(harness), str(tmp / "input.json"))
     assert result.returncode == 0, result.stdout + result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
+    out["_stdout"] = result.stdout
     out["_cases"] = cases
     out["_run"] = tmp / "run"
     out["_project"] = project
@@ -478,6 +483,13 @@ def test_groovy_next_pending_goes_round_the_project(groovy_results: dict) -> Non
         "fromNone": "p1", "fromP1": "p2", "fromP2": "p1", "fromReal": "p1",
         "pending": ["p1", "p2"], "none": None,
     }
+
+
+def test_groovy_runs_the_command_and_logs_its_output(groovy_results: dict) -> None:
+    assert groovy_results["exit_help"] == 0 and groovy_results["exit_fail"] == 3
+    log = groovy_results["_stdout"]
+    assert "histosynth> Usage: histosynth synthesize" in log
+    assert "histosynth> failing" in log
 
 
 def test_groovy_batch_position(groovy_results: dict) -> None:

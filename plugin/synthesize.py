@@ -23,8 +23,22 @@ from histosynth.integration.annotations import Annotation, class_matches
 from histosynth.integration.dataset import RunWriter, TileRecord
 from histosynth.integration.errors import InputError
 from histosynth.integration.masks import mask_to_polygons, rasterize, tissue_mask
-from histosynth.integration.slides import centred_tile_origin, read_tile, tile_extent
-from histosynth.workflows import SlideSource, _polygonal, _to_tile, check_classes, load_sources
+from histosynth.integration.slides import (
+    centred_tile_origin,
+    open_slide,
+    read_tile,
+    slide_mpp,
+    slide_size,
+    tile_extent,
+)
+from histosynth.workflows import (
+    SlideSource,
+    _on_slide,
+    _polygonal,
+    _to_tile,
+    check_classes,
+    load_sources,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +120,7 @@ def synthesize(
     progress: Callable[[Iterable, int], Iterable] | None = None,
     command: str = "",
     engine: Any = None,
+    sources: Sequence[SlideSource] | None = None,
 ) -> SynthesizeResult:
     """Make ``count`` synthetic tiles of ``classes`` vessels into the run folder ``out``.
 
@@ -117,7 +132,10 @@ def synthesize(
     masks are the references' masks, marked ``mask_source = reference``).
 
     ``engine`` may be an already loaded engine (``load_engine``); else ``model`` is
-    loaded once for the run.
+    loaded once for the run. ``sources`` may replace ``project`` / ``slide`` +
+    ``annotations``: slides and annotations already in memory (e.g. from TIAToolbox
+    readers and annotation stores, see ``histosynth.tiatoolbox``); a source without a
+    ``reader`` is opened from its ``slide_path``.
     """
     if mode not in MODES:
         raise InputError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -136,13 +154,18 @@ def synthesize(
     if out.exists() and not out.is_dir():
         raise InputError("the output folder is a file", path=out)
 
-    sources = load_sources(
-        project=project,
-        slide=slide,
-        annotations=annotations,
-        mpp=slide_mpp_override,
-        skip_missing=skip_missing,
-    )
+    if sources is None:
+        sources = load_sources(
+            project=project,
+            slide=slide,
+            annotations=annotations,
+            mpp=slide_mpp_override,
+            skip_missing=skip_missing,
+        )
+    else:
+        if project is not None or slide is not None or annotations is not None:
+            raise InputError("give sources, or a project / slide with annotations, not both")
+        sources = _open_sources(sources, slide_mpp_override)
     check_classes(sources, classes)
     if engine is None:
         from histosynth.synthesis.engine import load_engine
@@ -227,6 +250,20 @@ def synthesize(
         else:
             _run_variation(engine, writer, result, todo, donors, config, batch_size, progress)
     return result
+
+
+def _open_sources(sources: Sequence[SlideSource], mpp: float | None) -> list[SlideSource]:
+    """In-memory sources made ready as ``load_sources`` makes its own: reader, mpp,
+    size, annotations checked against (and clipped to) the slide."""
+    if not sources:
+        raise InputError("no slide given")
+    for source in sources:
+        if source.reader is None:
+            source.reader = open_slide(source.slide_path, mpp=mpp)
+        source.mpp = slide_mpp(source.reader)
+        source.width, source.height = slide_size(source.reader)
+        source.annotations = _on_slide(source)
+    return list(sources)
 
 
 # --------------------------------------------------------------------------- donors

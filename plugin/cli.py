@@ -530,10 +530,12 @@ def models_check(ctx: click.Context, preset: str) -> None:
 
 def _register_subcommands() -> None:
     from histosynth.export import export
+    from histosynth.qupath.cli import qupath
     from histosynth.review.cli import review
 
     main.add_command(review)
     main.add_command(export)
+    main.add_command(qupath)
 
 
 _register_subcommands()

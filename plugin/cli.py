@@ -326,6 +326,14 @@ def extract(
     help="Skip project entries whose image cannot be found instead of stopping.",
 )
 @click.option(
+    "--background",
+    type=click.Choice(["auto", "real", "synthetic"]),
+    default="auto",
+    show_default=True,
+    help="Inpainting backgrounds: real tiles of the slides, generated ones (conditioned on "
+    "real tissue near the donor), or real with generated ones where a donor fits none.",
+)
+@click.option(
     "--write-project",
     type=click.Choice(["none", "native", "paquo"]),
     default="none",
@@ -357,6 +365,7 @@ def synthesize(
     device,
     resume,
     skip_missing,
+    background,
     write_project,
 ) -> None:
     """Synthetic vessel tiles, masks, GeoJSON and index into a run folder.
@@ -394,6 +403,7 @@ def synthesize(
         device=device,
         resume=resume,
         skip_missing=skip_missing,
+        background=background,
         progress=_progress(ctx, "synthesize"),
         command=shlex.join(["histosynth", *sys.argv[1:]]),
     )

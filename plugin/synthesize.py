@@ -43,6 +43,10 @@ from histosynth.workflows import (
 log = logging.getLogger(__name__)
 
 MODES = ("inpaint", "variation")
+#: where inpainting backgrounds come from: real tiles of the slides; tiles generated from
+#: noise conditioned on 16 rotated copies of real tissue near the donor; real, and
+#: synthetic for a donor that fits no real tile.
+BACKGROUNDS = ("auto", "real", "synthetic")
 #: mode → (steps, guidance): the dissertation's inpainting defaults; PixCell's sampler.
 MODE_DEFAULTS = {"inpaint": (50, 2.5), "variation": (20, 1.5)}
 DEFAULT_STRENGTH = 0.55
@@ -72,8 +76,8 @@ class Background:
     """A real tissue tile that may receive a donor."""
 
     source: SlideSource
-    x: int
-    y: int
+    x: int | None  # level-0 corner; None for a synthetic background
+    y: int | None
     image: np.ndarray  # (tile, tile, 3) uint8
     tissue: np.ndarray  # bool
     existing: list[Annotation]  # chosen-class annotations already in the tile, tile px
@@ -121,6 +125,7 @@ def synthesize(
     command: str = "",
     engine: Any = None,
     sources: Sequence[SlideSource] | None = None,
+    background: str = "auto",
 ) -> SynthesizeResult:
     """Make ``count`` synthetic tiles of ``classes`` vessels into the run folder ``out``.
 
@@ -139,6 +144,10 @@ def synthesize(
     """
     if mode not in MODES:
         raise InputError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if background not in BACKGROUNDS:
+        raise InputError(
+            f"--background must be one of {', '.join(BACKGROUNDS)}, not {background!r}"
+        )
     if count < 1:
         raise InputError(f"--count must be at least 1, not {count}")
     if not classes:
@@ -194,16 +203,20 @@ def synthesize(
             + (f": {skipped[0][1]}" if skipped else "")
         )
     backgrounds: list[Background] = []
-    if mode == "inpaint":
+    if mode == "inpaint" and background != "synthetic":
         backgrounds = collect_backgrounds(
             sources, classes, tile_size, mpp, seed=seed, skipped=skipped
         )
         if not backgrounds:
-            raise InputError(
-                "no background tile with enough tissue (≥ 50 %) in the slides"
-                + "".join(f"; {reason}" for _, reason in skipped if "smaller than" in reason)
-                + "; use other slides, a smaller --tile-size, or --mode variation"
+            why = "no background tile with enough tissue (≥ 50 %) in the slides" + "".join(
+                f"; {reason}" for _, reason in skipped if "smaller than" in reason
             )
+            if background == "real":
+                raise InputError(
+                    why + "; use other slides, a smaller --tile-size, --background auto "
+                    "(synthetic backgrounds) or --mode variation"
+                )
+            log.warning("%s: generating synthetic backgrounds instead", why)
 
     batch_size = batch_size or (4 if engine.device.type == "cuda" else 1)
 
@@ -223,6 +236,7 @@ def synthesize(
         "kv_compress": engine.kv_compress,
         "seam_sigma": seam_sigma,
         "colour_blend": colour_blend,
+        "background": background if mode == "inpaint" else None,
         "sources": sorted(str(s.slide_path) for s in sources),
     }
     result = SynthesizeResult(out, engine_description=engine.description, trained=engine.trained)
@@ -453,18 +467,23 @@ def _run_inpaint(
         donor_index = int(order[i % len(donors)])
         donor = donors[donor_index]
         if donor_index not in rankings:
+            rankings[donor_index] = []
+        if not rankings[donor_index] and candidates:
             try:
                 rankings[donor_index] = rank_backgrounds(
                     donor.context, donor.context_tissue, candidates
                 )
             except EngineError:  # no tissue around the donor to compare: keep the order
                 rankings[donor_index] = list(range(len(candidates)))
-        ranked = rankings[donor_index]
+        ranked = rankings[donor_index] if config["background"] != "synthetic" else []
         rng = np.random.default_rng([config["seed"], i])
         # vary the background among the most similar ones, then fall back down the list
         top = min(3, len(ranked))
-        first = int(rng.integers(top))
-        for attempt, b in enumerate([ranked[first], *[r for r in ranked if r != ranked[first]]]):
+        first = int(rng.integers(top)) if ranked else 0
+        candidates_in_order = (
+            [ranked[first], *[r for r in ranked if r != ranked[first]]] if ranked else []
+        )
+        for attempt, b in enumerate(candidates_in_order):
             background = backgrounds[b]
             try:
                 composite = prepare_composite(
@@ -483,6 +502,17 @@ def _run_inpaint(
                 if attempt:
                     log.debug("tile %d: background %d of the ranking", i, attempt)
                 return _Prepared(i, donor, background, composite)
+        if config["background"] in ("auto", "synthetic"):
+            background = _synthetic_background(engine, donor, i, config)
+            composite = prepare_composite(
+                background.image,
+                donor.image,
+                donor.mask,
+                seed=config["seed"] + i,
+                colour_blend=config["colour_blend"],
+            )
+            if composite is not None:
+                return _Prepared(i, donor, background, composite)
         reason = f"donor {donor.vessel.id} fits no background tile (tissue, free space)"
         writer.skip(f"tile {i}", reason)
         result.skipped.append((f"tile {i}", reason))
@@ -499,6 +529,53 @@ def _run_inpaint(
             batch = []
     if batch:
         _inpaint_batch(pipeline, writer, result, batch, config)
+
+
+def _synthetic_background(engine, donor: Donor, index: int, config: dict) -> Background:
+    """A background generated from noise (synthetic-background mode): the condition is 16
+    randomly rotated copies of the most tissue-rich real crop (a quarter tile wide) of the
+    donor's surroundings, i.e. a full tile's worth of encoder rows."""
+    import cv2
+
+    from histosynth.synthesis.pipelines.background import (
+        generate_background,
+        synthetic_condition_tile,
+    )
+
+    tile = config["tile_size"]
+    side = tile // 4
+    context, tissue = donor.context, donor.context_tissue
+    if context.shape[0] < side:
+        context = cv2.resize(context, (side, side), interpolation=cv2.INTER_CUBIC)
+        tissue = cv2.resize(
+            tissue.astype(np.uint8), (side, side), interpolation=cv2.INTER_NEAREST
+        ).astype(bool)
+    best, best_y, best_x = -1.0, 0, 0
+    step = max(side // 2, 1)
+    for y in range(0, context.shape[0] - side + 1, step):
+        for x in range(0, context.shape[1] - side + 1, step):
+            fraction = float(tissue[y : y + side, x : x + side].mean())
+            if fraction > best:
+                best, best_y, best_x = fraction, y, x
+    crop = np.ascontiguousarray(context[best_y : best_y + side, best_x : best_x + side])
+    rng = np.random.default_rng([config["seed"], index, 3])
+    condition = synthetic_condition_tile(crop, rng, grid=4)
+    image = generate_background(
+        engine,
+        condition,
+        seeds=[config["seed"] + index],
+        steps=config["steps"],
+        adapter=config["adapter"],
+    )[0]
+    return Background(
+        source=donor.source,
+        x=None,
+        y=None,
+        image=image,
+        tissue=tissue_mask(image),
+        existing=[],
+        existing_mask=np.zeros((tile, tile), np.uint8),
+    )
 
 
 def _inpaint_batch(
@@ -564,7 +641,7 @@ def _write_inpainted(
         extra={
             "donor_image": str(donor.source.slide_path),
             "donor_entry_id": donor.source.entry_id,
-            "background_kind": "real",
+            "background_kind": "real" if background.x is not None else "synthetic",
             "placement_penalty": round(float(comp.placement.penalty), 4),
             "mask_source": "placed donor",
         },

@@ -225,3 +225,36 @@ def test_bad_input_is_one_line_exit_1_and_no_run(demo, tmp_path, monkeypatch, ar
     errors = [line for line in lines if line.startswith("histosynth: error:")]
     assert len(errors) == 1 and expected in errors[0], result.stderr
     assert not (tmp_path / "run" / "index.csv").exists()
+
+
+def test_synthetic_background_mode(demo, tmp_path):
+    out, _ = demo
+    result = invoke(
+        "synthesize",
+        "--project",
+        out / "project",
+        "--class",
+        "Vessel",
+        "--count",
+        1,
+        "--tile-size",
+        TILE,
+        "--steps",
+        2,
+        "--background",
+        "synthetic",
+        "--out",
+        tmp_path / "s",
+    )
+    assert result.exit_code == 0, result.stderr
+    (row,) = read_index(tmp_path / "s")
+    assert row["background_kind"] == "synthetic"
+    assert row["tile_x"] == "" and row["tile_y"] == ""
+    image = _png(tmp_path / "s" / row["image_path"])
+    mask = _png(tmp_path / "s" / row["mask_path"], cv2.IMREAD_UNCHANGED)
+    background = _png(tmp_path / "s" / "refs" / f"{row['id']}-background.png")
+    assert image.shape == background.shape == (TILE, TILE, 3)
+    # the generated background carries no annotation: the mask is the inserted donor alone
+    donor_mask = _png(tmp_path / "s" / "refs" / f"{row['id']}-donor-mask.png", cv2.IMREAD_UNCHANGED)
+    assert (mask > 0).sum() == (donor_mask > 0).sum()
+    assert len(read_annotations(tmp_path / "s" / row["annotation_path"])) == 1

@@ -98,6 +98,12 @@ def load_sources(
                 + " (move them back, or pass --skip-missing)",
                 path=qp.file,
             )
+        for sidecar in qp.unknown_sidecars():
+            log.warning(
+                "%s: belongs to no entry of %s (no entry with that ID or image name); ignored",
+                sidecar,
+                qp.file,
+            )
         for entry in qp.entries:
             if entry.metadata.get("histosynth.synthetic") == "true":
                 # our own synthetic tiles are never sources: no synthetic-on-synthetic

@@ -452,3 +452,23 @@ def test_entry_without_annotations_is_skipped_with_a_warning_naming_it(demo, tmp
     assert any("2" in line and "slide-2" in line for line in warnings), result.stderr
     rows = read_index(out)
     assert rows and {r["source_entry_id"] for r in rows} == {"1"}
+
+
+def test_sidecar_of_an_unknown_entry_is_named_in_a_warning(demo, tmp_path):
+    import shutil
+
+    project = tmp_path / "project"
+    shutil.copytree(Path(demo["project"]).parent, project)
+    stray = project / "annotations" / "99.geojson"
+    shutil.copy(project / "annotations" / "1.geojson", stray)
+    result = CliRunner().invoke(
+        main,
+        ["extract", "--project", str(project), "--class", "Vessel", "--out", str(tmp_path / "out")],
+    )
+    assert result.exit_code == 0, result.stderr
+    assert any(
+        "99.geojson" in line and "belongs to no entry" in line
+        for line in result.stderr.splitlines()
+    ), result.stderr
+    # its vessels are not extracted
+    assert len(read_index(tmp_path / "out")) == sum(len(_vessels(s)) for s in demo["slides"])

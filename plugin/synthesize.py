@@ -34,8 +34,7 @@ from histosynth.integration.slides import (
 from histosynth.workflows import (
     SlideSource,
     _on_slide,
-    _polygonal,
-    _to_tile,
+    annotations_in_tile,
     check_classes,
     load_sources,
 )
@@ -398,23 +397,7 @@ def collect_backgrounds(
             scale = source.mpp / mpp
             region = box(x, y, x + extent, y + extent)
             inside = [a for a in chosen_annotations if a.geometry.intersects(region)]
-            existing = []
-            for ann in inside:
-                geometry = _polygonal(
-                    _to_tile(ann.geometry, x, y, scale).intersection(
-                        box(0, 0, tile_size, tile_size)
-                    )
-                )
-                if geometry is not None:
-                    existing.append(
-                        Annotation(
-                            geometry=geometry,
-                            class_name=ann.class_name,
-                            color=ann.color,
-                            name=ann.name,
-                            properties={"source_annotation_id": ann.id},
-                        )
-                    )
+            existing = annotations_in_tile(inside, x, y, scale, tile_size)
             existing_mask = rasterize(
                 [a.geometry for a in existing],
                 origin=(0, 0),

@@ -351,23 +351,9 @@ def _encode_tile(
         scale=scale,
         shape=(tile_size, tile_size),
     )
-    tile_box = box(0, 0, tile_size, tile_size)
-    tile_annotations = []
-    for ann in planned.neighbours:
-        geometry = _polygonal(
-            _to_tile(ann.geometry, planned.x, planned.y, scale).intersection(tile_box)
-        )
-        if geometry is None:
-            continue
-        tile_annotations.append(
-            Annotation(
-                geometry=geometry,
-                class_name=ann.class_name,
-                color=ann.color,
-                name=ann.name,
-                properties={"source_annotation_id": ann.id},
-            )
-        )
+    tile_annotations = annotations_in_tile(
+        planned.neighbours, planned.x, planned.y, scale, tile_size
+    )
     record = TileRecord(
         id=planned.tile_id,
         synthesis_type="extracted",
@@ -381,6 +367,30 @@ def _encode_tile(
         mpp=mpp,
     )
     return writer.encode_tile(record, image, mask, tile_annotations)
+
+
+def annotations_in_tile(
+    annotations: Iterable[Annotation], x: float, y: float, scale: float, tile_size: int
+) -> list[Annotation]:
+    """``annotations`` (level-0 px) in the pixels of the tile whose corner is (x, y) level-0
+    px, ``scale`` tile px per level-0 px, clipped to the tile; those left empty are
+    dropped. Each keeps its class, colour and name, with its id as ``source_annotation_id``.
+    """
+    tile_box = box(0, 0, tile_size, tile_size)
+    out = []
+    for ann in annotations:
+        geometry = _polygonal(_to_tile(ann.geometry, x, y, scale).intersection(tile_box))
+        if geometry is not None:
+            out.append(
+                Annotation(
+                    geometry=geometry,
+                    class_name=ann.class_name,
+                    color=ann.color,
+                    name=ann.name,
+                    properties={"source_annotation_id": ann.id},
+                )
+            )
+    return out
 
 
 def _to_tile(geometry, x0: float, y0: float, scale: float):

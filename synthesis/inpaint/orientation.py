@@ -24,6 +24,9 @@ import cv2
 import numpy as np
 from skimage.color import hed_from_rgb
 
+from histosynth.synthesis.inpaint._checks import check_mask as _check_mask
+from histosynth.synthesis.inpaint._checks import check_rgb as _check_rgb
+
 __all__ = [
     "MAX_NUCLEUS_AREA",
     "MIN_NUCLEUS_AREA",
@@ -45,25 +48,6 @@ MAX_NUCLEUS_AREA = 800.0
 _LOG_OD = (np.log(np.maximum(np.arange(256) / 255.0, 1e-6)) / np.log(1e-6)).astype(np.float32)
 _H_LUT = np.stack([_LOG_OD * np.float32(hed_from_rgb[c, 0]) for c in range(3)], axis=-1)
 _H_LUT = np.ascontiguousarray(_H_LUT.reshape(1, 256, 3).astype(np.float32))
-
-
-def _check_rgb(rgb: np.ndarray, name: str) -> np.ndarray:
-    rgb = np.asarray(rgb)
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"{name}: expected uint8 RGB (H, W, 3), got {rgb.dtype} {rgb.shape}")
-    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ValueError(f"{name}: image has no pixels")
-    return rgb
-
-
-def _check_mask(mask: np.ndarray, shape: tuple[int, int], name: str) -> np.ndarray:
-    """A 2-D mask of ``shape`` as bool (non-zero = inside)."""
-    mask = np.asarray(mask)
-    if mask.ndim == 3 and mask.shape[2] == 1:
-        mask = mask[..., 0]
-    if mask.shape != shape:
-        raise ValueError(f"{name}: mask shape {mask.shape} does not match the image {shape}")
-    return mask if mask.dtype == bool else mask != 0
 
 
 def hematoxylin(rgb: np.ndarray) -> np.ndarray:

@@ -38,6 +38,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from histosynth.synthesis.inpaint._checks import check_mask as _check_mask
+from histosynth.synthesis.inpaint._checks import check_rgb as _check_rgb
 from histosynth.synthesis.inpaint.colour import _masked_mean_std, _to_lab
 
 __all__ = ["Placement", "find_placement", "forbidden_zone", "tissue_mask"]
@@ -76,24 +78,6 @@ def _gray(rgb: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
 
 
-def _check_rgb(rgb: np.ndarray, name: str) -> np.ndarray:
-    rgb = np.asarray(rgb)
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"{name}: expected uint8 RGB (H, W, 3), got {rgb.dtype} {rgb.shape}")
-    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ValueError(f"{name}: image has no pixels")
-    return rgb
-
-
-def _as_bool(mask: np.ndarray, shape: tuple[int, int], name: str) -> np.ndarray:
-    mask = np.asarray(mask)
-    if mask.ndim == 3 and mask.shape[2] == 1:
-        mask = mask[..., 0]
-    if mask.shape != shape:
-        raise ValueError(f"{name}: shape {mask.shape} does not match {shape}")
-    return mask if mask.dtype == bool else mask != 0
-
-
 def tissue_mask(background: np.ndarray, *, gray_threshold: float = 180) -> np.ndarray:
     """Tissue pixels of a uint8 RGB image: gray (ITU-R 601 luma, 0–255) < ``gray_threshold``."""
     return _gray(_check_rgb(background, "background")) < gray_threshold
@@ -116,7 +100,7 @@ def forbidden_zone(
         _gray(background) >= gray_threshold if non_tissue else np.zeros(shape, dtype=bool)
     )
     if existing is not None:
-        ann = _as_bool(existing, shape, "existing annotations")
+        ann = _check_mask(existing, shape, "existing annotations")
         if margin > 0 and ann.any():
             disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1, 2 * margin + 1))
             ann = cv2.dilate(ann.astype(np.uint8), disc) > 0
@@ -255,17 +239,17 @@ def find_placement(
     background = _check_rgb(background, "background")
     donor_image = _check_rgb(donor_image, "donor image")
     H, W = background.shape[:2]
-    mask = _as_bool(donor_mask, donor_image.shape[:2], "donor mask")
+    mask = _check_mask(donor_mask, donor_image.shape[:2], "donor mask")
     h, w = mask.shape
     if h > H or w > W:
         raise ValueError(f"donor ({h}×{w} px) is larger than the background tile ({H}×{W} px)")
     if not mask.any():
         raise ValueError("donor mask is empty")
-    hard = _as_bool(forbidden, (H, W), "forbidden zone")
+    hard = _check_mask(forbidden, (H, W), "forbidden zone")
     tissue = (
         _gray(background) < gray_threshold
         if tissue is None
-        else _as_bool(tissue, (H, W), "tissue mask")
+        else _check_mask(tissue, (H, W), "tissue mask")
     )
     if not 0 <= min_tissue <= preferred_tissue <= 1:
         raise ValueError("need 0 ≤ min_tissue ≤ preferred_tissue ≤ 1")

@@ -537,7 +537,6 @@ def models_check(ctx: click.Context, preset: str) -> None:
         ctx.exit(1)
 
 
-
 def _register_subcommands() -> None:
     from histosynth.export import export
     from histosynth.qupath.cli import qupath

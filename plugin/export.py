@@ -451,9 +451,7 @@ every slide a tile touches, group on the connected components of `slide_group` a
     required=True,
     help="Dataset folder to create (must not exist or be empty).",
 )
-@click.option(
-    "--include-pending", is_flag=True, help="Also export tiles not reviewed yet."
-)
+@click.option("--include-pending", is_flag=True, help="Also export tiles not reviewed yet.")
 @click.option(
     "--image-format",
     type=click.Choice(IMAGE_FORMATS, case_sensitive=False),

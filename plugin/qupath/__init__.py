@@ -105,8 +105,9 @@ def settings_for(
         classes = [classes]
     names = [str(name).strip() for name in classes]
     if not names or any(not name for name in names):
-        raise InputError(f"give one or more non-empty class names, not {list(classes)!r}",
-                         item="classes")
+        raise InputError(
+            f"give one or more non-empty class names, not {list(classes)!r}", item="classes"
+        )
     if not _is_int(count) or count < 1:
         raise InputError(f"count must be a whole number >= 1, not {count!r}", item="count")
     if not isinstance(model, str) or not model.strip():
@@ -168,13 +169,19 @@ def install_scripts(
     """
     target = scripts_folder(project)
     settings = settings_for(
-        python=python, classes=classes, count=count, model=model, mode=mode,
-        tile_size=tile_size, mpp=mpp,
+        python=python,
+        classes=classes,
+        count=count,
+        model=model,
+        mode=mode,
+        tile_size=tile_size,
+        mpp=mpp,
     )
     names = script_names()
     if not names:
-        raise InputError("no Groovy scripts found in the installed histosynth package",
-                         item="histosynth.qupath")
+        raise InputError(
+            "no Groovy scripts found in the installed histosynth package", item="histosynth.qupath"
+        )
     paths = [target / name for name in names] + [target / SETTINGS_NAME]
     if not overwrite:
         existing = [path for path in paths if path.exists()]

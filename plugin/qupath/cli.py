@@ -36,17 +36,41 @@ def qupath() -> None:
     help="Vessel class the scripts export and synthesise (repeatable); 'Vessel' includes "
     "'Vessel: …'.",
 )
-@click.option("--count", "-n", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Synthetic tiles per run.")
-@click.option("--model", default="tiny", show_default=True,
-              help="Preset (pixcell-1024, pixcell-256, tiny = UNTRAINED) or a local folder.")
+@click.option(
+    "--count",
+    "-n",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Synthetic tiles per run.",
+)
+@click.option(
+    "--model",
+    default="tiny",
+    show_default=True,
+    help="Preset (pixcell-1024, pixcell-256, tiny = UNTRAINED) or a local folder.",
+)
 @click.option("--mode", type=click.Choice(list(MODES)), default="inpaint", show_default=True)
-@click.option("--tile-size", type=click.IntRange(64, 16384), default=1024, show_default=True,
-              help="Tile side in px at --mpp.")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=0.5,
-              show_default=True, help="Target resolution in µm/px.")
-@click.option("--overwrite/--no-overwrite", default=True, show_default=True,
-              help="Replace scripts and settings already in the project.")
+@click.option(
+    "--tile-size",
+    type=click.IntRange(64, 16384),
+    default=1024,
+    show_default=True,
+    help="Tile side in px at --mpp.",
+)
+@click.option(
+    "--mpp",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.5,
+    show_default=True,
+    help="Target resolution in µm/px.",
+)
+@click.option(
+    "--overwrite/--no-overwrite",
+    default=True,
+    show_default=True,
+    help="Replace scripts and settings already in the project.",
+)
 def install_scripts_command(
     project: Path,
     python: Path | None,
@@ -65,8 +89,15 @@ def install_scripts_command(
     histosynth_settings.json beside them (also listed there, to edit).
     """
     paths = install_scripts(
-        project, python=python, classes=classes, count=count, model=model, mode=mode,
-        tile_size=tile_size, mpp=mpp, overwrite=overwrite,
+        project,
+        python=python,
+        classes=classes,
+        count=count,
+        model=model,
+        mode=mode,
+        tile_size=tile_size,
+        mpp=mpp,
+        overwrite=overwrite,
     )
     folder = paths[0].parent
     click.echo(f"scripts installed in {folder}")

@@ -59,8 +59,13 @@ def gallery(ctx: click.Context, run: Path) -> None:
 
 @review.command()
 @click.argument("project", type=click.Path(path_type=Path))
-@click.option("--run", "run", type=click.Path(path_type=Path, file_okay=False), required=True,
-              help="The run folder whose tiles were added to PROJECT.")
+@click.option(
+    "--run",
+    "run",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="The run folder whose tiles were added to PROJECT.",
+)
 @click.pass_context
 def sync(ctx: click.Context, project: Path, run: Path) -> None:
     """Copy reviewers' decisions (entry metadata review_status: accepted / rejected /

@@ -276,7 +276,7 @@ def _card(run: Path, row: dict[str, str], extra_columns: Sequence[str]) -> str:
     return (
         f'<article class="card" id="card-{_e(tile_id)}" data-id="{_e(tile_id)}" '
         f'data-status="{_e(status)}" data-class="{_e(class_name)}" data-type="{_e(kind)}">\n'
-        f'<header><h2>{_e(tile_id)}</h2>'
+        f"<header><h2>{_e(tile_id)}</h2>"
         f'<span class="badge status-{_e(status)}">{_e(status)}</span>'
         f'<span class="type">{_e(kind)}</span>'
         f'<span class="class">{_e(class_name) or "(no class)"}</span></header>\n'

@@ -285,7 +285,11 @@ def extract(
     show_default=True,
     help="Preset (pixcell-1024, pixcell-256, tiny = UNTRAINED) or a local folder.",
 )
-@click.option("--adapter", default=None, help="Name of a loaded LoRA style adapter.")
+@click.option(
+    "--adapter",
+    default=None,
+    help="LoRA style adapter: its folder, or its name in the library ($HISTOSYNTH_ADAPTERS).",
+)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option(
     "--steps",

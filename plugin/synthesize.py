@@ -184,6 +184,8 @@ def synthesize(
             kv_compress=kv_compress,
             tile_size=tile_size if model == "tiny" else None,
         )
+    if adapter is not None:
+        adapter = load_adapter_for(engine, adapter)
     if engine.tile_size != tile_size:
         raise InputError(
             f"the model makes {engine.tile_size} px tiles; use --tile-size {engine.tile_size}"
@@ -277,6 +279,39 @@ def _open_sources(sources: Sequence[SlideSource], mpp: float | None) -> list[Sli
         source.width, source.height = slide_size(source.reader)
         source.annotations = _on_slide(source)
     return list(sources)
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+def adapter_folder(adapter: str) -> Path:
+    """Where the LoRA adapter ``adapter`` is: a folder path, or a name in the adapter
+    library (``$HISTOSYNTH_ADAPTERS``, else ``~/.local/share/histosynth/adapters``)."""
+    import os
+
+    as_path = Path(adapter).expanduser()
+    if as_path.is_dir():
+        return as_path
+    root = Path(os.environ.get("HISTOSYNTH_ADAPTERS", "~/.local/share/histosynth/adapters"))
+    candidate = root.expanduser() / adapter
+    if candidate.is_dir():
+        return candidate
+    raise InputError(
+        f"no adapter folder {as_path} and no adapter {adapter!r} in the library {root} "
+        "(set HISTOSYNTH_ADAPTERS or give the adapter's folder)",
+        item="--adapter",
+    )
+
+
+def load_adapter_for(engine: Any, adapter: str) -> str:
+    """Load the LoRA adapter (folder or library name) onto the engine's transformer,
+    checked against the base weights; return the name the pipelines activate."""
+    from histosynth.synthesis.adapters import load_adapter, loaded_adapters
+
+    if adapter in loaded_adapters(engine.transformer):
+        return adapter
+    info = load_adapter(engine.transformer, adapter_folder(adapter), activate=False)
+    return info.name
 
 
 # --------------------------------------------------------------------------- donors

@@ -258,3 +258,46 @@ def test_synthetic_background_mode(demo, tmp_path):
     donor_mask = _png(tmp_path / "s" / "refs" / f"{row['id']}-donor-mask.png", cv2.IMREAD_UNCHANGED)
     assert (mask > 0).sum() == (donor_mask > 0).sum()
     assert len(read_annotations(tmp_path / "s" / row["annotation_path"])) == 1
+
+
+def test_adapter_from_the_library_changes_the_style_and_is_recorded(demo, tmp_path, monkeypatch):
+    import torch
+
+    from histosynth.synthesis.adapters import create_adapter, save_adapter
+    from histosynth.synthesis.engine import load_engine
+
+    engine = load_engine("tiny", device="cpu", tile_size=TILE)
+    create_adapter(engine.transformer, "warm-stain", domain="test")
+    with torch.no_grad():  # a "trained" adapter: B no longer zero
+        for name, param in engine.transformer.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.5)
+    save_adapter(engine.transformer, "warm-stain", tmp_path / "library" / "warm-stain")
+    monkeypatch.setenv("HISTOSYNTH_ADAPTERS", str(tmp_path / "library"))
+
+    out, _ = demo
+    common = [
+        "synthesize",
+        "--project",
+        out / "project",
+        "--class",
+        "Vessel",
+        "--count",
+        1,
+        "--tile-size",
+        TILE,
+        "--steps",
+        2,
+        "--seed",
+        3,
+    ]
+    plain = invoke(*common, "--out", tmp_path / "plain")
+    styled = invoke(*common, "--adapter", "warm-stain", "--out", tmp_path / "styled")
+    assert plain.exit_code == 0 and styled.exit_code == 0, plain.stderr + styled.stderr
+    (p,) = read_index(tmp_path / "plain")
+    (s,) = read_index(tmp_path / "styled")
+    assert s["adapter"] == "warm-stain" and p["adapter"] == ""
+    assert s["image_sha256"] != p["image_sha256"]
+
+    missing = invoke(*common, "--adapter", "nope", "--out", tmp_path / "x")
+    assert missing.exit_code == 1 and "'nope'" in missing.stderr

@@ -394,6 +394,30 @@ _RESERVED = frozenset(
 )
 
 
+def check_run_folder(run_dir: str | os.PathLike, *, resume: bool = False) -> None:
+    """Raise ``InputError`` unless ``run_dir`` can receive a run: it is missing, an empty
+    folder, or a histosynth run folder (which needs ``resume`` once it holds an index).
+
+    ``RunWriter`` checks this when it opens; workflows call it first, before slow work.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError("is a file; the output must be a folder", path=run_dir)
+    has_index = (run_dir / INDEX_NAME).is_file()
+    has_run_json = (run_dir / RUN_JSON_NAME).is_file()
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not (has_index or has_run_json):
+        raise InputError(
+            "the folder is not empty and is not a histosynth run folder "
+            "(no run.json or index.csv); choose a new or empty folder",
+            path=run_dir,
+        )
+    if has_index and not resume:
+        raise InputError(
+            "already holds a run (index.csv); pass --resume to continue it or choose a new folder",
+            path=run_dir,
+        )
+
+
 @dataclass(frozen=True)
 class EncodedTile:
     """One tile ready to write: its record and the bytes of its files."""
@@ -513,22 +537,9 @@ class RunWriter:
         if self._open:
             return self
         run_dir = self.run_dir
-        if run_dir.exists() and not run_dir.is_dir():
-            raise InputError("is a file; the output must be a folder", path=run_dir)
+        check_run_folder(run_dir, resume=self.resume)
         has_index = self.index_path.is_file()
         has_run_json = self.run_json_path.is_file()
-        if run_dir.is_dir() and any(run_dir.iterdir()) and not (has_index or has_run_json):
-            raise InputError(
-                "the folder is not empty and is not a histosynth run folder "
-                "(no run.json or index.csv); choose a new or empty folder",
-                path=run_dir,
-            )
-        if has_index and not self.resume:
-            raise InputError(
-                "already holds a run (index.csv); pass --resume to continue it "
-                "or choose a new folder",
-                path=run_dir,
-            )
         if self.resume and has_run_json:
             self._check_config()
         if self.resume and has_index:
@@ -679,8 +690,9 @@ class RunWriter:
             RuntimeError: the writer is not open.
         """
         return self.commit(
-            self.encode_tile(record, image, mask, annotations, refs=refs,
-                             annotation_kwargs=annotation_kwargs)
+            self.encode_tile(
+                record, image, mask, annotations, refs=refs, annotation_kwargs=annotation_kwargs
+            )
         )
 
     def encode_tile(
@@ -765,8 +777,11 @@ class RunWriter:
                 for name, data in tile.refs.items():
                     written.append(self.run_dir / "refs" / f"{tile_id}-{name}.png")
                     atomic_write_bytes(written[-1], data)
-                for rel, data in ((image_rel, tile.image_png), (mask_rel, tile.mask_png),
-                                  (annotation_rel, tile.geojson)):
+                for rel, data in (
+                    (image_rel, tile.image_png),
+                    (mask_rel, tile.mask_png),
+                    (annotation_rel, tile.geojson),
+                ):
                     written.append(self.run_dir / rel)
                     atomic_write_bytes(written[-1], data)
                 done = dataclasses.replace(

@@ -20,7 +20,7 @@ from shapely.geometry import box
 
 from histosynth import __version__
 from histosynth.integration.annotations import Annotation, class_matches
-from histosynth.integration.dataset import RunWriter, TileRecord
+from histosynth.integration.dataset import RunWriter, TileRecord, check_run_folder
 from histosynth.integration.errors import InputError
 from histosynth.integration.masks import mask_to_polygons, rasterize, tissue_mask
 from histosynth.integration.slides import (
@@ -161,6 +161,7 @@ def synthesize(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError("the output folder is a file", path=out)
+    check_run_folder(out, resume=resume)  # before the slow part: loading the model
 
     if sources is None:
         sources = load_sources(

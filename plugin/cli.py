@@ -104,6 +104,23 @@ def main(ctx: click.Context, quiet: bool, debug: bool) -> None:
     _setup_logging(ctx, quiet, debug)
 
 
+_mpp_option = click.option(
+    "--mpp",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.5,
+    show_default=True,
+    help="Target resolution in µm/px (0.5 = 20×).",
+)
+_resume_option = click.option(
+    "--resume", is_flag=True, help="Continue an interrupted run in --out."
+)
+_skip_missing_option = click.option(
+    "--skip-missing",
+    is_flag=True,
+    help="Skip project entries whose image cannot be found instead of stopping.",
+)
+
+
 def _input_options(func):
     func = click.option(
         "--project",
@@ -155,13 +172,7 @@ def _input_options(func):
     show_default=True,
     help="Tile width and height in px at --mpp.",
 )
-@click.option(
-    "--mpp",
-    type=click.FloatRange(min=0, min_open=True),
-    default=0.5,
-    show_default=True,
-    help="Target resolution in µm/px (0.5 = 20×).",
-)
+@_mpp_option
 @click.option(
     "--min-area",
     type=click.FloatRange(min=0),
@@ -175,12 +186,8 @@ def _input_options(func):
     default=None,
     help="Skip vessels larger than this, in µm².",
 )
-@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
-@click.option(
-    "--skip-missing",
-    is_flag=True,
-    help="Skip project entries whose image cannot be found instead of stopping.",
-)
+@_resume_option
+@_skip_missing_option
 @click.option(
     "--compress",
     is_flag=True,
@@ -272,13 +279,7 @@ def extract(
     show_default=True,
     help="Tile side in px at --mpp (must match the model's).",
 )
-@click.option(
-    "--mpp",
-    type=click.FloatRange(min=0, min_open=True),
-    default=0.5,
-    show_default=True,
-    help="Target resolution in µm/px (0.5 = 20×).",
-)
+@_mpp_option
 @click.option(
     "--model",
     default="tiny",
@@ -323,12 +324,8 @@ def extract(
     help="Tiles per model call [4 on CUDA, 1 on CPU].",
 )
 @click.option("--device", default=None, help="cuda, cuda:1, cpu … [cuda when available].")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
-@click.option(
-    "--skip-missing",
-    is_flag=True,
-    help="Skip project entries whose image cannot be found instead of stopping.",
-)
+@_resume_option
+@_skip_missing_option
 @click.option(
     "--background",
     type=click.Choice(["auto", "real", "synthetic"]),

@@ -10,12 +10,12 @@ import logging
 import math
 import shlex
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 
 import click
 
 from histosynth import __version__
+from histosynth.progress import progress_for
 
 log = logging.getLogger("histosynth")
 
@@ -71,25 +71,6 @@ class HistosynthGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("histosynth: interrupted; run again with --resume to continue", err=True)
             ctx.exit(130)
-
-
-def _progress(ctx: click.Context, description: str):
-    quiet = bool(ctx.obj and ctx.obj.get("quiet"))
-
-    def wrap(items: Iterable, total: int) -> Iterable:
-        from tqdm.auto import tqdm
-
-        return tqdm(
-            items,
-            total=total,
-            desc=description,
-            unit="tile",
-            disable=quiet,
-            file=sys.stderr,
-            dynamic_ncols=True,
-        )
-
-    return wrap
 
 
 @click.group(cls=HistosynthGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -236,7 +217,7 @@ def extract(
         resume=resume,
         skip_missing=skip_missing,
         png="small" if compress else "fast",
-        progress=_progress(ctx, "extract"),
+        progress=progress_for(ctx, "extract"),
         command=shlex.join(["histosynth", *sys.argv[1:]]),
     )
     if not ctx.obj.get("quiet"):
@@ -405,7 +386,7 @@ def synthesize(
         resume=resume,
         skip_missing=skip_missing,
         background=background,
-        progress=_progress(ctx, "synthesize"),
+        progress=progress_for(ctx, "synthesize"),
         command=shlex.join(["histosynth", *sys.argv[1:]]),
     )
     _report_synthesis(ctx, result)
@@ -501,7 +482,7 @@ def demo(
         seed=seed,
         steps=steps,
         resume=(out / "run" / "index.csv").exists(),
-        progress=_progress(ctx, "demo"),
+        progress=progress_for(ctx, "demo"),
         command=shlex.join(["histosynth", *sys.argv[1:]]),
     )
     _report_synthesis(ctx, result)

@@ -466,7 +466,7 @@ def export(
     """Accepted (and with --include-pending, pending) tiles of RUN as an image-folder
     training dataset in OUT: train/<id>.png + train/metadata.csv, masks/<id>.png,
     README.md. Rejected tiles are never exported."""
-    from histosynth.review.cli import progress_for
+    from histosynth.progress import progress_for
 
     result = export_training_set(
         run,

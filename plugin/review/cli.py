@@ -7,33 +7,11 @@ and exit code 1 there.
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterable
 from pathlib import Path
 
 import click
 
-
-def progress_for(ctx: click.Context, description: str, unit: str = "tile"):
-    """``progress(items, total)`` showing a tqdm bar on stderr unless ``--quiet`` was given."""
-    root = ctx.find_root()
-    quiet = bool(root.obj and root.obj.get("quiet"))
-
-    def wrap(items: Iterable, total: int) -> Iterable:
-        from tqdm.auto import tqdm
-
-        return tqdm(
-            items,
-            total=total,
-            desc=description,
-            unit=unit,
-            disable=quiet,
-            file=sys.stderr,
-            dynamic_ncols=True,
-            leave=False,
-        )
-
-    return wrap
+from histosynth.progress import progress_for
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -47,24 +47,21 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
-from torch import Tensor, nn
+from torch import Tensor
 
 from histosynth.synthesis.errors import EngineError
 from histosynth.synthesis.inpaint.seam import seam_blend, seam_weights
-from histosynth.synthesis.models.vae import LatentCodec
 from histosynth.synthesis.pipelines.variation import (
-    VariationPipeline,
+    PixCellPipeline,
     adapter_scope,
     guided_noise,
 )
@@ -150,12 +147,15 @@ def _composites(composite: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
             raise EngineError("expected at least one composite", item="composite")
         composite = np.stack([np.asarray(c) for c in composite])
     if isinstance(composite, Tensor) or not isinstance(composite, np.ndarray):
-        raise EngineError(f"expected uint8 numpy RGB images, found {type(composite).__name__}",
-                          item="composite")
+        raise EngineError(
+            f"expected uint8 numpy RGB images, found {type(composite).__name__}", item="composite"
+        )
     images = composite[None] if composite.ndim == 3 else composite
     if images.ndim != 4 or images.shape[-1] != 3:
-        raise EngineError(f"expected RGB images (H, W, 3) or (B, H, W, 3), found "
-                          f"{composite.shape}", item="composite")
+        raise EngineError(
+            f"expected RGB images (H, W, 3) or (B, H, W, 3), found {composite.shape}",
+            item="composite",
+        )
     if images.dtype != np.uint8:
         raise EngineError(f"expected uint8 images, found {images.dtype}", item="composite")
     return np.ascontiguousarray(images)
@@ -171,8 +171,11 @@ def _masks(mask: np.ndarray | Sequence[np.ndarray], shape: tuple[int, int, int])
     if masks.shape != shape:
         b, h, w = shape
         expected = f"({h}, {w})" if b == 1 else f"({b}, {h}, {w})"
-        raise EngineError(f"expected a mask of shape {expected} (one per composite, same "
-                          f"size), found {mask.shape}", item="mask")
+        raise EngineError(
+            f"expected a mask of shape {expected} (one per composite, same "
+            f"size), found {mask.shape}",
+            item="mask",
+        )
     if masks.dtype == np.bool_:
         return masks
     if not np.issubdtype(masks.dtype, np.number):
@@ -181,12 +184,14 @@ def _masks(mask: np.ndarray | Sequence[np.ndarray], shape: tuple[int, int, int])
         values = set(np.unique(one).tolist())
         if not (values <= {0, 255} or values <= {0, 1}):
             where = "" if len(masks) == 1 else f" (mask {i})"
-            raise EngineError(f"expected mask values 0/255 (or 0/1, or bool), found "
-                              f"{sorted(values)[:6]}{where}", item="mask")
+            raise EngineError(
+                f"expected mask values 0/255 (or 0/1, or bool), found {sorted(values)[:6]}{where}",
+                item="mask",
+            )
     return masks > 0
 
 
-class InpaintPipeline(DiffusionPipeline):
+class InpaintPipeline(PixCellPipeline):
     """Partial diffusion of composites (SDEdit) with a seam blend around the mask.
 
     Components (``register_modules``, as :class:`~histosynth.synthesis.pipelines.
@@ -197,55 +202,19 @@ class InpaintPipeline(DiffusionPipeline):
     are passed). Tiles are ``transformer.config.sample_size × 8`` px.
     """
 
-    model_cpu_offload_seq = "encoder->transformer->vae"
-    _optional_components = ["encoder"]  # noqa: RUF012 - diffusers' class attribute
-
-    def __init__(
-        self,
-        transformer: nn.Module,
-        vae: AutoencoderKL,
-        scheduler: SchedulerMixin,
-        encoder: nn.Module | None = None,
-    ) -> None:
-        super().__init__()
-        self.register_modules(
-            transformer=transformer, vae=vae, scheduler=scheduler, encoder=encoder
-        )
-
-    @property
-    def codec(self) -> LatentCodec:
-        """The latent codec on the current VAE (scale and shift applied there only)."""
-        return LatentCodec(self.vae)
-
-    @property
-    def tile_size(self) -> int:
-        """Side of the tiles this pipeline takes and makes, px."""
-        return int(self.transformer.config.sample_size) * self.codec.downsample
-
     def _rows(self, images: np.ndarray, uni_rows: Tensor | np.ndarray | None) -> Tensor:
         """Condition rows ``[B, tokens, dim]``, float32 on the execution device."""
-        cfg = self.transformer.config
-        tokens, channels = cfg.caption_num_tokens, cfg.caption_channels
         if uni_rows is None:
             if self.encoder is None:
-                raise EngineError("this pipeline has no encoder; pass uni_rows instead",
-                                  item="uni_rows")
+                raise EngineError(
+                    "this pipeline has no encoder; pass uni_rows instead", item="uni_rows"
+                )
             rows = self.encoder.encode(images)
         else:
             rows = torch.as_tensor(uni_rows)
             if rows.ndim == 2:
                 rows = rows[None]
-        expected = (images.shape[0], tokens, channels)
-        if tuple(rows.shape) != expected:
-            raise EngineError(f"expected UNI rows {list(expected)} (one set per composite), "
-                              f"found {list(rows.shape)}", item="uni_rows")
-        if not rows.is_floating_point():
-            raise EngineError(f"expected float UNI rows, found {rows.dtype}", item="uni_rows")
-        return rows.to(self._execution_device, torch.float32)
-
-    def _step_kwargs(self, generator: Any) -> dict[str, Any]:
-        params = set(inspect.signature(self.scheduler.step).parameters)
-        return {"generator": generator} if "generator" in params else {}
+        return self._checked_rows(rows, images.shape[0])
 
     @torch.no_grad()
     def __call__(
@@ -296,8 +265,9 @@ class InpaintPipeline(DiffusionPipeline):
                 type.
         """
         if output_type not in ("numpy", "pil", "latent"):
-            raise EngineError("expected output_type 'numpy', 'pil' or 'latent'",
-                              item=str(output_type))
+            raise EngineError(
+                "expected output_type 'numpy', 'pil' or 'latent'", item=str(output_type)
+            )
         if int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
             raise EngineError("expected a positive integer", item="num_inference_steps")
         if not 0 <= float(strength) <= 1:
@@ -308,18 +278,22 @@ class InpaintPipeline(DiffusionPipeline):
         count, height, width = images.shape[:3]
         side = self.tile_size
         if (height, width) != (side, side):
-            raise EngineError(f"expected composites of {side}×{side} px (the engine's tile "
-                              f"size), found {width}×{height} px", item="composite")
+            raise EngineError(
+                f"expected composites of {side}×{side} px (the engine's tile "
+                f"size), found {width}×{height} px",
+                item="composite",
+            )
         masks = _masks(mask, (count, height, width))
-        seed_list, gen = VariationPipeline._seeds(seeds, generator, count)
+        seed_list, gen = self._seeds(seeds, generator, count)
 
         device = self._execution_device
         timesteps, num_steps = img2img_timesteps(
             self.scheduler, int(num_inference_steps), float(strength), device
         )
         if num_steps == 0:
-            return self._finish(images.copy(), images.copy(), seed_list, None, 0,
-                                output_type, return_dict)
+            return self._finish(
+                images.copy(), images.copy(), seed_list, None, 0, output_type, return_dict
+            )
 
         rows = self._rows(images, uni_rows)
         latents = self.codec.encode(images).to(device, torch.float32)  # posterior mean
@@ -330,29 +304,31 @@ class InpaintPipeline(DiffusionPipeline):
             null_rows = self.transformer.null_condition(count, dtype=torch.float32, device=device)
         step_kwargs = self._step_kwargs(gen)
 
-        with adapter_scope(self.transformer, adapter), self.progress_bar(
-            total=len(timesteps)
-        ) as bar:
+        with (
+            adapter_scope(self.transformer, adapter),
+            self.progress_bar(total=len(timesteps)) as bar,
+        ):
             for t in timesteps:
                 model_input = self.scheduler.scale_model_input(latents, t)
                 eps = guided_noise(
                     self.transformer, model_input, t, rows, null_rows, guidance_scale
                 )
-                latents = self.scheduler.step(eps, t, latents, return_dict=False,
-                                              **step_kwargs)[0]
+                latents = self.scheduler.step(eps, t, latents, return_dict=False, **step_kwargs)[0]
                 bar.update()
 
         start = int(timesteps[0])
         if output_type == "latent":
-            return self._finish(latents, None, seed_list, start, num_steps,
-                                output_type, return_dict)
+            return self._finish(
+                latents, None, seed_list, start, num_steps, output_type, return_dict
+            )
         generated = self.codec.decode(latents, output="numpy")
-        final = np.stack([
-            seam_blend(images[i], generated[i], seam_weights(masks[i], sigma=float(seam_sigma)))
-            for i in range(count)
-        ])
-        return self._finish(final, generated, seed_list, start, num_steps,
-                            output_type, return_dict)
+        final = np.stack(
+            [
+                seam_blend(images[i], generated[i], seam_weights(masks[i], sigma=float(seam_sigma)))
+                for i in range(count)
+            ]
+        )
+        return self._finish(final, generated, seed_list, start, num_steps, output_type, return_dict)
 
     def _finish(
         self,
@@ -375,5 +351,10 @@ class InpaintPipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
         if not return_dict:
             return images, generated, seeds, start_step, num_steps
-        return InpaintPipelineOutput(images=images, generated=generated, seeds=seeds,
-                                     start_step=start_step, num_steps=num_steps)
+        return InpaintPipelineOutput(
+            images=images,
+            generated=generated,
+            seeds=seeds,
+            start_step=start_step,
+            num_steps=num_steps,
+        )

@@ -154,13 +154,18 @@ def adapter_scope(transformer: nn.Module, adapter: str | None) -> Iterator[None]
         return
     loaded = list(getattr(transformer, "peft_config", {}) or {})
     if not getattr(transformer, "_hf_peft_config_loaded", False) or adapter not in loaded:
-        raise EngineError(f"no adapter {adapter!r} is loaded on the transformer (loaded: "
-                          f"{loaded})", item="adapter")
+        raise EngineError(
+            f"no adapter {adapter!r} is loaded on the transformer (loaded: {loaded})",
+            item="adapter",
+        )
     layers = _tuner_layers(transformer)
     merged = sorted({name for layer in layers for name in getattr(layer, "merged_adapters", [])})
     if merged and merged != [adapter]:
-        raise EngineError(f"adapter(s) {merged} are fused into the base weights; unfuse them "
-                          f"before using adapter {adapter!r}", item="adapter")
+        raise EngineError(
+            f"adapter(s) {merged} are fused into the base weights; unfuse them "
+            f"before using adapter {adapter!r}",
+            item="adapter",
+        )
     previous = list(layers[0].active_adapters)
     was_disabled = bool(layers[0].disable_adapters)
     grads = {p: p.requires_grad for n, p in transformer.named_parameters() if "lora_" in n}
@@ -180,16 +185,11 @@ def adapter_scope(transformer: nn.Module, adapter: str | None) -> Iterator[None]
 # --------------------------------------------------------------------------- the pipeline
 
 
-class VariationPipeline(DiffusionPipeline):
-    """Variations of reference tiles: UNI condition → guided denoising → VAE decode.
-
-    Components (``register_modules``): ``transformer`` (a PixCell DiT), ``vae`` (the SD3
-    ``AutoencoderKL``), ``scheduler`` (any diffusers scheduler; see
-    :func:`histosynth.synthesis.engine.make_scheduler`), ``encoder`` (a
-    :class:`~histosynth.synthesis.models.encoders.GridEncoder`, a plain ``nn.Module``;
-    optional when ``uni_rows`` are passed). The tile side is
-    ``transformer.config.sample_size × 8`` (1024 for PixCell-1024).
-    """
+class PixCellPipeline(DiffusionPipeline):
+    """What the PixCell pipelines share: the components, the tile size, seeds and the
+    checks of condition rows. Components (``register_modules``): ``transformer`` (a
+    PixCell DiT), ``vae`` (the SD3 ``AutoencoderKL``), ``scheduler`` (any diffusers
+    scheduler), ``encoder`` (optional when ``uni_rows`` are passed)."""
 
     model_cpu_offload_seq = "encoder->transformer->vae"
     _optional_components = ["encoder"]  # noqa: RUF012 - diffusers' class attribute
@@ -220,34 +220,21 @@ class VariationPipeline(DiffusionPipeline):
 
     # -- inputs
 
-    def _condition(self, reference: ImageInput | None, uni_rows: Tensor | None) -> Tensor:
-        """UNI rows [B, tokens, dim] (float32 on the transformer's device)."""
+    def _checked_rows(self, rows: Tensor, batch: int | None = None) -> Tensor:
+        """Condition rows ``[B, tokens, dim]`` checked against the transformer (and the
+        batch size, when given), as float32 on the execution device."""
         cfg = self.transformer.config
         tokens, channels = cfg.caption_num_tokens, cfg.caption_channels
-        if (reference is None) == (uni_rows is None):
-            raise EngineError("give either reference images or uni_rows (one of them)",
-                              item="reference")
-        if reference is not None:
-            if self.encoder is None:
-                raise EngineError("this pipeline has no encoder; pass uni_rows instead",
-                                  item="reference")
-            images = image_batch(reference, name="reference")
-            side = self.tile_size
-            if tuple(images.shape[-2:]) != (side, side):
-                h, w = images.shape[-2:]
-                raise EngineError(
-                    f"expected RGB tiles of {side}×{side} px (the engine's tile size), "
-                    f"found {w}×{h} px",
-                    item="reference",
-                )
-            rows = self.encoder.encode(images)
-        else:
-            rows = torch.as_tensor(uni_rows)
-            if rows.ndim == 2:
-                rows = rows[None]
-        if rows.ndim != 3 or tuple(rows.shape[1:]) != (tokens, channels):
-            raise EngineError(f"expected UNI rows [B, {tokens}, {channels}], found "
-                              f"{list(rows.shape)}", item="uni_rows")
+        expected = f"[{batch if batch is not None else 'B'}, {tokens}, {channels}]"
+        if (
+            rows.ndim != 3
+            or tuple(rows.shape[1:]) != (tokens, channels)
+            or (batch is not None and rows.shape[0] != batch)
+        ):
+            raise EngineError(
+                f"expected UNI rows {expected} (one set per image), found {list(rows.shape)}",
+                item="uni_rows",
+            )
         if not rows.is_floating_point():
             raise EngineError(f"expected float UNI rows, found {rows.dtype}", item="uni_rows")
         return rows.to(self._execution_device, torch.float32)
@@ -262,8 +249,10 @@ class VariationPipeline(DiffusionPipeline):
             raise EngineError("give seeds or generator, not both", item="seeds")
         if generator is not None:
             if isinstance(generator, list) and len(generator) != count:
-                raise EngineError(f"expected {count} generators (one per image), got "
-                                  f"{len(generator)}", item="generator")
+                raise EngineError(
+                    f"expected {count} generators (one per image), got {len(generator)}",
+                    item="generator",
+                )
             return None, generator
         if seeds is None:
             seeds = [secrets.randbits(32) for _ in range(count)]
@@ -272,13 +261,53 @@ class VariationPipeline(DiffusionPipeline):
         else:
             seeds = [int(s) for s in seeds]
         if len(seeds) != count:
-            raise EngineError(f"expected {count} seeds (one per image), got {len(seeds)}",
-                              item="seeds")
+            raise EngineError(
+                f"expected {count} seeds (one per image), got {len(seeds)}", item="seeds"
+            )
         return seeds, generators_for(seeds)
 
     def _step_kwargs(self, generator: Any) -> dict[str, Any]:
         params = set(inspect.signature(self.scheduler.step).parameters)
         return {"generator": generator} if "generator" in params else {}
+
+
+class VariationPipeline(PixCellPipeline):
+    """Variations of reference tiles: UNI condition → guided denoising → VAE decode.
+
+    Components (``register_modules``): ``transformer`` (a PixCell DiT), ``vae`` (the SD3
+    ``AutoencoderKL``), ``scheduler`` (any diffusers scheduler; see
+    :func:`histosynth.synthesis.engine.make_scheduler`), ``encoder`` (a
+    :class:`~histosynth.synthesis.models.encoders.GridEncoder`, a plain ``nn.Module``;
+    optional when ``uni_rows`` are passed). The tile side is
+    ``transformer.config.sample_size × 8`` (1024 for PixCell-1024).
+    """
+
+    def _condition(self, reference: ImageInput | None, uni_rows: Tensor | None) -> Tensor:
+        """UNI rows [B, tokens, dim] (float32 on the transformer's device)."""
+        if (reference is None) == (uni_rows is None):
+            raise EngineError(
+                "give either reference images or uni_rows (one of them)", item="reference"
+            )
+        if reference is not None:
+            if self.encoder is None:
+                raise EngineError(
+                    "this pipeline has no encoder; pass uni_rows instead", item="reference"
+                )
+            images = image_batch(reference, name="reference")
+            side = self.tile_size
+            if tuple(images.shape[-2:]) != (side, side):
+                h, w = images.shape[-2:]
+                raise EngineError(
+                    f"expected RGB tiles of {side}×{side} px (the engine's tile size), "
+                    f"found {w}×{h} px",
+                    item="reference",
+                )
+            rows = self.encoder.encode(images)
+        else:
+            rows = torch.as_tensor(uni_rows)
+            if rows.ndim == 2:
+                rows = rows[None]
+        return self._checked_rows(rows)
 
     # -- call
 
@@ -322,8 +351,9 @@ class VariationPipeline(DiffusionPipeline):
                 a wrong number of seeds, an unknown adapter or output type.
         """
         if output_type not in ("numpy", "pil", "latent"):
-            raise EngineError("expected output_type 'numpy', 'pil' or 'latent'",
-                              item=str(output_type))
+            raise EngineError(
+                "expected output_type 'numpy', 'pil' or 'latent'", item=str(output_type)
+            )
         if int(num_images_per_reference) != num_images_per_reference or (
             num_images_per_reference < 1
         ):

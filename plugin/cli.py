@@ -520,13 +520,17 @@ def models_check(ctx: click.Context, preset: str) -> None:
 
 
 def _register_subcommands() -> None:
+    from histosynth.cache import cache
     from histosynth.export import export
     from histosynth.qupath.cli import qupath
     from histosynth.review.cli import review
+    from histosynth.train import train
 
     main.add_command(review)
     main.add_command(export)
     main.add_command(qupath)
+    main.add_command(cache)
+    main.add_command(train)
 
 
 _register_subcommands()

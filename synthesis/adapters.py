@@ -88,6 +88,7 @@ __all__ = [
     "save_adapter",
     "unfuse",
     "unload_adapter",
+    "validate_adapter_name",
 ]
 
 CROSS_ATTENTION_TARGETS: tuple[str, ...] = (
@@ -455,6 +456,16 @@ _activate = activate  # load_adapter has a parameter of that name
 
 
 # --------------------------------------------------------------------------- create / save
+
+
+def validate_adapter_name(name: str) -> str:
+    """``name`` when it is a valid adapter name (letters, digits, ``_``, ``-``)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise EngineError(
+            f"expected an adapter name of letters, digits, '_' and '-', got {name!r}",
+            item="name",
+        )
+    return name
 
 
 def create_adapter(

@@ -856,9 +856,13 @@ def _temporary_sibling(folder: Path):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_engine(engine: Engine, folder: str | os.PathLike) -> Path:
+def save_engine(
+    engine: Engine, folder: str | os.PathLike, *, training: dict[str, Any] | None = None
+) -> Path:
     """Write ``engine`` to ``folder`` (``transformer/``, ``vae/``, ``encoder/``,
     ``scheduler/``, ``histosynth_engine.json``); :func:`load_engine` reads it back.
+
+    ``training`` (JSON-able: how the weights were trained) is kept in the metadata file.
 
     The folder is written next to its place and renamed into it, so a reader never sees
     half an engine. The metadata keeps ``trained``: a saved tiny engine stays UNTRAINED.
@@ -892,6 +896,8 @@ def save_engine(engine: Engine, folder: str | os.PathLike) -> Path:
             "trained": engine.trained,
             "model_id": engine.model_id,
         }
+        if training is not None:
+            meta["training"] = training
         (tmp / ENGINE_FILE).write_text(json.dumps(meta, indent=2) + "\n", "utf-8")
         if folder.exists():
             folder.rmdir()  # empty, checked above

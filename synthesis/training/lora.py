@@ -1,0 +1,146 @@
+"""Train a LoRA style adapter on a PixCell base and put it into the adapter library.
+
+The adapter is the library's own kind (:mod:`histosynth.synthesis.adapters`): rank r, α,
+cross-attention targets only, created with peft's ``add_adapter`` so only the LoRA
+matrices train; the base keeps its float32 weights (mixed precision runs the forward
+under autocast, the LoRA parameters stay float32). The result lands in the library with
+its metadata — domain, resolution, base id and weight hash, rank, α, creation time, the
+cache's content hash as training-set checksum, validation metrics, steps — and works at
+once with ``synthesize --adapter NAME``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from histosynth.synthesis.adapters import (
+    AdapterInfo,
+    base_weight_hash,
+    create_adapter,
+    save_adapter,
+    unload_adapter,
+)
+from histosynth.synthesis.errors import EngineError
+from histosynth.synthesis.training.config import TrainConfig
+from histosynth.synthesis.training.data import EncodedSamples
+from histosynth.synthesis.training.loop import TrainResult, run_training
+
+__all__ = ["train_lora"]
+
+
+def _apply_speed_options(model: Any, config: TrainConfig) -> None:
+    from histosynth.synthesis.engine import set_attention
+    from histosynth.synthesis.models.kv_compression import (
+        disable_kv_compression,
+        enable_kv_compression,
+    )
+
+    if config.kv_compress == 1:
+        disable_kv_compression(model)
+    elif config.kv_compress is not None and config.kv_compress != model.config.get(
+        "kv_compress_ratio"
+    ):
+        enable_kv_compression(model, ratio=int(config.kv_compress))
+    set_attention(model, config.attention)
+
+
+def train_lora(
+    engine: Any,
+    data: EncodedSamples,
+    train_indices: Sequence[int],
+    val_indices: Sequence[int],
+    *,
+    name: str,
+    folder: str | Path,
+    config: TrainConfig,
+    work_dir: str | Path,
+    rank: int = 4,
+    alpha: float = 4,
+    domain: str = "",
+    training_data_checksum: str = "",
+    overwrite: bool = False,
+    resume: bool = False,
+    on_checkpoint: Callable[[Any, int], None] | None = None,
+    progress: Callable[..., Any] | None = None,
+) -> tuple[AdapterInfo | None, TrainResult]:
+    """Train adapter ``name`` on ``engine``'s transformer and save it to ``folder``.
+
+    The adapter stays loaded (and active) on ``engine.transformer`` afterwards. In a
+    multi-process run only the main process writes the adapter (others get ``None``).
+
+    Raises:
+        EngineError: ``folder`` exists (without ``overwrite``), an adapter of that name
+            is loaded, a checkpoint of another configuration, bad settings.
+    """
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise EngineError(
+            f"an adapter named {name!r} already exists; pass --overwrite to replace it",
+            path=folder,
+        )
+    model = engine.transformer
+    _apply_speed_options(model, config)
+    base_hash = base_weight_hash(model)
+    resolution = int(model.config.sample_size) * 8
+    with torch.random.fork_rng(devices=[]):  # the LoRA A init is seeded, not global
+        torch.manual_seed(config.seed)
+        info = create_adapter(
+            model,
+            name,
+            rank=rank,
+            alpha=alpha,
+            domain=domain,
+            resolution=resolution,
+            base_id=engine.model_id,
+            training_data_checksum=training_data_checksum,
+        )
+    fingerprint = {
+        "kind": "lora",
+        "base_hash": base_hash,
+        "training_data": training_data_checksum,
+        "name": name,
+        "rank": int(rank),
+        "alpha": float(alpha),
+        "resolution": resolution,
+    }
+    try:
+        result = run_training(
+            model,
+            data,
+            train_indices,
+            val_indices,
+            config=config,
+            noise_scheduler=engine.make_scheduler("ddpm"),
+            work_dir=Path(work_dir),
+            fingerprint=fingerprint,
+            resume=resume,
+            device=engine.device,
+            on_checkpoint=on_checkpoint,
+            progress=progress,
+        )
+    except BaseException:
+        unload_adapter(model, name)
+        raise
+    model.eval().requires_grad_(False)
+    if not result.main_process:
+        return None, result
+    info = dataclasses.replace(
+        info,
+        metrics={k: round(float(v), 6) for k, v in result.metrics.items()},
+        training={
+            **config.to_dict(),
+            "steps_run": result.steps,
+            "seconds": round(result.seconds, 1),
+            "images_per_second": round(result.images_per_second, 3),
+            "train_samples": len(train_indices),
+            "val_samples": len(val_indices),
+            "resumed_from": result.resumed_from,
+        },
+    )
+    saved = save_adapter(model, name, folder, info=info, overwrite=overwrite)
+    return saved, result

@@ -258,9 +258,11 @@ def _config(opts: dict[str, Any]):
 def _device(choice: str | None) -> str | None:
     """The process's device: its own GPU under a multi-process launch."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
         from accelerate import PartialState
 
-        return str(PartialState().device)
+        cpu = choice == "cpu" or not torch.cuda.is_available()
+        return str(PartialState(cpu=cpu).device)
     return choice
 
 
@@ -376,7 +378,7 @@ def _describe(result: Any) -> str:
             else f"held-out loss {m['val_loss']:.4f}; "
         )
     return (
-        f"{loss}{result.steps} steps, {result.seconds:.0f} s in this run, "
+        f"{loss}{result.steps} steps, {result.seconds:.1f} s in this run, "
         f"{result.images_per_second:.2f} samples/s"
     )
 

@@ -316,6 +316,15 @@ def extract(
     "real tissue near the donor), or real with generated ones where a donor fits none.",
 )
 @click.option(
+    "--harmonise",
+    type=click.Choice(["diffusion", "multiband", "none"]),
+    default="diffusion",
+    show_default=True,
+    help="How the seam is regenerated: partial diffusion with the engine, multiband "
+    "(Laplacian-pyramid) blending without a model step (fast on a CPU), or not at all. "
+    "Beyond 4σ of the seam the tile is the composite in every mode.",
+)
+@click.option(
     "--write-project",
     type=click.Choice(["none", "native", "paquo"]),
     default="none",
@@ -348,6 +357,7 @@ def synthesize(
     resume,
     skip_missing,
     background,
+    harmonise,
     write_project,
 ) -> None:
     """Synthetic vessel tiles, masks, GeoJSON and index into a run folder.
@@ -386,6 +396,7 @@ def synthesize(
         resume=resume,
         skip_missing=skip_missing,
         background=background,
+        harmonise=harmonise,
         progress=progress_for(ctx, "synthesize"),
         command=shlex.join(["histosynth", *sys.argv[1:]]),
     )

@@ -5,8 +5,8 @@ Images go in and come out as RGB in [0, 1] (floats, channels-first) or ``uint8``
 (:func:`histosynth.synthesis.models.encoders.image_batch`); the VAE itself sees
 [-1, 1]. Latents are *scaled*: ``(z − shift_factor) · scaling_factor`` with SD3's
 ``scaling_factor 1.5305`` and ``shift_factor 0.0609``, the space the denoiser works in.
-The scaling is applied in exactly one place, :meth:`LatentCodec.to_latents` /
-:meth:`LatentCodec.from_latents`.
+The scaling is applied in exactly one place, :func:`scale_latents` (used by
+:meth:`LatentCodec.to_latents` and the feature cache) / :meth:`LatentCodec.from_latents`.
 
 Example:
     >>> vae = load_vae("~/weights/stable-diffusion-3.5-large/vae")  # doctest: +SKIP
@@ -37,11 +37,17 @@ __all__ = [
     "SD3_SHIFT_FACTOR",
     "LatentCodec",
     "load_vae",
+    "scale_latents",
 ]
 
 SD3_LATENT_CHANNELS = 16
 SD3_SCALING_FACTOR = 1.5305
 SD3_SHIFT_FACTOR = 0.0609
+
+
+def scale_latents(z: Tensor, scaling_factor: float, shift_factor: float) -> Tensor:
+    """Raw VAE latents → the denoiser's space: ``(z − shift_factor) · scaling_factor``."""
+    return (z - shift_factor) * scaling_factor
 
 
 def _read_config(folder: Path) -> tuple[Path, dict]:
@@ -138,7 +144,7 @@ class LatentCodec:
 
     def to_latents(self, z: Tensor) -> Tensor:
         """Raw VAE latents → the denoiser's space: ``(z − shift) · scale``."""
-        return (z - self.shift_factor) * self.scaling_factor
+        return scale_latents(z, self.scaling_factor, self.shift_factor)
 
     def from_latents(self, latents: Tensor) -> Tensor:
         """The denoiser's space → raw VAE latents: ``latents / scale + shift``."""

@@ -1,0 +1,552 @@
+"""``histosynth cache build``: the feature cache of a dataset, a QuPath project or a slide.
+
+Tiles come from a histosynth dataset / run folder (``index.csv``; rows a reviewer rejected
+are left out), or from slides: one tile centred on each vessel of the chosen classes (the
+tiles ``extract`` writes, same ids) plus ``--background-tiles N`` tissue tiles that hold
+no annotation of any class (for style adapters), chosen from ``--seed``. The engine's VAE
+and encoder turn them into a cache file (:mod:`histosynth.synthesis.cache`); the encoder
+keeps the model's crop (its magnification), so any tile size that is a multiple of the
+crop works: a 512 px tile with UNI2-h's 256 px crops gives 4 rows.
+
+Every input is checked before the model loads or anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from histosynth.integration.errors import InputError
+from histosynth.progress import progress_for
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+    from histosynth.synthesis.cache import CacheInfo, CacheTile
+    from histosynth.workflows import SlideSource
+
+log = logging.getLogger(__name__)
+
+MIN_BACKGROUND_TISSUE = 0.75
+"""Smallest tissue fraction of a background tile (``integration.masks.tissue_mask``)."""
+
+
+@dataclass
+class CacheBuildResult:
+    """What ``cache build`` did."""
+
+    info: CacheInfo
+    written: int = 0
+    already_present: int = 0
+    vessels: int = 0
+    backgrounds: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    engine_description: str = ""
+    trained: bool = True
+
+
+@dataclass
+class _Planned:
+    """A tile to cache, before its pixels are read: ``read()`` makes the CacheTile."""
+
+    tile_id: str
+    kind: str
+    read: Callable[[], CacheTile]
+
+
+class _TileStream:
+    """The planned tiles in order, read ``lookahead`` tiles ahead by one reader thread
+    (slide readers are not shared between threads; the model meanwhile encodes)."""
+
+    def __init__(self, planned: Sequence[_Planned], lookahead: int = 0) -> None:
+        self.planned = list(planned)
+        self.lookahead = int(lookahead)
+
+    def __len__(self) -> int:
+        return len(self.planned)
+
+    def __iter__(self) -> Iterator[CacheTile]:
+        if self.lookahead <= 0:
+            yield from (p.read() for p in self.planned)
+            return
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending: deque = deque()
+            try:
+                for planned in self.planned:
+                    pending.append(pool.submit(planned.read))
+                    if len(pending) > self.lookahead:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:
+                for future in pending:
+                    future.cancel()
+
+
+# --------------------------------------------------------------------------- dataset input
+
+
+@dataclass
+class _DatasetInput:
+    folder: Path
+    rows: list[dict[str, str]]
+    tile_size: int
+    mpp: float | None
+
+
+def _uniform(rows: Sequence[dict[str, str]], column: str, cast: type, where: Path) -> Any:
+    """The one value of ``column`` in every row (``None`` when the column is empty)."""
+    values = {r.get(column, "").strip() for r in rows} - {""}
+    if not values:
+        return None
+    try:
+        parsed = sorted({cast(float(v)) for v in values})
+    except ValueError as err:
+        raise InputError(f"column {column!r} holds a non-number ({err})", path=where) from err
+    if len(parsed) > 1:
+        raise InputError(
+            f"tiles of several {column} values ({', '.join(map(str, parsed))}); a cache holds "
+            "one: cache each group on its own",
+            path=where,
+        )
+    return parsed[0]
+
+
+def _read_dataset(folder: Path) -> _DatasetInput:
+    """Rows of a dataset / run folder that are not rejected, with their files checked."""
+    from histosynth.integration.dataset import read_index
+
+    rows = read_index(folder)
+    index = folder / "index.csv" if folder.is_dir() else folder
+    folder = index.parent
+    kept = [r for r in rows if r.get("review_status", "").strip() != "rejected"]
+    if not kept:
+        raise InputError(
+            f"no tiles to cache: {len(rows)} row(s), {len(rows) - len(kept)} rejected",
+            path=index,
+        )
+    for row in kept:
+        for column in ("image_path", "mask_path"):
+            name = row.get(column, "").strip()
+            if column == "image_path" and not name:
+                raise InputError("a row has no image_path", path=index, item=row.get("id"))
+            if name and not (folder / name).is_file():
+                raise InputError(f"file of tile {row.get('id')!r} not found ({column})",
+                                 path=folder / name)
+    tile_size = _uniform(kept, "tile_size", int, index)
+    if tile_size is None:  # an index without the column: the first image says
+        tile_size = _read_png(folder / kept[0]["image_path"], colour=True).shape[0]
+    return _DatasetInput(folder, kept, tile_size, _uniform(kept, "mpp", float, index))
+
+
+def _read_png(path: Path, colour: bool) -> np.ndarray:
+    import cv2
+
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR if colour else cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise InputError("cannot read the image", path=path)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if colour else image
+
+
+def _dataset_tile(folder: Path, row: dict[str, str], tile_size: int) -> CacheTile:
+    import numpy as np
+
+    from histosynth.synthesis.cache import CacheTile
+
+    image = _read_png(folder / row["image_path"], colour=True)
+    mask_name = row.get("mask_path", "").strip()
+    mask = (
+        _read_png(folder / mask_name, colour=False)
+        if mask_name
+        else np.zeros(image.shape[:2], dtype=np.uint8)
+    )
+    if image.shape[:2] != (tile_size, tile_size) or mask.shape != image.shape[:2]:
+        raise InputError(
+            f"expected {tile_size}×{tile_size} px image and mask, found {image.shape[1]}×"
+            f"{image.shape[0]} and {mask.shape[1]}×{mask.shape[0]}",
+            path=folder / row["image_path"],
+        )
+    return CacheTile(row["id"], image, mask, source=row.get("source_image", ""), kind="vessel")
+
+
+def _plan_dataset(data: _DatasetInput, tile_size: int) -> list[_Planned]:
+    return [
+        _Planned(row["id"], "vessel", lambda row=row: _dataset_tile(data.folder, row, tile_size))
+        for row in data.rows
+    ]
+
+
+def dataset_tiles(folder: str | Path) -> Iterator[CacheTile]:
+    """The tiles of a dataset / run folder that are not rejected, read one at a time
+    (uint8 RGB images, 0/255 masks, ids and source slides from ``index.csv``).
+
+    Raises:
+        InputError: no index, no tile left, a missing or unreadable file, mixed tile sizes.
+    """
+    data = _read_dataset(Path(folder))
+    return iter(_TileStream(_plan_dataset(data, data.tile_size)))
+
+
+# --------------------------------------------------------------------------- slide input
+
+
+def _vessel_tile(planned: Any, tile_size: int, mpp: float) -> CacheTile:
+    """Pixels and mask (every chosen-class vessel in it) of one ``extract`` tile."""
+    from histosynth.integration.masks import rasterize
+    from histosynth.integration.slides import read_tile
+    from histosynth.synthesis.cache import CacheTile
+
+    source = planned.source
+    image = read_tile(source.reader, planned.x, planned.y, tile_size, mpp)
+    mask = rasterize(
+        [a.geometry for a in planned.neighbours],
+        origin=(planned.x, planned.y),
+        scale=source.mpp / mpp,
+        shape=(tile_size, tile_size),
+    )
+    return CacheTile(planned.tile_id, image, mask, source=str(source.slide_path), kind="vessel")
+
+
+def _background_tile(source: SlideSource, tile_id: str, x: int, y: int, tile_size: int,
+                     mpp: float) -> CacheTile:
+    import numpy as np
+
+    from histosynth.integration.slides import read_tile
+    from histosynth.synthesis.cache import CacheTile
+
+    image = read_tile(source.reader, x, y, tile_size, mpp)
+    mask = np.zeros((tile_size, tile_size), dtype=np.uint8)
+    return CacheTile(tile_id, image, mask, source=str(source.slide_path), kind="background")
+
+
+def _free_positions(
+    source: SlideSource, tile_size: int, mpp: float, min_tissue: float
+) -> list[tuple[int, int]]:
+    """Level-0 corners (half-tile steps) of tiles that touch no annotation and are mostly
+    tissue in the slide's thumbnail."""
+    import numpy as np
+    from shapely.geometry import box
+    from shapely.strtree import STRtree
+
+    from histosynth.integration.masks import tissue_mask
+    from histosynth.integration.slides import tile_extent
+
+    extent = tile_extent(tile_size, mpp, source.mpp)
+    if source.width < extent or source.height < extent:
+        return []
+    thumb_mpp = max(source.mpp * 8, 4.0)
+    thumb = source.reader.slide_thumbnail(resolution=thumb_mpp, units="mpp")[..., :3]
+    tissue = tissue_mask(np.ascontiguousarray(thumb, dtype=np.uint8))
+    factor = source.mpp / thumb_mpp  # thumbnail px per level-0 px
+    tree = STRtree([a.geometry for a in source.annotations]) if source.annotations else None
+    positions = []
+    for y in np.arange(0, source.height - extent + 1, extent / 2):
+        for x in np.arange(0, source.width - extent + 1, extent / 2):
+            region = box(x, y, x + extent, y + extent)
+            if tree is not None and any(
+                source.annotations[i].geometry.intersects(region) for i in tree.query(region)
+            ):
+                continue
+            window = tissue[int(y * factor) : int((y + extent) * factor) + 1,
+                            int(x * factor) : int((x + extent) * factor) + 1]
+            if window.size and window.mean() >= min_tissue:
+                positions.append((int(x), int(y)))
+    return positions
+
+
+def _mostly_tissue(source: SlideSource, x: int, y: int, tile_size: int, mpp: float,
+                   min_tissue: float) -> bool:
+    """Tissue fraction of the tile at ≥ ``min_tissue``, checked on an 8× smaller read."""
+    from histosynth.integration.masks import tissue_mask
+    from histosynth.integration.slides import read_tile
+
+    small = max(16, tile_size // 8)
+    preview = read_tile(source.reader, x, y, small, mpp * tile_size / small)
+    return float(tissue_mask(preview, min_area_px=16).mean()) >= min_tissue
+
+
+def _plan_backgrounds(
+    sources: Sequence[SlideSource],
+    count: int,
+    tile_size: int,
+    mpp: float,
+    seed: int,
+    min_tissue: float = MIN_BACKGROUND_TISSUE,
+) -> list[_Planned]:
+    """``count`` tissue tiles without annotations, in a seeded order over every slide."""
+    import numpy as np
+
+    if count <= 0:
+        return []
+    candidates = [
+        (source, x, y)
+        for source in sources
+        for x, y in _free_positions(source, tile_size, mpp, min_tissue)
+    ]
+    order = np.random.default_rng([seed, 0xCAC4E]).permutation(len(candidates))
+    planned: list[_Planned] = []
+    for k in order:
+        if len(planned) == count:
+            break
+        source, x, y = candidates[int(k)]
+        if not _mostly_tissue(source, x, y, tile_size, mpp, min_tissue):
+            continue
+        tile_id = f"{source.label}-bg-{x}-{y}"
+        planned.append(_Planned(
+            tile_id, "background",
+            lambda s=source, t=tile_id, x=x, y=y: _background_tile(s, t, x, y, tile_size, mpp),
+        ))
+    if len(planned) < count:
+        log.warning(
+            "only %d of %d background tiles found (tissue ≥ %.0f%%, no annotation)",
+            len(planned), count, 100 * min_tissue,
+        )
+    return planned
+
+
+def _plan_slides(
+    sources: Sequence[SlideSource],
+    classes: Sequence[str],
+    tile_size: int,
+    mpp: float,
+    background_tiles: int,
+    seed: int,
+    skipped: list[tuple[str, str]],
+) -> list[_Planned]:
+    from histosynth.workflows import _plan_tiles
+
+    plan = _plan_tiles(sources, classes, tile_size, mpp, 0.0, math.inf)
+    for item, reason in plan.skipped:  # counted in the summary; listed with --debug
+        log.info("%s: skipped (%s)", item, reason)
+    skipped.extend(plan.skipped)
+    vessels = [
+        _Planned(t.tile_id, "vessel", lambda t=t: _vessel_tile(t, tile_size, mpp))
+        for t in plan.tiles
+    ]
+    return vessels + _plan_backgrounds(sources, background_tiles, tile_size, mpp, seed)
+
+
+# --------------------------------------------------------------------------- the workflow
+
+
+def _check_out(out: Path, resume: bool) -> CacheInfo | None:
+    """The existing cache to resume (``None`` for a new file); refuses what cannot be."""
+    from histosynth.synthesis.cache import read_cache_info
+
+    if out.is_dir():
+        raise InputError("expected a cache file (e.g. vessels.h5), found a folder", path=out)
+    if not out.exists():
+        return None
+    if not resume:
+        raise InputError("the cache file exists; pass --resume to add to it, or choose "
+                         "another --out", path=out)
+    return read_cache_info(out)
+
+
+def _resolve(option: str, given: Any, *choices: tuple[str, Any]) -> Any:
+    """``given`` when set, else the first known choice; a known one that differs from
+    ``given`` is an error (a dataset's tile size, a resumed cache's mpp...)."""
+    for what, value in choices:
+        if value is None:
+            continue
+        if given is None:
+            given = value
+        elif not math.isclose(float(given), float(value), rel_tol=1e-9):
+            raise InputError(f"{option} {given} differs from {what} ({value})", item=option)
+    return given
+
+
+def _sizes(
+    tile_size: int | None, mpp: float | None, data: _DatasetInput | None,
+    existing: CacheInfo | None,
+) -> tuple[int | None, float | None]:
+    """Tile size (px) and mpp (µm/px) from the options, the dataset and a resumed cache
+    (``None`` where only the model can tell)."""
+    tile_size = _resolve("--tile-size", tile_size,
+                         ("the dataset's tiles", data.tile_size if data else None),
+                         ("the cache's", existing.tile_size if existing else None))
+    mpp = _resolve("--mpp", mpp, ("the dataset's", data.mpp if data else None),
+                   ("the cache's", existing.mpp if existing else None))
+    return tile_size, mpp
+
+
+def _check_tile_size(tile_size: int, crop: int, down: int) -> None:
+    if tile_size % crop or tile_size % down:
+        raise InputError(
+            f"{tile_size} px is not a multiple of the encoder crop ({crop} px, fixed by the "
+            f"model's magnification) and of {down}; use e.g. {crop}, {2 * crop} or {4 * crop}",
+            item="--tile-size",
+        )
+
+
+def build_feature_cache(
+    *,
+    out: str | Path,
+    model: str,
+    dataset: str | Path | None = None,
+    project: str | Path | None = None,
+    slide: str | Path | None = None,
+    annotations: str | Path | None = None,
+    classes: Sequence[str] = (),
+    tile_size: int | None = None,
+    mpp: float | None = None,
+    slide_mpp_override: float | None = None,
+    background_tiles: int = 0,
+    resume: bool = False,
+    seed: int = 0,
+    batch_size: int = 8,
+    device: str | None = None,
+    skip_missing: bool = False,
+    progress: Callable[[Iterable, int | None], Iterable] | None = None,
+) -> CacheBuildResult:
+    """Cache the tiles of a dataset folder, or of a project / slide, into ``out``.
+
+    ``tile_size`` (px) and ``mpp`` (µm/px) default to the dataset's own, then to a
+    resumed cache's, then to the model's. The model (``load_engine(model)`` at its
+    native size) is loaded after the inputs are checked.
+
+    Raises:
+        InputError / EngineError: one line naming the input, before anything is written.
+    """
+    from histosynth.synthesis import load_engine
+    from histosynth.synthesis.cache import build_cache, cached_tile_ids
+    from histosynth.workflows import check_classes, load_sources
+
+    if sum(x is not None for x in (dataset, project, slide)) != 1:
+        raise InputError("give one of a dataset folder, a project or a slide")
+    out = Path(out)
+    existing = _check_out(out, resume)
+    data = _read_dataset(Path(dataset)) if dataset is not None else None
+    sources = None
+    if data is None:
+        if not classes:
+            raise InputError("name at least one class (--class)")
+        sources = load_sources(project=project, slide=slide, annotations=annotations,
+                               mpp=slide_mpp_override, skip_missing=skip_missing)
+        check_classes(sources, classes)
+    tile_size, mpp = _sizes(tile_size, mpp, data, existing)
+    engine = load_engine(model, device=device)
+    tile_size = int(tile_size or engine.tile_size)
+    mpp = float(mpp or engine.mpp)
+    _check_tile_size(tile_size, engine.encoder.crop, engine.codec.downsample)
+    result = CacheBuildResult(info=existing, engine_description=engine.description,
+                              trained=engine.trained)
+    if data is not None:
+        planned = _plan_dataset(data, tile_size)
+    else:
+        planned = _plan_slides(sources, classes, tile_size, mpp, background_tiles, seed,
+                               result.skipped)
+    if not planned:
+        raise InputError(
+            f"no tiles found to cache: {len(result.skipped)} vessel(s) larger than a "
+            f"{tile_size} px tile at {mpp:g} µm/px, and no background tile asked for or found"
+        )
+    cached = cached_tile_ids(out) if existing is not None else set()
+    todo = [p for p in planned if p.tile_id not in cached]
+    result.info = build_cache(
+        out, _TileStream(todo, lookahead=2 * batch_size), codec=engine.codec,
+        encoder=engine.encoder, tile_size=tile_size, mpp=mpp, model_id=engine.model_id,
+        resume=resume, batch_size=batch_size, progress=progress,
+    )
+    result.written = len(todo)
+    result.already_present = len(planned) - len(todo)
+    result.vessels = sum(p.kind == "vessel" for p in todo)
+    result.backgrounds = sum(p.kind == "background" for p in todo)
+    return result
+
+
+# --------------------------------------------------------------------------- command line
+
+
+@click.group()
+def cache() -> None:
+    """Feature caches for training: VAE posteriors and encoder rows of tiles, in HDF5."""
+
+
+@cache.command("build")
+@click.option("--dataset", type=click.Path(path_type=Path),
+              help="A histosynth dataset or run folder (index.csv); rejected tiles are left out.")
+@click.option("--project", "-p", type=click.Path(path_type=Path),
+              help="QuPath project: project.qpproj or its folder.")
+@click.option("--slide", "-s", type=click.Path(path_type=Path),
+              help="A slide any TIAToolbox reader opens (with --annotations).")
+@click.option("--annotations", "-a", type=click.Path(path_type=Path),
+              help="GeoJSON annotations of --slide (QuPath 0.2–0.7 or plain).")
+@click.option("--slide-mpp", type=float, default=None,
+              help="µm/px of slides that carry no resolution metadata.")
+@click.option("--class", "classes", multiple=True,
+              help="Vessel class (repeatable, with --project / --slide); 'Vessel' includes "
+              "'Vessel: …'.")
+@click.option("--model", required=True,
+              help="Preset (pixcell-1024, pixcell-256, tiny = UNTRAINED) or a local engine folder.")
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True,
+              help="Cache file to write (HDF5, e.g. vessels.h5).")
+@click.option("--tile-size", type=click.IntRange(8, 16384), default=None,
+              help="Tile side in px at --mpp, a multiple of the encoder crop [a dataset's "
+              "own, else the model's].")
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Resolution in µm/px [a dataset's own, else the model's].")
+@click.option("--background-tiles", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also cache N tissue tiles without any annotation (for style adapters).")
+@click.option("--resume", is_flag=True,
+              help="Add to an existing cache (also after an interruption); its tiles are kept.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the background tile choice.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Tiles per model call and per commit to the file.")
+@click.option("--device", default=None, help="cuda, cuda:1, cpu … [cuda when available].")
+@click.option("--skip-missing", is_flag=True,
+              help="Skip project entries whose image cannot be found instead of stopping.")
+@click.pass_context
+def build(ctx: click.Context, dataset, project, slide, annotations, slide_mpp, classes, model,
+          out, tile_size, mpp, background_tiles, resume, seed, batch_size, device,
+          skip_missing) -> None:
+    """Encode tiles once into a cache file that training reads (histosynth train …).
+
+    Give a dataset folder, or a project / slide with --class: one tile per vessel,
+    centred on it, plus --background-tiles tissue tiles. Per tile the file holds the VAE
+    posterior (mean, std; float16), the encoder rows, the mask and the tile's provenance.
+    """
+    if sum(x is not None for x in (dataset, project, slide)) != 1:
+        raise click.UsageError("give one of --dataset, --project or --slide (with --annotations)")
+    if slide is not None and annotations is None:
+        raise click.UsageError("--slide needs --annotations")
+    if dataset is None and not classes:
+        raise click.UsageError("--project / --slide need --class")
+    if dataset is not None and (classes or background_tiles):
+        raise click.UsageError("--class and --background-tiles go with --project / --slide")
+    result = build_feature_cache(
+        out=out, model=model, dataset=dataset, project=project, slide=slide,
+        annotations=annotations, classes=classes, tile_size=tile_size, mpp=mpp,
+        slide_mpp_override=slide_mpp, background_tiles=background_tiles, resume=resume,
+        seed=seed, batch_size=batch_size, device=device, skip_missing=skip_missing,
+        progress=progress_for(ctx, "cache"),
+    )
+    _report(ctx, result, out)
+
+
+def _report(ctx: click.Context, result: CacheBuildResult, out: Path) -> None:
+    if ctx.find_root().obj.get("quiet"):
+        return
+    info = result.info
+    click.echo(f"engine: {result.engine_description}")
+    click.echo(
+        f"{result.written} tile(s) cached ({result.vessels} vessel, {result.backgrounds} "
+        f"background), {result.already_present} already present, {len(result.skipped)} "
+        "vessel(s) skipped"
+    )
+    click.echo(
+        f"cache: {out} ({info.count} samples, {info.tile_size} px at {info.mpp:g} µm/px, "
+        f"{info.rows} rows of {info.dim}; content hash {info.content_hash[:16]})"
+    )
+    if not result.trained:
+        click.echo("note: the engine is UNTRAINED; its features are for tests and the demo only.")

@@ -1,0 +1,40 @@
+"""scripts/bench_seam.py runs and its metrics mean what they say (no timing asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_seam.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_seam", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_seam"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_baselines_table_and_metric_anchors(bench, tmp_path, capsys):
+    result = bench.main(["--models", "--samples", "2", "--out", str(tmp_path / "s.json")])
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"cv2.inpaint (Telea)", "cv2.seamlessClone", "multiband (histosynth)",
+                         "composite (none)"}
+    none = rows["composite (none)"]
+    assert none["delta_e"] == 0 and none["hf_ratio"] == pytest.approx(1.0)
+    assert rows["cv2.inpaint (Telea)"]["hf_ratio"] < 0.5  # diffusion fill blurs the band
+    assert rows["multiband (histosynth)"]["hf_ratio"] > 0.5
+    assert (tmp_path / "s.json").is_file()
+    assert "| multiband (histosynth) |" in capsys.readouterr().out
+
+
+def test_kid_is_near_zero_for_one_distribution_and_large_for_another(bench):
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(200, 16)), rng.normal(size=(200, 16))
+    assert abs(bench.kid(a, b)) < 0.05 < bench.kid(a, b + 1.0)

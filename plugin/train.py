@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from histosynth.integration.errors import InputError
+from histosynth.synthesis.training.config import LR_SCHEDULERS
 
 DEFAULT_LIBRARY = "~/.local/share/histosynth/adapters"
 
@@ -60,16 +61,7 @@ def _training_options(lr: float, checkpoint_every: int = 100):
                 "--lr-scheduler",
                 default="constant",
                 show_default=True,
-                type=click.Choice(
-                    [
-                        "constant",
-                        "constant_with_warmup",
-                        "linear",
-                        "cosine",
-                        "cosine_with_restarts",
-                        "polynomial",
-                    ]
-                ),
+                type=click.Choice(LR_SCHEDULERS),
             ),
             click.option(
                 "--warmup-steps",

@@ -12,22 +12,34 @@ The samples come from the feature cache (:mod:`histosynth.synthesis.cache`) or a
 encoded on the fly; both give ``sample(index, generator)``.
 """
 
-from histosynth.synthesis.training.config import TrainConfig
-from histosynth.synthesis.training.data import split_indices
-from histosynth.synthesis.training.fit import check_samples_fit
-from histosynth.synthesis.training.full import grow_transformer, train_full
-from histosynth.synthesis.training.loop import TrainResult, run_training
-from histosynth.synthesis.training.lora import train_lora
-from histosynth.synthesis.training.samples import sample_grid
+from __future__ import annotations
 
-__all__ = [
-    "TrainConfig",
-    "TrainResult",
-    "check_samples_fit",
-    "grow_transformer",
-    "run_training",
-    "sample_grid",
-    "split_indices",
-    "train_full",
-    "train_lora",
-]
+import importlib
+from typing import Any
+
+_LAZY = {
+    "TrainConfig": "config",
+    "split_indices": "data",
+    "check_samples_fit": "fit",
+    "grow_transformer": "full",
+    "train_full": "full",
+    "TrainResult": "loop",
+    "run_training": "loop",
+    "train_lora": "lora",
+    "sample_grid": "samples",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    """The names above, imported on first use (``config`` alone needs no torch)."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -27,7 +27,7 @@ from histosynth.synthesis.errors import EngineError
 from histosynth.synthesis.models.transformer import PixCellTransformer2DModel
 from histosynth.synthesis.training.config import TrainConfig
 from histosynth.synthesis.training.data import EncodedSamples, sample_generator
-from histosynth.synthesis.training.loop import TrainResult, run_training
+from histosynth.synthesis.training.loop import TrainResult, apply_model_options, run_training
 
 __all__ = ["NullInit", "grow_transformer", "train_full"]
 
@@ -133,11 +133,7 @@ def train_full(
         EngineError: ``out`` exists and is not empty; settings the model cannot take.
     """
     from histosynth.synthesis.adapters import base_weight_hash
-    from histosynth.synthesis.engine import Engine, save_engine, set_attention
-    from histosynth.synthesis.models.kv_compression import (
-        disable_kv_compression,
-        enable_kv_compression,
-    )
+    from histosynth.synthesis.engine import Engine, save_engine
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -146,13 +142,7 @@ def train_full(
     model = grow_transformer(
         engine.transformer, resolution, null_condition=null_condition, seed=config.seed
     )
-    if config.kv_compress == 1:
-        disable_kv_compression(model)
-    elif config.kv_compress is not None and config.kv_compress != model.config.get(
-        "kv_compress_ratio"
-    ):
-        enable_kv_compression(model, ratio=int(config.kv_compress))
-    set_attention(model.to(engine.device), config.attention)
+    apply_model_options(model.to(engine.device), config)
     model.requires_grad_(True).train()
     fingerprint = {
         "kind": "full",

@@ -49,6 +49,7 @@ from histosynth.synthesis.training.data import (
 __all__ = [
     "VALIDATION_BINS",
     "TrainResult",
+    "apply_model_options",
     "diffusion_loss",
     "make_accelerator",
     "run_training",
@@ -110,6 +111,25 @@ def make_accelerator(config: TrainConfig, device: torch.device | None = None):
         cpu=cpu,
         step_scheduler_with_optimizer=False,
     )
+
+
+def apply_model_options(model: nn.Module, config: TrainConfig) -> nn.Module:
+    """Set ``config``'s KV-compression (``None`` keeps the model's, 1 turns it off, R ≥ 2
+    compresses with fresh average-pooling convs unless the model already has R) and
+    attention implementation on ``model``; returns it."""
+    from histosynth.synthesis.engine import set_attention
+    from histosynth.synthesis.models.kv_compression import (
+        disable_kv_compression,
+        enable_kv_compression,
+    )
+
+    ratio = config.kv_compress
+    if ratio == 1:
+        disable_kv_compression(model)
+    elif ratio is not None and ratio != model.config.get("kv_compress_ratio"):
+        enable_kv_compression(model, ratio=int(ratio))
+    set_attention(model, config.attention)
+    return model
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

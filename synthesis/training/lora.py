@@ -28,25 +28,9 @@ from histosynth.synthesis.adapters import (
 from histosynth.synthesis.errors import EngineError
 from histosynth.synthesis.training.config import TrainConfig
 from histosynth.synthesis.training.data import EncodedSamples
-from histosynth.synthesis.training.loop import TrainResult, run_training
+from histosynth.synthesis.training.loop import TrainResult, apply_model_options, run_training
 
 __all__ = ["train_lora"]
-
-
-def _apply_speed_options(model: Any, config: TrainConfig) -> None:
-    from histosynth.synthesis.engine import set_attention
-    from histosynth.synthesis.models.kv_compression import (
-        disable_kv_compression,
-        enable_kv_compression,
-    )
-
-    if config.kv_compress == 1:
-        disable_kv_compression(model)
-    elif config.kv_compress is not None and config.kv_compress != model.config.get(
-        "kv_compress_ratio"
-    ):
-        enable_kv_compression(model, ratio=int(config.kv_compress))
-    set_attention(model, config.attention)
 
 
 def train_lora(
@@ -84,7 +68,7 @@ def train_lora(
             path=folder,
         )
     model = engine.transformer
-    _apply_speed_options(model, config)
+    apply_model_options(model, config)
     base_hash = base_weight_hash(model)
     resolution = int(model.config.sample_size) * 8
     with torch.random.fork_rng(devices=[]):  # the LoRA A init is seeded, not global

@@ -394,6 +394,36 @@ _RESERVED = frozenset(
 )
 
 
+def untrained_tile_ids(run_dir: str | os.PathLike, rows: Sequence[Mapping[str, str]]) -> set[str]:
+    """Ids of the rows whose pixels came from an UNTRAINED engine (the ``tiny`` preset).
+
+    A run's ``run.json`` records ``engine_trained``; rows of such a run are flagged unless
+    they are extracted tiles or seams harmonised without the model (``harmonise``
+    ``multiband`` / ``none``) on a real background. Rows whose ``model`` names an
+    untrained engine (ids of the form ``tiny-untrained-…``) are flagged whatever
+    ``run.json`` says.
+    """
+    untrained_run = False
+    path = Path(run_dir) / RUN_JSON_NAME
+    if path.is_file():
+        try:
+            untrained_run = json.loads(path.read_text(encoding="utf-8")).get(
+                "engine_trained"
+            ) is False
+        except (OSError, ValueError, AttributeError):
+            untrained_run = False
+    out = set()
+    for row in rows:
+        if row.get("synthesis_type", "") in ("", "extracted"):
+            continue
+        painted_background = row.get("background_kind", "") == "synthetic"
+        if row.get("harmonise", "") in ("multiband", "none") and not painted_background:
+            continue
+        if untrained_run or "untrained" in row.get("model", "").lower():
+            out.add(row.get("id", ""))
+    return out
+
+
 def check_run_folder(run_dir: str | os.PathLike, *, resume: bool = False) -> None:
     """Raise ``InputError`` unless ``run_dir`` can receive a run: it is missing, an empty
     folder, or a histosynth run folder (which needs ``resume`` once it holds an index).

@@ -10,6 +10,7 @@ import logging
 import math
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -35,10 +36,14 @@ def _setup_logging(ctx: click.Context, quiet: bool, debug: bool) -> None:
     root.handlers[:] = [_OneLineHandler()]
     root.setLevel(logging.DEBUG if debug else logging.ERROR if quiet else logging.WARNING)
     root.propagate = False
+    # the commands say in their own words when an engine is UNTRAINED
+    warning_filters = warnings.filters[:]
+    warnings.filterwarnings("ignore", message=".*UNTRAINED", category=UserWarning)
 
     def restore() -> None:
         root.handlers[:], level, root.propagate = saved[0], saved[1], saved[2]
         root.setLevel(level)
+        warnings.filters[:] = warning_filters
 
     ctx.call_on_close(restore)
 

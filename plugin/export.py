@@ -47,6 +47,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -60,8 +61,10 @@ import click
 import cv2
 import numpy as np
 
-from histosynth.integration.dataset import read_index, validate_tile_id
+from histosynth.integration.dataset import read_index, untrained_tile_ids, validate_tile_id
 from histosynth.integration.errors import InputError
+
+log = logging.getLogger(__name__)
 
 IMAGE_FORMATS = ("png", "jpg")
 """``png``: the run's lossless PNG, byte for byte. ``jpg``: re-encoded, quality 95 (lossy,
@@ -94,6 +97,9 @@ METADATA_COLUMNS: dict[str, str] = {
     "adapter": "style adapter (LoRA), if any",
     "seed": "random seed of the synthesis",
     "image_sha256": "SHA-256 of the source PNG in the run (equal to the exported file for png)",
+    "engine_trained": "false when the tile's pixels came from an UNTRAINED engine (the tiny "
+    "preset: not histology, do not train on it); true for a trained engine; empty for "
+    "extracted tiles and seams harmonised without a model",
 }
 """Columns of ``train/metadata.csv``, in order, with their meaning."""
 
@@ -206,6 +212,14 @@ def export_training_set(
         if row.get("review_status") not in wanted
     )
     has_donor = bool(rows) and "donor_image" in rows[0]
+    untrained = untrained_tile_ids(run, selected)
+    if untrained:
+        log.warning(
+            "%d of the %d exported tiles were made by an UNTRAINED engine (tiny preset): "
+            "their pixels are not histology; the engine_trained column marks them false",
+            len(untrained),
+            len(selected),
+        )
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -216,7 +230,7 @@ def export_training_set(
         records = []
         iterator: Iterable = progress(selected, len(selected)) if progress else selected
         for row in iterator:
-            records.append(_export_row(run, tmp, row, fmt))
+            records.append(_export_row(run, tmp, row, fmt, untrained))
         _write_metadata(tmp / "train" / "metadata.csv", records)
         result = ExportResult(
             out_dir=out,
@@ -260,7 +274,9 @@ def _check_out(out: Path) -> None:
         raise InputError("the output path exists and is not a folder", path=out)
 
 
-def _export_row(run: Path, tmp: Path, row: dict[str, str], fmt: str) -> dict[str, str]:
+def _export_row(
+    run: Path, tmp: Path, row: dict[str, str], fmt: str, untrained: set[str]
+) -> dict[str, str]:
     tile_id = row.get("id", "")
     try:
         validate_tile_id(tile_id)
@@ -298,11 +314,23 @@ def _export_row(run: Path, tmp: Path, row: dict[str, str], fmt: str) -> dict[str
         "mask_path": f"masks/{tile_id}.png",
         "annotation_path": annotation_name,
         "slide_group": slide_group(row),
+        "engine_trained": _engine_trained(row, untrained),
     }
     for column in METADATA_COLUMNS:
         if column not in record:
             record[column] = row.get(column, "")
     return {column: record[column] for column in METADATA_COLUMNS}
+
+
+def _engine_trained(row: dict[str, str], untrained: set[str]) -> str:
+    if row.get("id", "") in untrained:
+        return "false"
+    unpainted = row.get("harmonise", "") in ("multiband", "none") and (
+        row.get("background_kind", "") != "synthetic"
+    )
+    if row.get("synthesis_type", "") in ("", "extracted") or unpainted:
+        return ""
+    return "true"
 
 
 def _to_jpeg(png: bytes, path: Path, tile_id: str) -> bytes:

@@ -39,6 +39,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import is_xformers_available
 from safetensors.torch import save_file
 
-from histosynth.synthesis.errors import EngineError
+from histosynth.synthesis.errors import EngineError, UntrainedEngineWarning
 from histosynth.synthesis.models.encoders import (
     GridEncoder,
     TinyEncoder,
@@ -393,6 +394,12 @@ def tiny_engine(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     config = tiny_transformer_config(tile_size)
+    warnings.warn(
+        "the tiny engine is UNTRAINED (seeded random weights): its pixels are not histology; "
+        "use PixCell-1024 for production (histosynth models check pixcell-1024)",
+        UntrainedEngineWarning,
+        stacklevel=2,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = PixCellTransformer2DModel.from_config(config)

@@ -20,3 +20,8 @@ class EngineError(ValueError):
         self.item = item
         parts = [p for p in (self.path, item, message) if p]
         super().__init__(": ".join(parts))
+
+
+class UntrainedEngineWarning(UserWarning):
+    """An engine with random weights (the ``tiny`` preset) was built: its pixels are not
+    histology. The command line says so in its own words and silences this warning."""

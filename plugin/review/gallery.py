@@ -55,6 +55,7 @@ from histosynth.integration.dataset import (
     INDEX_COLUMNS,
     REVIEW_STATUSES,
     read_index,
+    untrained_tile_ids,
     validate_tile_id,
 )
 from histosynth.integration.errors import InputError
@@ -125,7 +126,7 @@ def write_gallery(
     iterator: Iterable = progress(rows, len(rows)) if progress else rows
     for row in iterator:
         cards.append(_card(run, row, extra_columns))
-    page = _page(run, rows, cards)
+    page = _page(run, rows, cards, untrained=len(untrained_tile_ids(run, rows)))
     target = run / GALLERY_NAME
     atomic_write_text(target, page)
     return target
@@ -312,7 +313,21 @@ def _csp_hash(text: str) -> str:
     return f"'sha256-{digest}'"
 
 
-def _page(run: Path, rows: Sequence[dict[str, str]], cards: Sequence[str]) -> str:
+def _untrained_banner(count: int, total: int) -> str:
+    if not count:
+        return ""
+    return (
+        f'<p class="untrained" role="alert"><strong>UNTRAINED engine:</strong> {count} of '
+        f"{total} tiles were made by an engine with random weights (the <code>tiny</code> "
+        "preset). Their synthetic pixels show the workflow, not histology: do not accept "
+        "them as training data. Install PixCell-1024 for production "
+        "(<code>histosynth models check pixcell-1024</code>).</p>"
+    )
+
+
+def _page(
+    run: Path, rows: Sequence[dict[str, str]], cards: Sequence[str], *, untrained: int = 0
+) -> str:
     statuses = Counter(_status(row) for row in rows)
     status_names = list(REVIEW_STATUSES) + sorted(set(statuses) - set(REVIEW_STATUSES))
     types = Counter(row.get("synthesis_type", "") for row in rows)
@@ -351,6 +366,7 @@ def _page(run: Path, rows: Sequence[dict[str, str]], cards: Sequence[str]) -> st
 <body>
 <header class="page">
 <h1>{_e(title)}</h1>
+{_untrained_banner(untrained, len(rows))}
 <p class="summary">{len(rows)} tiles: {summary}. Written {_e(written)}.</p>
 <form id="filters" autocomplete="off">
 <fieldset><legend>status</legend>{boxes}</fieldset>
@@ -383,6 +399,8 @@ header.page { position: sticky; top: 0; z-index: 1; padding: 8px 16px; backgroun
   border-bottom: 1px solid var(--line); }
 h1 { font-size: 18px; margin: 0 0 4px; }
 .summary { margin: 0 0 6px; color: var(--muted); }
+.untrained { margin: 0 0 6px; padding: 6px 10px; border: 2px solid #b00020; background: #fde7ea;
+  color: #5c0010; }
 #filters { display: flex; flex-wrap: wrap; gap: 12px; align-items: center; }
 #filters fieldset { border: 1px solid var(--line); padding: 2px 8px; margin: 0; }
 #filters legend { font-size: 12px; color: var(--muted); }

@@ -662,34 +662,44 @@ def _uuid(rng: np.random.Generator) -> str:
     return str(uuid.UUID(bytes=rng.bytes(16), version=4))
 
 
-def _mirror_tile(image: np.ndarray, start: int, count: int, axis: int) -> np.ndarray:
-    """``count`` rows (axis 0) or columns (axis 1) of ``image`` repeated as mirror images
-    (0 1 .. n-1 n-1 .. 1 0 0 1 ..) from ``start``: seamless, built from whole slices."""
-    n = image.shape[axis]
-    pieces, position = [], start % (2 * n)
-    while count > 0:
-        forward = position < n
-        offset = position if forward else position - n
-        take = min(n - offset, count)
-        index = slice(offset, offset + take) if forward else slice(n - offset - take, n - offset)
-        piece = image[index] if axis == 0 else image[:, index]
-        if not forward:
-            piece = piece[::-1] if axis == 0 else piece[:, ::-1]
-        pieces.append(piece)
-        count -= take
-        position = (position + take) % (2 * n)
-    return np.concatenate(pieces, axis=axis)
+#: Side of the real H&E patches a demo background is quilted from, and their overlap (px).
+QUILT_PATCH, QUILT_OVERLAP = 384, 96
 
 
-def _mirrored_background(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
-    """The H&E image mirrored (no seams) to ``width`` × ``height``, from a seeded offset."""
+def _quilt_weight(size: int, overlap: int) -> np.ndarray:
+    """A patch's blending weight: 1 inside, a raised-cosine ramp over ``overlap`` px at
+    each edge (neighbouring ramps sum to 1, so the weights of the quilt sum to 1)."""
+    ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(overlap, dtype=np.float32) + 0.5) / overlap)
+    line = np.ones(size, np.float32)
+    line[:overlap], line[size - overlap :] = ramp, ramp[::-1]
+    return np.outer(line, line)
+
+
+def _quilted_background(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    """``width`` × ``height`` of real H&E without mirror symmetry: patches of the source
+    image at random places, each turned by a random multiple of 90° and maybe flipped,
+    laid on a grid with overlaps and blended with raised-cosine weights."""
     source = _he_image()
-    if rng.random() < 0.5:
-        source = np.ascontiguousarray(source.transpose(1, 0, 2))
+    size, overlap = QUILT_PATCH, QUILT_OVERLAP
+    step = size - overlap
+    cols = max(1, math.ceil((width - overlap) / step))
+    rows = max(1, math.ceil((height - overlap) / step))
+    full_w, full_h = cols * step + overlap, rows * step + overlap
+    total = np.zeros((full_h, full_w, 3), np.float32)
+    weights = np.zeros((full_h, full_w), np.float32)
+    weight = _quilt_weight(size, overlap)
     sh, sw = source.shape[:2]
-    ox, oy = int(rng.integers(0, 2 * sw)), int(rng.integers(0, 2 * sh))
-    strip = _mirror_tile(source, ox, width, axis=1)
-    return np.ascontiguousarray(_mirror_tile(strip, oy, height, axis=0))
+    for r in range(rows):
+        for c in range(cols):
+            y, x = int(rng.integers(0, sh - size + 1)), int(rng.integers(0, sw - size + 1))
+            patch = np.rot90(source[y : y + size, x : x + size], int(rng.integers(4)))
+            if rng.random() < 0.5:
+                patch = patch[:, ::-1]
+            ys, xs = slice(r * step, r * step + size), slice(c * step, c * step + size)
+            total[ys, xs] += patch.astype(np.float32) * weight[..., None]
+            weights[ys, xs] += weight
+    out = total / np.maximum(weights, 1e-6)[..., None]
+    return np.ascontiguousarray(np.clip(np.rint(out[:height, :width]), 0, 255).astype(np.uint8))
 
 
 def _layout(
@@ -732,19 +742,20 @@ def build_demo_slide(
 ) -> DemoSlide:
     """Build a demo slide (pyramidal OME-TIFF at ``path``) and its annotations.
 
-    The H&E background is mirrored to ``width`` × ``height`` level-0 pixels at ``mpp``
-    µm/px, and vessels are painted in at seeded, non-overlapping positions: equivalent
-    diameters 30–300 µm, classes ``"Vessel"`` and ``"Vessel: Invasive"``, one vessel
-    4–12 px from a slide edge, two small vessels close enough to share one 512 µm tile
-    (1024 px at 0.5 µm/px), one vessel annotated with its lumen as a hole, and a
-    ``"Tumor"`` region that is not a vessel. Vessels that do not fit a small slide are
-    left out (the border vessel, the pair, one invasive vessel and the tumour always
-    fit from 1024 × 768 px at 0.25 µm/px). Same seed, same slide and annotations.
+    The H&E background is quilted from randomly turned real patches (no mirror symmetry)
+    to ``width`` × ``height`` level-0 pixels at ``mpp`` µm/px, and vessels are painted in
+    at seeded, non-overlapping positions: equivalent diameters 30–300 µm, classes
+    ``"Vessel"`` and ``"Vessel: Invasive"``, one vessel 4–12 px from a slide edge, two
+    small vessels close enough to share one 512 µm tile (1024 px at 0.5 µm/px), one
+    vessel annotated with its lumen as a hole, and a ``"Tumor"`` region that is not a
+    vessel. Vessels that do not fit a small slide are left out (the border vessel, the
+    pair, one invasive vessel and the tumour always fit from 1024 × 768 px at 0.25
+    µm/px). Same seed, same slide and annotations.
     """
     if width < 256 or height < 256:
         raise ValueError(f"demo slide must be at least 256 × 256 px, not {width} × {height}")
     rng = np.random.default_rng(seed)
-    image = _mirrored_background(width, height, rng)
+    image = _quilted_background(width, height, rng)
     for attempt in range(50):
         layout = _layout(np.random.default_rng([seed, attempt]), width, height, mpp)
         if layout is not None:

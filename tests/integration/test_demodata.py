@@ -422,3 +422,18 @@ def test_source_image_is_real_he():
     assert tissue_mask(image).mean() > 0.85
     image[:] = 0  # a copy: the cached source is untouched
     assert he_source_image().any()
+
+
+def test_demo_background_has_no_mirror_axis():
+    """The background is quilted from turned real patches: no column band is the mirror
+    image of its neighbour (a mirror-tiled background has such an axis every 1000 px)."""
+    from histosynth.integration.demodata import _quilted_background
+
+    image = _quilted_background(2600, 600, np.random.default_rng(3)).astype(np.int16)
+    band = 24
+    differences = [
+        np.abs(image[:, x - band : x] - image[:, x : x + band][:, ::-1]).mean()
+        for x in range(band, image.shape[1] - band, 2)
+    ]
+    assert min(differences) > 8  # a mirror axis would give ~0
+    assert image.shape == (600, 2600, 3)

@@ -97,6 +97,8 @@ class SynthesizeResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     engine_description: str = ""
     trained: bool = True
+    #: whether the engine made pixels (not only inpainting seams harmonised without it)
+    model_painted: bool = True
 
 
 def synthesize(
@@ -204,7 +206,7 @@ def synthesize(
         raise InputError(
             f"the model makes {engine.tile_size} px tiles; use --tile-size {engine.tile_size}"
         )
-    if not engine.trained:
+    if not engine.trained and (mode == "variation" or harmonise == "diffusion"):
         log.warning(
             "the engine is UNTRAINED (seeded random weights): the synthetic pixels "
             "are not histology; use it to try the workflow, not for training data"
@@ -255,7 +257,12 @@ def synthesize(
         "harmonise": harmonise if mode == "inpaint" else None,
         "sources": sorted(str(s.slide_path) for s in sources),
     }
-    result = SynthesizeResult(out, engine_description=engine.description, trained=engine.trained)
+    result = SynthesizeResult(
+        out,
+        engine_description=engine.description,
+        trained=engine.trained,
+        model_painted=mode == "variation" or harmonise == "diffusion",
+    )
     with RunWriter(
         out,
         config=config,
@@ -537,6 +544,7 @@ def _run_inpaint(
                 return _Prepared(i, donor, background, composite)
         if config["background"] in ("auto", "synthetic"):
             background = _synthetic_background(engine, donor, i, config)
+            result.model_painted = True
             composite = prepare_composite(
                 background.image,
                 donor.image,

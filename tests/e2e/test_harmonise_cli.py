@@ -94,3 +94,15 @@ def test_an_unknown_harmoniser_is_a_usage_error(project, tmp_path):
         ],
     )
     assert result.exit_code == 2 and not (tmp_path / "x").exists()
+
+
+def test_the_demo_harmonises_without_the_untrained_engine_and_says_so(tmp_path):
+    result = CliRunner().invoke(
+        main,
+        ["demo", "--out", str(tmp_path), "--count", "1", "--tile-size", "256"],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    assert "UNTRAINED: seams are harmonised by multiband blending" in result.output
+    assert "these tiles show the workflow" not in result.output
+    assert [row["harmonise"] for row in read_index(tmp_path / "run")] == ["multiband"]

@@ -34,7 +34,10 @@ def invoke(*args):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    result = invoke("demo", "--out", out, "--count", 3, "--steps", 2, "--tile-size", TILE)
+    result = invoke(
+        "demo", "--out", out, "--count", 3, "--steps", 2, "--tile-size", TILE,
+        "--harmonise", "diffusion",
+    )
     assert result.exit_code == 0, result.output + result.stderr
     return out, result
 
@@ -145,7 +148,10 @@ def test_annotations_already_in_the_background_are_carried(demo):
 def test_demo_again_resumes_without_duplicates(demo):
     out, _ = demo
     before = {r["id"]: r["image_sha256"] for r in read_index(out / "run")}
-    result = invoke("demo", "--out", out, "--count", 3, "--steps", 2, "--tile-size", TILE)
+    result = invoke(
+        "demo", "--out", out, "--count", 3, "--steps", 2, "--tile-size", TILE,
+        "--harmonise", "diffusion",
+    )
     assert result.exit_code == 0, result.stderr
     assert "0 synthetic tile(s) written, 3 already present" in result.output
     after = {r["id"]: r["image_sha256"] for r in read_index(out / "run")}

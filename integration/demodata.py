@@ -442,6 +442,14 @@ def _draw_ellipse(
     )
 
 
+def _real_texture(rng: np.random.Generator, grid: tuple[int, int], scale: int) -> np.ndarray:
+    """Real H&E for an overlay of ``grid`` (h, w) px at ``scale`` level-0 px each: a
+    quilted patch of the source image, float32 RGB."""
+    h, w = grid
+    patch = _quilted_background(w * scale, h * scale, rng)
+    return cv2.resize(patch, (w, h), interpolation=cv2.INTER_AREA).astype(np.float32)
+
+
 def _paint_vessel(
     image: np.ndarray, shape: _Shape, wall: float, mpp: float, rng: np.random.Generator
 ) -> None:
@@ -460,11 +468,16 @@ def _paint_vessel(
     noise = _smooth_noise(rng, grid, 2.5 * um / f)
     fibres = _smooth_noise(rng, grid, 0.8 * um / f)
 
-    # wall: eosinophilic smooth muscle over a little of the original texture
+    # wall: eosinophilic smooth muscle, its texture taken from real H&E (a quilted patch of
+    # the source image, tinted towards eosin and streaked along the circumference)
+    real = _real_texture(rng, grid, f)
+    grey = real.mean(axis=-1)
+    detail = grey - cv2.GaussianBlur(grey, (0, 0), 2.0)
     eosin = np.stack(
         [228 + 6 * noise, 138 + 14 * noise + 8 * fibres, 178 + 8 * noise], axis=-1
-    ).clip(0, 255)
-    overlay.layer(eosin, 0.6 * wall_alpha)
+    )
+    wall_colour = (0.45 * real + 0.55 * eosin + 0.8 * detail[..., None]).clip(0, 255)
+    overlay.layer(wall_colour, 0.75 * wall_alpha)
 
     # lumen: pale, sometimes with pink plasma
     plasma = rng.uniform(0.0, 0.5) if rng.random() < 0.5 else 0.0
@@ -475,7 +488,9 @@ def _paint_vessel(
             238 - 18 * plasma + 2 * noise,
         ],
         axis=-1,
-    ).clip(0, 255)
+    )
+    # a faint real texture (fibrin, plasma) so the lumen is not flat paint
+    lumen_color = (lumen_color + 0.35 * detail[..., None]).clip(0, 255)
     overlay.layer(lumen_color, lumen)
 
     # endothelial lining on the lumen side of the wall
@@ -500,14 +515,22 @@ def _paint_vessel(
 
     # red blood cells in about half of the lumens
     if rng.random() < 0.5 and mean_r * inner > 8 * um:
+        # biconcave discs: a darker rim round a paler centre, slightly varied in size
         cells = np.zeros(grid, dtype=np.float32)
+        pallor = np.zeros(grid, dtype=np.float32)
         centre_t = rng.uniform(0, 2 * math.pi)
         for _ in range(int(rng.integers(3, 12))):
-            t = centre_t + rng.normal(0, 0.5)
-            point = _point_at(shape, t, rng.uniform(0.1, 0.8) * inner)
-            _draw_ellipse(cells, overlay, point, (3.6 * um, 3.6 * um), 0.0)
-        cells = cv2.GaussianBlur(cells, (0, 0), 0.2 * um) * lumen
-        overlay.layer((203, 72, 92), 0.8 * np.clip(cells, 0, 1))
+            t = centre_t + rng.normal(0, 0.9)
+            point = _point_at(shape, t, rng.uniform(0.1, 0.85) * inner)
+            radius = rng.uniform(3.2, 4.0) * um
+            tilt = rng.uniform(0.75, 1.0)
+            angle = rng.uniform(0, 180)
+            _draw_ellipse(cells, overlay, point, (radius, radius * tilt), angle)
+            _draw_ellipse(pallor, overlay, point, (0.45 * radius, 0.45 * radius * tilt), angle)
+        cells = cv2.GaussianBlur(np.clip(cells, 0, 1), (0, 0), 0.25 * um)
+        pallor = cv2.GaussianBlur(np.clip(pallor, 0, 1), (0, 0), 0.6 * um)
+        alpha = np.clip(cells - 0.45 * pallor, 0, 1) * lumen
+        overlay.layer((196, 58, 78), 0.85 * alpha)
 
     overlay.composite()
 

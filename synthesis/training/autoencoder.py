@@ -182,7 +182,7 @@ def train_autoencoder(
     checkpoint = Path(work_dir) / CHECKPOINT_FILE if work_dir is not None else None
     start, history, seconds_before = 0, [], 0.0
     if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
         if state["settings"] != settings:
             differ = sorted(k for k in settings if state["settings"].get(k) != settings[k])
             raise EngineError(f"the checkpoint was made with other settings ({', '.join(differ)})",

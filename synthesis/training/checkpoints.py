@@ -60,7 +60,7 @@ class Checkpoint:
         path = self.folder / f"{name}.pt"
         if not path.is_file():
             return None
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _fsync_dir(folder: Path) -> None:

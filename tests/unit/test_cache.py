@@ -29,7 +29,6 @@ from histosynth.synthesis.cache import (
     CacheDataset,
     CacheTile,
     OnTheFlyDataset,
-    _Writer,
     build_cache,
     cached_tile_ids,
     check_resolution,
@@ -39,6 +38,7 @@ from histosynth.synthesis.cache import (
     read_cache_info,
     window_rows,
 )
+from histosynth.synthesis.cache.build import _Writer
 from histosynth.synthesis.engine import load_engine, tiny_engine
 from histosynth.synthesis.errors import EngineError
 from histosynth.synthesis.models.encoders import TinyEncoder, uni_grid_crops

@@ -28,3 +28,28 @@ def progress_for(ctx: click.Context, description: str, unit: str = "tile"):
         )
 
     return wrap
+
+
+def step_progress_for(ctx: click.Context, description: str):
+    """``make(total, initial=0)`` → a tqdm bar of optimiser steps (loss, steps/s, time
+    left) on stderr, silent with ``--quiet`` and on every process but the first of a
+    multi-process launch."""
+    import os
+
+    root = ctx.find_root()
+    quiet = bool(root.obj and root.obj.get("quiet")) or int(os.environ.get("RANK", "0")) != 0
+
+    def make(total: int, initial: int = 0):
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=total,
+            initial=initial,
+            desc=description,
+            unit="step",
+            disable=quiet,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+
+    return make

@@ -309,13 +309,14 @@ def _open_sources(sources: Sequence[SlideSource], mpp: float | None) -> list[Sli
 def adapter_folder(adapter: str) -> Path:
     """Where the LoRA adapter ``adapter`` is: a folder path, or a name in the adapter
     library (``$HISTOSYNTH_ADAPTERS``, else ``~/.local/share/histosynth/adapters``)."""
-    import os
 
     as_path = Path(adapter).expanduser()
     if as_path.is_dir():
         return as_path
-    root = Path(os.environ.get("HISTOSYNTH_ADAPTERS", "~/.local/share/histosynth/adapters"))
-    candidate = root.expanduser() / adapter
+    from histosynth.synthesis.adapters import adapter_library
+
+    root = adapter_library()
+    candidate = root / adapter
     if candidate.is_dir():
         return candidate
     raise InputError(

@@ -11,23 +11,14 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
 from histosynth.integration.errors import InputError
+from histosynth.progress import step_progress_for
 from histosynth.synthesis.training.config import LR_SCHEDULERS
-
-DEFAULT_LIBRARY = "~/.local/share/histosynth/adapters"
-
-
-def adapter_library() -> Path:
-    """The adapter library folder (``$HISTOSYNTH_ADAPTERS`` or the default)."""
-    return Path(os.environ.get("HISTOSYNTH_ADAPTERS", DEFAULT_LIBRARY)).expanduser()
-
 
 # --------------------------------------------------------------------------- options
 
@@ -315,28 +306,6 @@ def _samples(opts: dict[str, Any], engine: Any, transformer: Any, resolution: in
     return data, train_ids, val_ids, checksum
 
 
-def _progress(ctx: click.Context, label: str) -> Callable[..., Any] | None:
-    root = ctx.find_root()
-    quiet = bool(root.obj and root.obj.get("quiet"))
-    if int(os.environ.get("RANK", "0")) != 0:
-        quiet = True
-
-    def make(total: int, initial: int = 0):
-        from tqdm.auto import tqdm
-
-        return tqdm(
-            total=total,
-            initial=initial,
-            desc=label,
-            unit="step",
-            disable=quiet,
-            file=sys.stderr,
-            dynamic_ncols=True,
-        )
-
-    return make
-
-
 def _sample_writer(
     engine: Any, data: Any, val_ids: list[int], work_dir: Path, seed: int, steps: int
 ):
@@ -395,7 +364,7 @@ def train() -> None:
     "--library",
     type=click.Path(path_type=Path),
     default=None,
-    help=f"Adapter library (default $HISTOSYNTH_ADAPTERS or {DEFAULT_LIBRARY}).",
+    help="Adapter library (default $HISTOSYNTH_ADAPTERS or ~/.local/share/histosynth/adapters).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an adapter of the same name.")
 @_training_options(lr=1e-4)
@@ -417,7 +386,7 @@ def lora(
     metrics.jsonl; --resume continues an interrupted run exactly. The adapter works at
     once with `histosynth synthesize --adapter NAME`.
     """
-    from histosynth.synthesis.adapters import validate_adapter_name
+    from histosynth.synthesis.adapters import adapter_library, validate_adapter_name
     from histosynth.synthesis.engine import load_engine
     from histosynth.synthesis.training import train_lora
 
@@ -452,7 +421,7 @@ def lora(
         on_checkpoint=_sample_writer(
             engine, data, val_ids, work_dir, config.seed, config.sample_steps
         ),
-        progress=_progress(ctx, f"train lora {name}"),
+        progress=step_progress_for(ctx, f"train lora {name}"),
     )
     if info is not None and not ctx.find_root().obj.get("quiet"):
         click.echo(f"adapter {name!r} saved to {folder}: {_describe(result)}")
@@ -526,7 +495,7 @@ def full(
         null_condition=null_condition,
         training_data_checksum=checksum,
         resume=opts["resume"],
-        progress=_progress(ctx, f"train full {resolution}px"),
+        progress=step_progress_for(ctx, f"train full {resolution}px"),
     )
     if written is not None and not ctx.find_root().obj.get("quiet"):
         click.echo(f"engine saved to {written}: {_describe(result)}")

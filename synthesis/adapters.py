@@ -68,12 +68,14 @@ if TYPE_CHECKING:  # torch and peft are imported where used: listing a library n
 __all__ = [
     "CONFIG_FILE",
     "CROSS_ATTENTION_TARGETS",
+    "DEFAULT_LIBRARY",
     "METADATA_FILE",
     "VAE_DOWNSCALE",
     "WEIGHTS_FILE",
     "AdapterInfo",
     "activate",
     "active_adapter",
+    "adapter_library",
     "base_weight_hash",
     "check_adapter",
     "create_adapter",
@@ -112,6 +114,15 @@ VAE_DOWNSCALE = 8
 PEFT_PREFIX = "base_model.model."
 #: Precision at which base weights are hashed (fp32 and bf16 copies of one base agree).
 HASH_DTYPE = "bfloat16"
+
+DEFAULT_LIBRARY = "~/.local/share/histosynth/adapters"
+"""Where the adapter library lives unless ``$HISTOSYNTH_ADAPTERS`` names another folder."""
+
+
+def adapter_library() -> Path:
+    """The adapter library folder: ``$HISTOSYNTH_ADAPTERS``, else :data:`DEFAULT_LIBRARY`."""
+    return Path(os.environ.get("HISTOSYNTH_ADAPTERS", DEFAULT_LIBRARY)).expanduser()
+
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")

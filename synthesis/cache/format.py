@@ -237,11 +237,33 @@ def _sample_dict(
 # --------------------------------------------------------------------------- reading
 
 
+#: How long a reader waits for a writer that holds the file's lock while it creates the
+#: file or switches it to SWMR mode (a fraction of a second in practice), s.
+LOCK_WAIT = 10.0
+
+
 def _h5_read(path: Path) -> h5py.File:
     """The file opened read-only: plainly (HDF5 then checks its length), or in SWMR read
-    mode when a writer holds it or was killed (its consistency flags are set)."""
+    mode when a writer holds it or was killed (its consistency flags are set). While a
+    writer holds the exclusive lock of a file it is creating, the open is retried for up
+    to :data:`LOCK_WAIT` s."""
+    import time
+
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            return _h5_read_once(path)
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _h5_read_once(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
+    except BlockingIOError:
+        raise
     except OSError as err:
         # only for the flags: SWMR readers skip the length check and retry unreadable
         # metadata for a long time, so a truncated file must fail the plain open above

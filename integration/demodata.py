@@ -1,8 +1,9 @@
 """Real demo and test data built from the H&E image that ships inside TIAToolbox.
 
-No download: the 1000 × 1000 H&E ``tiatoolbox/data/target_image.png`` is mirrored to a
-slide of any size, vessels (pale lumen, eosinophilic wall with nuclei, endothelial
-lining, some with red blood cells) are painted in at seeded positions, and the result is
+No download: the 1000 × 1000 H&E ``tiatoolbox/data/target_image.png`` is quilted to a
+slide of any size, vessels built from real crops of the same image (a stroma wall warped
+round a pale lumen, real endothelial and smooth-muscle nuclei, red cells, tumour emboli
+in invasive vessels; see ``demo_vessels``) are put in at seeded positions, and the result is
 written as a real pyramidal OME-TIFF (tifffile) that TIAToolbox and QuPath open. The
 vessels' outlines are returned as annotations in level-0 pixels, and can be written as
 every flavour of GeoJSON QuPath has produced, or as a QuPath project.
@@ -36,6 +37,14 @@ from shapely.geometry.base import BaseGeometry
 
 from histosynth.integration.annotations import Annotation, class_parts
 from histosynth.integration.atomic import atomic_write_json, atomic_write_text
+from histosynth.integration.demo_vessels import (
+    CropLibrary,
+    Shape,
+    build_crop_library,
+    paint_tumour,
+    paint_vessel,
+    random_shape,
+)
 from histosynth.integration.errors import InputError
 from histosynth.integration.geojson import default_color, rgb_to_argb
 from histosynth.integration.qupath.uris import path_to_uri
@@ -276,304 +285,14 @@ class DemoSlide:
         return [a for a in self.annotations if a.class_name == class_name]
 
 
-@dataclass
-class _Shape:
-    """A closed star-shaped outline: ellipse (a, b, angle) with a smooth radial wobble."""
-
-    a: float  # semi-axes, level-0 px
-    b: float
-    angle: float  # radians
-    harmonics: list[tuple[int, float, float]]  # (k, amplitude, phase)
-    cx: float = 0.0
-    cy: float = 0.0
-    _relative_bounds: tuple[float, float, float, float] | None = None
-
-    def wobble(self, phi: np.ndarray) -> np.ndarray:
-        out = np.ones_like(phi)
-        for k, amp, phase in self.harmonics:
-            out += amp * np.cos(k * phi + phase)
-        return out
-
-    def outline(self, scale: float = 1.0, min_vertices: int = 48) -> np.ndarray:
-        """Vertices (N, 2) of the outline scaled radially by ``scale``, level-0 px."""
-        perimeter = math.pi * (self.a + self.b) * scale
-        n = int(np.clip(perimeter / 6, min_vertices, 400))
-        phi = np.linspace(0, 2 * math.pi, n, endpoint=False)
-        r = self.wobble(phi) * scale
-        u, v = self.a * r * np.cos(phi), self.b * r * np.sin(phi)
-        c, s = math.cos(self.angle), math.sin(self.angle)
-        return np.stack([self.cx + c * u - s * v, self.cy + s * u + c * v], axis=1)
-
-    def bounds(self) -> tuple[float, float, float, float]:
-        """(minx, miny, maxx, maxy) of the outline at the current centre, level-0 px."""
-        if self._relative_bounds is None:
-            cx, cy = self.cx, self.cy
-            self.cx = self.cy = 0.0
-            vertices = self.outline()
-            self.cx, self.cy = cx, cy
-            self._relative_bounds = (*vertices.min(axis=0), *vertices.max(axis=0))
-        minx, miny, maxx, maxy = self._relative_bounds
-        return minx + self.cx, miny + self.cy, maxx + self.cx, maxy + self.cy
-
-    @property
-    def radius(self) -> float:
-        """Radius of a circle about the centre that holds the whole outline."""
-        return max(self.a, self.b) * (1 + sum(abs(h[1]) for h in self.harmonics))
-
-    def rho(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Normalised radius (1 on the outline) and polar angle of points."""
-        dx, dy = xs - self.cx, ys - self.cy
-        c, s = math.cos(self.angle), math.sin(self.angle)
-        u, v = c * dx + s * dy, -s * dx + c * dy
-        phi = np.arctan2(v / self.b, u / self.a)
-        return np.hypot(u / self.a, v / self.b) / self.wobble(phi), phi
-
-
-def _random_shape(rng: np.random.Generator, diameter_px: float, wobble: float) -> _Shape:
-    aspect = rng.uniform(1.0, 1.7)
-    radius = diameter_px / 2
-    harmonics = [
-        (k, float(rng.uniform(0.3, 1.0) * wobble / k), float(rng.uniform(0, 2 * math.pi)))
-        for k in (2, 3, 4, 5)
-    ]
-    return _Shape(
-        a=radius * math.sqrt(aspect),
-        b=radius / math.sqrt(aspect),
-        angle=float(rng.uniform(0, math.pi)),
-        harmonics=harmonics,
-    )
-
-
 def _polygon(vertices: np.ndarray) -> Polygon:
     return Polygon(np.round(vertices, 2))
 
 
-def _smoothstep(edge0: float, edge1: float, x: np.ndarray) -> np.ndarray:
-    t = np.clip((x - edge0) / (edge1 - edge0), 0.0, 1.0)
-    return t * t * (3 - 2 * t)
-
-
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
-    """Unit-variance Gaussian noise smoothed over ``sigma`` px (made at reduced size)."""
-    factor = max(1, int(sigma // 2))
-    small = (max(shape[0] // factor, 1) + 1, max(shape[1] // factor, 1) + 1)
-    noise = rng.standard_normal(small).astype(np.float32)
-    noise = cv2.GaussianBlur(noise, (0, 0), max(sigma / factor, 0.5))
-    noise = cv2.resize(
-        noise, (small[1] * factor, small[0] * factor), interpolation=cv2.INTER_LINEAR
-    )
-    noise = noise[: shape[0], : shape[1]]
-    return noise / (noise.std() + 1e-6)
-
-
-class _Overlay:
-    """Layers painted at half resolution over a patch of the slide, composited once.
-
-    Keeps the transmittance (how much of the slide shows through) and the premultiplied
-    colour of the layers: the patch becomes ``slide · transmittance + colour``.
-    """
-
-    SCALE = 2  # level-0 px per overlay px
-
-    def __init__(self, image: np.ndarray, shape: _Shape, margin: float) -> None:
-        height, width = image.shape[:2]
-        self.image = image
-        self.x0 = max(int(shape.cx - shape.radius - margin), 0)
-        self.y0 = max(int(shape.cy - shape.radius - margin), 0)
-        self.x1 = min(int(shape.cx + shape.radius + margin) + 1, width)
-        self.y1 = min(int(shape.cy + shape.radius + margin) + 1, height)
-        f = self.SCALE
-        self.h = -(-(self.y1 - self.y0) // f)
-        self.w = -(-(self.x1 - self.x0) // f)
-        # level-0 coordinates of the overlay pixel centres
-        ys, xs = np.mgrid[0 : self.h, 0 : self.w].astype(np.float32)
-        self.xs = self.x0 + f * xs + f / 2
-        self.ys = self.y0 + f * ys + f / 2
-        self.transmit = np.ones((self.h, self.w), dtype=np.float32)
-        self.colour = np.zeros((self.h, self.w, 3), dtype=np.float32)
-
-    def to_overlay(self, x: float, y: float) -> tuple[float, float]:
-        """Overlay pixel coordinates (continuous) of a level-0 point."""
-        return (x - self.x0) / self.SCALE, (y - self.y0) / self.SCALE
-
-    def layer(self, colour: Any, alpha: np.ndarray) -> None:
-        """Paint ``colour`` (RGB, or an (h, w, 3) array) with opacity ``alpha`` on top."""
-        colour = np.asarray(colour, dtype=np.float32)
-        a = alpha[..., None]
-        self.colour *= 1 - a
-        self.colour += colour * a
-        self.transmit *= 1 - alpha
-
-    def composite(self) -> None:
-        """Apply the layers to the slide pixels."""
-        f = self.SCALE
-        size = (self.w * f, self.h * f)
-        height, width = self.y1 - self.y0, self.x1 - self.x0
-        transmit = cv2.resize(self.transmit, size, interpolation=cv2.INTER_LINEAR)
-        colour = cv2.resize(self.colour, size, interpolation=cv2.INTER_LINEAR)
-        patch = self.image[self.y0 : self.y1, self.x0 : self.x1].astype(np.float32)
-        patch *= transmit[:height, :width, None]
-        patch += colour[:height, :width]
-        np.clip(patch + 0.5, 0, 255, out=patch)
-        self.image[self.y0 : self.y1, self.x0 : self.x1] = patch.astype(np.uint8)
-
-
-def _draw_ellipse(
-    layer: np.ndarray,
-    overlay: _Overlay,
-    centre: tuple[float, float],
-    axes: tuple[float, float],
-    angle: float,
-) -> None:
-    """Anti-aliased filled ellipse (level-0 centre and semi-axes) on an overlay grid."""
-    cx, cy = overlay.to_overlay(*centre)
-    f = overlay.SCALE
-    cv2.ellipse(
-        layer,
-        (round((cx - 0.5) * 16), round((cy - 0.5) * 16)),
-        (max(int(axes[0] / f * 16), 8), max(int(axes[1] / f * 16), 8)),
-        angle,
-        0,
-        360,
-        1.0,
-        -1,
-        lineType=cv2.LINE_AA,
-        shift=4,
-    )
-
-
-def _real_texture(rng: np.random.Generator, grid: tuple[int, int], scale: int) -> np.ndarray:
-    """Real H&E for an overlay of ``grid`` (h, w) px at ``scale`` level-0 px each: a
-    quilted patch of the source image, float32 RGB."""
-    h, w = grid
-    patch = _quilted_background(w * scale, h * scale, rng)
-    return cv2.resize(patch, (w, h), interpolation=cv2.INTER_AREA).astype(np.float32)
-
-
-def _paint_vessel(
-    image: np.ndarray, shape: _Shape, wall: float, mpp: float, rng: np.random.Generator
-) -> None:
-    """Paint a vessel in place: lumen (rho < 1 - wall), wall (1 - wall <= rho < 1)."""
-    um = 1.0 / mpp  # level-0 px per µm
-    overlay = _Overlay(image, shape, 3 * um + 4)
-    f = overlay.SCALE
-    rho, _ = shape.rho(overlay.xs, overlay.ys)
-    mean_r = math.sqrt(shape.a * shape.b)
-    edge = 0.8 * f / mean_r  # soft edge of ~1.6 px, in rho units
-    inner = 1.0 - wall
-    inside = 1.0 - _smoothstep(1.0 - edge, 1.0 + edge, rho)
-    lumen = 1.0 - _smoothstep(inner - edge, inner + edge, rho)
-    wall_alpha = np.clip(inside - lumen, 0, 1)
-    grid = (overlay.h, overlay.w)
-    noise = _smooth_noise(rng, grid, 2.5 * um / f)
-    fibres = _smooth_noise(rng, grid, 0.8 * um / f)
-
-    # wall: eosinophilic smooth muscle, its texture taken from real H&E (a quilted patch of
-    # the source image, tinted towards eosin and streaked along the circumference)
-    real = _real_texture(rng, grid, f)
-    grey = real.mean(axis=-1)
-    detail = grey - cv2.GaussianBlur(grey, (0, 0), 2.0)
-    eosin = np.stack(
-        [228 + 6 * noise, 138 + 14 * noise + 8 * fibres, 178 + 8 * noise], axis=-1
-    )
-    wall_colour = (0.45 * real + 0.55 * eosin + 0.8 * detail[..., None]).clip(0, 255)
-    overlay.layer(wall_colour, 0.75 * wall_alpha)
-
-    # lumen: pale, sometimes with pink plasma
-    plasma = rng.uniform(0.0, 0.5) if rng.random() < 0.5 else 0.0
-    lumen_color = np.stack(
-        [
-            244 - 6 * plasma + 2 * noise,
-            233 - 30 * plasma + 2 * noise,
-            238 - 18 * plasma + 2 * noise,
-        ],
-        axis=-1,
-    )
-    # a faint real texture (fibrin, plasma) so the lumen is not flat paint
-    lumen_color = (lumen_color + 0.35 * detail[..., None]).clip(0, 255)
-    overlay.layer(lumen_color, lumen)
-
-    # endothelial lining on the lumen side of the wall
-    lining = np.exp(-(((rho - inner) * mean_r / (0.9 * um)) ** 2)) * inside
-    overlay.layer((150, 92, 160), 0.45 * lining)
-
-    # nuclei: smooth-muscle nuclei in the wall, flat endothelial nuclei on the lining
-    nuclei = np.zeros(grid, dtype=np.float32)
-    ring_area = math.pi * shape.a * shape.b * (1 - inner**2)
-    for _ in range(int(ring_area / (14 * um) ** 2) + 3):
-        t = rng.uniform(0, 2 * math.pi)
-        level = rng.uniform(inner + 0.2 * wall, 1.0 - 0.15 * wall)
-        length = rng.uniform(3, 5) * um
-        _draw_nucleus(nuclei, overlay, shape, t, level, (length, 1.1 * um))
-    perimeter_um = 2 * math.pi * mean_r * inner / um
-    for _ in range(int(perimeter_um / 18) + 2):
-        t = rng.uniform(0, 2 * math.pi)
-        level = inner + 0.6 * um / mean_r
-        _draw_nucleus(nuclei, overlay, shape, t, level, (4 * um, 0.8 * um))
-    nuclei = cv2.GaussianBlur(nuclei, (0, 0), 0.25 * um)
-    overlay.layer((78, 46, 122), 0.85 * np.clip(nuclei, 0, 1) * inside)
-
-    # red blood cells in about half of the lumens
-    if rng.random() < 0.5 and mean_r * inner > 8 * um:
-        # biconcave discs: a darker rim round a paler centre, slightly varied in size
-        cells = np.zeros(grid, dtype=np.float32)
-        pallor = np.zeros(grid, dtype=np.float32)
-        centre_t = rng.uniform(0, 2 * math.pi)
-        for _ in range(int(rng.integers(3, 12))):
-            t = centre_t + rng.normal(0, 0.9)
-            point = _point_at(shape, t, rng.uniform(0.1, 0.85) * inner)
-            radius = rng.uniform(3.2, 4.0) * um
-            tilt = rng.uniform(0.75, 1.0)
-            angle = rng.uniform(0, 180)
-            _draw_ellipse(cells, overlay, point, (radius, radius * tilt), angle)
-            _draw_ellipse(pallor, overlay, point, (0.45 * radius, 0.45 * radius * tilt), angle)
-        cells = cv2.GaussianBlur(np.clip(cells, 0, 1), (0, 0), 0.25 * um)
-        pallor = cv2.GaussianBlur(np.clip(pallor, 0, 1), (0, 0), 0.6 * um)
-        alpha = np.clip(cells - 0.45 * pallor, 0, 1) * lumen
-        overlay.layer((196, 58, 78), 0.85 * alpha)
-
-    overlay.composite()
-
-
-def _point_at(shape: _Shape, t: float, level: float) -> tuple[float, float]:
-    """Level-0 point at polar angle ``t`` and normalised radius ``level`` of ``shape``."""
-    r = level * (1 + sum(amp * math.cos(k * t + phase) for k, amp, phase in shape.harmonics))
-    u, v = shape.a * r * math.cos(t), shape.b * r * math.sin(t)
-    c, s = math.cos(shape.angle), math.sin(shape.angle)
-    return shape.cx + c * u - s * v, shape.cy + s * u + c * v
-
-
-def _draw_nucleus(
-    layer: np.ndarray,
-    overlay: _Overlay,
-    shape: _Shape,
-    t: float,
-    level: float,
-    axes: tuple[float, float],
-) -> None:
-    """An elongated nucleus lying along the circumference at (t, level)."""
-    px, py = _point_at(shape, t, level)
-    qx, qy = _point_at(shape, t + 0.01, level)
-    angle = math.degrees(math.atan2(qy - py, qx - px))
-    _draw_ellipse(layer, overlay, (px, py), axes, angle)
-
-
-def _paint_tumour(image: np.ndarray, shape: _Shape, mpp: float, rng: np.random.Generator) -> None:
-    """Crowded, hyperchromatic nuclei and a purple tint inside ``shape``."""
-    um = 1.0 / mpp
-    overlay = _Overlay(image, shape, 4)
-    rho, _ = shape.rho(overlay.xs, overlay.ys)
-    inside = 1.0 - _smoothstep(0.97, 1.03, rho)
-    overlay.layer((150, 100, 175), 0.3 * inside)
-    nuclei = np.zeros((overlay.h, overlay.w), dtype=np.float32)
-    area = math.pi * shape.a * shape.b
-    for _ in range(int(area / (11 * um) ** 2)):
-        t, level = rng.uniform(0, 2 * math.pi), math.sqrt(rng.uniform(0, 0.95))
-        axes = (rng.uniform(3.0, 4.5) * um, rng.uniform(2.2, 3.5) * um)
-        _draw_ellipse(nuclei, overlay, _point_at(shape, t, level), axes, rng.uniform(0, 180))
-    nuclei = cv2.GaussianBlur(nuclei, (0, 0), 0.3 * um)
-    overlay.layer((70, 40, 115), 0.75 * np.clip(nuclei, 0, 1) * inside)
-    overlay.composite()
+@lru_cache(maxsize=1)
+def _crop_library() -> CropLibrary:
+    """Real nuclei, stroma, red-cell and lumen crops of the source H&E, cut once."""
+    return build_crop_library(_he_image())
 
 
 @dataclass
@@ -601,7 +320,7 @@ _PLANS = [
 ]
 
 
-def _fits(shape: _Shape, placed: list[_Shape], gap: float, width: int, height: int) -> bool:
+def _fits(shape: Shape, placed: list[Shape], gap: float, width: int, height: int) -> bool:
     minx, miny, maxx, maxy = shape.bounds()
     if minx < 2 or miny < 2 or maxx > width - 2 or maxy > height - 2:
         return False
@@ -612,9 +331,9 @@ def _fits(shape: _Shape, placed: list[_Shape], gap: float, width: int, height: i
 
 
 def _place(
-    shape: _Shape,
+    shape: Shape,
     rng: np.random.Generator,
-    placed: list[_Shape],
+    placed: list[Shape],
     gap: float,
     width: int,
     height: int,
@@ -632,7 +351,11 @@ def _place(
 
 
 def _place_at_border(
-    shape: _Shape, rng: np.random.Generator, placed: list[_Shape], gap: float, width: int,
+    shape: Shape,
+    rng: np.random.Generator,
+    placed: list[Shape],
+    gap: float,
+    width: int,
     height: int,
 ) -> bool:
     """Put ``shape`` 4–12 px from one of the slide's edges."""
@@ -659,8 +382,14 @@ def _place_at_border(
 
 
 def _place_pair(
-    first: _Shape, second: _Shape, rng: np.random.Generator, placed: list[_Shape], gap: float,
-    width: int, height: int, tile_extent: float,
+    first: Shape,
+    second: Shape,
+    rng: np.random.Generator,
+    placed: list[Shape],
+    gap: float,
+    width: int,
+    height: int,
+    tile_extent: float,
 ) -> bool:
     """Place two vessels close enough to share one tile of ``tile_extent`` level-0 px."""
     for _ in range(400):
@@ -727,22 +456,22 @@ def _quilted_background(width: int, height: int, rng: np.random.Generator) -> np
 
 def _layout(
     rng: np.random.Generator, width: int, height: int, mpp: float
-) -> list[tuple[_Shape, _Plan]] | None:
+) -> list[tuple[Shape, _Plan]] | None:
     """Seeded positions of the demo objects, or ``None`` when a required one does not fit."""
     gap = 12.0 / mpp
     tile_extent = 512.0 / mpp
-    placed: list[_Shape] = []
-    layout: list[tuple[_Shape, _Plan]] = []
+    placed: list[Shape] = []
+    layout: list[tuple[Shape, _Plan]] = []
     for plan in _PLANS:
         diameter = plan.diameter_um / mpp
         if plan.role == "tumour":
             diameter = min(diameter, 0.3 * min(width, height))
-        shape = _random_shape(rng, diameter, 0.12 if plan.role == "tumour" else 0.05)
+        shape = random_shape(rng, diameter, 0.12 if plan.role == "tumour" else 0.05)
         shapes = [shape]
         if plan.role == "border":
             ok = _place_at_border(shape, rng, placed, gap, width, height)
         elif plan.role == "pair":
-            shapes.append(_random_shape(rng, 35 / mpp, 0.05))
+            shapes.append(random_shape(rng, 35 / mpp, 0.05))
             ok = _place_pair(shape, shapes[1], rng, placed, gap, width, height, tile_extent)
         else:
             ok = _place(shape, rng, placed, gap, width, height)
@@ -796,19 +525,20 @@ def build_demo_slide(
 
 
 def _paint_and_annotate(
-    image: np.ndarray, shape: _Shape, plan: _Plan, mpp: float, rng: np.random.Generator
+    image: np.ndarray, shape: Shape, plan: _Plan, mpp: float, rng: np.random.Generator
 ) -> Annotation:
-    wall = 0.0
+    lumen = None
     if plan.role == "tumour":
-        _paint_tumour(image, shape, mpp, rng)
+        paint_tumour(image, shape, mpp, rng, _crop_library())
     else:
         # thicker walls on larger vessels (arteries), thin on capillary-sized ones
         wall = float(np.clip(rng.uniform(0.18, 0.3) + plan.diameter_um / 1500, 0.15, 0.45))
-        _paint_vessel(image, shape, wall, mpp, rng)
+        invasive = plan.class_name == CLASS_INVASIVE
+        lumen = paint_vessel(image, shape, wall, mpp, rng, _crop_library(), invasive=invasive)
     geometry: BaseGeometry = _polygon(shape.outline())
-    if plan.role == "hole":
-        lumen = _polygon(shape.outline(1 - wall))
-        geometry = Polygon(geometry.exterior.coords, [lumen.exterior.coords])
+    if plan.role == "hole" and lumen is not None:
+        hole = _polygon(lumen)
+        geometry = Polygon(geometry.exterior.coords, [hole.exterior.coords])
     area_um2 = round(geometry.area * mpp * mpp, 2)
     return Annotation(
         geometry=geometry,
@@ -1049,9 +779,7 @@ def _server_metadata(slide: DemoSlide, levels: list[tuple[int, int]]) -> dict[st
         "channelType": "DEFAULT",
         "isRGB": True,
         "pixelType": "UINT8",
-        "levels": [
-            {"downsample": slide.width / w, "width": w, "height": h} for w, h in levels
-        ],
+        "levels": [{"downsample": slide.width / w, "width": w, "height": h} for w, h in levels],
         "channels": [
             {"name": "Red", "color": -65536},
             {"name": "Green", "color": -16711936},

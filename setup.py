@@ -40,6 +40,17 @@ class BuildWithManifest(build_py):
 setup(
     package_dir=FOLDERS,
     packages=_packages(),
-    package_data={"histosynth": ["qupath/*.groovy", "review/*.html"]},
+    package_data={
+        "histosynth": ["qupath/*.groovy", "review/*.html"],
+        # the embedded default engine (preset "default"): weights, configs, model card
+        "histosynth.synthesis": [
+            "embedded/*/*.json",
+            "embedded/*/*.md",
+            "embedded/*/*.jpg",
+            "embedded/*/*.png",
+            "embedded/*/*/*.json",
+            "embedded/*/*/*.safetensors",
+        ],
+    },
     cmdclass={"build_py": BuildWithManifest},
 )

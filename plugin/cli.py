@@ -261,16 +261,16 @@ def extract(
 @click.option(
     "--tile-size",
     type=click.IntRange(64, 16384),
-    default=1024,
-    show_default=True,
-    help="Tile side in px at --mpp (must match the model's).",
+    default=None,
+    help="Tile side in px at --mpp [the model's: 1024 for pixcell-1024, 512 for default].",
 )
 @_mpp_option
 @click.option(
     "--model",
-    default="tiny",
-    show_default=True,
-    help="Preset (pixcell-1024, pixcell-256, tiny = UNTRAINED) or a local folder.",
+    default=None,
+    help="Preset (pixcell-1024, pixcell-256, default, tiny = UNTRAINED) or a local folder "
+    "[pixcell-1024 when its weights are installed, else default: the embedded "
+    "histosynth-mini-512].",
 )
 @click.option(
     "--adapter",
@@ -459,12 +459,17 @@ def _report_synthesis(ctx: click.Context, result) -> None:
 )
 @click.option(
     "--model",
-    default="tiny",
-    show_default=True,
-    help="Preset or local folder; tiny is UNTRAINED and needs no weights.",
+    default=None,
+    help="Preset or local folder [pixcell-1024 when installed, else default: the embedded "
+    "histosynth-mini-512]; tiny is UNTRAINED.",
 )
 @click.option("--count", "-n", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--tile-size", type=click.IntRange(64, 4096), default=512, show_default=True)
+@click.option(
+    "--tile-size",
+    type=click.IntRange(64, 4096),
+    default=None,
+    help="Tile side in px [the model's; 512 for tiny].",
+)
 @click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option(
@@ -479,9 +484,9 @@ def _report_synthesis(ctx: click.Context, result) -> None:
 def demo(
     ctx: click.Context,
     out: Path,
-    model: str,
+    model: str | None,
     count: int,
-    tile_size: int,
+    tile_size: int | None,
     steps: int,
     seed: int,
     harmonise: str,
@@ -522,7 +527,7 @@ def demo(
         out=out / "run",
         mode="inpaint",
         project=project_file,
-        tile_size=tile_size,
+        tile_size=tile_size or (512 if model == "tiny" else None),
         mpp=0.5,
         model=model,
         seed=seed,

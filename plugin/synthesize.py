@@ -110,10 +110,10 @@ def synthesize(
     project: str | Path | None = None,
     slide: str | Path | None = None,
     annotations: str | Path | None = None,
-    tile_size: int = 1024,
+    tile_size: int | None = None,
     mpp: float = 0.5,
     slide_mpp_override: float | None = None,
-    model: str = "tiny",
+    model: str | None = None,
     adapter: str | None = None,
     seed: int = 0,
     steps: int | None = None,
@@ -147,10 +147,12 @@ def synthesize(
     of the seam.
 
     ``engine`` may be an already loaded engine (``load_engine``); else ``model`` is
-    loaded once for the run. ``sources`` may replace ``project`` / ``slide`` +
-    ``annotations``: slides and annotations already in memory (e.g. from TIAToolbox
-    readers and annotation stores, see ``histosynth.tiatoolbox``); a source without a
-    ``reader`` is opened from its ``slide_path``.
+    loaded once for the run (``None``: PixCell-1024 when its weights are installed, else
+    the embedded default engine); ``tile_size`` (px at ``mpp``) ``None``: the engine's.
+    ``sources`` may replace ``project`` / ``slide`` + ``annotations``: slides and
+    annotations already in memory (e.g. from TIAToolbox readers and annotation stores, see
+    ``histosynth.tiatoolbox``); a source without a ``reader`` is opened from its
+    ``slide_path``.
     """
     if mode not in MODES:
         raise InputError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -159,9 +161,7 @@ def synthesize(
             f"--background must be one of {', '.join(BACKGROUNDS)}, not {background!r}"
         )
     if harmonise not in HARMONISERS:
-        raise InputError(
-            f"--harmonise must be one of {', '.join(HARMONISERS)}, not {harmonise!r}"
-        )
+        raise InputError(f"--harmonise must be one of {', '.join(HARMONISERS)}, not {harmonise!r}")
     if count < 1:
         raise InputError(f"--count must be at least 1, not {count}")
     if not classes:
@@ -200,6 +200,7 @@ def synthesize(
             kv_compress=kv_compress,
             tile_size=tile_size if model == "tiny" else None,
         )
+    tile_size = engine.tile_size if tile_size is None else tile_size
     if adapter is not None:
         adapter = load_adapter_for(engine, adapter)
     if engine.tile_size != tile_size:
@@ -496,7 +497,7 @@ def _run_inpaint(
     pipeline = InpaintPipeline(
         transformer=engine.transformer,
         vae=engine.vae,
-        scheduler=engine.make_scheduler("dpm-solver++"),
+        scheduler=engine.make_scheduler(),
         encoder=engine.encoder,
     )
     pipeline.set_progress_bar_config(disable=True)
@@ -631,7 +632,9 @@ def _inpaint_batch(
             image = comp.composite
             if config["harmonise"] == "multiband":
                 image = harmonise_multiband(
-                    prepared.background.image, comp.composite, comp.mask,
+                    prepared.background.image,
+                    comp.composite,
+                    comp.mask,
                     sigma=config["seam_sigma"],
                 )
             _write_inpainted(writer, prepared, image, config)

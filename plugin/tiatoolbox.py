@@ -7,7 +7,7 @@ preset or a loaded engine, ``batch_size``, ``device``, ``verbose``), and run on 
 ``output_type`` asks for.
 
 >>> from histosynth.tiatoolbox import SynthesisEngine                  # doctest: +SKIP
->>> engine = SynthesisEngine(model="tiny", batch_size=1, device="cpu")  # doctest: +SKIP
+>>> engine = SynthesisEngine(batch_size=1, device="cpu")  # doctest: +SKIP
 >>> store = engine.run(["slide.ome.tif"], annotations=["slide.db"],    # doctest: +SKIP
 ...                    classes=["Vessel"], count=4, save_dir="synth",
 ...                    output_type="annotationstore", class_dict={1: "Vessel"})
@@ -81,9 +81,11 @@ class SynthesisEngine:
     """Synthetic vessel tiles from slides and their annotation stores, TIAToolbox-style.
 
     Args:
-        model: an engine preset (``"tiny"``, ``"pixcell-256"``, ``"pixcell-1024"``), a local
-            engine folder, or an engine already loaded with
-            :func:`histosynth.synthesis.load_engine`. Weights are never downloaded.
+        model: ``None`` (PixCell-1024 when its weights are installed, else ``"default"``,
+            the embedded histosynth-mini-512), an engine preset (``"pixcell-1024"``,
+            ``"pixcell-256"``, ``"default"``, ``"tiny"`` = UNTRAINED), a local engine folder,
+            or an engine already loaded with :func:`histosynth.synthesis.load_engine`.
+            Weights are never downloaded.
         batch_size: tiles per diffusion batch.
         weights: a folder holding the preset's weights (as ``load_engine(weights=)``).
         device: ``"cpu"``, ``"cuda"``, …; ``None`` picks CUDA when available. Ignored for a
@@ -97,7 +99,7 @@ class SynthesisEngine:
 
     def __init__(
         self,
-        model: str | os.PathLike | Any = "tiny",
+        model: str | os.PathLike | Any = None,
         batch_size: int = 1,
         weights: str | os.PathLike | None = None,
         *,
@@ -107,7 +109,7 @@ class SynthesisEngine:
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, not {batch_size!r}")
-        if not (_is_engine(model) or isinstance(model, str | os.PathLike)):
+        if not (model is None or _is_engine(model) or isinstance(model, str | os.PathLike)):
             raise InputError(
                 "model must be a preset name, an engine folder or a loaded engine, "
                 f"not {type(model).__name__}"
@@ -133,7 +135,7 @@ class SynthesisEngine:
             )
         from histosynth.synthesis.engine import load_engine
 
-        name = os.fspath(self.model)
+        name = None if self.model is None else os.fspath(self.model)
         self.engine = load_engine(
             name,
             device=self.device,

@@ -19,7 +19,7 @@ Stages (each timed, all on the CPU by default):
    validated on the held-out tiles, in chunks of ``--checkpoint-every`` steps so that the
    ``--minutes-dit`` budget can stop it at a checkpoint;
 4. the engine folder (:func:`save_engine`, ``trained=True``) + ``MODEL_CARD.md`` +
-   ``training.json`` + ``preview.png`` (held-out tiles, their reconstructions, an inpainted
+   ``training.json`` + ``preview.jpg`` (held-out tiles, their reconstructions, an inpainted
    composite through this engine and through the UNTRAINED tiny engine).
 
 Data: TIAToolbox's ``target_image.png`` (1000² H&E, ``he_source_image()``), rows 0–499 for
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import sys
 import time
 from pathlib import Path
@@ -40,24 +41,72 @@ from typing import Any
 import numpy as np
 import torch
 
-HE_SOURCE = ("TIAToolbox 2.x test/sample data `target_image.png` (1000×1000 px H&E), read by "
-             "`histosynth.integration.demodata.he_source_image()`; TIAToolbox is BSD-3-Clause")
+HE_SOURCE = (
+    "TIAToolbox 2.x test/sample data `target_image.png` (1000×1000 px H&E), read by "
+    "`histosynth.integration.demodata.he_source_image()`; TIAToolbox is BSD-3-Clause"
+)
+# More H&E inside installable packages (``pip install "histosynth[train-data]"``), found
+# without importing them; the autoencoder trains on them too (they are smaller than a tile).
+EXTRA_HE = (
+    (
+        "stardist",
+        "data/images/histo.jpg",
+        "stardist `data/images/histo.jpg` (500×300 px H&E), BSD-3-Clause",
+    ),
+    (
+        "wsidicom_data",
+        "data/encoded/JPEG_Baseline_(Process_1)-RGB-8.jpg",
+        "wsidicom-data `JPEG_Baseline_(Process_1)-RGB-8.jpg` (240×240 px H&E), Apache-2.0",
+    ),
+)
 
 FULL = {
-    "tile": 512, "crop": 256, "dim": 32,
-    "vae_blocks": (32, 64, 64), "vae_steps": 1500, "vae_batch": 8, "vae_crop": 64,
+    "tile": 512,
+    "crop": 256,
+    "dim": 32,
+    "vae_blocks": (32, 64, 64),
+    "vae_steps": 900,
+    "vae_batch": 8,
+    "vae_crop": 64,
     "vae_lr": 1e-3,
-    "dit_heads": 3, "dit_head_dim": 64, "dit_layers": 6, "patch": 4,
-    "dit_steps": 1500, "dit_batch": 4, "dit_lr": 3e-4, "checkpoint_every": 100,
-    "x_step": 32, "val_offsets": 8,
+    # hidden 320 > the 4·4·16 = 256 values of a latent patch: a narrower token cannot pass
+    # the noise of a patch through, which leaves speckle at small timesteps
+    "dit_heads": 5,
+    "dit_head_dim": 64,
+    "dit_layers": 4,
+    "patch": 4,
+    "dit_steps": 4000,
+    "dit_batch": 4,
+    "dit_lr": 3e-4,
+    "checkpoint_every": 100,
+    "ema_decay": 0.995,
+    "x_step": 32,
+    "val_offsets": 8,
+    "minutes_vae": 14.0,
+    "minutes_dit": 60.0,
 }
 QUICK = {
-    "tile": 64, "crop": 32, "dim": 16,
-    "vae_blocks": (8, 16, 16), "vae_steps": 4, "vae_batch": 2, "vae_crop": 32,
+    "tile": 64,
+    "crop": 32,
+    "dim": 16,
+    "vae_blocks": (8, 16, 16),
+    "vae_steps": 4,
+    "vae_batch": 2,
+    "vae_crop": 32,
     "vae_lr": 1e-3,
-    "dit_heads": 2, "dit_head_dim": 16, "dit_layers": 2, "patch": 4,
-    "dit_steps": 4, "dit_batch": 2, "dit_lr": 3e-4, "checkpoint_every": 2,
-    "x_step": 400, "val_offsets": 2,
+    "dit_heads": 2,
+    "dit_head_dim": 16,
+    "dit_layers": 2,
+    "patch": 4,
+    "dit_steps": 4,
+    "dit_batch": 2,
+    "dit_lr": 3e-4,
+    "checkpoint_every": 2,
+    "ema_decay": 0.995,
+    "x_step": 400,
+    "val_offsets": 2,
+    "minutes_vae": None,
+    "minutes_dit": None,
 }
 
 
@@ -76,11 +125,16 @@ def build_vae(p: dict[str, Any]):
 
     n = len(p["vae_blocks"])
     return AutoencoderKL(
-        in_channels=3, out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(p["vae_blocks"]), layers_per_block=1,
-        latent_channels=SD3_LATENT_CHANNELS, norm_num_groups=8,
-        scaling_factor=SD3_SCALING_FACTOR, shift_factor=SD3_SHIFT_FACTOR,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(p["vae_blocks"]),
+        layers_per_block=1,
+        latent_channels=SD3_LATENT_CHANNELS,
+        norm_num_groups=8,
+        scaling_factor=SD3_SCALING_FACTOR,
+        shift_factor=SD3_SHIFT_FACTOR,
         sample_size=p["tile"],
     )
 
@@ -92,17 +146,63 @@ def build_transformer(p: dict[str, Any], down: int):
     hidden = p["dit_heads"] * p["dit_head_dim"]
     tokens = (p["tile"] // p["crop"]) ** 2
     model = PixCellTransformer2DModel(
-        num_attention_heads=p["dit_heads"], attention_head_dim=p["dit_head_dim"],
-        in_channels=16, out_channels=32, num_layers=p["dit_layers"],
-        cross_attention_dim=hidden, attention_bias=True, sample_size=p["tile"] // down,
-        patch_size=p["patch"], activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
-        norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
-        interpolation_scale=1.0, use_additional_conditions=False,
-        caption_channels=p["dim"], caption_num_tokens=tokens, attention_type="default",
+        num_attention_heads=p["dit_heads"],
+        attention_head_dim=p["dit_head_dim"],
+        in_channels=16,
+        out_channels=32,
+        num_layers=p["dit_layers"],
+        cross_attention_dim=hidden,
+        attention_bias=True,
+        sample_size=p["tile"] // down,
+        patch_size=p["patch"],
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        interpolation_scale=1.0,
+        use_additional_conditions=False,
+        caption_channels=p["dim"],
+        caption_num_tokens=tokens,
+        attention_type="default",
     )
     layers = p["dit_layers"]
     enable_kv_compression(model, ratio=2, blocks=list(range(layers // 2, layers)))
     return model
+
+
+def extra_he_images() -> list[tuple[np.ndarray, str]]:
+    """The H&E images of :data:`EXTRA_HE` whose packages are installed, with their sources."""
+    import importlib.util
+
+    import cv2
+
+    found = []
+    for package, relative, source in EXTRA_HE:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        path = Path(next(iter(spec.submodule_search_locations))) / relative
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is not None:
+            found.append((cv2.cvtColor(image, cv2.COLOR_BGR2RGB), source))
+    return found
+
+
+def half_weights(folder: Path) -> None:
+    """Store the float32 tensors of ``folder``'s safetensors as float16 (loading casts back)."""
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    for path in folder.glob("*.safetensors"):
+        tensors = {
+            k: (v.half() if v.dtype == torch.float32 else v) for k, v in load_file(path).items()
+        }
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
 
 
 def pad_rows(region: np.ndarray, tile: int) -> np.ndarray:
@@ -121,9 +221,15 @@ def tiles_of(region: np.ndarray, tile: int, offsets: list[int], transforms: rang
         base = np.ascontiguousarray(pad[:tile, x : x + tile])
         for k in transforms:
             image = np.rot90(base[:, ::-1] if k >= 4 else base, k % 4)
-            out.append(CacheTile(f"{kind}-x{x}-d{k}", np.ascontiguousarray(image),
-                                 np.zeros((tile, tile), np.uint8), source=f"he rows {kind}",
-                                 kind="background"))
+            out.append(
+                CacheTile(
+                    f"{kind}-x{x}-d{k}",
+                    np.ascontiguousarray(image),
+                    np.zeros((tile, tile), np.uint8),
+                    source=f"he rows {kind}",
+                    kind="background",
+                )
+            )
     return out
 
 
@@ -139,13 +245,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="engine folder to write")
     parser.add_argument("--work-dir", type=Path, help="checkpoints and cache (OUT-work)")
-    parser.add_argument("--minutes-vae", type=float, help="wall-time cap of stage 1")
-    parser.add_argument("--minutes-dit", type=float, help="wall-time cap of stage 3")
+    parser.add_argument("--minutes-vae", type=float, help="wall-time cap of stage 1 (14; 0 = none)")
+    parser.add_argument("--minutes-dit", type=float, help="wall-time cap of stage 3 (60; 0 = none)")
     parser.add_argument("--vae-steps", type=int, help="autoencoder steps")
     parser.add_argument("--dit-steps", type=int, help="denoiser steps")
     parser.add_argument("--quick", action="store_true", help="toy sizes (< 60 s, tests)")
     parser.add_argument("--resume", action="store_true", help="continue from --work-dir")
-    parser.add_argument("--no-preview", action="store_true", help="skip preview.png")
+    parser.add_argument("--no-preview", action="store_true", help="skip preview.jpg")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -174,6 +280,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p["vae_steps"] = args.vae_steps
     if args.dit_steps:
         p["dit_steps"] = args.dit_steps
+    for key in ("minutes_vae", "minutes_dit"):
+        if getattr(args, key) is not None:
+            p[key] = getattr(args, key) or None
     out: Path = args.out
     if out.exists() and any(out.iterdir()):
         parser.error(f"{out} exists and is not empty")
@@ -187,27 +296,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     image = he_source_image()
     train_region, held_region = image[:500], image[500:]
+    extra = [] if args.quick else extra_he_images()
     if args.quick:  # toy sizes: a corner of each half
         train_region, held_region = train_region[:64, :256], held_region[:64, :256]
+    sources = [HE_SOURCE] + [source for _, source in extra]
+    report["sources"] = sources
+    log("data: " + "; ".join(sources))
 
     # ---------------------------------------------------------------- 1. autoencoder
     t0 = time.perf_counter()
     vae = build_vae(p)
     down = 2 ** (len(p["vae_blocks"]) - 1)
-    log(f"stage 1: autoencoder {n_params(vae) / 1e6:.2f} M parameters, ×{down}, "
-        f"{p['vae_steps']} steps")
+    log(
+        f"stage 1: autoencoder {n_params(vae) / 1e6:.2f} M parameters, ×{down}, "
+        f"{p['vae_steps']} steps"
+    )
     before = reconstruction_metrics(vae, [held_region])
 
     def vae_progress(r: dict[str, Any]) -> None:
         if r["step"] % 50 == 0:
-            log(f"  vae step {r['step']} loss {r['loss']:.4f} l1 {r['l1']:.4f} "
-                f"({r['seconds']:.0f} s)")
+            log(
+                f"  vae step {r['step']} loss {r['loss']:.4f} l1 {r['l1']:.4f} "
+                f"({r['seconds']:.0f} s)"
+            )
 
     vae_run = train_autoencoder(
-        vae, [train_region], steps=p["vae_steps"], batch_size=p["vae_batch"],
-        crop=p["vae_crop"], lr=p["vae_lr"], seed=args.seed, work_dir=work / "vae",
+        vae,
+        [train_region] + [im for im, _ in extra],
+        steps=p["vae_steps"],
+        batch_size=p["vae_batch"],
+        crop=p["vae_crop"],
+        lr=p["vae_lr"],
+        seed=args.seed,
+        work_dir=work / "vae",
         checkpoint_every=50,
-        max_seconds=args.minutes_vae * 60 if args.minutes_vae else None,
+        max_seconds=p["minutes_vae"] * 60 if p["minutes_vae"] else None,
         progress=vae_progress,
     )
     stats = normalise_latents(vae, [train_region])
@@ -218,10 +341,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     times["vae_s"] = time.perf_counter() - t0
     log(f"  vae done: {vae_run['steps']} steps, held-out {vae_metrics['held_out']}")
-    report["vae"] = {"steps": vae_run["steps"], "completed": vae_run["completed"],
-                     "final_loss": vae_run["final_loss"], "metrics": vae_metrics,
-                     "latent_stats_before_normalisation": stats,
-                     "history": vae_run["history"][:: max(1, len(vae_run["history"]) // 30)]}
+    report["vae"] = {
+        "steps": vae_run["steps"],
+        "completed": vae_run["completed"],
+        "final_loss": vae_run["final_loss"],
+        "metrics": vae_metrics,
+        "latent_stats_before_normalisation": stats,
+        "history": vae_run["history"][:: max(1, len(vae_run["history"]) // 30)],
+    }
 
     # ---------------------------------------------------------------- 2. feature cache
     t0 = time.perf_counter()
@@ -230,29 +357,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     width = train_region.shape[1]
     last = width - tile
     train_x = sorted({*range(0, last + 1, p["x_step"]), last})
-    val_x = sorted({round(v) for v in np.linspace(0, held_region.shape[1] - tile,
-                                                  p["val_offsets"])})
+    val_x = sorted(
+        {round(v) for v in np.linspace(0, held_region.shape[1] - tile, p["val_offsets"])}
+    )
     train_tiles = tiles_of(train_region, tile, train_x, range(8), "train")
     val_tiles = tiles_of(held_region, tile, val_x, range(1), "heldout")
     cache_path = work / "cache.h5"
     if cache_path.exists():
         cache_path.unlink()  # the VAE may have changed since; rebuilt (cheap)
     codec = LatentCodec(vae)
-    build_cache(cache_path, train_tiles + val_tiles, codec=codec, encoder=encoder,
-                tile_size=tile, mpp=0.5, model_id="histosynth-mini", batch_size=4)
+    build_cache(
+        cache_path,
+        train_tiles + val_tiles,
+        codec=codec,
+        encoder=encoder,
+        tile_size=tile,
+        mpp=0.5,
+        model_id="histosynth-mini",
+        batch_size=4,
+    )
     times["cache_s"] = time.perf_counter() - t0
     n_train = len(train_tiles)
     train_idx = list(range(n_train))
     val_idx = list(range(n_train, n_train + len(val_tiles)))
-    log(f"stage 2: cache of {n_train} training + {len(val_idx)} held-out {tile}² tiles "
-        f"({times['cache_s']:.0f} s)")
+    log(
+        f"stage 2: cache of {n_train} training + {len(val_idx)} held-out {tile}² tiles "
+        f"({times['cache_s']:.0f} s)"
+    )
 
     # ---------------------------------------------------------------- 3. denoiser
     t0 = time.perf_counter()
     transformer = build_transformer(p, down)
     transformer.requires_grad_(True).train()
-    log(f"stage 3: denoiser {n_params(transformer) / 1e6:.2f} M parameters, "
-        f"{(tile // down // p['patch']) ** 2} tokens, up to {p['dit_steps']} steps")
+    log(
+        f"stage 3: denoiser {n_params(transformer) / 1e6:.2f} M parameters, "
+        f"{(tile // down // p['patch']) ** 2} tokens, up to {p['dit_steps']} steps"
+    )
     dataset = CacheDataset(cache_path, preload=True, seed=args.seed)
     dit_work = work / "dit"
     history: list[dict[str, Any]] = []
@@ -263,20 +403,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         latest = latest_checkpoint(dit_work / "checkpoints")
         done = latest.step if latest is not None else 0
-    budget = args.minutes_dit * 60 if args.minutes_dit else None
+    budget = p["minutes_dit"] * 60 if p["minutes_dit"] else None
     while done < p["dit_steps"]:
         target = min(p["dit_steps"], done + p["checkpoint_every"])
         config = TrainConfig(
-            steps=target, batch_size=p["dit_batch"], lr=p["dit_lr"], lr_scheduler="constant",
-            snr_gamma=5.0, uncond_prob=0.1, timestep_range=(0, 560), seed=args.seed,
-            checkpoint_every=p["checkpoint_every"], keep_best=1, sample_every=0,
-            attention="sdpa", max_grad_norm=1.0, weight_decay=0.0,
+            steps=target,
+            batch_size=p["dit_batch"],
+            lr=p["dit_lr"],
+            lr_scheduler="constant",
+            snr_gamma=5.0,
+            uncond_prob=0.1,
+            timestep_range=(0, 560),
+            seed=args.seed,
+            checkpoint_every=p["checkpoint_every"],
+            keep_best=1,
+            sample_every=0,
+            attention="sdpa",
+            max_grad_norm=1.0,
+            weight_decay=0.0,
+            ema=True,
+            ema_decay=p["ema_decay"],
         )
         result = run_training(
-            transformer, dataset, train_idx, val_idx, config=config,
-            noise_scheduler=make_scheduler("ddpm"), work_dir=dit_work,
+            transformer,
+            dataset,
+            train_idx,
+            val_idx,
+            config=config,
+            noise_scheduler=make_scheduler("ddpm"),
+            work_dir=dit_work,
             fingerprint={"kind": "default-engine", "vae": list(p["vae_blocks"])},
-            resume=done > 0 or args.resume, device=torch.device("cpu"),
+            resume=done > 0 or args.resume,
+            device=torch.device("cpu"),
         )
         if "val_loss_initial" in result.metrics:
             initial = {"step": 0, "val_loss": result.metrics["val_loss_initial"]}
@@ -292,35 +450,71 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     times["dit_s"] = time.perf_counter() - t0
     assert result is not None
     train_losses = [(h["step"], round(h["loss"], 4)) for h in _read_log(dit_work) if "loss" in h]
-    report["dit"] = {"steps": done, "metrics": result.metrics, "initial": initial,
-                     "validation": [{k: v for k, v in h.items() if k.startswith(("step", "val"))}
-                                    for h in _read_log(dit_work) if "val_loss" in h],
-                     "train_loss": train_losses[:: max(1, len(train_losses) // 30)]}
+    report["dit"] = {
+        "steps": done,
+        "metrics": result.metrics,
+        "initial": initial,
+        "validation": [
+            {k: v for k, v in h.items() if k.startswith(("step", "val"))}
+            for h in _read_log(dit_work)
+            if "val_loss" in h
+        ],
+        "train_loss": train_losses[:: max(1, len(train_losses) // 30)],
+    }
 
     # ---------------------------------------------------------------- 4. save
     t0 = time.perf_counter()
     model_id = f"histosynth-mini-{tile}" if not args.quick else f"histosynth-mini-quick-{tile}"
     engine = Engine(
-        transformer=transformer, vae=vae, encoder=encoder,
-        scheduler_config=dict(PIXCELL_SCHEDULER_CONFIG), preset="tiny", tile_size=tile,
-        mpp=0.5, device=torch.device("cpu"), dtype=torch.float32, trained=True,
+        transformer=transformer,
+        vae=vae,
+        encoder=encoder,
+        scheduler_config=dict(PIXCELL_SCHEDULER_CONFIG),
+        preset="default",
+        tile_size=tile,
+        mpp=0.5,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        trained=True,
         model_id=model_id,
-        title=(f"histosynth mini default engine ({tile} px, trained on {n_train} H&E tiles of "
-               "TIAToolbox's sample; a small CPU-trained model, not PixCell)"),
+        title=(
+            f"histosynth mini default engine ({tile} px, trained on {n_train} H&E tiles of "
+            "TIAToolbox's sample; a small CPU-trained model, not PixCell)"
+        ),
     )
-    training = {"data": HE_SOURCE, "train_rows": "0-499", "held_out_rows": "500-999",
-                "vae_steps": report["vae"]["steps"], "dit_steps": done,
-                "vae_held_out": vae_metrics["held_out"], "dit_val_loss": result.metrics,
-                "seed": args.seed}
+    training = {
+        "data": HE_SOURCE,
+        "train_rows": "0-499",
+        "held_out_rows": "500-999",
+        "vae_steps": report["vae"]["steps"],
+        "dit_steps": done,
+        "vae_held_out": vae_metrics["held_out"],
+        "dit_val_loss": result.metrics,
+        "seed": args.seed,
+    }
+    training["sources"] = sources
+    training["minutes"] = round(sum(times.values()) / 60, 1)
+    training["hardware"] = f"{torch.get_num_threads()} CPU threads ({platform.machine()})"
     save_engine(engine, out, training=training)
+    half_weights(out / "transformer")
     times["save_s"] = time.perf_counter() - t0
-    sizes = {"transformer_mb": folder_mb(out / "transformer"), "vae_mb": folder_mb(out / "vae"),
-             "encoder_mb": folder_mb(out / "encoder"), "total_mb": folder_mb(out)}
-    report.update(times=times, sizes=sizes,
-                  parameters={"vae": n_params(vae), "transformer": n_params(transformer),
-                              "encoder": n_params(encoder)},
-                  kv_compress=transformer.config.kv_compress_ratio,
-                  kv_compress_blocks=transformer.config.kv_compress_blocks)
+    sizes = {
+        "transformer_mb": folder_mb(out / "transformer"),
+        "vae_mb": folder_mb(out / "vae"),
+        "encoder_mb": folder_mb(out / "encoder"),
+        "total_mb": folder_mb(out),
+    }
+    report.update(
+        times=times,
+        sizes=sizes,
+        parameters={
+            "vae": n_params(vae),
+            "transformer": n_params(transformer),
+            "encoder": n_params(encoder),
+        },
+        kv_compress=transformer.config.kv_compress_ratio,
+        kv_compress_blocks=transformer.config.kv_compress_blocks,
+    )
 
     # ---------------------------------------------------------------- 5. preview
     if not args.no_preview:
@@ -328,9 +522,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["preview"] = str(make_preview(out, held_region, tile, quick=args.quick))
         times["preview_s"] = time.perf_counter() - t0
     (out / "training.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    plot_loss_curves(report, out / "loss_curves.png")
     (out / "MODEL_CARD.md").write_text(model_card(report, model_id, n_train, len(val_idx)))
     log(f"done: {out} ({sizes['total_mb']:.2f} MB), times {times}")
     return report
+
+
+def plot_loss_curves(report: dict[str, Any], path: Path) -> Path:
+    """The autoencoder's training loss and the denoiser's training and held-out losses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    vae, dit = report["vae"], report["dit"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2), dpi=100)
+    left.plot([h["step"] for h in vae["history"]], [h["loss"] for h in vae["history"]])
+    left.set(title="autoencoder", xlabel="step", ylabel="L1 + grad-L1 + KL loss", yscale="log")
+    steps, losses = zip(*dit["train_loss"], strict=True) if dit["train_loss"] else ((), ())
+    right.plot(steps, losses, label="training (Min-SNR weighted)", alpha=0.6)
+    val = [(0, dit["initial"]["val_loss"])] if dit.get("initial") else []
+    val += [(h["step"], h["val_loss"]) for h in dit["validation"]]
+    if val:
+        right.plot(*zip(*val, strict=True), "o-", label="held out (ε-MSE)")
+    right.set(title="denoiser", xlabel="step", ylabel="loss", yscale="log")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def _read_log(work: Path) -> list[dict[str, Any]]:
@@ -363,8 +583,12 @@ def make_preview(out: Path, held_region: np.ndarray, tile: int, *, quick: bool) 
     rows_out = []
     for name in (str(out), "tiny"):
         eng = engine if name != "tiny" else load_engine("tiny", device="cpu", tile_size=tile)
-        pipe = InpaintPipeline(transformer=eng.transformer, vae=eng.vae,
-                               scheduler=eng.make_scheduler(), encoder=eng.encoder)
+        pipe = InpaintPipeline(
+            transformer=eng.transformer,
+            vae=eng.vae,
+            scheduler=eng.make_scheduler(),
+            encoder=eng.encoder,
+        )
         pipe.set_progress_bar_config(disable=True)
         res = pipe(composite, mask, strength=0.55, num_inference_steps=steps, seeds=[0])
         rows_out.append((res.images[0], res.generated[0]))
@@ -375,15 +599,34 @@ def make_preview(out: Path, held_region: np.ndarray, tile: int, *, quick: bool) 
     row2 = np.concatenate([*recs[1:], composite, outlined], axis=1)
     row3 = np.concatenate([rows_out[0][0], rows_out[0][1], rows_out[1][0], rows_out[1][1]], axis=1)
     sheet = np.concatenate([row1, row2, row3], axis=0)
-    labels = ["held-out A", "held-out B", "held-out C", "VAE(A)",
-              "VAE(B)", "VAE(C)", "composite", "composite + seam",
-              "trained: inpainted", "trained: raw decode", "tiny: inpainted", "tiny: raw decode"]
+    labels = [
+        "held-out A",
+        "held-out B",
+        "held-out C",
+        "VAE(A)",
+        "VAE(B)",
+        "VAE(C)",
+        "composite",
+        "composite + seam",
+        "trained: inpainted",
+        "trained: raw decode",
+        "tiny: inpainted",
+        "tiny: raw decode",
+    ]
     for i, text in enumerate(labels):
         r, c = divmod(i, 4)
-        cv2.putText(sheet, text, (c * tile + 6, r * tile + 22), cv2.FONT_HERSHEY_SIMPLEX,
-                    max(0.3, tile / 900), (0, 0, 0), 2, cv2.LINE_AA)
-    path = out / "preview.png"
-    cv2.imwrite(str(path), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+        cv2.putText(
+            sheet,
+            text,
+            (c * tile + 6, r * tile + 22),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            max(0.3, tile / 900),
+            (0, 0, 0),
+            2,
+            cv2.LINE_AA,
+        )
+    path = out / "preview.jpg"
+    cv2.imwrite(str(path), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
     return path
 
 
@@ -391,17 +634,24 @@ def model_card(r: dict[str, Any], model_id: str, n_train: int, n_val: int) -> st
     p, v, d = r["params"], r["vae"], r["dit"]
     hv = v["metrics"]["held_out"]
     lines = [
-        f"# {model_id}", "",
+        f"# {model_id}",
+        "",
         "A small latent-diffusion engine for seam inpainting, trained from scratch on the CPU by "
         "`scripts/train_default_engine.py` with histosynth's own trainers. It is *not* PixCell: "
-        "a few million parameters trained for minutes on one H&E image.", "",
-        "## Data and licences", "",
-        f"- {HE_SOURCE}.",
-        f"- Training: rows 0–499 ({n_train} tiles of {p['tile']}² padded by reflection to "
-        f"{p['tile']} rows, in the 8 flips/rotations; the autoencoder on random "
-        f"{p['vae_crop']}² crops). Held out: rows 500–999 ({n_val} tiles for the denoiser's "
-        "validation loss; the whole half for the autoencoder metrics).", "",
-        "## Architecture", "",
+        "a few million parameters trained for about an hour on two CPU cores, mostly on one "
+        "H&E image.",
+        "",
+        "## Data and licences",
+        "",
+        *[f"- {source}." for source in r["sources"]],
+        f"- Training: rows 0–499 of the first ({n_train} tiles of {p['tile']}², padded by "
+        f"reflection to {p['tile']} rows, in the 8 flips/rotations; the autoencoder on random "
+        f"{p['vae_crop']}² crops of these rows and of every other source). Held out: rows "
+        f"500–999 ({n_val} tiles for the denoiser's "
+        "validation loss; the whole half for the autoencoder metrics).",
+        "",
+        "## Architecture",
+        "",
         f"- VAE: diffusers `AutoencoderKL`, blocks {list(p['vae_blocks'])}, 1 layer per block, "
         f"×{2 ** (len(p['vae_blocks']) - 1)} down, 16 latent channels, SD3 scale/shift with "
         f"per-channel latent normalisation folded into quant_conv; {r['parameters']['vae']:,} "
@@ -412,15 +662,19 @@ def model_card(r: dict[str, Any], model_id: str, n_train: int, n_val: int) -> st
         f"{r['parameters']['transformer']:,} parameters.",
         f"- Condition: `TinyEncoder` (seeded fixed projection of colour/texture statistics, "
         f"dim {p['dim']}, one row per {p['crop']}² crop); {r['parameters']['encoder']:,} values.",
-        "- Sizes (safetensors): "
-        + ", ".join(f"{k} {val:.2f} MB" for k, val in r["sizes"].items()),
-        "", "## Training", "",
+        "- Sizes (safetensors): " + ", ".join(f"{k} {val:.2f} MB" for k, val in r["sizes"].items()),
+        "",
+        "## Training",
+        "",
         f"- Autoencoder: {v['steps']} steps, batch {p['vae_batch']}, AdamW lr {p['vae_lr']} "
         "linearly to 10 %, L1 + 0.5 gradient-L1 + 1e-6 KL.",
         f"- Denoiser: {d['steps']} steps, batch {p['dit_batch']}, AdamW lr {p['dit_lr']} "
-        "constant, ε-MSE with Min-SNR-γ 5, timesteps 0–559, CFG dropout 0.1.",
+        f"constant, ε-MSE with Min-SNR-γ 5, timesteps 0–559, CFG dropout 0.1; the EMA "
+        f"weights (decay {p['ema_decay']}) are shipped, stored as float16.",
         "- Wall times (s): " + ", ".join(f"{k} {val:.0f}" for k, val in r["times"].items()),
-        "", "## Results (held out)", "",
+        "",
+        "## Results (held out)",
+        "",
         f"- Autoencoder on rows 500–999: PSNR {hv['psnr']:.2f} dB, HF ratio "
         f"{hv['hf_ratio']:.3f}, mean abs error {hv['mean_abs_error']:.4f} "
         f"(untrained: PSNR {v['metrics']['held_out_untrained']['psnr']:.2f} dB).",
@@ -429,7 +683,7 @@ def model_card(r: dict[str, Any], model_id: str, n_train: int, n_val: int) -> st
         "- Denoiser validation loss (plain ε-MSE on the held-out tiles, 4 timestep bins): "
         + ", ".join(f"{h['step']}: {h['val_loss']:.4f}" for h in d["validation"]),
         f"  (before training: {d['initial'].get('val_loss', float('nan')):.4f})",
-        "- Denoiser training loss (step: loss): "
+        "- Loss curves: `loss_curves.png`. Denoiser training loss (step: loss): "
         + ", ".join(f"{s}: {val}" for s, val in d["train_loss"]),
         "",
     ]

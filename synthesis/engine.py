@@ -85,9 +85,12 @@ from histosynth.synthesis.models.vae import (
     load_vae,
 )
 from histosynth.synthesis.weights import (
+    AUTO_MODEL,
     COMPONENTS,
     PRESETS,
+    PRODUCTION_PRESET,
     FoundWeights,
+    default_model,
     find_component,
     find_preset,
     hf_cache_dir,
@@ -119,6 +122,11 @@ ENGINE_FILE = "histosynth_engine.json"
 
 TINY_SEED = 0
 """Seed of the tiny engine's random initialisation."""
+
+PRODUCTION_PRESET_TITLE = (
+    f"PixCell-1024 (install its weights: histosynth models check {PRODUCTION_PRESET})"
+)
+"""How messages recommend the production engine."""
 
 AttentionChoice = Literal["auto", "sdpa", "xformers"]
 
@@ -172,9 +180,7 @@ def make_scheduler(
     """
     key = _SCHEDULER_ALIASES.get(name.lower(), name.lower())
     if key not in SCHEDULERS:
-        raise EngineError(
-            f"unknown scheduler; expected one of {', '.join(SCHEDULERS)}", item=name
-        )
+        raise EngineError(f"unknown scheduler; expected one of {', '.join(SCHEDULERS)}", item=name)
     cls = SCHEDULERS[key]
     base = dict(PIXCELL_SCHEDULER_CONFIG if config is None else config)
     if key == "dpm-solver++":
@@ -264,6 +270,8 @@ class Engine:
         attention: the attention implementation in use (``"sdpa"`` or ``"xformers"``).
         kv_compress: KV-compression ratio in use, ``None`` when off.
         compiled: whether the transformer was ``torch.compile``-d.
+        sampler: the scheduler the engine samples with unless told otherwise (kept in a
+            saved folder's ``histosynth_engine.json``; ``dpm-solver++`` by default).
     """
 
     transformer: PixCellTransformer2DModel
@@ -282,6 +290,7 @@ class Engine:
     attention: str = "sdpa"
     kv_compress: int | None = None
     compiled: bool = False
+    sampler: str = "dpm-solver++"
     codec: LatentCodec = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -295,6 +304,8 @@ class Engine:
             text = f"{self.title}; {text}"
         if not self.trained and "UNTRAINED" not in text:
             text += "; UNTRAINED (seeded random weights, the output is not histology)"
+        if not self.preset.startswith("pixcell"):
+            text += f"; for production use {PRODUCTION_PRESET_TITLE}"
         extras = [str(self.device), str(self.dtype).removeprefix("torch."), self.attention]
         if self.kv_compress:
             extras.append(f"KV-compression R={self.kv_compress}")
@@ -302,11 +313,11 @@ class Engine:
             extras.append("compiled")
         return f"{text} [{', '.join(extras)}]"
 
-    def make_scheduler(self, name: str = "dpm-solver++") -> SchedulerMixin:
-        """A fresh scheduler ``name`` on this engine's training schedule."""
-        return make_scheduler(name, self.scheduler_config)
+    def make_scheduler(self, name: str | None = None) -> SchedulerMixin:
+        """A fresh scheduler ``name`` (``None``: :attr:`sampler`) on the training schedule."""
+        return make_scheduler(name or self.sampler, self.scheduler_config)
 
-    def variation_pipeline(self, scheduler: str = "dpm-solver++") -> VariationPipeline:
+    def variation_pipeline(self, scheduler: str | None = None) -> VariationPipeline:
         """A :class:`~histosynth.synthesis.pipelines.VariationPipeline` on these models."""
         from histosynth.synthesis.pipelines.variation import VariationPipeline
 
@@ -524,8 +535,12 @@ def load_encoder(
 def _save_encoder(encoder: GridEncoder, folder: Path) -> None:
     folder.mkdir(parents=True)
     if isinstance(encoder, TinyEncoder):
-        config = {"_class_name": "TinyEncoder", "dim": encoder.dim, "seed": encoder.seed,
-                  "crop": encoder.crop}
+        config = {
+            "_class_name": "TinyEncoder",
+            "dim": encoder.dim,
+            "seed": encoder.seed,
+            "crop": encoder.crop,
+        }
         state = encoder.state_dict()
     elif isinstance(encoder, UNIEncoder):
         config = None
@@ -571,8 +586,10 @@ def set_attention(
     if attention not in ("sdpa", "xformers"):
         raise EngineError("expected attention 'auto', 'sdpa' or 'xformers'", item=str(attention))
     if attention == "xformers" and not xformers_ok:
-        reason = "xFormers is not installed" if not is_xformers_available() else (
-            f"the engine runs on {device.type}, xFormers needs CUDA"
+        reason = (
+            "xFormers is not installed"
+            if not is_xformers_available()
+            else (f"the engine runs on {device.type}, xFormers needs CUDA")
         )
         raise EngineError(
             f"cannot use xFormers attention: {reason}; use attention='sdpa' (or 'auto')",
@@ -621,9 +638,27 @@ def _apply_options(
 # --------------------------------------------------------------------------- presets
 
 
+def _meta_near(transformer_dir: Path) -> dict[str, Any]:
+    """The ``histosynth_engine.json`` beside a transformer folder (``{}`` when none)."""
+    meta_file = transformer_dir.parent / ENGINE_FILE
+    return _read_json(meta_file) if meta_file.is_file() else {}
+
+
+def _sampler_of(meta: dict[str, Any], where: Path) -> str:
+    """The sampler an engine folder asks for (``dpm-solver++`` when it says nothing)."""
+    name = str(meta.get("sampler") or "dpm-solver++")
+    try:
+        make_scheduler(name)
+    except EngineError as err:
+        raise EngineError(f"sampler: {err}", path=where) from err
+    return name
+
+
 def _model_id(preset: str, found: FoundWeights) -> str:
     spec = PRESETS[preset].components.get("transformer")
     path = found.path
+    if found.source == "embedded" and path is not None:
+        return str(_meta_near(path).get("model_id") or PRESETS[preset].embedded)
     if spec is not None and path is not None and found.source == "hf-cache":
         if "snapshots" in path.parts[:-1]:
             revision = path.parts[path.parts.index("snapshots") + 1]
@@ -663,6 +698,7 @@ def _load_preset(
         dtype=dtype,
         trained=spec.trained,
         model_id=_model_id(preset, found["transformer"]),
+        sampler=_sampler_of(_meta_near(transformer_dir), transformer_dir.parent / ENGINE_FILE),
         sources={c: f"{f.source} {f.path}" for c, f in found.items()},
         title=spec.title,
     )
@@ -676,9 +712,7 @@ def _preset_for(config: dict[str, Any]) -> str:
     return "pixcell-1024" if tokens == 16 else "pixcell-256"
 
 
-def _load_folder(
-    folder: Path, device: torch.device, dtype: torch.dtype
-) -> Engine:
+def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> Engine:
     """An engine from a local folder (``transformer/`` [+ ``vae/``, ``encoder/``]) or a
     bare transformer folder; missing parts come from the matching PixCell preset search."""
     if (folder / "transformer" / "config.json").is_file():
@@ -725,8 +759,7 @@ def _load_folder(
         transformer=transformer,
         vae=vae,
         encoder=encoder,
-        scheduler_config=_scheduler_config_near(transformer_dir)
-        or dict(PIXCELL_SCHEDULER_CONFIG),
+        scheduler_config=_scheduler_config_near(transformer_dir) or dict(PIXCELL_SCHEDULER_CONFIG),
         preset=base,
         tile_size=tile_size,
         mpp=float(meta.get("mpp") or PRESETS[base].mpp),
@@ -734,6 +767,7 @@ def _load_folder(
         dtype=dtype,
         trained=trained,
         model_id=str(meta.get("model_id") or f"local:{folder.resolve()}"),
+        sampler=_sampler_of(meta, root / ENGINE_FILE if root else folder),
         sources=sources,
         title=str(meta.get("title") or ""),
     )
@@ -771,7 +805,7 @@ def _check_fit(engine: Engine, *, where: Path) -> None:
 
 
 def load_engine(
-    model: str | os.PathLike = "tiny",
+    model: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     *,
@@ -784,11 +818,14 @@ def load_engine(
     """Load an engine from a preset name or a local folder, offline.
 
     Args:
-        model: ``"pixcell-1024"``, ``"pixcell-256"``, ``"tiny"`` (UNTRAINED, seeded random
-            weights), or a local folder: one holding ``transformer/`` (+ optional ``vae/``,
-            ``encoder/``, ``scheduler/``, as :func:`save_engine` writes or like a
-            diffusers repository), or a transformer folder itself; parts it lacks come
-            from the PixCell preset its transformer fits (16 UNI rows → pixcell-1024).
+        model: ``None`` or ``"auto"`` → ``"pixcell-1024"`` when its weights are installed,
+            else ``"default"`` (the embedded histosynth-mini-512, shipped in the package);
+            ``"pixcell-1024"``, ``"pixcell-256"``, ``"default"``, ``"tiny"`` (UNTRAINED,
+            seeded random weights, for tests), or a local folder: one holding
+            ``transformer/`` (+ optional ``vae/``, ``encoder/``, ``scheduler/``, as
+            :func:`save_engine` writes or like a diffusers repository), or a transformer
+            folder itself; parts it lacks come from the PixCell preset its transformer fits
+            (16 UNI rows → pixcell-1024).
         device: ``None`` → CUDA when available, else CPU.
         dtype: ``None`` → bfloat16 on CUDA, float32 on CPU (the VAE stays float32 when
             float16 is asked for).
@@ -808,7 +845,9 @@ def load_engine(
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    name = os.fspath(model)
+    name = AUTO_MODEL if model is None else os.fspath(model)
+    if name == AUTO_MODEL:
+        name = default_model()
     if name in PRESETS:
         spec = PRESETS[name]
         if name == "tiny":
@@ -831,8 +870,8 @@ def load_engine(
         folder = Path(name).expanduser()
         if not folder.exists():
             raise EngineError(
-                f"unknown preset and no such folder; expected one of {', '.join(PRESETS)} "
-                "or a local model folder",
+                f"unknown preset and no such folder; expected one of {', '.join(PRESETS)}, "
+                f"{AUTO_MODEL} or a local model folder",
                 item=name,
             )
         if not folder.is_dir():
@@ -902,6 +941,7 @@ def save_engine(
             "mpp": engine.mpp,
             "trained": engine.trained,
             "model_id": engine.model_id,
+            "sampler": engine.sampler,
         }
         if training is not None:
             meta["training"] = training
@@ -964,6 +1004,32 @@ def check_preset(preset: str) -> bool:
     return all(status.found for status in describe_preset(preset))
 
 
+def _model_card_summary(preset: str) -> list[str]:
+    """A few lines from an embedded preset's model card: data, training, held-out results."""
+    from histosynth.synthesis.weights import EMBEDDED_ROOT
+
+    folder = EMBEDDED_ROOT / str(PRESETS[preset].embedded)
+    meta_file = folder / ENGINE_FILE
+    if not meta_file.is_file():
+        return [f"model card: missing ({folder} is not installed)"]
+    training = _read_json(meta_file).get("training") or {}
+    out = [f"model card: {folder / 'MODEL_CARD.md'}"]
+    for source in training.get("sources") or [training.get("data")]:
+        if source:
+            out.append(f"data: {source}")
+    vae, val = training.get("vae_held_out") or {}, training.get("dit_val_loss") or {}
+    if vae or val:
+        out.append(
+            f"trained: autoencoder {training.get('vae_steps')} steps (held-out PSNR "
+            f"{vae.get('psnr', float('nan')):.1f} dB), denoiser {training.get('dit_steps')} "
+            f"steps (held-out ε-MSE {val.get('val_loss_initial', float('nan')):.3f} → "
+            f"{val.get('val_loss', float('nan')):.3f}) in "
+            f"{training.get('minutes', float('nan')):.0f} min on "
+            f"{training.get('hardware', 'the CPU')}"
+        )
+    return out
+
+
 def format_models_report(preset: str | None = None) -> str:
     """The text of ``histosynth models list`` (``preset=None``) / ``models check PRESET``.
 
@@ -972,9 +1038,17 @@ def format_models_report(preset: str | None = None) -> str:
     places tried and how to provide missing weights are listed too.
     """
     names = list(PRESETS) if preset is None else [preset]
+    chosen = default_model()
     lines = [
         "Weights are searched offline: explicit path, $HISTOSYNTH_WEIGHTS, the settings file, "
-        f"the local Hugging Face cache ({hf_cache_dir()})."
+        f"the local Hugging Face cache ({hf_cache_dir()}).",
+        f"With no model named (or --model {AUTO_MODEL}): {chosen}"
+        + (
+            ""
+            if chosen == PRODUCTION_PRESET
+            else f" ({PRODUCTION_PRESET}'s weights are not "
+            "all installed; it is the one to use in production)"
+        ),
     ]
     for name in names:
         statuses = describe_preset(name)
@@ -998,4 +1072,6 @@ def format_models_report(preset: str | None = None) -> str:
             if preset is not None and not status.found and not status.error:
                 lines.extend(f"      tried: {t}" for t in status.tried)
                 lines.append(f"      to provide: {status.how_to_provide}")
+        if spec.embedded is not None:
+            lines.extend(f"  {line}" for line in _model_card_summary(name))
     return "\n".join(lines)

@@ -18,7 +18,9 @@ preset is looked for, in this order:
 A missing component is an :class:`EngineError` (``require=True``) that lists every place
 looked in and how to provide the weights; there is never a silent fallback to random
 weights. The ``tiny`` preset has no weights at all: it is untrained, built from a seeded
-random initialisation, and says so (``source == "untrained"``).
+random initialisation, and says so (``source == "untrained"``). The ``default`` preset's
+weights ship inside the package (``source == "embedded"``, :func:`embedded_folder`); the
+places above may replace them.
 
 Example:
     >>> found = find_component("pixcell-1024", "vae", require=False)
@@ -40,11 +42,16 @@ from huggingface_hub import try_to_load_from_cache
 from histosynth.synthesis.errors import EngineError
 
 __all__ = [
+    "AUTO_MODEL",
     "COMPONENTS",
+    "DEFAULT_PRESET",
     "PRESETS",
+    "PRODUCTION_PRESET",
     "ComponentSpec",
     "FoundWeights",
     "PresetSpec",
+    "default_model",
+    "embedded_folder",
     "find_component",
     "find_preset",
     "hf_cache_dir",
@@ -59,7 +66,10 @@ WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".bin", ".pth", ".pt")
 TIMM_FILES: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")
 """Weight file names of a timm checkpoint folder, in order of preference."""
 
-Source = Literal["explicit", "env", "settings", "hf-cache", "untrained"]
+Source = Literal["explicit", "env", "settings", "hf-cache", "untrained", "embedded"]
+
+EMBEDDED_ROOT = Path(__file__).parent / "embedded"
+"""Where the weights that ship inside the package live (one folder per embedded preset)."""
 
 
 @dataclass(frozen=True)
@@ -86,12 +96,32 @@ class PresetSpec:
     mpp: float
     trained: bool
     components: Mapping[str, ComponentSpec] = field(default_factory=dict)
+    #: folder under :data:`EMBEDDED_ROOT` holding an engine folder shipped in the package
+    embedded: str | None = None
 
 
 _VAE = ComponentSpec("stabilityai/stable-diffusion-3.5-large", "vae", "diffusers", gated=True)
 _UNI = ComponentSpec("MahmoodLab/UNI2-h", "", "timm", gated=True)
 
+DEFAULT_PRESET = "default"
+"""The preset used when no model is named and PixCell-1024's weights are not installed."""
+PRODUCTION_PRESET = "pixcell-1024"
+"""The preset recommended for production (and used when no model is named, if installed)."""
+AUTO_MODEL = "auto"
+"""The model name that means "choose": :data:`PRODUCTION_PRESET` if installed, else default."""
+
 PRESETS: dict[str, PresetSpec] = {
+    "default": PresetSpec(
+        "default",
+        "histosynth-mini-512: the embedded default engine, a small model trained by histosynth "
+        "on the CPU on the H&E images inside its dependencies (not PixCell; for demos and CPU "
+        "runs, PixCell-1024 for production)",
+        tile_size=512,
+        mpp=0.5,
+        trained=True,
+        components={},
+        embedded="histosynth-mini-512",
+    ),
     "pixcell-1024": PresetSpec(
         "pixcell-1024",
         "PixCell-1024 (PixArt-XL/2, UNI2-h, SD3 VAE)",
@@ -118,7 +148,7 @@ PRESETS: dict[str, PresetSpec] = {
     ),
     "tiny": PresetSpec(
         "tiny",
-        "Tiny engine (UNTRAINED, seeded random weights; for tests and the demo)",
+        "Tiny engine (UNTRAINED, seeded random weights; for tests)",
         tile_size=256,
         mpp=0.5,
         trained=False,
@@ -196,6 +226,32 @@ def hf_cache_dir() -> Path:
         return Path(os.environ["HF_HOME"]).expanduser() / "hub"
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base).expanduser() / "huggingface" / "hub"
+
+
+def embedded_folder(preset: str) -> Path:
+    """The engine folder of an embedded preset inside the installed package.
+
+    Raises:
+        EngineError: ``preset`` has no embedded weights, or the installation lacks them.
+    """
+    spec = PRESETS.get(preset)
+    if spec is None or spec.embedded is None:
+        raise EngineError("this preset has no embedded weights", item=preset)
+    folder = EMBEDDED_ROOT / spec.embedded
+    if not (folder / "transformer" / "config.json").is_file():
+        raise EngineError(
+            f"the embedded weights of the {preset} preset are missing from this installation; "
+            "reinstall histosynth (they ship in its wheel)",
+            path=folder,
+        )
+    return folder
+
+
+def default_model() -> str:
+    """The preset to use when no model is named: ``pixcell-1024`` when all of its weights
+    are installed (found offline), else the embedded ``default`` engine."""
+    ready = all(find_component(PRODUCTION_PRESET, c, require=False).found for c in COMPONENTS)
+    return PRODUCTION_PRESET if ready else DEFAULT_PRESET
 
 
 def _weights_roots() -> list[Path]:
@@ -290,7 +346,9 @@ def how_to_provide(preset: str, component: str) -> str:
     include = f" --include '{spec.subfolder}/*'" if spec.subfolder else ""
     gated = (
         f"accept the licence on https://huggingface.co/{spec.repo} and log in "
-        "(`hf auth login`), then " if spec.gated else ""
+        "(`hf auth login`), then "
+        if spec.gated
+        else ""
     )
     return (
         f"{gated}download once with `hf download {spec.repo}{include}` (fills the local "
@@ -391,9 +449,22 @@ def find_component(
             item=f"weights.{preset}.{component}",
         )
 
-    # 4. untrained presets have nothing more to look for
+    # 4. untrained presets have nothing more to look for; embedded ones ship in the package
     if not spec_p.trained:
         return result(None, "untrained")
+    if spec_p.embedded is not None:
+        embedded = EMBEDDED_ROOT / spec_p.embedded / component
+        found, reason = _check(embedded, spec)
+        tried.append(f"embedded {embedded} ({reason or 'ok'})")
+        if found is not None:
+            return result(found, "embedded")
+        if require:
+            raise EngineError(
+                f"the embedded {component} of the {preset} preset is missing from this "
+                f"installation ({reason}); reinstall histosynth",
+                path=embedded,
+            )
+        return result(None, None)
 
     # 5. the local Hugging Face cache
     assert spec is not None
@@ -433,7 +504,5 @@ def find_preset(
             spec = PRESETS[preset].components.get(component)
             subs = _candidates_in(Path(explicit).expanduser(), component, spec)[1:]
             sub_explicit = next((c for c in subs if c.exists()), None)
-        out[component] = find_component(
-            preset, component, explicit=sub_explicit, require=require
-        )
+        out[component] = find_component(preset, component, explicit=sub_explicit, require=require)
     return out

@@ -313,9 +313,11 @@ List<String> buildSynthesizeCommand(Map settings, String projectFile, List<Strin
         command.add("--class")
         command.add(name)
     }
-    command.addAll(["--count", count, "--model", model, "--mode", settings.get("mode") ?: "inpaint",
-                    "--tile-size", settings.get("tile_size") ?: 1024, "--mpp", settings.get("mpp") ?: 0.5,
-                    "--seed", seed, "--out", runFolder, "--write-project", "none"])
+    command.addAll(["--count", count, "--model", model, "--mode", settings.get("mode") ?: "inpaint"])
+    if (settings.get("tile_size") != null)  // null: the model's tile size
+        command.addAll(["--tile-size", settings.get("tile_size")])
+    command.addAll(["--mpp", settings.get("mpp") ?: 0.5, "--seed", seed, "--out", runFolder,
+                    "--write-project", "none"])
     return command.collect { String.valueOf(it) }
 }
 
@@ -443,7 +445,7 @@ Map askParameters(Map settings) {
     } catch (NumberFormatException ignored) {
         throw new IllegalStateException("histosynth_settings.json: 'count' must be a whole number")
     }
-    String model = String.valueOf(settings.get("model") ?: "tiny")
+    String model = String.valueOf(settings.get("model") ?: "auto")
     def dialogs = histosynthDialogs()
     if (dialogs != null) {
         String answer = dialogs.showInputDialog(title, "Vessel classes, comma-separated ('Vessel' includes 'Vessel: ...')", classes.join(", "))
@@ -460,7 +462,7 @@ Map askParameters(Map settings) {
         } catch (NumberFormatException ignored) {
             throw new IllegalStateException("the number of tiles must be a whole number, not '" + answer + "'")
         }
-        answer = dialogs.showInputDialog(title, "Model: a preset (pixcell-1024, pixcell-256, tiny) or a local folder", model)
+        answer = dialogs.showInputDialog(title, "Model: auto (PixCell-1024 when installed, else the embedded default), a preset (pixcell-1024, pixcell-256, default, tiny) or a local folder", model)
         if (answer == null)
             return null
         model = answer.trim()

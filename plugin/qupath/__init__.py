@@ -69,9 +69,9 @@ def settings_for(
     python: str | os.PathLike | None = None,
     classes: Sequence[str] = ("Vessel",),
     count: int = 16,
-    model: str = "tiny",
+    model: str = "auto",
     mode: str = "inpaint",
-    tile_size: int = 1024,
+    tile_size: int | None = None,
     mpp: float = 0.5,
     advance_after_review: bool = True,
 ) -> dict[str, Any]:
@@ -82,9 +82,10 @@ def settings_for(
             ``sys.executable``, kept as given so that a virtual environment's link stays).
         classes: vessel classes to export and synthesise ("Vessel" includes "Vessel: …").
         count: synthetic tiles per run.
-        model: preset name or local model folder.
+        model: preset name or local model folder; ``auto``: PixCell-1024 when its weights
+            are installed, else the embedded default engine (histosynth-mini-512).
         mode: ``inpaint`` or ``variation``.
-        tile_size: tile side in pixels at ``mpp``.
+        tile_size: tile side in pixels at ``mpp``; ``None``: the model's.
         mpp: target resolution in µm/px.
         advance_after_review: "Accept"/"Reject" open the next pending image.
 
@@ -114,7 +115,7 @@ def settings_for(
         raise InputError(f"model must be a preset name or a folder, not {model!r}", item="model")
     if mode not in MODES:
         raise InputError(f"mode must be one of {', '.join(MODES)}, not {mode!r}", item="mode")
-    if not _is_int(tile_size) or not 64 <= tile_size <= 16384:
+    if tile_size is not None and (not _is_int(tile_size) or not 64 <= tile_size <= 16384):
         raise InputError(f"tile_size must be 64-16384 px, not {tile_size!r}", item="tile_size")
     if not (_is_int(mpp) or isinstance(mpp, float)) or not math.isfinite(mpp) or mpp <= 0:
         raise InputError(f"mpp must be a positive number of µm/px, not {mpp!r}", item="mpp")
@@ -142,9 +143,9 @@ def install_scripts(
     python: str | os.PathLike | None = None,
     classes: Sequence[str] = ("Vessel",),
     count: int = 16,
-    model: str = "tiny",
+    model: str = "auto",
     mode: str = "inpaint",
-    tile_size: int = 1024,
+    tile_size: int | None = None,
     mpp: float = 0.5,
     overwrite: bool = True,
 ) -> list[Path]:

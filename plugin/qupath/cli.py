@@ -46,17 +46,17 @@ def qupath() -> None:
 )
 @click.option(
     "--model",
-    default="tiny",
+    default="auto",
     show_default=True,
-    help="Preset (pixcell-1024, pixcell-256, tiny = UNTRAINED) or a local folder.",
+    help="Preset (pixcell-1024, pixcell-256, default, tiny = UNTRAINED) or a local folder; "
+    "auto = pixcell-1024 when its weights are installed, else the embedded default.",
 )
 @click.option("--mode", type=click.Choice(list(MODES)), default="inpaint", show_default=True)
 @click.option(
     "--tile-size",
     type=click.IntRange(64, 16384),
-    default=1024,
-    show_default=True,
-    help="Tile side in px at --mpp.",
+    default=None,
+    help="Tile side in px at --mpp [the model's].",
 )
 @click.option(
     "--mpp",

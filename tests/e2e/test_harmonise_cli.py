@@ -35,6 +35,8 @@ def _run(project, out, mode):
             "Vessel",
             "--count",
             "2",
+            "--model",
+            "tiny",
             "--tile-size",
             "256",
             "--harmonise",
@@ -99,7 +101,7 @@ def test_an_unknown_harmoniser_is_a_usage_error(project, tmp_path):
 def test_the_demo_harmonises_without_the_untrained_engine_and_says_so(tmp_path):
     result = CliRunner().invoke(
         main,
-        ["demo", "--out", str(tmp_path), "--count", "1", "--tile-size", "256"],
+        ["demo", "--out", str(tmp_path), "--count", "1", "--model", "tiny", "--tile-size", "256"],
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output

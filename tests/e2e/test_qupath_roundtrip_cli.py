@@ -25,7 +25,9 @@ def invoke(*args):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("roundtrip")
-    result = invoke("demo", "--out", out, "--count", 3, "--steps", 1, "--tile-size", 256)
+    result = invoke(
+        "demo", "--out", out, "--count", 3, "--steps", 1, "--model", "tiny", "--tile-size", 256
+    )
     assert result.exit_code == 0, result.output + result.stderr
     return out
 
@@ -57,7 +59,9 @@ def test_demo_adds_its_tiles_to_the_project_marked_for_review(demo):
 
 def test_demo_twice_adds_nothing(demo):
     before = (demo / "project" / "project.qpproj").read_text()
-    result = invoke("demo", "--out", demo, "--count", 3, "--steps", 1, "--tile-size", 256)
+    result = invoke(
+        "demo", "--out", demo, "--count", 3, "--steps", 1, "--model", "tiny", "--tile-size", 256
+    )
     assert result.exit_code == 0, result.stderr
     assert (demo / "project" / "project.qpproj").read_text() == before
 

@@ -35,7 +35,7 @@ def invoke(*args):
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     result = invoke(
-        "demo", "--out", out, "--count", 3, "--steps", 2, "--tile-size", TILE,
+        "demo", "--out", out, "--count", 3, "--steps", 2, "--model", "tiny", "--tile-size", TILE,
         "--harmonise", "diffusion",
     )
     assert result.exit_code == 0, result.output + result.stderr
@@ -149,7 +149,7 @@ def test_demo_again_resumes_without_duplicates(demo):
     out, _ = demo
     before = {r["id"]: r["image_sha256"] for r in read_index(out / "run")}
     result = invoke(
-        "demo", "--out", out, "--count", 3, "--steps", 2, "--tile-size", TILE,
+        "demo", "--out", out, "--count", 3, "--steps", 2, "--model", "tiny", "--tile-size", TILE,
         "--harmonise", "diffusion",
     )
     assert result.exit_code == 0, result.stderr
@@ -169,6 +169,8 @@ def test_same_seed_same_tiles_and_variation_mode(demo, tmp_path):
         "Vessel",
         "--count",
         2,
+        "--model",
+        "tiny",
         "--tile-size",
         TILE,
         "--steps",
@@ -192,6 +194,8 @@ def test_same_seed_same_tiles_and_variation_mode(demo, tmp_path):
         2,
         "--mode",
         "variation",
+        "--model",
+        "tiny",
         "--tile-size",
         TILE,
         "--steps",
@@ -219,7 +223,7 @@ def test_bad_input_is_one_line_exit_1_and_no_run(demo, tmp_path, monkeypatch, ar
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HISTOSYNTH_CONFIG", str(tmp_path / "settings.yaml"))
     out, _ = demo
-    base = {"--class": "Vessel", "--count": "1", "--tile-size": str(TILE)}
+    base = {"--class": "Vessel", "--count": "1", "--model": "tiny", "--tile-size": str(TILE)}
     for flag, value in zip(args[::2], args[1::2], strict=True):
         base[flag] = value
     flat = [x for pair in base.items() for x in pair]
@@ -243,6 +247,8 @@ def test_synthetic_background_mode(demo, tmp_path):
         "Vessel",
         "--count",
         1,
+        "--model",
+        "tiny",
         "--tile-size",
         TILE,
         "--steps",
@@ -290,6 +296,8 @@ def test_adapter_from_the_library_changes_the_style_and_is_recorded(demo, tmp_pa
         "Vessel",
         "--count",
         1,
+        "--model",
+        "tiny",
         "--tile-size",
         TILE,
         "--steps",

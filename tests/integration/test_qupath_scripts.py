@@ -95,7 +95,7 @@ def test_install_copies_scripts_and_writes_settings(project: Path) -> None:
     assert Path(settings["python"]).is_absolute()
     assert settings["classes"] == ["Vessel", "Vessel: Invasive"]
     assert (settings["count"], settings["model"], settings["mode"]) == (5, "pixcell-256", "inpaint")
-    assert (settings["tile_size"], settings["mpp"]) == (1024, 0.5)
+    assert (settings["tile_size"], settings["mpp"]) == (None, 0.5)  # None: the model's
     # no temporary files left behind, nothing else touched
     assert sorted(p.name for p in folder.iterdir()) == sorted([*EXPECTED, SETTINGS_NAME])
 
@@ -423,7 +423,7 @@ def groovy_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("groovy")
     slide = build_demo_slide(tmp / "s.ome.tif", width=1024, height=768, seed=1)
     project = build_demo_project(tmp / "project", slide=slide)
-    install_scripts(project, classes=("Vessel", "Vessel: Invasive"), count=9)
+    install_scripts(project, classes=("Vessel", "Vessel: Invasive"), count=9, tile_size=512)
     _write_run(tmp / "run")
     cases = _class_cases()
     blocks = _blocks(_text("Synthesize_vessels.groovy"))
@@ -522,7 +522,7 @@ def test_synthesize_command_matches_the_cli(groovy_results: dict) -> None:
     assert ctx.params["project"] == project
     assert ctx.params["classes"] == ("Vessel", "Vessel: Invasive")
     assert (ctx.params["count"], ctx.params["model"], ctx.params["seed"]) == (3, "tiny", 7)
-    assert (ctx.params["tile_size"], ctx.params["mpp"]) == (1024, 0.5)
+    assert (ctx.params["tile_size"], ctx.params["mpp"]) == (512, 0.5)
     assert ctx.params["mode"] == "inpaint"
     assert ctx.params["out"] == project.parent / "histosynth" / "runs" / "r1"
 

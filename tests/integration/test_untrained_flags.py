@@ -34,6 +34,8 @@ def runs(tmp_path_factory):
             "Vessel",
             "--count",
             1,
+            "--model",
+            "tiny",
             "--tile-size",
             256,
             "--steps",

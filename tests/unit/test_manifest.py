@@ -34,11 +34,13 @@ def test_shipped_manifest_is_valid_and_matches_the_package():
     manifest = load_manifest()
     assert manifest.name == "histosynth"
     assert manifest.version == histosynth.__version__
-    assert {"pixcell-1024", "pixcell-256", "tiny"} <= set(manifest.presets)
+    assert {"default", "pixcell-1024", "pixcell-256", "tiny"} <= set(manifest.presets)
+    assert manifest.presets["default"].trained and manifest.presets["default"].tile_size == 512
     assert manifest.presets["tiny"].trained is False
     assert "UNTRAINED" in manifest.presets["tiny"].title
     assert manifest.settings["mpp"].default == 0.5
-    assert manifest.settings["tile_size"].default == 1024
+    assert manifest.settings["tile_size"].default == 512
+    assert manifest.settings["model"].default == "auto"
     qupath = manifest.compatibility["qupath"]
     assert qupath["min"].startswith("0.4") and qupath["max"].startswith("0.7")
 
@@ -157,6 +159,12 @@ def test_manifest_ships_inside_a_wheel(tmp_path):
         names = set(archive.namelist())
         assert "histosynth/plugin.yaml" in names
         assert {"histosynth/integration/__init__.py", "histosynth/synthesis/__init__.py"} <= names
+        embedded = "histosynth/synthesis/embedded/histosynth-mini-512/"
+        for part in ("transformer/diffusion_pytorch_model.safetensors", "transformer/config.json",
+                     "vae/diffusion_pytorch_model.safetensors", "encoder/model.safetensors",
+                     "scheduler/scheduler_config.json", "histosynth_engine.json",
+                     "MODEL_CARD.md"):
+            assert embedded + part in names, part
         shipped = archive.read("histosynth/plugin.yaml")
     assert shipped == (REPO / "plugin.yaml").read_bytes()
     site = tmp_path / "site"
@@ -176,3 +184,18 @@ def test_manifest_ships_inside_a_wheel(tmp_path):
         env=env,
     ).stdout.strip()
     assert Path(found) == site / "histosynth" / "plugin.yaml"
+    # the installed wheel finds its embedded default engine (not the checkout's)
+    embedded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from histosynth.synthesis.weights import embedded_folder; "
+            "print(embedded_folder('default'))",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    ).stdout.strip()
+    assert Path(embedded) == site / "histosynth" / "synthesis" / "embedded" / "histosynth-mini-512"

@@ -29,7 +29,7 @@ def test_quick_run_writes_an_engine_that_inpaints(script, tmp_path):
     out = tmp_path / "engine"
     report = script.main(["--out", str(out), "--quick"])
     for name in ("transformer", "vae", "encoder", "scheduler", "histosynth_engine.json",
-                 "MODEL_CARD.md", "training.json", "preview.png"):
+                 "MODEL_CARD.md", "training.json", "preview.jpg", "loss_curves.png"):
         assert (out / name).exists(), name
     assert report["vae"]["steps"] == 4 and report["dit"]["steps"] == 4
     assert report["dit"]["validation"] and "val_loss" in report["dit"]["metrics"]

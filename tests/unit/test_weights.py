@@ -230,7 +230,7 @@ def test_tiny_is_untrained_and_unknown_names_fail() -> None:
         got = find_component("tiny", component)
         assert got.path is None and got.untrained and got.source == "untrained"
     assert "UNTRAINED" in PRESETS["tiny"].title and not PRESETS["tiny"].trained
-    with pytest.raises(EngineError, match="unknown preset; expected one of pixcell-1024"):
+    with pytest.raises(EngineError, match="unknown preset; expected one of default, pixcell-1024"):
         find_component("pixcell-2048", "vae")
     with pytest.raises(EngineError, match="pixcell-1024/unet: unknown component"):
         find_component("pixcell-1024", "unet")

@@ -1,0 +1,161 @@
+"""The embedded default engine (preset ``default``, histosynth-mini-512): shipped, offline,
+chosen when no model is named and PixCell-1024 is not installed, and better than ``tiny``."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from skimage.color import rgb2lab
+
+from histosynth.synthesis.engine import format_models_report, load_engine
+from histosynth.synthesis.errors import EngineError
+from histosynth.synthesis.weights import (
+    COMPONENTS,
+    PRESETS,
+    default_model,
+    embedded_folder,
+    find_component,
+)
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No weights anywhere but the package; the network is closed."""
+    for var in ("HISTOSYNTH_WEIGHTS", "HISTOSYNTH_CONFIG", "HF_HOME", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return load_engine("default", device="cpu")
+
+
+def test_no_model_named_loads_the_embedded_default(engine) -> None:
+    auto = load_engine(device="cpu")
+    assert auto.preset == "default" and auto.model_id == engine.model_id == "histosynth-mini-512"
+    assert auto.trained and auto.tile_size == 512 and auto.mpp == 0.5
+    assert set(auto.sources) == set(COMPONENTS)
+    assert all(source.startswith("embedded ") for source in auto.sources.values())
+    # KV-compressed, persistent in the shipped config (not switched on at load time)
+    config = json.loads((embedded_folder("default") / "transformer" / "config.json").read_text())
+    assert config["kv_compress_ratio"] == 2 and config["kv_compress_blocks"]
+    assert auto.kv_compress == 2
+    assert "PixCell-1024" in auto.description and "UNTRAINED" not in auto.description
+
+
+def test_auto_chooses_pixcell_1024_once_its_weights_are_installed(
+    isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert default_model() == "default"
+    root = isolated / "weights"
+    for component in ("transformer", "vae"):
+        folder = root / "pixcell-1024" / component
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"w")
+    monkeypatch.setenv("HISTOSYNTH_WEIGHTS", str(root))
+    assert default_model() == "default"  # the encoder is still missing
+    (root / "pixcell-1024" / "encoder").mkdir()
+    (root / "pixcell-1024" / "encoder" / "model.safetensors").write_bytes(b"w")
+    assert default_model() == "pixcell-1024"
+
+
+def test_the_shipped_folder_is_small_and_documented() -> None:
+    folder = embedded_folder("default")
+    sizes = [f.stat().st_size for f in folder.rglob("*.safetensors")]
+    assert len(sizes) == 3 and sum(sizes) <= 25e6
+    card = (folder / "MODEL_CARD.md").read_text()
+    for needle in ("BSD-3-Clause", "Held out", "PSNR", "steps", "KV-compression"):
+        assert needle in card, needle
+    meta = json.loads((folder / "histosynth_engine.json").read_text())
+    assert meta["preset"] == "default" and meta["trained"] is True
+    training = meta["training"]
+    assert training["held_out_rows"] == "500-999" and training["sources"]
+    assert training["dit_val_loss"]["val_loss"] < training["dit_val_loss"]["val_loss_initial"]
+    for component in COMPONENTS:
+        found = find_component("default", component)
+        assert found.source == "embedded" and found.path == folder / component
+    report = format_models_report(None)
+    assert "default: histosynth-mini-512" in report
+    assert f"model card: {folder / 'MODEL_CARD.md'}" in report
+    assert "With no model named (or --model auto): default" in report
+
+
+def test_default_makes_512_px_tiles_only() -> None:
+    with pytest.raises(EngineError, match="default makes 512 px tiles"):
+        load_engine("default", device="cpu", tile_size=256)
+    assert PRESETS["default"].trained and PRESETS["default"].embedded
+
+
+def _held_out_tile() -> np.ndarray:
+    from histosynth.integration.demodata import he_source_image
+
+    region = he_source_image()[500:]  # the rows the engine never saw
+    padded = cv2.copyMakeBorder(region, 0, 512 - region.shape[0], 0, 0, cv2.BORDER_REFLECT_101)
+    return np.ascontiguousarray(padded[:512, 200:712])
+
+
+def _band_delta_e(a: np.ndarray, b: np.ndarray, band: np.ndarray) -> float:
+    diff = rgb2lab(a.astype(np.float64) / 255) - rgb2lab(b.astype(np.float64) / 255)
+    return float(np.linalg.norm(diff, axis=-1)[band].mean())
+
+
+def test_the_trained_default_regenerates_held_out_tissue_better_than_tiny(engine) -> None:
+    from histosynth.synthesis.pipelines.inpaint import InpaintPipeline
+    from histosynth.synthesis.training.autoencoder import reconstruct
+
+    tile = _held_out_tile()
+    recon = reconstruct(engine.vae, tile)
+    mse = np.mean((recon.astype(np.float64) - tile) ** 2)
+    assert 10 * np.log10(255**2 / mse) > 26.0  # held-out PSNR of the autoencoder, dB
+
+    mask = np.zeros((512, 512), np.uint8)
+    cv2.ellipse(mask, (256, 256), (150, 100), 20, 0, 360, 255, -1)
+    band = (cv2.dilate(mask, np.ones((31, 31), np.uint8)) > 0) & (
+        cv2.erode(mask, np.ones((31, 31), np.uint8)) == 0
+    )
+    errors = {}
+    for name, eng in (("default", engine), ("tiny", load_engine("tiny", device="cpu",
+                                                                 tile_size=512))):
+        pipe = InpaintPipeline(transformer=eng.transformer, vae=eng.vae,
+                               scheduler=eng.make_scheduler(), encoder=eng.encoder)
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe(tile, mask, strength=0.55, num_inference_steps=6, seeds=[0]).images[0]
+        errors[name] = _band_delta_e(out, tile, band)
+    assert errors["default"] < 0.6 * errors["tiny"], errors
+    assert errors["default"] < 12.0, errors
+
+
+def test_an_engine_folder_keeps_its_sampler(tmp_path: Path) -> None:
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    from histosynth.synthesis.engine import ENGINE_FILE, save_engine, tiny_engine
+
+    folder = save_engine(tiny_engine(64, device="cpu"), tmp_path / "engine")
+    meta_file = folder / ENGINE_FILE
+    meta = json.loads(meta_file.read_text())
+    assert meta["sampler"] == "dpm-solver++"
+    assert isinstance(load_engine(folder, device="cpu").make_scheduler(),
+                      DPMSolverMultistepScheduler)
+    meta_file.write_text(json.dumps({**meta, "sampler": "ddim"}))
+    engine = load_engine(folder, device="cpu")
+    assert engine.sampler == "ddim" and isinstance(engine.make_scheduler(), DDIMScheduler)
+    meta_file.write_text(json.dumps({**meta, "sampler": "nope"}))
+    with pytest.raises(EngineError, match=r"sampler: .*unknown scheduler") as caught:
+        load_engine(folder, device="cpu")
+    assert str(meta_file) in str(caught.value)

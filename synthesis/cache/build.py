@@ -23,6 +23,7 @@ from histosynth.synthesis.cache.format import (
     ARRAYS,
     FORMAT,
     FORMAT_VERSION,
+    LOCK_WAIT,
     STRING_CHUNK,
     STRINGS,
     CacheInfo,
@@ -226,7 +227,7 @@ class _Writer:
 
     def _open(self) -> h5py.File:
         try:
-            handle = _open_swmr_writer(self.path)
+            handle = self._open_waiting()
         except OSError as err:
             if not _writer_flags(err):
                 raise EngineError(
@@ -240,6 +241,20 @@ class _Writer:
             handle.close()  # a batch that failed half-way: drop it
             return self._recovered()
         return handle
+
+    def _open_waiting(self) -> h5py.File:
+        """:func:`_open_swmr_writer`, retried for up to ``LOCK_WAIT`` s while a reader
+        holds HDF5's file lock (a reader's plain open lasts a moment)."""
+        import time
+
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                return _open_swmr_writer(self.path)
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def _recovered(self) -> h5py.File:
         _recover(self.path)

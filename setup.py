@@ -19,11 +19,26 @@ FOLDERS = {
 }
 
 
+EMBEDDED = ROOT / "synthesis" / "embedded"
+"""Engine folders shipped as package data (the ``default`` preset's weights)."""
+
+
+def _embedded_packages() -> dict[str, list[str]]:
+    """Every folder under ``synthesis/embedded`` as a data-only package → its file patterns."""
+    out = {}
+    for folder in [EMBEDDED, *sorted(p for p in EMBEDDED.rglob("*") if p.is_dir())]:
+        relative = folder.relative_to(ROOT / "synthesis").parts
+        out[".".join(("histosynth.synthesis", *relative))] = ["*.json", "*.md", "*.jpg", "*.png",
+                                                              "*.safetensors"]
+    return out
+
+
 def _packages() -> list[str]:
     names = []
     for package, folder in FOLDERS.items():
         names.append(package)
         names += [f"{package}.{sub}" for sub in find_packages(folder)]
+    names += list(_embedded_packages())
     return sorted(set(names))
 
 
@@ -43,14 +58,7 @@ setup(
     package_data={
         "histosynth": ["qupath/*.groovy", "review/*.html"],
         # the embedded default engine (preset "default"): weights, configs, model card
-        "histosynth.synthesis": [
-            "embedded/*/*.json",
-            "embedded/*/*.md",
-            "embedded/*/*.jpg",
-            "embedded/*/*.png",
-            "embedded/*/*/*.json",
-            "embedded/*/*/*.safetensors",
-        ],
+        **_embedded_packages(),
     },
     cmdclass={"build_py": BuildWithManifest},
 )

@@ -120,7 +120,7 @@ PRESETS: dict[str, PresetSpec] = {
         mpp=0.5,
         trained=True,
         components={},
-        embedded="histosynth-mini-512",
+        embedded="histosynth_mini_512",
     ),
     "pixcell-1024": PresetSpec(
         "pixcell-1024",

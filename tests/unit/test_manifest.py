@@ -159,7 +159,7 @@ def test_manifest_ships_inside_a_wheel(tmp_path):
         names = set(archive.namelist())
         assert "histosynth/plugin.yaml" in names
         assert {"histosynth/integration/__init__.py", "histosynth/synthesis/__init__.py"} <= names
-        embedded = "histosynth/synthesis/embedded/histosynth-mini-512/"
+        embedded = "histosynth/synthesis/embedded/histosynth_mini_512/"
         for part in ("transformer/diffusion_pytorch_model.safetensors", "transformer/config.json",
                      "vae/diffusion_pytorch_model.safetensors", "encoder/model.safetensors",
                      "scheduler/scheduler_config.json", "histosynth_engine.json",
@@ -198,4 +198,4 @@ def test_manifest_ships_inside_a_wheel(tmp_path):
         cwd=tmp_path,
         env=env,
     ).stdout.strip()
-    assert Path(embedded) == site / "histosynth" / "synthesis" / "embedded" / "histosynth-mini-512"
+    assert Path(embedded) == site / "histosynth" / "synthesis" / "embedded" / "histosynth_mini_512"

@@ -132,6 +132,7 @@ def train_autoencoder(
     max_seconds: float | None = None,
     log_every: int = 10,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    decoder_only: bool = False,
 ) -> dict[str, Any]:
     """Train ``vae`` (a diffusers ``AutoencoderKL``, float32, CPU or CUDA) in place.
 
@@ -147,6 +148,8 @@ def train_autoencoder(
             the returned ``steps`` says how far it got, and a later call resumes.
         progress: called with each logged record (``step``, ``loss``, ``l1``, ``grad``,
             ``kl``, ``lr``, ``seconds``).
+        decoder_only: train ``post_quant_conv`` and the decoder only; the encoder (and so
+            every latent a denoiser was trained on) stays bit for bit as it is.
 
     Returns:
         ``{"steps", "completed", "seconds", "history": [records], "final_loss"}``;
@@ -172,9 +175,14 @@ def train_autoencoder(
                 "lr": float(lr), "final_lr_ratio": float(final_lr_ratio),
                 "weight_decay": float(weight_decay), "grad_weight": float(grad_weight),
                 "kl_weight": float(kl_weight), "max_grad_norm": float(max_grad_norm),
-                "seed": int(seed), "images": [list(t.shape) for t in tensors]}
+                "seed": int(seed), "images": [list(t.shape) for t in tensors],
+                "decoder_only": bool(decoder_only)}
     vae.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=weight_decay)
+    if decoder_only:
+        vae.encoder.requires_grad_(False).eval()
+        vae.quant_conv.requires_grad_(False)
+    trainable = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
 
     def lr_at(step: int) -> float:
         return lr * (1 - (1 - final_lr_ratio) * step / max(1, steps))
@@ -211,7 +219,8 @@ def train_autoencoder(
         x = x.to(device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        dist = vae.encode(x).latent_dist
+        with torch.set_grad_enabled(not decoder_only):
+            dist = vae.encode(x).latent_dist
         eps = torch.randn(dist.mean.shape, generator=g).to(device)
         z = dist.mean + dist.std * eps
         y = vae.decode(z).sample
@@ -222,7 +231,7 @@ def train_autoencoder(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
         optimizer.step()
         step += 1
         recent = [*recent, loss.item()][-50:]

@@ -105,3 +105,20 @@ def test_metrics_and_latent_normalisation(image):
     latents = LatentCodec(vae).encode(image)
     assert latents.mean(dim=(0, 2, 3)).abs().max() < 1e-3
     torch.testing.assert_close(latents.std(dim=(0, 2, 3)), torch.ones(4), atol=1e-2, rtol=0)
+
+
+def test_decoder_only_keeps_every_latent_and_improves_the_decoder(image):
+    vae = tiny_vae()
+    train_autoencoder(vae, [image], steps=20, batch_size=4, crop=32, lr=3e-3)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        latents = vae.encode(x).latent_dist.mean.clone()
+    decoder = {k: v.clone() for k, v in vae.state_dict().items() if k.startswith("decoder.")}
+    before = reconstruction_metrics(vae, [image])["psnr"]
+    run = train_autoencoder(vae, [image], steps=30, batch_size=4, crop=32, lr=3e-3,
+                            decoder_only=True)
+    assert run["completed"]
+    with torch.no_grad():
+        assert torch.equal(vae.encode(x).latent_dist.mean, latents)  # the latent space stays
+    assert any(not torch.equal(v, vae.state_dict()[k]) for k, v in decoder.items())
+    assert reconstruction_metrics(vae, [image])["psnr"] > before

@@ -1,6 +1,6 @@
 """Demo data end to end: a real pyramidal slide read by TIAToolbox, its annotations in
 every QuPath GeoJSON flavour read back by our reader, and a QuPath project that matches
-the files real QuPath writes (``/work/shared/fixtures/qupath`` style samples)."""
+the files real QuPath writes (the samples in ``tests/fixtures/qupath``)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ from histosynth.integration.slides import (
     tile_extent,
 )
 
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "qupath"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "qupath"
 
 # Key order of what QuPath itself writes (from the real project files in FIXTURES).
 QPPROJ_KEYS = ["version", "createTimestamp", "modifyTimestamp", "uri", "lastID", "images"]
@@ -332,11 +332,10 @@ def test_geojson_flavours_as_qupath_writes_them(slides, tmp_path):
 
 
 def test_qupath_key_order_is_what_qupath_writes():
-    """The key lists used below are those of real QuPath files (when the samples exist)."""
+    """The key lists used below are those of real QuPath files."""
     for version in ("v0.3.2", "v0.4.0", "v0.6.0-rc3"):
         path = FIXTURES / version / "project.qpproj"
-        if not path.is_file():
-            continue
+        assert path.is_file(), path
         real = json.loads(path.read_text(encoding="utf-8"))
         assert list(real) == QPPROJ_KEYS
         entry = real["images"][0]

@@ -36,7 +36,7 @@ from histosynth.integration.qupath.writeback import (
     write_run_to_project,
 )
 
-FIXTURES = Path("/work/shared/fixtures/qupath")
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "qupath"
 TILE = 160  # not a multiple of the TIFF tile: edge tiles are padded
 ENTRY_KEYS = [
     "serverBuilder",
@@ -50,11 +50,8 @@ ENTRY_KEYS = [
 
 
 def _fixtures() -> Path:
-    repo = Path(__file__).resolve().parents[2]
-    for candidate in (repo.parent / "shared" / "fixtures" / "qupath", FIXTURES):
-        if (candidate / "v0.4.0" / "project.qpproj").is_file():
-            return candidate
-    pytest.skip("QuPath fixtures not found (../shared/fixtures/qupath)")
+    """``tests/fixtures/qupath``: project files written by real QuPath versions."""
+    return FIXTURES
 
 
 # ------------------------------------------------------------------ test data
@@ -454,8 +451,7 @@ def test_unknown_sidecars_lists_files_of_no_entry(setup) -> None:
 @pytest.mark.parametrize("version", ["v0.3.2", "v0.4.0", "v0.6.0-rc3"])
 def test_write_back_into_real_qupath_projects(version, templates, tmp_path) -> None:
     source = _fixtures() / version
-    if not (source / "project.qpproj").is_file():
-        pytest.skip(f"fixture {version} absent")
+    assert (source / "project.qpproj").is_file(), source
     folder = tmp_path / version
     shutil.copytree(source, folder)
     run = tmp_path / "run-a"

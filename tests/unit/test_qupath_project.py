@@ -23,15 +23,8 @@ posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX layout of the 
 
 
 def _fixtures_folder() -> Path:
-    """``<repo>/../shared/fixtures/qupath`` (the checkout's sibling ``shared`` folder)."""
-    repo = Path(__file__).resolve().parents[2]
-    for candidate in (
-        repo.parent / "shared" / "fixtures" / "qupath",
-        Path("/work/shared/fixtures/qupath"),
-    ):
-        if (candidate / "v0.4.0" / "project.qpproj").is_file():
-            return candidate
-    pytest.skip(f"QuPath fixtures not found at {repo.parent / 'shared' / 'fixtures' / 'qupath'}")
+    """``tests/fixtures/qupath``: project files written by real QuPath versions."""
+    return Path(__file__).resolve().parents[1] / "fixtures" / "qupath"
 
 
 def _fixture(version: str) -> Path:

@@ -4,7 +4,6 @@ chosen when no model is named and PixCell-1024 is not installed, and better than
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import cv2
@@ -24,20 +23,9 @@ from histosynth.synthesis.weights import (
 
 
 @pytest.fixture(autouse=True)
-def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def isolated(offline_weights: Path) -> Path:
     """No weights anywhere but the package; the network is closed."""
-    for var in ("HISTOSYNTH_WEIGHTS", "HISTOSYNTH_CONFIG", "HF_HOME", "HUGGINGFACE_HUB_CACHE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("tried to open a network connection")
-
-    monkeypatch.setattr(socket.socket, "connect", no_network)
-    monkeypatch.setattr(socket, "create_connection", no_network)
-    return tmp_path
+    return offline_weights
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,23 +35,12 @@ TILE = 256
 
 
 @pytest.fixture(autouse=True)
-def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def isolated(offline_weights: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every place the weight search looks at is an empty folder; the network is closed."""
-    for var in ("HISTOSYNTH_CONFIG", "HF_HOME", "HUGGINGFACE_HUB_CACHE"):
-        monkeypatch.delenv(var, raising=False)
     for name in ("weights", "hub", "config"):
-        (tmp_path / name).mkdir()
-    monkeypatch.setenv("HISTOSYNTH_WEIGHTS", str(tmp_path / "weights"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("loading an engine tried to open a network connection")
-
-    monkeypatch.setattr(socket.socket, "connect", no_network)
-    monkeypatch.setattr(socket, "create_connection", no_network)
-    return tmp_path
+        (offline_weights / name).mkdir()
+    monkeypatch.setenv("HISTOSYNTH_WEIGHTS", str(offline_weights / "weights"))
+    return offline_weights
 
 
 @pytest.fixture(scope="module")

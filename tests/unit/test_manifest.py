@@ -171,31 +171,16 @@ def test_manifest_ships_inside_a_wheel(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(site)
     env = {**os.environ, "PYTHONPATH": str(site)}
-    found = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from histosynth.manifest import load_manifest; print(load_manifest().path)",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-    ).stdout.strip()
-    assert Path(found) == site / "histosynth" / "plugin.yaml"
+
+    def printed(code: str) -> Path:
+        """What ``code`` prints when run against the extracted wheel (not the checkout)."""
+        run = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                             text=True, cwd=tmp_path, env=env)
+        return Path(run.stdout.strip())
+
+    found = printed("from histosynth.manifest import load_manifest; print(load_manifest().path)")
+    assert found == site / "histosynth" / "plugin.yaml"
     # the installed wheel finds its embedded default engine (not the checkout's)
-    embedded = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from histosynth.synthesis.weights import embedded_folder; "
-            "print(embedded_folder('default'))",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-    ).stdout.strip()
-    assert Path(embedded) == site / "histosynth" / "synthesis" / "embedded" / "histosynth_mini_512"
+    embedded = printed("from histosynth.synthesis.weights import embedded_folder; "
+                       "print(embedded_folder('default'))")
+    assert embedded == site / "histosynth" / "synthesis" / "embedded" / "histosynth_mini_512"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,3 +55,20 @@ def class_matches(class_name: str | None, wanted: str) -> bool:
     """
     have, want = class_parts(class_name), class_parts(wanted)
     return bool(want) and have[: len(want)] == want
+
+
+def class_matches_any(class_name: str | None, wanted: Iterable[str] | str) -> bool:
+    """True when ``class_name`` matches one of ``wanted`` (see :func:`class_matches`).
+
+    >>> class_matches_any("Vessel: Invasive", ["Tumor", "Vessel"])
+    True
+    """
+    if isinstance(wanted, str):
+        wanted = [wanted]
+    return any(class_matches(class_name, one) for one in wanted)
+
+
+def of_classes(annotations: Iterable[Annotation], classes: Iterable[str] | str) -> list[Annotation]:
+    """The annotations whose class is one of ``classes`` or derived from one of them."""
+    classes = [classes] if isinstance(classes, str) else list(classes)
+    return [a for a in annotations if class_matches_any(a.class_name, classes)]

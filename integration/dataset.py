@@ -649,10 +649,12 @@ class RunWriter:
         if self._open:
             self._write_run_json("running")
 
-    def skip(self, item: str, reason: str) -> None:
-        """Record that ``item`` (an annotation, entry, tile …) was skipped and why."""
+    def skip(self, item: str, reason: str, *, warn: bool = True) -> None:
+        """Record that ``item`` (an annotation, entry, tile …) was skipped and why; logged as
+        a warning unless ``warn`` is false (the caller then sums such skips up itself)."""
         self._skipped.append({"item": str(item), "reason": str(reason)})
-        log.warning("skipped %s: %s", item, reason)
+        if warn:
+            log.warning("skipped %s: %s", item, reason)
 
     @property
     def skipped(self) -> list[dict[str, str]]:

@@ -31,7 +31,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-import tifffile
 from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 
@@ -47,7 +46,13 @@ from histosynth.integration.demo_vessels import (
 )
 from histosynth.integration.errors import InputError
 from histosynth.integration.geojson import default_color, rgb_to_argb
+from histosynth.integration.qupath.server import bioformats_server_builder
 from histosynth.integration.qupath.uris import path_to_uri
+from histosynth.integration.tiff import (
+    tiff_levels,
+    write_pyramidal_ome_tiff,
+    write_uncalibrated_tiff,
+)
 
 __all__ = [
     "CLASS_INVASIVE",
@@ -92,8 +97,6 @@ _QUPATH_DEFAULT_CLASSES = [
     ("Negative", -9408287),
 ]
 
-_BIOFORMATS = "qupath.lib.images.servers.bioformats.BioFormatsServerBuilder"
-
 
 # ----------------------------------------------------------------------------- pixels
 
@@ -122,141 +125,6 @@ def he_source_image() -> np.ndarray:
     """TIAToolbox's bundled H&E image (``tiatoolbox/data/target_image.png``), uint8 RGB
     (1000, 1000, 3). A fresh copy on each call."""
     return _he_image().copy()
-
-
-def _check_rgb(rgb: np.ndarray) -> np.ndarray:
-    rgb = np.asarray(rgb)
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"expected uint8 RGB (H, W, 3), got {rgb.dtype} {rgb.shape}")
-    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ValueError("image has no pixels")
-    return np.ascontiguousarray(rgb)
-
-
-def _write_atomic_tiff(path: Path, write: Any) -> Path:
-    """Run ``write(tmp_path)`` then rename the temporary file onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a fresh name (not mkstemp) so the file gets the usual permissions
-    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _compression_args(compression: str | None) -> dict[str, Any]:
-    if compression is None or compression == "none":
-        return {"compression": None}
-    if compression == "jpeg":
-        return {"compression": "jpeg", "compressionargs": {"level": 90}}
-    if compression in ("zlib", "deflate", "lzw", "zstd", "webp", "jpeg2000"):
-        return {"compression": compression}
-    raise ValueError(f"unsupported compression {compression!r}")
-
-
-def write_pyramidal_ome_tiff(
-    path: str | os.PathLike,
-    rgb: np.ndarray,
-    *,
-    mpp: float,
-    tile: int = 256,
-    levels: int | None = None,
-    compression: str | None = "jpeg",
-) -> Path:
-    """Write ``rgb`` as a tiled pyramidal OME-TIFF, atomically.
-
-    Level 0 in the main IFD, reduced levels (each half the previous, area-averaged) in
-    its SubIFDs (``NewSubfileType`` 1), the layout of ``bfconvert -pyramid-resolutions``.
-    Pixel size in the TIFF resolution tags (pixels per cm) and in OME-XML
-    ``PhysicalSizeX/Y`` (µm). TIAToolbox opens it as a ``TIFFWSIReader`` with this mpp.
-
-    Args:
-        path: target file; name it ``*.ome.tif`` (readers pick the OME reader by name).
-        rgb: uint8 (H, W, 3) level-0 pixels.
-        mpp: µm per level-0 pixel.
-        tile: tile side in pixels (multiple of 16).
-        levels: number of pyramid levels; default: halve until the level fits one tile.
-        compression: ``"jpeg"`` (quality 90, YCbCr), ``"zlib"``, ``"lzw"``, ``None``, ...
-    """
-    rgb = _check_rgb(rgb)
-    if not (math.isfinite(mpp) and mpp > 0):
-        raise ValueError(f"mpp must be positive, not {mpp!r}")
-    if tile <= 0 or tile % 16:
-        raise ValueError(f"tile must be a positive multiple of 16, not {tile!r}")
-    pyramid = [rgb]
-    while True:
-        height, width = pyramid[-1].shape[:2]
-        if levels is not None and len(pyramid) >= levels:
-            break
-        if levels is None and max(height, width) <= tile:
-            break
-        if min(height, width) < 2:
-            if levels is not None:
-                raise ValueError(f"image too small for {levels} pyramid levels")
-            break
-        pyramid.append(
-            cv2.resize(pyramid[-1], (width // 2, height // 2), interpolation=cv2.INTER_AREA)
-        )
-    codec = _compression_args(compression)
-    full_width = rgb.shape[1]
-    bigtiff = sum(level.nbytes for level in pyramid) > 2**31
-
-    def write(tmp: str) -> None:
-        options = {"tile": (tile, tile), "photometric": "rgb", **codec}
-        with tifffile.TiffWriter(tmp, bigtiff=bigtiff, ome=True) as tif:
-            tif.write(
-                pyramid[0],
-                subifds=len(pyramid) - 1,
-                resolution=(1e4 / mpp, 1e4 / mpp),
-                resolutionunit="CENTIMETER",
-                metadata={
-                    "axes": "YXS",
-                    "Name": Path(path).name.split(".")[0],
-                    "PhysicalSizeX": mpp,
-                    "PhysicalSizeXUnit": "µm",
-                    "PhysicalSizeY": mpp,
-                    "PhysicalSizeYUnit": "µm",
-                },
-                software="histosynth",
-                **options,
-            )
-            for level in pyramid[1:]:
-                level_mpp = mpp * full_width / level.shape[1]
-                tif.write(
-                    level,
-                    subfiletype=1,
-                    resolution=(1e4 / level_mpp, 1e4 / level_mpp),
-                    resolutionunit="CENTIMETER",
-                    metadata=None,
-                    **options,
-                )
-
-    return _write_atomic_tiff(Path(path), write)
-
-
-def write_uncalibrated_tiff(path: str | os.PathLike, rgb: np.ndarray) -> Path:
-    """Write ``rgb`` as a single-page tiled TIFF without any pixel size (no resolution
-    unit, no OME-XML), atomically: a slide that needs ``--mpp``."""
-    rgb = _check_rgb(rgb)
-
-    def write(tmp: str) -> None:
-        with tifffile.TiffWriter(tmp) as tif:
-            tif.write(
-                rgb,
-                tile=(256, 256),
-                photometric="rgb",
-                compression="zlib",
-                metadata=None,
-                resolution=None,
-            )
-
-    return _write_atomic_tiff(Path(path), write)
 
 
 # ----------------------------------------------------------------------------- vessels
@@ -768,44 +636,6 @@ def _version_tuple(version: str) -> tuple[int, int, int, int]:
     return int(major), int(minor), int(patch), int(rc) if rc else 10**6
 
 
-def _server_metadata(slide: DemoSlide, levels: list[tuple[int, int]]) -> dict[str, Any]:
-    """``ImageServerMetadata`` as QuPath stores it in an entry's server builder."""
-    return {
-        "name": slide.path.name,
-        "width": slide.width,
-        "height": slide.height,
-        "sizeZ": 1,
-        "sizeT": 1,
-        "channelType": "DEFAULT",
-        "isRGB": True,
-        "pixelType": "UINT8",
-        "levels": [{"downsample": slide.width / w, "width": w, "height": h} for w, h in levels],
-        "channels": [
-            {"name": "Red", "color": -65536},
-            {"name": "Green", "color": -16711936},
-            {"name": "Blue", "color": -16776961},
-        ],
-        "pixelCalibration": {
-            "pixelWidth": {"value": slide.mpp, "unit": "µm"},
-            "pixelHeight": {"value": slide.mpp, "unit": "µm"},
-            "zSpacing": {"value": 1.0, "unit": "z-slice"},
-            "timeUnit": "SECONDS",
-            "timepoints": [],
-        },
-        "preferredTileWidth": 256,
-        "preferredTileHeight": 256,
-    }
-
-
-def _tiff_levels(path: Path) -> list[tuple[int, int]]:
-    with tifffile.TiffFile(path) as tif:
-        page = tif.pages.first
-        levels = [(int(page.imagewidth), int(page.imagelength))]
-        for sub in page.pages or []:
-            levels.append((int(sub.imagewidth), int(sub.imagelength)))
-    return levels
-
-
 def build_demo_project(
     folder: str | os.PathLike,
     *,
@@ -854,13 +684,9 @@ def build_demo_project(
     for entry_id, one in enumerate(slides, start=1):
         slide_path = Path(one.path).absolute()
         entry: dict[str, Any] = {
-            "serverBuilder": {
-                "builderType": "uri",
-                "providerClassName": _BIOFORMATS,
-                "uri": path_to_uri(slide_path, directory=False),
-                "args": ["--series", "0"],
-                "metadata": _server_metadata(one, _tiff_levels(slide_path)),
-            },
+            "serverBuilder": bioformats_server_builder(
+                slide_path, one.width, one.height, one.mpp, tiff_levels(slide_path)
+            ),
             "entryID": entry_id,
             "randomizedName": str(uuid.uuid4()),
             "imageName": slide_path.name,

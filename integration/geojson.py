@@ -38,9 +38,16 @@ import shapely
 from shapely.geometry import GeometryCollection, MultiPolygon, Polygon, box
 from shapely.geometry.base import BaseGeometry
 
-from histosynth.integration.annotations import RGB, Annotation, class_matches, class_parts
+from histosynth.integration.annotations import (
+    RGB,
+    Annotation,
+    class_matches,
+    class_parts,
+    of_classes,
+)
 from histosynth.integration.atomic import atomic_write_bytes
 from histosynth.integration.errors import InputError
+from histosynth.integration.geometry import polygon_parts, polygonal
 
 log = logging.getLogger(__name__)
 # Namespace of the UUIDs given to features that carry none (QuPath 0.2/0.3, other tools).
@@ -50,7 +57,6 @@ __all__ = [
     "argb_to_rgb",
     "class_names",
     "default_color",
-    "filter_by_class",
     "geojson_bytes",
     "read_annotations",
     "rgb_to_argb",
@@ -484,45 +490,11 @@ def _geometry(value: Any, label: str, item: str) -> BaseGeometry:
                 geom = _geometry(part, label, item)
             except _NotPolygonal:
                 continue
-            polygons.extend(_polygon_parts(geom))
+            polygons.extend(polygon_parts(geom))
         if not polygons:
             raise _NotPolygonal("GeometryCollection")
         return polygons[0] if len(polygons) == 1 else MultiPolygon(polygons)
     raise _NotPolygonal(kind if isinstance(kind, str) else _short(kind))
-
-
-def _polygon_parts(geom: BaseGeometry) -> list[Polygon]:
-    """Every non-empty Polygon inside ``geom`` (collections flattened)."""
-    if geom.is_empty:
-        return []
-    if isinstance(geom, Polygon):
-        return [geom]
-    if isinstance(geom, (MultiPolygon, GeometryCollection)):
-        return [p for g in geom.geoms for p in _polygon_parts(g)]
-    return []
-
-
-def _polygonal(geom: BaseGeometry) -> BaseGeometry | None:
-    """Only the polygonal part of ``geom`` as a valid Polygon/MultiPolygon, or ``None``."""
-    if isinstance(geom, (Polygon, MultiPolygon)) and geom.is_valid:
-        return None if geom.is_empty else geom
-    parts = _polygon_parts(geom)
-    if not parts:
-        return None
-    merged = parts[0] if len(parts) == 1 else shapely.unary_union(parts)
-    if not isinstance(merged, (Polygon, MultiPolygon)):
-        parts = _polygon_parts(merged)
-        if not parts:
-            return None
-        merged = parts[0] if len(parts) == 1 else MultiPolygon(parts)
-    return None if merged.is_empty else merged
-
-
-def _repair(geom: BaseGeometry) -> BaseGeometry | None:
-    """Valid polygonal geometry (``shapely.make_valid``, polygonal parts kept) or ``None``."""
-    if geom.is_valid:
-        return None if geom.is_empty else geom
-    return _polygonal(shapely.make_valid(geom))
 
 
 def _stable_id(index_label: str, feature: dict) -> str:
@@ -628,7 +600,7 @@ def _parse_feature(
         geom = None
     if geom is not None and selected:
         try:
-            repaired = _repair(geom)
+            repaired = polygonal(geom)
         except shapely.errors.GEOSException as exc:
             raise InputError(f"geometry cannot be repaired: {exc}", path=label, item=item) from None
         if repaired is None:
@@ -696,15 +668,8 @@ def read_annotations(
     except Exception as exc:  # a last guard: bad input must never escape as another type
         raise InputError(f"cannot read GeoJSON: {type(exc).__name__}: {exc}", path=label) from exc
     if classes is not None:
-        result = filter_by_class(result, classes)
+        result = of_classes(result, classes)
     return result
-
-
-def filter_by_class(annotations: Iterable[Annotation], classes: Sequence[str]) -> list[Annotation]:
-    """Annotations whose class is one of ``classes`` or derived from one of them."""
-    if isinstance(classes, str):
-        classes = [classes]
-    return [a for a in annotations if any(class_matches(a.class_name, c) for c in classes)]
 
 
 def class_names(annotations: Iterable[Annotation]) -> list[str]:
@@ -786,16 +751,16 @@ def _output_geometry(
     """Transform, clip and snap to QuPath's 0.01 px grid; ``None`` when nothing is left."""
     if not isinstance(geom, (Polygon, MultiPolygon, GeometryCollection)):
         raise ValueError(f"annotation geometry must be polygonal, got {geom.geom_type}")
-    geom = _repair(geom) if isinstance(geom, (Polygon, MultiPolygon)) else _polygonal(geom)
+    geom = polygonal(geom)
     if geom is None:
         return None
     ox, oy = offset
     geom = shapely.transform(geom, lambda xy: (xy - (ox, oy)) * scale)
     if clip is not None:
-        geom = _polygonal(geom.intersection(clip))
+        geom = polygonal(geom.intersection(clip))
         if geom is None:
             return None
-    geom = _polygonal(shapely.set_precision(geom, 0.01))
+    geom = polygonal(shapely.set_precision(geom, 0.01))
     if geom is not None and not all(math.isfinite(v) for v in geom.bounds):
         raise ValueError("annotation geometry has non-finite coordinates")
     return geom

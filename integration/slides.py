@@ -266,7 +266,9 @@ def read_tile(reader: WSIReader, x: float, y: float, size: int, mpp: float) -> n
     ``WSIReader.read_rect`` and resamples it exactly onto the tile's grid (area
     averaging when shrinking, cubic when enlarging, sub-pixel origin honoured), so
     tile pixel (i, j) covers level-0 ``[x + j·e/size, x + (j+1)·e/size)`` (e =
-    :func:`tile_extent`) whatever the origin and the pyramid. Outside the slide: white.
+    :func:`tile_extent`) whatever the origin and the pyramid. The part of a tile beyond
+    the slide's edge is white; a tile wholly outside the slide is an :class:`InputError`
+    that says so.
     """
     if isinstance(size, bool) or int(size) != size or size <= 0:
         raise ValueError(f"tile size must be a positive integer, not {size!r}")
@@ -276,6 +278,14 @@ def read_tile(reader: WSIReader, x: float, y: float, size: int, mpp: float) -> n
         raise ValueError(f"tile origin must be finite, not ({x!r}, {y!r})")
     path = _reader_path(reader)
     target_ds = mpp / slide_mpp(reader)
+    extent = size * target_ds
+    width0, height0 = slide_size(reader)
+    if x >= width0 or y >= height0 or x + extent <= 0 or y + extent <= 0:
+        raise InputError(
+            f"the {size} px tile at {mpp:g} µm/px with its corner at level-0 ({x:.0f}, "
+            f"{y:.0f}) lies outside the slide ({width0}×{height0} px)",
+            path=path,
+        )
     level, ds = _best_level(reader, target_ds)
     scale = target_ds / ds  # level pixels per tile pixel (>= ~1 unless enlarging)
     if abs(scale - 1) <= 1e-9:

@@ -51,15 +51,19 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import shapely
-from shapely.geometry import GeometryCollection, MultiPolygon, Polygon
-from shapely.geometry.base import BaseGeometry
+from shapely.geometry import MultiPolygon, Polygon
 from tiatoolbox.annotation.storage import Annotation as StoreAnnotation
 from tiatoolbox.annotation.storage import AnnotationStore, SQLiteStore
 
-from histosynth.integration.annotations import RGB, Annotation, class_matches, class_parts
+from histosynth.integration.annotations import (
+    RGB,
+    Annotation,
+    class_matches_any,
+    class_parts,
+)
 from histosynth.integration.errors import InputError
 from histosynth.integration.geojson import OBJECT_TYPES, argb_to_rgb, default_color
+from histosynth.integration.geometry import polygonal
 
 log = logging.getLogger(__name__)
 
@@ -397,28 +401,8 @@ def _is_uuid(value: Any) -> bool:
         return False
 
 
-def _polygonal(geom: BaseGeometry) -> BaseGeometry | None:
-    """Valid Polygon/MultiPolygon from ``geom``'s polygonal parts, or None."""
-    if isinstance(geom, Polygon | MultiPolygon) and geom.is_valid and not geom.is_empty:
-        return geom
-    if not geom.is_valid:
-        geom = shapely.make_valid(geom)
-    parts: list[Polygon] = []
-    stack = [geom]
-    while stack:
-        part = stack.pop()
-        if isinstance(part, Polygon) and not part.is_empty:
-            parts.append(part)
-        elif isinstance(part, MultiPolygon | GeometryCollection):
-            stack.extend(part.geoms)
-    if not parts:
-        return None
-    merged = parts[0] if len(parts) == 1 else shapely.unary_union(parts)
-    return merged if isinstance(merged, Polygon | MultiPolygon) and not merged.is_empty else None
-
-
 def _selected(class_name: str | None, classes: Sequence[str] | None) -> bool:
-    return classes is None or any(class_matches(class_name, wanted) for wanted in classes)
+    return classes is None or class_matches_any(class_name, classes)
 
 
 _NON_POLYGONAL = ("Point", "MultiPoint", "LineString", "MultiLineString", "LinearRing")
@@ -468,8 +452,8 @@ def _to_annotation(
         return None
     if not selected:
         return None
-    polygonal = None if geom is None or geom.is_empty else _polygonal(geom)
-    if polygonal is None:
+    area = polygonal(geom)
+    if area is None:
         log.warning(
             "%s%s: geometry is empty after repair; skipped", f"{path}: " if path else "", item_label
         )
@@ -486,7 +470,7 @@ def _to_annotation(
         props["store_key"] = key
     measurements = _measurements(props)
     return Annotation(
-        geometry=polygonal,
+        geometry=area,
         class_name=class_name,
         color=color,
         id=ann_id,

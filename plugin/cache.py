@@ -28,8 +28,8 @@ from histosynth.progress import progress_for
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
+    from histosynth.integration.tiles import SlideSource
     from histosynth.synthesis.cache import CacheInfo, CacheTile
-    from histosynth.workflows import SlideSource
 
 log = logging.getLogger(__name__)
 
@@ -201,18 +201,13 @@ def dataset_tiles(folder: str | Path) -> Iterator[CacheTile]:
 
 def _vessel_tile(planned: Any, tile_size: int, mpp: float) -> CacheTile:
     """Pixels and mask (every chosen-class vessel in it) of one ``extract`` tile."""
-    from histosynth.integration.masks import rasterize
     from histosynth.integration.slides import read_tile
+    from histosynth.integration.tiles import tile_contents
     from histosynth.synthesis.cache import CacheTile
 
     source = planned.source
     image = read_tile(source.reader, planned.x, planned.y, tile_size, mpp)
-    mask = rasterize(
-        [a.geometry for a in planned.neighbours],
-        origin=(planned.x, planned.y),
-        scale=source.mpp / mpp,
-        shape=(tile_size, tile_size),
-    )
+    mask, _ = tile_contents(planned, tile_size, mpp)
     return CacheTile(planned.tile_id, image, mask, source=str(source.slide_path), kind="vessel")
 
 
@@ -228,52 +223,6 @@ def _background_tile(source: SlideSource, tile_id: str, x: int, y: int, tile_siz
     return CacheTile(tile_id, image, mask, source=str(source.slide_path), kind="background")
 
 
-def _free_positions(
-    source: SlideSource, tile_size: int, mpp: float, min_tissue: float
-) -> list[tuple[int, int]]:
-    """Level-0 corners (half-tile steps) of tiles that touch no annotation and are mostly
-    tissue in the slide's thumbnail."""
-    import numpy as np
-    from shapely.geometry import box
-    from shapely.strtree import STRtree
-
-    from histosynth.integration.masks import tissue_mask
-    from histosynth.integration.slides import tile_extent
-
-    extent = tile_extent(tile_size, mpp, source.mpp)
-    if source.width < extent or source.height < extent:
-        return []
-    thumb_mpp = max(source.mpp * 8, 4.0)
-    thumb = source.reader.slide_thumbnail(resolution=thumb_mpp, units="mpp")[..., :3]
-    tissue = tissue_mask(np.ascontiguousarray(thumb, dtype=np.uint8))
-    factor = source.mpp / thumb_mpp  # thumbnail px per level-0 px
-    tree = STRtree([a.geometry for a in source.annotations]) if source.annotations else None
-    positions = []
-    for y in np.arange(0, source.height - extent + 1, extent / 2):
-        for x in np.arange(0, source.width - extent + 1, extent / 2):
-            region = box(x, y, x + extent, y + extent)
-            if tree is not None and any(
-                source.annotations[i].geometry.intersects(region) for i in tree.query(region)
-            ):
-                continue
-            window = tissue[int(y * factor) : int((y + extent) * factor) + 1,
-                            int(x * factor) : int((x + extent) * factor) + 1]
-            if window.size and window.mean() >= min_tissue:
-                positions.append((int(x), int(y)))
-    return positions
-
-
-def _mostly_tissue(source: SlideSource, x: int, y: int, tile_size: int, mpp: float,
-                   min_tissue: float) -> bool:
-    """Tissue fraction of the tile at ≥ ``min_tissue``, checked on an 8× smaller read."""
-    from histosynth.integration.masks import tissue_mask
-    from histosynth.integration.slides import read_tile
-
-    small = max(16, tile_size // 8)
-    preview = read_tile(source.reader, x, y, small, mpp * tile_size / small)
-    return float(tissue_mask(preview, min_area_px=16).mean()) >= min_tissue
-
-
 def _plan_backgrounds(
     sources: Sequence[SlideSource],
     count: int,
@@ -285,12 +234,16 @@ def _plan_backgrounds(
     """``count`` tissue tiles without annotations, in a seeded order over every slide."""
     import numpy as np
 
+    from histosynth.integration.tiles import mostly_tissue, tissue_positions
+
     if count <= 0:
         return []
     candidates = [
         (source, x, y)
         for source in sources
-        for x, y in _free_positions(source, tile_size, mpp, min_tissue)
+        for x, y in tissue_positions(
+            source, tile_size, mpp, min_tissue, avoid=source.annotations
+        )
     ]
     order = np.random.default_rng([seed, 0xCAC4E]).permutation(len(candidates))
     planned: list[_Planned] = []
@@ -298,7 +251,7 @@ def _plan_backgrounds(
         if len(planned) == count:
             break
         source, x, y = candidates[int(k)]
-        if not _mostly_tissue(source, x, y, tile_size, mpp, min_tissue):
+        if not mostly_tissue(source, x, y, tile_size, mpp, min_tissue):
             continue
         tile_id = f"{source.label}-bg-{x}-{y}"
         planned.append(_Planned(
@@ -322,9 +275,9 @@ def _plan_slides(
     seed: int,
     skipped: list[tuple[str, str]],
 ) -> list[_Planned]:
-    from histosynth.workflows import _plan_tiles
+    from histosynth.integration.tiles import plan_vessel_tiles
 
-    plan = _plan_tiles(sources, classes, tile_size, mpp, 0.0, math.inf)
+    plan = plan_vessel_tiles(sources, classes, tile_size, mpp, 0.0, math.inf)
     for item, reason in plan.skipped:  # counted in the summary; listed with --debug
         log.info("%s: skipped (%s)", item, reason)
     skipped.extend(plan.skipped)
@@ -417,9 +370,9 @@ def build_feature_cache(
     Raises:
         InputError / EngineError: one line naming the input, before anything is written.
     """
+    from histosynth.integration.tiles import check_classes, load_sources
     from histosynth.synthesis import load_engine
     from histosynth.synthesis.cache import build_cache, cached_tile_ids
-    from histosynth.workflows import check_classes, load_sources
 
     if sum(x is not None for x in (dataset, project, slide)) != 1:
         raise InputError("give one of a dataset folder, a project or a slide")
@@ -535,8 +488,6 @@ def build(ctx: click.Context, dataset, project, slide, annotations, slide_mpp, c
 
 
 def _report(ctx: click.Context, result: CacheBuildResult, out: Path) -> None:
-    if ctx.find_root().obj.get("quiet"):
-        return
     info = result.info
     click.echo(f"engine: {result.engine_description}")
     click.echo(

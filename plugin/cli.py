@@ -17,6 +17,7 @@ import click
 
 from histosynth import __version__
 from histosynth.progress import progress_for
+from histosynth.synthesis import defaults
 
 log = logging.getLogger("histosynth")
 
@@ -80,7 +81,9 @@ class HistosynthGroup(click.Group):
 
 @click.group(cls=HistosynthGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="histosynth")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars or warnings.")
+@click.option(
+    "--quiet", "-q", is_flag=True, help="No progress bars, warnings or notes (results still)."
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.pass_context
 def main(ctx: click.Context, quiet: bool, debug: bool) -> None:
@@ -225,12 +228,11 @@ def extract(
         progress=progress_for(ctx, "extract"),
         command=shlex.join(["histosynth", *sys.argv[1:]]),
     )
-    if not ctx.obj.get("quiet"):
-        click.echo(
-            f"{result.written} tile(s) written, {result.already_present} already present, "
-            f"{len(result.skipped)} vessel(s) skipped (reasons in {result.run_dir / 'run.json'})"
-        )
-        click.echo(f"dataset: {result.run_dir}")
+    click.echo(
+        f"{result.written} tile(s) written, {result.already_present} already present, "
+        f"{len(result.skipped)} vessel(s) skipped (reasons in {result.run_dir / 'run.json'})"
+    )
+    click.echo(f"dataset: {result.run_dir}")
 
 
 @main.command()
@@ -282,18 +284,20 @@ def extract(
     "--steps",
     type=click.IntRange(min=1),
     default=None,
-    help="Denoising steps [inpaint 50, variation 20].",
+    help=f"Denoising steps [inpaint {defaults.INPAINT_STEPS}, variation "
+    f"{defaults.VARIATION_STEPS}].",
 )
 @click.option(
     "--guidance",
     type=click.FloatRange(min=1.0),
     default=None,
-    help="Classifier-free guidance scale [inpaint 2.5, variation 1.5].",
+    help=f"Classifier-free guidance scale [inpaint {defaults.INPAINT_GUIDANCE}, variation "
+    f"{defaults.VARIATION_GUIDANCE}].",
 )
 @click.option(
     "--strength",
     type=click.FloatRange(0.0, 1.0),
-    default=0.55,
+    default=defaults.STRENGTH,
     show_default=True,
     help="Inpainting noise level τ: the fraction of the schedule regenerated.",
 )
@@ -370,7 +374,8 @@ def synthesize(
     Every tile records its source slide, donor annotation, model, seed and parameters in
     RUN/index.csv; review_status starts as 'pending'.
     """
-    from histosynth.synthesize import synthesize as run_synthesize
+    from histosynth.synthetic_tiles import SynthesisSettings
+    from histosynth.synthetic_tiles import synthesize as run_synthesize
 
     if (project is None) == (slide is None):
         raise click.UsageError("give either --project or --slide (with --annotations)")
@@ -378,17 +383,12 @@ def synthesize(
         raise click.UsageError("--slide needs --annotations")
     if write_project != "none" and project is None:
         raise click.UsageError("--write-project needs --project")
-    result = run_synthesize(
+    settings = SynthesisSettings(
         classes=classes,
         count=count,
-        out=out,
         mode=mode,
-        project=project,
-        slide=slide,
-        annotations=annotations,
         tile_size=tile_size,
         mpp=mpp,
-        slide_mpp_override=slide_mpp,
         model=model,
         adapter=adapter,
         seed=seed,
@@ -398,10 +398,18 @@ def synthesize(
         kv_compress=kv_compress,
         batch_size=batch_size,
         device=device,
-        resume=resume,
-        skip_missing=skip_missing,
         background=background,
         harmonise=harmonise,
+    )
+    result = run_synthesize(
+        settings,
+        out=out,
+        project=project,
+        slide=slide,
+        annotations=annotations,
+        slide_mpp_override=slide_mpp,
+        resume=resume,
+        skip_missing=skip_missing,
         progress=progress_for(ctx, "synthesize"),
         command=shlex.join(["histosynth", *sys.argv[1:]]),
     )
@@ -420,16 +428,15 @@ def _write_back(ctx: click.Context, how: str, project, run_dir: Path) -> None:
 
         written = write_run_to_project(project, run_dir)
     else:
-        from histosynth.integration.qupath.paquo_backend import write_run_with_paquo
+        from histosynth.integration.qupath.paquo_writer import write_run_with_paquo
 
         written = write_run_with_paquo(project, run_dir)
-    if not ctx.obj.get("quiet"):
-        click.echo(written.summary())
+    click.echo(written.summary())
 
 
 def _report_synthesis(ctx: click.Context, result) -> None:
-    if ctx.obj.get("quiet"):
-        return
+    """The result lines (always, also with ``-q``) and the notes on an UNTRAINED engine
+    (not with ``-q``)."""
     click.echo(f"engine: {result.engine_description}")
     click.echo(
         f"{result.written} synthetic tile(s) written, {result.already_present} already "
@@ -437,6 +444,8 @@ def _report_synthesis(ctx: click.Context, result) -> None:
         f"{result.run_dir / 'run.json'})"
     )
     click.echo(f"run: {result.run_dir} (index: {result.run_dir / 'index.csv'})")
+    if ctx.obj.get("quiet"):
+        return
     if not result.trained and result.model_painted:
         click.echo(
             "note: the engine is UNTRAINED; these tiles show the workflow, they are not "
@@ -499,18 +508,21 @@ def demo(
     twice.
     """
     from histosynth.integration.demodata import build_demo_project
-    from histosynth.synthesize import synthesize as run_synthesize
+    from histosynth.synthetic_tiles import SynthesisSettings
+    from histosynth.synthetic_tiles import synthesize as run_synthesize
 
     if out.exists() and not out.is_dir():
         from histosynth.integration.errors import InputError
 
         raise InputError("the output folder is a file", path=out)
+    from histosynth.synthesis.weights import check_model
+
+    check_model(model)  # before anything is built: a bad model leaves no half-built demo
     project_file = out / "project" / "project.qpproj"
     if not project_file.exists():
         project_file = build_demo_project(out / "project")
     quiet = ctx.obj.get("quiet")
-    if not quiet:
-        click.echo(f"demo project: {project_file}")
+    click.echo(f"demo project: {project_file}")
     if harmonise == "auto":
         from histosynth.synthesis.weights import PRESETS
 
@@ -521,26 +533,28 @@ def demo(
                 f"the {model} engine is UNTRAINED: seams are harmonised by multiband blending "
                 "(--harmonise diffusion shows what the untrained model makes of them)"
             )
-    result = run_synthesize(
-        classes=["Vessel"],
+    settings = SynthesisSettings(
+        classes=("Vessel",),
         count=count,
-        out=out / "run",
         mode="inpaint",
-        project=project_file,
         tile_size=tile_size or (512 if model == "tiny" else None),
         mpp=0.5,
         model=model,
         seed=seed,
         steps=steps,
         harmonise=harmonise,
+    )
+    result = run_synthesize(
+        settings,
+        out=out / "run",
+        project=project_file,
         resume=(out / "run" / "index.csv").exists(),
         progress=progress_for(ctx, "demo"),
         command=shlex.join(["histosynth", *sys.argv[1:]]),
     )
     _report_synthesis(ctx, result)
     _write_back(ctx, "native", project_file, out / "run")
-    if not quiet:
-        click.echo(f"open the project in QuPath: {project_file}")
+    click.echo(f"open the project in QuPath: {project_file}")
 
 
 @main.group()
@@ -551,7 +565,7 @@ def models() -> None:
 @models.command("list")
 def models_list() -> None:
     """Every preset, its tile size and scale, and whether its weights were found."""
-    from histosynth.synthesis.engine import format_models_report
+    from histosynth.synthesis.model_report import format_models_report
 
     click.echo(format_models_report(None))
 
@@ -564,7 +578,7 @@ def models_check(ctx: click.Context, preset: str) -> None:
 
     Exits 1 when a component is missing.
     """
-    from histosynth.synthesis.engine import check_preset, format_models_report
+    from histosynth.synthesis.model_report import check_preset, format_models_report
 
     click.echo(format_models_report(preset))
     if not check_preset(preset):

@@ -505,3 +505,10 @@ def export(
     )
     left_out = ", ".join(f"{n} {status}" for status, n in result.excluded.items()) or "none"
     click.echo(f"{result.count} tiles written to {result.out_dir} (left out: {left_out})")
+    pending = result.excluded.get("pending", 0)
+    if pending:
+        click.echo(
+            f"{pending} tile(s) are pending review and were left out: review them (QuPath's "
+            "'Accept / Reject synthetic image', then `histosynth review sync`), or export "
+            "them unreviewed with --include-pending"
+        )

@@ -21,7 +21,17 @@ from typing import Any
 
 import yaml
 
+from histosynth.synthesis import defaults
+
 MANIFEST_NAME = "plugin.yaml"
+#: settings whose default the code defines: the manifest must state the same value
+CODE_DEFAULTS = {
+    "steps": defaults.INPAINT_STEPS,
+    "guidance": defaults.INPAINT_GUIDANCE,
+    "strength": defaults.STRENGTH,
+    "colour_blend": defaults.COLOUR_BLEND,
+    "seam_sigma": defaults.SEAM_SIGMA,
+}
 SETTING_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list[str]": list}
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+([.-]?\w+)?$")
 
@@ -253,6 +263,13 @@ def validate_manifest(raw: Any, path: str | Path = MANIFEST_NAME) -> Manifest:
         except ManifestError as exc:
             raise fail(f"{key}.default", str(exc)) from None
         settings[name] = setting
+    for name, value in CODE_DEFAULTS.items():
+        if name in settings and settings[name].default != value:
+            raise fail(
+                f"settings.{name}.default",
+                f"{settings[name].default!r} differs from the code's default {value!r} "
+                "(histosynth.synthesis.defaults)",
+            )
 
     return Manifest(
         path,

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from histosynth.integration.annotations import Annotation, class_matches
+from histosynth.integration.annotations import Annotation, class_matches, class_matches_any
 from histosynth.integration.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -244,7 +244,7 @@ class SynthesisEngine:
             source.annotations = [
                 a
                 for a in source.annotations
-                if any(class_matches(a.class_name, c) for c in classes)
+                if class_matches_any(a.class_name, classes)
             ]
             _check_on_slide(source)
 
@@ -252,25 +252,30 @@ class SynthesisEngine:
         tile_size = engine.tile_size if tile_size is None else tile_size
         mpp = engine.mpp if mpp is None else mpp
 
-        from histosynth.synthesize import synthesize
+        from histosynth.synthetic_tiles import SynthesisSettings, synthesize
 
-        kwargs = {_PARAMS[key]: value for key, value in params.items()}
+        options = {_PARAMS[key]: value for key, value in params.items()}
+        run_options = {k: options.pop(k) for k in ("resume", "slide_mpp_override") if k in options}
         save_dir = Path(save_dir)
-        result = synthesize(
-            classes=classes,
+        settings = SynthesisSettings(
+            classes=tuple(classes),
             count=count,
-            out=save_dir,
             mode=mode,
             tile_size=tile_size,
             mpp=mpp,
             seed=seed,
             batch_size=self.batch_size,
+            **options,
+        )
+        result = synthesize(
+            settings,
+            out=save_dir,
             progress=self._progress,
             command=f"histosynth.tiatoolbox.SynthesisEngine.run(mode={mode!r}, "
             f"output_type={output_type!r})",
             engine=engine,
             sources=sources,
-            **kwargs,
+            **run_options,
         )
         from histosynth.integration.dataset import read_index
 
@@ -331,7 +336,7 @@ def _source(
 ) -> Any:
     """One ``SlideSource``: the opened slide and its annotations (all classes)."""
     from histosynth.integration.slides import open_slide
-    from histosynth.workflows import SlideSource
+    from histosynth.integration.tiles import SlideSource
 
     if isinstance(image, str | os.PathLike):
         path = Path(image)

@@ -423,7 +423,7 @@ def lora(
         ),
         progress=step_progress_for(ctx, f"train lora {name}"),
     )
-    if info is not None and not ctx.find_root().obj.get("quiet"):
+    if info is not None:
         click.echo(f"adapter {name!r} saved to {folder}: {_describe(result)}")
         click.echo(
             f"use it: histosynth synthesize … --model {shlex.quote(base)} "
@@ -497,6 +497,6 @@ def full(
         resume=opts["resume"],
         progress=step_progress_for(ctx, f"train full {resolution}px"),
     )
-    if written is not None and not ctx.find_root().obj.get("quiet"):
+    if written is not None:
         click.echo(f"engine saved to {written}: {_describe(result)}")
         click.echo(f"use it: histosynth synthesize … --model {shlex.quote(str(written))}")

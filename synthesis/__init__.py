@@ -14,14 +14,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from histosynth.synthesis.engine import (
-        Engine,
+    from histosynth.synthesis.engine import Engine, load_engine
+    from histosynth.synthesis.errors import EngineError
+    from histosynth.synthesis.model_report import (
         check_preset,
         describe_preset,
         format_models_report,
-        load_engine,
     )
-    from histosynth.synthesis.errors import EngineError
 
 __all__ = [
     "Engine",
@@ -34,9 +33,9 @@ __all__ = [
 
 _LAZY = {
     "Engine": "histosynth.synthesis.engine",
-    "check_preset": "histosynth.synthesis.engine",
-    "describe_preset": "histosynth.synthesis.engine",
-    "format_models_report": "histosynth.synthesis.engine",
+    "check_preset": "histosynth.synthesis.model_report",
+    "describe_preset": "histosynth.synthesis.model_report",
+    "format_models_report": "histosynth.synthesis.model_report",
     "load_engine": "histosynth.synthesis.engine",
     "EngineError": "histosynth.synthesis.errors",
 }

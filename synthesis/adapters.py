@@ -31,10 +31,20 @@ without reloading anything, and the plain base is restored exactly.
 
 Example::
 
+    >>> import tempfile, torch
+    >>> from pathlib import Path
+    >>> from histosynth.synthesis.engine import tiny_transformer_config
+    >>> from histosynth.synthesis.models.transformer import PixCellTransformer2DModel
+    >>> def base():
+    ...     torch.manual_seed(0)
+    ...     return PixCellTransformer2DModel.from_config(tiny_transformer_config(64))
+    >>> model, other_model = base(), base()
+    >>> library = Path(tempfile.mkdtemp())
     >>> info = create_adapter(model, "he-brightfield", domain="TCGA-BRCA", base_id="tiny")
     >>> # ... train the LoRA parameters (the only ones left trainable) ...
-    >>> save_adapter(model, "he-brightfield", library / "he-brightfield")
-    >>> load_adapter(other_model, library / "he-brightfield")  # verified, then active
+    >>> folder = save_adapter(model, "he-brightfield", library / "he-brightfield")
+    >>> load_adapter(other_model, library / "he-brightfield").name  # verified, then active
+    'he-brightfield'
     >>> activate(other_model, None)  # plain base again, bit for bit
 """
 
@@ -233,7 +243,7 @@ def _now_utc() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _histosynth_version() -> str:
+def histosynth_version() -> str:
     try:
         return importlib_metadata.version("histosynth")
     except importlib_metadata.PackageNotFoundError:
@@ -514,7 +524,7 @@ def create_adapter(
         base_id=base_id,
         created=_now_utc(),
         training_data_checksum=training_data_checksum,
-        histosynth_version=_histosynth_version(),
+        histosynth_version=histosynth_version(),
     )
     _add_adapter(model, lora_config(rank, alpha), name)
     _registry(model)[name] = info
@@ -590,7 +600,7 @@ def save_adapter(
         alpha=config.lora_alpha,
         target_modules=list(CROSS_ATTENTION_TARGETS),
         created=info.created or _now_utc(),
-        histosynth_version=info.histosynth_version or _histosynth_version(),
+        histosynth_version=info.histosynth_version or histosynth_version(),
         folder=None,
     )
     folder.parent.mkdir(parents=True, exist_ok=True)

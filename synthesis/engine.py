@@ -87,16 +87,18 @@ from histosynth.synthesis.models.vae import (
 from histosynth.synthesis.weights import (
     AUTO_MODEL,
     COMPONENTS,
+    ENGINE_FILE,
     PRESETS,
     PRODUCTION_PRESET,
     FoundWeights,
+    check_model,
     default_model,
     find_component,
     find_preset,
-    hf_cache_dir,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
+    from histosynth.synthesis.pipelines.inpaint import InpaintPipeline
     from histosynth.synthesis.pipelines.variation import VariationPipeline
 
 __all__ = [
@@ -104,11 +106,7 @@ __all__ = [
     "PIXCELL_SCHEDULER_CONFIG",
     "SCHEDULERS",
     "TINY_SEED",
-    "ComponentStatus",
     "Engine",
-    "check_preset",
-    "describe_preset",
-    "format_models_report",
     "load_engine",
     "make_scheduler",
     "resolve_device",
@@ -117,7 +115,6 @@ __all__ = [
     "tiny_engine",
 ]
 
-ENGINE_FILE = "histosynth_engine.json"
 """Metadata file of a saved engine folder (preset, tile size, mpp, trained, model id)."""
 
 TINY_SEED = 0
@@ -322,6 +319,18 @@ class Engine:
         from histosynth.synthesis.pipelines.variation import VariationPipeline
 
         return VariationPipeline(
+            transformer=self.transformer,
+            vae=self.vae,
+            scheduler=self.make_scheduler(scheduler),
+            encoder=self.encoder,
+        )
+
+    def inpaint_pipeline(self, scheduler: str | None = None) -> InpaintPipeline:
+        """An :class:`~histosynth.synthesis.pipelines.inpaint.InpaintPipeline` (seam
+        regeneration by partial diffusion) on these models."""
+        from histosynth.synthesis.pipelines.inpaint import InpaintPipeline
+
+        return InpaintPipeline(
             transformer=self.transformer,
             vae=self.vae,
             scheduler=self.make_scheduler(scheduler),
@@ -867,15 +876,7 @@ def load_engine(
                 )
             engine = _load_preset(name, dev, dt, weights)
     else:
-        folder = Path(name).expanduser()
-        if not folder.exists():
-            raise EngineError(
-                f"unknown preset and no such folder; expected one of {', '.join(PRESETS)}, "
-                f"{AUTO_MODEL} or a local model folder",
-                item=name,
-            )
-        if not folder.is_dir():
-            raise EngineError("expected a model folder, found a file", path=folder)
+        folder = Path(check_model(name)).expanduser()
         if weights is not None:
             raise EngineError("give either a model folder or weights=, not both", item="weights")
         engine = _load_folder(folder, dev, dt)
@@ -955,123 +956,3 @@ def save_engine(
 # --------------------------------------------------------------------------- reports
 
 
-@dataclass
-class ComponentStatus:
-    """Where one component of a preset was found (or not), for ``histosynth models``."""
-
-    preset: str
-    component: str
-    path: Path | None
-    source: str | None
-    tried: list[str]
-    how_to_provide: str
-    error: str | None = None
-
-    @property
-    def found(self) -> bool:
-        """True when the weights are there (or the preset needs none)."""
-        return self.path is not None or self.source == "untrained"
-
-
-def describe_preset(preset: str) -> list[ComponentStatus]:
-    """Search every component of ``preset`` offline and say where it is or was looked for.
-
-    Never raises for missing or misconfigured weights: the problem is in ``error``.
-
-    Raises:
-        EngineError: unknown preset.
-    """
-    if preset not in PRESETS:
-        raise EngineError(f"unknown preset; expected one of {', '.join(PRESETS)}", item=preset)
-    out = []
-    for component in COMPONENTS:
-        try:
-            found = find_component(preset, component, require=False)
-        except EngineError as err:
-            out.append(ComponentStatus(preset, component, None, None, [], "", error=str(err)))
-            continue
-        how = found.how_to_provide
-        if found.untrained:
-            how = "nothing to provide: built from a seeded random initialisation (UNTRAINED)"
-        out.append(
-            ComponentStatus(preset, component, found.path, found.source, list(found.tried), how)
-        )
-    return out
-
-
-def check_preset(preset: str) -> bool:
-    """True when every component of ``preset`` is available offline (``tiny``: always)."""
-    return all(status.found for status in describe_preset(preset))
-
-
-def _model_card_summary(preset: str) -> list[str]:
-    """A few lines from an embedded preset's model card: data, training, held-out results."""
-    from histosynth.synthesis.weights import EMBEDDED_ROOT
-
-    folder = EMBEDDED_ROOT / str(PRESETS[preset].embedded)
-    meta_file = folder / ENGINE_FILE
-    if not meta_file.is_file():
-        return [f"model card: missing ({folder} is not installed)"]
-    training = _read_json(meta_file).get("training") or {}
-    out = [f"model card: {folder / 'MODEL_CARD.md'}"]
-    for source in training.get("sources") or [training.get("data")]:
-        if source:
-            out.append(f"data: {source}")
-    vae, val = training.get("vae_held_out") or {}, training.get("dit_val_loss") or {}
-    if vae or val:
-        out.append(
-            f"trained: autoencoder {training.get('vae_steps')} steps (held-out PSNR "
-            f"{vae.get('psnr', float('nan')):.1f} dB), denoiser {training.get('dit_steps')} "
-            f"steps (held-out ε-MSE {val.get('val_loss_initial', float('nan')):.3f} → "
-            f"{val.get('val_loss', float('nan')):.3f}) in "
-            f"{training.get('minutes', float('nan')):.0f} min on "
-            f"{training.get('hardware', 'the CPU')}"
-        )
-    return out
-
-
-def format_models_report(preset: str | None = None) -> str:
-    """The text of ``histosynth models list`` (``preset=None``) / ``models check PRESET``.
-
-    One block per preset: title, tile size and scale, trained or UNTRAINED, and per
-    component where its weights were found or that they are missing. For one preset the
-    places tried and how to provide missing weights are listed too.
-    """
-    names = list(PRESETS) if preset is None else [preset]
-    chosen = default_model()
-    lines = [
-        "Weights are searched offline: explicit path, $HISTOSYNTH_WEIGHTS, the settings file, "
-        f"the local Hugging Face cache ({hf_cache_dir()}).",
-        f"With no model named (or --model {AUTO_MODEL}): {chosen}"
-        + (
-            ""
-            if chosen == PRODUCTION_PRESET
-            else f" ({PRODUCTION_PRESET}'s weights are not "
-            "all installed; it is the one to use in production)"
-        ),
-    ]
-    for name in names:
-        statuses = describe_preset(name)
-        spec = PRESETS[name]
-        ready = all(s.found for s in statuses)
-        state = "ready" if ready else "MISSING WEIGHTS"
-        trained = "trained" if spec.trained else "UNTRAINED (seeded random weights)"
-        lines.append("")
-        lines.append(f"{name}: {spec.title}")
-        lines.append(f"  {spec.tile_size} px tiles at {spec.mpp} µm/px; {trained}; {state}")
-        for status in statuses:
-            if status.error:
-                text = f"ERROR {status.error}"
-            elif status.source == "untrained":
-                text = "untrained (no weights needed)"
-            elif status.path is not None:
-                text = f"found ({status.source}) {status.path}"
-            else:
-                text = "missing"
-            lines.append(f"  {status.component:<12} {text}")
-            if preset is not None and not status.found and not status.error:
-                lines.extend(f"      tried: {t}" for t in status.tried)
-                lines.append(f"      to provide: {status.how_to_provide}")
-        if spec.embedded is not None:
-            lines.extend(f"  {line}" for line in _model_card_summary(name))
-    return "\n".join(lines)

@@ -103,6 +103,8 @@ class PresetSpec:
 _VAE = ComponentSpec("stabilityai/stable-diffusion-3.5-large", "vae", "diffusers", gated=True)
 _UNI = ComponentSpec("MahmoodLab/UNI2-h", "", "timm", gated=True)
 
+#: the file an engine folder keeps its preset, tile size, sampler and training record in
+ENGINE_FILE = "histosynth_engine.json"
 DEFAULT_PRESET = "default"
 """The preset used when no model is named and PixCell-1024's weights are not installed."""
 PRODUCTION_PRESET = "pixcell-1024"
@@ -481,6 +483,34 @@ def find_component(
             item=item,
         )
     return result(None, None)
+
+
+def check_model(model: str | os.PathLike | None) -> str:
+    """The model a run will load — ``None`` / ``"auto"`` resolved by :func:`default_model` —
+    checked without loading anything: a preset whose weights are all found offline (or
+    that needs none), or an existing folder. Cheap (no model library imported), so
+    commands call it before they write anything.
+
+    Raises:
+        EngineError: unknown preset and no such folder, a file instead of a folder, or a
+            preset's weights missing (naming every place looked).
+    """
+    name = AUTO_MODEL if model is None else os.fspath(model)
+    if name == AUTO_MODEL:
+        return default_model()
+    if name in PRESETS:
+        find_preset(name, require=True)
+        return name
+    folder = Path(name).expanduser()
+    if not folder.exists():
+        raise EngineError(
+            f"unknown preset and no such folder; expected one of {', '.join(PRESETS)}, "
+            f"{AUTO_MODEL} or a local model folder",
+            item=name,
+        )
+    if not folder.is_dir():
+        raise EngineError("expected a model folder, found a file", path=folder)
+    return name
 
 
 def find_preset(

@@ -15,15 +15,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import shapely
-from shapely.geometry import GeometryCollection, MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 
-from histosynth.integration.annotations import RGB, Annotation, class_matches
+from histosynth.integration.annotations import RGB, Annotation, class_matches_any
 from histosynth.integration.errors import InputError
+from histosynth.integration.geometry import polygonal
 
 if TYPE_CHECKING:
-    from histosynth.integration.qupath.writeback import WriteBackResult
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +31,6 @@ __all__ = [
     "annotation_from_parts",
     "qupath_available",
     "read_annotations_with_paquo",
-    "write_run_with_paquo",
 ]
 
 QUPATH_HINT = (
@@ -115,9 +113,7 @@ def read_annotations_with_paquo(
                 annotation = _from_paquo(obj, f"entry {entry_id} annotation {index}")
                 if annotation is None:
                     continue
-                if wanted is not None and not any(
-                    class_matches(annotation.class_name, w) for w in wanted
-                ):
+                if wanted is not None and not class_matches_any(annotation.class_name, wanted):
                     continue
                 result.append(annotation)
     except InputError:
@@ -169,8 +165,8 @@ def annotation_from_parts(
 ) -> Annotation | None:
     """An :class:`Annotation` from a QuPath object's parts; ``None`` (with a warning) when
     its ROI has no area (points, lines) or nothing is left after repair."""
-    polygonal = _polygonal(geometry)
-    if polygonal is None:
+    area = polygonal(geometry)
+    if area is None:
         log.warning("%s: skipped: its ROI (%s) is not an area", label, geometry.geom_type)
         return None
     kwargs: dict[str, Any] = {}
@@ -178,7 +174,7 @@ def annotation_from_parts(
         kwargs["id"] = object_id
     clean = {k: float(v) for k, v in (measurements or {}).items() if _is_number(v)}
     return Annotation(
-        geometry=polygonal,
+        geometry=area,
         class_name=class_name,
         color=None if color is None else (int(color[0]), int(color[1]), int(color[2])),
         name=name,
@@ -196,160 +192,6 @@ def _is_number(value: Any) -> bool:
         return False
 
 
-def _polygonal(geometry: BaseGeometry) -> Polygon | MultiPolygon | None:
-    """The areal part of a geometry, repaired; ``None`` when there is none."""
-    if geometry is None or geometry.is_empty:
-        return None
-    if not geometry.is_valid:
-        geometry = shapely.make_valid(geometry)
-    if isinstance(geometry, Polygon | MultiPolygon):
-        parts = [geometry]
-    elif isinstance(geometry, GeometryCollection):
-        parts = [g for g in geometry.geoms if isinstance(g, Polygon | MultiPolygon)]
-    else:
-        return None
-    polygons = [p for g in parts for p in getattr(g, "geoms", [g]) if not p.is_empty]
-    if not polygons:
-        return None
-    if len(polygons) == 1:
-        return polygons[0]
-    return MultiPolygon(polygons)
-
-
 # ----------------------------------------------------------------------- writing
 
 
-def _paquo_class(class_name: str | None, color: RGB | None, cache: dict[str, Any]) -> Any:
-    """paquo's ``QuPathPathClass`` for a full name ``"Vessel: Invasive"`` (parents first)."""
-    from paquo.classes import QuPathPathClass
-
-    from histosynth.integration.annotations import class_parts
-
-    parts = class_parts(class_name)
-    if not parts:
-        return None
-    parent = None
-    for depth in range(1, len(parts) + 1):
-        key = ": ".join(parts[:depth])
-        if key not in cache:
-            last = depth == len(parts)
-            cache[key] = QuPathPathClass(
-                parts[depth - 1], color=color if last and color else None, parent=parent
-            )
-        parent = cache[key]
-    return parent
-
-
-def write_run_with_paquo(
-    project_path: str | os.PathLike,
-    run_dir: str | os.PathLike,
-    *,
-    run_name: str | None = None,
-) -> WriteBackResult:
-    """``--write-project paquo``: add the run's synthetic tiles through QuPath itself.
-
-    Same rows, TIFFs, entry names, metadata, description and duplicate check as
-    :func:`histosynth.integration.qupath.writeback.write_run_to_project`, but the entries
-    are added by paquo (``add_image(..., image_type=BRIGHTFIELD_H_E)``) and each tile's
-    annotations go straight into the entry's QuPath data (``hierarchy.add_annotation``),
-    so no GeoJSON sidecar is needed. QuPath saves the project (tags are not set: paquo has
-    no API for them).
-
-    Raises:
-        InputError: no QuPath installation (with how to point paquo at one), or anything
-            :func:`write_run_to_project` refuses.
-    """
-    from histosynth.integration.dataset import REVIEW_STATUSES
-    from histosynth.integration.geojson import read_annotations
-    from histosynth.integration.qupath.project import (
-        META_ID,
-        META_REVIEW,
-        META_RUN,
-        META_SOURCE_ENTRY,
-        META_SYNTHETIC,
-        META_TYPE,
-        QuPathProject,
-    )
-    from histosynth.integration.qupath.writeback import (
-        WriteBackResult,
-        WrittenTile,
-        _check_run_name,
-        _check_targets,
-        _description,
-        _read_rgb,
-        _record_mapping,
-        _run_folder,
-        default_run_name,
-        plan_write_back,
-        write_calibrated_tiff,
-    )
-
-    project = QuPathProject(project_path, use_paquo=False)
-    available, reason = qupath_available()
-    if not available:
-        raise InputError(f"cannot write the project through paquo: {reason}", path=project.file)
-    run = _run_folder(run_dir)
-    name = _check_run_name(run_name if run_name is not None
-                           else default_run_name(run, project.file))
-    planned, skipped = plan_write_back(project, run, name)
-    _check_targets(project, run, planned)
-    project.check_unchanged()
-    result = WriteBackResult(project.file, run, name, skipped=skipped)
-    if not planned:
-        return result
-    try:
-        from paquo.images import QuPathImageType
-        from paquo.projects import QuPathProject as PaquoProject
-    except Exception as exc:  # ValueError: no valid qupath installation found; JVM errors
-        raise InputError(
-            f"cannot start QuPath through paquo ({exc}); {QUPATH_HINT}", path=project.file
-        ) from None
-    for tile in planned:
-        write_calibrated_tiff(tile.tiff, _read_rgb(tile.png, tile.tile_id), tile.mpp)
-    added: list[WrittenTile] = []
-    classes: dict[str, Any] = {}
-    try:
-        with PaquoProject(project.file, mode="r+") as qp:
-            for tile in planned:
-                image = qp.add_image(
-                    tile.tiff, image_type=QuPathImageType.BRIGHTFIELD_H_E, allow_duplicates=False
-                )
-                image.image_name = f"synthetic-{name}-{tile.tile_id}"
-                image.description = _description(tile.row, name)
-                status = tile.row.get("review_status") or "pending"
-                image.metadata = {
-                    META_SYNTHETIC: "true",
-                    META_RUN: name,
-                    META_ID: tile.tile_id,
-                    META_TYPE: tile.row["synthesis_type"],
-                    META_SOURCE_ENTRY: tile.row.get("source_entry_id", ""),
-                    META_REVIEW: status if status in REVIEW_STATUSES else "pending",
-                }
-                if tile.geojson is not None:
-                    for annotation in read_annotations(tile.geojson):
-                        obj = image.hierarchy.add_annotation(
-                            roi=annotation.geometry,
-                            path_class=_paquo_class(
-                                annotation.class_name, annotation.color, classes
-                            ),
-                        )
-                        if annotation.name:
-                            obj.name = annotation.name
-                added.append(
-                    WrittenTile(tile.tile_id, int(image.entry_id), image.image_name, tile.tiff,
-                                None)
-                )
-            known = {pc.id for pc in qp.path_classes}
-            new_classes = [pc for key, pc in classes.items() if key not in known]
-            if new_classes:
-                qp.path_classes = [*qp.path_classes, *new_classes]
-            qp.save()
-    except InputError:
-        raise
-    except Exception as exc:  # Java exceptions surface as many types
-        raise InputError(f"QuPath could not write the project: {exc}", path=project.file
-                         ) from exc
-    result.added = added
-    result.mapping = _record_mapping(run, QuPathProject(project.file, use_paquo=False), name,
-                                     added)
-    return result

@@ -15,78 +15,52 @@ into ``RUN/index.csv``.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
-import struct
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
-import tifffile
-
-from histosynth.integration.atomic import atomic_write_bytes, atomic_write_json
+from histosynth.integration.atomic import atomic_write_bytes
 from histosynth.integration.dataset import (
     INDEX_NAME,
     REVIEW_STATUSES,
     read_index,
     update_index,
-    utc_now,
-    validate_tile_id,
 )
 from histosynth.integration.errors import InputError
-from histosynth.integration.qupath.project import (
-    META_ID,
-    META_REVIEW,
-    META_RUN,
-    QuPathProject,
+from histosynth.integration.qupath.entries import META_ID, META_REVIEW, META_RUN
+from histosynth.integration.qupath.plan import (
+    MAPPING_NAME,
+    SYNTHETIC_TYPES,
+    PlannedEntry,
+    WrittenTile,
+    check_run_name,
+    default_run_name,
+    make_plan,
+    plan_write_back,
+    read_rgb,
+    record_mapping,
+    run_folder,
 )
+from histosynth.integration.qupath.project import QuPathProject
+from histosynth.integration.tiff import CALIBRATED_TILE, write_calibrated_tiff
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "MAPPING_NAME",
     "SYNTHETIC_TYPES",
-    "PlannedTile",
+    "PlannedEntry",
     "ReviewSyncResult",
     "WriteBackResult",
     "WrittenTile",
     "default_run_name",
     "plan_write_back",
     "review_sync",
-    "write_calibrated_tiff",
     "write_run_to_project",
 ]
-
-SYNTHETIC_TYPES = ("inpainting", "variation")
-"""``synthesis_type`` values written into a project (``extracted`` rows are not)."""
-MAPPING_NAME = "qupath-entries.json"
-"""``RUN/qupath-entries.json``: per project, the entry id of each tile written into it."""
-TIFF_TILE = 256
-
-
-@dataclass(frozen=True)
-class WrittenTile:
-    """One tile added to the project.
-
-    Attributes:
-        tile_id: the run's tile id.
-        entry_id: the new entry's ``entryID``.
-        image_name: ``synthetic-<run>-<id>``.
-        image: the calibrated TIFF the entry points at.
-        sidecar: ``P/annotations/<entryID>.geojson`` (``None`` when the row has no GeoJSON).
-    """
-
-    tile_id: str
-    entry_id: int
-    image_name: str
-    image: Path
-    sidecar: Path | None
 
 
 @dataclass
@@ -163,253 +137,10 @@ class ReviewSyncResult:
         return text
 
 
-@dataclass(frozen=True)
-class PlannedTile:
-    """A synthetic row checked and ready to write (see :func:`plan_write_back`)."""
-
-    row: dict[str, str]
-    tile_id: str
-    png: Path
-    tiff: Path
-    geojson: Path | None
-    mpp: float
-    width: int
-    height: int
-
-
 # --------------------------------------------------------------------------- helpers
 
 
-def default_run_name(run_dir: str | os.PathLike, project_file: Path | None = None) -> str:
-    """The run's name in a project: the one used when it was last written into
-    ``project_file`` (``RUN/qupath-entries.json``), else the run folder's name."""
-    run = Path(run_dir).resolve()
-    if run.is_file():
-        run = run.parent
-    if project_file is not None:
-        record = _read_mapping(run).get("projects", {}).get(str(Path(project_file).absolute()))
-        if isinstance(record, dict) and isinstance(record.get("run_name"), str):
-            return record["run_name"]
-    return run.name
-
-
-def _check_run_name(run_name: Any) -> str:
-    if not isinstance(run_name, str) or not run_name.strip() or any(
-        c in run_name for c in "\r\n"
-    ):
-        raise InputError(f"the run name must be a one-line text, not {run_name!r}",
-                         item="run name")
-    return run_name
-
-
-def _run_folder(run_dir: str | os.PathLike) -> Path:
-    run = Path(run_dir).absolute()
-    if run.is_file() and run.name == INDEX_NAME:
-        run = run.parent
-    return run
-
-
-def _read_mapping(run: Path) -> dict[str, Any]:
-    path = run / MAPPING_NAME
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        log.warning("%s: ignored, cannot read it (%s)", path, exc)
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _check_writable(folder: Path, what: str) -> None:
-    """Raise :class:`InputError` naming ``folder`` unless a file can be created in it.
-
-    Asks ``os.access`` and then really creates (and removes) a temporary file, which
-    also catches read-only file systems, where root is refused too.
-    """
-    if not folder.is_dir():
-        raise InputError(f"{what} is not a folder", path=folder)
-    problem = None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        problem = "no write permission"
-    else:
-        try:
-            fd, probe = tempfile.mkstemp(prefix=".histosynth-probe-", dir=folder)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as exc:
-            problem = exc.strerror or str(exc)
-    if problem:
-        raise InputError(f"{what} is read-only ({problem}); nothing was written", path=folder)
-
-
-def _png_size(path: Path, tile_id: str) -> tuple[int, int]:
-    """(width, height) from a PNG's header; the file must be an 8-bit PNG."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(33)
-    except FileNotFoundError:
-        raise InputError("the tile image is missing", path=path, item=f"tile {tile_id}") from None
-    except OSError as exc:
-        raise InputError(
-            f"cannot read the tile image: {exc.strerror or exc}", path=path, item=f"tile {tile_id}"
-        ) from None
-    if len(head) < 33 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
-        raise InputError("not a PNG image", path=path, item=f"tile {tile_id}")
-    width, height, depth, colour = struct.unpack(">IIBB", head[16:26])
-    if width == 0 or height == 0 or depth != 8 or colour not in (0, 2, 4, 6):
-        raise InputError(
-            f"expected an 8-bit RGB PNG (found bit depth {depth}, colour type {colour})",
-            path=path,
-            item=f"tile {tile_id}",
-        )
-    return int(width), int(height)
-
-
-def _read_rgb(path: Path, tile_id: str) -> np.ndarray:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise InputError("cannot decode the tile image", path=path, item=f"tile {tile_id}")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def write_calibrated_tiff(
-    path: str | os.PathLike, rgb: np.ndarray, mpp: float, *, tile: int = TIFF_TILE
-) -> list[tuple[int, int]]:
-    """Write ``rgb`` as a lossless (zlib) tiled pyramidal OME-TIFF, atomically; return
-    its levels as (width, height), level 0 first.
-
-    The pixel size ``mpp`` (µm/px) is in the TIFF resolution tags (pixels per cm,
-    ``ResolutionUnit`` CENTIMETER) and in OME-XML ``PhysicalSizeX/Y`` (µm), which
-    Bio-Formats (QuPath), TIAToolbox and OpenSlide-less TIFF readers use.
-    """
-    from histosynth.integration.demodata import write_pyramidal_ome_tiff
-
-    written = write_pyramidal_ome_tiff(path, rgb, mpp=mpp, tile=tile, compression="zlib")
-    with tifffile.TiffFile(written) as tif:
-        page = tif.pages.first
-        levels = [(int(page.imagewidth), int(page.imagelength))]
-        levels += [(int(sub.imagewidth), int(sub.imagelength)) for sub in page.pages or []]
-    return levels
-
-
-def _description(row: dict[str, str], run_name: str) -> str:
-    """One line of provenance for the entry's description."""
-    kind = row.get("synthesis_type", "")
-    text = f"histosynth {kind} tile"
-    if row.get("class_name"):
-        text += f" of class {row['class_name']!r}"
-    if row.get("source_image"):
-        text += f" from {row['source_image']}"
-        if row.get("source_entry_id"):
-            text += f" (entry {row['source_entry_id']})"
-        if row.get("tile_x") and row.get("tile_y"):
-            text += f" at x={row['tile_x']}, y={row['tile_y']}"
-    details = [f"{key} {row[key]}" for key in ("model", "adapter", "seed") if row.get(key)]
-    if details:
-        text += "; " + ", ".join(details)
-    text += f"; run {run_name}, tile {row.get('id', '')}"
-    return " ".join(text.split())
-
-
 # --------------------------------------------------------------------------- plan
-
-
-def plan_write_back(
-    project: QuPathProject, run_dir: str | os.PathLike, run_name: str
-) -> tuple[list[PlannedTile], list[tuple[str, str]]]:
-    """Check every row of the run against the project, writing nothing.
-
-    Returns the synthetic tiles to add, in index order, and ``(tile id, reason)`` for the
-    rows skipped (``extracted`` rows; tiles whose ``histosynth.run`` + ``histosynth.id``
-    already name an entry).
-
-    Raises:
-        InputError: no index, a missing or unreadable tile image or GeoJSON, or a row
-            without a usable ``mpp`` (each naming the file and the tile).
-    """
-    run = _run_folder(run_dir)
-    index = run / INDEX_NAME
-    rows = read_index(run)
-    planned: list[PlannedTile] = []
-    skipped: list[tuple[str, str]] = []
-    for row in rows:
-        tile_id = row["id"]
-        kind = row["synthesis_type"]
-        if kind not in SYNTHETIC_TYPES:
-            skipped.append((tile_id, f"not synthetic ({kind or 'no synthesis_type'})"))
-            continue
-        try:
-            validate_tile_id(tile_id)
-        except InputError as exc:
-            raise InputError(exc.message, path=index, item=f"tile {tile_id!r}") from None
-        existing = project.synthetic_entry(run_name, tile_id)
-        if existing is not None:
-            if existing.stored_path is not None and existing.stored_path != (
-                run / "images" / f"{tile_id}.tif"
-            ):
-                log.warning(
-                    "%s: %s holds tile %s of a run named %r at %s, not in %s; pass another "
-                    "run name to add this run as well",
-                    project.file, existing.label(), tile_id, run_name,
-                    existing.stored_path, run,
-                )
-            skipped.append((tile_id, f"already in the project ({existing.label()})"))
-            continue
-        if not row.get("image_path"):
-            raise InputError("the row has no image_path", path=index, item=f"tile {tile_id}")
-        png = run / row["image_path"]
-        width, height = _png_size(png, tile_id)
-        try:
-            mpp = float(row.get("mpp", ""))
-        except ValueError:
-            mpp = math.nan
-        if not (math.isfinite(mpp) and mpp > 0):
-            raise InputError(
-                f"mpp {row.get('mpp', '')!r} is not a positive pixel size in µm; the TIFF "
-                "needs it",
-                path=index,
-                item=f"tile {tile_id}",
-            )
-        geojson = None
-        if row.get("annotation_path"):
-            geojson = run / row["annotation_path"]
-            if not geojson.is_file():
-                raise InputError(
-                    "the tile's GeoJSON is missing", path=geojson, item=f"tile {tile_id}"
-                )
-            from histosynth.integration.geojson import read_annotations
-
-            read_annotations(geojson)  # InputError naming the file and feature if broken
-        tiff = run / "images" / f"{tile_id}.tif"
-        if tiff.is_dir():
-            raise InputError("a folder is in the way of the tile's TIFF", path=tiff)
-        planned.append(PlannedTile(row, tile_id, png, tiff, geojson, mpp, width, height))
-    return planned, skipped
-
-
-def _check_targets(project: QuPathProject, run: Path, planned: list[PlannedTile]) -> None:
-    """Writable folders, and no sidecar of another entry in the way."""
-    _check_writable(project.folder, "the QuPath project folder")
-    annotations = project.folder / "annotations"
-    if annotations.exists():
-        _check_writable(annotations, "the project's annotations folder")
-    if not planned:
-        return
-    _check_writable(run, "the run folder")
-    _check_writable(planned[0].tiff.parent, "the run's images folder")
-    for offset, tile in enumerate(planned, start=1):
-        if tile.geojson is None:
-            continue
-        sidecar = annotations / f"{project.last_id + offset}.geojson"
-        if sidecar.exists():
-            raise InputError(
-                f"a GeoJSON file for entry id {project.last_id + offset} already exists, but "
-                "the project has no such entry; it would be overwritten by the entry of tile "
-                f"{tile.tile_id!r}: move it away (QuPathProject.unknown_sidecars() lists such "
-                "files)",
-                path=sidecar,
-            )
 
 
 # --------------------------------------------------------------------------- write
@@ -440,37 +171,30 @@ def write_run_to_project(
             was read; nothing is written to the project then.
     """
     project = QuPathProject(project_path, use_paquo=False)
-    run = _run_folder(run_dir)
-    name = _check_run_name(run_name if run_name is not None
-                           else default_run_name(run, project.file))
-    planned, skipped = plan_write_back(project, run, name)
-    _check_targets(project, run, planned)
+    plan = make_plan(project, run_dir, run_name)
     project.check_unchanged()
-    result = WriteBackResult(project.file, run, name, skipped=skipped)
-    for tile_id, reason in skipped:
+    run, name = plan.run, plan.run_name
+    result = WriteBackResult(project.file, run, name, skipped=plan.skipped)
+    for tile_id, reason in plan.skipped:
         log.info("%s: tile %s skipped: %s", project.file, tile_id, reason)
-    if not planned:
-        result.mapping = _record_mapping(run, project, name, [])
+    if not plan.entries:
+        result.mapping = record_mapping(run, project, name, [])
         return result
 
-    added: list[tuple[PlannedTile, Any]] = []
-    for tile in planned:
-        rgb = _read_rgb(tile.png, tile.tile_id)
-        levels = write_calibrated_tiff(tile.tiff, rgb, tile.mpp)
-        status = tile.row.get("review_status") or "pending"
-        entry = project.add_synthetic_entry(
+    added: list[tuple[PlannedEntry, Any]] = []
+    for tile in plan.entries:
+        levels = write_calibrated_tiff(tile.tiff, read_rgb(tile.png, tile.tile_id), tile.mpp)
+        entry = project.add_image_entry(
             tile.tiff,
-            run=name,
-            tile_id=tile.tile_id,
-            synthesis_type=tile.row["synthesis_type"],
             width=levels[0][0],
             height=levels[0][1],
             mpp=tile.mpp,
-            source_entry_id=tile.row.get("source_entry_id", ""),
-            description=_description(tile.row, name),
-            review_status=status if status in REVIEW_STATUSES else "pending",
+            image_name=tile.image_name,
+            description=tile.description,
+            metadata=tile.metadata,
+            tags=tile.tags,
             levels=levels,
-            tile_size=TIFF_TILE,
+            tile_size=CALIBRATED_TILE,
         )
         added.append((tile, entry))
 
@@ -501,37 +225,8 @@ def write_run_to_project(
         )
         for tile, entry in added
     ]
-    result.mapping = _record_mapping(run, project, name, result.added)
+    result.mapping = record_mapping(run, project, name, result.added)
     return result
-
-
-def _record_mapping(
-    run: Path, project: QuPathProject, run_name: str, added: list[WrittenTile]
-) -> Path | None:
-    """Update ``RUN/qupath-entries.json`` with every tile of the run now in the project."""
-    entries = {
-        e.metadata.get(META_ID, ""): e.entry_id for e in project.synthetic_entries(run_name)
-    }
-    entries.update({tile.tile_id: tile.entry_id for tile in added})
-    entries.pop("", None)
-    if not entries:
-        return None
-    path = run / MAPPING_NAME
-    data = _read_mapping(run)
-    projects = data.get("projects")
-    if not isinstance(projects, dict):
-        projects = {}
-    projects[str(project.file)] = {
-        "run_name": run_name,
-        "updated_at": utc_now(),
-        "entries": dict(sorted(entries.items(), key=lambda item: item[1])),
-    }
-    try:
-        atomic_write_json(path, {"format_version": 1, "projects": projects})
-    except OSError as exc:
-        log.warning("%s: not written (%s)", path, exc.strerror or exc)
-        return None
-    return path
 
 
 # --------------------------------------------------------------------------- review
@@ -555,9 +250,9 @@ def review_sync(
             the index is not changed then.
     """
     project = QuPathProject(project_path, use_paquo=False)
-    run = _run_folder(run_dir)
-    name = _check_run_name(run_name if run_name is not None
-                           else default_run_name(run, project.file))
+    run = run_folder(run_dir)
+    name = check_run_name(run_name if run_name is not None
+                          else default_run_name(run, project.file))
     rows = read_index(run)
     by_id = {row["id"]: row for row in rows}
     statuses: dict[str, str] = {}

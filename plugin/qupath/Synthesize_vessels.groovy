@@ -6,11 +6,13 @@
  * 2. exports the vessels of every image to P/annotations/<entryID>.geojson (as "Export vessels");
  * 3. runs `histosynth synthesize --project P ... --out P/histosynth/runs/<run> --write-project none`
  *    with the Python of the settings (an argument list, no shell), its output going to the log;
- * 4. adds every new tile to this project through QuPath's API: image name
- *    "synthetic-<run>-<id>", metadata histosynth.synthetic = "true", histosynth.run,
- *    histosynth.id, histosynth.synthesis_type, histosynth.source_entry_id,
- *    review_status = "pending", tags histosynth + synthetic (QuPath 0.6+), image type
- *    Brightfield (H&E), a thumbnail, and the tile's annotations from RUN/annotations/<id>.geojson.
+ * 4. runs `histosynth qupath plan RUN --project P --run-name <run>`, which decides every new
+ *    entry as histosynth's own write-back does (image name "synthetic-<run>-<id>", metadata
+ *    histosynth.synthetic = "true", histosynth.run, histosynth.id, histosynth.synthesis_type,
+ *    histosynth.source_entry_id, review_status, tags histosynth + synthetic, description) and
+ *    writes each tile's calibrated TIFF and RUN/qupath-plan.json;
+ * 5. applies that plan through QuPath's API: image type Brightfield (H&E), a thumbnail, and
+ *    the tile's annotations from RUN/annotations/<id>.geojson.
  *
  * Review the new images with "Next pending synthetic image", "Accept synthetic image" and
  * "Reject synthetic image". Headless (settings only, no dialogs):
@@ -25,7 +27,6 @@ import java.nio.file.StandardCopyOption
 import java.text.SimpleDateFormat
 import qupath.lib.gui.commands.ProjectCommands
 import qupath.lib.images.ImageData
-import qupath.lib.images.servers.ImageServerMetadata
 import qupath.lib.images.servers.ImageServerProvider
 import qupath.lib.io.PathIO
 import qupath.lib.projects.Projects
@@ -349,44 +350,57 @@ int runAndLog(List<String> command, File workingFolder) {
 }
 // END histosynth:command
 
-/** The entry's description: one line of provenance (as histosynth's native write-back writes). */
-String describeTile(String runName, Map<String, String> row) {
-    String text = "histosynth " + (row.get("synthesis_type") ?: "") + " tile"
-    if (row.get("class_name"))
-        text += " of class '" + row.get("class_name") + "'"
-    if (row.get("source_image")) {
-        text += " from " + row.get("source_image")
-        if (row.get("source_entry_id"))
-            text += " (entry " + row.get("source_entry_id") + ")"
-        if (row.get("tile_x") && row.get("tile_y"))
-            text += " at x=" + row.get("tile_x") + ", y=" + row.get("tile_y")
-    }
-    List<String> details = []
-    for (String key : ["model", "adapter", "seed"]) {
-        if (row.get(key))
-            details.add(key + " " + row.get(key))
-    }
-    if (!details.isEmpty())
-        text += "; " + details.join(", ")
-    text += "; run " + runName + ", tile " + (row.get("id") ?: "")
-    return text.split("\\s+").findAll { it.length() > 0 }.join(" ")
+// BEGIN histosynth:plan
+/** The `histosynth qupath plan` command: writes the TIFFs and RUN/qupath-plan.json. */
+List<String> buildPlanCommand(Map settings, String projectFile, String runFolder, String runName) {
+    def python = settings.get("python")
+    if (python == null || String.valueOf(python).trim().isEmpty())
+        throw new IllegalStateException("histosynth_settings.json: 'python' is not set; run histosynth qupath install-scripts again")
+    return [python, "-c", histosynthLauncherCode(), "qupath", "plan", runFolder, "--project", projectFile,
+            "--run-name", runName].collect { String.valueOf(it) }
 }
 
 /**
- * Add one tile of the run as a project entry, with its metadata, tags, image type, thumbnail
- * and annotations. Reads the annotations before adding anything, and removes the entry again
- * if a later step fails, so that no half-made entry stays behind.
+ * The write-back plan histosynth wrote (RUN/qupath-plan.json): per new entry its image,
+ * image name, description, metadata, tags and annotations file, decided by histosynth
+ * exactly as its own write-back decides them.
  */
-def addSyntheticEntry(project, File runFolder, String runName, Map<String, String> row) {
-    String id = row.get("id")
-    File image = new File(new File(runFolder, "images"), id + ".tif")  // calibrated TIFF, when written
-    if (!image.isFile())
-        image = new File(runFolder, row.get("image_path") ?: ("images/" + id + ".png"))
+List<Map> readWritePlan(File planFile) {
+    if (!planFile.isFile())
+        throw new IllegalStateException("histosynth wrote no plan " + planFile.getPath())
+    def plan
+    try {
+        plan = new groovy.json.JsonSlurper().parse(planFile, "UTF-8")
+    } catch (Exception e) {
+        throw new IllegalStateException(planFile.getPath() + ": not valid JSON: " + e.getMessage())
+    }
+    if (!(plan instanceof Map) || plan.get("format_version") != 1 || !(plan.get("entries") instanceof List))
+        throw new IllegalStateException(planFile.getPath() + ": not a histosynth write-back plan (format 1)")
+    List<Map> entries = []
+    for (def entry : (List) plan.get("entries")) {
+        if (!(entry instanceof Map) || !(entry.get("metadata") instanceof Map) || !entry.get("image") || !entry.get("image_name"))
+            throw new IllegalStateException(planFile.getPath() + ": an entry lacks image, image_name or metadata")
+        entries.add((Map) entry)
+    }
+    return entries
+}
+// END histosynth:plan
+
+/**
+ * Add one planned entry to the project: its image (the calibrated TIFF), name, description,
+ * metadata, tags, image type, thumbnail and annotations. Reads the annotations before adding
+ * anything, and removes the entry again if a later step fails, so that no half-made entry
+ * stays behind.
+ */
+def addPlannedEntry(project, Map planned) {
+    String id = String.valueOf(planned.get("tile_id"))
+    File image = new File(String.valueOf(planned.get("image")))
     if (!image.isFile())
         throw new IOException("image not found: " + image.getPath())
-    File annotationFile = new File(runFolder, row.get("annotation_path") ?: ("annotations/" + id + ".geojson"))
-    def objects = annotationFile.isFile() ? PathIO.readObjects(annotationFile) : []
-    if (!annotationFile.isFile())
+    def annotationPath = planned.get("annotations")
+    File annotationFile = annotationPath ? new File(String.valueOf(annotationPath)) : null
+    def objects = (annotationFile != null && annotationFile.isFile()) ? PathIO.readObjects(annotationFile) : []
+    if (annotationFile != null && !annotationFile.isFile())
         println("WARNING: tile " + id + ": no annotations (" + annotationFile.getPath() + " is missing)")
     def support = ImageServerProvider.getPreferredUriImageSupport(BufferedImage, image.getAbsolutePath())
     if (support == null || support.getBuilders().isEmpty())
@@ -398,26 +412,11 @@ def addSyntheticEntry(project, File runFolder, String runName, Map<String, Strin
         entry = project.addImage(builder)
         if (entry == null)
             throw new IOException("the project refused " + image.getPath())
-        entry.setImageName("synthetic-" + runName + "-" + id)
-        entry.setDescription(describeTile(runName, row))
-        putEntryMetadata(entry, "histosynth.synthetic", "true")
-        putEntryMetadata(entry, "histosynth.run", runName)
-        putEntryMetadata(entry, "histosynth.id", id)
-        putEntryMetadata(entry, "histosynth.synthesis_type", row.get("synthesis_type") ?: "")
-        putEntryMetadata(entry, "histosynth.source_entry_id", row.get("source_entry_id") ?: "")
-        putEntryMetadata(entry, "review_status", "pending")
-        addEntryTags(entry, ["histosynth", "synthetic"])
+        entry.setImageName(String.valueOf(planned.get("image_name")))
+        entry.setDescription(String.valueOf(planned.get("description") ?: ""))
+        ((Map) planned.get("metadata")).each { key, value -> putEntryMetadata(entry, String.valueOf(key), String.valueOf(value)) }
+        addEntryTags(entry, ((List) (planned.get("tags") ?: [])).collect { String.valueOf(it) })
         def imageData = new ImageData(server, ImageData.ImageType.BRIGHTFIELD_H_E)
-        Double mpp = null
-        try {
-            mpp = Double.valueOf(row.get("mpp") ?: "")
-        } catch (NumberFormatException ignored) {
-            mpp = null
-        }
-        if (mpp != null && mpp > 0 && !server.getPixelCalibration().hasPixelSizeMicrons()) {
-            // a PNG carries no pixel size: take the tile's from index.csv
-            imageData.updateServerMetadata(new ImageServerMetadata.Builder(server.getMetadata()).pixelSizeMicrons(mpp, mpp).build())
-        }
         imageData.getHierarchy().addObjects(objects)
         entry.saveImageData(imageData)
         try {
@@ -516,23 +515,27 @@ void synthesizeVessels() {
         throw new IllegalStateException("histosynth stopped with exit code " + exitCode + " (the reason is in the log above); " +
                 "nothing was added to the project. Run folder: " + runFolder.getPath())
 
-    File index = new File(runFolder, "index.csv")
-    if (!index.isFile())
-        throw new IllegalStateException("histosynth wrote no " + index.getPath())
+    // histosynth decides every entry (name, description, metadata, tags) and writes the TIFFs
+    List<String> planCommand = buildPlanCommand(settings, project.getPath().toString(), runFolder.getPath(), runName)
+    exitCode = runAndLog(planCommand, projectFolder)
+    if (exitCode != 0)
+        throw new IllegalStateException("histosynth could not plan the new entries (exit code " + exitCode +
+                "; the reason is in the log above); nothing was added to the project. Run folder: " + runFolder.getPath())
     Set<String> present = new HashSet<String>()
     for (entry in project.getImageList())
         present.add(getEntryMetadata(entry, "histosynth.run") + "/" + getEntryMetadata(entry, "histosynth.id"))
     int added = 0
     int failed = 0
-    for (Map<String, String> row : readCsvRows(index)) {
-        if (!(row.get("synthesis_type") in ["inpainting", "variation"]) || present.contains(runName + "/" + row.get("id")))
+    for (Map planned : readWritePlan(new File(runFolder, "qupath-plan.json"))) {
+        Map metadata = (Map) planned.get("metadata")
+        if (present.contains(metadata.get("histosynth.run") + "/" + metadata.get("histosynth.id")))
             continue
         try {
-            def entry = addSyntheticEntry(project, runFolder, runName, row)
+            def entry = addPlannedEntry(project, planned)
             println("added " + entry.getImageName())
             added += 1
         } catch (Exception e) {
-            println("ERROR: tile " + row.get("id") + ": not added: " + e.getMessage())
+            println("ERROR: tile " + planned.get("tile_id") + ": not added: " + e.getMessage())
             failed += 1
         }
     }

@@ -107,3 +107,33 @@ def install_scripts_command(
         else:
             click.echo(f"  {path.name}  (menu: {path.stem.replace('_', ' ')})")
     click.echo("In QuPath: Automate > Project scripts > histosynth > Synthesize vessels")
+
+
+@qupath.command("plan")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option(
+    "--project",
+    "project",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="QuPath project (project.qpproj or its folder) the run's tiles go into.",
+)
+@click.option("--run-name", default=None, help="histosynth.run of the entries [the run's name].")
+def plan_command(run: Path, project: Path, run_name: str | None) -> None:
+    """Plan adding RUN's synthetic tiles to PROJECT, for the menu scripts.
+
+    Checks every tile against the project, writes each tile's calibrated TIFF
+    (RUN/images/<id>.tif) and RUN/qupath-plan.json: per new entry its image, name,
+    description, metadata, tags and annotations, as the native write-back writes them.
+    The project itself is not changed; the "Synthesize vessels" script applies the plan.
+    """
+    from histosynth.integration.qupath import QuPathProject
+    from histosynth.integration.qupath.plan import make_plan, write_entry_images, write_plan_json
+
+    plan = make_plan(QuPathProject(project, use_paquo=False), run, run_name)
+    write_entry_images(plan)
+    path = write_plan_json(plan)
+    click.echo(
+        f"{len(plan.entries)} new entry(ies), {len(plan.skipped)} skipped, "
+        f"run {plan.run_name!r}: {path}"
+    )

@@ -52,6 +52,4 @@ def sync(ctx: click.Context, project: Path, run: Path) -> None:
     from histosynth.integration.qupath.writeback import review_sync
 
     result = review_sync(project, run)
-    root = ctx.find_root()
-    if not (root.obj and root.obj.get("quiet")):
-        click.echo(result.summary())
+    click.echo(result.summary())

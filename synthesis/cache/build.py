@@ -17,30 +17,30 @@ import h5py
 import numpy as np
 import torch
 
-from histosynth.synthesis.adapters import _histosynth_version, base_weight_hash
+from histosynth.synthesis.adapters import base_weight_hash, histosynth_version
 from histosynth.synthesis.cache.format import (
-    _STATIC_ATTRS,
     ARRAYS,
     FORMAT,
     FORMAT_VERSION,
     LOCK_WAIT,
+    STATIC_ATTRS,
     STRING_CHUNK,
     STRINGS,
     CacheInfo,
     CacheTile,
     ProgressFn,
-    _checked_tile,
-    _digest,
-    _fixed,
-    _id_hashes,
-    _info,
-    _open_read,
-    _sample_shapes,
-    _short,
-    _source_text,
-    _writer_flags,
+    checked_tile,
+    content_digest,
+    fixed_strings,
+    id_hashes,
+    info_of_handle,
+    is_writer_flag_error,
+    open_read,
     pixel_sha256,
     read_cache_info,
+    sample_shapes,
+    short_error,
+    source_text,
 )
 from histosynth.synthesis.errors import EngineError
 from histosynth.synthesis.models.encoders import GridEncoder
@@ -117,7 +117,7 @@ def _create_file(path: Path, info: CacheInfo) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         with h5py.File(tmp, "w", libver="latest") as handle:
-            for name, (shape, dtype) in _sample_shapes(info).items():
+            for name, (shape, dtype) in sample_shapes(info).items():
                 handle.create_dataset(
                     name,
                     shape=(0, *shape),
@@ -137,12 +137,12 @@ def _create_file(path: Path, info: CacheInfo) -> None:
             handle.create_dataset("committed", data=np.zeros(1, dtype=np.int64))
             handle.attrs["format"] = FORMAT
             handle.attrs["format_version"] = FORMAT_VERSION
-            for name in _STATIC_ATTRS:
+            for name in STATIC_ATTRS:
                 handle.attrs[name] = getattr(info, name)
             handle.attrs["created"] = info.created or datetime.now(UTC).isoformat(
                 timespec="seconds"
             )
-            handle.attrs["histosynth_version"] = info.histosynth_version or _histosynth_version()
+            handle.attrs["histosynth_version"] = info.histosynth_version or histosynth_version()
             handle.attrs.create("count", 0, dtype=np.int64)
             handle.attrs.create("content_hash", b"", dtype=h5py.string_dtype("ascii", 64))
         os.replace(tmp, path)
@@ -179,8 +179,8 @@ def _open_swmr_writer(path: Path) -> h5py.File:
 
 def _recover(path: Path) -> None:
     """Rewrite an interrupted cache with only its complete samples (copy-on-resume)."""
-    with _open_read(path) as src:
-        info = _info(src, path)
+    with open_read(path) as src:
+        info = info_of_handle(src, path)
         tmp = path.with_name(f".{path.name}.recover-{uuid.uuid4().hex[:8]}")
         try:
             _create_file(tmp, info)
@@ -229,9 +229,9 @@ class _Writer:
         try:
             handle = self._open_waiting()
         except OSError as err:
-            if not _writer_flags(err):
+            if not is_writer_flag_error(err):
                 raise EngineError(
-                    f"cannot open the cache for writing ({_short(err)}); close "
+                    f"cannot open the cache for writing ({short_error(err)}); close "
                     "what else holds it open",
                     path=self.path,
                 ) from err
@@ -276,11 +276,11 @@ class _Writer:
             "posterior": batch.posterior,
             "rows": batch.rows,
             "mask": batch.masks,
-            "tile_id": _fixed(batch.tile_ids, STRINGS["tile_id"], "tile id"),
-            "source": _fixed(batch.sources, STRINGS["source"], "source"),
-            "kind": _fixed(batch.kinds, STRINGS["kind"], "kind"),
-            "pixel_sha256": _fixed(batch.pixel_shas, 64, "pixel sha256"),
-            "sample_sha256": _fixed(batch.sample_shas, 64, "sample sha256"),
+            "tile_id": fixed_strings(batch.tile_ids, STRINGS["tile_id"], "tile id"),
+            "source": fixed_strings(batch.sources, STRINGS["source"], "source"),
+            "kind": fixed_strings(batch.kinds, STRINGS["kind"], "kind"),
+            "pixel_sha256": fixed_strings(batch.pixel_shas, 64, "pixel sha256"),
+            "sample_sha256": fixed_strings(batch.sample_shas, 64, "sample sha256"),
         }
         for name, values in columns.items():
             self.handle[name].resize(n + b, axis=0)
@@ -293,7 +293,7 @@ class _Writer:
     def finish(self) -> None:
         """Record ``count`` and ``content_hash`` as attributes (same-size values, in place)."""
         self.handle.attrs.modify("count", np.int64(self.count))
-        self.handle.attrs.modify("content_hash", _digest(self.handle, self.count).encode())
+        self.handle.attrs.modify("content_hash", content_digest(self.handle, self.count).encode())
         self.handle.flush()
 
     def close(self) -> None:
@@ -338,7 +338,7 @@ def _encode(
             raise EngineError("features are not finite in float16", item=f"tile {tile.tile_id}")
     return _Encoded(
         tile_ids=[t.tile_id for t, _ in batch],
-        sources=[_source_text(t.source) for t, _ in batch],
+        sources=[source_text(t.source) for t, _ in batch],
         kinds=[t.kind for t, _ in batch],
         pixel_shas=[sha for _, sha in batch],
         sample_shas=[
@@ -357,7 +357,7 @@ def _new_tiles(
     """Validated tiles not yet cached, with their pixel sha256; a known id must have the
     same pixels as its cached sample (else the source changed under the cache)."""
     for raw in tiles:
-        tile = _checked_tile(raw, tile_size)
+        tile = checked_tile(raw, tile_size)
         sha = pixel_sha256(tile.image)
         if tile.tile_id in known:
             if known[tile.tile_id] != sha:
@@ -393,7 +393,7 @@ def _prepare(path: Path, expected: CacheInfo, resume: bool) -> dict[str, str]:
             "the cache file exists; resume it (--resume) or choose another file", path=path
         )
     _check_compatible(read_cache_info(path), expected)
-    return _id_hashes(path)
+    return id_hashes(path)
 
 
 def build_cache(

@@ -14,14 +14,14 @@ from torch.utils.data import Dataset
 
 from histosynth.synthesis.cache.format import (
     CacheTile,
-    _checked_tile,
-    _h5_read,
-    _sample_dict,
-    _sample_shapes,
-    _text,
+    as_text,
     check_resolution,
+    checked_tile,
     draw_window,
+    h5_read,
     read_cache_info,
+    sample_dict,
+    sample_shapes,
     window_rows,
 )
 from histosynth.synthesis.errors import EngineError
@@ -142,7 +142,7 @@ class CacheDataset(Dataset):
 
     def _file(self) -> h5py.File:
         if self._handle is None or self._pid != os.getpid():
-            self._handle = _h5_read(self.path)
+            self._handle = h5_read(self.path)
             self._pid = os.getpid()
         return self._handle
 
@@ -154,7 +154,7 @@ class CacheDataset(Dataset):
 
     def sample_bytes(self) -> int:
         """Bytes one sample takes in RAM when preloaded (float16 features, uint8 mask)."""
-        shapes = _sample_shapes(self.info)
+        shapes = sample_shapes(self.info)
         return sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in shapes.values()) + 320
 
     def _preload(self) -> dict[str, Any]:
@@ -171,12 +171,12 @@ class CacheDataset(Dataset):
             )
         handle = self._file()
         data: dict[str, Any] = {}
-        for name, (shape, dtype) in _sample_shapes(self.info).items():
+        for name, (shape, dtype) in sample_shapes(self.info).items():
             array = np.empty((len(self.indices), *shape), dtype=dtype)
             for k, i in enumerate(self.indices):
                 handle[name].read_direct(array, np.s_[i], np.s_[k])
             data[name] = array
-        data["tile_id"] = [_text(handle["tile_id"][i]) for i in self.indices]
+        data["tile_id"] = [as_text(handle["tile_id"][i]) for i in self.indices]
         return data
 
     def _read(self, k: int, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
@@ -188,7 +188,7 @@ class CacheDataset(Dataset):
             handle["posterior"][i],
             handle["rows"][i],
             handle["mask"][i],
-            _text(handle["tile_id"][i]),
+            as_text(handle["tile_id"][i]),
         )
 
     def sample(self, index: int, generator: torch.Generator | None = None) -> dict[str, Any]:
@@ -202,7 +202,7 @@ class CacheDataset(Dataset):
         i = self.indices[index]
         posterior, rows, mask, tile_id = self._read(index, i)
         picked = window_rows(info.tile_size, res, info.encoder_crop, top, left)
-        return _sample_dict(
+        return sample_dict(
             torch.from_numpy(np.asarray(posterior)),
             torch.from_numpy(np.asarray(rows)[picked]),
             np.asarray(mask),
@@ -249,7 +249,7 @@ class OnTheFlyDataset(Dataset):
         if len(ids) != len(images):
             raise EngineError("expected one tile id per image", item="tile_ids")
         tiles = [
-            _checked_tile(CacheTile(t, im, m), self.tile_size)
+            checked_tile(CacheTile(t, im, m), self.tile_size)
             for t, im, m in zip(ids, images, masks, strict=True)
         ]
         self.crop = int(encoder.crop)
@@ -281,7 +281,7 @@ class OnTheFlyDataset(Dataset):
         posterior = torch.cat([mean[0], std[0]]).float().cpu()
         window = np.ascontiguousarray(image[top : top + res, left : left + res])
         rows = self.encoder.encode(window[None])[0].float().cpu()
-        return _sample_dict(
+        return sample_dict(
             posterior,
             rows,
             self.masks[index],

@@ -90,7 +90,7 @@ class CacheTile:
     kind: str = "vessel"
 
 
-_STATIC_ATTRS = (
+STATIC_ATTRS = (
     "tile_size",
     "mpp",
     "latent_channels",
@@ -116,12 +116,12 @@ def pixel_sha256(image: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(image, dtype=np.uint8).data).hexdigest()
 
 
-def _short(err: BaseException) -> str:
+def short_error(err: BaseException) -> str:
     text = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def _fixed(values: Sequence[str], size: int, what: str) -> np.ndarray:
+def fixed_strings(values: Sequence[str], size: int, what: str) -> np.ndarray:
     """utf-8 strings as a fixed-length bytes array; a longer one is an error."""
     encoded = [str(v).encode("utf-8") for v in values]
     for value in encoded:
@@ -130,11 +130,11 @@ def _fixed(values: Sequence[str], size: int, what: str) -> np.ndarray:
     return np.array(encoded, dtype=h5py.string_dtype("utf-8", size))
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _source_text(source: str, size: int = STRINGS["source"]) -> str:
+def source_text(source: str, size: int = STRINGS["source"]) -> str:
     """A provenance string that fits ``size`` bytes: long ones keep their tail (the file)."""
     raw = source.encode("utf-8")
     if len(raw) <= size:
@@ -211,7 +211,7 @@ def _latents(
     return scale_latents(mean + std * eps, scaling_factor, shift_factor)
 
 
-def _sample_dict(
+def sample_dict(
     posterior: Tensor,
     rows: Tensor,
     mask: np.ndarray,
@@ -242,7 +242,7 @@ def _sample_dict(
 LOCK_WAIT = 10.0
 
 
-def _h5_read(path: Path) -> h5py.File:
+def h5_read(path: Path) -> h5py.File:
     """The file opened read-only: plainly (HDF5 then checks its length), or in SWMR read
     mode when a writer holds it or was killed (its consistency flags are set). While a
     writer holds the exclusive lock of a file it is creating, the open is retried for up
@@ -267,26 +267,26 @@ def _h5_read_once(path: Path) -> h5py.File:
     except OSError as err:
         # only for the flags: SWMR readers skip the length check and retry unreadable
         # metadata for a long time, so a truncated file must fail the plain open above
-        if not _writer_flags(err):
+        if not is_writer_flag_error(err):
             raise
         return h5py.File(path, "r", swmr=True)
 
 
-def _writer_flags(err: OSError) -> bool:
+def is_writer_flag_error(err: OSError) -> bool:
     """Whether HDF5 refused a file because a writer holds it or was killed holding it."""
     return "already open for write" in str(err)
 
 
 @contextmanager
-def _open_read(path: Path) -> Iterator[h5py.File]:
+def open_read(path: Path) -> Iterator[h5py.File]:
     """The cache file opened for reading, as an :class:`EngineError` naming it if it fails."""
     if not path.is_file():
         raise EngineError("no such cache file", path=path)
     try:
-        handle = _h5_read(path)
+        handle = h5_read(path)
     except OSError as err:
         raise EngineError(
-            f"cannot read the cache: not an HDF5 file, or truncated / corrupt ({_short(err)})",
+            f"cannot read the cache: not an HDF5 file, or truncated / corrupt ({short_error(err)})",
             path=path,
         ) from err
     try:
@@ -305,9 +305,11 @@ def _attr(handle: h5py.File, name: str, path: Path) -> Any:
             return int(value)
         if kind == "float":
             return float(value)
-        return _text(value)
+        return as_text(value)
     except (TypeError, ValueError) as err:
-        raise EngineError(f"attribute {name!r} is unreadable ({_short(err)})", path=path) from err
+        raise EngineError(
+            f"attribute {name!r} is unreadable ({short_error(err)})", path=path
+        ) from err
 
 
 def _committed(handle: h5py.File, path: Path) -> int:
@@ -316,7 +318,7 @@ def _committed(handle: h5py.File, path: Path) -> int:
         count = int(handle["committed"][0])
         lengths = {name: handle[name].shape[0] for name in (*ARRAYS, *STRINGS)}
     except (KeyError, OSError, ValueError, IndexError) as err:
-        raise EngineError(f"corrupt cache: {_short(err)}", path=path) from err
+        raise EngineError(f"corrupt cache: {short_error(err)}", path=path) from err
     short = {k: v for k, v in lengths.items() if v < count}
     if count < 0 or short:
         raise EngineError(
@@ -331,13 +333,13 @@ def _committed(handle: h5py.File, path: Path) -> int:
         except (OSError, ValueError) as err:
             raise EngineError(
                 f"cannot read the cache: truncated / corrupt (sample {count - 1} of {name} is "
-                f"unreadable: {_short(err)})",
+                f"unreadable: {short_error(err)})",
                 path=path,
             ) from err
     return count
 
 
-def _digest(handle: h5py.File, count: int) -> str:
+def content_digest(handle: h5py.File, count: int) -> str:
     """sha256 over the first ``count`` per-sample digests (64 bytes each, in order)."""
     digest = hashlib.sha256(_HASH_PREFIX)
     data = handle["sample_sha256"]
@@ -346,8 +348,8 @@ def _digest(handle: h5py.File, count: int) -> str:
     return digest.hexdigest()
 
 
-def _info(handle: h5py.File, path: Path) -> CacheInfo:
-    if _text(handle.attrs.get("format", b"")) != FORMAT:
+def info_of_handle(handle: h5py.File, path: Path) -> CacheInfo:
+    if as_text(handle.attrs.get("format", b"")) != FORMAT:
         raise EngineError(
             f"not a histosynth feature cache (no format attribute {FORMAT!r})", path=path
         )
@@ -358,16 +360,16 @@ def _info(handle: h5py.File, path: Path) -> CacheInfo:
             "upgrade histosynth",
             path=path,
         )
-    values = {name: _attr(handle, name, path) for name in _STATIC_ATTRS}
+    values = {name: _attr(handle, name, path) for name in STATIC_ATTRS}
     count = _committed(handle, path)
-    stored = _text(handle.attrs.get("content_hash", b""))
+    stored = as_text(handle.attrs.get("content_hash", b""))
     complete = int(handle.attrs.get("count", -1)) == count and len(stored) == 64
     return CacheInfo(
         path=path,
         count=count,
-        content_hash=stored if complete else _digest(handle, count),
-        created=_text(handle.attrs.get("created", b"")),
-        histosynth_version=_text(handle.attrs.get("histosynth_version", b"")),
+        content_hash=stored if complete else content_digest(handle, count),
+        created=as_text(handle.attrs.get("created", b"")),
+        histosynth_version=as_text(handle.attrs.get("histosynth_version", b"")),
         complete=complete,
         **values,
     )
@@ -380,34 +382,34 @@ def read_cache_info(path: str | os.PathLike) -> CacheInfo:
         EngineError: naming the file, when it is missing, not a cache, truncated or corrupt.
     """
     path = Path(path)
-    with _open_read(path) as handle:
-        return _info(handle, path)
+    with open_read(path) as handle:
+        return info_of_handle(handle, path)
 
 
 def content_hash(path: str | os.PathLike) -> str:
     """sha256 (hex) of a cache's complete samples in order; cheap (64 bytes per sample)."""
     path = Path(path)
-    with _open_read(path) as handle:
-        return _digest(handle, _committed(handle, path))
+    with open_read(path) as handle:
+        return content_digest(handle, _committed(handle, path))
 
 
 def cached_tile_ids(path: str | os.PathLike) -> set[str]:
     """Ids of the complete samples of a cache (to skip reading tiles already cached)."""
     path = Path(path)
-    with _open_read(path) as handle:
+    with open_read(path) as handle:
         count = _committed(handle, path)
-        return {_text(v) for v in handle["tile_id"][:count]}
+        return {as_text(v) for v in handle["tile_id"][:count]}
 
 
-def _id_hashes(path: Path) -> dict[str, str]:
-    with _open_read(path) as handle:
+def id_hashes(path: Path) -> dict[str, str]:
+    with open_read(path) as handle:
         count = _committed(handle, path)
         ids = handle["tile_id"][:count]
         shas = handle["pixel_sha256"][:count]
-        return {_text(i): _text(s) for i, s in zip(ids, shas, strict=True)}
+        return {as_text(i): as_text(s) for i, s in zip(ids, shas, strict=True)}
 
 
-def _sample_shapes(info: CacheInfo) -> dict[str, tuple[tuple[int, ...], str]]:
+def sample_shapes(info: CacheInfo) -> dict[str, tuple[tuple[int, ...], str]]:
     side = info.tile_size // info.downsample
     return {
         "posterior": ((2 * info.latent_channels, side, side), "float16"),
@@ -416,7 +418,7 @@ def _sample_shapes(info: CacheInfo) -> dict[str, tuple[tuple[int, ...], str]]:
     }
 
 
-def _checked_tile(tile: CacheTile, tile_size: int) -> CacheTile:
+def checked_tile(tile: CacheTile, tile_size: int) -> CacheTile:
     """The tile with a validated image and a 0/255 uint8 mask."""
     image, mask = np.asarray(tile.image), np.asarray(tile.mask)
     item = f"tile {tile.tile_id}"
@@ -437,8 +439,8 @@ def _checked_tile(tile: CacheTile, tile_size: int) -> CacheTile:
         raise EngineError("expected mask values 0 and 255 only", item=item)
     if not tile.tile_id or not tile.kind:
         raise EngineError("a tile needs a non-empty id and kind", item=item)
-    _fixed([tile.tile_id], STRINGS["tile_id"], "tile id")
-    _fixed([tile.kind], STRINGS["kind"], "kind")
+    fixed_strings([tile.tile_id], STRINGS["tile_id"], "tile id")
+    fixed_strings([tile.kind], STRINGS["kind"], "kind")
     return CacheTile(
         tile.tile_id,
         np.ascontiguousarray(image),

@@ -19,6 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from histosynth.synthesis import defaults
 from histosynth.synthesis.inpaint.colour import lab_stats, reinhard_transfer
 from histosynth.synthesis.inpaint.orientation import (
     axial_median,
@@ -122,8 +123,9 @@ def prepare_composite(
     donor_mask: np.ndarray,
     *,
     existing: np.ndarray | None = None,
+    tissue: np.ndarray | None = None,
     seed: int,
-    colour_blend: float = 0.85,
+    colour_blend: float = defaults.COLOUR_BLEND,
     gray_threshold: float = 180,
     rotate: bool = True,
     existing_margin: int = 0,
@@ -146,7 +148,8 @@ def prepare_composite(
       ``rotate=False`` no rotation (and no orientation) is done. If the rotated donor no
       longer fits in the tile, it is used unrotated (``rotation_deg`` 0).
     * Placement: :func:`find_placement` with the existing annotations as the hard zone
-      and tissue = gray < ``gray_threshold``.
+      and ``tissue`` (bool (H, W): the caller's tissue mask of the background, so that a
+      run uses one rule for every step; without it, gray < ``gray_threshold``).
     * Colour: Reinhard (λ = ``colour_blend``) towards the tissue within ``colour_ring`` px
       around the placed mask ("local"), or the whole tile's tissue when that ring has
       fewer than ``min_ring_pixels`` tissue pixels ("tile").
@@ -177,9 +180,14 @@ def prepare_composite(
     h, w = inside_c.shape
     if h > H or w > W:
         raise ValueError(f"donor ({h}×{w} px) is larger than the background tile ({H}×{W} px)")
-    tissue = tissue_mask(background, gray_threshold=gray_threshold)
+    if tissue is None:
+        tissue = tissue_mask(background, gray_threshold=gray_threshold)
+    else:
+        tissue = np.asarray(tissue, dtype=bool)
+        if tissue.shape != (H, W):
+            raise ValueError(f"tissue mask {tissue.shape} does not match the tile {(H, W)}")
     if not tissue.any():
-        raise ValueError(f"background has no tissue (no pixel with gray < {gray_threshold})")
+        raise ValueError("background has no tissue")
     if existing is not None and np.asarray(existing).shape[:2] != (H, W):
         raise ValueError(
             f"existing annotations {np.asarray(existing).shape} do not match the tile {(H, W)}"

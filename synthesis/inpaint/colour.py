@@ -20,10 +20,12 @@ import math
 import cv2
 import numpy as np
 
+from histosynth.synthesis import defaults
+
 __all__ = ["lab_stats", "reinhard_transfer"]
 
 
-def _to_lab(rgb: np.ndarray) -> np.ndarray:
+def to_lab(rgb: np.ndarray) -> np.ndarray:
     """uint8 RGB (..., 3) → float32 CIELAB of the same shape."""
     flat = np.ascontiguousarray(rgb).reshape(-1, 1, 3) if rgb.ndim != 3 else rgb
     lab = cv2.cvtColor(np.multiply(flat, np.float32(1.0 / 255.0), dtype=np.float32),
@@ -38,7 +40,7 @@ def _to_rgb8(lab: np.ndarray) -> np.ndarray:
     return cv2.convertScaleAbs(rgb, alpha=255.0).reshape(lab.shape)
 
 
-def _masked_mean_std(lab: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def masked_mean_std(lab: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and σ (float64) of a (H, W, 3) float32 image under a bool mask."""
     mean, std = cv2.meanStdDev(lab, mask=np.ascontiguousarray(mask).view(np.uint8))
     return mean.ravel()[:3], std.ravel()[:3]
@@ -61,7 +63,7 @@ def lab_stats(
         sub_rgb, sub_sel = rgb[::step, ::step], sel[::step, ::step]
         if np.count_nonzero(sub_sel) >= 1024:  # else a thin selection: measure it all
             rgb, sel = sub_rgb, sub_sel
-    return _masked_mean_std(_to_lab(rgb), sel)
+    return masked_mean_std(to_lab(rgb), sel)
 
 
 def _check(image: np.ndarray, name: str) -> np.ndarray:
@@ -86,7 +88,7 @@ def reinhard_transfer(
     target: np.ndarray,
     target_tissue: np.ndarray | None = None,
     *,
-    blend: float = 0.85,
+    blend: float = defaults.COLOUR_BLEND,
     ratio_clip: tuple[float, float] = (0.5, 2.0),
     gray_threshold: float = 180,
 ) -> np.ndarray:
@@ -119,8 +121,8 @@ def reinhard_transfer(
     out = donor.copy()
     if blend == 0.0:
         return out
-    lab = _to_lab(donor)  # the whole crop: no gather, only the mask is used
-    mu_d, sd_d = _masked_mean_std(lab, inside)
+    lab = to_lab(donor)  # the whole crop: no gather, only the mask is used
+    mu_d, sd_d = masked_mean_std(lab, inside)
     mu_t, sd_t = lab_stats(target, tissue)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(sd_d > 0, sd_t / sd_d, hi)

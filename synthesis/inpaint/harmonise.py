@@ -20,7 +20,8 @@ import math
 import cv2
 import numpy as np
 
-from histosynth.synthesis.inpaint.seam import _mask2d, seam_blend, seam_weights
+from histosynth.synthesis import defaults
+from histosynth.synthesis.inpaint.seam import as_mask2d, seam_blend, seam_weights
 
 __all__ = ["HARMONISERS", "harmonise_multiband", "multiband_blend", "pyramid_levels"]
 
@@ -89,7 +90,7 @@ def multiband_blend(
             f"background {background.shape} {background.dtype} and composite "
             f"{composite.shape} {composite.dtype} must be uint8 of one shape"
         )
-    inside = _mask2d(mask, "mask")
+    inside = as_mask2d(mask, "mask")
     if inside.shape != composite.shape[:2]:
         raise ValueError(f"mask {inside.shape} does not match the image {composite.shape[:2]}")
     weight = _gaussian_pyramid(inside.astype(np.float32), levels)
@@ -107,7 +108,7 @@ def harmonise_multiband(
     composite: np.ndarray,
     mask: np.ndarray,
     *,
-    sigma: float = 15.0,
+    sigma: float = defaults.SEAM_SIGMA,
     levels: int | None = None,
 ) -> np.ndarray:
     """The composite with its seam harmonised by multiband blending (uint8 (H, W, 3)).

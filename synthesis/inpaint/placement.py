@@ -40,7 +40,7 @@ import numpy as np
 
 from histosynth.synthesis.inpaint._checks import check_mask as _check_mask
 from histosynth.synthesis.inpaint._checks import check_rgb as _check_rgb
-from histosynth.synthesis.inpaint.colour import _masked_mean_std, _to_lab
+from histosynth.synthesis.inpaint.colour import masked_mean_std, to_lab
 
 __all__ = ["Placement", "find_placement", "forbidden_zone", "tissue_mask"]
 
@@ -176,8 +176,8 @@ def _donor_colour(
     image, mask = _grid(donor_image, donor_mask, 16384)
     image = np.ascontiguousarray(image)
     tissue = mask & (_gray(image) < gray_threshold)
-    lab = _to_lab(image)
-    return _masked_mean_std(lab, tissue if tissue.any() else mask)[0]
+    lab = to_lab(image)
+    return masked_mean_std(lab, tissue if tissue.any() else mask)[0]
 
 
 def _ring_colour_difference(
@@ -203,7 +203,7 @@ def _ring_colour_difference(
     if not window.any():
         return colour_scale
     image, window = _grid(background[cy0:cy1, cx0:cx1], window, 16384)
-    ring_lab = _masked_mean_std(_to_lab(image), window)[0]
+    ring_lab = masked_mean_std(to_lab(image), window)[0]
     return float(np.linalg.norm(ring_lab - donor_lab))
 
 
@@ -279,7 +279,7 @@ def find_placement(
     if pad_y or pad_x:
         rgb = cv2.copyMakeBorder(rgb, 0, pad_y, 0, pad_x, cv2.BORDER_REPLICATE)
     block_rgb = rgb if f == 1 else cv2.resize(rgb, (Wc, Hc), interpolation=cv2.INTER_AREA)
-    block_lab = _to_lab(block_rgb)
+    block_lab = to_lab(block_rgb)
     stack = np.concatenate([tissue_c[..., None], block_lab * tissue_c[..., None]], axis=2)
     stack = cv2.copyMakeBorder(stack, rc, rc, rc, rc, cv2.BORDER_CONSTANT, value=0)
     ring_sums = _correlate(stack, ring_c.astype(np.float32), out_shape)

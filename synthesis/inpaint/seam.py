@@ -20,13 +20,15 @@ import math
 import cv2
 import numpy as np
 
+from histosynth.synthesis import defaults
+
 __all__ = ["SEAM_CUTOFF", "composite", "seam_blend", "seam_weights"]
 
 #: Weights are zeroed beyond this many σ from the seam.
 SEAM_CUTOFF = 4.0
 
 
-def _mask2d(mask: np.ndarray, name: str) -> np.ndarray:
+def as_mask2d(mask: np.ndarray, name: str) -> np.ndarray:
     mask = np.asarray(mask)
     if mask.ndim == 3 and mask.shape[2] == 1:
         mask = mask[..., 0]
@@ -55,7 +57,7 @@ def composite(
             f"background {background.shape} and donor {donor_image.shape} must both be "
             "(H, W, C) with the same C"
         )
-    inside = _mask2d(donor_mask, "donor mask")
+    inside = as_mask2d(donor_mask, "donor mask")
     h, w = inside.shape
     H, W = background.shape[:2]
     if donor_image.shape[:2] != (h, w):
@@ -70,7 +72,7 @@ def composite(
     return out, placed
 
 
-def seam_weights(mask: np.ndarray, sigma: float = 15.0) -> np.ndarray:
+def seam_weights(mask: np.ndarray, sigma: float = defaults.SEAM_SIGMA) -> np.ndarray:
     """Seam blending weights A (float32, mask size, in [0, 1], max 1) for a placed mask
     (non-zero = donor): Gaussian in the distance to the seam with ``sigma`` px, exactly 0
     beyond 4σ. All zeros when the mask is empty or covers the whole tile (no seam).
@@ -79,7 +81,7 @@ def seam_weights(mask: np.ndarray, sigma: float = 15.0) -> np.ndarray:
     """
     if not sigma > 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
-    inside = _mask2d(mask, "mask")
+    inside = as_mask2d(mask, "mask")
     H, W = inside.shape
     weights = np.zeros((H, W), dtype=np.float32)
     bx, by, bw, bh = _bounding_rect(inside)
@@ -105,7 +107,8 @@ def seam_weights(mask: np.ndarray, sigma: float = 15.0) -> np.ndarray:
     peak = float(a.max())
     if peak > 0:
         a /= np.float32(peak)
-    a[d > SEAM_CUTOFF * sigma] = 0.0
+    # compared in float64: a float32 cut-off could round 4σ up onto a pixel's distance
+    a[d > np.float64(SEAM_CUTOFF * sigma)] = 0.0
     weights[y0:y1, x0:x1] = a
     return weights
 

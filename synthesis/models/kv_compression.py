@@ -18,10 +18,14 @@ diffusers' stock ``AttnProcessor2_0``.
 
 Example::
 
-    >>> enable_kv_compression(model, ratio=2)  # second half of the blocks
-    >>> model.config.kv_compress_blocks
-    [14, 15, ..., 27]
-    >>> disable_kv_compression(model)
+    >>> from histosynth.synthesis.engine import tiny_transformer_config
+    >>> from histosynth.synthesis.models.transformer import PixCellTransformer2DModel
+    >>> config = {**tiny_transformer_config(64), "num_layers": 4}
+    >>> model = PixCellTransformer2DModel.from_config(config)
+    >>> model = enable_kv_compression(model, ratio=2)  # the second half of the blocks
+    >>> model.config.kv_compress_ratio, model.config.kv_compress_blocks
+    (2, [2, 3])
+    >>> model = disable_kv_compression(model)  # diffusers' stock processor again
 """
 
 from __future__ import annotations

@@ -10,9 +10,15 @@ The scaling is applied in exactly one place, :func:`scale_latents` (used by
 
 Example:
     >>> vae = load_vae("~/weights/stable-diffusion-3.5-large/vae")  # doctest: +SKIP
-    >>> codec = LatentCodec(vae)                                    # doctest: +SKIP
-    >>> latents = codec.encode(tile)         # [1, 16, 128, 128] for a 1024² tile
-    >>> images = codec.decode(latents)       # uint8 [1, 1024, 1024, 3]
+    >>> import numpy as np
+    >>> from diffusers import AutoencoderKL
+    >>> from histosynth.synthesis.engine import TINY_VAE_CONFIG
+    >>> codec = LatentCodec(AutoencoderKL.from_config(TINY_VAE_CONFIG))  # UNTRAINED, SD3 shapes
+    >>> latents = codec.encode(np.zeros((64, 64, 3), np.uint8))
+    >>> tuple(latents.shape)  # [1, 16, 128, 128] for a 1024² tile
+    (1, 16, 8, 8)
+    >>> codec.decode(latents).shape  # uint8 RGB
+    (1, 64, 64, 3)
 """
 
 from __future__ import annotations

@@ -18,9 +18,15 @@ does not import torch; :func:`generate_background` imports the engine when calle
 
 Example:
     >>> rng = np.random.default_rng(7)
-    >>> condition = synthetic_condition_tile(real_tile_256, rng)   # (1024, 1024, 3)
-    >>> tiles = generate_background(engine, condition, seeds=[1, 2])  # (2, 1024, 1024, 3)
-    >>> order = rank_backgrounds(donor_rgb, donor_tissue, [(bg, bg_tissue), ...])
+    >>> real_tile_256 = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    >>> synthetic_condition_tile(real_tile_256, rng).shape  # 4 × 4 turned copies
+    (1024, 1024, 3)
+    >>> tiles = generate_background(engine, condition, seeds=[1, 2])  # doctest: +SKIP
+    >>> pink, purple = np.full((64, 64, 3), (230, 150, 190), np.uint8), np.full(
+    ...     (64, 64, 3), (120, 60, 150), np.uint8)
+    >>> tissue = np.ones((64, 64), bool)
+    >>> rank_backgrounds(purple, tissue, [(pink, tissue), (purple, tissue)])  # most alike first
+    [1, 0]
 """
 
 from __future__ import annotations

@@ -37,17 +37,22 @@ any noise the scheduler adds), so it does not depend on the batch it was made in
 the floating-point effect of the batch size on matrix products).
 
 Example:
-    >>> engine = load_engine("tiny")
-    >>> pipe = InpaintPipeline(transformer=engine.transformer, vae=engine.vae,
-    ...                        scheduler=engine.make_scheduler(), encoder=engine.encoder)
-    >>> out = pipe(composite, mask, seeds=7, num_inference_steps=50)
-    >>> out.images.shape, out.images.dtype        # the seam-blended result
-    ((1, 256, 256, 3), dtype('uint8'))
+    >>> import numpy as np
+    >>> from histosynth.synthesis import load_engine
+    >>> engine = load_engine("tiny", tile_size=64)  # UNTRAINED: shapes only
+    >>> pipe = engine.inpaint_pipeline()
+    >>> pipe.set_progress_bar_config(disable=True)
+    >>> composite = np.full((64, 64, 3), 200, np.uint8)
+    >>> mask = np.zeros((64, 64), np.uint8)
+    >>> mask[20:40, 20:40] = 255  # the inserted donor
+    >>> out = pipe(composite, mask, seeds=7, num_inference_steps=4)
+    >>> out.images.shape, out.images.dtype  # the seam-blended result
+    ((1, 64, 64, 3), dtype('uint8'))
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -58,12 +63,11 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
+from histosynth.synthesis import defaults
 from histosynth.synthesis.errors import EngineError
 from histosynth.synthesis.inpaint.seam import seam_blend, seam_weights
 from histosynth.synthesis.pipelines.variation import (
     PixCellPipeline,
-    adapter_scope,
-    guided_noise,
 )
 
 __all__ = [
@@ -76,14 +80,10 @@ __all__ = [
     "img2img_timesteps",
 ]
 
-DEFAULT_STRENGTH = 0.55
-"""τ: the fraction of the schedule that is re-run (the dissertation's 0.55)."""
-DEFAULT_INPAINT_GUIDANCE = 2.5
-"""CFG scale of the dissertation's inpainting."""
-DEFAULT_INPAINT_STEPS = 50
-"""Scheduler steps of the full schedule (of which ``int(steps · strength)`` run)."""
-DEFAULT_SEAM_SIGMA = 15.0
-"""σ of the seam blend, px."""
+DEFAULT_STRENGTH = defaults.STRENGTH
+DEFAULT_INPAINT_GUIDANCE = defaults.INPAINT_GUIDANCE
+DEFAULT_INPAINT_STEPS = defaults.INPAINT_STEPS
+DEFAULT_SEAM_SIGMA = defaults.SEAM_SIGMA
 
 OutputType = Literal["numpy", "pil", "latent"]
 
@@ -232,6 +232,8 @@ class InpaintPipeline(PixCellPipeline):
         uni_rows: Tensor | np.ndarray | None = None,
         output_type: OutputType = "numpy",
         return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> InpaintPipelineOutput | tuple:
         """Re-render composites by partial diffusion and blend the result in at the seam.
 
@@ -257,6 +259,9 @@ class InpaintPipeline(PixCellPipeline):
                 :class:`InpaintPipelineOutput`).
             return_dict: return an :class:`InpaintPipelineOutput`, else the tuple
                 ``(images, generated, seeds, start_step, num_steps)``.
+            callback_on_step_end: ``f(pipe, step, t, {"latents": …}) -> dict`` after each
+                step (diffusers' convention); returned ``latents`` replace the current.
+            callback_on_step_end_tensor_inputs: the tensors the callback sees.
 
         Raises:
             EngineError: composites that are not uint8 RGB tiles of the engine's tile
@@ -264,12 +269,13 @@ class InpaintPipeline(PixCellPipeline):
                 number of seeds, a strength outside [0, 1], an unknown adapter or output
                 type.
         """
-        if output_type not in ("numpy", "pil", "latent"):
-            raise EngineError(
-                "expected output_type 'numpy', 'pil' or 'latent'", item=str(output_type)
-            )
-        if int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
-            raise EngineError("expected a positive integer", item="num_inference_steps")
+        self.check_inputs(
+            output_type=output_type,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
         if not 0 <= float(strength) <= 1:
             raise EngineError(f"expected a strength in [0, 1], got {strength}", item="strength")
         if not float(seam_sigma) > 0:
@@ -299,22 +305,16 @@ class InpaintPipeline(PixCellPipeline):
         latents = self.codec.encode(images).to(device, torch.float32)  # posterior mean
         noise = randn_tensor(latents.shape, generator=gen, device=device, dtype=torch.float32)
         latents = self.scheduler.add_noise(latents, noise, timesteps[:1].repeat(count))
-        null_rows = None
-        if guidance_scale != 1:
-            null_rows = self.transformer.null_condition(count, dtype=torch.float32, device=device)
-        step_kwargs = self._step_kwargs(gen)
-
-        with (
-            adapter_scope(self.transformer, adapter),
-            self.progress_bar(total=len(timesteps)) as bar,
-        ):
-            for t in timesteps:
-                model_input = self.scheduler.scale_model_input(latents, t)
-                eps = guided_noise(
-                    self.transformer, model_input, t, rows, null_rows, guidance_scale
-                )
-                latents = self.scheduler.step(eps, t, latents, return_dict=False, **step_kwargs)[0]
-                bar.update()
+        latents = self.denoise(
+            latents,
+            timesteps,
+            rows,
+            guidance_scale,
+            gen,
+            adapter=adapter,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
 
         start = int(timesteps[0])
         if output_type == "latent":

@@ -17,18 +17,23 @@ Reproducible: every image gets its own ``torch.Generator`` (on the CPU) seeded f
 the floating-point effect of the batch size on the matrix products).
 
 Example:
-    >>> engine = load_engine("tiny")
+    >>> import numpy as np
+    >>> from histosynth.synthesis import load_engine
+    >>> engine = load_engine("tiny", tile_size=64)  # UNTRAINED: shapes only
     >>> pipe = engine.variation_pipeline()
-    >>> out = pipe(reference_tile, num_images_per_reference=2, seeds=[1, 2])
-    >>> out.images.shape          # uint8 RGB
-    (2, 256, 256, 3)
+    >>> pipe.set_progress_bar_config(disable=True)
+    >>> reference_tile = np.full((64, 64, 3), 200, np.uint8)
+    >>> out = pipe(reference_tile, seeds=[1, 2], num_inference_steps=2)
+    >>> out.images.shape, out.images.dtype  # two variations of the tile, uint8 RGB
+    ((2, 64, 64, 3), dtype('uint8'))
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -41,6 +46,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
+from histosynth.synthesis import defaults
 from histosynth.synthesis.errors import EngineError
 from histosynth.synthesis.models.encoders import ImageInput, image_batch
 from histosynth.synthesis.models.vae import LatentCodec
@@ -55,10 +61,9 @@ __all__ = [
     "guided_noise",
 ]
 
-DEFAULT_GUIDANCE_SCALE = 1.5
-"""PixCell's public sampler guidance (its model card; the sampler script allows 1.5–2)."""
-DEFAULT_STEPS = 20
-"""PixCell's public sampler: 20 DPM-Solver steps."""
+#: PixCell's public sampler: guidance 1.5 (its sampler script allows 1.5–2), 20 steps
+DEFAULT_GUIDANCE_SCALE = defaults.VARIATION_GUIDANCE
+DEFAULT_STEPS = defaults.VARIATION_STEPS
 
 OutputType = Literal["numpy", "pil", "latent"]
 
@@ -270,6 +275,85 @@ class PixCellPipeline(DiffusionPipeline):
         params = set(inspect.signature(self.scheduler.step).parameters)
         return {"generator": generator} if "generator" in params else {}
 
+    _callback_tensor_inputs = ("latents",)  # what callback_on_step_end may read and replace
+
+    def check_inputs(
+        self,
+        *,
+        output_type: str,
+        num_inference_steps: int,
+        guidance_scale: float,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ) -> None:
+        """The checks every PixCell pipeline makes before it runs (diffusers' shape).
+
+        Raises:
+            EngineError: an unknown output type, a number of steps that is not a positive
+                integer, a guidance scale below 1 or not finite, a callback that is not
+                callable, or tensor inputs it may not see.
+        """
+        if output_type not in ("numpy", "pil", "latent"):
+            raise EngineError(
+                "expected output_type 'numpy', 'pil' or 'latent'", item=str(output_type)
+            )
+        if int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
+            raise EngineError("expected a positive integer", item="num_inference_steps")
+        if not (math.isfinite(float(guidance_scale)) and float(guidance_scale) >= 1):
+            raise EngineError(
+                f"expected a guidance scale ≥ 1, got {guidance_scale}", item="guidance_scale"
+            )
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise EngineError("expected a callable", item="callback_on_step_end")
+        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise EngineError(
+                f"callbacks may see {', '.join(self._callback_tensor_inputs)}, not "
+                + ", ".join(sorted(unknown)),
+                item="callback_on_step_end_tensor_inputs",
+            )
+
+    def denoise(
+        self,
+        latents: Tensor,
+        timesteps: Tensor,
+        rows: Tensor,
+        guidance_scale: float,
+        generator: Any,
+        *,
+        adapter: str | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ) -> Tensor:
+        """The denoising loop both pipelines run: for each ``t`` of ``timesteps``, the
+        guided noise estimate (CFG against the learned null condition; none at scale 1)
+        and one scheduler step, under ``adapter``; then ``callback_on_step_end(self, i, t,
+        {name: tensor})`` (diffusers' convention), whose returned ``latents`` replace them."""
+        count = latents.shape[0]
+        null_rows = None
+        if guidance_scale != 1:
+            null_rows = self.transformer.null_condition(
+                count, dtype=torch.float32, device=latents.device
+            )
+        step_kwargs = self._step_kwargs(generator)
+        with (
+            adapter_scope(self.transformer, adapter),
+            self.progress_bar(total=len(timesteps)) as bar,
+        ):
+            for i, t in enumerate(timesteps):
+                model_input = self.scheduler.scale_model_input(latents, t)
+                eps = guided_noise(
+                    self.transformer, model_input, t, rows, null_rows, guidance_scale
+                )
+                latents = self.scheduler.step(eps, t, latents, return_dict=False, **step_kwargs)[0]
+                if callback_on_step_end is not None:
+                    state = {"latents": latents}
+                    seen = {k: state[k] for k in callback_on_step_end_tensor_inputs}
+                    returned = callback_on_step_end(self, i, t, seen) or {}
+                    latents = returned.get("latents", latents)
+                bar.update()
+        return latents
+
 
 class VariationPipeline(PixCellPipeline):
     """Variations of reference tiles: UNI condition → guided denoising → VAE decode.
@@ -325,6 +409,8 @@ class VariationPipeline(PixCellPipeline):
         adapter: str | None = None,
         output_type: OutputType = "numpy",
         return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> VariationPipelineOutput | tuple:
         """Make ``num_images_per_reference`` variations of each reference tile.
 
@@ -338,31 +424,46 @@ class VariationPipeline(PixCellPipeline):
                 conditional prediction alone (no unconditional pass).
             num_inference_steps: scheduler steps.
             seeds: one seed per output image (an ``int`` s means ``s, s+1, ...``);
-                ``None`` draws fresh seeds and reports them in the output.
+                ``None`` draws fresh seeds and reports them in the output. ``k`` seeds per
+                reference (with ``num_images_per_reference`` left at 1) make ``k``
+                variations of each: ``pipe(tile, seeds=[0, 1])`` gives two.
             generator: instead of ``seeds``, a generator (noise then depends on the batch)
                 or one generator per image.
             adapter: name of a LoRA adapter loaded on the transformer to use for this
                 call only; the previous adapter state is restored afterwards.
             output_type: ``"numpy"`` (uint8 ``[N, H, W, 3]``), ``"pil"`` or ``"latent"``.
             return_dict: return a :class:`VariationPipelineOutput` (else a tuple).
+            callback_on_step_end: ``f(pipe, step, t, {"latents": …}) -> dict`` after each
+                step (diffusers' convention); returned ``latents`` replace the current.
+            callback_on_step_end_tensor_inputs: the tensors the callback sees.
 
         Raises:
             EngineError: a reference of the wrong size or shape, rows of the wrong shape,
                 a wrong number of seeds, an unknown adapter or output type.
         """
-        if output_type not in ("numpy", "pil", "latent"):
-            raise EngineError(
-                "expected output_type 'numpy', 'pil' or 'latent'", item=str(output_type)
-            )
+        self.check_inputs(
+            output_type=output_type,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
         if int(num_images_per_reference) != num_images_per_reference or (
             num_images_per_reference < 1
         ):
             raise EngineError("expected a positive integer", item="num_images_per_reference")
-        if int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
-            raise EngineError("expected a positive integer", item="num_inference_steps")
         device = self._execution_device
         rows = self._condition(reference, uni_rows)
-        rows = rows.repeat_interleave(int(num_images_per_reference), dim=0)
+        per_reference = int(num_images_per_reference)
+        if (
+            per_reference == 1
+            and seeds is not None
+            and not isinstance(seeds, (int, np.integer))
+            and len(seeds) > rows.shape[0]
+            and len(seeds) % rows.shape[0] == 0
+        ):
+            per_reference = len(seeds) // rows.shape[0]  # one variation per seed
+        rows = rows.repeat_interleave(per_reference, dim=0)
         count = rows.shape[0]
         seed_list, gen = self._seeds(seeds, generator, count)
 
@@ -376,23 +477,16 @@ class VariationPipeline(PixCellPipeline):
         )
         self.scheduler.set_timesteps(int(num_inference_steps), device=device)
         latents = latents * self.scheduler.init_noise_sigma
-        null_rows = None
-        if guidance_scale != 1:
-            null_rows = self.transformer.null_condition(count, dtype=torch.float32, device=device)
-        step_kwargs = self._step_kwargs(gen)
-
-        with adapter_scope(self.transformer, adapter):
-            timesteps = self.scheduler.timesteps
-            with self.progress_bar(total=len(timesteps)) as bar:
-                for t in timesteps:
-                    model_input = self.scheduler.scale_model_input(latents, t)
-                    eps = guided_noise(
-                        self.transformer, model_input, t, rows, null_rows, guidance_scale
-                    )
-                    latents = self.scheduler.step(
-                        eps, t, latents, return_dict=False, **step_kwargs
-                    )[0]
-                    bar.update()
+        latents = self.denoise(
+            latents,
+            self.scheduler.timesteps,
+            rows,
+            guidance_scale,
+            gen,
+            adapter=adapter,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
 
         if output_type == "latent":
             images: Any = latents

@@ -53,11 +53,23 @@ def run_cli(*args: str):
 
 
 @pytest.fixture(scope="module")
-def extracted(demo, tmp_path_factory):
+def extracted_run(demo, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "dataset"
     result = run_cli("extract", "--project", demo["project"], "--class", "Vessel", "--out", out)
     assert result.exit_code == 0, result.output + result.stderr
-    return out
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def extracted(extracted_run):
+    return extracted_run[0]
+
+
+def test_quiet_silences_progress_and_warnings_not_the_result(extracted_run):
+    out, result = extracted_run
+    # the demo's border vessel is clipped (a warning) and tqdm would draw on stderr
+    assert result.stderr == ""
+    assert "tile(s) written" in result.output and f"dataset: {out}" in result.output
 
 
 def _vessels(slide):

@@ -249,3 +249,15 @@ def test_hugging_face_imagefolder_loads_it(run: Path, tmp_path: Path) -> None:
     masks = train.map(lambda row: {"mask": str(out / row["mask_path"])})
     masks = masks.cast_column("mask", datasets.Image())
     assert masks[0]["mask"].size == (TILE, TILE) and masks[0]["mask"].mode == "L"
+
+
+def test_cli_says_how_many_are_pending_and_how_to_include_them(run: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(export, [str(run), "--out", str(tmp_path / "d")])
+    assert result.exit_code == 0, result.output
+    assert "2 tiles written" in result.output
+    assert "2 tile(s) are pending review" in result.output
+    assert "--include-pending" in result.output and "review sync" in result.output
+    included = CliRunner().invoke(
+        export, [str(run), "--out", str(tmp_path / "e"), "--include-pending"]
+    )
+    assert included.exit_code == 0 and "pending review" not in included.output

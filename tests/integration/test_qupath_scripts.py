@@ -27,7 +27,7 @@ from histosynth.integration.annotations import Annotation, class_matches
 from histosynth.integration.dataset import RunWriter, TileRecord, read_index
 from histosynth.integration.demodata import build_demo_project, build_demo_slide
 from histosynth.integration.errors import InputError
-from histosynth.integration.qupath.project import (
+from histosynth.integration.qupath.entries import (
     META_ID,
     META_REVIEW,
     META_RUN,
@@ -165,8 +165,7 @@ def test_cli_install_scripts(project: Path, tmp_path: Path) -> None:
 def test_main_cli_reports_install_errors_in_one_line(tmp_path: Path) -> None:
     from histosynth.cli import main
 
-    if "qupath" not in main.commands:
-        pytest.skip("the qupath group is not registered on the main command line yet")
+    assert "qupath" in main.commands
     result = CliRunner().invoke(main, ["qupath", "install-scripts", str(tmp_path / "nowhere")])
     assert result.exit_code == 1
     assert result.output.strip().count("\n") == 0 and "nowhere" in result.output
@@ -198,13 +197,12 @@ def test_scripts_use_the_contract_metadata_keys() -> None:
         used = set(re.findall(r'"((?:histosynth\.[A-Za-z_.]+)|review_status)"', text))
         assert used <= METADATA_KEYS, f"{name}: unknown metadata keys {used - METADATA_KEYS}"
         assert '"histosynth.synthetic"' in text, name
-    assert set(re.findall(r'"((?:histosynth\.[A-Za-z_.]+)|review_status)"',
-                          _text("Synthesize_vessels.groovy"))) == METADATA_KEYS
     for name in ("Accept_synthetic_image.groovy", "Reject_synthetic_image.groovy",
                  "Next_pending_synthetic_image.groovy"):
         assert '"review_status"' in _text(name)
-    tags = ", ".join(f'"{t}"' for t in SYNTHETIC_TAGS)
-    assert f"addEntryTags(entry, [{tags}])" in _text("Synthesize_vessels.groovy")
+    # the synthesize script names no entry field itself: it applies histosynth's plan
+    assert "describeTile" not in _text("Synthesize_vessels.groovy")
+    assert "readWritePlan(" in _text("Synthesize_vessels.groovy")
     for name in ("Export_vessels.groovy", "Synthesize_vessels.groovy",
                  "Import_synthetic_annotations.groovy", "Next_pending_synthetic_image.groovy"):
         assert "if (histosynthBatch()[0] == 0)" in _text(name), name
@@ -322,6 +320,22 @@ Map settings = readHistosynthSettings(new File(input.project_folder))
 out.settings_classes = settingsClasses(settings)
 out.command = buildSynthesizeCommand(settings, input.project_file, settingsClasses(settings), 3,
         "tiny", 7L, input.run_folder)
+out.plan_command = buildPlanCommand(settings, input.project_file, input.run_folder, "r1")
+out.plan = readWritePlan(new File(input.plan))
+out.plan_applied = out.plan.collect { planned ->
+    def entry = new Entry06(planned.image_name)
+    ((Map) planned.metadata).each { k, v ->
+        putEntryMetadata(entry, String.valueOf(k), String.valueOf(v))
+    }
+    addEntryTags(entry, planned.tags.collect { String.valueOf(it) })
+    [metadata: entry.getMetadata(), tags: entry.getTags() as List]
+}
+try {
+    readWritePlan(new File(input.not_a_plan))
+    out.not_a_plan = null
+} catch (IllegalStateException e) {
+    out.not_a_plan = e.getMessage()
+}
 try {
     readHistosynthSettings(new File(input.missing_folder))
     out.missing = null
@@ -429,7 +443,13 @@ def groovy_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     blocks = _blocks(_text("Synthesize_vessels.groovy"))
     blocks["review"] = _blocks(_text("Accept_synthetic_image.groovy"))["review"]
     code = "\n".join(blocks[name] for name in
-                     ("ui", "settings", "metadata", "export", "csv", "command", "review"))
+                     ("ui", "settings", "metadata", "export", "csv", "command", "plan", "review"))
+    # the real write-back plan of that run, written by the command the script runs
+    planned = CliRunner().invoke(
+        qupath, ["plan", str(tmp / "run"), "--project", str(project), "--run-name", "r1"]
+    )
+    assert planned.exit_code == 0, planned.output
+    (tmp / "not-a-plan.json").write_text('{"entries": 3}', encoding="utf-8")
     harness = tmp / "harness.groovy"
     harness.write_text(HARNESS % {"blocks": code, "tags": json.dumps(list(SYNTHETIC_TAGS))},
                        encoding="utf-8")
@@ -440,6 +460,8 @@ def groovy_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "project_file": str(project),
         "run_folder": str(tmp / "project" / "histosynth" / "runs" / "r1"),
         "missing_folder": str(tmp / "nowhere"),
+        "plan": str(tmp / "run" / "qupath-plan.json"),
+        "not_a_plan": str(tmp / "not-a-plan.json"),
     }
     (tmp / "input.json").write_text(json.dumps(data), encoding="utf-8")
     result = _groovy(str(harness), str(tmp / "input.json"))
@@ -513,11 +535,7 @@ def test_synthesize_command_matches_the_cli(groovy_results: dict) -> None:
     passed = [a for a in args if a.startswith("--")]
     assert {"--project", "--class", "--count", "--out", "--write-project", "--model", "--mode",
             "--tile-size", "--mpp", "--seed"} == set(passed)
-    pending = {"--write-project"} - known  # the lead adds it to the CLI
-    assert [a for a in passed if a not in known and a not in pending] == []
-    for option in pending:
-        at = args.index(option)
-        args = args[:at] + args[at + 2:]
+    assert [a for a in passed if a not in known] == []
     ctx = synthesize.make_context("synthesize", list(args))
     assert ctx.params["project"] == project
     assert ctx.params["classes"] == ("Vessel", "Vessel: Invasive")
@@ -530,8 +548,7 @@ def test_synthesize_command_matches_the_cli(groovy_results: dict) -> None:
 def test_cli_has_write_project_none() -> None:
     synthesize = _synthesize_command()
     names = {opt for param in synthesize.params for opt in param.opts}
-    if "--write-project" not in names:
-        pytest.xfail("pending: `histosynth synthesize --write-project none|native|paquo`")
+    assert "--write-project" in names
     ctx = synthesize.make_context(
         "synthesize", ["--project", "P", "--class", "V", "--count", "1", "--out", "O",
                        "--write-project", "none"])
@@ -544,3 +561,26 @@ def test_launcher_code_runs_the_cli(groovy_results: dict) -> None:
                             timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert "--count" in result.stdout and "histosynth synthesize" in result.stdout
+
+
+def test_groovy_applies_the_write_back_plan(groovy_results: dict) -> None:
+    """The script reads the plan `histosynth qupath plan` wrote and sets exactly its name,
+    metadata (every contract key) and tags; a file that is no plan is refused."""
+    plan = json.loads((groovy_results["_run"] / "qupath-plan.json").read_text("utf-8"))
+    assert [e["tile_id"] for e in plan["entries"]] == ["t0", "t1", "t2"]
+    assert groovy_results["plan"] == plan["entries"]
+    for planned, applied in zip(plan["entries"], groovy_results["plan_applied"], strict=True):
+        assert applied["metadata"] == planned["metadata"]
+        assert set(applied["metadata"]) == METADATA_KEYS
+        assert applied["metadata"][META_RUN] == "r1"
+        assert applied["tags"] == list(SYNTHETIC_TAGS)
+        assert Path(planned["image"]).is_file() and planned["image"].endswith(".tif")
+        assert planned["image_name"] == f"synthetic-r1-{planned['tile_id']}"
+        assert planned["description"].endswith(f"run r1, tile {planned['tile_id']}")
+    assert "not a histosynth write-back plan" in groovy_results["not_a_plan"]
+
+
+def test_plan_command_matches_the_cli(groovy_results: dict) -> None:
+    command = groovy_results["plan_command"]
+    assert command[3:6] == ["qupath", "plan", groovy_results["command"][-3]]
+    assert command[6:] == ["--project", str(groovy_results["_project"]), "--run-name", "r1"]

@@ -27,8 +27,10 @@ from histosynth.integration.demodata import build_demo_project, build_demo_slide
 from histosynth.integration.errors import InputError
 from histosynth.integration.geojson import read_annotations
 from histosynth.integration.qupath import QuPathProject
-from histosynth.integration.qupath.paquo_backend import qupath_available, write_run_with_paquo
-from histosynth.integration.qupath.project import BIOFORMATS_BUILDER, append_entries_text
+from histosynth.integration.qupath.gson import append_entries_text
+from histosynth.integration.qupath.paquo_backend import qupath_available
+from histosynth.integration.qupath.paquo_writer import write_run_with_paquo
+from histosynth.integration.qupath.server import BIOFORMATS_BUILDER
 from histosynth.integration.qupath.uris import path_to_uri
 from histosynth.integration.qupath.writeback import (
     MAPPING_NAME,

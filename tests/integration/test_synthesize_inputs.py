@@ -7,8 +7,7 @@ import pytest
 
 from histosynth.integration.annotations import class_matches
 from histosynth.integration.demodata import build_demo_project
-from histosynth.synthesize import collect_backgrounds, collect_donors
-from histosynth.workflows import load_sources
+from histosynth.integration.tiles import collect_backgrounds, collect_donors, load_sources
 
 
 @pytest.fixture(scope="module")

@@ -85,7 +85,6 @@ def test_ratios_goal_and_table_without_a_gpu(bench) -> None:
     assert "OOM" in table[2 + 3] and "40.00 GB" in table[2]
 
 
-@pytest.mark.slow
 def test_cpu_quick_run_prints_the_table(bench, tmp_path: Path, capsys) -> None:
     out = tmp_path / "results.json"
     result = bench.main(["--device", "cpu", "--size", "tiny", "--quick", "--out", str(out),

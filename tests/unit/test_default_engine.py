@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from skimage.color import rgb2lab
 
-from histosynth.synthesis.engine import format_models_report, load_engine
+from histosynth.synthesis.engine import load_engine
 from histosynth.synthesis.errors import EngineError
+from histosynth.synthesis.model_report import format_models_report
 from histosynth.synthesis.weights import (
     COMPONENTS,
     PRESETS,

@@ -16,9 +16,6 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from histosynth.synthesis.engine import (
     ENGINE_FILE,
     Engine,
-    check_preset,
-    describe_preset,
-    format_models_report,
     load_engine,
     make_scheduler,
     resolve_device,
@@ -28,6 +25,7 @@ from histosynth.synthesis.engine import (
     tiny_engine,
 )
 from histosynth.synthesis.errors import EngineError
+from histosynth.synthesis.model_report import check_preset, describe_preset, format_models_report
 from histosynth.synthesis.models.encoders import TinyEncoder
 from histosynth.synthesis.models.kv_compression import KVCompressionAttnProcessor
 

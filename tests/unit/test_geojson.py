@@ -17,13 +17,12 @@ import pytest
 import shapely
 from shapely.geometry import MultiPolygon, Polygon, box
 
-from histosynth.integration.annotations import Annotation
+from histosynth.integration.annotations import Annotation, of_classes
 from histosynth.integration.errors import InputError
 from histosynth.integration.geojson import (
     argb_to_rgb,
     class_names,
     default_color,
-    filter_by_class,
     read_annotations,
     rgb_to_argb,
     to_feature_collection,
@@ -611,16 +610,16 @@ def test_derived_classes_filter(tmp_path):
     assert [a.class_name for a in read_annotations(path, classes="Stroma")] == ["Stroma"]
 
 
-def test_filter_by_class_and_class_names():
+def test_of_classes_and_class_names():
     anns = [
         Annotation(box(0, 0, 1, 1), class_name=name)
         for name in ["Vessel: Invasive", "Stroma", None, "Vessel", "Stroma"]
     ]
-    assert [a.class_name for a in filter_by_class(anns, ["Vessel"])] == [
+    assert [a.class_name for a in of_classes(anns, ["Vessel"])] == [
         "Vessel: Invasive",
         "Vessel",
     ]
-    assert filter_by_class(anns, []) == []
+    assert of_classes(anns, []) == []
     assert class_names(anns) == ["Stroma", "Vessel", "Vessel: Invasive"]
 
 

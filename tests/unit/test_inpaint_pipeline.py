@@ -316,3 +316,33 @@ def test_bad_inputs_are_clear_errors(engine: Engine, pipe: InpaintPipeline) -> N
         run(pipe, tile(), disk(), seeds=[1], output_type="png")
     with pytest.raises(EngineError, match="no adapter 'style'"):
         run(pipe, tile(), disk(), seeds=[1], adapter="style")
+
+
+def test_callback_on_step_end_sees_and_replaces_the_latents(pipe: InpaintPipeline) -> None:
+    """diffusers' callback convention: called after each of the int(N·τ) steps with the
+    current latents; the latents it returns are the ones the loop goes on with."""
+    seen: list[tuple[int, int, tuple[int, ...]]] = []
+
+    def record(p, step, t, tensors):
+        seen.append((step, int(t), tuple(tensors["latents"].shape)))
+        return tensors
+
+    plain = run(pipe, tile(), disk(), seeds=[3], output_type="latent")
+    recorded = run(pipe, tile(), disk(), seeds=[3], output_type="latent",
+                   callback_on_step_end=record)
+    assert [s for s, _, _ in seen] == list(range(plain.num_steps)) and plain.num_steps >= 1
+    assert all(shape == tuple(plain.images.shape) for _, _, shape in seen)
+    assert torch.equal(recorded.images, plain.images)  # returning them unchanged changes nothing
+
+    def zero_last(p, step, t, tensors):
+        last = step == plain.num_steps - 1
+        return {"latents": torch.zeros_like(tensors["latents"])} if last else {}
+
+    zeroed = run(pipe, tile(), disk(), seeds=[3], output_type="latent",
+                 callback_on_step_end=zero_last)
+    assert torch.count_nonzero(zeroed.images) == 0
+    with pytest.raises(EngineError, match="callbacks may see latents"):
+        run(pipe, tile(), disk(), seeds=[3], callback_on_step_end=record,
+            callback_on_step_end_tensor_inputs=["noise"])
+    with pytest.raises(EngineError, match="guidance scale"):
+        run(pipe, tile(), disk(), seeds=[3], guidance_scale=float("nan"))

@@ -86,6 +86,14 @@ def test_every_cli_command_of_the_manifest_exists():
         (lambda m: m["settings"]["mpp"].update(type="complex"), "settings.mpp.type"),
         (lambda m: m["settings"]["count"].update(min=10, max=1), "min 10 is above max 1"),
         (lambda m: m["settings"]["classes"].update(default="Vessel"), "list of strings"),
+        (
+            lambda m: m["settings"]["strength"].update(default=0.6),
+            "settings.strength.default: 0.6 differs from the code's default 0.55",
+        ),
+        (
+            lambda m: m["settings"]["seam_sigma"].update(default=12.0),
+            "settings.seam_sigma.default: 12.0 differs",
+        ),
     ],
 )
 def test_invalid_manifest_names_the_file_and_the_key(raw, mutate, expected):

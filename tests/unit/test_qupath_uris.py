@@ -252,7 +252,6 @@ public class UriProbe { public static void main(String[] a) throws Exception {
 
 
 @posix_only
-@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("java") is None, reason="no java on PATH to compare with")
 def test_path_to_uri_agrees_with_java_file_to_uri(tmp_path: Path) -> None:
     rng = random.Random(20240607)

@@ -323,6 +323,14 @@ def test_read_tile_outside_is_white(he_reader):
     assert tile[:20, 60:].std() > 5  # tissue inside
 
 
+@pytest.mark.parametrize(("x", "y"), [(1000, 0), (0, 1000), (-400, 10), (10, -401.5), (5000, 5000)])
+def test_read_tile_wholly_outside_the_slide_says_so(he_reader, x, y):
+    """A 100 px tile at 1 µm/px spans 400 level-0 px of the 1000² px, 0.25 µm/px slide."""
+    with pytest.raises(InputError, match=r"lies outside the slide \(1000×1000 px\)"):
+        read_tile(he_reader, x, y, 100, 1.0)
+    assert read_tile(he_reader, 999, -399, 100, 1.0).shape == (100, 100, 3)  # one pixel in
+
+
 def test_read_tile_rejects_bad_arguments(he_reader):
     with pytest.raises(ValueError):
         read_tile(he_reader, 0, 0, 0, 0.5)

@@ -443,7 +443,6 @@ def test_speed_options_leave_loss_and_gradients_as_they_are(cache):
     assert torch.nn.functional.cosine_similarity(grads, gref, dim=0) > 0.98
 
 
-@pytest.mark.slow
 def test_compiled_model_gives_the_same_loss_and_gradients(cache):
     data = CacheDataset(cache)
     idx = [0, 1]

@@ -119,6 +119,11 @@ def test_each_image_depends_on_its_own_seed_not_on_the_batch(pipe: VariationPipe
     shorthand = pipe(ref, num_images_per_reference=2, seeds=1, num_inference_steps=STEPS,
                      output_type="latent").images
     assert torch.equal(shorthand, batch)
+    # k seeds for one reference = k variations of it (the README's call)
+    per_seed = pipe(ref, seeds=[1, 2], num_inference_steps=STEPS, output_type="latent")
+    assert torch.equal(per_seed.images, batch) and per_seed.seeds == [1, 2]
+    with pytest.raises(EngineError, match="expected 2 seeds"):
+        pipe(np.stack([ref, ref]), seeds=[1, 2, 3], num_inference_steps=STEPS)
     # the initial noise itself is exactly per image
     gens = generators_for([1, 2])
     assert torch.equal(torch.randn(3, generator=gens[1]),
@@ -257,3 +262,14 @@ def test_adapter_is_used_for_the_call_and_the_previous_state_comes_back() -> Non
     model.enable_adapters()
     model.set_adapter("style")
     assert torch.equal(run(), styled)
+
+
+def test_callback_on_step_end_is_called_every_step(pipe: VariationPipeline) -> None:
+    steps: list[int] = []
+    out = pipe(tile(), seeds=[5], num_inference_steps=STEPS, output_type="latent",
+               callback_on_step_end=lambda p, i, t, tensors: steps.append(i) or tensors)
+    assert steps == list(range(STEPS))
+    plain = pipe(tile(), seeds=[5], num_inference_steps=STEPS, output_type="latent")
+    assert torch.equal(out.images, plain.images)
+    with pytest.raises(EngineError, match="callback_on_step_end"):
+        pipe(tile(), seeds=[5], num_inference_steps=STEPS, callback_on_step_end="not callable")

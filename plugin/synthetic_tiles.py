@@ -1,0 +1,690 @@
+"""The ``synthesize`` workflow: real donor vessels into new tissue (``inpaint``), or
+variations of real vessel tiles (``variation``), written as a run folder.
+
+It composes the integration layer (slides, annotations, masks, the run folder) with the
+engine (one model load per run, tiles batched). Everything is planned from the seed
+before any pixel is generated, so a resumed run makes exactly the tiles that are missing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from histosynth import __version__
+from histosynth.integration.dataset import RunWriter, TileRecord, check_run_folder
+from histosynth.integration.errors import InputError
+from histosynth.integration.tiles import (
+    DONOR_MAX_FRACTION,
+    TOO_LARGE,
+    Background,
+    Donor,
+    ReferenceTile,
+    SlideSource,
+    check_classes,
+    collect_backgrounds,
+    collect_donors,
+    load_sources,
+    mask_annotation,
+    open_sources,
+    reference_tile,
+)
+from histosynth.synthesis import defaults
+
+if TYPE_CHECKING:  # pragma: no cover
+    from histosynth.synthesis.engine import Engine
+
+log = logging.getLogger(__name__)
+
+MODES = ("inpaint", "variation")
+#: where inpainting backgrounds come from: real tiles of the slides; tiles generated from
+#: noise conditioned on 16 rotated copies of real tissue near the donor; real, and
+#: synthetic for a donor that fits no real tile.
+BACKGROUNDS = ("auto", "real", "synthetic")
+#: how the seam of an inpainted tile is regenerated: partial diffusion (the engine),
+#: multiband (Laplacian-pyramid) blending without weights, or not at all (the composite).
+HARMONISERS = ("diffusion", "multiband", "none")
+#: mode → (steps, guidance): the dissertation's inpainting defaults; PixCell's sampler.
+MODE_DEFAULTS = {
+    "inpaint": (defaults.INPAINT_STEPS, defaults.INPAINT_GUIDANCE),
+    "variation": (defaults.VARIATION_STEPS, defaults.VARIATION_GUIDANCE),
+}
+EXTRA_COLUMNS = (
+    "donor_image",
+    "donor_entry_id",
+    "background_kind",
+    "placement_penalty",
+    "mask_source",
+    "harmonise",
+)
+
+
+@dataclass
+class SynthesizeResult:
+    """What ``synthesize`` did."""
+
+    run_dir: Path
+    written: int = 0
+    already_present: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    engine_description: str = ""
+    trained: bool = True
+    #: whether the engine made pixels (not only inpainting seams harmonised without it)
+    model_painted: bool = True
+
+
+@dataclass(frozen=True)
+class SynthesisSettings:
+    """What to synthesise and how (frozen; checked when made, before anything loads).
+
+    ``None`` means the engine's (``tile_size``, ``kv_compress``; ``model``: PixCell-1024
+    when its weights are installed, else the embedded default) or the mode's
+    (``steps``, ``guidance``: :data:`MODE_DEFAULTS`; ``batch_size``: 4 on a GPU, else 1).
+    ``tile_size`` is px at ``mpp`` µm/px; ``seam_sigma`` px; ``strength`` = τ.
+
+    Raises:
+        InputError: a value out of range or not one of the choices, naming the option.
+    """
+
+    classes: tuple[str, ...]
+    count: int
+    mode: str = "inpaint"
+    tile_size: int | None = None
+    mpp: float = 0.5
+    model: str | None = None
+    adapter: str | None = None
+    seed: int = 0
+    steps: int | None = None
+    guidance: float | None = None
+    strength: float = defaults.STRENGTH
+    kv_compress: int | None = None
+    seam_sigma: float = defaults.SEAM_SIGMA
+    colour_blend: float = defaults.COLOUR_BLEND
+    background: str = "auto"
+    harmonise: str = "diffusion"
+    batch_size: int | None = None
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        classes = (self.classes,) if isinstance(self.classes, str) else tuple(self.classes)
+        object.__setattr__(self, "classes", classes)
+        for name, value, choices in (
+            ("mode", self.mode, MODES),
+            ("background", self.background, BACKGROUNDS),
+            ("harmonise", self.harmonise, HARMONISERS),
+        ):
+            if value not in choices:
+                raise InputError(f"--{name} must be one of {', '.join(choices)}, not {value!r}")
+        if not classes or not all(isinstance(c, str) and c.strip() for c in classes):
+            raise InputError("name at least one class (--class)")
+        if not self.count >= 1:
+            raise InputError(f"--count must be at least 1, not {self.count}")
+        if not 0.0 <= self.strength <= 1.0:
+            raise InputError(f"--strength must lie in [0, 1], not {self.strength}")
+        steps, guidance = self.mode_steps, self.mode_guidance
+        if not (steps >= 1 and guidance >= 1.0):
+            raise InputError(f"--steps ({steps}) must be ≥ 1 and --guidance ({guidance}) ≥ 1")
+        if not self.mpp > 0 or not self.seam_sigma > 0 or not 0 <= self.colour_blend <= 1:
+            raise InputError(
+                f"--mpp ({self.mpp}) and the seam σ ({self.seam_sigma}) must be positive and "
+                f"the colour blend ({self.colour_blend}) in [0, 1]"
+            )
+
+    @property
+    def mode_steps(self) -> int:
+        """``steps``, or the mode's default."""
+        return MODE_DEFAULTS[self.mode][0] if self.steps is None else self.steps
+
+    @property
+    def mode_guidance(self) -> float:
+        """``guidance``, or the mode's default."""
+        return MODE_DEFAULTS[self.mode][1] if self.guidance is None else self.guidance
+
+    def run_config(self, sources: Sequence[SlideSource]) -> dict[str, Any]:
+        """The ``config`` of ``run.json`` (what a resumed run must match) of these settings
+        as resolved for a run (model id, steps, tile size … filled in)."""
+        inpaint = self.mode == "inpaint"
+        return {
+            "command": "synthesize",
+            "mode": self.mode,
+            "classes": list(self.classes),
+            "count": self.count,
+            "tile_size": self.tile_size,
+            "mpp": self.mpp,
+            "model": self.model,
+            "adapter": self.adapter,
+            "seed": self.seed,
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "strength": self.strength if inpaint else None,
+            "kv_compress": self.kv_compress,
+            "seam_sigma": self.seam_sigma,
+            "colour_blend": self.colour_blend,
+            "background": self.background if inpaint else None,
+            "harmonise": self.harmonise if inpaint else None,
+            "sources": sorted(str(s.slide_path) for s in sources),
+        }
+
+
+def synthesize(
+    settings: SynthesisSettings,
+    *,
+    out: str | Path,
+    project: str | Path | None = None,
+    slide: str | Path | None = None,
+    annotations: str | Path | None = None,
+    sources: Sequence[SlideSource] | None = None,
+    slide_mpp_override: float | None = None,
+    skip_missing: bool = False,
+    resume: bool = False,
+    engine: Engine | None = None,
+    progress: Callable[[Iterable, int], Iterable] | None = None,
+    command: str = "",
+) -> SynthesizeResult:
+    """Make ``settings.count`` synthetic tiles of ``settings.classes`` vessels into the run
+    folder ``out``.
+
+    ``inpaint``: each tile is a real background tile of the project's slides with a real
+    donor vessel (rotated to the tissue's nucleus orientation, colour-matched) placed
+    where it fits, and only the seam regenerated by partial diffusion (``strength`` =
+    τ). Annotations of the classes already in the background tile are carried into the
+    mask and GeoJSON. ``variation``: new tiles conditioned on real vessel tiles (their
+    masks are the references' masks, marked ``mask_source = reference``).
+    ``harmonise`` (inpaint): ``diffusion`` regenerates the seam with the engine,
+    ``multiband`` blends it by Laplacian pyramids (no model step; milliseconds per tile),
+    ``none`` keeps the composite; in every mode the tile equals the composite beyond 4σ
+    of the seam.
+
+    The slides come from ``project``, or ``slide`` + ``annotations`` (GeoJSON), or
+    ``sources`` (slides and annotations already in memory, e.g. from TIAToolbox readers
+    and annotation stores, see ``histosynth.tiatoolbox``; a source without a ``reader``
+    is opened from its ``slide_path``). ``engine``: an already loaded engine
+    (``load_engine``), else ``settings.model`` is loaded once for the run.
+
+    >>> SynthesisSettings(classes=("Vessel",), count=0)
+    Traceback (most recent call last):
+    ...
+    histosynth.integration.errors.InputError: --count must be at least 1, not 0
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError("the output folder is a file", path=out)
+    check_run_folder(out, resume=resume)  # before the slow part: loading the model
+    if engine is None:
+        from histosynth.synthesis.weights import check_model
+
+        check_model(settings.model)  # an unknown model fails here, in well under a second
+
+    if sources is None:
+        sources = load_sources(
+            project=project,
+            slide=slide,
+            annotations=annotations,
+            mpp=slide_mpp_override,
+            skip_missing=skip_missing,
+        )
+    else:
+        if project is not None or slide is not None or annotations is not None:
+            raise InputError("give sources, or a project / slide with annotations, not both")
+        sources = open_sources(sources, slide_mpp_override)
+    check_classes(sources, settings.classes)
+    if engine is None:
+        from histosynth.synthesis.engine import load_engine
+
+        engine = load_engine(
+            settings.model,
+            device=settings.device,
+            kv_compress=settings.kv_compress,
+            tile_size=settings.tile_size if settings.model == "tiny" else None,
+        )
+    tile_size = engine.tile_size if settings.tile_size is None else settings.tile_size
+    if engine.tile_size != tile_size:
+        raise InputError(
+            f"the model makes {engine.tile_size} px tiles; use --tile-size {engine.tile_size}"
+        )
+    run = replace(
+        settings,
+        tile_size=tile_size,
+        steps=settings.mode_steps,
+        guidance=settings.mode_guidance,
+        adapter=None if settings.adapter is None else load_adapter_for(engine, settings.adapter),
+        batch_size=settings.batch_size or (4 if engine.device.type == "cuda" else 1),
+        model=engine.model_id,
+        kv_compress=engine.kv_compress,
+    )
+    mode, classes, mpp = run.mode, run.classes, run.mpp
+    if not engine.trained and (mode == "variation" or run.harmonise == "diffusion"):
+        log.warning(
+            "the engine is UNTRAINED (seeded random weights): the synthetic pixels "
+            "are not histology; use it to try the workflow, not for training data"
+        )
+    skipped: list[tuple[str, str]] = []
+    role = "donor" if mode == "inpaint" else "reference vessel"
+    max_fraction = DONOR_MAX_FRACTION if mode == "inpaint" else 1.0
+    donors = collect_donors(
+        sources, classes, tile_size, mpp, skipped, max_fraction=max_fraction, role=role
+    )
+    if not donors:
+        raise InputError(
+            f"no usable {role} of class "
+            + ", ".join(repr(c) for c in classes)
+            + (f": {skipped[0][1]}" if skipped else "")
+        )
+    backgrounds: list[Background] = []
+    if mode == "inpaint" and run.background != "synthetic":
+        backgrounds = collect_backgrounds(
+            sources, classes, tile_size, mpp, seed=run.seed, skipped=skipped
+        )
+        if not backgrounds:
+            why = "no background tile with enough tissue (≥ 50 %) in the slides" + "".join(
+                f"; {reason}" for _, reason in skipped if "smaller than" in reason
+            )
+            if run.background == "real":
+                raise InputError(
+                    why + "; use other slides, a smaller --tile-size, --background auto "
+                    "(synthetic backgrounds) or --mode variation"
+                )
+            log.warning("%s: generating synthetic backgrounds instead", why)
+
+    config = run.run_config(sources)
+    result = SynthesizeResult(
+        out,
+        engine_description=engine.description,
+        trained=engine.trained,
+        model_painted=mode == "variation" or run.harmonise == "diffusion",
+    )
+    with RunWriter(
+        out,
+        config=config,
+        resume=resume,
+        command=command,
+        extra_columns=EXTRA_COLUMNS,
+        device=str(engine.device),
+    ) as writer:
+        writer.set_info(
+            histosynth=__version__, engine=engine.description, engine_trained=engine.trained
+        )
+        too_large = [item for item, reason in skipped if reason.startswith(TOO_LARGE)]
+        for item, reason in skipped:
+            writer.skip(item, reason, warn=item not in too_large)
+        if too_large:
+            log.warning(
+                "%d vessel(s) skipped: each %s is larger than %.0f%% of the %d px tile at %g "
+                "µm/px (use a larger --tile-size or a coarser --mpp; each one is in run.json)",
+                len(too_large),
+                role,
+                100 * max_fraction,
+                tile_size,
+                mpp,
+            )
+        result.skipped.extend(skipped)
+        prefix = "inp" if mode == "inpaint" else "var"
+        todo = [i for i in range(run.count) if not writer.has(f"{prefix}-{i:05d}")]
+        result.already_present = run.count - len(todo)
+        if mode == "inpaint":
+            _run_inpaint(engine, writer, result, todo, donors, backgrounds, run, progress)
+        else:
+            _run_variation(engine, writer, result, todo, donors, run, progress)
+    return result
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+def adapter_folder(adapter: str) -> Path:
+    """Where the LoRA adapter ``adapter`` is: a folder path, or a name in the adapter
+    library (``$HISTOSYNTH_ADAPTERS``, else ``~/.local/share/histosynth/adapters``)."""
+
+    as_path = Path(adapter).expanduser()
+    if as_path.is_dir():
+        return as_path
+    from histosynth.synthesis.adapters import adapter_library
+
+    root = adapter_library()
+    candidate = root / adapter
+    if candidate.is_dir():
+        return candidate
+    raise InputError(
+        f"no adapter folder {as_path} and no adapter {adapter!r} in the library {root} "
+        "(set HISTOSYNTH_ADAPTERS or give the adapter's folder)",
+        item="--adapter",
+    )
+
+
+def load_adapter_for(engine: Engine, adapter: str) -> str:
+    """Load the LoRA adapter (folder or library name) onto the engine's transformer,
+    checked against the base weights; return the name the pipelines activate."""
+    from histosynth.synthesis.adapters import load_adapter, loaded_adapters
+
+    if adapter in loaded_adapters(engine.transformer):
+        return adapter
+    info = load_adapter(engine.transformer, adapter_folder(adapter), activate=False)
+    return info.name
+
+
+# --------------------------------------------------------------------------- donors
+
+
+# --------------------------------------------------------------------------- backgrounds
+
+
+# --------------------------------------------------------------------------- inpainting
+
+
+@dataclass
+class _Prepared:
+    index: int
+    donor: Donor
+    background: Background
+    composite: Any  # CompositeResult
+
+
+def _run_inpaint(
+    engine: Engine,
+    writer: RunWriter,
+    result: SynthesizeResult,
+    todo: list[int],
+    donors: list[Donor],
+    backgrounds: list[Background],
+    run: SynthesisSettings,
+    progress,
+) -> None:
+    from histosynth.synthesis.errors import EngineError
+    from histosynth.synthesis.inpaint import prepare_composite
+    from histosynth.synthesis.pipelines.background import rank_backgrounds
+
+    pipeline = engine.inpaint_pipeline()
+    pipeline.set_progress_bar_config(disable=True)
+    candidates = [(b.image, b.tissue) for b in backgrounds]
+    rankings: dict[int, list[int]] = {}
+    order = np.random.default_rng([run.seed, 1]).permutation(len(donors))
+
+    def prepare(i: int) -> _Prepared | None:
+        donor_index = int(order[i % len(donors)])
+        donor = donors[donor_index]
+        if donor_index not in rankings:
+            rankings[donor_index] = []
+        if not rankings[donor_index] and candidates:
+            try:
+                rankings[donor_index] = rank_backgrounds(
+                    donor.context, donor.context_tissue, candidates
+                )
+            except EngineError:  # no tissue around the donor to compare: keep the order
+                rankings[donor_index] = list(range(len(candidates)))
+        ranked = rankings[donor_index] if run.background != "synthetic" else []
+        rng = np.random.default_rng([run.seed, i])
+        # vary the background among the most similar ones, then fall back down the list
+        top = min(3, len(ranked))
+        first = int(rng.integers(top)) if ranked else 0
+        candidates_in_order = (
+            [ranked[first], *[r for r in ranked if r != ranked[first]]] if ranked else []
+        )
+        for attempt, b in enumerate(candidates_in_order):
+            background = backgrounds[b]
+            try:
+                composite = prepare_composite(
+                    background.image,
+                    donor.image,
+                    donor.mask,
+                    existing=background.existing_mask,
+                    tissue=background.tissue,
+                    seed=run.seed + i,
+                    colour_blend=run.colour_blend,
+                )
+            except ValueError as exc:
+                writer.skip(f"tile {i}", f"donor {donor.vessel.id}: {exc}")
+                result.skipped.append((f"tile {i}", str(exc)))
+                return None
+            if composite is not None:
+                if attempt:
+                    log.debug("tile %d: background %d of the ranking", i, attempt)
+                return _Prepared(i, donor, background, composite)
+        if run.background in ("auto", "synthetic"):
+            background = _synthetic_background(engine, donor, i, run)
+            result.model_painted = True
+            composite = prepare_composite(
+                background.image,
+                donor.image,
+                donor.mask,
+                tissue=background.tissue,
+                seed=run.seed + i,
+                colour_blend=run.colour_blend,
+            )
+            if composite is not None:
+                return _Prepared(i, donor, background, composite)
+        reason = f"donor {donor.vessel.id} fits no background tile (tissue, free space)"
+        writer.skip(f"tile {i}", reason)
+        result.skipped.append((f"tile {i}", reason))
+        return None
+
+    iterator = progress(todo, len(todo)) if progress else todo
+    batch: list[_Prepared] = []
+    for i in iterator:
+        prepared = prepare(i)
+        if prepared is not None:
+            batch.append(prepared)
+        if len(batch) >= run.batch_size:
+            _inpaint_batch(pipeline, writer, result, batch, run)
+            batch = []
+    if batch:
+        _inpaint_batch(pipeline, writer, result, batch, run)
+
+
+def _synthetic_background(
+    engine: Engine, donor: Donor, index: int, run: SynthesisSettings
+) -> Background:
+    """A background generated from noise (synthetic-background mode): the condition is 16
+    randomly rotated copies of the most tissue-rich real crop (a quarter tile wide) of the
+    donor's surroundings, i.e. a full tile's worth of encoder rows."""
+    import cv2
+
+    from histosynth.synthesis.pipelines.background import (
+        generate_background,
+        synthetic_condition_tile,
+    )
+
+    tile = run.tile_size
+    side = tile // 4
+    context, tissue = donor.context, donor.context_tissue
+    if context.shape[0] < side:
+        context = cv2.resize(context, (side, side), interpolation=cv2.INTER_CUBIC)
+        tissue = cv2.resize(
+            tissue.astype(np.uint8), (side, side), interpolation=cv2.INTER_NEAREST
+        ).astype(bool)
+    best, best_y, best_x = -1.0, 0, 0
+    step = max(side // 2, 1)
+    for y in range(0, context.shape[0] - side + 1, step):
+        for x in range(0, context.shape[1] - side + 1, step):
+            fraction = float(tissue[y : y + side, x : x + side].mean())
+            if fraction > best:
+                best, best_y, best_x = fraction, y, x
+    crop = np.ascontiguousarray(context[best_y : best_y + side, best_x : best_x + side])
+    rng = np.random.default_rng([run.seed, index, 3])
+    condition = synthetic_condition_tile(crop, rng, grid=4)
+    image = generate_background(
+        engine,
+        condition,
+        seeds=[run.seed + index],
+        steps=run.steps,
+        adapter=run.adapter,
+    )[0]
+    return Background.synthetic(donor.source, image)
+
+
+def _inpaint_batch(
+    pipeline,
+    writer: RunWriter,
+    result: SynthesizeResult,
+    batch: list[_Prepared],
+    run: SynthesisSettings,
+) -> None:
+    if run.harmonise != "diffusion":
+        from histosynth.synthesis.inpaint.harmonise import harmonise_multiband
+
+        for prepared in batch:
+            comp = prepared.composite
+            image = comp.composite
+            if run.harmonise == "multiband":
+                image = harmonise_multiband(
+                    prepared.background.image,
+                    comp.composite,
+                    comp.mask,
+                    sigma=run.seam_sigma,
+                )
+            _write_inpainted(writer, prepared, image, run)
+            result.written += 1
+        return
+    composites = np.stack([p.composite.composite for p in batch])
+    masks = np.stack([p.composite.mask for p in batch])
+    seeds = [run.seed + p.index for p in batch]
+    output = pipeline(
+        composites,
+        masks,
+        strength=run.strength,
+        guidance_scale=run.guidance,
+        num_inference_steps=run.steps,
+        seeds=seeds,
+        seam_sigma=run.seam_sigma,
+        adapter=run.adapter,
+    )
+    for prepared, image in zip(batch, output.images, strict=True):
+        _write_inpainted(writer, prepared, image, run)
+        result.written += 1
+
+
+def _write_inpainted(
+    writer: RunWriter, prepared: _Prepared, image: np.ndarray, run: SynthesisSettings
+) -> None:
+    donor, background, comp = prepared.donor, prepared.background, prepared.composite
+    diffused = run.harmonise == "diffusion"
+    placed = comp.mask > 0
+    mask = np.where(placed | (background.existing_mask > 0), 255, 0).astype(np.uint8)
+    inserted = mask_annotation(
+        comp.mask,
+        donor.vessel,
+        "synthetic vessel",
+        {"histosynth_inserted": "true", "source_annotation_id": donor.vessel.id},
+    )
+    tile_annotations = [*([inserted] if inserted else []), *background.existing]
+    cx, cy = comp.placement.centre
+    record = TileRecord(
+        id=f"inp-{prepared.index:05d}",
+        synthesis_type="inpainting",
+        class_name=donor.vessel.class_name or "",
+        source_image=str(background.source.slide_path),
+        source_entry_id=background.source.entry_id,
+        source_annotation_id=donor.vessel.id,
+        tile_x=background.x,
+        tile_y=background.y,
+        tile_size=run.tile_size,
+        mpp=run.mpp,
+        insert_x=round(float(cx), 2),
+        insert_y=round(float(cy), 2),
+        rotation_deg=round(float(comp.rotation_deg), 3),
+        model=run.model,
+        adapter=run.adapter or "",
+        seed=run.seed + prepared.index,
+        steps=run.steps if diffused else None,
+        guidance_scale=run.guidance if diffused else None,
+        strength=run.strength if diffused else None,
+        kv_compress=run.kv_compress or "",
+        extra={
+            "donor_image": str(donor.source.slide_path),
+            "donor_entry_id": donor.source.entry_id,
+            "background_kind": "real" if background.x is not None else "synthetic",
+            "placement_penalty": round(float(comp.placement.penalty), 4),
+            "mask_source": "placed donor",
+            "harmonise": run.harmonise,
+        },
+    )
+    refs = {
+        "background": background.image,
+        "donor": comp.donor_image,
+        "donor-mask": comp.donor_mask,
+        "composite": comp.composite,
+    }
+    writer.add_tile(record, image, mask, tile_annotations, refs=refs)
+
+
+# --------------------------------------------------------------------------- variation
+
+
+def _run_variation(
+    engine: Engine,
+    writer: RunWriter,
+    result: SynthesizeResult,
+    todo: list[int],
+    donors: list[Donor],
+    run: SynthesisSettings,
+    progress,
+) -> None:
+    """Variations of real vessel tiles (the donors' centred tiles) as references."""
+    pipeline = engine.variation_pipeline()
+    pipeline.set_progress_bar_config(disable=True)
+    tile = run.tile_size
+    mpp = run.mpp
+    references: dict[int, ReferenceTile] = {}
+
+    def reference(k: int) -> tuple[ReferenceTile, Donor]:
+        if k not in references:
+            references[k] = reference_tile(donors[k], tile, mpp, run.classes)
+        return references[k], donors[k]
+
+    order = np.random.default_rng([run.seed, 1]).permutation(len(donors))
+    iterator = progress(todo, len(todo)) if progress else todo
+    batch: list[int] = []
+
+    def flush() -> None:
+        refs = [reference(int(order[i % len(donors)])) for i in batch]
+        output = pipeline(
+            np.stack([ref.image for ref, _ in refs]),
+            guidance_scale=run.guidance,
+            num_inference_steps=run.steps,
+            seeds=[run.seed + i for i in batch],
+            adapter=run.adapter,
+        )
+        for i, (ref, donor), image in zip(batch, refs, output.images, strict=True):
+            outline = mask_annotation(ref.mask, donor.vessel, "reference vessel (unaligned)")
+            tile_annotations = [outline] if outline else []
+            record = TileRecord(
+                id=f"var-{i:05d}",
+                synthesis_type="variation",
+                class_name=donor.vessel.class_name or "",
+                source_image=str(donor.source.slide_path),
+                source_entry_id=donor.source.entry_id,
+                source_annotation_id=donor.vessel.id,
+                tile_x=ref.x,
+                tile_y=ref.y,
+                tile_size=tile,
+                mpp=mpp,
+                model=run.model,
+                adapter=run.adapter or "",
+                seed=run.seed + i,
+                steps=run.steps,
+                guidance_scale=run.guidance,
+                kv_compress=run.kv_compress or "",
+                extra={
+                    "donor_image": str(donor.source.slide_path),
+                    "donor_entry_id": donor.source.entry_id,
+                    "background_kind": "",
+                    "placement_penalty": "",
+                    "mask_source": "reference",
+                },
+            )
+            writer.add_tile(
+                record, image, ref.mask, tile_annotations, refs={"reference": ref.image}
+            )
+            result.written += 1
+
+    for i in iterator:
+        batch.append(i)
+        if len(batch) >= run.batch_size:
+            flush()
+            batch = []
+    if batch:
+        flush()

@@ -1,0 +1,91 @@
+"""``--help``, ``models list`` and argument errors answer before any model library loads
+(torch / diffusers are never imported for them), and a bad model leaves nothing behind.
+
+Timing is measured by ``scripts/bench_cli.py``, not asserted here; what is asserted is the
+cause of slowness: which modules a command imports.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HEAVY = ("torch", "diffusers", "timm", "peft", "tiatoolbox")
+
+PROBE = r"""
+import json, sys
+from click.testing import CliRunner
+from histosynth.cli import main
+result = CliRunner().invoke(main, json.loads(sys.argv[1]))
+print(json.dumps({"code": result.exit_code, "output": result.output,
+                  "heavy": sorted(m for m in json.loads(sys.argv[2]) if m in sys.modules)}))
+"""
+
+
+def _run(args: list[str]) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(args), json.dumps(HEAVY)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["synthesize", "--help"],
+        ["models", "list"],
+        ["models", "check", "pixcell-1024"],
+        ["synthesize", "--class", "Vessel"],  # missing --count / --out: usage error
+    ],
+)
+def test_light_commands_import_no_model_library(args: list[str]) -> None:
+    result = _run(args)
+    assert result["heavy"] == [], result
+    assert result["code"] in (0, 1, 2)
+    assert result["output"]
+
+
+def test_models_list_shows_every_preset(tmp_path: Path) -> None:
+    result = _run(["models", "list"])
+    assert result["code"] == 0
+    for preset in ("default", "pixcell-1024", "pixcell-256", "tiny"):
+        assert f"\n{preset}: " in result["output"]
+
+
+def test_unknown_model_fails_at_once_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = _run(
+        [
+            "synthesize",
+            "--project",
+            str(tmp_path / "nowhere"),
+            "--class",
+            "Vessel",
+            "--count",
+            "1",
+            "--out",
+            str(out),
+            "--model",
+            "nope",
+        ]
+    )
+    assert result["code"] == 1 and result["heavy"] == []
+    assert "nope: unknown preset and no such folder" in result["output"]
+    assert not out.exists()
+
+
+def test_demo_with_an_unknown_model_builds_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    result = _run(["demo", "--out", str(out), "--model", "nope"])
+    assert result["code"] == 1
+    assert result["output"].count("\n") == 1 and "unknown preset" in result["output"]
+    assert not (out / "project").exists() and not (out / "run").exists()

@@ -1,0 +1,165 @@
+"""The import graph of the three layers, built from the source with ``ast`` (every import,
+also those inside functions): the layer rules hold, there is no cycle, and no module
+imports another module's private name."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+#: import name → source folder (as setup.py maps them)
+LAYERS = {
+    "histosynth": "plugin",
+    "histosynth.synthesis": "synthesis",
+    "histosynth.integration": "integration",
+}
+#: layer → import prefixes it must not use
+FORBIDDEN = {
+    "histosynth.synthesis": ("histosynth.integration", "histosynth.plugin-layer"),
+    "histosynth.integration": ("histosynth.synthesis", "torch"),
+}
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for package, folder in LAYERS.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = list(path.relative_to(ROOT / folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join([package, *parts])] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _layer(module: str) -> str:
+    for package in ("histosynth.synthesis", "histosynth.integration"):
+        if module == package or module.startswith(package + "."):
+            return package
+    return "histosynth"
+
+
+def _absolute(module: str, node: ast.ImportFrom) -> str:
+    if node.level == 0:
+        return node.module or ""
+    base = module.split(".")
+    if MODULES[module].name != "__init__.py":
+        base = base[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _imports(module: str) -> list[tuple[str, str | None, int]]:
+    """(imported module, imported name or None, line) for every import in ``module``."""
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(alias.name, None, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            target = _absolute(module, node)
+            for alias in node.names:
+                full = f"{target}.{alias.name}"
+                if full in MODULES:
+                    out.append((full, None, node.lineno))
+                else:
+                    out.append((target, alias.name, node.lineno))
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    return {
+        module: {
+            target for target, _, _ in _imports(module) if target in MODULES and target != module
+        }
+        for module in MODULES
+    }
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph[node]):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_graph_covers_every_layer() -> None:
+    layers = {_layer(m) for m in MODULES}
+    assert layers == set(LAYERS)
+    assert "histosynth.integration.tiles" in MODULES and "histosynth.cli" in MODULES
+
+
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def test_layer_rules(layer: str) -> None:
+    bad = []
+    for module in MODULES:
+        if _layer(module) != layer:
+            continue
+        for target, _, line in _imports(module):
+            plugin = target in MODULES and _layer(target) == "histosynth"
+            for prefix in FORBIDDEN[layer]:
+                hit = (
+                    plugin
+                    if prefix == "histosynth.plugin-layer"
+                    else target == prefix or target.startswith(prefix + ".")
+                )
+                if hit:
+                    bad.append(f"{module}:{line} imports {target}")
+    assert bad == []
+
+
+def test_no_import_cycle() -> None:
+    assert _cycles(_graph()) == []
+
+
+def test_no_private_name_from_another_module() -> None:
+    bad = [
+        f"{module}:{line} imports {name} from {target}"
+        for module in MODULES
+        for target, name, line in _imports(module)
+        if target.startswith("histosynth")
+        and name is not None
+        and name.startswith("_")
+        and not name.startswith("__")
+        and target != module
+    ]
+    assert bad == []
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _cycles(graph) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []

@@ -46,6 +46,12 @@ def class_parts(class_name: str | None) -> list[str]:
     return [part.strip() for part in class_name.split(":") if part.strip()]
 
 
+def normal_class_name(name: str) -> str | None:
+    """``"Vessel:Invasive "`` → ``"Vessel: Invasive"``; blank → ``None``."""
+    parts = class_parts(name)
+    return ": ".join(parts) if parts else None
+
+
 def class_matches(class_name: str | None, wanted: str) -> bool:
     """True when ``class_name`` is ``wanted`` or a class derived from it.
 

@@ -23,6 +23,9 @@ Example::
             writer.add_tile(TileRecord(id="t0001", synthesis_type="inpainting"),
                             image, mask, annotations)
     rows = read_index("out/run")        # list of {column: str}
+
+Size: the run-folder format and its one writer (``RunWriter``: atomic rows, resume,
+run.json) are one contract; splitting them would split the format from its checks.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ import numpy as np
 from histosynth.integration.annotations import Annotation
 from histosynth.integration.atomic import atomic_write_bytes, atomic_write_json
 from histosynth.integration.errors import InputError
+from histosynth.integration.images import PNG_SETTINGS, encode_mask_png, encode_rgb_png
 
 log = logging.getLogger(__name__)
 
@@ -761,9 +765,9 @@ class RunWriter:
                 f"extra value(s) for column(s) not declared in extra_columns: {unknown}",
                 item=tile_id,
             )
-        image_png = _encode_rgb(image, f"{tile_id}: image", self._png)
+        image_png = encode_rgb_png(image, f"{tile_id}: image", self._png)
         height, width = image.shape[:2]
-        mask_png = _encode_mask(mask, (height, width), f"{tile_id}: mask")
+        mask_png = encode_mask_png(mask, (height, width), f"{tile_id}: mask")
         ref_pngs = {}
         for name, array in (refs or {}).items():
             if name not in REF_NAMES:
@@ -773,9 +777,9 @@ class RunWriter:
                 )
             what = f"{tile_id}: ref {name}"
             ref_pngs[name] = (
-                _encode_mask(array, None, what)
+                encode_mask_png(array, None, what)
                 if name.endswith("mask")
-                else _encode_rgb(array, what, self._png)
+                else encode_rgb_png(array, what, self._png)
             )
 
         from histosynth.integration.geojson import geojson_bytes
@@ -853,50 +857,3 @@ class RunWriter:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-# Lossless at every setting; chosen for speed. Measured on 1024² H&E tiles (2 cores):
-# "small" (zlib level 1, SUB filter) ~1.5× faster than OpenCV's default for ~7 % larger
-# files; "fast" (stored, no filter) ~8× faster again, ~1.6× larger. Masks, mostly runs of
-# 0, need no filter at all: ~8× faster than the default, same size.
-PNG_SETTINGS = {
-    "small": [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB],
-    "fast": [cv2.IMWRITE_PNG_COMPRESSION, 0, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE],
-}
-_PNG_MASK = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]
-
-
-def _encode_rgb(image: Any, what: str, params: list[int] = PNG_SETTINGS["small"]) -> bytes:
-    """Lossless PNG bytes of an (H, W, 3) uint8 RGB array."""
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
-        shape = getattr(image, "shape", type(image).__name__)
-        raise InputError(f"expected an (H, W, 3) RGB array, got {shape}", item=what)
-    if image.dtype != np.uint8:
-        raise InputError(f"expected uint8 pixels, got {image.dtype}", item=what)
-    if image.shape[0] == 0 or image.shape[1] == 0:
-        raise InputError("the image is empty", item=what)
-    bgr = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR)
-    ok, encoded = cv2.imencode(".png", bgr, params)
-    if not ok:
-        raise InputError("PNG encoding failed", item=what)
-    return encoded.tobytes()
-
-
-def _encode_mask(mask: Any, size: tuple[int, int] | None, what: str) -> bytes:
-    """PNG bytes of a binary mask: non-zero -> 255, single channel uint8."""
-    if isinstance(mask, np.ndarray) and mask.ndim == 3 and mask.shape[2] == 1:
-        mask = mask[..., 0]
-    if not isinstance(mask, np.ndarray) or mask.ndim != 2:
-        shape = getattr(mask, "shape", type(mask).__name__)
-        raise InputError(f"expected an (H, W) mask, got {shape}", item=what)
-    if not (mask.dtype == np.bool_ or np.issubdtype(mask.dtype, np.integer)):
-        raise InputError(f"expected a bool or integer mask, got {mask.dtype}", item=what)
-    if size is not None and mask.shape != size:
-        raise InputError(f"mask is {mask.shape}, the image is {size}", item=what)
-    if mask.shape[0] == 0 or mask.shape[1] == 0:
-        raise InputError("the mask is empty", item=what)
-    binary = np.where(mask != 0, np.uint8(255), np.uint8(0))
-    ok, encoded = cv2.imencode(".png", binary, _PNG_MASK)
-    if not ok:
-        raise InputError("PNG encoding failed", item=what)
-    return encoded.tobytes()

@@ -12,6 +12,9 @@ every flavour of GeoJSON QuPath has produced, or as a QuPath project.
 >>> project_file = build_demo_project("project", slide=slide)      # doctest: +SKIP
 
 Used by the tests and by ``histosynth demo``.
+
+Size: the demo builder writes each QuPath GeoJSON flavour (0.2–0.7) and a project of
+every version the tests read; vessels are painted in ``demo_vessels.py``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from shapely.geometry.base import BaseGeometry
 
 from histosynth.integration.annotations import Annotation, class_parts
 from histosynth.integration.atomic import atomic_write_json, atomic_write_text
+from histosynth.integration.class_colours import default_color, rgb_to_argb
 from histosynth.integration.demo_vessels import (
     CropLibrary,
     Shape,
@@ -45,7 +49,6 @@ from histosynth.integration.demo_vessels import (
     random_shape,
 )
 from histosynth.integration.errors import InputError
-from histosynth.integration.geojson import default_color, rgb_to_argb
 from histosynth.integration.qupath.server import bioformats_server_builder
 from histosynth.integration.qupath.uris import path_to_uri
 from histosynth.integration.tiff import (

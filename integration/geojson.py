@@ -12,9 +12,9 @@ GeoJSON keeps its class in ``properties.class`` / ``type`` (TIAToolbox) / ``labe
 Any problem with the input raises :class:`InputError` naming the file and the feature;
 nothing else escapes :func:`read_annotations`.
 
-Writing produces what ``PathIO.readObjects`` imports without error: UUID ids,
-``objectType``, a classification that always carries a ``color``, measurements as a map
-of finite numbers, other properties as QuPath's string→string ``metadata``.
+Writing (:mod:`histosynth.integration.geojson_write`, its names importable from here as
+the public API) produces what ``PathIO.readObjects`` imports without error; the class
+colours are :mod:`histosynth.integration.class_colours`'.
 """
 
 from __future__ import annotations
@@ -24,10 +24,7 @@ import gzip
 import json
 import logging
 import math
-import numbers
-import operator
 import os
-import re
 import uuid
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -35,18 +32,25 @@ from pathlib import Path
 from typing import Any
 
 import shapely
-from shapely.geometry import GeometryCollection, MultiPolygon, Polygon, box
+from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 
 from histosynth.integration.annotations import (
     RGB,
     Annotation,
     class_matches,
-    class_parts,
+    normal_class_name,
     of_classes,
 )
-from histosynth.integration.atomic import atomic_write_bytes
+from histosynth.integration.class_colours import argb_to_rgb, default_color, rgb_to_argb
 from histosynth.integration.errors import InputError
+from histosynth.integration.geojson_write import (
+    finite_float,
+    geojson_bytes,
+    is_uuid,
+    to_feature_collection,
+    write_annotations,
+)
 from histosynth.integration.geometry import polygon_parts, polygonal
 
 log = logging.getLogger(__name__)
@@ -63,116 +67,6 @@ __all__ = [
     "to_feature_collection",
     "write_annotations",
 ]
-
-# --------------------------------------------------------------------------- colours
-
-# QuPath's built-in classes (PathClass.StandardPathClasses and getDefaultColor, v0.4–0.7).
-_STANDARD_COLORS: dict[str, RGB] = {
-    "Tumor": (200, 0, 0),
-    "Stroma": (150, 200, 150),
-    "Immune cells": (160, 90, 160),
-    "Ignore*": (180, 180, 180),
-    "Image": (128, 128, 128),
-    "Necrosis": (50, 50, 50),
-    "Other": (255, 200, 0),
-    "Region*": (0, 0, 180),
-}
-# Intensity classes: base colour, scale when standalone (QuPath scales by 1.25), scale
-# when derived from a class other than "Tumor" (derived from "Tumor" they use the base).
-_INTENSITY_COLORS: dict[str, tuple[RGB, float]] = {
-    "Positive": ((200, 50, 50), 0.75),
-    "Negative": ((90, 90, 180), 1.25),
-    "1+": ((255, 215, 0), 0.9),
-    "2+": ((225, 150, 50), 0.6),
-    "3+": ((200, 50, 50), 0.4),
-}
-
-
-def _scaled(rgb: RGB, scale: float) -> RGB:
-    """``ColorTools.makeScaledRGB``: each channel times ``scale``, truncated, at most 255."""
-    return tuple(int(min(255.0, c * scale)) for c in rgb)  # type: ignore[return-value]
-
-
-def _java_string_hash(text: str) -> int:
-    """Java ``String.hashCode()`` (over UTF-16 code units), as a signed 32-bit int."""
-    h = 0
-    data = text.encode("utf-16-le", errors="surrogatepass")
-    for i in range(0, len(data), 2):
-        h = (31 * h + (data[i] | (data[i + 1] << 8))) & 0xFFFFFFFF
-    return h - (1 << 32) if h >= 1 << 31 else h
-
-
-def _java_random_color(seed: int) -> RGB:
-    """QuPath's colour for a new class: ``java.util.Random(seed)``, rejecting dark colours."""
-    mask = (1 << 48) - 1
-    state = (seed ^ 0x5DEECE66D) & mask
-
-    def next_byte() -> int:  # Random.nextInt(256) == (256 * next(31)) >> 31
-        nonlocal state
-        state = (state * 0x5DEECE66D + 0xB) & mask
-        return (256 * (state >> 17)) >> 31
-
-    r = g = b = 0
-    while r < 40 and g < 40 and b < 40:
-        r, g, b = next_byte(), next_byte(), next_byte()
-    return (r, g, b)
-
-
-def default_color(class_name: str) -> RGB:
-    """The colour QuPath gives a class it creates without one, as (r, g, b) 0–255.
-
-    Built-in classes (Tumor, Stroma, Immune cells, Necrosis, Other, Region*, Ignore*,
-    Positive, Negative, 1+, 2+, 3+, and their derived intensity classes) get QuPath's
-    fixed colours; any other name gets QuPath's deterministic pseudo-random colour
-    (``java.util.Random`` seeded with the hash of the name), so a class created here
-    looks the same as one QuPath creates itself.
-    """
-    parts = class_parts(class_name)
-    if not parts:
-        return (64, 64, 64)  # QuPath's colour for a class without a name
-    last = parts[-1]
-    if len(parts) == 1:
-        if last in _STANDARD_COLORS:
-            return _STANDARD_COLORS[last]
-        if last in _INTENSITY_COLORS:
-            return _scaled(_INTENSITY_COLORS[last][0], 1.25)
-    elif last in _INTENSITY_COLORS:
-        base, derived_scale = _INTENSITY_COLORS[last]
-        if parts[:-1] == ["Tumor"]:
-            return base
-        return _scaled(default_color(": ".join(parts[:-1])), derived_scale)
-    return _java_random_color(_java_string_hash("\n".join(parts)))
-
-
-def argb_to_rgb(value: int) -> RGB:
-    """Unpack a QuPath packed colour (signed or unsigned 32-bit (A)RGB int) into (r, g, b).
-
-    Raises ``TypeError`` for a non-integer and ``ValueError`` outside 32 bits.
-    """
-    if isinstance(value, bool):
-        raise TypeError(f"packed colour must be an integer, not {value!r}")
-    value = operator.index(value)
-    if not -(1 << 31) <= value < (1 << 32):
-        raise ValueError(f"packed colour {value} does not fit in 32 bits")
-    value &= 0xFFFFFFFF
-    return ((value >> 16) & 0xFF, (value >> 8) & 0xFF, value & 0xFF)
-
-
-def rgb_to_argb(rgb: Sequence[int]) -> int:
-    """Pack (r, g, b) 0–255 into QuPath's signed 32-bit ARGB int with alpha 255."""
-    channels = list(rgb)
-    if len(channels) != 3:
-        raise ValueError(f"expected (r, g, b), got {rgb!r}")
-    packed = 0xFF
-    for c in channels:
-        if isinstance(c, bool):
-            raise TypeError(f"colour channel must be an integer, not {c!r}")
-        c = operator.index(c)
-        if not 0 <= c <= 255:
-            raise ValueError(f"colour channel {c} is outside 0–255")
-        packed = (packed << 8) | c
-    return packed - (1 << 32)
-
 
 # --------------------------------------------------------------------------- reading
 
@@ -195,37 +89,12 @@ _LEGACY_TYPE_IDS = {  # QuPath 0.2 put the Java class name in the Feature id
     "TMACoreObject": "tmaCore",
     "PathRootObject": "root",
 }
-_WRITABLE_TYPES = {"annotation", "detection", "cell", "tile"}
 _NON_POLYGONAL = {"Point", "MultiPoint", "LineString", "MultiLineString"}
 _GEOMETRY_TYPES = _NON_POLYGONAL | {"Polygon", "MultiPolygon", "GeometryCollection"}
 _PLAIN_CLASS_KEYS = ("class", "type", "label")  # class keys of non-QuPath GeoJSON
-_UUID_RE = re.compile(
-    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
-)
-
-
-def _is_uuid(value: Any) -> bool:
-    return isinstance(value, str) and bool(_UUID_RE.fullmatch(value))
-
-
 def _short(value: Any, limit: int = 60) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _finite_float(value: Any) -> float | None:
-    """``value`` as a finite float, or ``None`` (NaN, infinity, too large, not a number)."""
-    if not _is_real(value):
-        return None
-    try:
-        result = float(value)
-    except (OverflowError, ValueError, TypeError):
-        return None
-    return result if math.isfinite(result) else None
 
 
 def _load(source: str | os.PathLike | dict | list, origin: str | None) -> tuple[Any, str]:
@@ -332,16 +201,10 @@ def _item_label(index_label: str, feature: dict) -> str:
     return f"{index_label} ({', '.join(bits)})" if bits else index_label
 
 
-def _normal_class_name(name: str) -> str | None:
-    """``"Vessel:Invasive "`` → ``"Vessel: Invasive"``; blank → ``None``."""
-    parts = class_parts(name)
-    return ": ".join(parts) if parts else None
-
-
 def _parse_color(value: Any) -> RGB | None:
     """A colour as QuPath writes it: ``[r, g, b]``, ``[r, g, b, a]`` or a packed int."""
     if isinstance(value, list) and len(value) in (3, 4):
-        channels = [_finite_float(c) for c in value[:3]]
+        channels = [finite_float(c) for c in value[:3]]
         if all(c is not None and 0 <= c <= 255 for c in channels):
             return tuple(int(c) for c in channels)  # type: ignore[arg-type,return-value]
         return None
@@ -360,10 +223,10 @@ def _parse_classification(value: Any, label: str, item: str) -> tuple[str | None
     if value is None:
         return None, None
     if isinstance(value, str):
-        return _normal_class_name(value), None
+        return normal_class_name(value), None
     if isinstance(value, list):  # names only
         if all(isinstance(n, str) for n in value):
-            return _normal_class_name(": ".join(value)), None
+            return normal_class_name(": ".join(value)), None
         raise InputError("classification names must be strings", path=label, item=item)
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value), None  # e.g. a class index from another tool
@@ -377,7 +240,7 @@ def _parse_classification(value: Any, label: str, item: str) -> tuple[str | None
             raise InputError(
                 "classification 'names' must be an array of strings", path=label, item=item
             )
-        return _normal_class_name(": ".join(names)), color
+        return normal_class_name(": ".join(names)), color
     if name is None:
         return None, color  # QuPath's "null class": unclassified
     if not isinstance(name, str):
@@ -389,7 +252,7 @@ def _parse_classification(value: Any, label: str, item: str) -> tuple[str | None
         parent_name, _ = _parse_classification(parent, label, item)
         if parent_name:
             name = f"{parent_name}: {name}"
-    return _normal_class_name(name), color
+    return normal_class_name(name), color
 
 
 def _parse_measurements(value: Any) -> dict[str, float]:
@@ -404,7 +267,7 @@ def _parse_measurements(value: Any) -> dict[str, float]:
     for key, raw in pairs:
         if not isinstance(key, str):
             continue
-        number = _finite_float(raw)
+        number = finite_float(raw)
         if number is None and isinstance(raw, str):
             try:
                 number = float(raw)
@@ -437,7 +300,7 @@ def _ring(value: Any, where: str, label: str, item: str) -> list[tuple[float, fl
                 path=label,
                 item=item,
             )
-        x, y = _finite_float(pos[0]), _finite_float(pos[1])
+        x, y = finite_float(pos[0]), finite_float(pos[1])
         if x is None or y is None:
             raise InputError(
                 f"{where}, point {j}: coordinates must be finite numbers: {_short(pos)}",
@@ -536,7 +399,7 @@ def _parse_feature(
     if isinstance(fid, str) and fid in _LEGACY_TYPE_IDS:
         object_type = _LEGACY_TYPE_IDS[fid]
         ann_id = _stable_id(index_label, feature)
-    elif _is_uuid(fid):
+    elif is_uuid(fid):
         ann_id = fid.lower()
     else:
         ann_id = _stable_id(index_label, feature)
@@ -677,197 +540,3 @@ def class_names(annotations: Iterable[Annotation]) -> list[str]:
     return sorted({a.class_name for a in annotations if a.class_name})
 
 
-# --------------------------------------------------------------------------- writing
-
-_RESERVED_PROPERTIES = {
-    "objectType",
-    "object_type",
-    "classification",
-    "name",
-    "measurements",
-    "metadata",
-    "color",
-    "isLocked",
-    "plane",
-}
-
-
-def _metadata_string(value: Any) -> str | None:
-    if isinstance(value, str):
-        return value
-    try:
-        return json.dumps(value, ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError):
-        return None
-
-
-def _metadata(annotation: Annotation, ann_id: str) -> dict[str, str]:
-    """QuPath's string→string metadata: ``properties["metadata"]`` first, then the rest."""
-    result: dict[str, str] = {}
-    own = annotation.properties.get("metadata")
-    if isinstance(own, dict):
-        for key, value in own.items():
-            text = _metadata_string(value)
-            if text is not None:
-                result[str(key)] = text
-    for key, value in annotation.properties.items():
-        if key in _RESERVED_PROPERTIES or str(key) in result:
-            continue
-        text = _metadata_string(value)
-        if text is not None:
-            result[str(key)] = text
-    if ann_id != annotation.id and "original_id" not in result and annotation.id:
-        result["original_id"] = str(annotation.id)
-    return result
-
-
-def _round(value: float) -> float:
-    return round(float(value), 2) + 0.0  # + 0.0 turns -0.0 into 0.0
-
-
-def _ring_coords(ring: Any) -> list[list[float]]:
-    coords = [[_round(x), _round(y)] for x, y, *_ in ring.coords]
-    if coords and coords[0] != coords[-1]:
-        coords.append(coords[0])
-    return coords
-
-
-def _polygon_coords(polygon: Polygon) -> list[list[list[float]]]:
-    return [_ring_coords(polygon.exterior)] + [_ring_coords(r) for r in polygon.interiors]
-
-
-def _geometry_json(geom: BaseGeometry) -> dict[str, Any]:
-    if isinstance(geom, Polygon):
-        return {"type": "Polygon", "coordinates": _polygon_coords(geom)}
-    return {"type": "MultiPolygon", "coordinates": [_polygon_coords(p) for p in geom.geoms]}
-
-
-def _output_geometry(
-    geom: BaseGeometry,
-    offset: tuple[float, float],
-    scale: float,
-    clip: Polygon | None,
-) -> BaseGeometry | None:
-    """Transform, clip and snap to QuPath's 0.01 px grid; ``None`` when nothing is left."""
-    if not isinstance(geom, (Polygon, MultiPolygon, GeometryCollection)):
-        raise ValueError(f"annotation geometry must be polygonal, got {geom.geom_type}")
-    geom = polygonal(geom)
-    if geom is None:
-        return None
-    ox, oy = offset
-    geom = shapely.transform(geom, lambda xy: (xy - (ox, oy)) * scale)
-    if clip is not None:
-        geom = polygonal(geom.intersection(clip))
-        if geom is None:
-            return None
-    geom = polygonal(shapely.set_precision(geom, 0.01))
-    if geom is not None and not all(math.isfinite(v) for v in geom.bounds):
-        raise ValueError("annotation geometry has non-finite coordinates")
-    return geom
-
-
-def _rgb_list(color: Any) -> list[int] | None:
-    if isinstance(color, (list, tuple)) and len(color) == 3:
-        try:
-            return [int(c) for c in color] if all(0 <= int(c) <= 255 for c in color) else None
-        except (TypeError, ValueError):
-            return None
-    return None
-
-
-def to_feature_collection(
-    annotations: Iterable[Annotation],
-    *,
-    offset: tuple[float, float] = (0.0, 0.0),
-    scale: float = 1.0,
-    clip_to: tuple[float, float, float, float] | None = None,
-) -> dict[str, Any]:
-    """A GeoJSON FeatureCollection that QuPath (0.4+) imports without error.
-
-    Coordinates are written as ``((x - offset_x) * scale, (y - offset_y) * scale)``, e.g.
-    level-0 pixels → tile pixels with ``offset`` = the tile's top-left corner (level-0 px)
-    and ``scale`` = level-0 px per tile px inverted. ``clip_to`` = (minx, miny, maxx,
-    maxy) in OUTPUT coordinates clips every geometry to that box; features left empty are
-    dropped. Coordinates are rounded to 0.01 px like QuPath.
-
-    Raises ``ValueError`` for a non-positive or non-finite ``scale``, or an annotation
-    whose geometry is not polygonal (a programming error, not a user one).
-    """
-    scale = float(scale)
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite number, got {scale}")
-    offset = (float(offset[0]), float(offset[1]))
-    clip = None
-    if clip_to is not None:
-        minx, miny, maxx, maxy = (float(v) for v in clip_to)
-        if not (minx < maxx and miny < maxy):
-            raise ValueError(f"clip_to must be (minx, miny, maxx, maxy), got {clip_to}")
-        clip = box(minx, miny, maxx, maxy)
-    features = []
-    for annotation in annotations:
-        geom = _output_geometry(annotation.geometry, offset, scale, clip)
-        if geom is None:
-            continue
-        ann_id = annotation.id.lower() if _is_uuid(annotation.id) else str(uuid.uuid4())
-        object_type = annotation.object_type
-        props: dict[str, Any] = {
-            "objectType": object_type if object_type in _WRITABLE_TYPES else "annotation"
-        }
-        if annotation.name:
-            props["name"] = str(annotation.name)
-        object_color = _rgb_list(annotation.properties.get("color"))
-        if object_color is not None:
-            props["color"] = object_color
-        class_name = _normal_class_name(annotation.class_name) if annotation.class_name else None
-        if class_name:
-            color = _rgb_list(annotation.color) or list(default_color(class_name))
-            props["classification"] = {"name": class_name, "color": color}
-        if annotation.properties.get("isLocked") is True:
-            props["isLocked"] = True
-        measurements = {
-            str(k): v
-            for k, v in ((k, _finite_float(v)) for k, v in annotation.measurements.items())
-            if v is not None
-        }
-        if measurements:
-            props["measurements"] = measurements
-        metadata = _metadata(annotation, ann_id)
-        if metadata:
-            props["metadata"] = metadata
-        geometry = _geometry_json(geom)
-        plane = annotation.properties.get("plane")
-        if isinstance(plane, dict) and all(
-            isinstance(plane.get(k), int) and not isinstance(plane.get(k), bool)
-            for k in ("c", "z", "t")
-        ):
-            geometry["plane"] = {k: plane[k] for k in ("c", "z", "t")}
-        features.append(
-            {"type": "Feature", "id": ann_id, "geometry": geometry, "properties": props}
-        )
-    return {"type": "FeatureCollection", "features": features}
-
-
-def write_annotations(
-    path: str | os.PathLike,
-    annotations: Iterable[Annotation],
-    *,
-    offset: tuple[float, float] = (0.0, 0.0),
-    scale: float = 1.0,
-    clip_to: tuple[float, float, float, float] | None = None,
-) -> None:
-    """Write :func:`to_feature_collection` of ``annotations`` to ``path`` atomically."""
-    atomic_write_bytes(path, geojson_bytes(annotations, offset=offset, scale=scale,
-                                           clip_to=clip_to))
-
-
-def geojson_bytes(
-    annotations: Iterable[Annotation],
-    *,
-    offset: tuple[float, float] = (0.0, 0.0),
-    scale: float = 1.0,
-    clip_to: tuple[float, float, float, float] | None = None,
-) -> bytes:
-    """UTF-8 bytes of the file :func:`write_annotations` writes (for writers that batch I/O)."""
-    collection = to_feature_collection(annotations, offset=offset, scale=scale, clip_to=clip_to)
-    text = json.dumps(collection, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    return (text + "\n").encode("utf-8")

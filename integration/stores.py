@@ -61,8 +61,9 @@ from histosynth.integration.annotations import (
     class_matches_any,
     class_parts,
 )
+from histosynth.integration.class_colours import argb_to_rgb, default_color
 from histosynth.integration.errors import InputError
-from histosynth.integration.geojson import OBJECT_TYPES, argb_to_rgb, default_color
+from histosynth.integration.geojson import OBJECT_TYPES
 from histosynth.integration.geometry import polygonal
 
 log = logging.getLogger(__name__)

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 from shapely.geometry import box
 from shapely.strtree import STRtree
@@ -135,19 +136,23 @@ def load_sources(
     return sources
 
 
-def annotations_on_slide(source: SlideSource) -> list[Annotation]:
-    """Annotations clipped to the slide; one entirely outside it is an error naming it."""
+def annotations_on_slide(source: SlideSource, *, hint: str = "") -> list[Annotation]:
+    """Annotations clipped to the slide; one entirely outside it is an error naming it (by
+    its store key when it came from an annotation store) and ending with ``hint``."""
     bounds = box(0, 0, source.width, source.height)
     kept = []
     for ann in source.annotations:
         if not ann.geometry.intersects(bounds):
             minx, miny, maxx, maxy = ann.geometry.bounds
+            key = ann.properties.get("store_key")
+            label = ann.name or ann.class_name
             raise InputError(
                 f"lies outside the slide {source.slide_path.name} "
                 f"({source.width}×{source.height} px): bounds "
-                f"({minx:.0f}, {miny:.0f}, {maxx:.0f}, {maxy:.0f})",
+                f"({minx:.0f}, {miny:.0f}, {maxx:.0f}, {maxy:.0f})" + hint,
                 path=source.annotations_origin,
-                item=f"annotation {ann.id}" + (f" ({ann.name})" if ann.name else ""),
+                item=f"annotation {key if key is not None else ann.id}"
+                + (f" ({label})" if label else ""),
             )
         if not bounds.contains(ann.geometry):
             log.warning(
@@ -446,6 +451,25 @@ def mostly_tissue(
     small = max(16, tile_size // 8)
     preview = read_tile(source.reader, x, y, small, mpp * tile_size / small)
     return float(tissue_mask(preview, min_area_px=16).mean()) >= min_tissue
+
+
+def most_tissue_crop(image: np.ndarray, tissue: np.ndarray, side: int) -> np.ndarray:
+    """The ``side`` px square crop of ``image`` (uint8 RGB) with the most ``tissue`` (bool,
+    same size), searched in half-crop steps; an image smaller than ``side`` is first
+    enlarged to it (cubic; the mask nearest-neighbour)."""
+    if image.shape[0] < side or image.shape[1] < side:
+        image = cv2.resize(image, (side, side), interpolation=cv2.INTER_CUBIC)
+        tissue = cv2.resize(
+            tissue.astype(np.uint8), (side, side), interpolation=cv2.INTER_NEAREST
+        ).astype(bool)
+    best, best_y, best_x = -1.0, 0, 0
+    step = max(side // 2, 1)
+    for y in range(0, image.shape[0] - side + 1, step):
+        for x in range(0, image.shape[1] - side + 1, step):
+            fraction = float(tissue[y : y + side, x : x + side].mean())
+            if fraction > best:
+                best, best_y, best_x = fraction, y, x
+    return np.ascontiguousarray(image[best_y : best_y + side, best_x : best_x + side])
 
 
 def collect_backgrounds(

@@ -149,12 +149,9 @@ def _read_dataset(folder: Path) -> _DatasetInput:
 
 
 def _read_png(path: Path, colour: bool) -> np.ndarray:
-    import cv2
+    from histosynth.integration.images import read_mask, read_rgb
 
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR if colour else cv2.IMREAD_GRAYSCALE)
-    if image is None:
-        raise InputError("cannot read the image", path=path)
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if colour else image
+    return read_rgb(path) if colour else read_mask(path)
 
 
 def _dataset_tile(folder: Path, row: dict[str, str], tile_size: int) -> CacheTile:

@@ -58,11 +58,10 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import click
-import cv2
-import numpy as np
 
 from histosynth.integration.dataset import read_index, untrained_tile_ids, validate_tile_id
 from histosynth.integration.errors import InputError
+from histosynth.integration.images import png_to_jpeg
 
 log = logging.getLogger(__name__)
 
@@ -334,13 +333,7 @@ def _engine_trained(row: dict[str, str], untrained: set[str]) -> str:
 
 
 def _to_jpeg(png: bytes, path: Path, tile_id: str) -> bytes:
-    image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
-    if image is None:
-        raise InputError("cannot decode the PNG image", path=path, item=tile_id)
-    ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-    if not ok:
-        raise InputError("JPEG encoding failed", path=path, item=tile_id)
-    return encoded.tobytes()
+    return png_to_jpeg(png, JPEG_QUALITY, path=path, item=tile_id)
 
 
 def _write_metadata(path: Path, records: list[dict[str, str]]) -> None:

@@ -4,6 +4,9 @@ variations of real vessel tiles (``variation``), written as a run folder.
 It composes the integration layer (slides, annotations, masks, the run folder) with the
 engine (one model load per run, tiles batched). Everything is planned from the seed
 before any pixel is generated, so a resumed run makes exactly the tiles that are missing.
+
+Size: the workflow and its frozen settings; every pixel and geometry step it runs lives
+in ``histosynth.integration.tiles`` or the engine.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from histosynth.integration.tiles import (
     collect_donors,
     load_sources,
     mask_annotation,
+    most_tissue_crop,
     open_sources,
     reference_tile,
 )
@@ -481,29 +485,12 @@ def _synthetic_background(
     """A background generated from noise (synthetic-background mode): the condition is 16
     randomly rotated copies of the most tissue-rich real crop (a quarter tile wide) of the
     donor's surroundings, i.e. a full tile's worth of encoder rows."""
-    import cv2
-
     from histosynth.synthesis.pipelines.background import (
         generate_background,
         synthetic_condition_tile,
     )
 
-    tile = run.tile_size
-    side = tile // 4
-    context, tissue = donor.context, donor.context_tissue
-    if context.shape[0] < side:
-        context = cv2.resize(context, (side, side), interpolation=cv2.INTER_CUBIC)
-        tissue = cv2.resize(
-            tissue.astype(np.uint8), (side, side), interpolation=cv2.INTER_NEAREST
-        ).astype(bool)
-    best, best_y, best_x = -1.0, 0, 0
-    step = max(side // 2, 1)
-    for y in range(0, context.shape[0] - side + 1, step):
-        for x in range(0, context.shape[1] - side + 1, step):
-            fraction = float(tissue[y : y + side, x : x + side].mean())
-            if fraction > best:
-                best, best_y, best_x = fraction, y, x
-    crop = np.ascontiguousarray(context[best_y : best_y + side, best_x : best_x + side])
+    crop = most_tissue_crop(donor.context, donor.context_tissue, run.tile_size // 4)
     rng = np.random.default_rng([run.seed, index, 3])
     condition = synthetic_condition_tile(crop, rng, grid=4)
     image = generate_background(

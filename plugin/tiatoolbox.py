@@ -36,6 +36,7 @@ import numpy as np
 
 from histosynth.integration.annotations import Annotation, class_matches, class_matches_any
 from histosynth.integration.errors import InputError
+from histosynth.integration.tiles import annotations_on_slide
 
 log = logging.getLogger(__name__)
 
@@ -242,11 +243,12 @@ class SynthesisEngine:
         _check_classes(sources, classes, names)
         for source in sources:
             source.annotations = [
-                a
-                for a in source.annotations
-                if class_matches_any(a.class_name, classes)
+                a for a in source.annotations if class_matches_any(a.class_name, classes)
             ]
-            _check_on_slide(source)
+            source.annotations = annotations_on_slide(
+                source,
+                hint="; annotations must be in level-0 (baseline) pixels of their own image",
+            )
 
         engine = self._load(tile_size)
         tile_size = engine.tile_size if tile_size is None else tile_size
@@ -335,7 +337,8 @@ def _source(
     slide_mpp: float | None,
 ) -> Any:
     """One ``SlideSource``: the opened slide and its annotations (all classes)."""
-    from histosynth.integration.slides import open_slide
+    from histosynth.integration.slides import open_slide, slide_size
+    from histosynth.integration.slides import slide_mpp as slide_mpp_of
     from histosynth.integration.tiles import SlideSource
 
     if isinstance(image, str | os.PathLike):
@@ -364,7 +367,17 @@ def _source(
         key = ann.properties.get("store_key")
         if key is not None:
             ann.id = store_key_id(key)
-    return SlideSource(path, items, origin, image_name=path.name, reader=reader)
+    width, height = slide_size(reader)
+    return SlideSource(
+        path,
+        items,
+        origin,
+        image_name=path.name,
+        reader=reader,
+        mpp=slide_mpp_of(reader),
+        width=width,
+        height=height,
+    )
 
 
 def _read_annotations(index: int, value: Any) -> tuple[str, list[Annotation]]:
@@ -434,46 +447,14 @@ def _check_classes(sources: Sequence[Any], classes: Sequence[str], names: dict[s
         raise InputError(f"no annotation of class {wanted!r} in any input ({listing}){hint}")
 
 
-def _check_on_slide(source: Any) -> None:
-    """An annotation entirely off its slide means a wrong store or wrong units: stop."""
-    from shapely.geometry import box
-
-    from histosynth.integration.slides import slide_size
-
-    width, height = slide_size(source.reader)
-    bounds = box(0, 0, width, height)
-    for ann in source.annotations:
-        if ann.geometry.intersects(bounds):
-            continue
-        minx, miny, maxx, maxy = ann.geometry.bounds
-        key = ann.properties.get("store_key")
-        raise InputError(
-            f"lies outside the slide {source.slide_path.name} ({width}×{height} px): bounds "
-            f"({minx:.0f}, {miny:.0f}, {maxx:.0f}, {maxy:.0f}); annotations must be in "
-            "level-0 (baseline) pixels of their own image",
-            path=source.annotations_origin,
-            item=f"annotation {key if key is not None else ann.id}"
-            + (f" ({ann.class_name})" if ann.class_name else ""),
-        )
-
-
 # ---------------------------------------------------------------------- outputs
 
 
-def _read_png(path: Path, flags: int) -> np.ndarray:
-    import cv2
-
-    image = cv2.imread(str(path), flags)
-    if image is None:
-        raise InputError("cannot read the run's image", path=path)
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if image.ndim == 3 else image
-
-
 def _arrays(run_dir: Path, rows: list[dict[str, str]], tile_size: int) -> dict[str, Any]:
-    import cv2
+    from histosynth.integration.images import read_mask, read_rgb
 
-    images = [_read_png(run_dir / r["image_path"], cv2.IMREAD_COLOR) for r in rows]
-    masks = [_read_png(run_dir / r["mask_path"], cv2.IMREAD_UNCHANGED) for r in rows]
+    images = [read_rgb(run_dir / r["image_path"]) for r in rows]
+    masks = [read_mask(run_dir / r["mask_path"]) for r in rows]
     return {
         "images": np.stack(images) if images else np.zeros((0, tile_size, tile_size, 3), np.uint8),
         "masks": np.stack(masks) if masks else np.zeros((0, tile_size, tile_size), np.uint8),

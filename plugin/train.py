@@ -310,9 +310,8 @@ def _sample_writer(
     engine: Any, data: Any, val_ids: list[int], work_dir: Path, seed: int, steps: int
 ):
     """``on_checkpoint(model, step)`` writing ``work_dir/samples/step-<N>.png``."""
-    import cv2
-
     from histosynth.integration.atomic import atomic_write_bytes
+    from histosynth.integration.images import encode_rgb_png
     from histosynth.synthesis.training import sample_grid
 
     indices = val_ids or list(range(min(len(data), 4)))
@@ -321,9 +320,8 @@ def _sample_writer(
         grid = sample_grid(
             model, engine.vae, engine.make_scheduler(), data, indices, seed=seed, steps=steps
         )
-        ok, png = cv2.imencode(".png", cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
-        if ok:
-            atomic_write_bytes(work_dir / "samples" / f"step-{step:08d}.png", png.tobytes())
+        png = encode_rgb_png(grid, f"samples at step {step}")
+        atomic_write_bytes(work_dir / "samples" / f"step-{step:08d}.png", png)
 
     return write
 

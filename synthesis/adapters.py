@@ -46,6 +46,9 @@ Example::
     >>> load_adapter(other_model, library / "he-brightfield").name  # verified, then active
     'he-brightfield'
     >>> activate(other_model, None)  # plain base again, bit for bit
+
+Size: one concept, the adapter's life cycle on a peft model (create, save, verify, load,
+switch, fuse); its checks share the folder format defined here.
 """
 
 from __future__ import annotations

@@ -30,11 +30,14 @@ Example:
     >>> engine.trained, engine.tile_size, engine.mpp
     (False, 256, 0.5)
     >>> pipe = engine.variation_pipeline()  # histosynth.synthesis.pipelines.VariationPipeline
+
+Size: the ``Engine`` and its folder format load and save as one unit (presets, folders,
+the tiny engine, attention options); samplers are in ``schedulers.py``, devices in
+``devices.py``, the weight report in ``model_report.py``.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import shutil
@@ -48,10 +51,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from diffusers import (
     AutoencoderKL,
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
 )
 from diffusers.models.attention_processor import (
     Attention,
@@ -62,6 +61,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import is_xformers_available
 from safetensors.torch import save_file
 
+from histosynth.synthesis.devices import move_model, resolve_device, resolve_dtype, vae_dtype
 from histosynth.synthesis.errors import EngineError, UntrainedEngineWarning
 from histosynth.synthesis.models.encoders import (
     GridEncoder,
@@ -84,6 +84,7 @@ from histosynth.synthesis.models.vae import (
     LatentCodec,
     load_vae,
 )
+from histosynth.synthesis.schedulers import PIXCELL_SCHEDULER_CONFIG, SCHEDULERS, make_scheduler
 from histosynth.synthesis.weights import (
     AUTO_MODEL,
     COMPONENTS,
@@ -126,125 +127,6 @@ PRODUCTION_PRESET_TITLE = (
 """How messages recommend the production engine."""
 
 AttentionChoice = Literal["auto", "sdpa", "xformers"]
-
-# --------------------------------------------------------------------------- schedulers
-
-PIXCELL_SCHEDULER_CONFIG: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "prediction_type": "epsilon",
-}
-"""PixCell's training schedule (PixArt's): 1000 steps, linear betas 1e-4 → 0.02, ε-prediction.
-
-PixCell samples with ``DPMSolverMultistepScheduler`` read from the ``scheduler/`` folder of
-its Hub repository; a loaded engine uses that file when it lies next to ``transformer/``.
-"""
-
-SCHEDULERS: dict[str, type[SchedulerMixin]] = {
-    "dpm-solver++": DPMSolverMultistepScheduler,
-    "ddpm": DDPMScheduler,
-    "ddim": DDIMScheduler,
-    "euler": EulerDiscreteScheduler,
-}
-"""Sampler names accepted by :func:`make_scheduler` (DPM-Solver++ is the default)."""
-
-_SCHEDULER_ALIASES = {
-    "dpm": "dpm-solver++",
-    "dpm++": "dpm-solver++",
-    "dpmsolver++": "dpm-solver++",
-    "dpm-solver": "dpm-solver++",
-    "dpmsolver": "dpm-solver++",
-    "dpmsolvermultistep": "dpm-solver++",
-    "euler-discrete": "euler",
-}
-
-
-def make_scheduler(
-    name: str = "dpm-solver++", config: dict[str, Any] | None = None
-) -> SchedulerMixin:
-    """A fresh scheduler ``name`` (``dpm-solver++``, ``ddpm``, ``ddim``, ``euler``) on ``config``.
-
-    ``config`` is a training-schedule mapping (default :data:`PIXCELL_SCHEDULER_CONFIG`,
-    or the ``scheduler_config.json`` of any diffusers scheduler); keys the chosen class
-    does not take are ignored, so one config serves every sampler. DPM-Solver++ is
-    second order (``algorithm_type="dpmsolver++"``, ``solver_order=2``) unless the config
-    says otherwise.
-
-    Raises:
-        EngineError: unknown name.
-    """
-    key = _SCHEDULER_ALIASES.get(name.lower(), name.lower())
-    if key not in SCHEDULERS:
-        raise EngineError(f"unknown scheduler; expected one of {', '.join(SCHEDULERS)}", item=name)
-    cls = SCHEDULERS[key]
-    base = dict(PIXCELL_SCHEDULER_CONFIG if config is None else config)
-    if key == "dpm-solver++":
-        if base.get("algorithm_type") not in ("dpmsolver++", "sde-dpmsolver++"):
-            base["algorithm_type"] = "dpmsolver++"
-        base.setdefault("solver_order", 2)
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    return cls.from_config({k: v for k, v in base.items() if k in accepted})
-
-
-# --------------------------------------------------------------------------- device, dtype
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None`` → ``cuda`` when available, else ``cpu``; a CUDA device must exist.
-
-    Raises:
-        EngineError: CUDA requested on a machine without it.
-    """
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise EngineError(f"not a torch device ({err})", item=str(device)) from err
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise EngineError("CUDA was requested but torch sees no CUDA device", item=str(device))
-    return resolved
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``None`` → ``bfloat16`` on CUDA, ``float32`` elsewhere; names such as ``"bf16"`` work."""
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise EngineError("expected float32, bfloat16 or float16", item=str(dtype))
-        return dtype
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in _DTYPES:
-        raise EngineError(f"unknown dtype; expected one of {', '.join(_DTYPES)}", item=str(dtype))
-    return _DTYPES[key]
-
-
-def _move(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """``model.to(device, dtype)``, without diffusers' warning about float32 modules when
-    the model has none to keep in float32."""
-    if getattr(model, "_keep_in_fp32_modules", None):
-        return model.to(device=device, dtype=dtype)
-    return torch.nn.Module.to(model, device=device, dtype=dtype)
-
-
-def _vae_dtype(dtype: torch.dtype) -> torch.dtype:
-    # SD-family VAEs overflow in float16; bfloat16 has float32's range and is fine
-    return torch.float32 if dtype == torch.float16 else dtype
-
 
 # --------------------------------------------------------------------------- the engine
 
@@ -425,8 +307,8 @@ def tiny_engine(
         transformer = PixCellTransformer2DModel.from_config(config)
         vae = AutoencoderKL.from_config(TINY_VAE_CONFIG)
     encoder = TinyEncoder(dim=config["caption_channels"], seed=seed, crop=tile_size // 4)
-    transformer = _move(transformer, dev, dt).eval().requires_grad_(False)
-    vae = _move(vae, dev, _vae_dtype(dt)).eval().requires_grad_(False)
+    transformer = move_model(transformer, dev, dt).eval().requires_grad_(False)
+    vae = move_model(vae, dev, vae_dtype(dt)).eval().requires_grad_(False)
     encoder = encoder.to(dev, dt).eval()
     untrained = f"untrained (seed {seed})"
     return Engine(
@@ -693,7 +575,7 @@ def _load_preset(
     transformer_dir = found["transformer"].path
     assert transformer_dir is not None and found["vae"].path and found["encoder"].path
     transformer = load_transformer(transformer_dir, device, dtype)
-    vae = load_vae(found["vae"].path, device, _vae_dtype(dtype))
+    vae = load_vae(found["vae"].path, device, vae_dtype(dtype))
     encoder = load_encoder(found["encoder"].path, device, dtype)
     engine = Engine(
         transformer=transformer,
@@ -760,7 +642,7 @@ def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> Engi
 
     vae_path, encoder_path = part("vae"), part("encoder")
     transformer = load_transformer(transformer_dir, device, dtype)
-    vae = load_vae(vae_path, device, _vae_dtype(dtype))
+    vae = load_vae(vae_path, device, vae_dtype(dtype))
     encoder = load_encoder(encoder_path, device, dtype)
     codec_down = 2 ** (len(vae.config.block_out_channels) - 1)
     tile_size = int(meta.get("tile_size") or transformer.config.sample_size * codec_down)

@@ -20,9 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
-
 from histosynth.integration.atomic import atomic_write_json
 from histosynth.integration.dataset import (
     INDEX_NAME,
@@ -32,6 +29,7 @@ from histosynth.integration.dataset import (
     validate_tile_id,
 )
 from histosynth.integration.errors import InputError
+from histosynth.integration.images import read_rgb
 from histosynth.integration.qupath.entries import (
     META_ID,
     SYNTHETIC_TAGS,
@@ -225,13 +223,6 @@ def png_size(path: Path, tile_id: str) -> tuple[int, int]:
     return int(width), int(height)
 
 
-def read_rgb(path: Path, tile_id: str) -> np.ndarray:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise InputError("cannot decode the tile image", path=path, item=f"tile {tile_id}")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
 def plan_write_back(
     project: QuPathProject, run_dir: str | os.PathLike, run_name: str
 ) -> tuple[list[PlannedEntry], list[tuple[str, str]]]:
@@ -396,7 +387,7 @@ def make_plan(
 def write_entry_images(plan: WriteBackPlan) -> None:
     """Write each planned entry's calibrated TIFF (lossless pyramidal OME-TIFF) from its PNG."""
     for entry in plan.entries:
-        write_calibrated_tiff(entry.tiff, read_rgb(entry.png, entry.tile_id), entry.mpp)
+        write_calibrated_tiff(entry.tiff, read_rgb(entry.png, f"tile {entry.tile_id}"), entry.mpp)
 
 
 def write_plan_json(plan: WriteBackPlan) -> Path:

@@ -15,6 +15,9 @@ appends them to the text of ``project.qpproj`` as QuPath's Gson would write them
 every other byte of the file (original entries, key order, formatting), updates ``lastID``
 and ``modifyTimestamp``, keeps ``project.qpproj.backup`` and replaces the file atomically.
 It refuses when the file changed on disk since it was read.
+
+Size: one class, ``QuPathProject`` — reading, URI resolution, change detection and the
+append-only save act on one in-memory state (the text writer is in ``qupath/gson.py``).
 """
 
 from __future__ import annotations
@@ -821,7 +824,7 @@ def _parse_entry(item: Any, index: int, file: Path) -> ProjectEntry:
 def _read_classes(path: Path) -> dict[str, RGB]:
     """``classes.json`` like QuPath's ``loadPathClasses``; a class without a colour gets
     the colour QuPath gives it (``default_color``)."""
-    from histosynth.integration.geojson import argb_to_rgb, default_color
+    from histosynth.integration.class_colours import argb_to_rgb, default_color
 
     if not path.is_file():
         return {}

@@ -30,6 +30,7 @@ from histosynth.integration.dataset import (
     update_index,
 )
 from histosynth.integration.errors import InputError
+from histosynth.integration.images import read_rgb
 from histosynth.integration.qupath.entries import META_ID, META_REVIEW, META_RUN
 from histosynth.integration.qupath.plan import (
     MAPPING_NAME,
@@ -40,7 +41,6 @@ from histosynth.integration.qupath.plan import (
     default_run_name,
     make_plan,
     plan_write_back,
-    read_rgb,
     record_mapping,
     run_folder,
 )
@@ -183,7 +183,8 @@ def write_run_to_project(
 
     added: list[tuple[PlannedEntry, Any]] = []
     for tile in plan.entries:
-        levels = write_calibrated_tiff(tile.tiff, read_rgb(tile.png, tile.tile_id), tile.mpp)
+        rgb = read_rgb(tile.png, f"tile {tile.tile_id}")
+        levels = write_calibrated_tiff(tile.tiff, rgb, tile.mpp)
         entry = project.add_image_entry(
             tile.tiff,
             width=levels[0][0],

@@ -46,9 +46,6 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote
 
-import cv2
-import numpy as np
-
 from histosynth.integration.annotations import class_parts
 from histosynth.integration.atomic import atomic_write_bytes, atomic_write_text
 from histosynth.integration.dataset import (
@@ -59,6 +56,7 @@ from histosynth.integration.dataset import (
     validate_tile_id,
 )
 from histosynth.integration.errors import InputError
+from histosynth.integration.images import overlay_png, read_mask, read_rgb
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +167,9 @@ def write_overlay(image_path: Path, mask_path: Path, target: Path) -> bool:
             return True
     except OSError:
         return False
-    image = cv2.imread(str(image_path), cv2.IMREAD_COLOR)
-    mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
-    if image is None or mask is None:
+    try:
+        image, mask = read_rgb(image_path), read_mask(mask_path)
+    except InputError:
         log.warning("%s: cannot read the image or its mask for the overlay", image_path)
         return False
     if image.shape[:2] != mask.shape:
@@ -180,28 +178,10 @@ def write_overlay(image_path: Path, mask_path: Path, target: Path) -> bool:
         )
         return False
     target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(target, overlay_png(image, mask))
+    atomic_write_bytes(target, overlay_png(image, mask, OVERLAY_RGB, OVERLAY_ALPHA))
     return True
 
 
-def overlay_png(image_bgr: np.ndarray, mask: np.ndarray) -> bytes:
-    """PNG bytes of ``image_bgr`` (H, W, 3 uint8, OpenCV's BGR) with ``mask`` (H, W; non-zero
-    = vessel) as a translucent fill and an opaque outline in :data:`OVERLAY_RGB`."""
-    inside = mask > 0
-    colour = np.array(OVERLAY_RGB[::-1], dtype=np.float32)
-    out = image_bgr.copy()
-    if inside.any():
-        blended = image_bgr[inside].astype(np.float32) * (1 - OVERLAY_ALPHA)
-        out[inside] = np.clip(blended + colour * OVERLAY_ALPHA + 0.5, 0, 255).astype(np.uint8)
-        contours, _ = cv2.findContours(
-            inside.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE
-        )
-        thickness = max(1, round(max(mask.shape) / 256))
-        cv2.drawContours(out, contours, -1, tuple(int(c) for c in colour), thickness)
-    ok, encoded = cv2.imencode(".png", out, [cv2.IMWRITE_PNG_COMPRESSION, 3])
-    if not ok:
-        raise RuntimeError("PNG encoding of an overlay failed")
-    return encoded.tobytes()
 
 
 # --------------------------------------------------------------------------- HTML

@@ -43,7 +43,6 @@ import logging
 import math
 import os
 import sqlite3
-import tempfile
 import threading
 import uuid
 from collections import Counter
@@ -61,6 +60,7 @@ from histosynth.integration.annotations import (
     class_matches_any,
     class_parts,
 )
+from histosynth.integration.atomic import atomic_write_with
 from histosynth.integration.class_colours import argb_to_rgb, default_color
 from histosynth.integration.errors import InputError
 from histosynth.integration.geojson import OBJECT_TYPES
@@ -222,19 +222,13 @@ def save_store(store: SQLiteStore, path: str | os.PathLike) -> Path:
     Does what ``SQLiteStore.dump`` does (an SQLite backup of the store's connection) but
     closes the copy before renaming it into place. Returns the path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        store.commit()
+    store.commit()
+
+    def write(tmp: str) -> None:
         with contextlib.closing(sqlite3.connect(tmp)) as target:
             store.con.backup(target)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write_with(path, write)
 
 
 # --------------------------------------------------------------------------- writing

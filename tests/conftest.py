@@ -24,3 +24,17 @@ def offline_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def invoke():
+    """``invoke(*args, env=None)``: run the ``histosynth`` command line in-process (click's
+    runner; arguments turned into strings, exceptions not caught) and return the result."""
+    from click.testing import CliRunner
+
+    from histosynth.cli import main
+
+    def run(*args, env: dict[str, str] | None = None):
+        return CliRunner(env=env).invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return run

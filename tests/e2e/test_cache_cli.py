@@ -11,10 +11,8 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from shapely.geometry import box
 
-from histosynth.cli import main
 from histosynth.integration.dataset import read_index, update_index
 from histosynth.integration.demodata import build_demo_project, build_demo_slide
 from histosynth.integration.masks import tissue_mask
@@ -23,10 +21,6 @@ from histosynth.synthesis.cache import CacheDataset, read_cache_info
 from histosynth.synthesis.engine import tiny_engine
 
 TILE, MPP = 256, 0.5
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +32,7 @@ def demo(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def project_cache(demo):
+def project_cache(invoke, demo):
     out = demo["root"] / "caches" / "project.h5"
     result = invoke("cache", "build", "--project", demo["project"], "--class", "Vessel",
                     "--model", "tiny", "--out", out, "--background-tiles", 2)
@@ -47,7 +41,7 @@ def project_cache(demo):
 
 
 @pytest.fixture(scope="module")
-def extracted(demo):
+def extracted(invoke, demo):
     out = demo["root"] / "extracted"
     result = invoke("--quiet", "extract", "--project", demo["project"], "--class", "Vessel",
                     "--out", out, "--tile-size", TILE, "--mpp", MPP)
@@ -88,7 +82,7 @@ def test_project_cache_holds_vessel_and_background_tiles(demo, project_cache):
         assert tissue_mask(read_tile(reader, x, y, TILE, MPP)).mean() > 0.6
 
 
-def test_resume_adds_nothing_and_keeps_the_content_hash(demo, project_cache):
+def test_resume_adds_nothing_and_keeps_the_content_hash(invoke, demo, project_cache):
     out, _ = project_cache
     before = read_cache_info(out)
     result = invoke("cache", "build", "--project", demo["project"], "--class", "Vessel",
@@ -99,7 +93,7 @@ def test_resume_adds_nothing_and_keeps_the_content_hash(demo, project_cache):
     assert read_cache_info(out).content_hash == before.content_hash
 
 
-def test_dataset_cache_leaves_out_rejected_tiles_and_matches_the_project_cache(
+def test_dataset_cache_leaves_out_rejected_tiles_and_matches_the_project_cache(invoke,
     demo, extracted, project_cache
 ):
     rows = read_index(extracted)
@@ -154,7 +148,7 @@ def _bad_cases(demo, extracted, project_cache, other_model, tmp):
     }
 
 
-def test_bad_inputs_give_one_line_exit_1_and_no_partial_file(
+def test_bad_inputs_give_one_line_exit_1_and_no_partial_file(invoke,
     demo, extracted, project_cache, other_model, tmp_path
 ):
     cases = _bad_cases(demo, extracted, project_cache, other_model, tmp_path)
@@ -171,7 +165,7 @@ def test_bad_inputs_give_one_line_exit_1_and_no_partial_file(
         assert sorted(p.name for p in out.parent.iterdir()) == siblings, name
 
 
-def test_usage_errors_exit_2(demo, tmp_path):
+def test_usage_errors_exit_2(invoke, demo, tmp_path):
     result = invoke("cache", "build", "--model", "tiny", "--out", tmp_path / "x.h5")
     assert result.exit_code == 2 and "give one of --dataset, --project or --slide" in result.stderr
     result = invoke("cache", "build", "--model", "tiny", "--project", demo["project"],
@@ -180,7 +174,7 @@ def test_usage_errors_exit_2(demo, tmp_path):
     assert not (tmp_path / "x.h5").exists()
 
 
-def test_slide_and_annotations_input(demo, tmp_path):
+def test_slide_and_annotations_input(invoke, demo, tmp_path):
     from histosynth.integration.geojson import write_annotations
 
     geojson = tmp_path / "slide.geojson"

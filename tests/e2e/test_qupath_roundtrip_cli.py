@@ -18,12 +18,8 @@ from histosynth.integration.dataset import read_index
 from histosynth.integration.qupath import QuPathProject
 
 
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(invoke, tmp_path_factory):
     out = tmp_path_factory.mktemp("roundtrip")
     result = invoke(
         "demo", "--out", out, "--count", 3, "--steps", 1, "--model", "tiny", "--tile-size", 256
@@ -57,7 +53,7 @@ def test_demo_adds_its_tiles_to_the_project_marked_for_review(demo):
     assert not project.missing_images()
 
 
-def test_demo_twice_adds_nothing(demo):
+def test_demo_twice_adds_nothing(invoke, demo):
     before = (demo / "project" / "project.qpproj").read_text()
     result = invoke(
         "demo", "--out", demo, "--count", 3, "--steps", 1, "--model", "tiny", "--tile-size", 256
@@ -66,7 +62,7 @@ def test_demo_twice_adds_nothing(demo):
     assert (demo / "project" / "project.qpproj").read_text() == before
 
 
-def test_review_decisions_reach_the_index_gallery_and_export(demo, tmp_path):
+def test_review_decisions_reach_the_index_gallery_and_export(invoke, demo, tmp_path):
     project_file = demo / "project" / "project.qpproj"
     document = json.loads(project_file.read_text())
     synthetic = [

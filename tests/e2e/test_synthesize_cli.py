@@ -12,11 +12,9 @@ import uuid
 import cv2
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from scipy import ndimage
 from shapely.geometry import box
 
-from histosynth.cli import main
 from histosynth.integration.annotations import class_matches
 from histosynth.integration.dataset import INDEX_COLUMNS, read_index
 from histosynth.integration.geojson import read_annotations
@@ -27,12 +25,8 @@ from histosynth.integration.slides import open_slide, slide_mpp
 TILE, MPP, SIGMA = 256, 0.5, 15.0
 
 
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(invoke, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     result = invoke(
         "demo", "--out", out, "--count", 3, "--steps", 2, "--model", "tiny", "--tile-size", TILE,
@@ -145,7 +139,7 @@ def test_annotations_already_in_the_background_are_carried(demo):
         assert len(features) == 1 + len(vessels)
 
 
-def test_demo_again_resumes_without_duplicates(demo):
+def test_demo_again_resumes_without_duplicates(invoke, demo):
     out, _ = demo
     before = {r["id"]: r["image_sha256"] for r in read_index(out / "run")}
     result = invoke(
@@ -158,7 +152,7 @@ def test_demo_again_resumes_without_duplicates(demo):
     assert after == before
 
 
-def test_same_seed_same_tiles_and_variation_mode(demo, tmp_path):
+def test_same_seed_same_tiles_and_variation_mode(invoke, demo, tmp_path):
     out, _ = demo
     project = out / "project"
     common = [
@@ -218,7 +212,9 @@ def test_same_seed_same_tiles_and_variation_mode(demo, tmp_path):
         (["--tile-size", "128", "--model", "pixcell-256"], "pixcell-256"),
     ],
 )
-def test_bad_input_is_one_line_exit_1_and_no_run(demo, tmp_path, monkeypatch, args, expected):
+def test_bad_input_is_one_line_exit_1_and_no_run(
+    invoke, demo, tmp_path, monkeypatch, args, expected
+):
     monkeypatch.setenv("HISTOSYNTH_WEIGHTS", str(tmp_path / "none"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HISTOSYNTH_CONFIG", str(tmp_path / "settings.yaml"))
@@ -237,7 +233,7 @@ def test_bad_input_is_one_line_exit_1_and_no_run(demo, tmp_path, monkeypatch, ar
     assert not (tmp_path / "run" / "index.csv").exists()
 
 
-def test_synthetic_background_mode(demo, tmp_path):
+def test_synthetic_background_mode(invoke, demo, tmp_path):
     out, _ = demo
     result = invoke(
         "synthesize",
@@ -272,7 +268,9 @@ def test_synthetic_background_mode(demo, tmp_path):
     assert len(read_annotations(tmp_path / "s" / row["annotation_path"])) == 1
 
 
-def test_adapter_from_the_library_changes_the_style_and_is_recorded(demo, tmp_path, monkeypatch):
+def test_adapter_from_the_library_changes_the_style_and_is_recorded(
+    invoke, demo, tmp_path, monkeypatch
+):
     import torch
 
     from histosynth.synthesis.adapters import create_adapter, save_adapter

@@ -7,20 +7,14 @@ from __future__ import annotations
 import csv
 
 import pytest
-from click.testing import CliRunner
 
-from histosynth.cli import main
 from histosynth.integration.demodata import build_demo_project
 from histosynth.synthesis.engine import load_engine
 from histosynth.synthesis.errors import UntrainedEngineWarning
 
 
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(invoke, tmp_path_factory):
     root = tmp_path_factory.mktemp("flags")
     project = build_demo_project(root / "project")
     out = {}
@@ -51,28 +45,28 @@ def runs(tmp_path_factory):
     return out
 
 
-def _export(run, tmp_path):
+def _export(invoke, run, tmp_path):
     result = invoke("export", run, "--out", tmp_path / "export", "--include-pending")
     assert result.exit_code == 0, result.output
     with open(tmp_path / "export" / "train" / "metadata.csv", newline="") as handle:
         return result, list(csv.DictReader(handle))
 
 
-def test_gallery_and_export_flag_tiles_of_the_untrained_engine(runs, tmp_path):
+def test_gallery_and_export_flag_tiles_of_the_untrained_engine(invoke, runs, tmp_path):
     run = runs["diffusion"]
     assert invoke("review", "gallery", run).exit_code == 0
     page = (run / "review.html").read_text()
     assert 'class="untrained"' in page and "UNTRAINED engine" in page
-    result, rows = _export(run, tmp_path)
+    result, rows = _export(invoke, run, tmp_path)
     assert [r["engine_trained"] for r in rows] == ["false"]
     assert "UNTRAINED engine" in result.stderr
 
 
-def test_multiband_tiles_are_not_flagged(runs, tmp_path):
+def test_multiband_tiles_are_not_flagged(invoke, runs, tmp_path):
     run = runs["multiband"]
     assert invoke("review", "gallery", run).exit_code == 0
     assert 'class="untrained"' not in (run / "review.html").read_text()
-    result, rows = _export(run, tmp_path)
+    result, rows = _export(invoke, run, tmp_path)
     assert [r["engine_trained"] for r in rows] == [""]
     assert "UNTRAINED" not in result.stderr
 

@@ -89,7 +89,9 @@ class SynthesisSettings:
     ``None`` means the engine's (``tile_size``, ``kv_compress``; ``model``: PixCell-1024
     when its weights are installed, else the embedded default) or the mode's
     (``steps``, ``guidance``: :data:`MODE_DEFAULTS`; ``batch_size``: 4 on a GPU, else 1).
-    ``tile_size`` is px at ``mpp`` µm/px; ``seam_sigma`` px; ``strength`` = τ.
+    ``tile_size`` is px at ``mpp`` µm/px; ``seam_sigma`` px; ``strength`` = τ;
+    ``context_ring``: px of each donor's own surrounding tissue pasted with it, so that its
+    wall lies inside the pasted tissue rather than on the regenerated seam (``None``: 2σ).
 
     Raises:
         InputError: a value out of range or not one of the choices, naming the option.
@@ -109,6 +111,7 @@ class SynthesisSettings:
     kv_compress: int | None = None
     seam_sigma: float = defaults.SEAM_SIGMA
     colour_blend: float = defaults.COLOUR_BLEND
+    context_ring: int | None = None
     background: str = "auto"
     harmonise: str = "diffusion"
     batch_size: int | None = None
@@ -138,6 +141,13 @@ class SynthesisSettings:
                 f"--mpp ({self.mpp}) and the seam σ ({self.seam_sigma}) must be positive and "
                 f"the colour blend ({self.colour_blend}) in [0, 1]"
             )
+        if self.context_ring is not None and not 0 <= self.context_ring <= 256:
+            raise InputError(f"the context ring must be 0–256 px, not {self.context_ring}")
+
+    @property
+    def ring(self) -> int:
+        """``context_ring``, or 2σ rounded."""
+        return round(2 * self.seam_sigma) if self.context_ring is None else self.context_ring
 
     @property
     def mode_steps(self) -> int:
@@ -169,6 +179,7 @@ class SynthesisSettings:
             "kv_compress": self.kv_compress,
             "seam_sigma": self.seam_sigma,
             "colour_blend": self.colour_blend,
+            "context_ring": self.ring if inpaint else None,
             "background": self.background if inpaint else None,
             "harmonise": self.harmonise if inpaint else None,
             "sources": sorted(str(s.slide_path) for s in sources),
@@ -270,8 +281,16 @@ def synthesize(
     skipped: list[tuple[str, str]] = []
     role = "donor" if mode == "inpaint" else "reference vessel"
     max_fraction = DONOR_MAX_FRACTION if mode == "inpaint" else 1.0
+    ring = run.ring if mode == "inpaint" else 0
     donors = collect_donors(
-        sources, classes, tile_size, mpp, skipped, max_fraction=max_fraction, role=role
+        sources,
+        classes,
+        tile_size,
+        mpp,
+        skipped,
+        margin_px=8 + ring,
+        max_fraction=max_fraction,
+        role=role,
     )
     if not donors:
         raise InputError(
@@ -439,6 +458,7 @@ def _run_inpaint(
                     tissue=background.tissue,
                     seed=run.seed + i,
                     colour_blend=run.colour_blend,
+                    context_ring=run.ring,
                 )
             except ValueError as exc:
                 writer.skip(f"tile {i}", f"donor {donor.vessel.id}: {exc}")
@@ -458,6 +478,7 @@ def _run_inpaint(
                 tissue=background.tissue,
                 seed=run.seed + i,
                 colour_blend=run.colour_blend,
+                context_ring=run.ring,
             )
             if composite is not None:
                 return _Prepared(i, donor, background, composite)
@@ -549,10 +570,11 @@ def _write_inpainted(
 ) -> None:
     donor, background, comp = prepared.donor, prepared.background, prepared.composite
     diffused = run.harmonise == "diffusion"
-    placed = comp.mask > 0
+    vessel = comp.mask if comp.vessel_mask is None else comp.vessel_mask
+    placed = vessel > 0
     mask = np.where(placed | (background.existing_mask > 0), 255, 0).astype(np.uint8)
     inserted = mask_annotation(
-        comp.mask,
+        vessel,
         donor.vessel,
         "synthetic vessel",
         {"histosynth_inserted": "true", "source_annotation_id": donor.vessel.id},
@@ -592,7 +614,8 @@ def _write_inpainted(
     refs = {
         "background": background.image,
         "donor": comp.donor_image,
-        "donor-mask": comp.donor_mask,
+        "donor-mask": comp.donor_mask,  # what was pasted: the vessel and its tissue ring
+        "vessel-mask": vessel,  # the vessel alone, placed (tile px)
         "composite": comp.composite,
     }
     writer.add_tile(record, image, mask, tile_annotations, refs=refs)

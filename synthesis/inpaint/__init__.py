@@ -81,6 +81,9 @@ class CompositeResult:
     phi_donor: float | None
     phi_target: float | None
     colour_reference: str = "local"
+    #: the placed vessel itself (uint8 0/255, tile size): ``mask`` less the donor's own
+    #: tissue ring pasted with it (equal to ``mask`` without a ring)
+    vessel_mask: np.ndarray | None = None
     seed: int = 0
 
     def record(self) -> dict[str, Any]:
@@ -133,6 +136,7 @@ def prepare_composite(
     min_ring_pixels: int = 500,
     long_side: int = 512,
     orientation_method: str = "fit_ellipse",
+    context_ring: int = 0,
 ) -> CompositeResult | None:
     """Steps 1–4 of context-aware inpainting: orientation → rotation → placement →
     colour → composite. None when no position fits.
@@ -154,6 +158,12 @@ def prepare_composite(
       around the placed mask ("local"), or the whole tile's tissue when that ring has
       fewer than ``min_ring_pixels`` tissue pixels ("tile").
 
+    * ``context_ring`` px of the donor's own surroundings (within its crop) are pasted
+      with the vessel: ``mask`` (M′,
+      the seam) is the vessel with that ring, ``vessel_mask`` the vessel alone — its wall
+      then lies inside the pasted tissue, where the seam blend weight is low, instead of
+      on the seam.
+
     Raises ValueError: donor larger than the tile, empty donor mask (before or after
     rotation), no tissue in the background, mismatched shapes.
     """
@@ -172,11 +182,18 @@ def prepare_composite(
         raise ValueError(
             f"donor mask {mask.shape} does not match the donor image {donor_image.shape[:2]}"
         )
-    inside = mask if mask.dtype == bool else mask != 0
-    if not inside.any():
+    vessel = mask if mask.dtype == bool else mask != 0
+    if not vessel.any():
         raise ValueError("donor mask is empty")
+    inside = vessel
+    if context_ring > 0:
+        disc = cv2.getStructuringElement(
+            cv2.MORPH_ELLIPSE, (2 * context_ring + 1, 2 * context_ring + 1)
+        )
+        # the whole ring, pale gaps included: holes in it would put seams next to the wall
+        inside = cv2.dilate(vessel.astype(np.uint8), disc) > 0
     ys, xs = _bbox(inside)
-    donor_c, inside_c = donor_image[ys, xs], inside[ys, xs]
+    donor_c, inside_c, vessel_c = donor_image[ys, xs], inside[ys, xs], vessel[ys, xs]
     h, w = inside_c.shape
     if h > H or w > W:
         raise ValueError(f"donor ({h}×{w} px) is larger than the background tile ({H}×{W} px)")
@@ -197,14 +214,18 @@ def prepare_composite(
     phi_donor = phi_target = None
     rotation = 0.0
     d_img, d_mask = np.ascontiguousarray(donor_c), np.ascontiguousarray(inside_c)
+    d_vessel = np.ascontiguousarray(vessel_c)
     if rotate:
         scale = min(1.0, long_side / max(H, W))
         phi_target = nucleus_angle(background, scale=scale, method=orientation_method)
         phi_donor = nucleus_angle(donor_c, inside_c, scale=scale, method=orientation_method)
         rotation = donor_rotation(phi_donor, phi_target, rng)
-        r_img, r_mask = rotate_donor(donor_c, inside_c, rotation, margin=0)
+        # the vessel mask rides along as a fourth channel (bicubic, then thresholded)
+        stack = np.dstack([donor_c, vessel_c.astype(np.uint8) * np.uint8(255)])
+        r_stack, r_mask = rotate_donor(stack, inside_c, rotation, margin=0)
         if r_mask.shape[0] <= H and r_mask.shape[1] <= W:
-            d_img, d_mask = r_img, r_mask
+            d_img, d_mask = np.ascontiguousarray(r_stack[..., :3]), r_mask
+            d_vessel = (r_stack[..., 3] >= 128) & r_mask
         else:
             rotation = 0.0
 
@@ -231,6 +252,11 @@ def prepare_composite(
         d_img = reinhard_transfer(d_img, d_mask, background, tissue, blend=colour_blend)
 
     x_img, placed = composite(background, d_img, d_mask, placement.x, placement.y)
+    placed_vessel = np.zeros((H, W), dtype=np.uint8)
+    vh, vw = d_vessel.shape
+    placed_vessel[placement.y : placement.y + vh, placement.x : placement.x + vw] = (
+        d_vessel.astype(np.uint8) * np.uint8(255)
+    )
     return CompositeResult(
         composite=x_img,
         mask=placed,
@@ -242,4 +268,5 @@ def prepare_composite(
         phi_target=phi_target,
         colour_reference=reference,
         seed=int(seed),
+        vessel_mask=placed_vessel,
     )

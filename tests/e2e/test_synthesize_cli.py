@@ -65,7 +65,7 @@ def test_run_folder_meets_the_contract(demo):
         mask = _png(run / row["mask_path"], cv2.IMREAD_UNCHANGED)
         assert image.shape == (TILE, TILE, 3) and mask.shape == (TILE, TILE)
         assert set(np.unique(mask)) <= {0, 255} and mask.any()
-        for ref in ("background", "donor", "donor-mask", "composite"):
+        for ref in ("background", "donor", "donor-mask", "vessel-mask", "composite"):
             assert (run / "refs" / f"{row['id']}-{ref}.png").is_file()
         assert 0 <= float(row["insert_x"]) <= TILE and 0 <= float(row["insert_y"]) <= TILE
         for key in (
@@ -263,8 +263,11 @@ def test_synthetic_background_mode(invoke, demo, tmp_path):
     background = _png(tmp_path / "s" / "refs" / f"{row['id']}-background.png")
     assert image.shape == background.shape == (TILE, TILE, 3)
     # the generated background carries no annotation: the mask is the inserted donor alone
-    donor_mask = _png(tmp_path / "s" / "refs" / f"{row['id']}-donor-mask.png", cv2.IMREAD_UNCHANGED)
-    assert (mask > 0).sum() == (donor_mask > 0).sum()
+    vessel = _png(tmp_path / "s" / "refs" / f"{row['id']}-vessel-mask.png", cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(mask > 0, vessel > 0)
+    # pasted with a ring of its own tissue (2σ): the pasted region holds the vessel
+    pasted = _png(tmp_path / "s" / "refs" / f"{row['id']}-donor-mask.png", cv2.IMREAD_UNCHANGED)
+    assert (pasted > 0).sum() > (vessel > 0).sum()
     assert len(read_annotations(tmp_path / "s" / row["annotation_path"])) == 1
 
 

@@ -167,3 +167,31 @@ def test_a_large_donor_mask_in_a_larger_crop_is_cropped_first() -> None:
     res = prepare_composite(background, crop, mask, seed=1)
     assert res is not None and max(res.donor_mask.shape) <= 55
     check_result(res, background)
+
+
+@pytest.mark.parametrize("ring", [0, 6, 14])
+def test_a_context_ring_pastes_the_vessel_with_its_own_tissue(ring: int) -> None:
+    """``mask`` (the seam) is the vessel grown by the ring within the crop, ``vessel_mask``
+    the vessel alone, placed at the same spot; without a ring the two are equal."""
+    background = np.ascontiguousarray(HE[:256, :256])
+    donor, mask = donor_crop()
+    res = prepare_composite(background, donor, mask, seed=3, context_ring=ring, rotate=False)
+    assert res is not None
+    check_result(res, background)
+    vessel, pasted = res.vessel_mask > 0, res.mask > 0
+    assert vessel.sum() == (mask > 0).sum()  # no rotation: the vessel's own pixels
+    assert (vessel <= pasted).all()
+    if ring == 0:
+        np.testing.assert_array_equal(vessel, pasted)
+    else:
+        disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * ring + 1, 2 * ring + 1))
+        grown = cv2.dilate(vessel.astype(np.uint8), disc) > 0
+        assert (pasted <= grown).all()  # the ring, as far as the donor's crop reaches
+        in_crop = cv2.dilate((mask > 0).astype(np.uint8), disc) > 0  # donor coordinates
+        assert pasted.sum() == in_crop.sum()
+        # the donor's own tissue is what lies in the ring, not the background
+        ring_px = pasted & ~vessel
+        assert not np.array_equal(res.composite[ring_px], background[ring_px])
+    rotated = prepare_composite(background, donor, mask, seed=3, context_ring=ring)
+    assert rotated is not None and (rotated.vessel_mask > 0).sum() > 0.9 * (mask > 0).sum()
+    assert ((rotated.vessel_mask > 0) <= (rotated.mask > 0)).all()

@@ -8,8 +8,8 @@ Layout (see contracts.md, "Dataset / run folder")::
       images/<id>.png           RGB, lossless
       masks/<id>.png            single channel uint8, 0 / 255, same size as the image
       annotations/<id>.geojson  QuPath FeatureCollection in tile pixels
-      refs/<id>-<name>.png      inputs of the row (background, donor, donor-mask, composite,
-                                reference)
+      refs/<id>-<name>.png      inputs of the row (background, donor, donor-mask,
+                                vessel-mask, composite, reference)
 
 Every file is written atomically, and a tile's index row is appended only after all of its
 files are in place, so a row never points at a missing file. An interrupted run is resumed
@@ -100,7 +100,7 @@ INDEX_COLUMNS: tuple[str, ...] = (
 
 SYNTHESIS_TYPES = ("extracted", "inpainting", "variation")
 REVIEW_STATUSES = ("pending", "accepted", "rejected")
-REF_NAMES = ("background", "donor", "donor-mask", "composite", "reference")
+REF_NAMES = ("background", "donor", "donor-mask", "vessel-mask", "composite", "reference")
 """Allowed names of reference images (``refs/<id>-<name>.png``); ``*mask`` ones are masks."""
 
 _ID_RE = re.compile(r"[A-Za-z0-9._-]+")

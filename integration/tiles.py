@@ -314,6 +314,9 @@ class Donor:
     mask: np.ndarray  # (s, s) uint8 0/255, this vessel only
     context: np.ndarray  # tissue around it, for choosing similar backgrounds
     context_tissue: np.ndarray
+    #: (s, s) uint8 0/255: the slide's other annotations in the crop (not to be pasted
+    #: along with the vessel's tissue ring)
+    others: np.ndarray | None = None
 
 
 @dataclass
@@ -394,6 +397,17 @@ def collect_donors(
             y0 = (miny + maxy) / 2 - extent / 2
             image = read_tile(source.reader, x0, y0, side, mpp)
             mask = rasterize([vessel.geometry], origin=(x0, y0), scale=scale, shape=(side, side))
+            region = box(x0, y0, x0 + extent, y0 + extent)
+            others = rasterize(
+                [
+                    a.geometry
+                    for a in source.annotations
+                    if a is not vessel and a.geometry.intersects(region)
+                ],
+                origin=(x0, y0),
+                scale=scale,
+                shape=(side, side),
+            )
             if not mask.any():
                 skipped.append((item, "the vessel covers no pixel at this resolution"))
                 continue
@@ -403,7 +417,7 @@ def collect_donors(
             )
             context = read_tile(source.reader, cx, cy, context_side, mpp)
             context_tissue = tissue_mask(context)
-            donors.append(Donor(source, vessel, image, mask, context, context_tissue))
+            donors.append(Donor(source, vessel, image, mask, context, context_tissue, others))
     return donors
 
 

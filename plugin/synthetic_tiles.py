@@ -459,6 +459,7 @@ def _run_inpaint(
                     seed=run.seed + i,
                     colour_blend=run.colour_blend,
                     context_ring=run.ring,
+                    donor_exclude=donor.others,
                 )
             except ValueError as exc:
                 writer.skip(f"tile {i}", f"donor {donor.vessel.id}: {exc}")
@@ -479,6 +480,7 @@ def _run_inpaint(
                 seed=run.seed + i,
                 colour_blend=run.colour_blend,
                 context_ring=run.ring,
+                donor_exclude=donor.others,
             )
             if composite is not None:
                 return _Prepared(i, donor, background, composite)

@@ -137,6 +137,7 @@ def prepare_composite(
     long_side: int = 512,
     orientation_method: str = "fit_ellipse",
     context_ring: int = 0,
+    donor_exclude: np.ndarray | None = None,
 ) -> CompositeResult | None:
     """Steps 1–4 of context-aware inpainting: orientation → rotation → placement →
     colour → composite. None when no position fits.
@@ -162,7 +163,8 @@ def prepare_composite(
       with the vessel: ``mask`` (M′,
       the seam) is the vessel with that ring, ``vessel_mask`` the vessel alone — its wall
       then lies inside the pasted tissue, where the seam blend weight is low, instead of
-      on the seam.
+      on the seam. ``donor_exclude`` (donor size, non-zero = not tissue of this vessel,
+      e.g. a neighbouring vessel) is left out of the ring.
 
     Raises ValueError: donor larger than the tile, empty donor mask (before or after
     rotation), no tissue in the background, mismatched shapes.
@@ -192,6 +194,13 @@ def prepare_composite(
         )
         # the whole ring, pale gaps included: holes in it would put seams next to the wall
         inside = cv2.dilate(vessel.astype(np.uint8), disc) > 0
+        if donor_exclude is not None:
+            exclude = np.asarray(donor_exclude)
+            if exclude.shape != vessel.shape:
+                raise ValueError(
+                    f"donor_exclude {exclude.shape} does not match the donor {vessel.shape}"
+                )
+            inside &= vessel | (exclude == 0)
     ys, xs = _bbox(inside)
     donor_c, inside_c, vessel_c = donor_image[ys, xs], inside[ys, xs], vessel[ys, xs]
     h, w = inside_c.shape

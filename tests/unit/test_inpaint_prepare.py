@@ -195,3 +195,24 @@ def test_a_context_ring_pastes_the_vessel_with_its_own_tissue(ring: int) -> None
     rotated = prepare_composite(background, donor, mask, seed=3, context_ring=ring)
     assert rotated is not None and (rotated.vessel_mask > 0).sum() > 0.9 * (mask > 0).sum()
     assert ((rotated.vessel_mask > 0) <= (rotated.mask > 0)).all()
+
+
+def test_the_ring_leaves_out_what_the_donor_excludes() -> None:
+    """A neighbouring vessel in the donor's crop (``donor_exclude``) is not pasted along."""
+    background = np.ascontiguousarray(HE[:256, :256])
+    donor, mask = donor_crop()
+    neighbour = np.zeros_like(mask)
+    neighbour[:, : mask.shape[1] // 3] = 255  # the left third of the crop
+    neighbour[mask > 0] = 0
+    common = {"seed": 3, "context_ring": 10, "rotate": False}
+    whole = prepare_composite(background, donor, mask, **common)
+    cut = prepare_composite(background, donor, mask, donor_exclude=neighbour, **common)
+    assert whole is not None and cut is not None
+    assert (cut.vessel_mask > 0).sum() == (whole.vessel_mask > 0).sum() == (mask > 0).sum()
+    assert (cut.mask > 0).sum() < (whole.mask > 0).sum()
+    # what was cut is exactly the ring inside the excluded region
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (21, 21))
+    ring = (cv2.dilate((mask > 0).astype(np.uint8), disc) > 0) & (mask == 0)
+    assert (whole.mask > 0).sum() - (cut.mask > 0).sum() == (ring & (neighbour > 0)).sum()
+    with pytest.raises(ValueError, match="donor_exclude"):
+        prepare_composite(background, donor, mask, donor_exclude=neighbour[:10], **common)

@@ -364,13 +364,16 @@ def collect_donors(
     margin_px: int = 8,
     max_fraction: float = DONOR_MAX_FRACTION,
     role: str = "donor",
+    context_px: int = 0,
 ) -> list[Donor]:
     """Every vessel of ``classes`` as a donor crop at ``mpp``; too large ones are skipped.
 
     A donor may span at most ``max_fraction`` of the tile so that there is room to
     place it; the crop is square, ``margin_px`` wider than the vessel on each side.
     ``role`` names the vessel in skip reasons (``"reference vessel"`` in variation mode,
-    where a vessel may fill the tile: ``max_fraction`` 1).
+    where a vessel may fill the tile: ``max_fraction`` 1). ``context_px`` more pixels of
+    the slide are read on every side (the tissue ring pasted with the vessel); they do not
+    count against ``max_fraction``.
     """
     donors = []
     for source in sources:
@@ -391,7 +394,7 @@ def collect_donors(
                     )
                 )
                 continue
-            side = math.ceil(span)
+            side = math.ceil(span + 2 * context_px)
             extent = side / scale
             x0 = (minx + maxx) / 2 - extent / 2
             y0 = (miny + maxy) / 2 - extent / 2

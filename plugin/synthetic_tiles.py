@@ -288,7 +288,7 @@ def synthesize(
         tile_size,
         mpp,
         skipped,
-        margin_px=8 + ring,
+        context_px=ring,
         max_fraction=max_fraction,
         role=role,
     )

@@ -188,11 +188,7 @@ def diffusion(spec: str, steps: int) -> Callable | None:
     if engine.tile_size != TILE:
         print(f"skipping {model}: it makes {engine.tile_size} px tiles, not {TILE}")
         return None
-    from histosynth.synthesis.pipelines.inpaint import InpaintPipeline
-
-    pipe = InpaintPipeline(transformer=engine.transformer, vae=engine.vae,
-                           scheduler=engine.make_scheduler(sampler or None),
-                           encoder=engine.encoder)
+    pipe = engine.inpaint_pipeline(sampler or None)
     pipe.set_progress_bar_config(disable=True)
 
     def run(s):

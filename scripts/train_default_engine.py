@@ -619,7 +619,6 @@ def make_preview(out: Path, held_region: np.ndarray, tile: int, *, quick: bool) 
     import cv2
 
     from histosynth.synthesis.engine import load_engine
-    from histosynth.synthesis.pipelines.inpaint import InpaintPipeline
     from histosynth.synthesis.training.autoencoder import reconstruct
 
     engine = load_engine(out, device="cpu")
@@ -637,12 +636,7 @@ def make_preview(out: Path, held_region: np.ndarray, tile: int, *, quick: bool) 
     rows_out = []
     for name in (str(out), "tiny"):
         eng = engine if name != "tiny" else load_engine("tiny", device="cpu", tile_size=tile)
-        pipe = InpaintPipeline(
-            transformer=eng.transformer,
-            vae=eng.vae,
-            scheduler=eng.make_scheduler(),
-            encoder=eng.encoder,
-        )
+        pipe = eng.inpaint_pipeline()
         pipe.set_progress_bar_config(disable=True)
         res = pipe(composite, mask, strength=0.55, num_inference_steps=steps, seeds=[0])
         rows_out.append((res.images[0], res.generated[0]))

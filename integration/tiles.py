@@ -206,9 +206,7 @@ def plan_vessel_tiles(
     plan = TilePlan()
     used_ids: set[str] = set()
     for source in sources:
-        chosen = [
-            a for a in source.annotations if class_matches_any(a.class_name, classes)
-        ]
+        chosen = [a for a in source.annotations if class_matches_any(a.class_name, classes)]
         chosen.sort(key=lambda a: (a.geometry.bounds[1], a.geometry.bounds[0], a.id))
         tree = STRtree([a.geometry for a in chosen]) if chosen else None
         extent = tile_extent(tile_size, mpp, source.mpp)
@@ -354,6 +352,16 @@ def open_sources(sources: Sequence[SlideSource], mpp: float | None) -> list[Slid
     return list(sources)
 
 
+def beyond_slide(source: SlideSource, x: float, y: float, size: int, scale: float) -> np.ndarray:
+    """Which pixels of the ``size`` px square read at (x, y) level-0 px, ``scale`` tile px
+    per level-0 px, reach beyond the slide (uint8 (size, size), 255 = at least part of the
+    pixel lies outside ``source.width`` × ``source.height``)."""
+    edges = np.arange(size + 1) / scale
+    cols = (x + edges[:-1] < 0) | (x + edges[1:] > source.width)
+    rows = (y + edges[:-1] < 0) | (y + edges[1:] > source.height)
+    return ((rows[:, None] | cols[None, :]) * 255).astype(np.uint8)
+
+
 def collect_donors(
     sources: Sequence[SlideSource],
     classes: Sequence[str],
@@ -411,6 +419,8 @@ def collect_donors(
                 scale=scale,
                 shape=(side, side),
             )
+            # the white beyond the slide's edge is no tissue to paste with the vessel
+            others |= beyond_slide(source, x0, y0, side, scale)
             if not mask.any():
                 skipped.append((item, "the vessel covers no pixel at this resolution"))
                 continue

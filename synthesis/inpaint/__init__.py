@@ -35,7 +35,13 @@ from histosynth.synthesis.inpaint.placement import (
     forbidden_zone,
     tissue_mask,
 )
-from histosynth.synthesis.inpaint.seam import SEAM_CUTOFF, composite, seam_blend, seam_weights
+from histosynth.synthesis.inpaint.seam import (
+    SEAM_CUTOFF,
+    composite,
+    fill_holes,
+    seam_blend,
+    seam_weights,
+)
 
 __all__ = [
     "SEAM_CUTOFF",
@@ -159,12 +165,13 @@ def prepare_composite(
       around the placed mask ("local"), or the whole tile's tissue when that ring has
       fewer than ``min_ring_pixels`` tissue pixels ("tile").
 
-    * ``context_ring`` px of the donor's own surroundings (within its crop) are pasted
-      with the vessel: ``mask`` (M′,
-      the seam) is the vessel with that ring, ``vessel_mask`` the vessel alone — its wall
-      then lies inside the pasted tissue, where the seam blend weight is low, instead of
-      on the seam. ``donor_exclude`` (donor size, non-zero = not tissue of this vessel,
-      e.g. a neighbouring vessel) is left out of the ring.
+    * The vessel is pasted with what it encloses (a wall annotated as a ring brings its
+      lumen), and ``context_ring`` px of the donor's own surroundings (within its crop)
+      with it: ``mask`` (M′, the seam) is that region, ``vessel_mask`` the vessel alone —
+      its wall then lies inside the pasted tissue, where the seam blend weight is low,
+      instead of on the seam. ``donor_exclude`` (donor size, non-zero = not tissue of
+      this vessel, e.g. a neighbouring vessel, or crop pixels beyond the slide's edge) is
+      left out of the ring.
 
     Raises ValueError: donor larger than the tile, empty donor mask (before or after
     rotation), no tissue in the background, mismatched shapes.
@@ -187,20 +194,22 @@ def prepare_composite(
     vessel = mask if mask.dtype == bool else mask != 0
     if not vessel.any():
         raise ValueError("donor mask is empty")
-    inside = vessel
+    # the pasted region holds the vessel with whatever it encloses: a wall annotated as a
+    # ring (its lumen a hole) is pasted with its lumen, not with background in it
+    inside = fill_holes(vessel)
     if context_ring > 0:
         disc = cv2.getStructuringElement(
             cv2.MORPH_ELLIPSE, (2 * context_ring + 1, 2 * context_ring + 1)
         )
         # the whole ring, pale gaps included: holes in it would put seams next to the wall
-        inside = cv2.dilate(vessel.astype(np.uint8), disc) > 0
+        inside = cv2.dilate(inside.astype(np.uint8), disc) > 0
         if donor_exclude is not None:
             exclude = np.asarray(donor_exclude)
             if exclude.shape != vessel.shape:
                 raise ValueError(
                     f"donor_exclude {exclude.shape} does not match the donor {vessel.shape}"
                 )
-            inside &= vessel | (exclude == 0)
+            inside &= fill_holes(vessel) | (exclude == 0)
     ys, xs = _bbox(inside)
     donor_c, inside_c, vessel_c = donor_image[ys, xs], inside[ys, xs], vessel[ys, xs]
     h, w = inside_c.shape
@@ -241,9 +250,7 @@ def prepare_composite(
     if existing is None:
         forbidden = np.zeros((H, W), dtype=bool)
     else:
-        forbidden = forbidden_zone(
-            background, existing, margin=existing_margin, non_tissue=False
-        )
+        forbidden = forbidden_zone(background, existing, margin=existing_margin, non_tissue=False)
     placement = find_placement(
         background, d_img, d_mask, forbidden, rng=rng, tissue=tissue, gray_threshold=gray_threshold
     )
@@ -253,9 +260,7 @@ def prepare_composite(
     window, ring = _local_ring(tissue, d_mask, placement.x, placement.y, colour_ring)
     if int(ring.sum()) >= min_ring_pixels:
         reference = "local"
-        d_img = reinhard_transfer(
-            d_img, d_mask, background[window], ring, blend=colour_blend
-        )
+        d_img = reinhard_transfer(d_img, d_mask, background[window], ring, blend=colour_blend)
     else:
         reference = "tile"
         d_img = reinhard_transfer(d_img, d_mask, background, tissue, blend=colour_blend)
@@ -263,9 +268,9 @@ def prepare_composite(
     x_img, placed = composite(background, d_img, d_mask, placement.x, placement.y)
     placed_vessel = np.zeros((H, W), dtype=np.uint8)
     vh, vw = d_vessel.shape
-    placed_vessel[placement.y : placement.y + vh, placement.x : placement.x + vw] = (
-        d_vessel.astype(np.uint8) * np.uint8(255)
-    )
+    placed_vessel[placement.y : placement.y + vh, placement.x : placement.x + vw] = d_vessel.astype(
+        np.uint8
+    ) * np.uint8(255)
     return CompositeResult(
         composite=x_img,
         mask=placed,

@@ -22,7 +22,7 @@ import numpy as np
 
 from histosynth.synthesis import defaults
 
-__all__ = ["SEAM_CUTOFF", "composite", "seam_blend", "seam_weights"]
+__all__ = ["SEAM_CUTOFF", "composite", "fill_holes", "seam_blend", "seam_weights"]
 
 #: Weights are zeroed beyond this many σ from the seam.
 SEAM_CUTOFF = 4.0
@@ -35,6 +35,16 @@ def as_mask2d(mask: np.ndarray, name: str) -> np.ndarray:
     if mask.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D mask, got shape {mask.shape}")
     return mask if mask.dtype == bool else mask != 0
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` (bool (H, W)) with its holes filled: every background pixel that no
+    4-connected path of background pixels joins to the border becomes True."""
+    inside = np.asarray(mask, dtype=bool)
+    padded = np.pad(~inside, 1, constant_values=True).astype(np.uint8)
+    flood = np.zeros((padded.shape[0] + 2, padded.shape[1] + 2), np.uint8)
+    cv2.floodFill(padded, flood, (0, 0), 2, flags=4)
+    return inside | (padded[1:-1, 1:-1] == 1)
 
 
 def _bounding_rect(mask: np.ndarray) -> tuple[int, int, int, int]:

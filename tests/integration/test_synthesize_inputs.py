@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -42,8 +43,33 @@ def test_backgrounds_carry_the_vessels_inside_and_skip_small_slides(sources):
         assert background.image.shape == (1024, 1024, 3)
         assert background.tissue.mean() >= 0.5
         drawn = (background.existing_mask > 0).sum()
-        assert drawn == pytest.approx(sum(a.geometry.area for a in background.existing),
-                                      rel=0.02, abs=50)
+        assert drawn == pytest.approx(
+            sum(a.geometry.area for a in background.existing), rel=0.02, abs=50
+        )
     assert any(b.existing for b in backgrounds), "some background should hold a vessel"
     again = collect_backgrounds(sources, ["Vessel"], 1024, 0.5, seed=0)
     assert [(b.x, b.y) for b in again] == [(b.x, b.y) for b in backgrounds]
+
+
+def test_a_donor_crop_beyond_the_slide_edge_excludes_the_white_from_its_ring(sources):
+    """A vessel by the slide's edge: the part of its crop beyond the slide is white, and
+    ``others`` marks exactly that part, so the ring pasted with the vessel holds tissue."""
+    donors = collect_donors(sources, ["Vessel"], 512, 0.5, [], context_px=30)
+    edge = []
+    for donor in donors:
+        minx, miny, maxx, maxy = donor.vessel.geometry.bounds
+        src = donor.source
+        if min(minx, miny, src.width - maxx, src.height - maxy) * src.mpp / 0.5 < 40:
+            edge.append(donor)
+    assert edge, "the demo places vessels by the slide's edge"
+    for donor in edge:
+        white = (donor.image >= 250).all(axis=-1)
+        outside = donor.others > 0
+        assert outside.any()
+        # the pixels beyond the edge are white (but for the resampled one next to it), and
+        # what is marked holds no vessel
+        deep = cv2.erode(outside.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+        assert deep.any() and white[deep].all()
+        assert not (outside & (donor.mask > 0)).any()
+    inner = [d for d in donors if d not in edge]
+    assert any(not (d.others > 0).any() for d in inner)

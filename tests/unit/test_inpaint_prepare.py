@@ -20,6 +20,7 @@ from scipy import ndimage
 from histosynth.integration.demodata import he_source_image
 from histosynth.synthesis.inpaint import (
     CompositeResult,
+    fill_holes,
     prepare_composite,
     rotate_donor,
     seam_blend,
@@ -216,3 +217,26 @@ def test_the_ring_leaves_out_what_the_donor_excludes() -> None:
     assert (whole.mask > 0).sum() - (cut.mask > 0).sum() == (ring & (neighbour > 0)).sum()
     with pytest.raises(ValueError, match="donor_exclude"):
         prepare_composite(background, donor, mask, donor_exclude=neighbour[:10], **common)
+
+
+@pytest.mark.parametrize("ring", [0, 10])
+def test_a_vessel_annotated_as_a_ring_is_pasted_with_its_lumen(ring: int) -> None:
+    """A wall annotation with its lumen as a hole: the pasted region holds the lumen (the
+    donor's pixels, not the background), the vessel mask stays the wall alone."""
+    background = np.ascontiguousarray(HE[:256, :256])
+    donor, mask = donor_crop()
+    wall = mask.copy()
+    cy, cx = (int(v.mean()) for v in np.nonzero(mask))
+    cv2.circle(wall, (cx, cy), 12, 0, -1)
+    res = prepare_composite(background, donor, wall, seed=3, context_ring=ring, rotate=False)
+    assert res is not None
+    check_result(res, background)
+    vessel, pasted = res.vessel_mask > 0, res.mask > 0
+    assert vessel.sum() == (wall > 0).sum()  # the annotation's own pixels
+    lumen = fill_holes(vessel) & ~vessel
+    assert lumen.sum() > 300 and pasted[lumen].all()
+    ys, xs = np.nonzero(lumen)
+    px, py = res.placement.x, res.placement.y
+    # the donor's lumen pixels, colour-matched: they differ from the background there
+    assert not np.array_equal(res.composite[lumen], background[lumen])
+    assert (ys.min() >= py) and (xs.min() >= px)

@@ -17,7 +17,13 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from histosynth.integration.demodata import he_source_image
-from histosynth.synthesis.inpaint import SEAM_CUTOFF, composite, seam_blend, seam_weights
+from histosynth.synthesis.inpaint import (
+    SEAM_CUTOFF,
+    composite,
+    fill_holes,
+    seam_blend,
+    seam_weights,
+)
 
 HE = he_source_image()
 
@@ -40,7 +46,10 @@ masks = st.builds(
     st.integers(16, 200),
     st.lists(
         st.tuples(
-            st.floats(-0.2, 1.2), st.floats(-0.2, 1.2), st.integers(1, 60), st.integers(1, 60),
+            st.floats(-0.2, 1.2),
+            st.floats(-0.2, 1.2),
+            st.integers(1, 60),
+            st.integers(1, 60),
             st.floats(0, 180),
         ),
         min_size=1,
@@ -84,8 +93,11 @@ def test_far_from_the_seam_the_blend_is_the_composite(spec, sigma: float, seed: 
     a = seam_weights(mask, sigma)
     out = seam_blend(x_img, generated, a)
     assert out.dtype == np.uint8 and out.shape == x_img.shape
-    _, seam_distance = reference_weights(mask, sigma) if mask.any() and not mask.all() else (
-        None, np.full(mask.shape, np.inf))
+    _, seam_distance = (
+        reference_weights(mask, sigma)
+        if mask.any() and not mask.all()
+        else (None, np.full(mask.shape, np.inf))
+    )
     far = seam_distance > SEAM_CUTOFF * sigma
     np.testing.assert_array_equal(out[far], x_img[far])  # both the donor and the background
     np.testing.assert_array_equal(out[a == 1.0], generated[a == 1.0])
@@ -155,3 +167,29 @@ def test_composite_refuses_a_crop_outside_the_tile() -> None:
             composite(background, donor, mask, x, y)
     with pytest.raises(ValueError, match="differ in size"):
         composite(background, donor, np.ones((10, 20), bool), 0, 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    bits=st.lists(st.booleans(), min_size=1, max_size=400),
+    width=st.integers(1, 20),
+)
+def test_fill_holes_fills_what_the_border_cannot_reach(bits: list[bool], width: int) -> None:
+    """Equal to scipy's binary_fill_holes (4-connected background) on random masks."""
+    rows = max(1, len(bits) // width)
+    mask = np.array((bits * (rows * width // len(bits) + 1))[: rows * width]).reshape(rows, width)
+    filled = fill_holes(mask)
+    np.testing.assert_array_equal(filled, ndimage.binary_fill_holes(mask))
+    assert (filled >= mask).all()
+
+
+def test_fill_holes_fills_a_ring_s_lumen() -> None:
+    ring = np.zeros((60, 60), np.uint8)
+    cv2.circle(ring, (30, 30), 20, 255, -1)
+    cv2.circle(ring, (30, 30), 12, 0, -1)
+    disc = np.zeros_like(ring)
+    cv2.circle(disc, (30, 30), 20, 255, -1)
+    np.testing.assert_array_equal(fill_holes(ring > 0), disc > 0)
+    open_ring = ring.copy()
+    open_ring[28:32, 40:] = 0  # a gap to the outside: nothing is enclosed
+    np.testing.assert_array_equal(fill_holes(open_ring > 0), open_ring > 0)

@@ -168,6 +168,7 @@ def telea(s):
 
 
 def seamless(s):
+    """OpenCV's Poisson cloning of the donor into the tile (it alters ``s["mask"]``)."""
     bgr = cv2.seamlessClone(
         cv2.cvtColor(s["donor"], cv2.COLOR_RGB2BGR),
         cv2.cvtColor(s["tile"], cv2.COLOR_RGB2BGR),
@@ -291,8 +292,10 @@ def main(argv: list[str] | None = None) -> dict:
     for label, method in methods:
         de, hf, crops, seconds = [], [], [], []
         for k, s in enumerate(data):
+            # a copy for each method: cv2.seamlessClone writes into the mask it is given
+            given = {key: np.array(value, copy=True) for key, value in s.items()}
             start = time.perf_counter()
-            out = method(s)
+            out = method(given)
             seconds.append(time.perf_counter() - start)
             band = band_of(s["mask"])
             de.append(delta_e(out, s["composite"], band))

@@ -65,3 +65,19 @@ def test_engine_row_blends_the_generated_band_once(bench):
     ).generated[0]
     once = seam_blend(s["composite"], generated, seam_weights(s["mask"], bench.SIGMA))
     np.testing.assert_array_equal(out, once)
+
+
+def test_every_method_is_measured_on_the_unaltered_sample(bench, monkeypatch):
+    """cv2.seamlessClone writes into its mask: each method gets its own copy, so the rows
+    after it (and their bands) see the sample as made."""
+    seen = []
+
+    def spy(s):
+        seen.append(s["mask"].copy())
+        return s["composite"]
+
+    monkeypatch.setattr(bench, "composite_only", spy)
+    (first,) = bench.samples(1)
+    bench.main(["--models", "--samples", "1"])
+    assert len(seen) == 1
+    np.testing.assert_array_equal(seen[0], first["mask"])

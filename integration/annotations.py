@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -10,6 +11,23 @@ from typing import Any
 from shapely.geometry.base import BaseGeometry
 
 RGB = tuple[int, int, int]
+
+#: Lone UTF-16 surrogates (no UTF-8 encoding) and C0 / C1 control characters but tab,
+#: line feed and carriage return.
+_UNSAFE = re.compile("[\ud800-\udfff\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def safe_text(value: Any) -> Any:
+    """``value`` with every lone surrogate and control character (but tab, LF and CR)
+    replaced by U+FFFD, so that it can be written as UTF-8 JSON, CSV or XML; lists and
+    dicts (keys too) are cleaned throughout, other values returned as they are."""
+    if isinstance(value, str):
+        return _UNSAFE.sub("\ufffd", value)
+    if isinstance(value, list | tuple):
+        return type(value)(safe_text(v) for v in value)
+    if isinstance(value, dict):
+        return {safe_text(k): safe_text(v) for k, v in value.items()}
+    return value
 
 
 @dataclass
@@ -37,6 +55,16 @@ class Annotation:
     measurements: dict[str, float] = field(default_factory=dict)
     properties: dict[str, Any] = field(default_factory=dict)
     object_type: str = "annotation"
+
+    def __post_init__(self) -> None:
+        # a name read from a file may hold a lone surrogate ("\udfff" in JSON) or control
+        # characters: cleaned once here, every writer can encode them
+        self.class_name = safe_text(self.class_name)
+        self.name = safe_text(self.name)
+        self.id = safe_text(self.id)
+        self.measurements = safe_text(self.measurements)
+        self.properties = safe_text(self.properties)
+        self.object_type = safe_text(self.object_type)
 
 
 def class_parts(class_name: str | None) -> list[str]:

@@ -1,6 +1,8 @@
 """Atomic file writes: write a temporary file beside the target, then rename over it.
 
-A reader (or a crash) sees either the old file or the new one, never half of either.
+A reader (or a crash) sees either the old file or the new one, never half of either. A
+target that is a symbolic link is written through to the file it points to (the link
+stays a link).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file in the same folder + ``os.replace``)."""
-    path = Path(path)
+    path = _through_links(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -34,7 +36,7 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[str], None]) -> 
     """Let ``write(tmp)`` make the file at the temporary path ``tmp`` beside ``path`` (for
     writers that want a file name: tifffile, SQLite), fsync it and rename it onto
     ``path``; the temporary file is removed if anything fails. Returns ``path``."""
-    path = Path(path)
+    path = _through_links(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -48,6 +50,13 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[str], None]) -> 
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _through_links(path: str | os.PathLike) -> Path:
+    """``path``, or the file its chain of symbolic links ends at (renaming onto a link
+    would replace the link itself with a plain file)."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
 def _umask() -> int:

@@ -20,13 +20,11 @@ colours are :mod:`histosynth.integration.class_colours`'.
 from __future__ import annotations
 
 import copy
-import gzip
 import json
 import logging
 import math
 import os
 import uuid
-import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,7 @@ from histosynth.integration.annotations import (
 )
 from histosynth.integration.class_colours import argb_to_rgb, default_color, rgb_to_argb
 from histosynth.integration.errors import InputError
+from histosynth.integration.files import parse_json, read_input_bytes
 from histosynth.integration.geojson_write import (
     finite_float,
     geojson_bytes,
@@ -108,28 +107,12 @@ def _load(source: str | os.PathLike | dict | list, origin: str | None) -> tuple[
         )
     path = Path(source)
     label = origin or str(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError("file not found", path=label) from None
-    except (OSError, ValueError) as exc:
-        raise InputError(
-            f"cannot read file: {getattr(exc, 'strerror', None) or exc}", path=label
-        ) from None
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise InputError(f"cannot decompress: {exc}", path=label) from None
+    data = read_input_bytes(path, gunzip=True, label=label)
     if not data.strip():
         raise InputError("file is empty, expected GeoJSON", path=label)
     try:
-        return json.loads(data), label
-    except json.JSONDecodeError as exc:
-        raise InputError(
-            f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})", path=label
-        ) from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return parse_json(data, label), label
+    except (UnicodeDecodeError, ValueError) as exc:  # not UTF-8 / -16 / -32 text
         raise InputError(f"not valid JSON: {exc}", path=label) from None
 
 

@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from histosynth.integration.errors import InputError
+from histosynth.integration.files import check_not_special
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -50,6 +51,10 @@ MPP_XY_TOLERANCE = 0.01
 
 #: Value of pixels outside the slide (white glass of a brightfield slide).
 OUTSIDE_VALUE = 255
+
+#: Largest window one tile read may take from a pyramid level, in pixels (3 bytes each:
+#: 768 MiB). A tile far coarser than the slide's coarsest level would need more.
+MAX_READ_PIXELS = 2**28
 
 # Relative tolerance when matching a requested resolution to a pyramid level.
 _LEVEL_TOLERANCE = 1e-3
@@ -108,6 +113,7 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None) -> WSIReade
         mpp = _check_mpp(mpp, "--mpp", path)
     if not path.exists():
         raise InputError("slide file not found", path=path)
+    check_not_special(path)
     from tiatoolbox.wsicore.wsireader import WSIReader  # slow: imported on first use
 
     try:
@@ -155,9 +161,7 @@ def slide_mpp(reader: WSIReader) -> float:
     mx = _check_mpp(values[0], "pixel width", path)
     my = _check_mpp(values[1] if values.size > 1 else values[0], "pixel height", path)
     if abs(mx - my) > MPP_XY_TOLERANCE * min(mx, my):
-        raise InputError(
-            f"pixels are not square ({mx:g} × {my:g} µm); not supported", path=path
-        )
+        raise InputError(f"pixels are not square ({mx:g} × {my:g} µm); not supported", path=path)
     return (mx + my) / 2
 
 
@@ -297,6 +301,14 @@ def read_tile(reader: WSIReader, x: float, y: float, size: int, mpp: float) -> n
     span = size * scale
     width = math.ceil(lx + span) + pad - x0
     height = math.ceil(ly + span) + pad - y0
+    if width * height > MAX_READ_PIXELS:
+        level_mpp = slide_mpp(reader) * ds
+        raise InputError(
+            f"a {size} px tile at {mpp:g} µm/px needs a {width}×{height} px read from level "
+            f"{level} ({level_mpp:g} µm/px), more than {MAX_READ_PIXELS // 2**20} Mpx: use a "
+            "finer --mpp or a slide with coarser pyramid levels",
+            path=path,
+        )
     with _quiet_tiatoolbox():
         window = reader.read_rect(
             (round(x0 * ds), round(y0 * ds)),

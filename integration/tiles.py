@@ -138,7 +138,9 @@ def load_sources(
 
 def annotations_on_slide(source: SlideSource, *, hint: str = "") -> list[Annotation]:
     """Annotations clipped to the slide; one entirely outside it is an error naming it (by
-    its store key when it came from an annotation store) and ending with ``hint``."""
+    its store key when it came from an annotation store) and ending with ``hint``; one
+    that meets the slide only along its edge or at a corner (no area on it) is skipped
+    with a warning."""
     bounds = box(0, 0, source.width, source.height)
     kept = []
     for ann in source.annotations:
@@ -155,12 +157,21 @@ def annotations_on_slide(source: SlideSource, *, hint: str = "") -> list[Annotat
                 + (f" ({label})" if label else ""),
             )
         if not bounds.contains(ann.geometry):
+            clipped = polygonal(ann.geometry.intersection(bounds))
+            if clipped is None:  # it meets the slide only along the edge or at a corner
+                log.warning(
+                    "%s: annotation %s touches the slide only along its edge (no area on "
+                    "it); skipped",
+                    source.annotations_origin,
+                    ann.id,
+                )
+                continue
             log.warning(
                 "%s: annotation %s extends beyond the slide; clipped to it",
                 source.annotations_origin,
                 ann.id,
             )
-            ann.geometry = ann.geometry.intersection(bounds)
+            ann.geometry = clipped
         kept.append(ann)
     return kept
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from histosynth.integration.errors import InputError
+from histosynth.options import MPP_MAX, SEED_MAX, FiniteFloat
 from histosynth.progress import progress_for
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -140,8 +141,9 @@ def _read_dataset(folder: Path) -> _DatasetInput:
             if column == "image_path" and not name:
                 raise InputError("a row has no image_path", path=index, item=row.get("id"))
             if name and not (folder / name).is_file():
-                raise InputError(f"file of tile {row.get('id')!r} not found ({column})",
-                                 path=folder / name)
+                raise InputError(
+                    f"file of tile {row.get('id')!r} not found ({column})", path=folder / name
+                )
     tile_size = _uniform(kept, "tile_size", int, index)
     if tile_size is None:  # an index without the column: the first image says
         tile_size = _read_png(folder / kept[0]["image_path"], colour=True).shape[0]
@@ -208,8 +210,9 @@ def _vessel_tile(planned: Any, tile_size: int, mpp: float) -> CacheTile:
     return CacheTile(planned.tile_id, image, mask, source=str(source.slide_path), kind="vessel")
 
 
-def _background_tile(source: SlideSource, tile_id: str, x: int, y: int, tile_size: int,
-                     mpp: float) -> CacheTile:
+def _background_tile(
+    source: SlideSource, tile_id: str, x: int, y: int, tile_size: int, mpp: float
+) -> CacheTile:
     import numpy as np
 
     from histosynth.integration.slides import read_tile
@@ -238,9 +241,7 @@ def _plan_backgrounds(
     candidates = [
         (source, x, y)
         for source in sources
-        for x, y in tissue_positions(
-            source, tile_size, mpp, min_tissue, avoid=source.annotations
-        )
+        for x, y in tissue_positions(source, tile_size, mpp, min_tissue, avoid=source.annotations)
     ]
     order = np.random.default_rng([seed, 0xCAC4E]).permutation(len(candidates))
     planned: list[_Planned] = []
@@ -251,14 +252,19 @@ def _plan_backgrounds(
         if not mostly_tissue(source, x, y, tile_size, mpp, min_tissue):
             continue
         tile_id = f"{source.label}-bg-{x}-{y}"
-        planned.append(_Planned(
-            tile_id, "background",
-            lambda s=source, t=tile_id, x=x, y=y: _background_tile(s, t, x, y, tile_size, mpp),
-        ))
+        planned.append(
+            _Planned(
+                tile_id,
+                "background",
+                lambda s=source, t=tile_id, x=x, y=y: _background_tile(s, t, x, y, tile_size, mpp),
+            )
+        )
     if len(planned) < count:
         log.warning(
             "only %d of %d background tiles found (tissue ≥ %.0f%%, no annotation)",
-            len(planned), count, 100 * min_tissue,
+            len(planned),
+            count,
+            100 * min_tissue,
         )
     return planned
 
@@ -297,8 +303,9 @@ def _check_out(out: Path, resume: bool) -> CacheInfo | None:
     if not out.exists():
         return None
     if not resume:
-        raise InputError("the cache file exists; pass --resume to add to it, or choose "
-                         "another --out", path=out)
+        raise InputError(
+            "the cache file exists; pass --resume to add to it, or choose another --out", path=out
+        )
     return read_cache_info(out)
 
 
@@ -316,16 +323,25 @@ def _resolve(option: str, given: Any, *choices: tuple[str, Any]) -> Any:
 
 
 def _sizes(
-    tile_size: int | None, mpp: float | None, data: _DatasetInput | None,
+    tile_size: int | None,
+    mpp: float | None,
+    data: _DatasetInput | None,
     existing: CacheInfo | None,
 ) -> tuple[int | None, float | None]:
     """Tile size (px) and mpp (µm/px) from the options, the dataset and a resumed cache
     (``None`` where only the model can tell)."""
-    tile_size = _resolve("--tile-size", tile_size,
-                         ("the dataset's tiles", data.tile_size if data else None),
-                         ("the cache's", existing.tile_size if existing else None))
-    mpp = _resolve("--mpp", mpp, ("the dataset's", data.mpp if data else None),
-                   ("the cache's", existing.mpp if existing else None))
+    tile_size = _resolve(
+        "--tile-size",
+        tile_size,
+        ("the dataset's tiles", data.tile_size if data else None),
+        ("the cache's", existing.tile_size if existing else None),
+    )
+    mpp = _resolve(
+        "--mpp",
+        mpp,
+        ("the dataset's", data.mpp if data else None),
+        ("the cache's", existing.mpp if existing else None),
+    )
     return tile_size, mpp
 
 
@@ -380,21 +396,28 @@ def build_feature_cache(
     if data is None:
         if not classes:
             raise InputError("name at least one class (--class)")
-        sources = load_sources(project=project, slide=slide, annotations=annotations,
-                               mpp=slide_mpp_override, skip_missing=skip_missing)
+        sources = load_sources(
+            project=project,
+            slide=slide,
+            annotations=annotations,
+            mpp=slide_mpp_override,
+            skip_missing=skip_missing,
+        )
         check_classes(sources, classes)
     tile_size, mpp = _sizes(tile_size, mpp, data, existing)
     engine = load_engine(model, device=device)
     tile_size = int(tile_size or engine.tile_size)
     mpp = float(mpp or engine.mpp)
     _check_tile_size(tile_size, engine.encoder.crop, engine.codec.downsample)
-    result = CacheBuildResult(info=existing, engine_description=engine.description,
-                              trained=engine.trained)
+    result = CacheBuildResult(
+        info=existing, engine_description=engine.description, trained=engine.trained
+    )
     if data is not None:
         planned = _plan_dataset(data, tile_size)
     else:
-        planned = _plan_slides(sources, classes, tile_size, mpp, background_tiles, seed,
-                               result.skipped)
+        planned = _plan_slides(
+            sources, classes, tile_size, mpp, background_tiles, seed, result.skipped
+        )
     if not planned:
         raise InputError(
             f"no tiles found to cache: {len(result.skipped)} vessel(s) larger than a "
@@ -403,9 +426,16 @@ def build_feature_cache(
     cached = cached_tile_ids(out) if existing is not None else set()
     todo = [p for p in planned if p.tile_id not in cached]
     result.info = build_cache(
-        out, _TileStream(todo, lookahead=2 * batch_size), codec=engine.codec,
-        encoder=engine.encoder, tile_size=tile_size, mpp=mpp, model_id=engine.model_id,
-        resume=resume, batch_size=batch_size, progress=progress,
+        out,
+        _TileStream(todo, lookahead=2 * batch_size),
+        codec=engine.codec,
+        encoder=engine.encoder,
+        tile_size=tile_size,
+        mpp=mpp,
+        model_id=engine.model_id,
+        resume=resume,
+        batch_size=batch_size,
+        progress=progress,
     )
     result.written = len(todo)
     result.already_present = len(planned) - len(todo)
@@ -423,43 +453,118 @@ def cache() -> None:
 
 
 @cache.command("build")
-@click.option("--dataset", type=click.Path(path_type=Path),
-              help="A histosynth dataset or run folder (index.csv); rejected tiles are left out.")
-@click.option("--project", "-p", type=click.Path(path_type=Path),
-              help="QuPath project: project.qpproj or its folder.")
-@click.option("--slide", "-s", type=click.Path(path_type=Path),
-              help="A slide any TIAToolbox reader opens (with --annotations).")
-@click.option("--annotations", "-a", type=click.Path(path_type=Path),
-              help="GeoJSON annotations of --slide (QuPath 0.2–0.7 or plain).")
-@click.option("--slide-mpp", type=float, default=None,
-              help="µm/px of slides that carry no resolution metadata.")
-@click.option("--class", "classes", multiple=True,
-              help="Vessel class (repeatable, with --project / --slide); 'Vessel' includes "
-              "'Vessel: …'.")
-@click.option("--model", required=True,
-              help="Preset (pixcell-1024, pixcell-256, tiny = UNTRAINED) or a local engine folder.")
-@click.option("--out", "-o", type=click.Path(path_type=Path), required=True,
-              help="Cache file to write (HDF5, e.g. vessels.h5).")
-@click.option("--tile-size", type=click.IntRange(8, 16384), default=None,
-              help="Tile side in px at --mpp, a multiple of the encoder crop [a dataset's "
-              "own, else the model's].")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Resolution in µm/px [a dataset's own, else the model's].")
-@click.option("--background-tiles", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Also cache N tissue tiles without any annotation (for style adapters).")
-@click.option("--resume", is_flag=True,
-              help="Add to an existing cache (also after an interruption); its tiles are kept.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Seed of the background tile choice.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Tiles per model call and per commit to the file.")
+@click.option(
+    "--dataset",
+    type=click.Path(path_type=Path),
+    help="A histosynth dataset or run folder (index.csv); rejected tiles are left out.",
+)
+@click.option(
+    "--project",
+    "-p",
+    type=click.Path(path_type=Path),
+    help="QuPath project: project.qpproj or its folder.",
+)
+@click.option(
+    "--slide",
+    "-s",
+    type=click.Path(path_type=Path),
+    help="A slide any TIAToolbox reader opens (with --annotations).",
+)
+@click.option(
+    "--annotations",
+    "-a",
+    type=click.Path(path_type=Path),
+    help="GeoJSON annotations of --slide (QuPath 0.2–0.7 or plain).",
+)
+@click.option(
+    "--slide-mpp",
+    type=FiniteFloat(min=0, min_open=True, max=MPP_MAX),
+    default=None,
+    help="µm/px of slides that carry no resolution metadata.",
+)
+@click.option(
+    "--class",
+    "classes",
+    multiple=True,
+    help="Vessel class (repeatable, with --project / --slide); 'Vessel' includes 'Vessel: …'.",
+)
+@click.option(
+    "--model",
+    required=True,
+    help="Preset (pixcell-1024, pixcell-256, tiny = UNTRAINED) or a local engine folder.",
+)
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Cache file to write (HDF5, e.g. vessels.h5).",
+)
+@click.option(
+    "--tile-size",
+    type=click.IntRange(8, 16384),
+    default=None,
+    help="Tile side in px at --mpp, a multiple of the encoder crop [a dataset's "
+    "own, else the model's].",
+)
+@click.option(
+    "--mpp",
+    type=FiniteFloat(min=0, min_open=True, max=MPP_MAX),
+    default=None,
+    help="Resolution in µm/px [a dataset's own, else the model's].",
+)
+@click.option(
+    "--background-tiles",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Also cache N tissue tiles without any annotation (for style adapters).",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Add to an existing cache (also after an interruption); its tiles are kept.",
+)
+@click.option(
+    "--seed",
+    type=click.IntRange(0, SEED_MAX),
+    default=0,
+    show_default=True,
+    help="Seed of the background tile choice.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Tiles per model call and per commit to the file.",
+)
 @click.option("--device", default=None, help="cuda, cuda:1, cpu … [cuda when available].")
-@click.option("--skip-missing", is_flag=True,
-              help="Skip project entries whose image cannot be found instead of stopping.")
+@click.option(
+    "--skip-missing",
+    is_flag=True,
+    help="Skip project entries whose image cannot be found instead of stopping.",
+)
 @click.pass_context
-def build(ctx: click.Context, dataset, project, slide, annotations, slide_mpp, classes, model,
-          out, tile_size, mpp, background_tiles, resume, seed, batch_size, device,
-          skip_missing) -> None:
+def build(
+    ctx: click.Context,
+    dataset,
+    project,
+    slide,
+    annotations,
+    slide_mpp,
+    classes,
+    model,
+    out,
+    tile_size,
+    mpp,
+    background_tiles,
+    resume,
+    seed,
+    batch_size,
+    device,
+    skip_missing,
+) -> None:
     """Encode tiles once into a cache file that training reads (histosynth train …).
 
     Give a dataset folder, or a project / slide with --class: one tile per vessel,
@@ -475,10 +580,22 @@ def build(ctx: click.Context, dataset, project, slide, annotations, slide_mpp, c
     if dataset is not None and (classes or background_tiles):
         raise click.UsageError("--class and --background-tiles go with --project / --slide")
     result = build_feature_cache(
-        out=out, model=model, dataset=dataset, project=project, slide=slide,
-        annotations=annotations, classes=classes, tile_size=tile_size, mpp=mpp,
-        slide_mpp_override=slide_mpp, background_tiles=background_tiles, resume=resume,
-        seed=seed, batch_size=batch_size, device=device, skip_missing=skip_missing,
+        out=out,
+        model=model,
+        dataset=dataset,
+        project=project,
+        slide=slide,
+        annotations=annotations,
+        classes=classes,
+        tile_size=tile_size,
+        mpp=mpp,
+        slide_mpp_override=slide_mpp,
+        background_tiles=background_tiles,
+        resume=resume,
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+        skip_missing=skip_missing,
         progress=progress_for(ctx, "cache"),
     )
     _report(ctx, result, out)

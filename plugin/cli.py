@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from histosynth import __version__
+from histosynth.options import COUNT_MAX, GUIDANCE_MAX, MPP_MAX, SEED_MAX, STEPS_MAX, FiniteFloat
 from histosynth.progress import progress_for
 from histosynth.synthesis import defaults
 
@@ -95,7 +96,7 @@ def main(ctx: click.Context, quiet: bool, debug: bool) -> None:
 
 _mpp_option = click.option(
     "--mpp",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloat(min=0, min_open=True, max=MPP_MAX),
     default=0.5,
     show_default=True,
     help="Target resolution in µm/px (0.5 = 20×).",
@@ -131,7 +132,7 @@ def _input_options(func):
     )(func)
     func = click.option(
         "--slide-mpp",
-        type=float,
+        type=FiniteFloat(min=0, min_open=True, max=MPP_MAX),
         default=None,
         help="µm/px of slides that carry no resolution metadata.",
     )(func)
@@ -164,14 +165,14 @@ def _input_options(func):
 @_mpp_option
 @click.option(
     "--min-area",
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0),
     default=0.0,
     show_default=True,
     help="Skip vessels smaller than this, in µm².",
 )
 @click.option(
     "--max-area",
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0),
     default=None,
     help="Skip vessels larger than this, in µm².",
 )
@@ -244,7 +245,13 @@ def extract(
     required=True,
     help="Vessel class to synthesise (repeatable); 'Vessel' includes 'Vessel: …'.",
 )
-@click.option("--count", "-n", type=int, required=True, help="Number of synthetic tiles.")
+@click.option(
+    "--count",
+    "-n",
+    type=click.IntRange(1, COUNT_MAX),
+    required=True,
+    help="Number of synthetic tiles.",
+)
 @click.option(
     "--mode",
     type=click.Choice(["inpaint", "variation"]),
@@ -279,24 +286,24 @@ def extract(
     default=None,
     help="LoRA style adapter: its folder, or its name in the library ($HISTOSYNTH_ADAPTERS).",
 )
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True)
 @click.option(
     "--steps",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, STEPS_MAX),
     default=None,
     help=f"Denoising steps [inpaint {defaults.INPAINT_STEPS}, variation "
     f"{defaults.VARIATION_STEPS}].",
 )
 @click.option(
     "--guidance",
-    type=click.FloatRange(min=1.0),
+    type=FiniteFloat(1.0, GUIDANCE_MAX),
     default=None,
     help=f"Classifier-free guidance scale [inpaint {defaults.INPAINT_GUIDANCE}, variation "
     f"{defaults.VARIATION_GUIDANCE}].",
 )
 @click.option(
     "--strength",
-    type=click.FloatRange(0.0, 1.0),
+    type=FiniteFloat(0.0, 1.0),
     default=defaults.STRENGTH,
     show_default=True,
     help="Inpainting noise level τ: the fraction of the schedule regenerated.",
@@ -341,6 +348,15 @@ def extract(
     help="Add the synthetic tiles to --project as new entries marked for review: native "
     "(edits project.qpproj; close the project in QuPath first) or paquo (needs QuPath).",
 )
+@click.option(
+    "--wait",
+    "wait_s",
+    type=FiniteFloat(0, 86400),
+    default=0.0,
+    show_default=True,
+    help="Seconds to wait for another histosynth process writing the same project "
+    "(its lock) before giving up.",
+)
 @click.pass_context
 def synthesize(
     ctx: click.Context,
@@ -368,6 +384,7 @@ def synthesize(
     background,
     harmonise,
     write_project,
+    wait_s,
 ) -> None:
     """Synthetic vessel tiles, masks, GeoJSON and index into a run folder.
 
@@ -414,10 +431,12 @@ def synthesize(
         command=shlex.join(["histosynth", *sys.argv[1:]]),
     )
     _report_synthesis(ctx, result)
-    _write_back(ctx, write_project, project, result.run_dir)
+    _write_back(ctx, write_project, project, result.run_dir, wait_s=wait_s)
 
 
-def _write_back(ctx: click.Context, how: str, project, run_dir: Path) -> None:
+def _write_back(
+    ctx: click.Context, how: str, project, run_dir: Path, *, wait_s: float = 0.0
+) -> None:
     """Add a finished run's tiles to the QuPath project (``--write-project``)."""
     if how == "none":
         return
@@ -426,11 +445,11 @@ def _write_back(ctx: click.Context, how: str, project, run_dir: Path) -> None:
     if how == "native":
         from histosynth.integration.qupath.writeback import write_run_to_project
 
-        written = write_run_to_project(project, run_dir)
+        written = write_run_to_project(project, run_dir, wait_s=wait_s)
     else:
         from histosynth.integration.qupath.paquo_writer import write_run_with_paquo
 
-        written = write_run_with_paquo(project, run_dir)
+        written = write_run_with_paquo(project, run_dir, wait_s=wait_s)
     click.echo(written.summary())
 
 
@@ -472,15 +491,15 @@ def _report_synthesis(ctx: click.Context, result) -> None:
     help="Preset or local folder [pixcell-1024 when installed, else default: the embedded "
     "histosynth-mini-512]; tiny is UNTRAINED.",
 )
-@click.option("--count", "-n", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--count", "-n", type=click.IntRange(1, COUNT_MAX), default=4, show_default=True)
 @click.option(
     "--tile-size",
     type=click.IntRange(64, 4096),
     default=None,
     help="Tile side in px [the model's; 512 for tiny].",
 )
-@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--steps", type=click.IntRange(1, STEPS_MAX), default=10, show_default=True)
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True)
 @click.option(
     "--harmonise",
     type=click.Choice(["auto", "diffusion", "multiband", "none"]),

@@ -12,6 +12,7 @@ in ``histosynth.integration.tiles`` or the engine.
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,6 +39,7 @@ from histosynth.integration.tiles import (
     open_sources,
     reference_tile,
 )
+from histosynth.options import COUNT_MAX, GUIDANCE_MAX, MPP_MAX, SEED_MAX, STEPS_MAX, check_finite
 from histosynth.synthesis import defaults
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -129,20 +131,35 @@ class SynthesisSettings:
                 raise InputError(f"--{name} must be one of {', '.join(choices)}, not {value!r}")
         if not classes or not all(isinstance(c, str) and c.strip() for c in classes):
             raise InputError("name at least one class (--class)")
-        if not self.count >= 1:
-            raise InputError(f"--count must be at least 1, not {self.count}")
-        if not 0.0 <= self.strength <= 1.0:
-            raise InputError(f"--strength must lie in [0, 1], not {self.strength}")
         steps, guidance = self.mode_steps, self.mode_guidance
-        if not (steps >= 1 and guidance >= 1.0):
-            raise InputError(f"--steps ({steps}) must be ≥ 1 and --guidance ({guidance}) ≥ 1")
-        if not self.mpp > 0 or not self.seam_sigma > 0 or not 0 <= self.colour_blend <= 1:
-            raise InputError(
-                f"--mpp ({self.mpp}) and the seam σ ({self.seam_sigma}) must be positive and "
-                f"the colour blend ({self.colour_blend}) in [0, 1]"
-            )
-        if self.context_ring is not None and not 0 <= self.context_ring <= 256:
-            raise InputError(f"the context ring must be 0–256 px, not {self.context_ring}")
+        integers = [
+            ("--count", self.count, 1, COUNT_MAX),
+            ("--steps", steps, 1, STEPS_MAX),
+            ("--seed", self.seed, 0, SEED_MAX),
+            ("the context ring (px)", self.context_ring, 0, 256),
+            ("--tile-size", self.tile_size, 64, 16384),
+            ("--kv-compress", self.kv_compress, 1, 64),
+            ("--batch-size", self.batch_size, 1, 1024),
+        ]
+        for name, value, low, high in integers:
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise InputError(f"{name} must be a whole number, not {value!r}")
+            if not low <= value <= high:
+                raise InputError(f"{name} must be in [{low}, {high}], not {value}")
+        reals = [
+            ("--strength", self.strength, 0.0, 1.0),
+            ("--guidance", guidance, 1.0, GUIDANCE_MAX),
+            ("--mpp", self.mpp, 1e-6, MPP_MAX),
+            ("the seam σ (px)", self.seam_sigma, 0.1, 1000.0),
+            ("the colour blend", self.colour_blend, 0.0, 1.0),
+        ]
+        for name, value, low, high in reals:
+            try:
+                check_finite(name, value, low, high)
+            except ValueError as exc:
+                raise InputError(str(exc)) from None
 
     @property
     def ring(self) -> int:

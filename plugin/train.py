@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from histosynth.integration.errors import InputError
+from histosynth.options import SEED_MAX, FiniteFloat
 from histosynth.progress import step_progress_for
 from histosynth.synthesis.training.config import LR_SCHEDULERS
 
@@ -43,7 +44,7 @@ def _training_options(lr: float, checkpoint_every: int = 100):
             ),
             click.option(
                 "--lr",
-                type=click.FloatRange(min=0, min_open=True),
+                type=FiniteFloat(min=0, min_open=True),
                 default=lr,
                 show_default=True,
                 help="AdamW learning rate.",
@@ -61,9 +62,7 @@ def _training_options(lr: float, checkpoint_every: int = 100):
                 show_default=True,
                 help="Learning-rate warm-up steps.",
             ),
-            click.option(
-                "--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True
-            ),
+            click.option("--weight-decay", type=FiniteFloat(min=0), default=0.0, show_default=True),
             click.option(
                 "--steps",
                 type=click.IntRange(min=1),
@@ -72,7 +71,7 @@ def _training_options(lr: float, checkpoint_every: int = 100):
             ),
             click.option(
                 "--epochs",
-                type=click.FloatRange(min=0, min_open=True),
+                type=FiniteFloat(min=0, min_open=True),
                 default=None,
                 help="Passes over the training samples.",
             ),
@@ -99,14 +98,14 @@ def _training_options(lr: float, checkpoint_every: int = 100):
             ),
             click.option(
                 "--uncond-prob",
-                type=click.FloatRange(0, 1, max_open=True),
+                type=FiniteFloat(0, 1, max_open=True),
                 default=0.1,
                 show_default=True,
                 help="Condition dropout to the learned null condition (CFG).",
             ),
             click.option(
                 "--snr-gamma",
-                type=click.FloatRange(min=0),
+                type=FiniteFloat(min=0),
                 default=5.0,
                 show_default=True,
                 help="Min-SNR-γ weighting; 0 = plain MSE.",
@@ -139,18 +138,18 @@ def _training_options(lr: float, checkpoint_every: int = 100):
             click.option("--ema", is_flag=True, help="Keep and save an EMA of the weights."),
             click.option(
                 "--ema-decay",
-                type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                type=FiniteFloat(0, 1, min_open=True, max_open=True),
                 default=0.999,
                 show_default=True,
             ),
             click.option(
                 "--val-fraction",
-                type=click.FloatRange(0, 1, max_open=True),
+                type=FiniteFloat(0, 1, max_open=True),
                 default=0.05,
                 show_default=True,
                 help="Share of the samples held out for validation.",
             ),
-            click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True),
+            click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True),
             click.option(
                 "--checkpoint-every",
                 type=click.IntRange(min=1),
@@ -355,9 +354,7 @@ def train() -> None:
 @click.option("--name", required=True, help="Adapter name in the library.")
 @click.option("--domain", default="", help="What the adapter is for (stain, scanner, tissue).")
 @click.option("--rank", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option(
-    "--alpha", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True
-)
+@click.option("--alpha", type=FiniteFloat(min=0, min_open=True), default=4.0, show_default=True)
 @click.option(
     "--library",
     type=click.Path(path_type=Path),

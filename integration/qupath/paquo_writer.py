@@ -13,6 +13,7 @@ from typing import Any
 from histosynth.integration.annotations import RGB, class_parts
 from histosynth.integration.errors import InputError
 from histosynth.integration.geojson import read_annotations
+from histosynth.integration.qupath.lock import project_lock
 from histosynth.integration.qupath.paquo_backend import QUPATH_HINT, qupath_available
 from histosynth.integration.qupath.plan import (
     WrittenTile,
@@ -50,6 +51,7 @@ def write_run_with_paquo(
     run_dir: str | os.PathLike,
     *,
     run_name: str | None = None,
+    wait_s: float = 0.0,
 ) -> WriteBackResult:
     """``--write-project paquo``: add the run's synthetic tiles through QuPath itself.
 
@@ -62,9 +64,16 @@ def write_run_with_paquo(
 
     Raises:
         InputError: no QuPath installation (with how to point paquo at one), or anything
-            :func:`write_run_to_project` refuses.
+            :func:`write_run_to_project` refuses (also its project lock, waited for up
+            to ``wait_s`` seconds).
     """
-    project = QuPathProject(project_path, use_paquo=False)
+    with project_lock(QuPathProject.locate(project_path), wait_s=wait_s):
+        return _write_locked(QuPathProject(project_path, use_paquo=False), run_dir, run_name)
+
+
+def _write_locked(
+    project: QuPathProject, run_dir: str | os.PathLike, run_name: str | None
+) -> WriteBackResult:
     available, reason = qupath_available()
     if not available:
         raise InputError(f"cannot write the project through paquo: {reason}", path=project.file)

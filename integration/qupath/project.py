@@ -40,6 +40,7 @@ from typing import Any
 from histosynth.integration.annotations import RGB, Annotation
 from histosynth.integration.atomic import atomic_write_bytes
 from histosynth.integration.errors import InputError
+from histosynth.integration.files import MAX_PROJECT_BYTES, parse_json, read_input_bytes
 from histosynth.integration.qupath.entries import (
     META_ID,
     META_RUN,
@@ -140,14 +141,7 @@ class QuPathProject:
     """
 
     def __init__(self, path: str | os.PathLike, *, use_paquo: bool | None = None) -> None:
-        given = Path(path).expanduser()
-        if given.is_dir():
-            given = given / PROJECT_FILE
-            if not given.is_file():
-                raise InputError(f"no {PROJECT_FILE} in this folder", path=given.parent)
-        elif not given.exists():
-            raise InputError("no such file or folder", path=given)
-        self.file: Path = given.absolute()
+        self.file: Path = self.locate(path)
         self.folder: Path = self.file.parent
         self._use_paquo = use_paquo
         self._paquo_state: tuple[bool, str] | None = None
@@ -157,6 +151,19 @@ class QuPathProject:
         self._data: bytes = data
         self.raw: dict[str, Any] = _parse_json_object(data, self.file)
         self._parse()
+
+    @staticmethod
+    def locate(path: str | os.PathLike) -> Path:
+        """The absolute path of the ``project.qpproj`` that ``path`` (the file or its
+        folder) names; InputError when there is none."""
+        given = Path(path).expanduser()
+        if given.is_dir():
+            given = given / PROJECT_FILE
+            if not given.is_file():
+                raise InputError(f"no {PROJECT_FILE} in this folder", path=given.parent)
+        elif not given.exists():
+            raise InputError("no such file or folder", path=given)
+        return given.absolute()
 
     # ------------------------------------------------------------------ reading
     def _parse(self) -> None:
@@ -418,7 +425,6 @@ class QuPathProject:
                 annotation.color = project_classes[annotation.class_name]
         return found
 
-
     # ----------------------------------------------------------------- writing
     @property
     def pending(self) -> list[ProjectEntry]:
@@ -522,8 +528,7 @@ class QuPathProject:
             if not _is_int(value) or value <= 0:
                 raise InputError(f"{key} must be a positive integer, not {value!r}", item=label)
         if not isinstance(mpp, int | float) or not math.isfinite(mpp) or mpp <= 0:
-            raise InputError(f"pixel size must be a positive number of µm, not {mpp!r}",
-                             item=label)
+            raise InputError(f"pixel size must be a positive number of µm, not {mpp!r}", item=label)
         meta = dict(metadata or {})
         for key, value in meta.items():
             if not isinstance(key, str) or not isinstance(value, str):
@@ -586,11 +591,11 @@ class QuPathProject:
         Raises:
             InputError: the tile is already in the project, or bad arguments.
         """
-        for key, value in (("run", run), ("tile_id", tile_id), ("synthesis_type",
-                                                                 synthesis_type)):
+        for key, value in (("run", run), ("tile_id", tile_id), ("synthesis_type", synthesis_type)):
             if not isinstance(value, str) or not value or "\n" in value:
-                raise InputError(f"{key} must be a one-line string, not {value!r}",
-                                 item=str(image_path))
+                raise InputError(
+                    f"{key} must be a one-line string, not {value!r}", item=str(image_path)
+                )
         existing = self.synthetic_entry(run, tile_id)
         if existing is not None:
             raise InputError(
@@ -635,8 +640,7 @@ class QuPathProject:
         try:
             new_text = append_entries_text(old_text, self._pending, self.last_id, now)
         except ValueError as exc:
-            raise InputError(f"cannot append entries to this file: {exc}", path=self.file
-                             ) from None
+            raise InputError(f"cannot append entries to this file: {exc}", path=self.file) from None
         new_raw = json.loads(new_text)
         check_append(self.raw, new_raw, self._pending)
         new_data = (codecs.BOM_UTF8 if bom else b"") + new_text.encode("utf-8")
@@ -667,8 +671,6 @@ class QuPathProject:
             return 0o644
 
 
-
-
 # ---------------------------------------------------------------------- helpers
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -679,12 +681,7 @@ def _int_or_none(value: Any) -> int | None:
 
 
 def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except IsADirectoryError:
-        raise InputError("is a folder, not a file", path=path) from None
-    except OSError as exc:
-        raise InputError(f"cannot read: {exc.strerror or exc}", path=path) from None
+    return read_input_bytes(path, max_bytes=MAX_PROJECT_BYTES)
 
 
 def _parse_json_object(data: bytes, path: Path) -> dict[str, Any]:
@@ -692,12 +689,7 @@ def _parse_json_object(data: bytes, path: Path) -> dict[str, Any]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise InputError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", path=path) from None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(
-            f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", path=path
-        ) from None
+    value = parse_json(text, path)
     if not isinstance(value, dict):
         raise InputError(f"expected a JSON object, found {type(value).__name__}", path=path)
     return value

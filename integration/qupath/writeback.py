@@ -32,6 +32,7 @@ from histosynth.integration.dataset import (
 from histosynth.integration.errors import InputError
 from histosynth.integration.images import read_rgb
 from histosynth.integration.qupath.entries import META_ID, META_REVIEW, META_RUN
+from histosynth.integration.qupath.lock import project_lock
 from histosynth.integration.qupath.plan import (
     MAPPING_NAME,
     SYNTHETIC_TYPES,
@@ -145,6 +146,7 @@ def write_run_to_project(
     run_dir: str | os.PathLike,
     *,
     run_name: str | None = None,
+    wait_s: float = 0.0,
 ) -> WriteBackResult:
     """Add the run's synthetic tiles to a QuPath project as new image entries.
 
@@ -153,6 +155,9 @@ def write_run_to_project(
         run_dir: the run folder (with ``index.csv``).
         run_name: ``histosynth.run`` of the entries; default: the name used when this run
             was last written into this project, else the run folder's name.
+        wait_s: how long to wait for another writer's project lock, seconds
+            (:func:`~histosynth.integration.qupath.lock.project_lock`, held from the
+            plan to the save).
 
     Per synthetic row (``inpainting``/``variation``) not yet in the project: the TIFF
     ``RUN/images/<id>.tif`` (calibrated, lossless), one entry (contracts.md), and the
@@ -164,7 +169,13 @@ def write_run_to_project(
             sidecar of another entry in the way, or ``project.qpproj`` changed since it
             was read; nothing is written to the project then.
     """
-    project = QuPathProject(project_path, use_paquo=False)
+    with project_lock(QuPathProject.locate(project_path), wait_s=wait_s):
+        return _write_locked(QuPathProject(project_path, use_paquo=False), run_dir, run_name)
+
+
+def _write_locked(
+    project: QuPathProject, run_dir: str | os.PathLike, run_name: str | None
+) -> WriteBackResult:
     plan = make_plan(project, run_dir, run_name)
     project.check_unchanged()
     run, name = plan.run, plan.run_name
@@ -246,8 +257,7 @@ def review_sync(
     """
     project = QuPathProject(project_path, use_paquo=False)
     run = run_folder(run_dir)
-    name = check_run_name(run_name if run_name is not None
-                          else default_run_name(run, project.file))
+    name = check_run_name(run_name if run_name is not None else default_run_name(run, project.file))
     rows = read_index(run)
     by_id = {row["id"]: row for row in rows}
     statuses: dict[str, str] = {}
@@ -260,8 +270,9 @@ def review_sync(
         tile_id = meta.get(META_ID, "")
         raw = meta.get(META_REVIEW)
         if raw is None:
-            log.warning("%s: %s has no review_status; counted as pending", project.file,
-                        entry.label())
+            log.warning(
+                "%s: %s has no review_status; counted as pending", project.file, entry.label()
+            )
             status = "pending"
         else:
             status = raw.strip().lower()
@@ -273,8 +284,13 @@ def review_sync(
                 )
         if tile_id not in by_id:
             not_in_index.append(entry.label())
-            log.warning("%s: %s names tile %r, which is not in %s", project.file,
-                        entry.label(), tile_id, run / INDEX_NAME)
+            log.warning(
+                "%s: %s names tile %r, which is not in %s",
+                project.file,
+                entry.label(),
+                tile_id,
+                run / INDEX_NAME,
+            )
             continue
         if tile_id in statuses and statuses[tile_id] != status:
             raise InputError(
@@ -285,11 +301,14 @@ def review_sync(
             )
         statuses[tile_id] = status
         decided_by[tile_id] = entry.label()
-    changed = update_index(run, {t: {"review_status": s} for t, s in statuses.items()}) if (
-        statuses
-    ) else 0
+    changed = (
+        update_index(run, {t: {"review_status": s} for t, s in statuses.items()})
+        if (statuses)
+        else 0
+    )
     not_in_project = [
-        row["id"] for row in rows
+        row["id"]
+        for row in rows
         if row["synthesis_type"] in SYNTHETIC_TYPES and row["id"] not in statuses
     ]
     counts = {status: 0 for status in REVIEW_STATUSES}

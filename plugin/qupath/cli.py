@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from histosynth.options import COUNT_MAX, MPP_MAX, FiniteFloat
 from histosynth.qupath import MODES, SETTINGS_NAME, install_scripts
 
 
@@ -39,7 +40,7 @@ def qupath() -> None:
 @click.option(
     "--count",
     "-n",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, COUNT_MAX),
     default=16,
     show_default=True,
     help="Synthetic tiles per run.",
@@ -60,7 +61,7 @@ def qupath() -> None:
 )
 @click.option(
     "--mpp",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloat(min=0, min_open=True, max=MPP_MAX),
     default=0.5,
     show_default=True,
     help="Target resolution in µm/px.",

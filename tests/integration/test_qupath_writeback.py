@@ -654,3 +654,133 @@ def test_paquo_write_with_qupath(setup) -> None:
         assert project.annotations(entry)
     again = write_run_with_paquo(project_file, run)
     assert again.added == []
+
+
+# ------------------------------------------------------------------ the project lock
+
+_HOLD = """
+import sys, time
+from histosynth.integration.qupath.lock import project_lock
+with project_lock(sys.argv[1], purpose="holder under test"):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def _holder(project_file: Path, seconds: float) -> subprocess.Popen:
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(project_file), str(seconds)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert child.stdout.readline().strip() == "held"
+    return child
+
+
+def test_a_second_writer_refuses_with_one_line_and_touches_nothing(setup, caplog) -> None:
+    """While another process holds the lock, write-back refuses (naming the holder) and
+    leaves the project and its annotations folder as they were; once the holder is
+    SIGKILLed the OS drops its lock and the next writer takes it over at once."""
+    from histosynth.integration.qupath.lock import ProjectLockedError, project_lock
+
+    project_file, run = setup
+    before = _tree(project_file.parent)
+    child = _holder(project_file, 60)
+    try:
+        with pytest.raises(ProjectLockedError) as err:
+            write_run_to_project(project_file, run)
+        message = str(err.value)
+        assert f"process {child.pid}" in message and "holder under test" in message
+        assert "--wait" in message and "\n" not in message
+        with (
+            pytest.raises(ProjectLockedError, match=r"after waiting 0\.3 s"),
+            project_lock(project_file, wait_s=0.3),
+        ):
+            pass
+        after = _tree(project_file.parent)
+        after.pop(".histosynth-project.lock", None)
+        before.pop(".histosynth-project.lock", None)
+        assert after == before
+    finally:
+        child.kill()  # SIGKILL: no cleanup in the holder
+        child.wait()
+    with caplog.at_level("INFO", logger="histosynth"):
+        result = write_run_to_project(project_file, run)
+    assert len(result.added) == 3
+    assert any("took over the lock" in r.message and str(child.pid) in r.message
+               for r in caplog.records)
+
+
+def test_a_writer_waits_for_the_lock_with_wait(setup) -> None:
+    project_file, run = setup
+    child = _holder(project_file, 1.0)
+    try:
+        result = write_run_to_project(project_file, run, wait_s=30)
+    finally:
+        child.wait(timeout=30)
+    assert len(result.added) == 3
+
+
+def test_the_lock_is_reentrant_and_a_nested_hold_releases_nothing(setup) -> None:
+    from histosynth.integration.qupath.lock import project_lock
+
+    project_file, _ = setup
+    probe = [sys.executable, "-c", _HOLD, str(project_file), "0"]
+    with project_lock(project_file):
+        with project_lock(project_file):
+            pass
+        # still held by this process: another process cannot take it
+        done = subprocess.run(probe, capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0 and "ProjectLockedError" in done.stderr
+    done = subprocess.run(probe, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "held" in done.stdout
+
+
+_WRITE = """
+import sys, time
+from pathlib import Path
+from histosynth.integration.qupath.writeback import write_run_to_project
+go = Path(sys.argv[3])
+while not go.exists():
+    time.sleep(0.005)
+result = write_run_to_project(sys.argv[1], sys.argv[2], wait_s=120)
+print(len(result.added))
+"""
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_two_concurrent_write_backs_keep_both_runs_entries_and_sidecars(
+    templates, tmp_path, trial
+) -> None:
+    """Two processes write two runs into one project at the same moment: one waits for
+    the other, and every entry of both ends in the project with its own sidecar."""
+    project_file = build_demo_project(tmp_path / "project", slide=templates["slide"])
+    count = len(json.loads(project_file.read_text())["images"])
+    runs = []
+    for name in ("run-a", "run-b"):
+        shutil.copytree(templates["run"], tmp_path / name)
+        runs.append(tmp_path / name)
+    go = tmp_path / "go"
+    children = [
+        subprocess.Popen([sys.executable, "-c", _WRITE, str(project_file), str(run), str(go)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for run in runs
+    ]
+    go.touch()
+    outputs = [child.communicate(timeout=300) for child in children]
+    assert [child.returncode for child in children] == [0, 0], outputs
+    assert [out.strip() for out, _ in outputs] == ["3", "3"]
+    images = json.loads(project_file.read_text())["images"]
+    assert len(images) == count + 6
+    by_run: dict[str, set[str]] = {}
+    for image in images[count:]:
+        meta = image["metadata"]
+        by_run.setdefault(meta["histosynth.run"], set()).add(meta["histosynth.id"])
+        sidecar = project_file.parent / "annotations" / f"{image['entryID']}.geojson"
+        assert sidecar.is_file()
+        tile = next(
+            (r for r in read_index(tmp_path / meta["histosynth.run"])
+             if r["id"] == meta["histosynth.id"]), None)
+        assert tile is not None
+        written = read_annotations(sidecar)
+        assert written and all(a.class_name.startswith("Vessel") for a in written)
+    assert by_run == {"run-a": {"t0001", "t0002", "t0003"}, "run-b": {"t0001", "t0002", "t0003"}}

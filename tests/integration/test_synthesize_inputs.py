@@ -73,3 +73,65 @@ def test_a_donor_crop_beyond_the_slide_edge_excludes_the_white_from_its_ring(sou
         assert not (outside & (donor.mask > 0)).any()
     inner = [d for d in donors if d not in edge]
     assert any(not (d.others > 0).any() for d in inner)
+
+
+def test_a_polygon_touching_the_slide_only_at_its_edge_is_skipped_with_a_warning(
+    sources, tmp_path, caplog
+):
+    """It meets the slide along a line or at a point: no area to rasterise, so it is
+    skipped with a warning (it used to end in "cannot rasterise a LineString")."""
+    import json
+
+    slide = sources[1].slide_path
+    width, height = sources[1].width, sources[1].height
+
+    def feature(ring, name):
+        return {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "properties": {"objectType": "annotation", "name": name,
+                           "classification": {"name": "Vessel"}},
+        }
+
+    along = [[width, 100], [width + 80, 100], [width + 80, 200], [width, 200], [width, 100]]
+    corner = [[width, height], [width + 50, height], [width + 50, height + 50],
+              [width, height + 50], [width, height]]
+    inside = [[300, 300], [400, 300], [400, 380], [300, 380], [300, 300]]
+    path = tmp_path / "edge.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        feature(along, "along the edge"), feature(corner, "at the corner"),
+        feature(inside, "inside")]}))
+    with caplog.at_level("WARNING", logger="histosynth"):
+        (source,) = load_sources(slide=slide, annotations=path)
+    assert [a.name for a in source.annotations] == ["inside"]
+    assert sum("touches the slide only along its edge" in r.message for r in caplog.records) == 2
+
+
+def test_names_with_lone_surrogates_and_control_characters_are_stored_safely(
+    sources, tmp_path, invoke
+):
+    """``"\\udfff"`` is valid JSON but no UTF-8: it used to end every writer in a
+    UnicodeEncodeError. Now the name is kept with U+FFFD in its place."""
+    import csv
+    import json
+
+    slide = sources[1].slide_path
+    ring = [[300, 300], [420, 300], [420, 400], [300, 400], [300, 300]]
+    text = json.dumps({"type": "FeatureCollection", "features": [{
+        "type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+        "properties": {"objectType": "annotation", "name": "odd\udfff\x07name",
+                       "classification": {"name": "Vessel"}}}]})
+    assert "\\udfff" in text
+    path = tmp_path / "odd.geojson"
+    path.write_text(text, encoding="ascii")
+    (source,) = load_sources(slide=slide, annotations=path)
+    assert source.annotations[0].name == "odd\ufffd\ufffdname"
+    out = tmp_path / "ds"
+    result = invoke("extract", "--slide", slide, "--annotations", path, "--class", "Vessel",
+                    "--out", out, "--tile-size", 256)
+    assert result.exit_code == 0, result.output
+    with (out / "index.csv").open(encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 1
+    for written in out.rglob("*.geojson"):
+        written.read_text(encoding="utf-8")  # valid UTF-8

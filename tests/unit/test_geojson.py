@@ -780,7 +780,7 @@ def test_deeply_nested_input(tmp_path):
 def test_missing_file_and_wrong_source(tmp_path):
     with pytest.raises(InputError, match="file not found"):
         read_annotations(tmp_path / "nope.geojson")
-    with pytest.raises(InputError, match="cannot read"):
+    with pytest.raises(InputError, match="is a folder, not a file"):
         read_annotations(tmp_path)  # a folder
     with pytest.raises(InputError, match="expected a GeoJSON file path"):
         read_annotations(42)  # type: ignore[arg-type]

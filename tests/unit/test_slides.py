@@ -357,3 +357,12 @@ def test_integer_shrink_on_the_grid_equals_exact_area_averaging(files, tmp_path)
         block = he[y : y + 96 * factor, x : x + 96 * factor]
         exact = _area_resample(block, 0.0, 0.0, float(factor), 96)
         assert np.abs(tile.astype(int) - exact.astype(int)).max() <= 1
+
+
+def test_a_tile_far_coarser_than_the_pyramid_is_refused_before_reading(he_reader):
+    """A 512 px tile at 100 µm/px of a slide whose coarsest level is 1 µm/px would read a
+    51 200² px window (7.3 GiB): refused with one line naming the slide and the level."""
+    with pytest.raises(InputError, match=r"51[0-9]{3}×51[0-9]{3} px read from level 2") as err:
+        read_tile(he_reader, 0, 0, 512, 100.0)
+    assert "he.ome.tif" in str(err.value) and "finer --mpp" in str(err.value)
+    assert read_tile(he_reader, 0, 0, 64, 16.0).shape == (64, 64, 3)  # 1024² px: fine

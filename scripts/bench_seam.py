@@ -242,7 +242,7 @@ def autoencoder_round_trip(spec: str) -> Callable | None:
         decoded = codec.decode(codec.encode(s["composite"][None]), output="numpy")[0]
         return seam_blend(s["composite"], decoded, seam_weights(s["mask"], SIGMA))
 
-    run.label = f"{model} autoencoder round trip only (the floor)"
+    run.label = f"{model} engine's autoencoder round trip only (the floor)"
     return run
 
 

@@ -31,6 +31,7 @@ from histosynth.integration.dataset import (
 )
 from histosynth.integration.errors import InputError
 from histosynth.integration.images import read_rgb
+from histosynth.integration.qupath import journal
 from histosynth.integration.qupath.entries import META_ID, META_REVIEW, META_RUN
 from histosynth.integration.qupath.lock import project_lock
 from histosynth.integration.qupath.plan import (
@@ -176,6 +177,8 @@ def write_run_to_project(
 def _write_locked(
     project: QuPathProject, run_dir: str | os.PathLike, run_name: str | None
 ) -> WriteBackResult:
+    # what a killed write-back left: its unsaved sidecars and temporary files
+    journal.recover(project.folder, {e.entry_id for e in project.entries})
     plan = make_plan(project, run_dir, run_name)
     project.check_unchanged()
     run, name = plan.run, plan.run_name
@@ -204,21 +207,30 @@ def _write_locked(
         )
         added.append((tile, entry))
 
+    planned = [
+        (
+            entry.entry_id,
+            project.folder / "annotations" / f"{entry.entry_id}.geojson",
+            tile.geojson.read_bytes(),
+        )
+        for tile, entry in added
+        if tile.geojson is not None
+    ]
     sidecars: list[Path] = []
+    journal.begin(project.folder, run, name, planned)
     try:
-        for tile, entry in added:
-            if tile.geojson is None:
-                continue
-            sidecar = project.folder / "annotations" / f"{entry.entry_id}.geojson"
+        for _, sidecar, data in planned:
             if sidecar.exists():  # appeared since the check: never overwrite it
                 raise InputError("a GeoJSON file of another entry is in the way", path=sidecar)
-            atomic_write_bytes(sidecar, tile.geojson.read_bytes())
+            atomic_write_bytes(sidecar, data)
             sidecars.append(sidecar)
         result.backup = project.save()
     except BaseException:
         for sidecar in sidecars:
             sidecar.unlink(missing_ok=True)
+        journal.finish(project.folder)
         raise
+    journal.finish(project.folder)
     result.added = [
         WrittenTile(
             tile.tile_id,

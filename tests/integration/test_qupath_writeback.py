@@ -784,3 +784,79 @@ def test_two_concurrent_write_backs_keep_both_runs_entries_and_sidecars(
         written = read_annotations(sidecar)
         assert written and all(a.class_name.startswith("Vessel") for a in written)
     assert by_run == {"run-a": {"t0001", "t0002", "t0003"}, "run-b": {"t0001", "t0002", "t0003"}}
+
+
+# ------------------------------------------------------------------ SIGKILL at every rename
+
+_KILL_AT = """
+import os, signal, sys
+import histosynth.integration.atomic as atomic
+from histosynth.integration.qupath.writeback import write_run_to_project
+calls = [0]
+real = os.replace
+def replace(src, dst):
+    calls[0] += 1
+    if calls[0] == int(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst)
+atomic.os.replace = replace
+write_run_to_project(sys.argv[1], sys.argv[2])
+print("finished after", calls[0], "renames")
+"""
+
+
+def _state(project_file: Path) -> dict[str, Any]:
+    """What a write-back leaves: the new entries (run, tile, entry id, sidecar bytes),
+    the stray files of the annotations folder and the project folder's hidden files."""
+    images = json.loads(project_file.read_text())["images"]
+    entries = sorted(
+        (
+            image["metadata"].get("histosynth.run"),
+            image["metadata"].get("histosynth.id"),
+            image["entryID"],
+            (project_file.parent / "annotations" / f"{image['entryID']}.geojson").read_bytes(),
+        )
+        for image in images
+        if "histosynth.run" in image.get("metadata", {})
+    )
+    known = {f"{image['entryID']}.geojson" for image in images}
+    stray = sorted(p.name for p in (project_file.parent / "annotations").iterdir()
+                   if p.name not in known)
+    hidden = sorted(p.name for p in project_file.parent.iterdir() if p.name.startswith("."))
+    return {"entries": entries, "stray": stray, "hidden": hidden}
+
+
+def test_a_write_back_killed_at_any_rename_resumes_to_the_uninterrupted_result(
+    templates, tmp_path
+) -> None:
+    """SIGKILL at the 1st, 2nd, … atomic rename of a write-back; then a plain write-back
+    again. Each ends exactly where an uninterrupted write-back ends: the same entries
+    with the same ids and sidecars, no stray sidecar, no temporary file, no journal."""
+    def fresh(name: str) -> tuple[Path, Path]:
+        project = build_demo_project(tmp_path / name / "project", slide=templates["slide"])
+        run = tmp_path / name / "run-a"
+        shutil.copytree(templates["run"], run)
+        return project, run
+
+    project, run = fresh("reference")
+    write_run_to_project(project, run)
+    reference = _state(project)
+    assert len(reference["entries"]) == 3 and not reference["stray"]
+    kills = 0
+    for n in range(1, 40):
+        project, run = fresh(f"kill-{n}")
+        done = subprocess.run(
+            [sys.executable, "-c", _KILL_AT, str(project), str(run), str(n)],
+            capture_output=True, text=True, timeout=120,
+        )
+        if done.returncode == 0:
+            assert "finished after" in done.stdout
+            break
+        assert done.returncode == -9, done.stderr  # killed, not failed
+        kills += 1
+        write_run_to_project(project, run)  # the resume
+        assert _state(project) == reference, f"killed at rename {n}"
+    else:
+        pytest.fail("the write-back never finished")
+    print(f"\n{kills} kills, each resumed to the reference")
+    assert kills >= 6  # TIFFs, journal, sidecars, project and backup, mapping

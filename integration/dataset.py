@@ -30,6 +30,7 @@ run.json) are one contract; splitting them would split the format from its check
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -59,6 +60,7 @@ from histosynth.integration.annotations import Annotation
 from histosynth.integration.atomic import atomic_write_bytes, atomic_write_json
 from histosynth.integration.errors import InputError
 from histosynth.integration.images import PNG_SETTINGS, encode_mask_png, encode_rgb_png
+from histosynth.integration.locks import RUN_LOCK_NAME, folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -411,9 +413,9 @@ def untrained_tile_ids(run_dir: str | os.PathLike, rows: Sequence[Mapping[str, s
     path = Path(run_dir) / RUN_JSON_NAME
     if path.is_file():
         try:
-            untrained_run = json.loads(path.read_text(encoding="utf-8")).get(
-                "engine_trained"
-            ) is False
+            untrained_run = (
+                json.loads(path.read_text(encoding="utf-8")).get("engine_trained") is False
+            )
         except (OSError, ValueError, AttributeError):
             untrained_run = False
     out = set()
@@ -428,6 +430,24 @@ def untrained_tile_ids(run_dir: str | os.PathLike, rows: Sequence[Mapping[str, s
     return out
 
 
+#: The atomic writes' temporary files (``.<name>.<8 random chars>.tmp``).
+_TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def remove_temporary_files(run_dir: Path) -> int:
+    """Remove the temporary files a killed writer left in the run folder and its first
+    level of subfolders; returns how many. Call only while no writer of the run lives."""
+    removed = 0
+    for folder in (run_dir, *(p for p in run_dir.iterdir() if p.is_dir())):
+        for path in folder.iterdir():
+            if _TEMP_FILE.match(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
+                removed += 1
+    if removed:
+        log.info("%s: removed %d temporary file(s) of an interrupted run", run_dir, removed)
+    return removed
+
+
 def check_run_folder(run_dir: str | os.PathLike, *, resume: bool = False) -> None:
     """Raise ``InputError`` unless ``run_dir`` can receive a run: it is missing, an empty
     folder, or a histosynth run folder (which needs ``resume`` once it holds an index).
@@ -439,7 +459,13 @@ def check_run_folder(run_dir: str | os.PathLike, *, resume: bool = False) -> Non
         raise InputError("is a file; the output must be a folder", path=run_dir)
     has_index = (run_dir / INDEX_NAME).is_file()
     has_run_json = (run_dir / RUN_JSON_NAME).is_file()
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not (has_index or has_run_json):
+    # a run killed before its first run.json landed leaves only a temporary file
+    contents = (
+        [p for p in run_dir.iterdir() if not (_TEMP_FILE.match(p.name) or p.name == RUN_LOCK_NAME)]
+        if run_dir.is_dir()
+        else []
+    )
+    if contents and not (has_index or has_run_json):
         raise InputError(
             "the folder is not empty and is not a histosynth run folder "
             "(no run.json or index.csv); choose a new or empty folder",
@@ -524,6 +550,7 @@ class RunWriter:
         self._written = 0
         self._sessions = 1
         self._open = False
+        self._hold = contextlib.ExitStack()
         self._started_at = ""
         self._t0 = 0.0
 
@@ -572,17 +599,33 @@ class RunWriter:
             return self
         run_dir = self.run_dir
         check_run_folder(run_dir, resume=self.resume)
-        has_index = self.index_path.is_file()
-        has_run_json = self.run_json_path.is_file()
-        if self.resume and has_run_json:
-            self._check_config()
-        if self.resume and has_index:
-            self._read_existing()
+        created = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._started_at = utc_now()
-        self._t0 = time.monotonic()
-        self._open = True
-        self._write_run_json("running")
+        hold = contextlib.ExitStack()
+        try:
+            # one writer per run folder: a second one refuses (its temporary files and
+            # index are the first one's); held until close()
+            hold.enter_context(
+                folder_lock(run_dir, RUN_LOCK_NAME, "the run folder", "the run folder")
+            )
+            check_run_folder(run_dir, resume=self.resume)  # again, now that it is ours
+            if self.resume and self.run_json_path.is_file():
+                self._check_config()
+            if self.resume and self.index_path.is_file():
+                self._read_existing()
+            remove_temporary_files(run_dir)  # of a killed writer: none is alive now
+            self._started_at = utc_now()
+            self._t0 = time.monotonic()
+            self._open = True
+            self._write_run_json("running")
+        except BaseException:
+            self._open = False
+            hold.close()
+            if created:
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()  # only when still empty: no partial output
+            raise
+        self._hold = hold
         return self
 
     def close(self, status: str = "complete", *, error: BaseException | None = None) -> None:
@@ -590,7 +633,10 @@ class RunWriter:
         if not self._open:
             return
         self._open = False
-        self._write_run_json(status, error=error, finished=True)
+        try:
+            self._write_run_json(status, error=error, finished=True)
+        finally:
+            self._hold.close()
 
     def _check_config(self) -> None:
         try:

@@ -13,7 +13,7 @@ from typing import Any
 from histosynth.integration.annotations import RGB, class_parts
 from histosynth.integration.errors import InputError
 from histosynth.integration.geojson import read_annotations
-from histosynth.integration.qupath.lock import project_lock
+from histosynth.integration.locks import project_lock
 from histosynth.integration.qupath.paquo_backend import QUPATH_HINT, qupath_available
 from histosynth.integration.qupath.plan import (
     WrittenTile,

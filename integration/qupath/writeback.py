@@ -31,9 +31,9 @@ from histosynth.integration.dataset import (
 )
 from histosynth.integration.errors import InputError
 from histosynth.integration.images import read_rgb
+from histosynth.integration.locks import project_lock
 from histosynth.integration.qupath import journal
 from histosynth.integration.qupath.entries import META_ID, META_REVIEW, META_RUN
-from histosynth.integration.qupath.lock import project_lock
 from histosynth.integration.qupath.plan import (
     MAPPING_NAME,
     SYNTHETIC_TYPES,
@@ -157,7 +157,7 @@ def write_run_to_project(
         run_name: ``histosynth.run`` of the entries; default: the name used when this run
             was last written into this project, else the run folder's name.
         wait_s: how long to wait for another writer's project lock, seconds
-            (:func:`~histosynth.integration.qupath.lock.project_lock`, held from the
+            (:func:`~histosynth.integration.locks.project_lock`, held from the
             plan to the save).
 
     Per synthetic row (``inpainting``/``variation``) not yet in the project: the TIFF

@@ -660,7 +660,7 @@ def test_paquo_write_with_qupath(setup) -> None:
 
 _HOLD = """
 import sys, time
-from histosynth.integration.qupath.lock import project_lock
+from histosynth.integration.locks import project_lock
 with project_lock(sys.argv[1], purpose="holder under test"):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))
@@ -680,7 +680,7 @@ def test_a_second_writer_refuses_with_one_line_and_touches_nothing(setup, caplog
     """While another process holds the lock, write-back refuses (naming the holder) and
     leaves the project and its annotations folder as they were; once the holder is
     SIGKILLed the OS drops its lock and the next writer takes it over at once."""
-    from histosynth.integration.qupath.lock import ProjectLockedError, project_lock
+    from histosynth.integration.locks import ProjectLockedError, project_lock
 
     project_file, run = setup
     before = _tree(project_file.parent)
@@ -721,7 +721,7 @@ def test_a_writer_waits_for_the_lock_with_wait(setup) -> None:
 
 
 def test_the_lock_is_reentrant_and_a_nested_hold_releases_nothing(setup) -> None:
-    from histosynth.integration.qupath.lock import project_lock
+    from histosynth.integration.locks import project_lock
 
     project_file, _ = setup
     probe = [sys.executable, "-c", _HOLD, str(project_file), "0"]

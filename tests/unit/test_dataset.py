@@ -486,3 +486,58 @@ def test_fast_and_small_png_are_both_lossless(tmp_path):
     assert sizes["small"] < sizes["fast"]
     with pytest.raises(ValueError, match="png must be one of"):
         RunWriter(tmp_path / "x", config={}, png="tiny")
+
+
+# ----------------------------------------------------------------------------- kills, races
+
+_KILL_FIRST_RENAME = """
+import os, signal, sys
+import histosynth.integration.atomic as atomic
+from histosynth.integration.dataset import RunWriter
+def replace(src, dst):
+    os.kill(os.getpid(), signal.SIGKILL)
+atomic.os.replace = replace
+with RunWriter(sys.argv[1], config={"mode": "test"}):
+    pass
+"""
+
+
+def test_a_run_killed_before_its_first_run_json_resumes(tmp_path):
+    """SIGKILL at the first rename (run.json) leaves a folder with a temporary file only:
+    it is a run folder to resume (or start again), and the temporary file is removed."""
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-c", _KILL_FIRST_RENAME, str(run)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == -9, done.stderr
+    left = sorted(p.name for p in run.iterdir())
+    assert left and all(name.endswith(".tmp") or name.endswith(".lock") for name in left)
+    with RunWriter(run, config={"mode": "test"}, resume=True):
+        pass
+    assert sorted(p.name for p in run.iterdir()) == ["run.json"]
+
+
+_HOLD_RUN = """
+import sys, time
+from histosynth.integration.dataset import RunWriter
+with RunWriter(sys.argv[1], config={"mode": "test"}):
+    print("open", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_writer_of_one_run_folder_refuses_and_changes_nothing(tmp_path):
+    run = tmp_path / "run"
+    child = subprocess.Popen([sys.executable, "-c", _HOLD_RUN, str(run)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "open"
+        before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+        with pytest.raises(InputError, match=f"run folder is being written by process {child.pid}"):
+            RunWriter(run, config={"mode": "test"}, resume=True).open()
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    finally:
+        child.kill()
+        child.wait()
+    with RunWriter(run, config={"mode": "test"}, resume=True):  # the dead writer's lock
+        pass
+    assert not (run / ".histosynth-run.lock").exists()

@@ -1,12 +1,14 @@
-"""One writer at a time: an OS file lock beside ``project.qpproj``.
+"""One writer at a time: OS file locks on a QuPath project and on a run folder.
 
 Every histosynth writer of a project (the native writer, the paquo writer) holds
-:func:`project_lock` from reading the project for its plan until the project is saved.
-A second writer waits up to ``wait_s`` seconds and then refuses with one line naming the
-holder; it never touches the project or its sidecars.
+:func:`project_lock` from reading the project for its plan until the project is saved;
+a run's writer (``RunWriter``) holds :func:`folder_lock` on the run folder while it is
+open. A second writer waits up to ``wait_s`` seconds and then refuses with one line
+naming the holder; it never touches the other's files.
 
 The lock is a POSIX record lock (``fcntl.lockf``; ``msvcrt.locking`` on Windows) on
-``P/.histosynth-project.lock`` — the kind Java's ``FileChannel.lock`` takes too. The
+``P/.histosynth-project.lock`` (``RUN/.histosynth-run.lock``) — the kind Java's
+``FileChannel.lock`` takes too. The
 operating system drops it when its process ends, however it ends, so the lock of a
 killed process is simply taken over (its holder record is logged). The lock file holds
 the holder's pid, host, command and start time; the holder removes it on release (while
@@ -31,12 +33,14 @@ from typing import Any
 
 from histosynth.integration.errors import InputError
 
-__all__ = ["LOCK_NAME", "ProjectLockedError", "project_lock"]
+__all__ = ["LOCK_NAME", "RUN_LOCK_NAME", "ProjectLockedError", "folder_lock", "project_lock"]
 
 log = logging.getLogger("histosynth")
 
 #: The lock file's name, in the project folder.
 LOCK_NAME = ".histosynth-project.lock"
+#: The run folder's lock file.
+RUN_LOCK_NAME = ".histosynth-run.lock"
 #: Seconds between two tries while waiting for the lock.
 POLL_S = 0.1
 
@@ -45,7 +49,8 @@ _guard = threading.Lock()
 
 
 class ProjectLockedError(InputError):
-    """Another process holds the project's lock (after waiting, if asked to)."""
+    """Another process holds the lock of the project (or run folder), after waiting if
+    asked to."""
 
 
 def _try_lock(fd: int) -> bool:
@@ -115,10 +120,9 @@ def _record(fd: int, purpose: str) -> None:
     os.fsync(fd)
 
 
-@contextlib.contextmanager
 def project_lock(
     project_file: str | os.PathLike, *, wait_s: float = 0.0, purpose: str = ""
-) -> Iterator[Path]:
+) -> contextlib.AbstractContextManager[Path]:
     """Hold the write lock of the project whose file is ``project_file``.
 
     Waits up to ``wait_s`` seconds for another holder; then raises
@@ -126,8 +130,33 @@ def project_lock(
     is free and releases nothing). ``purpose`` is recorded for the message another
     writer sees (default: this command line). Yields the lock file's path.
     """
-    folder = Path(project_file).resolve().parent
-    path = folder / LOCK_NAME
+    return folder_lock(
+        Path(project_file).resolve().parent,
+        LOCK_NAME,
+        "the project",
+        "the QuPath project folder",
+        wait_s=wait_s,
+        purpose=purpose,
+        report=Path(project_file),
+    )
+
+
+@contextlib.contextmanager
+def folder_lock(
+    folder: Path,
+    name: str,
+    what: str,
+    folder_what: str,
+    *,
+    wait_s: float = 0.0,
+    purpose: str = "",
+    report: Path | None = None,
+) -> Iterator[Path]:
+    """Hold the lock file ``folder/name``; ``what`` names the locked thing in the
+    refusal ("the project"), ``folder_what`` the folder when it is read-only, ``report``
+    the path the refusal names (default: the folder). Otherwise as :func:`project_lock`."""
+    folder = Path(folder).resolve()
+    path = folder / name
     key = str(path)
     with _guard:
         if _held.get(key):
@@ -143,7 +172,7 @@ def project_lock(
                 _held[key] -= 1
         return
     deadline = time.monotonic() + max(0.0, float(wait_s))
-    fd = _acquire(path, folder, deadline, wait_s, Path(project_file))
+    fd = _acquire(path, folder, deadline, wait_s, report or folder, what, folder_what)
     try:
         stale = _holder(fd)
         if stale and stale.get("pid") != os.getpid():
@@ -165,32 +194,38 @@ def project_lock(
         os.close(fd)
 
 
-def _open(path: Path, folder: Path) -> int:
+def _open(path: Path, folder: Path, folder_what: str) -> int:
     try:
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:
         if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise InputError(
-                f"the QuPath project folder is read-only ({exc.strerror}); nothing was written",
+                f"{folder_what} is read-only ({exc.strerror}); nothing was written",
                 path=folder,
             ) from None
-        raise InputError(
-            f"cannot create the project's lock file: {exc.strerror or exc}", path=path
-        ) from None
+        raise InputError(f"cannot create the lock file: {exc.strerror or exc}", path=path) from None
 
 
-def _acquire(path: Path, folder: Path, deadline: float, wait_s: float, project: Path) -> int:
+def _acquire(
+    path: Path,
+    folder: Path,
+    deadline: float,
+    wait_s: float,
+    report: Path,
+    what: str,
+    folder_what: str,
+) -> int:
     """A locked descriptor of the file at ``path`` (which the path still names)."""
     while True:
-        fd = _open(path, folder)
+        fd = _open(path, folder, folder_what)
         try:
             while not _try_lock(fd):
                 if time.monotonic() >= deadline:
                     waited = f" after waiting {wait_s:g} s" if wait_s else ""
                     raise ProjectLockedError(
-                        f"the project is being written by {_describe(_holder(fd))}{waited}; "
+                        f"{what} is being written by {_describe(_holder(fd))}{waited}; "
                         "try again when it is done, or pass --wait SECONDS",
-                        path=project,
+                        path=report,
                     )
                 time.sleep(POLL_S)
             try:

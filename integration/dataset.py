@@ -230,6 +230,39 @@ def _parse_record(record: str) -> list[str]:
     return rows[0] if rows else []
 
 
+def row_problem(run_dir: Path, row: dict[str, str]) -> str | None:
+    """What is wrong with an index row as found on disk, or ``None``: the id must be a
+    safe file stem; its image, mask and GeoJSON must be regular files inside the run; the
+    image's SHA-256 must be the recorded one; the review status a known one. Resume makes
+    such a row again; write-back refuses it."""
+    tile_id = row.get("id", "")
+    try:
+        validate_tile_id(tile_id)
+    except InputError as exc:
+        return exc.message
+    root = run_dir.resolve()
+    for column in ("image_path", "mask_path", "annotation_path"):
+        rel = row.get(column, "")
+        if not rel:
+            if column == "annotation_path":
+                continue
+            return f"no {column}"
+        path = (run_dir / rel).resolve()
+        if path == root or root not in path.parents:
+            return f"{column} {rel!r} lies outside the run folder"
+        if not path.is_file():
+            return f"{column} {rel!r} is missing"
+    digest = row.get("image_sha256", "")
+    if digest:
+        actual = hashlib.sha256((run_dir / row["image_path"]).read_bytes()).hexdigest()
+        if actual != digest:
+            return f"the image {row['image_path']!r} is not the one recorded (SHA-256 differs)"
+    status = row.get("review_status", "")
+    if status and status.strip().lower() not in REVIEW_STATUSES:
+        return f"review_status {status!r} is not one of {', '.join(REVIEW_STATUSES)}"
+    return None
+
+
 def _load_index(index: Path) -> tuple[list[str], list[dict[str, str]], int, bool]:
     """Parse ``index`` -> (header, rows, byte length of the complete part, truncated?)."""
     try:
@@ -678,11 +711,24 @@ class RunWriter:
             atomic_write_bytes(index, data)
         if not header:
             index.unlink()  # empty file: recreated with a header on the first row
+        kept, dropped = [], []
         for row in rows:
             if row["id"] in self._ids:
                 raise InputError("duplicate tile id in the index", path=index, item=row["id"])
+            problem = row_problem(self.run_dir, row)
+            if problem is not None:
+                log.warning("%s: tile %r: %s; it is made again", index, row["id"], problem)
+                dropped.append(row)
+                continue
+            kept.append(row)
             self._ids.add(row["id"])
             self._count(row["synthesis_type"], row["class_name"])
+        if dropped:  # the index without them: the run makes them again
+            buffer = io.StringIO(newline="")
+            csv_writer = csv.writer(buffer, **_CSV_KW)
+            csv_writer.writerow(header)
+            csv_writer.writerows([row[name] for name in header] for row in kept)
+            atomic_write_bytes(index, buffer.getvalue().encode("utf-8"))
 
     def _count(self, synthesis_type: str, class_name: str) -> None:
         self._counts[synthesis_type] += 1

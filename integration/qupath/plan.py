@@ -25,6 +25,7 @@ from histosynth.integration.dataset import (
     INDEX_NAME,
     REVIEW_STATUSES,
     read_index,
+    row_problem,
     utc_now,
     validate_tile_id,
 )
@@ -252,6 +253,13 @@ def plan_write_back(
         except InputError as exc:
             raise InputError(exc.message, path=index, item=f"tile {tile_id!r}") from None
         existing = project.synthetic_entry(run_name, tile_id)
+        problem = None if existing is not None else row_problem(run, row)
+        if problem is not None:  # a replaced, truncated or outside file is never imported
+            raise InputError(
+                f"{problem}; nothing was written (resume the run to make the tile again)",
+                path=index,
+                item=f"tile {tile_id}",
+            )
         if existing is not None:
             if existing.stored_path is not None and existing.stored_path != (
                 run / "images" / f"{tile_id}.tif"

@@ -407,7 +407,10 @@ def test_a_missing_tile_image_is_named_and_nothing_written(setup) -> None:
     before_run, before_project = _tree(run), _tree(project_file.parent)
     with pytest.raises(InputError) as info:
         write_run_to_project(project_file, run)
-    assert str(info.value) == f"{missing}: tile t0002: the tile image is missing"
+    assert str(info.value) == (
+        f"{run / 'index.csv'}: tile t0002: image_path 'images/t0002.png' is missing; nothing "
+        "was written (resume the run to make the tile again)"
+    )
     assert _tree(run) == before_run and _tree(project_file.parent) == before_project
 
 
@@ -860,3 +863,36 @@ def test_a_write_back_killed_at_any_rename_resumes_to_the_uninterrupted_result(
         pytest.fail("the write-back never finished")
     print(f"\n{kills} kills, each resumed to the reference")
     assert kills >= 6  # TIFFs, journal, sidecars, project and backup, mapping
+
+
+@pytest.mark.parametrize("how", ["replaced", "outside", "status"])
+def test_write_back_refuses_a_spoiled_row_and_writes_nothing(setup, how) -> None:
+    """Write-back checks every row it would import: a replaced image (SHA-256), an image
+    outside the run, an unknown review status — one line naming the tile, nothing
+    written into the project."""
+    project_file, run = setup
+    index = run / "index.csv"
+    text = index.read_text(encoding="utf-8")
+    if how == "replaced":
+        (run / "images" / "t0002.png").write_bytes((run / "images" / "t0001.png").read_bytes())
+    elif how == "outside":
+        shutil.copy(run / "images" / "t0002.png", run.parent / "elsewhere.png")
+        index.write_text(text.replace("images/t0002.png", "../elsewhere.png"), encoding="utf-8")
+    else:
+        import csv
+        import io
+
+        rows = read_index(run)
+        next(r for r in rows if r["id"] == "t0002")["review_status"] = "maybe"
+        buffer = io.StringIO(newline="")
+        writer = csv.writer(buffer, lineterminator="\r\n")
+        writer.writerow(list(rows[0]))
+        writer.writerows(list(r.values()) for r in rows)
+        index.write_bytes(buffer.getvalue().encode("utf-8"))
+    before = _tree(project_file.parent)
+    with pytest.raises(InputError) as err:
+        write_run_to_project(project_file, run)
+    message = str(err.value)
+    assert "tile t0002" in message and "nothing was written" in message
+    assert {"replaced": "SHA-256", "outside": "outside the run", "status": "maybe"}[how] in message
+    assert _tree(project_file.parent) == before

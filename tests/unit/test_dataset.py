@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from histosynth.integration.dataset import (
     RunWriter,
     TileRecord,
     read_index,
+    row_problem,
     update_index,
     validate_tile_id,
 )
@@ -541,3 +543,61 @@ def test_a_second_writer_of_one_run_folder_refuses_and_changes_nothing(tmp_path)
     with RunWriter(run, config={"mode": "test"}, resume=True):  # the dead writer's lock
         pass
     assert not (run / ".histosynth-run.lock").exists()
+
+
+# ----------------------------------------------------------------------------- verify on resume
+
+
+def _tamper(run: Path, how: str) -> str:
+    """Spoil one row of a written run the way a user or a crash might; returns its id."""
+    index = run / "index.csv"
+    rows = read_index(run)
+    header = list(rows[0])
+    target = {"replaced": "t0", "truncated": "t1", "deleted": "t2", "outside": "t3",
+              "status": "t4", "renamed": "t5"}[how]
+    row = next(r for r in rows if r["id"] == target)
+    if how == "replaced":
+        (run / row["image_path"]).write_bytes((run / "images" / "t6.png").read_bytes())
+    elif how == "truncated":
+        path = run / row["image_path"]
+        path.write_bytes(path.read_bytes()[:40])
+    elif how == "deleted":
+        (run / row["mask_path"]).unlink()
+    elif how == "outside":
+        outside = run.parent / "outside.png"
+        outside.write_bytes((run / row["image_path"]).read_bytes())
+        row["image_path"] = "../outside.png"
+    elif how == "status":
+        row["review_status"] = "maybe"
+    elif how == "renamed":
+        row["id"] = "../t5"
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    writer.writerow(header)
+    writer.writerows([r[name] for name in header] for r in rows)
+    index.write_bytes(buffer.getvalue().encode("utf-8"))
+    return target
+
+
+@pytest.mark.parametrize(
+    "how", ["replaced", "truncated", "deleted", "outside", "status", "renamed"]
+)
+def test_resume_makes_a_spoiled_row_again_instead_of_trusting_it(tmp_path, caplog, how):
+    """A changed SHA-256, a replaced / truncated / deleted file, a path outside the run,
+    an unknown review status, an unsafe id: resume drops the row (naming it) so that the
+    run makes the tile again; the other rows stay."""
+    run = tmp_path / "run"
+    ids = [f"t{n}" for n in range(7)]
+    with RunWriter(run, config=CONFIG) as writer:
+        for number, tile_id in enumerate(ids):
+            writer.add_tile(record(tile_id), *make_tile(number))
+    spoiled = _tamper(run, how)
+    with caplog.at_level("WARNING"), RunWriter(run, config=CONFIG, resume=True) as writer:
+        assert writer.ids == set(ids) - {spoiled}
+        assert not writer.has(spoiled)
+        writer.add_tile(record(spoiled), *make_tile(ids.index(spoiled)))
+    assert any(f"tile {spoiled!r}" in r.message or "'../t5'" in r.message
+               for r in caplog.records)
+    rows = read_index(run)
+    assert sorted(r["id"] for r in rows) == sorted(ids)
+    assert all(row_problem(run, r) is None for r in rows)

@@ -43,6 +43,7 @@ import os
 import platform
 import re
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -509,6 +510,42 @@ def check_run_folder(run_dir: str | os.PathLike, *, resume: bool = False) -> Non
             "already holds a run (index.csv); pass --resume to continue it or choose a new folder",
             path=run_dir,
         )
+    probe_writable(run_dir)
+
+
+#: Bytes the pre-flight write test writes (and removes): a full disk fails it.
+PROBE_BYTES = 1 << 20
+
+
+def probe_writable(folder: Path) -> None:
+    """InputError when ``folder`` (or, while it does not exist, the nearest existing folder
+    above it) cannot take a :data:`PROBE_BYTES` file: read-only, no permission, or full.
+    Run before slow work, so that the error comes before a model is loaded."""
+    target = folder
+    while not target.exists() and target.parent != target:
+        target = target.parent
+    if not target.is_dir():
+        raise InputError("is not a folder", path=target)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".histosynth-probe-", dir=target)
+    except OSError as exc:
+        raise InputError(
+            f"cannot write the output folder ({exc.strerror or exc}); nothing was written",
+            path=folder,
+        ) from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(bytes(PROBE_BYTES))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        raise InputError(
+            f"cannot write the output folder ({exc.strerror or exc}); nothing was written",
+            path=folder,
+        ) from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
 
 
 @dataclass(frozen=True)

@@ -601,3 +601,44 @@ def test_resume_makes_a_spoiled_row_again_instead_of_trusting_it(tmp_path, caplo
     rows = read_index(run)
     assert sorted(r["id"] for r in rows) == sorted(ids)
     assert all(row_problem(run, r) is None for r in rows)
+
+
+_FULL_DISK = """
+import subprocess, sys
+folder = sys.argv[1]
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", folder], check=True)
+with open(folder + "/filler", "wb") as handle:  # fill it
+    try:
+        handle.write(bytes(1 << 20))
+    except OSError:
+        pass
+from histosynth.cli import main
+sys.argv = ["histosynth", "synthesize", "--slide", sys.argv[2], "--annotations", sys.argv[3],
+            "--class", "Vessel", "--count", "1", "--out", folder + "/run"]
+main()
+"""
+
+
+def test_a_full_output_disk_is_one_line_before_any_work(tmp_path):
+    """A full file system (a 256 KiB tmpfs in a private mount namespace): the pre-flight
+    write test fails with one line, exit 1, before the slide or the model is touched."""
+    import shutil as _shutil
+
+    unshare = _shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("no unshare(1) for a private tmpfs")
+    folder = tmp_path / "small"
+    folder.mkdir()
+    probe = subprocess.run([unshare, "-rm", "mount", "-t", "tmpfs", "tmpfs", str(folder)],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip("no user namespace for a private tmpfs: " + probe.stderr.strip())
+    done = subprocess.run(
+        [unshare, "-rm", sys.executable, "-c", _FULL_DISK, str(folder),
+         str(tmp_path / "no-slide.tif"), str(tmp_path / "no.geojson")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "No space left on device" in lines[0], done.stderr
+    assert "nothing was written" in lines[0]

@@ -93,6 +93,68 @@ def _check_mpp(value: Any, what: str, path: str | os.PathLike | None = None) -> 
     return mpp
 
 
+#: Suffixes of the TIFF family (their tiles are located by offsets in the file).
+TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".qptiff")
+
+
+def check_tiff_complete(path: Path) -> None:
+    """InputError naming ``path`` when it is a TIFF whose image data reach beyond the end
+    of the file (a copy cut short): a truncated slide is refused when it is opened, not
+    read as silently wrong or undecodable tiles. Other formats pass unchecked."""
+    if not path.is_file() or path.suffix.lower() not in TIFF_SUFFIXES:
+        return
+    import tifffile
+
+    size = path.stat().st_size
+    logger = logging.getLogger("tifffile")
+    problems = _Collect()
+    logger.addHandler(problems)
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        with tifffile.TiffFile(path) as tif:
+            need = 0
+            # every IFD: the main ones and the pyramid levels (OME-TIFF keeps those in
+            # SubIFDs, outside tif.pages)
+            pages = [*tif.pages, *(p for s in tif.series for lv in s.levels for p in lv.pages)]
+            for page in pages:
+                offsets = getattr(page, "dataoffsets", None) or ()
+                counts = getattr(page, "databytecounts", None) or ()
+                ends = [o + c for o, c in zip(offsets, counts, strict=False)]
+                if ends:
+                    need = max(need, max(ends))
+    except Exception as exc:  # the structure itself is cut or damaged
+        message = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise InputError(f"cannot open as a slide: {message}", path=path) from None
+    finally:
+        logger.removeHandler(problems)
+        logger.propagate = propagate
+    if need > size:
+        raise InputError(
+            f"cannot open as a slide: the file is truncated: it has {size} bytes, its image "
+            f"data need {need} "
+            f"({100 * size / need:.1f} % present); copy it again",
+            path=path,
+        )
+    if problems.messages:  # tifffile read past a damaged or missing directory
+        raise InputError(
+            "cannot open as a slide: the TIFF structure is damaged or cut short "
+            f"({problems.messages[0][:160]}); "
+            "copy it again",
+            path=path,
+        )
+
+
+class _Collect(logging.Handler):
+    """Keeps the warnings tifffile logs while it parses a file."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(" ".join(record.getMessage().split()))
+
+
 def open_slide(path: str | os.PathLike, *, mpp: float | None = None) -> WSIReader:
     """Open a whole-slide image with TIAToolbox (``WSIReader.open``).
 
@@ -114,6 +176,7 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None) -> WSIReade
     if not path.exists():
         raise InputError("slide file not found", path=path)
     check_not_special(path)
+    check_tiff_complete(path)
     from tiatoolbox.wsicore.wsireader import WSIReader  # slow: imported on first use
 
     try:
@@ -309,15 +372,25 @@ def read_tile(reader: WSIReader, x: float, y: float, size: int, mpp: float) -> n
             "finer --mpp or a slide with coarser pyramid levels",
             path=path,
         )
-    with _quiet_tiatoolbox():
-        window = reader.read_rect(
-            (round(x0 * ds), round(y0 * ds)),
-            (width, height),
-            resolution=level,
-            units="level",
-            pad_mode="constant",
-            pad_constant_values=OUTSIDE_VALUE,
-        )
+    try:
+        with _quiet_tiatoolbox():
+            window = reader.read_rect(
+                (round(x0 * ds), round(y0 * ds)),
+                (width, height),
+                resolution=level,
+                units="level",
+                pad_mode="constant",
+                pad_constant_values=OUTSIDE_VALUE,
+            )
+    except InputError:
+        raise
+    except Exception as exc:  # a codec error: the file is damaged where this tile lies
+        message = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise InputError(
+            f"cannot decode the pixels of the {size} px tile at level-0 ({x:.0f}, {y:.0f}) "
+            f"(level {level}): {message}; the slide file may be damaged",
+            path=path,
+        ) from None
     window = _as_rgb(np.asarray(window), path)
     if window.shape[:2] != (height, width):  # a reader that ignores the requested size
         raise InputError(

@@ -7,6 +7,7 @@ PNGs; read with TIAToolbox's ``WSIReader``.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -366,3 +367,34 @@ def test_a_tile_far_coarser_than_the_pyramid_is_refused_before_reading(he_reader
         read_tile(he_reader, 0, 0, 512, 100.0)
     assert "he.ome.tif" in str(err.value) and "finer --mpp" in str(err.value)
     assert read_tile(he_reader, 0, 0, 64, 16.0).shape == (64, 64, 3)  # 1024² px: fine
+
+
+@pytest.mark.parametrize("fraction", [0.001, 0.05, 0.3, 0.5, 0.8, 0.97, 0.999])
+def test_a_truncated_tiff_is_refused_when_opened(files, tmp_path, fraction, capsys):
+    """A copy cut short at any point is one InputError naming the file at open — not a
+    codec error later, and not silently wrong tiles (at 50–99.9 % it used to open)."""
+    data = Path(files["he"]).read_bytes()
+    cut = tmp_path / "cut.ome.tif"
+    cut.write_bytes(data[: max(8, int(len(data) * fraction))])
+    expected = r"cannot open as a slide: (the file is truncated|the TIFF structure is damaged)"
+    with pytest.raises(InputError, match=expected) as err:
+        open_slide(cut)
+    assert str(cut) in str(err.value) and "\n" not in str(err.value)
+    assert "tifffile" not in capsys.readouterr().err  # its warnings are not printed
+
+
+def test_damaged_tile_data_is_an_error_naming_the_slide(files, tmp_path):
+    """Bytes overwritten inside a JPEG tile (same file size): the read is one InputError
+    naming the slide, not a codec traceback."""
+    data = bytearray(Path(files["he"]).read_bytes())
+    with tifffile.TiffFile(files["he"]) as tif:
+        page = tif.pages[0]
+        offset, count = page.dataoffsets[0], page.databytecounts[0]
+        assert page.compression == tifffile.COMPRESSION.JPEG
+    data[offset : offset + count] = bytes(count)  # the first tile zeroed
+    bad = tmp_path / "bad.ome.tif"
+    bad.write_bytes(bytes(data))
+    reader = open_slide(bad)
+    with pytest.raises(InputError, match="may be damaged") as err:
+        read_tile(reader, 0, 0, 64, 0.25)
+    assert str(bad) in str(err.value) and "\n" not in str(err.value)

@@ -207,7 +207,7 @@ def test_same_seed_same_tiles_and_variation_mode(invoke, demo, tmp_path):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--count", "0"], "--count must be at least 1"),
+        (["--class", " "], "name at least one class"),
         (["--class", "Nerve"], "'Nerve'"),
         (["--tile-size", "128", "--model", "pixcell-256"], "pixcell-256"),
     ],

@@ -1,0 +1,322 @@
+"""Kill, race and fuzz histosynth's writers and readers at larger counts than CI runs.
+
+    python scripts/chaos.py [--renames 200] [--timed-kills 20] [--races 10] [--fuzz 2000]
+                            [--out chaos.json]
+
+* kills: a native write-back of a 4-tile run into a demo project, SIGKILLed at each of
+  its atomic renames in turn and then at ``--timed-kills`` random moments; after each
+  kill a plain write-back runs again and must end equal to an uninterrupted one (the
+  same entries, entry ids and sidecars; no stray sidecar, temporary file or journal).
+* races: two processes write two runs into one project at the same moment; both must
+  succeed, with every entry's sidecar in place.
+* fuzz: random JSON documents and random bytes into the GeoJSON and QuPath project
+  readers; each must give its result or one InputError within 10 s.
+
+Prints one table; nothing is asserted (the suite's tests assert the same at small counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from shapely.geometry import Polygon
+
+from histosynth.integration.annotations import Annotation
+from histosynth.integration.dataset import RunWriter, TileRecord
+from histosynth.integration.demodata import build_demo_project, build_demo_slide, he_source_image
+from histosynth.integration.errors import InputError
+from histosynth.integration.geojson import read_annotations
+from histosynth.integration.qupath import QuPathProject
+from histosynth.integration.qupath.writeback import write_run_to_project
+
+TILE = 160
+
+KILL_AT = """
+import os, signal, sys
+import histosynth.integration.atomic as atomic
+from histosynth.integration.qupath.writeback import write_run_to_project
+calls, real = [0], os.replace
+def replace(src, dst):
+    calls[0] += 1
+    if calls[0] == int(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst)
+atomic.os.replace = replace
+write_run_to_project(sys.argv[1], sys.argv[2], wait_s=60)
+"""
+
+WRITE = """
+import sys, time
+from pathlib import Path
+from histosynth.integration.qupath.writeback import write_run_to_project
+go = Path(sys.argv[3])
+while not go.exists():
+    time.sleep(0.002)
+print(len(write_run_to_project(sys.argv[1], sys.argv[2], wait_s=120).added))
+"""
+
+
+def make_run(run: Path, tiles: int = 4) -> None:
+    he = he_source_image()
+    with RunWriter(run, config={"mode": "chaos"}) as writer:
+        for n in range(tiles):
+            image = np.ascontiguousarray(he[n * 40 : n * 40 + TILE, 100 : 100 + TILE])
+            mask = np.zeros((TILE, TILE), np.uint8)
+            cv2.circle(mask, (80, 80), 30 + n, 255, -1)
+            vessel = Annotation(
+                Polygon([(50, 50), (110, 52), (112, 108), (48, 110)]),
+                class_name="Vessel",
+                color=(200, 0, 0),
+            )
+            writer.add_tile(
+                TileRecord(
+                    id=f"t{n:04d}",
+                    synthesis_type="inpainting",
+                    class_name="Vessel",
+                    source_image="demo.ome.tif",
+                    source_entry_id="1",
+                    tile_x=n,
+                    tile_y=0,
+                    tile_size=TILE,
+                    mpp=0.5,
+                    model="tiny",
+                    seed=n,
+                ),
+                image,
+                mask,
+                [vessel],
+            )
+
+
+def state(project_file: Path) -> dict:
+    images = json.loads(project_file.read_text())["images"]
+    entries = sorted(
+        (
+            i["metadata"].get("histosynth.run"),
+            i["metadata"].get("histosynth.id"),
+            i["entryID"],
+            (project_file.parent / "annotations" / f"{i['entryID']}.geojson").read_bytes(),
+        )
+        for i in images
+        if "histosynth.run" in i.get("metadata", {})
+    )
+    known = {f"{i['entryID']}.geojson" for i in images}
+    stray = sorted(
+        p.name for p in (project_file.parent / "annotations").iterdir() if p.name not in known
+    )
+    hidden = sorted(p.name for p in project_file.parent.iterdir() if p.name.startswith("."))
+    return {"entries": entries, "stray": stray, "hidden": hidden}
+
+
+def kills(
+    base: Path, slide, template: Path, timed: int, rng: random.Random, max_renames: int = 200
+) -> dict:
+    def fresh(name: str) -> tuple[Path, Path]:
+        project = build_demo_project(base / name / "project", slide=slide)
+        run = base / name / "run"
+        shutil.copytree(template, run)
+        return project, run
+
+    project, run = fresh("reference")
+    write_run_to_project(project, run)
+    reference = state(project)
+    tried = clean = 0
+    for n in range(1, max_renames + 1):  # at each rename
+        project, run = fresh(f"rename-{n}")
+        done = subprocess.run(
+            [sys.executable, "-c", KILL_AT, str(project), str(run), str(n)],
+            capture_output=True,
+            timeout=300,
+        )
+        if done.returncode == 0:
+            break
+        tried += 1
+        try:
+            write_run_to_project(project, run)
+            clean += state(project) == reference
+        except InputError:
+            pass
+    renames, finished = tried, 0
+    for k in range(timed):  # at random moments
+        project, run = fresh(f"timed-{k}")
+        child = subprocess.Popen(
+            [sys.executable, "-c", KILL_AT, str(project), str(run), "0"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(rng.uniform(0.5, 3.0))
+        child.send_signal(signal.SIGKILL)
+        if child.wait() != -signal.SIGKILL:
+            finished += 1  # it was done before the signal came: not a kill
+            continue
+        tried += 1
+        try:
+            write_run_to_project(project, run)
+            clean += state(project) == reference
+        except InputError:
+            pass
+    return {
+        "renames": renames,
+        "kills": tried,
+        "clean resumes": clean,
+        "finished before a timed kill": finished,
+    }
+
+
+def races(base: Path, slide, template: Path, count: int) -> dict:
+    good = 0
+    for k in range(count):
+        project = build_demo_project(base / f"race-{k}" / "project", slide=slide)
+        before = len(json.loads(project.read_text())["images"])
+        runs = []
+        for name in ("run-a", "run-b"):
+            shutil.copytree(template, base / f"race-{k}" / name)
+            runs.append(base / f"race-{k}" / name)
+        go = base / f"race-{k}" / "go"
+        children = [
+            subprocess.Popen(
+                [sys.executable, "-c", WRITE, str(project), str(r), str(go)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for r in runs
+        ]
+        go.touch()
+        outs = [c.communicate(timeout=300)[0].strip() for c in children]
+        images = json.loads(project.read_text())["images"][before:]
+        sidecars = all(
+            (project.parent / "annotations" / f"{i['entryID']}.geojson").is_file() for i in images
+        )
+        good += outs == ["4", "4"] and len(images) == 8 and sidecars
+    return {"races": count, "both runs intact": good}
+
+
+def random_json(rng: random.Random, depth: int = 0):
+    pick = rng.random()
+    if depth > 4 or pick < 0.35:
+        return rng.choice(
+            [
+                None,
+                True,
+                0,
+                -1,
+                1e308,
+                float("nan"),
+                "",
+                "Vessel",
+                "\udfff",
+                [0, 0],
+                "Polygon",
+                2**70,
+            ]
+        )
+    if pick < 0.65:
+        return [random_json(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    keys = [
+        "type",
+        "features",
+        "geometry",
+        "coordinates",
+        "properties",
+        "classification",
+        "name",
+        "images",
+        "entryID",
+        "serverBuilder",
+        "version",
+        "lastID",
+        "metadata",
+    ]
+    return {rng.choice(keys): random_json(rng, depth + 1) for _ in range(rng.randint(0, 5))}
+
+
+def fuzz(base: Path, count: int, rng: random.Random) -> dict:
+    crashes, slowest = [], 0.0
+    folder = base / "fuzz"
+    folder.mkdir()
+    for k in range(count):
+        if k % 4 == 3:
+            data = bytes(rng.randrange(256) for _ in range(rng.randint(0, 200)))
+        else:
+            doc = random_json(rng)
+            if k % 4 == 1:
+                doc = {
+                    "type": "FeatureCollection",
+                    "features": [
+                        {
+                            "type": "Feature",
+                            "geometry": {"type": "Polygon", "coordinates": random_json(rng)},
+                            "properties": random_json(rng),
+                        }
+                    ],
+                }
+            data = json.dumps(doc, allow_nan=True).encode("utf-8", "surrogatepass")
+        (folder / "f.geojson").write_bytes(data)
+        (folder / "project.qpproj").write_bytes(data)
+        for read in (
+            lambda: read_annotations(folder / "f.geojson"),
+            lambda: QuPathProject(folder, use_paquo=False),
+        ):
+            start = time.perf_counter()
+            try:
+                read()
+            except InputError:
+                pass
+            except Exception as exc:  # counting what escapes
+                crashes.append(f"{type(exc).__name__}: {exc}"[:120])
+            slowest = max(slowest, time.perf_counter() - start)
+    return {
+        "fuzz cases": 2 * count,
+        "crashes": len(crashes),
+        "slowest s": round(slowest, 3),
+        "first crash": crashes[0] if crashes else "",
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--renames", type=int, default=200, help="most rename points killed at")
+    parser.add_argument("--timed-kills", type=int, default=20)
+    parser.add_argument("--races", type=int, default=10)
+    parser.add_argument("--fuzz", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    rng = random.Random(args.seed)
+    base = Path(tempfile.mkdtemp(prefix="histosynth-chaos-"))
+    try:
+        slide = build_demo_slide(base / "slides" / "demo.ome.tif", width=1024, height=768, seed=3)
+        template = base / "template-run"
+        make_run(template)
+        result = {
+            **kills(base, slide, template, args.timed_kills, rng, args.renames),
+            **races(base, slide, template, args.races),
+            **fuzz(base, args.fuzz, rng),
+        }
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    print("| check | count |")
+    print("|---|---:|")
+    for key, value in result.items():
+        print(f"| {key} | {value} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return result
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HISTOSYNTH_LOG", "warning")
+    main()

@@ -31,7 +31,7 @@ from histosynth.integration.dataset import (
 )
 from histosynth.integration.errors import InputError
 from histosynth.integration.images import read_rgb
-from histosynth.integration.locks import project_lock
+from histosynth.integration.locks import RUN_LOCK_NAME, folder_lock, project_lock
 from histosynth.integration.qupath import journal
 from histosynth.integration.qupath.entries import META_ID, META_REVIEW, META_RUN
 from histosynth.integration.qupath.plan import (
@@ -313,11 +313,10 @@ def review_sync(
             )
         statuses[tile_id] = status
         decided_by[tile_id] = entry.label()
-    changed = (
-        update_index(run, {t: {"review_status": s} for t, s in statuses.items()})
-        if (statuses)
-        else 0
-    )
+    changed = 0
+    if statuses:  # the run's index is changed only with the run folder's lock held
+        with folder_lock(run, RUN_LOCK_NAME, "the run folder", "the run folder"):
+            changed = update_index(run, {t: {"review_status": s} for t, s in statuses.items()})
     not_in_project = [
         row["id"]
         for row in rows

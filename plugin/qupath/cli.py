@@ -128,10 +128,13 @@ def plan_command(run: Path, project: Path, run_name: str | None) -> None:
     description, metadata, tags and annotations, as the native write-back writes them.
     The project itself is not changed; the "Synthesize vessels" script applies the plan.
     """
+    from histosynth.integration.locks import project_lock
     from histosynth.integration.qupath import QuPathProject
     from histosynth.integration.qupath.plan import make_plan, write_entry_images, write_plan_json
 
-    plan = make_plan(QuPathProject(project, use_paquo=False), run, run_name)
+    # planned under the project lock: not from a project a write-back is changing
+    with project_lock(QuPathProject.locate(project)):
+        plan = make_plan(QuPathProject(project, use_paquo=False), run, run_name)
     write_entry_images(plan)
     path = write_plan_json(plan)
     click.echo(

@@ -896,3 +896,34 @@ def test_write_back_refuses_a_spoiled_row_and_writes_nothing(setup, how) -> None
     assert "tile t0002" in message and "nothing was written" in message
     assert {"replaced": "SHA-256", "outside": "outside the run", "status": "maybe"}[how] in message
     assert _tree(project_file.parent) == before
+
+
+_HOLD_RUN_FOLDER = """
+import sys, time
+from pathlib import Path
+from histosynth.integration.locks import RUN_LOCK_NAME, folder_lock
+with folder_lock(Path(sys.argv[1]), RUN_LOCK_NAME, "the run folder", "the run folder"):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_review_sync_refuses_while_the_run_folder_is_being_written(setup) -> None:
+    """Review sync rewrites RUN/index.csv: while a writer holds the run folder (a resumed
+    synthesis), it refuses with one line and leaves the index as it was."""
+    from histosynth.integration.locks import ProjectLockedError
+
+    project_file, run = setup
+    write_run_to_project(project_file, run)
+    index_before = (run / "index.csv").read_bytes()
+    child = subprocess.Popen([sys.executable, "-c", _HOLD_RUN_FOLDER, str(run)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        with pytest.raises(ProjectLockedError, match="the run folder is being written"):
+            review_sync(project_file, run)
+        assert (run / "index.csv").read_bytes() == index_before
+    finally:
+        child.kill()
+        child.wait()
+    assert review_sync(project_file, run).counts["pending"] == 3

@@ -231,6 +231,15 @@ def _parse_record(record: str) -> list[str]:
     return rows[0] if rows else []
 
 
+def tile_paths(tile_id: str) -> dict[str, str]:
+    """A tile's files in its run folder, relative, by index column."""
+    return {
+        "image_path": f"images/{tile_id}.png",
+        "mask_path": f"masks/{tile_id}.png",
+        "annotation_path": f"annotations/{tile_id}.geojson",
+    }
+
+
 def row_problem(run_dir: Path, row: dict[str, str]) -> str | None:
     """What is wrong with an index row as found on disk, or ``None``: the id must be a
     safe file stem; its image, mask and GeoJSON must be regular files inside the run; the
@@ -242,6 +251,7 @@ def row_problem(run_dir: Path, row: dict[str, str]) -> str | None:
     except InputError as exc:
         return exc.message
     root = run_dir.resolve()
+    canonical = tile_paths(tile_id)
     for column in ("image_path", "mask_path", "annotation_path"):
         rel = row.get(column, "")
         if not rel:
@@ -251,6 +261,8 @@ def row_problem(run_dir: Path, row: dict[str, str]) -> str | None:
         path = (run_dir / rel).resolve()
         if path == root or root not in path.parents:
             return f"{column} {rel!r} lies outside the run folder"
+        if rel.replace("\\", "/") != canonical[column]:  # another tile's file: a changed id
+            return f"{column} {rel!r} is not the file of tile {tile_id!r}"
         if not path.is_file():
             return f"{column} {rel!r} is missing"
     digest = row.get("image_sha256", "")
@@ -934,9 +946,9 @@ class RunWriter:
         with self._lock:
             if tile_id in self._ids:
                 raise InputError("a tile with this id is already in the run", item=tile_id)
-            image_rel = f"images/{tile_id}.png"
-            mask_rel = f"masks/{tile_id}.png"
-            annotation_rel = f"annotations/{tile_id}.geojson"
+            paths = tile_paths(tile_id)
+            image_rel, mask_rel = paths["image_path"], paths["mask_path"]
+            annotation_rel = paths["annotation_path"]
             written: list[Path] = []
             try:
                 for name, data in tile.refs.items():

@@ -149,6 +149,17 @@ def kills(
         except InputError:
             pass
     renames, finished = tried, 0
+    # the length of a whole write-back in a fresh process (imports included): the timed
+    # kills fall inside it
+    project, run = fresh("timing")
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-c", KILL_AT, str(project), str(run), "0"],
+        capture_output=True,
+        timeout=300,
+        check=True,
+    )
+    whole = time.perf_counter() - start
     for k in range(timed):  # at random moments
         project, run = fresh(f"timed-{k}")
         child = subprocess.Popen(
@@ -156,7 +167,7 @@ def kills(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        time.sleep(rng.uniform(0.5, 3.0))
+        time.sleep(rng.uniform(0.3, 1.0) * whole)
         child.send_signal(signal.SIGKILL)
         if child.wait() != -signal.SIGKILL:
             finished += 1  # it was done before the signal came: not a kill

@@ -927,3 +927,18 @@ def test_review_sync_refuses_while_the_run_folder_is_being_written(setup) -> Non
         child.kill()
         child.wait()
     assert review_sync(project_file, run).counts["pending"] == 3
+
+
+def test_a_symlinked_project_file_stays_a_link_after_write_back(setup, tmp_path) -> None:
+    """A lab keeps project.qpproj on another volume and links it into the project folder:
+    write-back updates the linked file and the link stays a link."""
+    project_file, run = setup
+    elsewhere = tmp_path / "elsewhere" / "project.qpproj"
+    elsewhere.parent.mkdir()
+    shutil.move(project_file, elsewhere)
+    project_file.symlink_to(elsewhere)
+    result = write_run_to_project(project_file, run)
+    assert len(result.added) == 3
+    assert project_file.is_symlink() and project_file.resolve() == elsewhere.resolve()
+    assert len(json.loads(elsewhere.read_text())["images"]) >= 3
+    assert not list(elsewhere.parent.glob(".*.tmp"))

@@ -554,7 +554,7 @@ def _tamper(run: Path, how: str) -> str:
     rows = read_index(run)
     header = list(rows[0])
     target = {"replaced": "t0", "truncated": "t1", "deleted": "t2", "outside": "t3",
-              "status": "t4", "renamed": "t5"}[how]
+              "status": "t4", "renamed": "t5", "renamed_safe": "t5"}[how]
     row = next(r for r in rows if r["id"] == target)
     if how == "replaced":
         (run / row["image_path"]).write_bytes((run / "images" / "t6.png").read_bytes())
@@ -571,6 +571,8 @@ def _tamper(run: Path, how: str) -> str:
         row["review_status"] = "maybe"
     elif how == "renamed":
         row["id"] = "../t5"
+    elif how == "renamed_safe":
+        row["id"] = "t9"  # a safe id, but the files are t5's
     buffer = io.StringIO(newline="")
     writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerow(header)
@@ -580,7 +582,7 @@ def _tamper(run: Path, how: str) -> str:
 
 
 @pytest.mark.parametrize(
-    "how", ["replaced", "truncated", "deleted", "outside", "status", "renamed"]
+    "how", ["replaced", "truncated", "deleted", "outside", "status", "renamed", "renamed_safe"]
 )
 def test_resume_makes_a_spoiled_row_again_instead_of_trusting_it(tmp_path, caplog, how):
     """A changed SHA-256, a replaced / truncated / deleted file, a path outside the run,
@@ -597,7 +599,7 @@ def test_resume_makes_a_spoiled_row_again_instead_of_trusting_it(tmp_path, caplo
         assert not writer.has(spoiled)
         writer.add_tile(record(spoiled), *make_tile(ids.index(spoiled)))
     assert any(f"tile {spoiled!r}" in r.message or "'../t5'" in r.message
-               for r in caplog.records)
+               or "tile 't9'" in r.message for r in caplog.records)
     rows = read_index(run)
     assert sorted(r["id"] for r in rows) == sorted(ids)
     assert all(row_problem(run, r) is None for r in rows)

@@ -241,7 +241,7 @@ def synthesize(
     >>> SynthesisSettings(classes=("Vessel",), count=0)
     Traceback (most recent call last):
     ...
-    histosynth.integration.errors.InputError: --count must be at least 1, not 0
+    histosynth.integration.errors.InputError: --count must be in [1, 1000000], not 0
     """
     out = Path(out)
     if out.exists() and not out.is_dir():

@@ -54,6 +54,7 @@ def replace(src, dst):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(src, dst)
 atomic.os.replace = replace
+print("ready", flush=True)
 write_run_to_project(sys.argv[1], sys.argv[2], wait_s=60)
 """
 
@@ -149,25 +150,28 @@ def kills(
         except InputError:
             pass
     renames, finished = tried, 0
-    # the length of a whole write-back in a fresh process (imports included): the timed
-    # kills fall inside it
+    # how long a write-back takes once the child has imported everything: the timed
+    # kills fall inside that
     project, run = fresh("timing")
-    start = time.perf_counter()
-    subprocess.run(
+    child = subprocess.Popen(
         [sys.executable, "-c", KILL_AT, str(project), str(run), "0"],
-        capture_output=True,
-        timeout=300,
-        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
+    child.stdout.readline()
+    start = time.perf_counter()
+    child.wait()
     whole = time.perf_counter() - start
     for k in range(timed):  # at random moments
         project, run = fresh(f"timed-{k}")
         child = subprocess.Popen(
             [sys.executable, "-c", KILL_AT, str(project), str(run), "0"],
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
+            text=True,
         )
-        time.sleep(rng.uniform(0.3, 1.0) * whole)
+        child.stdout.readline()
+        time.sleep(rng.uniform(0.0, 1.0) * whole)
         child.send_signal(signal.SIGKILL)
         if child.wait() != -signal.SIGKILL:
             finished += 1  # it was done before the signal came: not a kill

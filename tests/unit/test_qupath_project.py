@@ -535,7 +535,7 @@ def test_bad_project_files(tmp_path: Path, content: Any, item: str | None, messa
 
 def test_malformed_json_names_line_and_column(tmp_path: Path) -> None:
     file = _write(tmp_path, '{\n  "version": "0.5.1",\n  "images": [,]\n}')
-    with pytest.raises(InputError, match=r"line 3 column 14"):
+    with pytest.raises(InputError, match=r"line 3, column 14"):
         QuPathProject(file)
 
 

@@ -255,6 +255,7 @@ def review_sync(
     run_dir: str | os.PathLike,
     *,
     run_name: str | None = None,
+    wait_s: float = 0.0,
 ) -> ReviewSyncResult:
     """Copy reviewers' decisions (entry metadata ``review_status``) into ``RUN/index.csv``.
 
@@ -315,7 +316,7 @@ def review_sync(
         decided_by[tile_id] = entry.label()
     changed = 0
     if statuses:  # the run's index is changed only with the run folder's lock held
-        with folder_lock(run, RUN_LOCK_NAME, "the run folder", "the run folder"):
+        with folder_lock(run, RUN_LOCK_NAME, "the run folder", "the run folder", wait_s=wait_s):
             changed = update_index(run, {t: {"review_status": s} for t, s in statuses.items()})
     not_in_project = [
         row["id"]

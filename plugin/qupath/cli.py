@@ -120,7 +120,15 @@ def install_scripts_command(
     help="QuPath project (project.qpproj or its folder) the run's tiles go into.",
 )
 @click.option("--run-name", default=None, help="histosynth.run of the entries [the run's name].")
-def plan_command(run: Path, project: Path, run_name: str | None) -> None:
+@click.option(
+    "--wait",
+    "wait_s",
+    type=FiniteFloat(0, 86400),
+    default=0.0,
+    show_default=True,
+    help="Seconds to wait for another histosynth process holding the lock before giving up.",
+)
+def plan_command(run: Path, project: Path, run_name: str | None, wait_s: float) -> None:
     """Plan adding RUN's synthetic tiles to PROJECT, for the menu scripts.
 
     Checks every tile against the project, writes each tile's calibrated TIFF
@@ -133,7 +141,7 @@ def plan_command(run: Path, project: Path, run_name: str | None) -> None:
     from histosynth.integration.qupath.plan import make_plan, write_entry_images, write_plan_json
 
     # planned under the project lock: not from a project a write-back is changing
-    with project_lock(QuPathProject.locate(project)):
+    with project_lock(QuPathProject.locate(project), wait_s=wait_s):
         plan = make_plan(QuPathProject(project, use_paquo=False), run, run_name)
     write_entry_images(plan)
     path = write_plan_json(plan)

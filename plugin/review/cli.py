@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from histosynth.options import FiniteFloat
 from histosynth.progress import progress_for
 
 
@@ -44,12 +45,20 @@ def gallery(ctx: click.Context, run: Path) -> None:
     required=True,
     help="The run folder whose tiles were added to PROJECT.",
 )
+@click.option(
+    "--wait",
+    "wait_s",
+    type=FiniteFloat(0, 86400),
+    default=0.0,
+    show_default=True,
+    help="Seconds to wait for another histosynth process holding the lock before giving up.",
+)
 @click.pass_context
-def sync(ctx: click.Context, project: Path, run: Path) -> None:
+def sync(ctx: click.Context, project: Path, run: Path, wait_s: float) -> None:
     """Copy reviewers' decisions (entry metadata review_status: accepted / rejected /
     pending) from the QuPath PROJECT into RUN/index.csv, atomically.
     """
     from histosynth.integration.qupath.writeback import review_sync
 
-    result = review_sync(project, run)
+    result = review_sync(project, run, wait_s=wait_s)
     click.echo(result.summary())

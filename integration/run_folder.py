@@ -1,0 +1,194 @@
+"""The run folder's own rules: what may be in it, what a row's files are, and whether a
+row on disk is still the one written.
+
+* :func:`check_run_folder` — a folder can receive a run (missing, empty, a run folder;
+  ``--resume`` once it holds an index) and takes a 1 MiB pre-flight write
+  (:func:`probe_writable`), so a read-only or full disk fails before any work.
+* :func:`remove_temporary_files` — what a killed writer left (``.<name>.XXXXXXXX.tmp``).
+* :func:`tile_paths`, :func:`validate_tile_id` — a tile's file names; a safe id.
+* :func:`row_problem` — why an ``index.csv`` row can no longer be trusted (resume makes it
+  again, write-back refuses it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from histosynth.integration.errors import InputError
+from histosynth.integration.locks import RUN_LOCK_NAME
+
+__all__ = [
+    "INDEX_NAME",
+    "PROBE_BYTES",
+    "REVIEW_STATUSES",
+    "RUN_JSON_NAME",
+    "check_run_folder",
+    "probe_writable",
+    "remove_temporary_files",
+    "row_problem",
+    "tile_paths",
+    "validate_tile_id",
+]
+
+log = logging.getLogger("histosynth.integration.dataset")
+
+INDEX_NAME = "index.csv"
+RUN_JSON_NAME = "run.json"
+REVIEW_STATUSES = ("pending", "accepted", "rejected")
+
+_ID_RE = re.compile(r"[A-Za-z0-9._-]+")
+_ID_MAX_LEN = 200
+
+
+def validate_tile_id(tile_id: str) -> str:
+    """Return ``tile_id`` if it is safe as a file stem, else raise :class:`InputError`.
+
+    Allowed: 1–200 characters of ``[A-Za-z0-9._-]``, not starting with ``.``.
+    """
+    if (
+        not isinstance(tile_id, str)
+        or not _ID_RE.fullmatch(tile_id)
+        or tile_id.startswith(".")
+        or len(tile_id) > _ID_MAX_LEN
+    ):
+        raise InputError(
+            f"tile id {tile_id!r} is not usable as a file name "
+            f"(1-{_ID_MAX_LEN} characters of A-Z a-z 0-9 . _ -, not starting with '.')",
+            item="tile id",
+        )
+    return tile_id
+
+
+def tile_paths(tile_id: str) -> dict[str, str]:
+    """A tile's files in its run folder, relative, by index column."""
+    return {
+        "image_path": f"images/{tile_id}.png",
+        "mask_path": f"masks/{tile_id}.png",
+        "annotation_path": f"annotations/{tile_id}.geojson",
+    }
+
+
+def row_problem(run_dir: Path, row: dict[str, str]) -> str | None:
+    """What is wrong with an index row as found on disk, or ``None``: the id must be a
+    safe file stem; its image, mask and GeoJSON must be regular files inside the run; the
+    image's SHA-256 must be the recorded one; the review status a known one. Resume makes
+    such a row again; write-back refuses it."""
+    tile_id = row.get("id", "")
+    try:
+        validate_tile_id(tile_id)
+    except InputError as exc:
+        return exc.message
+    root = run_dir.resolve()
+    canonical = tile_paths(tile_id)
+    for column in ("image_path", "mask_path", "annotation_path"):
+        rel = row.get(column, "")
+        if not rel:
+            if column == "annotation_path":
+                continue
+            return f"no {column}"
+        path = (run_dir / rel).resolve()
+        if path == root or root not in path.parents:
+            return f"{column} {rel!r} lies outside the run folder"
+        if rel.replace("\\", "/") != canonical[column]:  # another tile's file: a changed id
+            return f"{column} {rel!r} is not the file of tile {tile_id!r}"
+        if not path.is_file():
+            return f"{column} {rel!r} is missing"
+    digest = row.get("image_sha256", "")
+    if digest:
+        actual = hashlib.sha256((run_dir / row["image_path"]).read_bytes()).hexdigest()
+        if actual != digest:
+            return f"the image {row['image_path']!r} is not the one recorded (SHA-256 differs)"
+    status = row.get("review_status", "")
+    if status and status.strip().lower() not in REVIEW_STATUSES:
+        return f"review_status {status!r} is not one of {', '.join(REVIEW_STATUSES)}"
+    return None
+
+
+#: The atomic writes' temporary files (``.<name>.<8 random chars>.tmp``).
+_TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def remove_temporary_files(run_dir: Path) -> int:
+    """Remove the temporary files a killed writer left in the run folder and its first
+    level of subfolders; returns how many. Call only while no writer of the run lives."""
+    removed = 0
+    for folder in (run_dir, *(p for p in run_dir.iterdir() if p.is_dir())):
+        for path in folder.iterdir():
+            if _TEMP_FILE.match(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
+                removed += 1
+    if removed:
+        log.info("%s: removed %d temporary file(s) of an interrupted run", run_dir, removed)
+    return removed
+
+
+def check_run_folder(run_dir: str | os.PathLike, *, resume: bool = False) -> None:
+    """Raise ``InputError`` unless ``run_dir`` can receive a run: it is missing, an empty
+    folder, or a histosynth run folder (which needs ``resume`` once it holds an index).
+
+    ``RunWriter`` checks this when it opens; workflows call it first, before slow work.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError("is a file; the output must be a folder", path=run_dir)
+    has_index = (run_dir / INDEX_NAME).is_file()
+    has_run_json = (run_dir / RUN_JSON_NAME).is_file()
+    # a run killed before its first run.json landed leaves only a temporary file
+    contents = (
+        [p for p in run_dir.iterdir() if not (_TEMP_FILE.match(p.name) or p.name == RUN_LOCK_NAME)]
+        if run_dir.is_dir()
+        else []
+    )
+    if contents and not (has_index or has_run_json):
+        raise InputError(
+            "the folder is not empty and is not a histosynth run folder "
+            "(no run.json or index.csv); choose a new or empty folder",
+            path=run_dir,
+        )
+    if has_index and not resume:
+        raise InputError(
+            "already holds a run (index.csv); pass --resume to continue it or choose a new folder",
+            path=run_dir,
+        )
+    probe_writable(run_dir)
+
+
+#: Bytes the pre-flight write test writes (and removes): a full disk fails it.
+PROBE_BYTES = 1 << 20
+
+
+def probe_writable(folder: Path) -> None:
+    """InputError when ``folder`` (or, while it does not exist, the nearest existing folder
+    above it) cannot take a :data:`PROBE_BYTES` file: read-only, no permission, or full.
+    Run before slow work, so that the error comes before a model is loaded."""
+    target = folder
+    while not target.exists() and target.parent != target:
+        target = target.parent
+    if not target.is_dir():
+        raise InputError("is not a folder", path=target)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".histosynth-probe-", dir=target)
+    except OSError as exc:
+        raise InputError(
+            f"cannot write the output folder ({exc.strerror or exc}); nothing was written",
+            path=folder,
+        ) from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(bytes(PROBE_BYTES))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        raise InputError(
+            f"cannot write the output folder ({exc.strerror or exc}); nothing was written",
+            path=folder,
+        ) from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(probe)

@@ -576,6 +576,65 @@ def demo(
     click.echo(f"open the project in QuPath: {project_file}")
 
 
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option(
+    "--real",
+    "real",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The real tiles: a dataset written by 'histosynth extract' (or a run holding "
+    "extracted rows).",
+)
+@click.option(
+    "--features",
+    default="default",
+    show_default=True,
+    help="Feature space: default (the embedded engine's encoder; offline, not comparable "
+    "with published numbers) or tiny (tests).",
+)
+@click.option("--per-class", is_flag=True, help="Also measure each vessel class on its own.")
+@click.option(
+    "--max-images",
+    type=click.IntRange(2, COUNT_MAX),
+    default=None,
+    help="At most this many tiles per side (a seeded sample).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 1024),
+    default=None,
+    help="Tiles per feature-extractor call.",
+)
+@click.option("--device", default=None, help="cuda, cpu … [cpu].")
+@click.pass_context
+def evaluate(
+    ctx: click.Context, run, real, features, per_class, max_images, batch_size, device
+) -> None:
+    """Fidelity of RUN's synthetic tiles against real vessel tiles: FID, KID,
+    precision / recall, density / coverage, NND, CMMD and the cosine to each tile's
+    source, in one feature space; the table is printed and written to RUN/metrics.json."""
+    from histosynth.evaluate import evaluate as run_evaluate
+
+    result = run_evaluate(
+        run,
+        real,
+        features=features,
+        per_class=per_class,
+        max_images=max_images,
+        batch_size=batch_size,
+        device=device,
+        progress=progress_for(ctx, "evaluate", unit="batch"),
+        command=shlex.join(["histosynth", *sys.argv[1:]]),
+    )
+    click.echo(
+        f"{result.counts['synthetic']} synthetic tile(s) against "
+        f"{result.counts['real']} real tile(s):"
+    )
+    click.echo(result.table())
+    click.echo(f"metrics: {result.path}")
+
+
 @main.group()
 def models() -> None:
     """Model presets and where their weights are (offline: nothing is downloaded)."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -251,18 +251,32 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / norms
 
 
-def nnd(real: Any, fake: Any, *, metric: str = "cosine", block: int = BLOCK) -> tuple[float, float]:
+def nnd(
+    real: Any,
+    fake: Any,
+    *,
+    metric: str = "cosine",
+    exclude: Sequence[tuple[int, int]] = (),
+    block: int = BLOCK,
+) -> tuple[float, float]:
     """Mean nearest-neighbour distance (synth → real, real → real): for each fake sample
     its distance to the nearest real one, for each real sample its distance to the
     nearest *other* real one. ``metric``: ``"cosine"`` (1 − cos, the default) or
-    ``"euclidean"``. Synth → real clearly below real → real hints at memorised tiles."""
+    ``"euclidean"``. ``exclude``: (fake index, real index) pairs that are not
+    candidates (a synthetic tile and the real tile it was made from). Synth → real
+    clearly below real → real hints at memorised tiles."""
     r, f = _pair(real, fake)
+    banned: dict[int, list[int]] = {}
+    for fi, ri in exclude:
+        banned.setdefault(int(fi), []).append(int(ri))
+    if any(len(set(v)) >= len(r) for v in banned.values()):
+        raise ValueError("exclude leaves a fake sample without any real candidate")
     if len(r) < 2:
         raise ValueError("real: real → real needs ≥ 2 samples")
     if metric not in ("cosine", "euclidean"):
         raise ValueError(f"metric must be 'cosine' or 'euclidean', not {metric!r}")
 
-    def nearest(points: np.ndarray, exclude_self: bool) -> np.ndarray:
+    def nearest(points: np.ndarray, exclude_self: bool, ban: dict[int, list[int]]) -> np.ndarray:
         out = np.empty(len(points))
         if metric == "cosine":
             ref, pts = _unit(r), _unit(points)
@@ -277,10 +291,13 @@ def nnd(real: Any, fake: Any, *, metric: str = "cosine", block: int = BLOCK) -> 
             if exclude_self:
                 idx = np.arange(rows.start, rows.stop)
                 d[idx - rows.start, idx] = np.inf
+            for i in range(rows.start, rows.stop):
+                if i in ban:
+                    d[i - rows.start, ban[i]] = np.inf
             out[rows] = d.min(1)
         return out
 
-    return float(nearest(f, False).mean()), float(nearest(r, True).mean())
+    return float(nearest(f, False, banned).mean()), float(nearest(r, True, {}).mean())
 
 
 def cosine_similarity(real: Any, fake: Any) -> float:

@@ -214,3 +214,13 @@ def test_bad_features_are_one_clear_error(real, fake, match):
 def test_torch_tensors_are_accepted(features):
     real, fake = features
     assert kid(torch.as_tensor(real), torch.as_tensor(fake)) == kid(real, fake)
+
+
+def test_nnd_leaves_out_the_excluded_pairs():
+    """Fake 0 is a copy of real 0: excluded, its nearest real is real 1 (distance 3)."""
+    real = np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 5.0]])
+    fake = np.array([[0.0, 0.0]])
+    assert nnd(real, fake, metric="euclidean")[0] == pytest.approx(0.0)
+    assert nnd(real, fake, metric="euclidean", exclude=[(0, 0)])[0] == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="without any real candidate"):
+        nnd(real, fake, exclude=[(0, 0), (0, 1), (0, 2)])

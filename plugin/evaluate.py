@@ -1,0 +1,415 @@
+"""``histosynth evaluate``: how close a run's synthetic tiles are to real vessel tiles.
+
+The synthetic set is the run's ``inpainting`` / ``variation`` rows (rejected ones left
+out); the real set is the ``extracted`` rows of ``--real`` (a dataset written by
+``histosynth extract``, or a run holding such rows). Both are embedded in one feature
+space (:mod:`histosynth.synthesis.metrics.features`); each image's vector is cached by
+the SHA-256 of its file, so a second evaluation only embeds new tiles.
+
+Pairs. An inpainted tile carries a real donor vessel, so the real tile of that vessel
+(same slide, same annotation) is never its nearest-neighbour candidate: NND synth → real
+leaves it out for that tile. The paired cosine similarity compares each synthetic tile
+with the real tile it was made from (``refs/<id>-background.png`` for an inpainted tile,
+``refs/<id>-reference.png`` for a variation), never with an unrelated one.
+
+Writes ``RUN/metrics.json`` (atomically) and returns the rows of the printed table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histosynth import __version__
+from histosynth.integration.atomic import atomic_write_bytes, atomic_write_json
+from histosynth.integration.dataset import INDEX_NAME, read_index, utc_now
+from histosynth.integration.errors import InputError
+from histosynth.integration.images import read_rgb
+
+log = logging.getLogger("histosynth")
+
+__all__ = ["METRICS_NAME", "EvaluationResult", "evaluate", "feature_cache_dir"]
+
+METRICS_NAME = "metrics.json"
+SYNTHETIC_TYPES = ("inpainting", "variation")
+#: Smallest KID subset for a ± (smaller subsets give a meaningless spread).
+KID_MIN_SUBSET = 10
+
+
+@dataclass
+class Row:
+    """One metric of the table: its value, ± where defined, or why it is missing."""
+
+    metric: str
+    value: float | None
+    pm: float | None = None
+    note: str = ""
+    group: str = "all"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric,
+            "value": self.value,
+            "pm": self.pm,
+            "note": self.note,
+            "group": self.group,
+        }
+
+
+@dataclass
+class EvaluationResult:
+    """What :func:`evaluate` measured and where it wrote it."""
+
+    run_dir: Path
+    real_dir: Path
+    space: str
+    rows: list[Row] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    path: Path | None = None
+
+    def table(self) -> str:
+        """The rows in the layout of the seed's Table 7 (metric | value | ±)."""
+        lines = [f"| metric ({self.space} features) | value | ± |", "|---|---:|---:|"]
+        for row in self.rows:
+            label = row.metric if row.group == "all" else f"{row.metric} [{row.group}]"
+            value = "n/a" if row.value is None else f"{row.value:.4g}"
+            pm = "" if row.pm is None else f"{row.pm:.2g}"
+            lines.append(
+                f"| {label} | {value}{'  (' + row.note + ')' if row.note else ''} | {pm} |"
+            )
+        return "\n".join(lines)
+
+
+def feature_cache_dir() -> Path:
+    """Where cached feature vectors live: ``$HISTOSYNTH_CACHE/features`` or
+    ``~/.cache/histosynth/features``."""
+    base = os.environ.get("HISTOSYNTH_CACHE")
+    return (Path(base) if base else Path.home() / ".cache" / "histosynth") / "features"
+
+
+@dataclass
+class _Tile:
+    row: dict[str, str]
+    path: Path
+    sha256: str
+
+
+def _folder(path: str | os.PathLike, what: str) -> Path:
+    folder = Path(path).absolute()
+    if folder.is_file() and folder.name == INDEX_NAME:
+        folder = folder.parent
+    if not (folder / INDEX_NAME).is_file():
+        raise InputError(f"no {INDEX_NAME} here: not a histosynth {what}", path=folder)
+    return folder
+
+
+def _tiles(folder: Path, rows: Iterable[dict[str, str]]) -> list[_Tile]:
+    out = []
+    for row in rows:
+        path = folder / row["image_path"]
+        if not path.is_file():
+            raise InputError("the tile image is missing", path=path, item=f"tile {row['id']}")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        out.append(_Tile(row, path, digest))
+    return out
+
+
+def _sample(tiles: list[_Tile], limit: int | None, seed: int) -> list[_Tile]:
+    if limit is None or len(tiles) <= limit:
+        return tiles
+    keep = sorted(np.random.default_rng(seed).choice(len(tiles), limit, replace=False))
+    return [tiles[i] for i in keep]
+
+
+class _Cache:
+    """sha256 → feature vector of one feature space (``<space>-<weights>.npz``)."""
+
+    def __init__(self, space) -> None:
+        self.path = feature_cache_dir() / f"{space.name}-{space.weights_id[:16]}.npz"
+        self.vectors: dict[str, np.ndarray] = {}
+        self.dirty = False
+        if self.path.is_file():
+            try:
+                with np.load(self.path) as data:
+                    self.vectors = dict(zip(data["sha256"].tolist(), data["features"], strict=True))
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning("%s: ignored, cannot read it (%s)", self.path, exc)
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        import io
+
+        buffer = io.BytesIO()
+        keys = sorted(self.vectors)
+        np.savez(buffer, sha256=np.array(keys), features=np.stack([self.vectors[k] for k in keys]))
+        try:
+            atomic_write_bytes(self.path, buffer.getvalue())
+        except OSError as exc:
+            log.warning("%s: feature cache not written (%s)", self.path, exc.strerror or exc)
+
+
+def _embed(
+    tiles: Sequence[_Tile | Path],
+    space,
+    cache: _Cache,
+    progress: Callable[[Iterable, int], Iterable] | None,
+    shape: list[tuple[int, ...]],
+) -> np.ndarray:
+    """Features of ``tiles`` (cached by sha256); every image must have the first's size."""
+    out: list[np.ndarray | None] = []
+    todo: list[int] = []
+    keys = []
+    for tile in tiles:
+        key = (
+            tile.sha256
+            if isinstance(tile, _Tile)
+            else hashlib.sha256(tile.read_bytes()).hexdigest()
+        )
+        keys.append(key)
+        vector = cache.vectors.get(key)
+        out.append(vector)
+        if vector is None:
+            todo.append(len(out) - 1)
+    batch = max(1, space.batch_size)
+    chunks = [todo[i : i + batch] for i in range(0, len(todo), batch)]
+    for chunk in progress(chunks, len(chunks)) if progress else chunks:
+        images = []
+        for i in chunk:
+            tile = tiles[i]
+            path = tile.path if isinstance(tile, _Tile) else tile
+            image = read_rgb(path, f"tile {tile.row['id']}" if isinstance(tile, _Tile) else None)
+            if not shape:
+                shape.append(image.shape)
+            if image.shape != shape[0]:
+                raise InputError(
+                    f"the tile is {image.shape[1]}×{image.shape[0]} px, the others "
+                    f"{shape[0][1]}×{shape[0][0]} px: the metrics compare tiles of one size "
+                    "(extract the real tiles with the run's --tile-size and --mpp)",
+                    path=path,
+                )
+            images.append(image)
+        vectors = space(np.stack(images))
+        for i, vector in zip(chunk, vectors, strict=True):
+            out[i] = vector
+            cache.vectors[keys[i]] = vector
+            cache.dirty = True
+    return np.stack(out) if out else np.zeros((0, space.dim), np.float32)
+
+
+def _metrics(
+    real: np.ndarray, fake: np.ndarray, exclude: list[tuple[int, int]], group: str, space_name: str
+) -> list[Row]:
+    from histosynth.synthesis import metrics as m
+
+    rows: list[Row] = []
+    n = min(len(real), len(fake))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", m.RankWarning)
+        if n >= 2:
+            fid = m.frechet_distance(real, fake)
+            rank = any(issubclass(w.category, m.RankWarning) for w in caught)
+            rows.append(
+                Row(
+                    "FID",
+                    fid,
+                    note=f"rank-deficient: {n} tiles < {real.shape[1]} dims" if rank else "",
+                    group=group,
+                )
+            )
+        else:
+            rows.append(Row("FID", None, note="needs ≥ 2 tiles per side", group=group))
+    if n >= 2:
+        value = 1000 * m.kid(real, fake).mean  # the unbiased estimate on all tiles
+        if n >= 2 * KID_MIN_SUBSET:
+            size = min(1000, n // 2)
+            spread = m.kid(real, fake, subsets=100, subset_size=size)
+            rows.append(
+                Row(
+                    "KID ×10³",
+                    value,
+                    1000 * spread.std,
+                    note=f"± over 100 subsets of {size}",
+                    group=group,
+                )
+            )
+        else:
+            rows.append(
+                Row("KID ×10³", value, note=f"no ± below {2 * KID_MIN_SUBSET} tiles", group=group)
+            )
+    else:
+        rows.append(Row("KID ×10³", None, note="needs ≥ 2 tiles per side", group=group))
+    if n > 3:
+        p, r = m.precision_recall(real, fake, k=3)
+        rows += [Row("precision (k 3)", p, group=group), Row("recall (k 3)", r, group=group)]
+    else:
+        rows += [
+            Row("precision (k 3)", None, note="needs ≥ 4 tiles per side", group=group),
+            Row("recall (k 3)", None, note="needs ≥ 4 tiles per side", group=group),
+        ]
+    if n > 5:
+        d, c = m.density_coverage(real, fake, k=5)
+        rows += [Row("density (k 5)", d, group=group), Row("coverage (k 5)", c, group=group)]
+    if len(real) >= 2 and len(fake) >= 1:
+        s2r, r2r = m.nnd(real, fake, exclude=exclude)
+        rows += [
+            Row("NND synth → real (cosine)", s2r, note="own donor left out", group=group),
+            Row("NND real → real (cosine)", r2r, group=group),
+        ]
+    if n >= 1:
+        rows.append(
+            Row("CMMD", m.cmmd(real, fake), note=f"RBF σ 10 in {space_name} features", group=group)
+        )
+    return rows
+
+
+def evaluate(
+    run_dir: str | os.PathLike,
+    real_dir: str | os.PathLike,
+    *,
+    features: str = "default",
+    per_class: bool = False,
+    max_images: int | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+    seed: int = 0,
+    progress: Callable[[Iterable, int], Iterable] | None = None,
+    command: str = "",
+) -> EvaluationResult:
+    """Measure the run's synthetic tiles against the real tiles of ``real_dir`` and
+    write ``RUN/metrics.json``. ``max_images``: at most this many tiles per side (a
+    seeded sample). Raises InputError: not a run / dataset, no synthetic or no real
+    tiles, unreadable images or tiles of different sizes (each naming the file)."""
+    from histosynth.synthesis.metrics import cosine_similarity
+    from histosynth.synthesis.metrics.features import load_feature_space
+
+    run, real = _folder(run_dir, "run folder"), _folder(real_dir, "dataset or run folder")
+    run_rows = [
+        r
+        for r in read_index(run)
+        if r["synthesis_type"] in SYNTHETIC_TYPES
+        and (r.get("review_status") or "pending").strip().lower() != "rejected"
+    ]
+    if not run_rows:
+        raise InputError(
+            "the run has no synthetic tiles to evaluate (none, or all rejected)",
+            path=run / INDEX_NAME,
+        )
+    real_rows = [r for r in read_index(real) if r["synthesis_type"] == "extracted"]
+    if not real_rows:
+        raise InputError(
+            "no real (extracted) tiles to compare with; make them with 'histosynth extract'",
+            path=real / INDEX_NAME,
+        )
+    fake_tiles = _sample(_tiles(run, run_rows), max_images, seed)
+    real_tiles = _sample(_tiles(real, real_rows), max_images, seed + 1)
+    try:
+        space = load_feature_space(features, device or "cpu")
+    except ValueError as exc:
+        raise InputError(str(exc), item="--features") from None
+    if batch_size:
+        space.batch_size = int(batch_size)
+    cache = _Cache(space)
+    shape: list[tuple[int, ...]] = []
+    try:
+        fake = _embed(fake_tiles, space, cache, progress, shape)
+        real_features = _embed(real_tiles, space, cache, progress, shape)
+        # paired: each synthetic tile with the real tile it was made from
+        pairs = []
+        for i, tile in enumerate(fake_tiles):
+            kind = "background" if tile.row["synthesis_type"] == "inpainting" else "reference"
+            ref = run / "refs" / f"{tile.row['id']}-{kind}.png"
+            if ref.is_file():
+                pairs.append((i, ref))
+        ref_features = _embed([p for _, p in pairs], space, cache, None, shape) if pairs else None
+    finally:
+        cache.save()
+
+    # the real tile of an inpainted tile's own donor is not an independent neighbour
+    by_vessel: dict[tuple[str, str], list[int]] = {}
+    for j, tile in enumerate(real_tiles):
+        by_vessel.setdefault(
+            (tile.row.get("source_image", ""), tile.row.get("source_annotation_id", "")), []
+        ).append(j)
+
+    def exclusions(fake_idx: list[int], real_index: dict[int, int]) -> list[tuple[int, int]]:
+        """(fake, real) positions within the group that must not be neighbours."""
+        out = []
+        for local, i in enumerate(fake_idx):
+            row = fake_tiles[i].row
+            if row["synthesis_type"] != "inpainting":
+                continue
+            donor = (
+                row.get("donor_image") or row.get("source_image", ""),
+                row.get("source_annotation_id", ""),
+            )
+            out += [(local, real_index[j]) for j in by_vessel.get(donor, []) if j in real_index]
+        return out
+
+    result = EvaluationResult(run, real, space.name)
+    groups: list[tuple[str, list[int], list[int]]] = [
+        ("all", list(range(len(fake_tiles))), list(range(len(real_tiles))))
+    ]
+    if per_class:
+        for name in sorted({t.row["class_name"] for t in fake_tiles}):
+            groups.append(
+                (
+                    name,
+                    [i for i, t in enumerate(fake_tiles) if t.row["class_name"] == name],
+                    [j for j, t in enumerate(real_tiles) if t.row["class_name"] == name],
+                )
+            )
+    for group, fake_idx, real_idx in groups:
+        if not fake_idx or not real_idx:
+            result.rows.append(
+                Row(
+                    "all metrics",
+                    None,
+                    note="no real tiles of this class" if fake_idx else "no synthetic tiles",
+                    group=group,
+                )
+            )
+            continue
+        excl = exclusions(fake_idx, {j: k for k, j in enumerate(real_idx)})
+        result.rows += _metrics(real_features[real_idx], fake[fake_idx], excl, group, space.name)
+    if ref_features is not None:
+        result.rows.append(
+            Row(
+                "cosine to the source tile",
+                cosine_similarity(ref_features, fake[[i for i, _ in pairs]]),
+                note=f"{len(pairs)} pairs",
+            )
+        )
+    result.counts = {"synthetic": len(fake_tiles), "real": len(real_tiles), "pairs": len(pairs)}
+    document = {
+        "format_version": 1,
+        "created_at": utc_now(),
+        "histosynth": __version__,
+        "command": command,
+        "feature_space": {
+            "name": space.name,
+            "dim": space.dim,
+            "weights_sha256": space.weights_id,
+            "comparable_with_published": space.comparable,
+            "description": space.description,
+        },
+        "real_set": {
+            "path": str(real),
+            "index_sha256": hashlib.sha256((real / INDEX_NAME).read_bytes()).hexdigest(),
+        },
+        "counts": result.counts,
+        "pairs": "NND synth → real leaves out the real tiles of each inpainted tile's own donor "
+        "vessel; the cosine compares each synthetic tile with the tile it was made from",
+        "metrics": [row.as_dict() for row in result.rows],
+    }
+    result.path = run / METRICS_NAME
+    atomic_write_json(result.path, document)
+    return result

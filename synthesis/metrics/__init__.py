@@ -4,8 +4,8 @@
 >>> from histosynth.synthesis.metrics import frechet_distance, kid, precision_recall
 >>> rng = np.random.default_rng(0)
 >>> real, fake = rng.normal(size=(200, 8)), rng.normal(size=(200, 8))
->>> round(frechet_distance(real, real), 6)
-0.0
+>>> abs(frechet_distance(real, real)) < 1e-9
+True
 >>> kid(real, fake).mean < 0.01 < kid(real, fake + 1).mean
 True
 """

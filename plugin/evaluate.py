@@ -271,6 +271,34 @@ def _metrics(
     return rows
 
 
+#: Most points per side kept for the plots in metrics.json.
+PLOT_POINTS = 2000
+
+
+def _plot_data(
+    real: np.ndarray, fake: np.ndarray, exclude: list[tuple[int, int]], seed: int
+) -> dict[str, Any]:
+    """PCA coordinates of both sets and the per-tile nearest-neighbour distances, for the
+    review gallery's plots (at most :data:`PLOT_POINTS` per side, a seeded sample)."""
+    from histosynth.synthesis.metrics import nearest_distances, pca_2d
+
+    out: dict[str, Any] = {}
+    rng = np.random.default_rng(seed)
+
+    def keep(values: np.ndarray) -> list:
+        if len(values) > PLOT_POINTS:
+            values = values[np.sort(rng.choice(len(values), PLOT_POINTS, replace=False))]
+        return np.round(values, 6).tolist()
+
+    if len(real) + len(fake) >= 3:
+        pr, pf = pca_2d(real, fake)
+        out["pca"] = {"real": keep(pr), "synthetic": keep(pf)}
+    if len(real) >= 2:
+        s2r, r2r = nearest_distances(real, fake, exclude=exclude)
+        out["nnd"] = {"metric": "cosine", "synth_to_real": keep(s2r), "real_to_real": keep(r2r)}
+    return out
+
+
 def evaluate(
     run_dir: str | os.PathLike,
     real_dir: str | os.PathLike,
@@ -389,6 +417,12 @@ def evaluate(
             )
         )
     result.counts = {"synthetic": len(fake_tiles), "real": len(real_tiles), "pairs": len(pairs)}
+    plots = _plot_data(
+        real_features,
+        fake,
+        exclusions(list(range(len(fake_tiles))), {j: j for j in range(len(real_tiles))}),
+        seed,
+    )
     document = {
         "format_version": 1,
         "created_at": utc_now(),
@@ -409,6 +443,7 @@ def evaluate(
         "pairs": "NND synth → real leaves out the real tiles of each inpainted tile's own donor "
         "vessel; the cosine compares each synthetic tile with the tile it was made from",
         "metrics": [row.as_dict() for row in result.rows],
+        "plots": plots,
     }
     result.path = run / METRICS_NAME
     atomic_write_json(result.path, document)

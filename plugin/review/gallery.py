@@ -57,6 +57,7 @@ from histosynth.integration.dataset import (
 )
 from histosynth.integration.errors import InputError
 from histosynth.integration.images import overlay_png, read_mask, read_rgb
+from histosynth.review.metrics_view import metrics_section
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +358,7 @@ def _page(
 <output id="shown" aria-live="polite">{len(rows)} shown</output>
 </form>
 </header>
+{metrics_section(run)}
 <main id="cards">
 {body}
 </main>
@@ -378,6 +380,14 @@ body { margin: 0; font: 14px/1.4 system-ui, sans-serif; color: var(--fg); backgr
 header.page { position: sticky; top: 0; z-index: 1; padding: 8px 16px; background: var(--card);
   border-bottom: 1px solid var(--line); }
 h1 { font-size: 18px; margin: 0 0 4px; }
+#metrics { margin: 12px 16px; padding: 8px 12px; background: var(--card);
+  border: 1px solid var(--line); border-radius: 6px; }
+#metrics h2 { font-size: 15px; margin: 0 0 6px; }
+#metrics table { border-collapse: collapse; }
+#metrics th, #metrics td { padding: 2px 10px 2px 0; text-align: left; }
+#metrics td:nth-child(2), #metrics td:nth-child(3) { text-align: right; }
+#metrics .plots { display: flex; gap: 16px; flex-wrap: wrap; margin-top: 8px; }
+#metrics .caveat { color: var(--muted); margin: 0 0 6px; }
 .summary { margin: 0 0 6px; color: var(--muted); }
 .untrained { margin: 0 0 6px; padding: 6px 10px; border: 2px solid #b00020; background: #fde7ea;
   color: #5c0010; }

@@ -19,7 +19,9 @@ from histosynth.synthesis.metrics.distribution import (
     frechet_distance,
     frechet_from_stats,
     kid,
+    nearest_distances,
     nnd,
+    pca_2d,
     precision_recall,
 )
 
@@ -32,6 +34,8 @@ __all__ = [
     "frechet_distance",
     "frechet_from_stats",
     "kid",
+    "nearest_distances",
     "nnd",
+    "pca_2d",
     "precision_recall",
 ]

@@ -35,7 +35,9 @@ __all__ = [
     "density_coverage",
     "frechet_distance",
     "kid",
+    "nearest_distances",
     "nnd",
+    "pca_2d",
     "precision_recall",
 ]
 
@@ -251,38 +253,34 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / norms
 
 
-def nnd(
+def nearest_distances(
     real: Any,
     fake: Any,
     *,
     metric: str = "cosine",
     exclude: Sequence[tuple[int, int]] = (),
     block: int = BLOCK,
-) -> tuple[float, float]:
-    """Mean nearest-neighbour distance (synth → real, real → real): for each fake sample
-    its distance to the nearest real one, for each real sample its distance to the
-    nearest *other* real one. ``metric``: ``"cosine"`` (1 − cos, the default) or
-    ``"euclidean"``. ``exclude``: (fake index, real index) pairs that are not
-    candidates (a synthetic tile and the real tile it was made from). Synth → real
-    clearly below real → real hints at memorised tiles."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample, the distance to the nearest real sample: (synth → real for each fake
+    sample, real → real for each real one, itself left out). ``metric``: ``"cosine"``
+    (1 − cos) or ``"euclidean"``; ``exclude``: (fake index, real index) pairs that are
+    not candidates (a synthetic tile and the real tile it was made from)."""
     r, f = _pair(real, fake)
+    if len(r) < 2:
+        raise ValueError("real: real → real needs ≥ 2 samples")
+    if metric not in ("cosine", "euclidean"):
+        raise ValueError(f"metric must be 'cosine' or 'euclidean', not {metric!r}")
     banned: dict[int, list[int]] = {}
     for fi, ri in exclude:
         banned.setdefault(int(fi), []).append(int(ri))
     if any(len(set(v)) >= len(r) for v in banned.values()):
         raise ValueError("exclude leaves a fake sample without any real candidate")
-    if len(r) < 2:
-        raise ValueError("real: real → real needs ≥ 2 samples")
-    if metric not in ("cosine", "euclidean"):
-        raise ValueError(f"metric must be 'cosine' or 'euclidean', not {metric!r}")
+    ref = _unit(r) if metric == "cosine" else r
+    sq = (ref * ref).sum(1)
 
     def nearest(points: np.ndarray, exclude_self: bool, ban: dict[int, list[int]]) -> np.ndarray:
-        out = np.empty(len(points))
-        if metric == "cosine":
-            ref, pts = _unit(r), _unit(points)
-        else:
-            ref, pts = r, points
-        sq = (ref * ref).sum(1)
+        pts = _unit(points) if metric == "cosine" else points
+        out = np.empty(len(pts))
         for rows in _blocks(len(pts), block):
             if metric == "cosine":
                 d = 1.0 - pts[rows] @ ref.T
@@ -297,7 +295,33 @@ def nnd(
             out[rows] = d.min(1)
         return out
 
-    return float(nearest(f, False, banned).mean()), float(nearest(r, True, {}).mean())
+    return nearest(f, False, banned), nearest(r, True, {})
+
+
+def nnd(
+    real: Any,
+    fake: Any,
+    *,
+    metric: str = "cosine",
+    exclude: Sequence[tuple[int, int]] = (),
+    block: int = BLOCK,
+) -> tuple[float, float]:
+    """Mean nearest-neighbour distance (synth → real, real → real) of
+    :func:`nearest_distances`. Synth → real clearly below real → real hints at memorised
+    tiles."""
+    s2r, r2r = nearest_distances(real, fake, metric=metric, exclude=exclude, block=block)
+    return float(s2r.mean()), float(r2r.mean())
+
+
+def pca_2d(real: Any, fake: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Both sets projected on the first two principal axes of their union, (N, 2) each."""
+    r, f = _pair(real, fake)
+    both = np.concatenate([r, f])
+    centred = both - both.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    axes = vt[:2].T if vt.shape[0] >= 2 else np.pad(vt.T, ((0, 0), (0, 1)))
+    projected = centred @ axes
+    return projected[: len(r)], projected[len(r) :]
 
 
 def cosine_similarity(real: Any, fake: Any) -> float:

@@ -4,6 +4,7 @@ image the page references exists and loads."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -402,3 +403,46 @@ def test_cli_gallery_prints_the_page(run: Path, tmp_path: Path) -> None:
     assert (run / "review.html").is_file()
     missing = CliRunner().invoke(review, ["gallery", str(tmp_path / "nope")])
     assert isinstance(missing.exception, InputError)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _metrics_json(run: Path) -> None:
+    doc = {
+        "feature_space": {"name": "tiny", "dim": 16, "comparable_with_published": False},
+        "counts": {"synthetic": 3, "real": 4},
+        "metrics": [
+            {"metric": "FID", "value": 12.5, "pm": None, "note": "<script>x</script>",
+             "group": "all"},
+            {"metric": "KID ×10³", "value": 4.94, "pm": 0.5, "note": "", "group": "all"},
+        ],
+        "plots": {
+            "pca": {"real": [[0, 0], [1, 1], [2, 0], [0, 2]], "synthetic": [[1, 0], [0, 1],
+                                                                          [2, 2]]},
+            "nnd": {"metric": "cosine", "synth_to_real": [0.1, 0.2, 0.15],
+                    "real_to_real": [0.12, 0.18, 0.2, 0.11]},
+        },
+    }
+    (run / "metrics.json").write_text(json.dumps(doc), encoding="utf-8")
+
+
+def test_the_gallery_shows_the_run_s_metrics_and_plots(run: Path) -> None:
+    _metrics_json(run)
+    text = write_gallery(run).read_text(encoding="utf-8")
+    assert '<section id="metrics"' in text and "Not comparable with published numbers" in text
+    assert "<td>12.5</td>" in text and "± 0.5" in text
+    assert "<script>x</script>" not in text and "&lt;script&gt;x&lt;/script&gt;" in text
+    assert text.count("<circle") == 7  # 4 real + 3 synthetic points
+    assert text.count("<svg") == 2
+    (run / "metrics.json").write_text("{ broken", encoding="utf-8")
+    assert '<section id="metrics"' not in write_gallery(run).read_text(encoding="utf-8")
+
+
+@needs_chromium
+def test_chromium_draws_the_metric_plots(run: Path, tmp_path: Path) -> None:
+    _metrics_json(run)
+    page = write_gallery(run)
+    dom = chromium(tmp_path, page.resolve().as_uri(), "--window-size=1400,3000", "--dump-dom")
+    assert dom.count("<circle") == 7 and dom.count("<svg") == 2
+    assert 'id="metrics"' in dom

@@ -591,7 +591,8 @@ def demo(
     default="default",
     show_default=True,
     help="Feature space: default (the embedded engine's encoder; offline, not comparable "
-    "with published numbers) or tiny (tests).",
+    "with published numbers), uni2-h, virchow2, h-optimus-1 (pathology encoders; their "
+    "weights offline, see 'histosynth models list'), or tiny (tests).",
 )
 @click.option("--per-class", is_flag=True, help="Also measure each vessel class on its own.")
 @click.option(

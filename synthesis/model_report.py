@@ -16,10 +16,12 @@ from histosynth.synthesis.weights import (
     COMPONENTS,
     EMBEDDED_ROOT,
     ENGINE_FILE,
+    FEATURE_EXTRACTORS,
     PRESETS,
     PRODUCTION_PRESET,
     default_model,
     find_component,
+    find_extractor_weights,
     hf_cache_dir,
 )
 
@@ -152,4 +154,17 @@ def format_models_report(preset: str | None = None) -> str:
                 lines.append(f"      to provide: {status.how_to_provide}")
         if spec.embedded is not None:
             lines.extend(f"  {line}" for line in model_card_summary(name))
+    if preset is None:
+        lines += [
+            "",
+            "Feature extractors of `histosynth evaluate --features NAME`:",
+            "  default      the embedded engine's encoder (offline; not comparable with "
+            "published numbers)",
+        ]
+        for name, repo in FEATURE_EXTRACTORS.items():
+            try:
+                text = f"found {find_extractor_weights(name, repo)}"
+            except EngineError:
+                text = f"missing (hf download {repo}, or $HISTOSYNTH_WEIGHTS/{name}/)"
+            lines.append(f"  {name:<12} {text}")
     return "\n".join(lines)

@@ -536,3 +536,56 @@ def find_preset(
             sub_explicit = next((c for c in subs if c.exists()), None)
         out[component] = find_component(preset, component, explicit=sub_explicit, require=require)
     return out
+
+
+# --------------------------------------------------------------------------- feature extractors
+
+#: The feature extractors of ``histosynth evaluate`` that need weights: name → HF repo.
+FEATURE_EXTRACTORS: dict[str, str] = {
+    "uni2-h": "MahmoodLab/UNI2-h",
+    "virchow2": "paige-ai/Virchow2",
+    "h-optimus-1": "bioptimus/H-optimus-1",
+}
+
+
+def find_extractor_weights(name: str, repo: str, explicit: str | os.PathLike | None = None) -> Path:
+    """The checkpoint file of the feature extractor ``name`` (Hugging Face repo ``repo``),
+    offline: ``explicit``; ``$HISTOSYNTH_WEIGHTS/<name>/`` or ``/<owner>/<repo-name>/``;
+    ``weights: {features: {<name>: PATH}}`` in the settings file; the local HF cache.
+
+    Raises:
+        EngineError: nothing found — naming every place looked at and how to fill one.
+    """
+    spec = ComponentSpec(repo, "", "timm", gated=True)
+    tried: list[str] = []
+    candidates: list[tuple[str, Path]] = []
+    if explicit is not None:
+        candidates.append(("explicit", Path(explicit).expanduser()))
+    owner, repo_name = repo.split("/", 1)
+    for root in _weights_roots():
+        candidates += [
+            ("$HISTOSYNTH_WEIGHTS", root / name),
+            ("$HISTOSYNTH_WEIGHTS", root / owner / repo_name),
+            ("$HISTOSYNTH_WEIGHTS", root / repo_name),
+        ]
+    configured = (read_settings().get("weights") or {}).get("features") or {}
+    if isinstance(configured, dict) and configured.get(name):
+        candidates.append(("settings", Path(str(configured[name])).expanduser()))
+    for source, path in candidates:
+        found, reason = _check(path, spec)
+        if found is not None:
+            return found
+        tried.append(f"{source} {path} ({reason})")
+        if source == "explicit":
+            raise EngineError(f"does not hold the {name} weights ({reason})", path=path)
+    found, reason = _hf_cache_lookup(spec, hf_cache_dir())
+    if found is not None:
+        return found
+    tried.append(f"Hugging Face cache {hf_cache_dir()} ({reason})")
+    raise EngineError(
+        f"the {name} feature extractor's weights are not on this machine (looked in: "
+        + "; ".join(tried)
+        + f"). Accept the licence on https://huggingface.co/{repo}, then `hf download {repo}` "
+        f"(fills the cache) or copy {' / '.join(TIMM_FILES)} to $HISTOSYNTH_WEIGHTS/{name}/",
+        item=name,
+    )

@@ -9,6 +9,10 @@ ones.
   (``histosynth-mini-512``: colour / texture statistics of each 128² crop, projected), the
   mean of a tile's crop rows. Offline and small; **not comparable** with published values.
 * ``tiny`` — the same encoder class with seeded random weights at a tiny size (tests).
+* ``uni2-h``, ``virchow2``, ``h-optimus-1`` — the pathology foundation models, built in
+  timm as their model cards say, with their weights found offline
+  (:func:`~histosynth.synthesis.weights.find_extractor_weights`); a missing file is one
+  clear message naming where it was looked for. Comparable with published numbers.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from histosynth.synthesis.weights import FEATURE_EXTRACTORS
 
 __all__ = ["FEATURE_SPACES", "FeatureSpace", "load_feature_space"]
 
@@ -104,15 +110,145 @@ def _tiny(device) -> FeatureSpace:
     )
 
 
-FEATURE_SPACES: dict[str, Callable[[torch.device | str], FeatureSpace]] = {
-    "default": _default,
-    "tiny": _tiny,
+# ----------------------------------------------------------------------------- pathology encoders
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+@dataclass(frozen=True)
+class PathologyEncoder:
+    """A timm foundation model as its model card builds it, and how it embeds a tile."""
+
+    name: str
+    repo: str
+    architecture: str
+    kwargs: dict
+    mean_std: tuple[tuple[float, float, float], tuple[float, float, float]]
+    pooling: str  # "pooled" (the model's own head-less output) or "cls+mean" (Virchow-2)
+    prefix_tokens: int = 0  # class + register tokens before the patch tokens ("cls+mean")
+
+
+def _uni2h_kwargs() -> dict:
+    from histosynth.synthesis.models.encoders import uni2h_kwargs
+
+    return uni2h_kwargs()
+
+
+def _virchow2_kwargs() -> dict:
+    import timm
+
+    return {
+        "img_size": 224,
+        "init_values": 1e-5,
+        "num_classes": 0,
+        "mlp_ratio": 5.3375,
+        "global_pool": "",
+        "dynamic_img_size": True,
+        "reg_tokens": 4,
+        "mlp_layer": timm.layers.SwiGLUPacked,
+        "act_layer": torch.nn.SiLU,
+    }
+
+
+def _hoptimus1_kwargs() -> dict:
+    return {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False, "num_classes": 0}
+
+
+ENCODERS: dict[str, Callable[[], PathologyEncoder]] = {
+    "uni2-h": lambda: PathologyEncoder(
+        "uni2-h",
+        FEATURE_EXTRACTORS["uni2-h"],
+        "vit_giant_patch14_224",
+        _uni2h_kwargs(),
+        IMAGENET,
+        "pooled",
+    ),
+    "virchow2": lambda: PathologyEncoder(
+        "virchow2",
+        FEATURE_EXTRACTORS["virchow2"],
+        "vit_huge_patch14_224",
+        _virchow2_kwargs(),
+        IMAGENET,
+        "cls+mean",
+        prefix_tokens=5,
+    ),
+    "h-optimus-1": lambda: PathologyEncoder(
+        "h-optimus-1",
+        FEATURE_EXTRACTORS["h-optimus-1"],
+        "vit_giant_patch14_reg4_dinov2",
+        _hoptimus1_kwargs(),
+        ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)),
+        "pooled",
+    ),
+}
+"""The pathology foundation models, built in timm from their model cards (no download)."""
+
+
+def _pathology_space(name: str, device, weights=None, **overrides) -> FeatureSpace:
+    """A pathology encoder with its weights (``weights``, else found offline); with
+    architecture ``overrides`` and ``weights="random"`` a tiny seeded model (tests)."""
+    import timm
+
+    from histosynth.synthesis.models.encoders import load_checkpoint, load_state_strict
+
+    spec = ENCODERS[name]()
+    kwargs = {**spec.kwargs, **overrides}
+    if weights == "random":
+        torch.manual_seed(0)
+        model = timm.create_model(spec.architecture, pretrained=False, **kwargs)
+        source = "seeded random weights (tests)"
+    else:
+        from histosynth.synthesis.weights import find_extractor_weights
+
+        file = find_extractor_weights(name, spec.repo, weights)
+        with torch.device("meta"):
+            model = timm.create_model(spec.architecture, pretrained=False, **kwargs)
+        load_state_strict(model, load_checkpoint(file), path=file, what=name)
+        source = str(file)
+    model = model.to(device).eval().requires_grad_(False)
+    mean = torch.tensor(spec.mean_std[0], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.mean_std[1], device=device).view(1, 3, 1, 1)
+    size = int(kwargs.get("img_size", 224))
+
+    def embed(images: np.ndarray) -> np.ndarray:
+        x = torch.as_tensor(images, device=device).permute(0, 3, 1, 2).float() / 255.0
+        x = torch.nn.functional.interpolate(
+            x, size=(size, size), mode="bicubic", align_corners=False, antialias=True
+        ).clamp(0, 1)
+        with torch.no_grad():
+            out = model((x - mean) / std)
+            if spec.pooling == "cls+mean":
+                out = torch.cat([out[:, 0], out[:, spec.prefix_tokens :].mean(1)], dim=-1)
+        return out.float().cpu().numpy()
+
+    dim = int(model.num_features) * (2 if spec.pooling == "cls+mean" else 1)
+    comparable = weights != "random" and not overrides
+    return FeatureSpace(
+        name,
+        dim,
+        _state_hash(model),
+        comparable,
+        f"{spec.repo} ({spec.architecture}; {source})",
+        embed,
+        batch_size=8,
+    )
+
+
+FEATURE_SPACES: dict[str, Callable[..., FeatureSpace]] = {
+    "default": lambda device, **_: _default(device),
+    "tiny": lambda device, **_: _tiny(device),
+    **{
+        name: (lambda device, _n=name, **kw: _pathology_space(_n, device, **kw))
+        for name in ENCODERS
+    },
 }
 """The feature spaces by name."""
 
 
-def load_feature_space(name: str, device: torch.device | str = "cpu") -> FeatureSpace:
-    """The feature space ``name`` (one of :data:`FEATURE_SPACES`), built offline."""
+def load_feature_space(name: str, device: torch.device | str = "cpu", **options) -> FeatureSpace:
+    """The feature space ``name`` (one of :data:`FEATURE_SPACES`), built offline.
+    ``options`` (pathology encoders): ``weights=`` a checkpoint path, or ``"random"``
+    with architecture overrides for a tiny test model (e.g. ``embed_dim=32, depth=1``)."""
     if name not in FEATURE_SPACES:
         raise ValueError(f"unknown feature space {name!r}; available: {', '.join(FEATURE_SPACES)}")
-    return FEATURE_SPACES[name](device)
+    return FEATURE_SPACES[name](device, **options)

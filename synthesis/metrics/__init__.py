@@ -12,6 +12,7 @@ True
 
 from histosynth.synthesis.metrics.distribution import (
     KID,
+    Manifold,
     RankWarning,
     cmmd,
     cosine_similarity,
@@ -19,6 +20,7 @@ from histosynth.synthesis.metrics.distribution import (
     frechet_distance,
     frechet_from_stats,
     kid,
+    manifold_metrics,
     nearest_distances,
     nnd,
     pca_2d,
@@ -27,6 +29,7 @@ from histosynth.synthesis.metrics.distribution import (
 
 __all__ = [
     "KID",
+    "Manifold",
     "RankWarning",
     "cmmd",
     "cosine_similarity",
@@ -34,6 +37,7 @@ __all__ = [
     "frechet_distance",
     "frechet_from_stats",
     "kid",
+    "manifold_metrics",
     "nearest_distances",
     "nnd",
     "pca_2d",

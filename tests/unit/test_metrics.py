@@ -224,3 +224,18 @@ def test_nnd_leaves_out_the_excluded_pairs():
     assert nnd(real, fake, metric="euclidean", exclude=[(0, 0)])[0] == pytest.approx(3.0)
     with pytest.raises(ValueError, match="without any real candidate"):
         nnd(real, fake, exclude=[(0, 0), (0, 1), (0, 2)])
+
+
+@settings(max_examples=25, deadline=None)
+@given(n_real=st.integers(6, 40), n_fake=st.integers(6, 40), block=st.integers(1, 50),
+       seed=st.integers(0, 1000))
+def test_the_combined_pass_equals_the_separate_metrics(n_real, n_fake, block, seed):
+    from histosynth.synthesis.metrics import manifold_metrics
+
+    rng = np.random.default_rng(seed)
+    real, fake = rng.normal(size=(n_real, 4)), rng.normal(size=(n_fake, 4)) + 0.3
+    man = manifold_metrics(real, fake, k=3, k_density=5, block=block)
+    assert (man.precision, man.recall) == precision_recall(real, fake, k=3)
+    assert (man.density, man.coverage) == pytest.approx(density_coverage(real, fake, k=5))
+    assert (man.nnd_synth_to_real, man.nnd_real_to_real) == pytest.approx(
+        nnd(real, fake, metric="euclidean"), rel=1e-9)

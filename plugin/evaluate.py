@@ -122,11 +122,12 @@ def _tiles(folder: Path, rows: Iterable[dict[str, str]]) -> list[_Tile]:
     return out
 
 
-def _sample(tiles: list[_Tile], limit: int | None, seed: int) -> list[_Tile]:
-    if limit is None or len(tiles) <= limit:
-        return tiles
-    keep = sorted(np.random.default_rng(seed).choice(len(tiles), limit, replace=False))
-    return [tiles[i] for i in keep]
+def _sample(rows: list[dict[str, str]], limit: int | None, seed: int) -> list[dict[str, str]]:
+    """At most ``limit`` of ``rows`` (a seeded sample, in index order)."""
+    if limit is None or len(rows) <= limit:
+        return rows
+    keep = sorted(np.random.default_rng(seed).choice(len(rows), limit, replace=False))
+    return [rows[i] for i in keep]
 
 
 class _Cache:
@@ -342,8 +343,9 @@ def evaluate(
             "no real (extracted) tiles to compare with; make them with 'histosynth extract'",
             path=real / INDEX_NAME,
         )
-    fake_tiles = _sample(_tiles(run, run_rows), max_images, seed)
-    real_tiles = _sample(_tiles(real, real_rows), max_images, seed + 1)
+    # sampled first: only the tiles used are read and hashed
+    fake_tiles = _tiles(run, _sample(run_rows, max_images, seed))
+    real_tiles = _tiles(real, _sample(real_rows, max_images, seed + 1))
     try:
         space = load_feature_space(features, device or "cpu")
     except ValueError as exc:

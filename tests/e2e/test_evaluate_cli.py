@@ -121,3 +121,14 @@ def test_bad_input_is_one_line(invoke, sets, tmp_path, change, match):
     assert result.exit_code == 1, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("histosynth: error")]
     assert len(errors) == 1 and match in errors[0], result.stderr
+
+
+def test_max_images_samples_each_side_and_per_class_adds_groups(invoke, sets):
+    run, real = sets
+    result = invoke("evaluate", run, "--real", real, "--features", "tiny", "--max-images", 8,
+                    "--per-class")
+    assert result.exit_code == 0, result.output
+    doc = json.loads((run / "metrics.json").read_text())
+    assert doc["counts"]["synthetic"] == 8 and doc["counts"]["real"] == 8
+    assert {m["group"] for m in doc["metrics"]} == {"all", "Vessel"}
+    assert "[Vessel]" in result.output

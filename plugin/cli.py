@@ -16,7 +16,15 @@ from pathlib import Path
 import click
 
 from histosynth import __version__
-from histosynth.options import COUNT_MAX, GUIDANCE_MAX, MPP_MAX, SEED_MAX, STEPS_MAX, FiniteFloat
+from histosynth.options import (
+    COUNT_MAX,
+    GUIDANCE_MAX,
+    MPP_MAX,
+    SEED_MAX,
+    STEPS_MAX,
+    FiniteFloat,
+    wait_option,
+)
 from histosynth.progress import progress_for
 from histosynth.synthesis import defaults
 
@@ -348,15 +356,7 @@ def extract(
     help="Add the synthetic tiles to --project as new entries marked for review: native "
     "(edits project.qpproj; close the project in QuPath first) or paquo (needs QuPath).",
 )
-@click.option(
-    "--wait",
-    "wait_s",
-    type=FiniteFloat(0, 86400),
-    default=0.0,
-    show_default=True,
-    help="Seconds to wait for another histosynth process writing the same project "
-    "(its lock) before giving up.",
-)
+@wait_option
 @click.pass_context
 def synthesize(
     ctx: click.Context,

@@ -22,6 +22,7 @@ __all__ = [
     "STEPS_MAX",
     "FiniteFloat",
     "check_finite",
+    "wait_option",
 ]
 
 #: Coarsest resolution an option accepts, µm/px (a 512 px tile then spans 51 mm).
@@ -58,3 +59,21 @@ def check_finite(name: str, value: float, low: float, high: float) -> float:
     if not (math.isfinite(number) and low <= number <= high):
         raise ValueError(f"{name} must be a finite number in [{low:g}, {high:g}], not {value!r}")
     return number
+
+
+#: Longest ``--wait`` for another process's lock, seconds (a day).
+WAIT_MAX_S = 86400.0
+
+
+def wait_option(func):
+    """The ``--wait SECONDS`` option of every command that takes a project or run lock
+    (the value arrives as ``wait_s``)."""
+    return click.option(
+        "--wait",
+        "wait_s",
+        type=FiniteFloat(0, WAIT_MAX_S),
+        default=0.0,
+        show_default=True,
+        help="Seconds to wait for another histosynth process holding the project's or run "
+        "folder's lock before giving up.",
+    )(func)

@@ -133,6 +133,15 @@ def kills(
     project, run = fresh("reference")
     write_run_to_project(project, run)
     reference = state(project)
+
+    def resumed(project: Path, run: Path) -> bool:
+        """A plain write-back after the kill ends where the uninterrupted one did."""
+        try:
+            write_run_to_project(project, run)
+        except InputError:
+            return False
+        return state(project) == reference
+
     tried = clean = 0
     for n in range(1, max_renames + 1):  # at each rename
         project, run = fresh(f"rename-{n}")
@@ -144,11 +153,7 @@ def kills(
         if done.returncode == 0:
             break
         tried += 1
-        try:
-            write_run_to_project(project, run)
-            clean += state(project) == reference
-        except InputError:
-            pass
+        clean += resumed(project, run)
     renames, finished = tried, 0
     # how long a write-back takes once the child has imported everything: the timed
     # kills fall inside that
@@ -177,11 +182,7 @@ def kills(
             finished += 1  # it was done before the signal came: not a kill
             continue
         tried += 1
-        try:
-            write_run_to_project(project, run)
-            clean += state(project) == reference
-        except InputError:
-            pass
+        clean += resumed(project, run)
     return {
         "renames": renames,
         "kills": tried,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from histosynth.options import COUNT_MAX, MPP_MAX, FiniteFloat
+from histosynth.options import COUNT_MAX, MPP_MAX, FiniteFloat, wait_option
 from histosynth.qupath import MODES, SETTINGS_NAME, install_scripts
 
 
@@ -120,14 +120,7 @@ def install_scripts_command(
     help="QuPath project (project.qpproj or its folder) the run's tiles go into.",
 )
 @click.option("--run-name", default=None, help="histosynth.run of the entries [the run's name].")
-@click.option(
-    "--wait",
-    "wait_s",
-    type=FiniteFloat(0, 86400),
-    default=0.0,
-    show_default=True,
-    help="Seconds to wait for another histosynth process holding the lock before giving up.",
-)
+@wait_option
 def plan_command(run: Path, project: Path, run_name: str | None, wait_s: float) -> None:
     """Plan adding RUN's synthetic tiles to PROJECT, for the menu scripts.
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from histosynth.options import FiniteFloat
+from histosynth.options import wait_option
 from histosynth.progress import progress_for
 
 
@@ -45,14 +45,7 @@ def gallery(ctx: click.Context, run: Path) -> None:
     required=True,
     help="The run folder whose tiles were added to PROJECT.",
 )
-@click.option(
-    "--wait",
-    "wait_s",
-    type=FiniteFloat(0, 86400),
-    default=0.0,
-    show_default=True,
-    help="Seconds to wait for another histosynth process holding the lock before giving up.",
-)
+@wait_option
 @click.pass_context
 def sync(ctx: click.Context, project: Path, run: Path, wait_s: float) -> None:
     """Copy reviewers' decisions (entry metadata review_status: accepted / rejected /

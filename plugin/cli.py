@@ -312,9 +312,9 @@ def extract(
 @click.option(
     "--strength",
     type=FiniteFloat(0.0, 1.0),
-    default=defaults.STRENGTH,
-    show_default=True,
-    help="Inpainting noise level τ: the fraction of the schedule regenerated.",
+    default=None,
+    help="Inpainting noise level τ: the fraction of the schedule regenerated [the engine's "
+    f"own: {defaults.STRENGTH} for PixCell; the embedded default's is on its model card].",
 )
 @click.option(
     "--kv-compress",

@@ -90,7 +90,8 @@ class SynthesisSettings:
 
     ``None`` means the engine's (``tile_size``, ``kv_compress``; ``model``: PixCell-1024
     when its weights are installed, else the embedded default) or the mode's
-    (``steps``, ``guidance``: :data:`MODE_DEFAULTS`; ``batch_size``: 4 on a GPU, else 1).
+    (``steps``, ``guidance``: :data:`MODE_DEFAULTS`; ``batch_size``: 4 on a GPU, else 1;
+    ``strength``: the engine's τ, ``Engine.strength``).
     ``tile_size`` is px at ``mpp`` µm/px; ``seam_sigma`` px; ``strength`` = τ;
     ``context_ring``: px of each donor's own surrounding tissue pasted with it, so that its
     wall lies inside the pasted tissue rather than on the regenerated seam (``None``: 2σ).
@@ -109,7 +110,7 @@ class SynthesisSettings:
     seed: int = 0
     steps: int | None = None
     guidance: float | None = None
-    strength: float = defaults.STRENGTH
+    strength: float | None = None
     kv_compress: int | None = None
     seam_sigma: float = defaults.SEAM_SIGMA
     colour_blend: float = defaults.COLOUR_BLEND
@@ -156,6 +157,8 @@ class SynthesisSettings:
             ("the colour blend", self.colour_blend, 0.0, 1.0),
         ]
         for name, value, low, high in reals:
+            if value is None:
+                continue
             try:
                 check_finite(name, value, low, high)
             except ValueError as exc:
@@ -284,6 +287,7 @@ def synthesize(
         tile_size=tile_size,
         steps=settings.mode_steps,
         guidance=settings.mode_guidance,
+        strength=engine.strength if settings.strength is None else settings.strength,
         adapter=None if settings.adapter is None else load_adapter_for(engine, settings.adapter),
         batch_size=settings.batch_size or (4 if engine.device.type == "cuda" else 1),
         model=engine.model_id,

@@ -3,6 +3,7 @@
     python scripts/train_default_engine.py --out DIR
     python scripts/bench_seam.py --models DIR DIR:ddim tiny --out seam.json
     python scripts/install_default_engine.py DIR [--bench seam.json] [--sampler NAME]
+                                             [--strength TAU]
 
 Copies the components of ``DIR`` (``transformer/``, ``vae/``, ``encoder/``, ``scheduler/``)
 into ``synthesis/embedded/histosynth_mini_512/`` (replacing what is there), marks the
@@ -37,6 +38,15 @@ def _trainer():
     return module
 
 
+def _kept(strength: float) -> float:
+    """√ᾱ at t = ⌊τ · 1000⌋ of the linear β schedule 0.0001–0.02: how much of the composite
+    the noised latent keeps."""
+    import numpy as np
+
+    betas = np.linspace(1e-4, 0.02, 1000)
+    return float(np.sqrt(np.cumprod(1 - betas)[int(strength * 1000)]))
+
+
 def bench_section(bench: dict, names: dict[str, str]) -> str:
     """The model card's seam-benchmark table from ``scripts/bench_seam.py --out`` JSON,
     each method label's ``names`` keys replaced by their values."""
@@ -46,7 +56,11 @@ def bench_section(bench: dict, names: dict[str, str]) -> str:
         f"`python scripts/bench_seam.py` on {bench['samples']} held-out {bench['tile']}² tiles "
         "(TIAToolbox sample rows 500–999) with a vessel-shaped donor pasted in with an "
         f"imperfect colour match; the seam band (±2σ, σ = {bench['sigma']:g} px) regenerated "
-        f"at τ = {', '.join(f'{t:g}' for t in bench.get('strengths', [0.55]))}, "
+        "at τ = "
+        + ", ".join(
+            "each engine's own" if t is None else f"{t:g}" for t in bench.get("strengths", [0.55])
+        )
+        + ", "
         f"{bench['steps']} steps, on the CPU. ΔE: mean CIELAB ΔE of the band to "
         "the composite; HF ratio: the band's high-frequency energy over the composite's "
         "(1 = as sharp, blur → 0, noise ≫ 1); KID ×10³ of 48² seam crops against real "
@@ -67,6 +81,15 @@ def bench_section(bench: dict, names: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+STRENGTH = """## Default strength
+
+This engine regenerates a seam at τ = {strength:g} unless `--strength` names another
+(`histosynth_engine.json`'s `strength`), not at PixCell's 0.55. With its linear β schedule
+(PixArt's, 0.0001–0.02) τ = 0.55 keeps √ᾱ = 0.21 of the composite, so almost all of the
+band is redrawn and it drifts from the composite's colour (ΔE above 5 in the table
+above); τ = {strength:g} keeps √ᾱ = {keep:.2f} and still redraws the band's fine texture.
+"""
+
 LIMITS = """## Limits
 
 - Trained on one 1000² H&E image (plus two small ones for the autoencoder): it knows that
@@ -79,7 +102,7 @@ LIMITS = """## Limits
   autoencoder alone as its floor). Lower τ (`--strength`) keeps more of the composite.
   The vessel is pasted with a 2σ ring of its own tissue, so its wall lies off the seam.
 - On this benchmark the weight-free multiband harmoniser (`--harmonise multiband`) keeps
-  the composite's colour and texture better than this engine's diffusion at τ = 0.55, in
+  the composite's colour and texture better than this engine's diffusion, in
   milliseconds: for CPU runs of many tiles, prefer it.
 - For production data use PixCell-1024 (`histosynth models check pixcell-1024`).
 """
@@ -90,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", type=Path, help="engine folder written by train_default_engine")
     parser.add_argument("--bench", type=Path, help="scripts/bench_seam.py --out JSON")
     parser.add_argument("--sampler", help="the engine's default sampler (else the run's)")
+    parser.add_argument(
+        "--strength", type=float, help="the engine's default τ, in (0, 1] (else the run's)"
+    )
     args = parser.parse_args(argv)
     src: Path = args.run
     for part in PARTS:
@@ -101,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     meta["preset"] = "default"
     if args.sampler:
         meta["sampler"] = args.sampler
+    if args.strength is not None:
+        if not 0 < args.strength <= 1:
+            parser.error(f"--strength must be in (0, 1], not {args.strength}")
+        meta["strength"] = args.strength
     if TARGET.exists():
         shutil.rmtree(TARGET)
     TARGET.mkdir(parents=True)
@@ -118,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         # the engine was benchmarked as its folder, or as "default" once installed
         names = {f"{src} engine": "this engine", "default engine": "this engine"}
         text += "\n" + bench_section(bench, names)
+    text += "\n" + STRENGTH.format(
+        strength=meta.get("strength", 0.55), keep=_kept(meta.get("strength", 0.55))
+    )
     text += "\n" + LIMITS
     (TARGET / "MODEL_CARD.md").write_text(text, encoding="utf-8")
     preview = next((p for p in (src / "preview.jpg", src / "preview.png") if p.exists()), None)

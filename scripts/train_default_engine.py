@@ -86,6 +86,10 @@ FULL = {
     "vessel_tiles": 48,
     "minutes_vae": 19.0,
     "minutes_dit": 55.0,
+    # the engine's default τ: on scripts/bench_seam.py's held-out seams ΔE ≤ 5 needs
+    # τ ≤ 0.35 with this (linear β) schedule, where PixCell's 0.55 leaves √ᾱ = 0.21 of
+    # the composite (ΔE 7.2); the engine folder records it, --strength overrides it
+    "strength": 0.35,
 }
 QUICK = {
     "tile": 64,
@@ -110,6 +114,7 @@ QUICK = {
     "vessel_tiles": 1,
     "minutes_vae": None,
     "minutes_dit": None,
+    "strength": 0.35,
 }
 
 
@@ -531,6 +536,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dtype=torch.float32,
         trained=True,
         model_id=model_id,
+        strength=p["strength"],
         title=(
             f"histosynth mini default engine ({tile} px, trained on {n_train} H&E tiles of "
             "TIAToolbox's sample; a small CPU-trained model, not PixCell)"
@@ -638,7 +644,7 @@ def make_preview(out: Path, held_region: np.ndarray, tile: int, *, quick: bool) 
         eng = engine if name != "tiny" else load_engine("tiny", device="cpu", tile_size=tile)
         pipe = eng.inpaint_pipeline()
         pipe.set_progress_bar_config(disable=True)
-        res = pipe(composite, mask, strength=0.55, num_inference_steps=steps, seeds=[0])
+        res = pipe(composite, mask, strength=eng.strength, num_inference_steps=steps, seeds=[0])
         rows_out.append((res.images[0], res.generated[0]))
     edge = cv2.dilate(mask, np.ones((3, 3), np.uint8)) - cv2.erode(mask, np.ones((3, 3), np.uint8))
     outlined = composite.copy()

@@ -61,6 +61,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import is_xformers_available
 from safetensors.torch import save_file
 
+from histosynth.synthesis import defaults
 from histosynth.synthesis.devices import move_model, resolve_device, resolve_dtype, vae_dtype
 from histosynth.synthesis.errors import EngineError, UntrainedEngineWarning
 from histosynth.synthesis.models.encoders import (
@@ -151,6 +152,10 @@ class Engine:
         compiled: whether the transformer was ``torch.compile``-d.
         sampler: the scheduler the engine samples with unless told otherwise (kept in a
             saved folder's ``histosynth_engine.json``; ``dpm-solver++`` by default).
+        strength: τ, the fraction of the schedule a seam regeneration re-runs unless told
+            otherwise (``histosynth_engine.json``'s ``strength``; PixCell's 0.55 by
+            default; an engine whose noise schedule or training asks for another says so
+            there, e.g. the embedded default's 0.35, see its model card).
     """
 
     transformer: PixCellTransformer2DModel
@@ -170,6 +175,7 @@ class Engine:
     kv_compress: int | None = None
     compiled: bool = False
     sampler: str = "dpm-solver++"
+    strength: float = defaults.STRENGTH
     codec: LatentCodec = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -209,15 +215,18 @@ class Engine:
 
     def inpaint_pipeline(self, scheduler: str | None = None) -> InpaintPipeline:
         """An :class:`~histosynth.synthesis.pipelines.inpaint.InpaintPipeline` (seam
-        regeneration by partial diffusion) on these models."""
+        regeneration by partial diffusion) on these models, at :attr:`strength` unless a
+        call names another τ."""
         from histosynth.synthesis.pipelines.inpaint import InpaintPipeline
 
-        return InpaintPipeline(
+        pipe = InpaintPipeline(
             transformer=self.transformer,
             vae=self.vae,
             scheduler=self.make_scheduler(scheduler),
             encoder=self.encoder,
         )
+        pipe.default_strength = self.strength
+        return pipe
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write the engine to a folder :func:`load_engine` reads (see :func:`save_engine`)."""
@@ -409,39 +418,42 @@ def load_encoder(
     if config_file.is_file():
         config = _read_json(config_file)
         if config.get("_class_name") == "TinyEncoder":
-            try:
-                encoder = TinyEncoder(
-                    dim=int(config["dim"]), seed=int(config["seed"]), crop=int(config["crop"])
-                )
-            except (KeyError, TypeError, ValueError) as err:
-                raise EngineError(
-                    f"expected integer dim, seed and crop ({_short(err)})", path=config_file
-                ) from err
-            weights = folder / "model.safetensors"
-            load_state_strict(encoder, load_checkpoint(weights), path=weights, what="TinyEncoder")
-            return encoder.to(device, dtype).eval()
+            return _load_tiny_encoder(folder, config).to(device, dtype).eval()
     return build_uni2h(path, device=device, dtype=dtype)
 
 
+def _load_tiny_encoder(folder: Path, config: dict[str, Any]) -> TinyEncoder:
+    """``TinyEncoder.from_config`` + its weights (``save_pretrained``'s file, or the
+    ``model.safetensors`` of engines saved before the encoders were ``ModelMixin`` s)."""
+    try:
+        for key in ("dim", "seed", "crop"):
+            if isinstance(config.get(key), bool) or not isinstance(config.get(key), int):
+                raise ValueError(f"{key} = {config.get(key)!r}")
+        encoder = TinyEncoder.from_config(config)
+    except (TypeError, ValueError) as err:
+        raise EngineError(
+            f"expected integer dim, seed and crop ({_short(err)})", path=folder / "config.json"
+        ) from err
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        weights = folder / "model.safetensors"
+    load_state_strict(encoder, load_checkpoint(weights), path=weights, what="TinyEncoder")
+    return encoder
+
+
 def _save_encoder(encoder: GridEncoder, folder: Path) -> None:
-    folder.mkdir(parents=True)
     if isinstance(encoder, TinyEncoder):
-        config = {
-            "_class_name": "TinyEncoder",
-            "dim": encoder.dim,
-            "seed": encoder.seed,
-            "crop": encoder.crop,
-        }
-        state = encoder.state_dict()
-    elif isinstance(encoder, UNIEncoder):
-        config = None
-        state = encoder.model.state_dict()
-    else:
+        copy = TinyEncoder.from_config(encoder.config)  # float32 on the CPU; the engine's stays
+        copy.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in
+                              encoder.state_dict().items()})
+        copy.save_pretrained(folder, safe_serialization=True)
+        return
+    if not isinstance(encoder, UNIEncoder):
         raise EngineError(f"cannot save an encoder of type {type(encoder).__name__}")
+    folder.mkdir(parents=True)
+    state = encoder.model.state_dict()
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
     save_file(tensors, str(folder / "model.safetensors"))
-    if config is not None:
-        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", "utf-8")
 
 
 # --------------------------------------------------------------------------- options
@@ -545,6 +557,14 @@ def _sampler_of(meta: dict[str, Any], where: Path) -> str:
     return name
 
 
+def _strength_of(meta: dict[str, Any], where: Path) -> float:
+    """The τ an engine folder asks for (:data:`defaults.STRENGTH` when it says nothing)."""
+    value = meta.get("strength", defaults.STRENGTH)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise EngineError(f"strength must be a number in (0, 1], not {value!r}", path=where)
+    return float(value)
+
+
 def _model_id(preset: str, found: FoundWeights) -> str:
     spec = PRESETS[preset].components.get("transformer")
     path = found.path
@@ -590,6 +610,7 @@ def _load_preset(
         trained=spec.trained,
         model_id=_model_id(preset, found["transformer"]),
         sampler=_sampler_of(_meta_near(transformer_dir), transformer_dir.parent / ENGINE_FILE),
+        strength=_strength_of(_meta_near(transformer_dir), transformer_dir.parent / ENGINE_FILE),
         sources={c: f"{f.source} {f.path}" for c, f in found.items()},
         title=spec.title,
     )
@@ -659,6 +680,7 @@ def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> Engi
         trained=trained,
         model_id=str(meta.get("model_id") or f"local:{folder.resolve()}"),
         sampler=_sampler_of(meta, root / ENGINE_FILE if root else folder),
+        strength=_strength_of(meta, root / ENGINE_FILE if root else folder),
         sources=sources,
         title=str(meta.get("title") or ""),
     )
@@ -825,6 +847,7 @@ def save_engine(
             "trained": engine.trained,
             "model_id": engine.model_id,
             "sampler": engine.sampler,
+            "strength": engine.strength,
         }
         if training is not None:
             meta["training"] = training

@@ -38,3 +38,21 @@ def invoke():
         return CliRunner(env=env).invoke(main, [str(a) for a in args], catch_exceptions=False)
 
     return run
+
+
+@pytest.fixture(scope="module")
+def untrained_engine():
+    """The UNTRAINED ``tiny`` engine (256 px tiles) on the CPU, one per test module (a
+    module may load adapters into it or change its attention without touching others)."""
+    from histosynth.synthesis.engine import load_engine
+
+    return load_engine("tiny", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def demo_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``project.qpproj`` of a demo QuPath project (one synthetic H&E slide with annotated
+    vessels, see ``histosynth.integration.demodata``), one per test module."""
+    from histosynth.integration.demodata import build_demo_project
+
+    return build_demo_project(tmp_path_factory.mktemp("demo") / "project")

@@ -13,8 +13,11 @@ Every encoder has one interface, ``encode(images) -> Tensor[B, rows, dim]``:
   kernel torchvision's ``Resize`` uses on tensors) and normalised with the ImageNet
   mean and std.
 
-Encoders are ``torch.nn.Module`` s: move them with ``.to(device, dtype)``; ``encode``
-runs under ``torch.no_grad`` on the module's device and returns rows in its dtype.
+Encoders are diffusers ``ModelMixin, ConfigMixin`` models (like the transformer and the
+VAE): move them with ``.to(device, dtype)``; ``encode`` runs under ``torch.no_grad`` on
+the module's device and returns rows in its dtype. :class:`TinyEncoder` saves and loads
+as one folder (``save_pretrained`` / ``from_pretrained``: ``config.json`` +
+``diffusion_pytorch_model.safetensors``); UNI2-h keeps MahmoodLab's checkpoint format.
 
 * :class:`UNIEncoder` wraps a timm model; :func:`build_uni2h` builds UNI2-h (ViT-H/14,
   1536-d rows) and loads its weights offline.
@@ -41,6 +44,8 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
@@ -159,12 +164,14 @@ def uni_grid_crops(
 # --------------------------------------------------------------------------- encoders
 
 
-class GridEncoder(nn.Module):
+class GridEncoder(ModelMixin, ConfigMixin):
     """Base of the conditioning encoders: tiles → crops → ``embed`` → rows.
 
-    Subclasses implement ``embed(crops[N, 3, size, size]) -> [N, dim]`` and set ``dim``.
+    Subclasses implement ``embed(crops[N, 3, size, size]) -> [N, dim]``, set ``dim`` and
+    register their constructor arguments (``@register_to_config``).
     """
 
+    config_name = "config.json"
     dim: int
 
     def __init__(self, crop: int = CROP, size: int = UNI_INPUT, batch_size: int = 64) -> None:
@@ -175,6 +182,11 @@ class GridEncoder(nn.Module):
 
     def embed(self, crops: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def to(self, *args: Any, **kwargs: Any) -> GridEncoder:
+        """``torch.nn.Module.to`` (an encoder has no float32-only modules, no quantisation
+        and no offloading, which ``ModelMixin.to`` checks and warns about)."""
+        return nn.Module.to(self, *args, **kwargs)
 
     def _first_tensor(self) -> Tensor:
         return next(itertools.chain(self.parameters(), self.buffers()))
@@ -213,9 +225,13 @@ class UNIEncoder(GridEncoder):
     """A timm image model (UNI2-h) as a conditioning encoder: one row per 256² crop.
 
     ``model(crops)`` must return pooled features ``[N, dim]`` (timm with ``num_classes=0``).
-    The model is put in eval mode and frozen.
+    The model is put in eval mode and frozen. Its weights are saved in UNI2-h's own
+    checkpoint format (``model.safetensors``), not by ``save_pretrained``.
     """
 
+    ignore_for_config = ["model"]  # noqa: RUF012 - diffusers' class attribute
+
+    @register_to_config
     def __init__(
         self, model: nn.Module, crop: int = CROP, size: int = UNI_INPUT, batch_size: int = 64
     ) -> None:
@@ -242,6 +258,7 @@ class TinyEncoder(GridEncoder):
 
     FEATURES = 3 * 16 + 3 + 3
 
+    @register_to_config
     def __init__(self, dim: int = 32, seed: int = 0, crop: int = CROP) -> None:
         super().__init__(crop, size=32, batch_size=4096)
         self.dim = int(dim)

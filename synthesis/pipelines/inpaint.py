@@ -200,7 +200,11 @@ class InpaintPipeline(PixCellPipeline):
     :func:`histosynth.synthesis.engine.make_scheduler`), ``encoder`` (a
     :class:`~histosynth.synthesis.models.encoders.GridEncoder`; optional when ``uni_rows``
     are passed). Tiles are ``transformer.config.sample_size × 8`` px.
+    :attr:`default_strength` is the τ of a call that names none (the engine's, when the
+    pipeline comes from ``Engine.inpaint_pipeline``; else :data:`DEFAULT_STRENGTH`).
     """
+
+    default_strength: float = DEFAULT_STRENGTH
 
     def _rows(self, images: np.ndarray, uni_rows: Tensor | np.ndarray | None) -> Tensor:
         """Condition rows ``[B, tokens, dim]``, float32 on the execution device."""
@@ -222,7 +226,7 @@ class InpaintPipeline(PixCellPipeline):
         composite: np.ndarray | Sequence[np.ndarray],
         mask: np.ndarray | Sequence[np.ndarray],
         *,
-        strength: float = DEFAULT_STRENGTH,
+        strength: float | None = None,
         guidance_scale: float = DEFAULT_INPAINT_GUIDANCE,
         num_inference_steps: int = DEFAULT_INPAINT_STEPS,
         seeds: int | Sequence[int] | None = None,
@@ -243,7 +247,7 @@ class InpaintPipeline(PixCellPipeline):
             mask: the pasted donor's mask M′, ``(H, W)`` or ``(B, H, W)``: bool, 0/255 or
                 0/1; one per composite.
             strength: τ in [0, 1], the fraction of the schedule re-run (module docstring);
-                0 returns the composites unchanged.
+                0 returns the composites unchanged; ``None``: :attr:`default_strength`.
             guidance_scale: CFG scale s against the learned null condition; 1 = the
                 conditional prediction alone.
             num_inference_steps: steps of the full schedule N (``int(N · τ)`` run).
@@ -276,6 +280,8 @@ class InpaintPipeline(PixCellPipeline):
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
+        if strength is None:
+            strength = self.default_strength
         if not 0 <= float(strength) <= 1:
             raise EngineError(f"expected a strength in [0, 1], got {strength}", item="strength")
         if not float(seam_sigma) > 0:

@@ -56,6 +56,10 @@ def test_the_demo_uses_the_embedded_default_by_diffusion_and_says_so(runs) -> No
     (row,) = list(csv.DictReader((root / "default" / "run" / "index.csv").open()))
     assert (row["model"], row["harmonise"], row["tile_size"]) == (
         "histosynth-mini-512", "diffusion", "512")
+    # its own τ (histosynth_engine.json), not PixCell's 0.55; the tiny engine keeps 0.55
+    assert float(row["strength"]) == 0.35
+    (tiny_row,) = list(csv.DictReader((root / "tiny" / "run" / "index.csv").open()))
+    assert float(tiny_row["strength"]) == 0.55
 
 
 def test_its_seams_are_h_and_e_tissue_where_the_untrained_engine_makes_noise(runs) -> None:

@@ -13,15 +13,9 @@ from click.testing import CliRunner
 
 from histosynth.cli import main
 from histosynth.integration.dataset import read_index
-from histosynth.integration.demodata import build_demo_project
 from histosynth.synthesis.inpaint.seam import SEAM_CUTOFF
 
 SIGMA = 15.0  # the default seam width
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    return build_demo_project(tmp_path_factory.mktemp("harmonise") / "project")
 
 
 def _run(project, out, mode):
@@ -56,8 +50,8 @@ def _png(path, colour=True):
 
 
 @pytest.mark.parametrize("mode", ["multiband", "none"])
-def test_the_seam_is_the_only_change(project, tmp_path, mode):
-    rows = _run(project, tmp_path / mode, mode)
+def test_the_seam_is_the_only_change(demo_project, tmp_path, mode):
+    rows = _run(demo_project, tmp_path / mode, mode)
     assert len(rows) == 2
     for row in rows:
         assert row["harmonise"] == mode and row["steps"] == "" and row["strength"] == ""
@@ -80,13 +74,13 @@ def test_the_seam_is_the_only_change(project, tmp_path, mode):
         assert (image != comp).any()
 
 
-def test_an_unknown_harmoniser_is_a_usage_error(project, tmp_path):
+def test_an_unknown_harmoniser_is_a_usage_error(demo_project, tmp_path):
     result = CliRunner().invoke(
         main,
         [
             "synthesize",
             "--project",
-            str(project),
+            str(demo_project),
             "--class",
             "Vessel",
             "--harmonise",

@@ -25,7 +25,6 @@ from safetensors.torch import load_file
 
 from histosynth.cli import main
 from histosynth.integration.dataset import read_index
-from histosynth.integration.demodata import build_demo_project
 from histosynth.synthesis.adapters import read_adapter_info
 from histosynth.synthesis.cache import read_cache_info
 from histosynth.synthesis.engine import tiny_engine
@@ -52,9 +51,9 @@ def histosynth(*args, env=None, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(tmp_path_factory, demo_project):
     root = tmp_path_factory.mktemp("train")
-    project = build_demo_project(root / "project")
+    project = demo_project
     cache = root / "vessels.h5"
     result = invoke(
         "cache",

@@ -7,14 +7,12 @@ import numpy as np
 import pytest
 
 from histosynth.integration.annotations import class_matches
-from histosynth.integration.demodata import build_demo_project
 from histosynth.integration.tiles import collect_backgrounds, collect_donors, load_sources
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    project = build_demo_project(tmp_path_factory.mktemp("p") / "project")
-    return load_sources(project=project)
+def sources(demo_project):
+    return load_sources(project=demo_project)
 
 
 def test_donors_are_vessel_crops_with_their_own_mask(sources):

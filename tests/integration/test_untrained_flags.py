@@ -8,15 +8,14 @@ import csv
 
 import pytest
 
-from histosynth.integration.demodata import build_demo_project
 from histosynth.synthesis.engine import load_engine
 from histosynth.synthesis.errors import UntrainedEngineWarning
 
 
 @pytest.fixture(scope="module")
-def runs(invoke, tmp_path_factory):
+def runs(invoke, tmp_path_factory, demo_project):
     root = tmp_path_factory.mktemp("flags")
-    project = build_demo_project(root / "project")
+    project = demo_project
     out = {}
     for harmonise in ("diffusion", "multiband"):
         run = root / harmonise

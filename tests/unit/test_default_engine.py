@@ -148,3 +148,38 @@ def test_an_engine_folder_keeps_its_sampler(tmp_path: Path) -> None:
     with pytest.raises(EngineError, match=r"sampler: .*unknown scheduler") as caught:
         load_engine(folder, device="cpu")
     assert str(meta_file) in str(caught.value)
+
+
+def test_an_engine_folder_keeps_its_strength_and_its_pipelines_use_it(tmp_path: Path) -> None:
+    from histosynth.synthesis import defaults
+    from histosynth.synthesis.engine import ENGINE_FILE, save_engine, tiny_engine
+
+    folder = save_engine(tiny_engine(64, device="cpu"), tmp_path / "engine")
+    meta_file = folder / ENGINE_FILE
+    meta = json.loads(meta_file.read_text())
+    assert meta["strength"] == defaults.STRENGTH
+    meta_file.write_text(json.dumps({**meta, "strength": 0.3}))
+    engine = load_engine(folder, device="cpu")
+    pipe = engine.inpaint_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    assert engine.strength == pipe.default_strength == 0.3
+    tile = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), bool)
+    mask[20:40, 20:40] = True
+    own = pipe(tile, mask, num_inference_steps=10, seeds=[0])
+    assert own.start_step == pipe(tile, mask, strength=0.3, num_inference_steps=10,
+                                  seeds=[0]).start_step
+    assert own.num_steps == 3
+    assert pipe(tile, mask, strength=0.55, num_inference_steps=10, seeds=[0]).num_steps == 5
+    for bad in (0, 1.5, "half", True):
+        meta_file.write_text(json.dumps({**meta, "strength": bad}))
+        with pytest.raises(EngineError, match="strength must be a number") as caught:
+            load_engine(folder, device="cpu")
+        assert str(meta_file) in str(caught.value)
+
+
+def test_the_embedded_default_engine_regenerates_at_its_own_strength() -> None:
+    engine = load_engine("default", device="cpu")
+    meta = json.loads((Path(engine.sources["transformer"].split(" ", 1)[1]).parent
+                       / "histosynth_engine.json").read_text())
+    assert engine.strength == meta["strength"] == 0.35

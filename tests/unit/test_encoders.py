@@ -279,3 +279,38 @@ def test_not_a_state_dict(tmp_path: Path) -> None:
     torch.save([torch.zeros(2)], path)
     with pytest.raises(EngineError, match="expected a state dict"):
         build_uni2h(path, **TINY)
+
+
+def test_encoders_are_diffusers_models_that_save_and_load_as_one_folder(tmp_path):
+    from diffusers.configuration_utils import ConfigMixin
+    from diffusers.models.modeling_utils import ModelMixin
+
+    enc = TinyEncoder(dim=8, seed=3, crop=64)
+    assert isinstance(enc, ModelMixin) and isinstance(enc, ConfigMixin)
+    assert (enc.config["dim"], enc.config["seed"], enc.config["crop"]) == (8, 3, 64)
+    enc.save_pretrained(tmp_path / "enc")
+    back = TinyEncoder.from_pretrained(tmp_path / "enc")
+    tile = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    assert torch.equal(back.encode(tile), enc.encode(tile))
+    other = TinyEncoder(dim=8, seed=4, crop=64)
+    assert not torch.equal(other.encode(tile), enc.encode(tile))
+
+
+def test_the_engine_reads_a_tiny_encoder_saved_before_it_was_a_model_mixin(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from histosynth.synthesis.engine import load_encoder
+
+    enc = TinyEncoder(dim=8, seed=5, crop=64)
+    folder = tmp_path / "encoder"
+    folder.mkdir()
+    config = {"_class_name": "TinyEncoder", "dim": 8, "seed": 5, "crop": 64}
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file(dict(enc.state_dict()), str(folder / "model.safetensors"))
+    tile = np.random.default_rng(1).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    assert torch.equal(load_encoder(folder).encode(tile), enc.encode(tile))
+    (folder / "config.json").write_text(json.dumps({**config, "dim": "eight"}))
+    with pytest.raises(EngineError, match="integer dim"):
+        load_encoder(folder)

@@ -41,11 +41,6 @@ def isolated(offline_weights: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return offline_weights
 
 
-@pytest.fixture(scope="module")
-def tiny() -> Engine:
-    return load_engine("tiny", device="cpu")
-
-
 def reference() -> np.ndarray:
     rng = np.random.default_rng(3)
     return rng.integers(0, 256, (TILE, TILE, 3), dtype=np.uint8)
@@ -60,37 +55,54 @@ def sample(engine: Engine, steps: int = 2) -> torch.Tensor:
 # --------------------------------------------------------------------------- tiny
 
 
-def test_tiny_engine_is_labelled_untrained(tiny: Engine) -> None:
-    assert tiny.preset == "tiny" and tiny.trained is False
-    assert "UNTRAINED" in tiny.description
-    assert (tiny.tile_size, tiny.mpp) == (TILE, 0.5)
-    assert tiny.device == torch.device("cpu") and tiny.dtype == torch.float32
-    assert tiny.model_id == "tiny-untrained-seed0-256px"
-    assert all(src.startswith("untrained") for src in tiny.sources.values())
-    assert tiny.attention == "sdpa" and tiny.kv_compress is None and not tiny.compiled
-    cfg = tiny.transformer.config
+def test_tiny_engine_is_labelled_untrained(untrained_engine: Engine) -> None:
+    assert untrained_engine.preset == "tiny" and untrained_engine.trained is False
+    assert "UNTRAINED" in untrained_engine.description
+    assert (untrained_engine.tile_size, untrained_engine.mpp) == (TILE, 0.5)
+    assert (
+        untrained_engine.device == torch.device("cpu") and untrained_engine.dtype == torch.float32
+    )
+    assert untrained_engine.model_id == "tiny-untrained-seed0-256px"
+    assert all(src.startswith("untrained") for src in untrained_engine.sources.values())
+    assert (
+        untrained_engine.attention == "sdpa"
+        and untrained_engine.kv_compress is None
+        and not untrained_engine.compiled
+    )
+    cfg = untrained_engine.transformer.config
     assert (cfg.num_layers, cfg.num_attention_heads, cfg.attention_head_dim) == (2, 2, 32)
     assert (cfg.in_channels, cfg.out_channels, cfg.sample_size) == (16, 32, TILE // 8)
     assert (cfg.caption_channels, cfg.caption_num_tokens) == (32, 16)
-    assert (tiny.codec.latent_channels, tiny.codec.downsample) == (16, 8)
-    assert isinstance(tiny.encoder, TinyEncoder)
-    assert tiny.encoder.encode(reference()).shape == (1, 16, 32)  # 4 × 4 grid of 64² crops
-    assert tiny.scheduler_config["beta_schedule"] == "linear"
+    assert (untrained_engine.codec.latent_channels, untrained_engine.codec.downsample) == (16, 8)
+    assert isinstance(untrained_engine.encoder, TinyEncoder)
+    assert untrained_engine.encoder.encode(reference()).shape == (
+        1,
+        16,
+        32,
+    )  # 4 × 4 grid of 64² crops
+    assert untrained_engine.scheduler_config["beta_schedule"] == "linear"
 
 
-def test_tiny_weights_are_seeded_and_leave_the_global_rng_alone(tiny: Engine) -> None:
+def test_tiny_weights_are_seeded_and_leave_the_global_rng_alone(untrained_engine: Engine) -> None:
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
     again = load_engine("tiny", device="cpu")
     assert torch.equal(torch.rand(3), expected)
-    for (key, a), b in zip(tiny.transformer.state_dict().items(),
-                           again.transformer.state_dict().values(), strict=True):
+    for (key, a), b in zip(
+        untrained_engine.transformer.state_dict().items(),
+        again.transformer.state_dict().values(),
+        strict=True,
+    ):
         assert torch.equal(a, b), key
-    for a, b in zip(tiny.vae.state_dict().values(), again.vae.state_dict().values(), strict=True):
+    for a, b in zip(
+        untrained_engine.vae.state_dict().values(), again.vae.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b)
     other = tiny_engine(seed=1)
-    assert not torch.equal(other.transformer.proj_out.weight, tiny.transformer.proj_out.weight)
+    assert not torch.equal(
+        other.transformer.proj_out.weight, untrained_engine.transformer.proj_out.weight
+    )
 
 
 def test_tiny_engine_takes_1024_px_tiles_with_the_same_16_rows() -> None:
@@ -119,11 +131,11 @@ def test_missing_weights_are_an_error_listing_every_place(isolated: Path) -> Non
 
 
 def test_missing_vae_is_reported_even_when_the_transformer_is_there(
-    isolated: Path, tiny: Engine
+    isolated: Path, untrained_engine: Engine
 ) -> None:
     # a real PixCell-256-shaped transformer folder in $HISTOSYNTH_WEIGHTS, nothing else
-    config = {**tiny.transformer.config, "caption_num_tokens": 1}
-    model = type(tiny.transformer).from_config(config)
+    config = {**untrained_engine.transformer.config, "caption_num_tokens": 1}
+    model = type(untrained_engine.transformer).from_config(config)
     model.save_pretrained(isolated / "weights" / "pixcell-256" / "transformer")
     with pytest.raises(EngineError, match=r"pixcell-256/vae: weights not found.*hf download"):
         load_engine("pixcell-256", device="cpu")
@@ -161,7 +173,7 @@ def test_found_components_make_the_preset_ready(isolated: Path) -> None:
     assert "ready" in format_models_report("pixcell-256")
 
 
-def test_bad_names_and_combinations(tiny: Engine, isolated: Path) -> None:
+def test_bad_names_and_combinations(untrained_engine: Engine, isolated: Path) -> None:
     with pytest.raises(EngineError, match="unknown preset and no such folder"):
         load_engine("pixcell-2048")
     with pytest.raises(EngineError, match="1024 px tiles"):
@@ -176,51 +188,58 @@ def test_bad_names_and_combinations(tiny: Engine, isolated: Path) -> None:
 
 
 def test_saved_tiny_folder_loads_back_identical_and_still_untrained(
-    tiny: Engine, tmp_path: Path
+    untrained_engine: Engine, tmp_path: Path
 ) -> None:
-    folder = save_engine(tiny, tmp_path / "engine")
+    folder = save_engine(untrained_engine, tmp_path / "engine")
     assert {p.name for p in folder.iterdir()} == {
-        "transformer", "vae", "encoder", "scheduler", ENGINE_FILE
+        "transformer",
+        "vae",
+        "encoder",
+        "scheduler",
+        ENGINE_FILE,
     }
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
     loaded = load_engine(folder, device="cpu")
     assert loaded.trained is False and "UNTRAINED" in loaded.description
-    assert loaded.model_id == tiny.model_id and loaded.preset == "tiny"
+    assert loaded.model_id == untrained_engine.model_id and loaded.preset == "tiny"
     assert loaded.tile_size == TILE and isinstance(loaded.encoder, TinyEncoder)
     assert loaded.sources["transformer"] == f"explicit {folder / 'transformer'}"
-    assert torch.equal(sample(loaded), sample(tiny))
+    assert torch.equal(sample(loaded), sample(untrained_engine))
     with pytest.raises(EngineError, match="not an empty folder"):
-        save_engine(tiny, folder)
+        save_engine(untrained_engine, folder)
 
 
-def test_diffusers_style_folder_without_metadata(tiny: Engine, tmp_path: Path) -> None:
+def test_diffusers_style_folder_without_metadata(untrained_engine: Engine, tmp_path: Path) -> None:
     # what a user assembles by hand: save_pretrained folders and an encoder folder
     folder = tmp_path / "mine"
-    tiny.transformer.save_pretrained(folder / "transformer")
-    tiny.vae.save_pretrained(folder / "vae")
+    untrained_engine.transformer.save_pretrained(folder / "transformer")
+    untrained_engine.vae.save_pretrained(folder / "vae")
     encoder = folder / "encoder"
     encoder.mkdir()
-    (encoder / "config.json").write_text(json.dumps(
-        {"_class_name": "TinyEncoder", "dim": 32, "seed": 0, "crop": 64}))
+    (encoder / "config.json").write_text(
+        json.dumps({"_class_name": "TinyEncoder", "dim": 32, "seed": 0, "crop": 64})
+    )
     from safetensors.torch import save_file
 
-    save_file(dict(tiny.encoder.state_dict()), str(encoder / "model.safetensors"))
+    save_file(dict(untrained_engine.encoder.state_dict()), str(encoder / "model.safetensors"))
     loaded = load_engine(folder, device="cpu")
     assert loaded.model_id == f"local:{folder.resolve()}"
     assert loaded.tile_size == TILE and loaded.preset == "pixcell-1024"  # 16 rows
-    assert torch.equal(sample(loaded), sample(tiny))
+    assert torch.equal(sample(loaded), sample(untrained_engine))
 
 
 def test_bare_transformer_folder_takes_the_rest_from_the_preset_search(
-    tiny: Engine, tmp_path: Path
+    untrained_engine: Engine, tmp_path: Path
 ) -> None:
-    tiny.transformer.save_pretrained(tmp_path / "transformer-only")
+    untrained_engine.transformer.save_pretrained(tmp_path / "transformer-only")
     with pytest.raises(EngineError, match=r"pixcell-1024/vae: weights not found"):
         load_engine(tmp_path / "transformer-only", device="cpu")
 
 
-def test_a_folder_that_is_not_a_pixcell_transformer(tiny: Engine, tmp_path: Path) -> None:
-    tiny.vae.save_pretrained(tmp_path / "x" / "transformer")
+def test_a_folder_that_is_not_a_pixcell_transformer(
+    untrained_engine: Engine, tmp_path: Path
+) -> None:
+    untrained_engine.vae.save_pretrained(tmp_path / "x" / "transformer")
     (tmp_path / "x" / "vae").mkdir()
     with pytest.raises(EngineError, match="expected _class_name PixCellTransformer2DModel"):
         load_engine(tmp_path / "x", device="cpu")
@@ -229,7 +248,7 @@ def test_a_folder_that_is_not_a_pixcell_transformer(tiny: Engine, tmp_path: Path
 # --------------------------------------------------------------------------- options
 
 
-def test_kv_compress_flag(tiny: Engine) -> None:
+def test_kv_compress_flag(untrained_engine: Engine) -> None:
     engine = load_engine("tiny", device="cpu", kv_compress=2)
     processors = [b.attn1.processor for b in engine.transformer.transformer_blocks]
     assert not isinstance(processors[0], KVCompressionAttnProcessor)  # second half only
@@ -239,10 +258,10 @@ def test_kv_compress_flag(tiny: Engine) -> None:
         assert isinstance(block.attn2.processor, AttnProcessor2_0)
     compressed = sample(engine)
     assert torch.isfinite(compressed).all()
-    assert not torch.equal(compressed, sample(tiny))
+    assert not torch.equal(compressed, sample(untrained_engine))
     off = load_engine("tiny", device="cpu", kv_compress=1)
     assert off.kv_compress is None
-    assert torch.equal(sample(off), sample(tiny))  # off is exactly the plain model
+    assert torch.equal(sample(off), sample(untrained_engine))  # off is exactly the plain model
     with pytest.raises(EngineError, match="KV-compression ratio"):
         load_engine("tiny", kv_compress=0)
 

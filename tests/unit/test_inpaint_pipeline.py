@@ -50,30 +50,30 @@ def corner_box() -> np.ndarray:
     return mask
 
 
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return load_engine("tiny", device="cpu")
-
-
-def make_pipe(engine: Engine, scheduler: str = "dpm-solver++") -> InpaintPipeline:
+def make_pipe(untrained_engine: Engine, scheduler: str = "dpm-solver++") -> InpaintPipeline:
     pipe = InpaintPipeline(
-        transformer=engine.transformer,
-        vae=engine.vae,
-        scheduler=engine.make_scheduler(scheduler),
-        encoder=engine.encoder,
+        transformer=untrained_engine.transformer,
+        vae=untrained_engine.vae,
+        scheduler=untrained_engine.make_scheduler(scheduler),
+        encoder=untrained_engine.encoder,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 @pytest.fixture(scope="module")
-def pipe(engine: Engine) -> InpaintPipeline:
-    return make_pipe(engine)
+def pipe(untrained_engine: Engine) -> InpaintPipeline:
+    return make_pipe(untrained_engine)
 
 
 def run(pipe: InpaintPipeline, composite, mask, **kwargs):
-    options = {"strength": STRENGTH, "num_inference_steps": STEPS, "seam_sigma": SIGMA,
-               "guidance_scale": 2.5, **kwargs}
+    options = {
+        "strength": STRENGTH,
+        "num_inference_steps": STEPS,
+        "seam_sigma": SIGMA,
+        "guidance_scale": 2.5,
+        **kwargs,
+    }
     return pipe(composite, mask, **options)
 
 
@@ -87,21 +87,21 @@ def far_from_seam(mask: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def manual_sdedit(
-    engine: Engine, composite: np.ndarray, seed: int, guidance: float
+    untrained_engine: Engine, composite: np.ndarray, seed: int, guidance: float
 ) -> torch.Tensor:
     """SDEdit written out by hand: posterior-mean latents, diffusers' img2img schedule cut,
     noise from the image's own generator, ε = first 16 of 32 channels, CFG with the
     learned null condition (no unconditional pass at s = 1)."""
-    model = engine.transformer
-    scheduler = make_scheduler("dpm-solver++", engine.scheduler_config)
+    model = untrained_engine.transformer
+    scheduler = make_scheduler("dpm-solver++", untrained_engine.scheduler_config)
     scheduler.set_timesteps(STEPS)
     k = int(STEPS * STRENGTH)
     timesteps = scheduler.timesteps[STEPS - k :]
     scheduler.set_begin_index(STEPS - k)
-    z0 = engine.codec.encode(composite, sample=False)
+    z0 = untrained_engine.codec.encode(composite, sample=False)
     noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))
     z = scheduler.add_noise(z0, noise, timesteps[:1])
-    rows = engine.encoder.encode(composite)
+    rows = untrained_engine.encoder.encode(composite)
     null = model.caption_projection.uncond_embedding[None].clone()
     with torch.no_grad():
         for t in timesteps:
@@ -122,8 +122,10 @@ def manual_sdedit(
 # --------------------------------------------------------------------------- schedule
 
 
-SCHEDULERS = {name: (make_scheduler(name), make_scheduler(name))
-              for name in ("dpm-solver++", "ddim", "ddpm", "euler")}
+SCHEDULERS = {
+    name: (make_scheduler(name), make_scheduler(name))
+    for name in ("dpm-solver++", "ddim", "ddpm", "euler")
+}
 
 
 @settings(max_examples=100, deadline=None)
@@ -151,9 +153,9 @@ def test_strength_055_with_50_steps_starts_near_tau_times_t_max() -> None:
     assert int(ddim_steps[0]) == 20 * 26 == 520  # leading spacing
 
 
-def test_pipeline_reports_and_uses_the_cut(engine: Engine, pipe: InpaintPipeline) -> None:
+def test_pipeline_reports_and_uses_the_cut(untrained_engine: Engine, pipe: InpaintPipeline) -> None:
     out = run(pipe, tile(), disk(), seeds=3, strength=0.75, output_type="latent")
-    scheduler = engine.make_scheduler()
+    scheduler = untrained_engine.make_scheduler()
     scheduler.set_timesteps(STEPS)
     assert out.num_steps == 3 and out.start_step == int(scheduler.timesteps[1])
 
@@ -183,29 +185,32 @@ def test_outputs_shapes_types_and_forms(pipe: InpaintPipeline) -> None:
     assert (seeds, start_step, num_steps) == ([1], out.start_step, 2)
     drawn = run(pipe, tile(0), disk(), output_type="latent")  # fresh seeds are reported
     assert len(drawn.seeds) == 1
-    assert torch.equal(drawn.images, run(pipe, tile(0), disk(), seeds=drawn.seeds,
-                                         output_type="latent").images)
+    assert torch.equal(
+        drawn.images, run(pipe, tile(0), disk(), seeds=drawn.seeds, output_type="latent").images
+    )
 
 
 @pytest.mark.parametrize("guidance", [1.0, 2.5])
-def test_the_method_written_out_by_hand(engine: Engine, pipe: InpaintPipeline,
-                                        guidance: float) -> None:
+def test_the_method_written_out_by_hand(
+    untrained_engine: Engine, pipe: InpaintPipeline, guidance: float
+) -> None:
     composite, mask = tile(4), disk(100, 140, 40)
-    out = run(pipe, composite, mask, seeds=[11], guidance_scale=guidance,
-              output_type="latent")
-    manual = manual_sdedit(engine, composite, seed=11, guidance=guidance)
+    out = run(pipe, composite, mask, seeds=[11], guidance_scale=guidance, output_type="latent")
+    manual = manual_sdedit(untrained_engine, composite, seed=11, guidance=guidance)
     assert torch.allclose(out.images, manual, rtol=0, atol=1e-5 * manual.abs().max())
     # decoded and blended: the final image is seam_blend(X, X_gen, A)
     full = run(pipe, composite, mask, seeds=[11], guidance_scale=guidance)
-    assert np.array_equal(full.generated, engine.codec.decode(out.images))
+    assert np.array_equal(full.generated, untrained_engine.codec.decode(out.images))
     expected = seam_blend(composite, full.generated[0], seam_weights(mask, sigma=SIGMA))
     assert np.array_equal(full.images[0], expected)
 
 
-def test_guidance_one_skips_the_null_condition(engine: Engine, pipe: InpaintPipeline) -> None:
+def test_guidance_one_skips_the_null_condition(
+    untrained_engine: Engine, pipe: InpaintPipeline
+) -> None:
     kwargs = {"seeds": [5], "output_type": "latent"}
     plain = run(pipe, tile(), disk(), guidance_scale=1.0, **kwargs).images
-    buffer = engine.transformer.caption_projection.uncond_embedding
+    buffer = untrained_engine.transformer.caption_projection.uncond_embedding
     saved = buffer.clone()
     try:
         buffer.fill_(float("nan"))
@@ -235,8 +240,7 @@ def test_far_from_the_seam_the_final_image_is_the_composite(
 
 def test_strength_zero_returns_the_composites_exactly(pipe: InpaintPipeline) -> None:
     composites = np.stack([tile(0), tile(1)])
-    out = run(pipe, composites, np.stack([disk(), disk(40, 40, 20)]), seeds=[1, 2],
-              strength=0.0)
+    out = run(pipe, composites, np.stack([disk(), disk(40, 40, 20)]), seeds=[1, 2], strength=0.0)
     assert np.array_equal(out.images, composites) and np.array_equal(out.generated, composites)
     assert out.images is not composites
     assert out.start_step is None and out.num_steps == 0 and out.seeds == [1, 2]
@@ -275,24 +279,24 @@ def test_each_image_depends_on_its_own_seed_not_on_the_batch(pipe: InpaintPipeli
     assert torch.equal(from_gens.images, batch_latents) and from_gens.seeds is None
 
 
-def test_uni_rows_replace_the_encoder(engine: Engine, pipe: InpaintPipeline) -> None:
+def test_uni_rows_replace_the_encoder(untrained_engine: Engine, pipe: InpaintPipeline) -> None:
     composite, mask = tile(3), disk()
     kwargs = {"seeds": [4], "output_type": "latent"}
     default = run(pipe, composite, mask, **kwargs).images
-    rows = engine.encoder.encode(composite)
+    rows = untrained_engine.encoder.encode(composite)
     assert torch.equal(run(pipe, composite, mask, uni_rows=rows, **kwargs).images, default)
-    other = run(pipe, composite, mask, uni_rows=engine.encoder.encode(tile(9)), **kwargs)
+    other = run(pipe, composite, mask, uni_rows=untrained_engine.encoder.encode(tile(9)), **kwargs)
     assert not torch.equal(other.images, default)
 
 
-def test_stochastic_scheduler_is_reproducible(engine: Engine) -> None:
-    ddpm = make_pipe(engine, "ddpm")
+def test_stochastic_scheduler_is_reproducible(untrained_engine: Engine) -> None:
+    ddpm = make_pipe(untrained_engine, "ddpm")
     first = run(ddpm, tile(), disk(), seeds=[6], output_type="latent").images
     assert torch.equal(first, run(ddpm, tile(), disk(), seeds=[6], output_type="latent").images)
     assert torch.isfinite(first).all()
 
 
-def test_bad_inputs_are_clear_errors(engine: Engine, pipe: InpaintPipeline) -> None:
+def test_bad_inputs_are_clear_errors(untrained_engine: Engine, pipe: InpaintPipeline) -> None:
     with pytest.raises(EngineError, match=r"256×256 px.*found 128×128"):
         run(pipe, np.zeros((128, 128, 3), np.uint8), np.zeros((128, 128), bool), seeds=[1])
     other_size = load_engine("tiny", device="cpu", tile_size=128)
@@ -328,8 +332,9 @@ def test_callback_on_step_end_sees_and_replaces_the_latents(pipe: InpaintPipelin
         return tensors
 
     plain = run(pipe, tile(), disk(), seeds=[3], output_type="latent")
-    recorded = run(pipe, tile(), disk(), seeds=[3], output_type="latent",
-                   callback_on_step_end=record)
+    recorded = run(
+        pipe, tile(), disk(), seeds=[3], output_type="latent", callback_on_step_end=record
+    )
     assert [s for s, _, _ in seen] == list(range(plain.num_steps)) and plain.num_steps >= 1
     assert all(shape == tuple(plain.images.shape) for _, _, shape in seen)
     assert torch.equal(recorded.images, plain.images)  # returning them unchanged changes nothing
@@ -338,11 +343,18 @@ def test_callback_on_step_end_sees_and_replaces_the_latents(pipe: InpaintPipelin
         last = step == plain.num_steps - 1
         return {"latents": torch.zeros_like(tensors["latents"])} if last else {}
 
-    zeroed = run(pipe, tile(), disk(), seeds=[3], output_type="latent",
-                 callback_on_step_end=zero_last)
+    zeroed = run(
+        pipe, tile(), disk(), seeds=[3], output_type="latent", callback_on_step_end=zero_last
+    )
     assert torch.count_nonzero(zeroed.images) == 0
     with pytest.raises(EngineError, match="callbacks may see latents"):
-        run(pipe, tile(), disk(), seeds=[3], callback_on_step_end=record,
-            callback_on_step_end_tensor_inputs=["noise"])
+        run(
+            pipe,
+            tile(),
+            disk(),
+            seeds=[3],
+            callback_on_step_end=record,
+            callback_on_step_end_tensor_inputs=["noise"],
+        )
     with pytest.raises(EngineError, match="guidance scale"):
         run(pipe, tile(), disk(), seeds=[3], guidance_scale=float("nan"))

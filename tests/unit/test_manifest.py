@@ -169,7 +169,8 @@ def test_manifest_ships_inside_a_wheel(tmp_path):
         assert {"histosynth/integration/__init__.py", "histosynth/synthesis/__init__.py"} <= names
         embedded = "histosynth/synthesis/embedded/histosynth_mini_512/"
         for part in ("transformer/diffusion_pytorch_model.safetensors", "transformer/config.json",
-                     "vae/diffusion_pytorch_model.safetensors", "encoder/model.safetensors",
+                     "vae/diffusion_pytorch_model.safetensors",
+                     "encoder/diffusion_pytorch_model.safetensors",
                      "scheduler/scheduler_config.json", "histosynth_engine.json",
                      "MODEL_CARD.md"):
             assert embedded + part in names, part

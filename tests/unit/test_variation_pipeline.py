@@ -35,26 +35,23 @@ def tile(seed: int = 0) -> np.ndarray:
     return image.clip(0, 255).astype(np.uint8)
 
 
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return load_engine("tiny", device="cpu")
-
-
 def quiet(pipe: VariationPipeline) -> VariationPipeline:
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 @pytest.fixture(scope="module")
-def pipe(engine: Engine) -> VariationPipeline:
-    return quiet(engine.variation_pipeline())
+def pipe(untrained_engine: Engine) -> VariationPipeline:
+    return quiet(untrained_engine.variation_pipeline())
 
 
-def manual_loop(engine: Engine, rows: torch.Tensor, seed: int, guidance: float) -> torch.Tensor:
+def manual_loop(
+    untrained_engine: Engine, rows: torch.Tensor, seed: int, guidance: float
+) -> torch.Tensor:
     """The method written out by hand: DPM-Solver++, ε = first 16 of 32 output channels,
     ε̂ = ε(∅) + s(ε(e) − ε(∅)) with the learned null condition, no CFG pass at s = 1."""
-    model = engine.transformer
-    scheduler = make_scheduler("dpm-solver++", engine.scheduler_config)
+    model = untrained_engine.transformer
+    scheduler = make_scheduler("dpm-solver++", untrained_engine.scheduler_config)
     scheduler.set_timesteps(STEPS)
     g = torch.Generator().manual_seed(seed)
     z = torch.randn((1, 16, TILE // 8, TILE // 8), generator=g) * scheduler.init_noise_sigma
@@ -77,8 +74,13 @@ def manual_loop(engine: Engine, rows: torch.Tensor, seed: int, guidance: float) 
 
 def test_outputs_shapes_and_types(pipe: VariationPipeline) -> None:
     refs = np.stack([tile(0), tile(1)])
-    out = pipe(refs, num_images_per_reference=2, seeds=[1, 2, 3, 4], num_inference_steps=STEPS,
-               output_type="latent")
+    out = pipe(
+        refs,
+        num_images_per_reference=2,
+        seeds=[1, 2, 3, 4],
+        num_inference_steps=STEPS,
+        output_type="latent",
+    )
     assert out.images.shape == (4, 16, TILE // 8, TILE // 8)
     assert out.images.dtype == torch.float32 and out.seeds == [1, 2, 3, 4]
     # grouped by reference: ref0 #0, ref0 #1, ref1 #0, ref1 #1
@@ -106,8 +108,13 @@ def test_same_seed_same_images_and_fresh_seeds_are_reported(pipe: VariationPipel
 
 def test_each_image_depends_on_its_own_seed_not_on_the_batch(pipe: VariationPipeline) -> None:
     ref = tile()
-    batch = pipe(ref, num_images_per_reference=2, seeds=[1, 2], num_inference_steps=STEPS,
-                 output_type="latent").images
+    batch = pipe(
+        ref,
+        num_images_per_reference=2,
+        seeds=[1, 2],
+        num_inference_steps=STEPS,
+        output_type="latent",
+    ).images
     one = pipe(ref, seeds=[1], num_inference_steps=STEPS, output_type="latent").images
     two = pipe(ref, seeds=[2], num_inference_steps=STEPS, output_type="latent").images
     # oneDNN convolutions are not batch-invariant to the last bit: equal up to rounding
@@ -116,8 +123,9 @@ def test_each_image_depends_on_its_own_seed_not_on_the_batch(pipe: VariationPipe
     assert torch.allclose(batch[1], two[0], rtol=0, atol=1e-5 * scale)
     assert (one[0] - two[0]).abs().max() > 0.1 * scale  # the seeds really matter
     # an int seed s means s, s + 1, ...
-    shorthand = pipe(ref, num_images_per_reference=2, seeds=1, num_inference_steps=STEPS,
-                     output_type="latent").images
+    shorthand = pipe(
+        ref, num_images_per_reference=2, seeds=1, num_inference_steps=STEPS, output_type="latent"
+    ).images
     assert torch.equal(shorthand, batch)
     # k seeds for one reference = k variations of it (the README's call)
     per_seed = pipe(ref, seeds=[1, 2], num_inference_steps=STEPS, output_type="latent")
@@ -126,39 +134,65 @@ def test_each_image_depends_on_its_own_seed_not_on_the_batch(pipe: VariationPipe
         pipe(np.stack([ref, ref]), seeds=[1, 2, 3], num_inference_steps=STEPS)
     # the initial noise itself is exactly per image
     gens = generators_for([1, 2])
-    assert torch.equal(torch.randn(3, generator=gens[1]),
-                       torch.randn(3, generator=generators_for([2])[0]))
+    assert torch.equal(
+        torch.randn(3, generator=gens[1]), torch.randn(3, generator=generators_for([2])[0])
+    )
 
 
-def test_guidance_one_is_the_conditional_prediction_alone(engine: Engine) -> None:
-    pipe = quiet(engine.variation_pipeline())
-    rows = engine.encoder.encode(tile())
-    ours = pipe(uni_rows=rows, seeds=[3], guidance_scale=1.0, num_inference_steps=STEPS,
-                output_type="latent").images
-    assert torch.equal(ours, manual_loop(engine, rows, seed=3, guidance=1.0))
+def test_guidance_one_is_the_conditional_prediction_alone(untrained_engine: Engine) -> None:
+    pipe = quiet(untrained_engine.variation_pipeline())
+    rows = untrained_engine.encoder.encode(tile())
+    ours = pipe(
+        uni_rows=rows,
+        seeds=[3],
+        guidance_scale=1.0,
+        num_inference_steps=STEPS,
+        output_type="latent",
+    ).images
+    assert torch.equal(ours, manual_loop(untrained_engine, rows, seed=3, guidance=1.0))
     # the unconditional branch is not even run: garbage in the null condition changes nothing
-    buffer = engine.transformer.caption_projection.uncond_embedding
+    buffer = untrained_engine.transformer.caption_projection.uncond_embedding
     saved = buffer.clone()
     try:
         buffer.fill_(float("nan"))
-        again = pipe(uni_rows=rows, seeds=[3], guidance_scale=1.0, num_inference_steps=STEPS,
-                     output_type="latent").images
-        guided = pipe(uni_rows=rows, seeds=[3], guidance_scale=2.0, num_inference_steps=STEPS,
-                      output_type="latent").images
+        again = pipe(
+            uni_rows=rows,
+            seeds=[3],
+            guidance_scale=1.0,
+            num_inference_steps=STEPS,
+            output_type="latent",
+        ).images
+        guided = pipe(
+            uni_rows=rows,
+            seeds=[3],
+            guidance_scale=2.0,
+            num_inference_steps=STEPS,
+            output_type="latent",
+        ).images
     finally:
         buffer.copy_(saved)
     assert torch.equal(again, ours)
     assert torch.isnan(guided).any()  # s != 1 does use the null condition
 
 
-def test_guidance_uses_the_learned_null_condition(engine: Engine) -> None:
-    pipe = quiet(engine.variation_pipeline())
-    rows = engine.encoder.encode(tile())
-    guided = pipe(uni_rows=rows, seeds=[3], guidance_scale=2.5, num_inference_steps=STEPS,
-                  output_type="latent").images
-    assert torch.equal(guided, manual_loop(engine, rows, seed=3, guidance=2.5))
-    plain = pipe(uni_rows=rows, seeds=[3], guidance_scale=1.0, num_inference_steps=STEPS,
-                 output_type="latent").images
+def test_guidance_uses_the_learned_null_condition(untrained_engine: Engine) -> None:
+    pipe = quiet(untrained_engine.variation_pipeline())
+    rows = untrained_engine.encoder.encode(tile())
+    guided = pipe(
+        uni_rows=rows,
+        seeds=[3],
+        guidance_scale=2.5,
+        num_inference_steps=STEPS,
+        output_type="latent",
+    ).images
+    assert torch.equal(guided, manual_loop(untrained_engine, rows, seed=3, guidance=2.5))
+    plain = pipe(
+        uni_rows=rows,
+        seeds=[3],
+        guidance_scale=1.0,
+        num_inference_steps=STEPS,
+        output_type="latent",
+    ).images
     assert (guided - plain).abs().max() > 1e-3
 
 
@@ -171,8 +205,10 @@ def test_guidance_uses_the_learned_null_condition(engine: Engine) -> None:
         ("euler", EulerDiscreteScheduler),
     ],
 )
-def test_every_scheduler_runs_and_is_reproducible(engine: Engine, name: str, cls: type) -> None:
-    pipe = quiet(engine.variation_pipeline(scheduler=name))
+def test_every_scheduler_runs_and_is_reproducible(
+    untrained_engine: Engine, name: str, cls: type
+) -> None:
+    pipe = quiet(untrained_engine.variation_pipeline(scheduler=name))
     assert type(pipe.scheduler) is cls
     assert pipe.scheduler.config.beta_schedule == "linear"
     assert pipe.scheduler.config.num_train_timesteps == 1000
@@ -182,9 +218,9 @@ def test_every_scheduler_runs_and_is_reproducible(engine: Engine, name: str, cls
     assert torch.isfinite(first).all() and torch.equal(first, second)
 
 
-def test_schedulers_give_different_samples(engine: Engine) -> None:
+def test_schedulers_give_different_samples(untrained_engine: Engine) -> None:
     outs = [
-        quiet(engine.variation_pipeline(scheduler=name))(
+        quiet(untrained_engine.variation_pipeline(scheduler=name))(
             tile(), seeds=[4], num_inference_steps=STEPS, output_type="latent"
         ).images
         for name in ("ddim", "ddpm")
@@ -193,19 +229,23 @@ def test_schedulers_give_different_samples(engine: Engine) -> None:
 
 
 def test_uni_rows_give_the_same_images_as_the_reference(
-    engine: Engine, pipe: VariationPipeline
+    untrained_engine: Engine, pipe: VariationPipeline
 ) -> None:
     refs = np.stack([tile(0), tile(1)])
-    kwargs = {"seeds": [5, 6], "num_inference_steps": STEPS, "output_type": "latent",
-              "guidance_scale": 1.0}
+    kwargs = {
+        "seeds": [5, 6],
+        "num_inference_steps": STEPS,
+        "output_type": "latent",
+        "guidance_scale": 1.0,
+    }
     from_images = pipe(refs, **kwargs).images
-    from_rows = pipe(uni_rows=engine.encoder.encode(refs), **kwargs).images
+    from_rows = pipe(uni_rows=untrained_engine.encoder.encode(refs), **kwargs).images
     assert torch.equal(from_images, from_rows)
     other = pipe(np.stack([tile(2), tile(1)]), **kwargs).images
     assert not torch.equal(other[0], from_images[0])  # the reference matters
 
 
-def test_bad_inputs_are_clear_errors(engine: Engine, pipe: VariationPipeline) -> None:
+def test_bad_inputs_are_clear_errors(untrained_engine: Engine, pipe: VariationPipeline) -> None:
     small = np.zeros((128, 128, 3), np.uint8)
     with pytest.raises(EngineError, match=r"256×256 px.*found 128×128"):
         pipe(small, seeds=[1], num_inference_steps=STEPS)
@@ -214,7 +254,7 @@ def test_bad_inputs_are_clear_errors(engine: Engine, pipe: VariationPipeline) ->
     with pytest.raises(EngineError, match="either reference images or uni_rows"):
         pipe(seeds=[1])
     with pytest.raises(EngineError, match="either reference images or uni_rows"):
-        pipe(tile(), uni_rows=engine.encoder.encode(tile()))
+        pipe(tile(), uni_rows=untrained_engine.encoder.encode(tile()))
     with pytest.raises(EngineError, match=r"UNI rows \[B, 16, 32\]"):
         pipe(uni_rows=torch.zeros(1, 4, 32))
     with pytest.raises(EngineError, match="expected 2 seeds"):
@@ -226,13 +266,19 @@ def test_bad_inputs_are_clear_errors(engine: Engine, pipe: VariationPipeline) ->
 
 
 def test_adapter_is_used_for_the_call_and_the_previous_state_comes_back() -> None:
-    engine = load_engine("tiny", device="cpu")  # its own copy: adapters change the model
-    pipe = quiet(engine.variation_pipeline())
-    model = engine.transformer
+    own = load_engine("tiny", device="cpu")  # its own copy: adapters change the model
+    pipe = quiet(own.variation_pipeline())
+    model = own.transformer
 
     def run(**kwargs) -> torch.Tensor:
-        return pipe(tile(), seeds=[9], num_inference_steps=STEPS, output_type="latent",
-                    guidance_scale=1.0, **kwargs).images
+        return pipe(
+            tile(),
+            seeds=[9],
+            num_inference_steps=STEPS,
+            output_type="latent",
+            guidance_scale=1.0,
+            **kwargs,
+        ).images
 
     before = run()
     config = LoraConfig(
@@ -266,8 +312,13 @@ def test_adapter_is_used_for_the_call_and_the_previous_state_comes_back() -> Non
 
 def test_callback_on_step_end_is_called_every_step(pipe: VariationPipeline) -> None:
     steps: list[int] = []
-    out = pipe(tile(), seeds=[5], num_inference_steps=STEPS, output_type="latent",
-               callback_on_step_end=lambda p, i, t, tensors: steps.append(i) or tensors)
+    out = pipe(
+        tile(),
+        seeds=[5],
+        num_inference_steps=STEPS,
+        output_type="latent",
+        callback_on_step_end=lambda p, i, t, tensors: steps.append(i) or tensors,
+    )
     assert steps == list(range(STEPS))
     plain = pipe(tile(), seeds=[5], num_inference_steps=STEPS, output_type="latent")
     assert torch.equal(out.images, plain.images)

@@ -13,6 +13,9 @@ with clusters of biconcave red cells textured from real red pixels, and an invas
 vessel carries a tumour embolus (real tumour tissue and real tumour nuclei) in its
 lumen. ``paint_tumour`` crowds real tumour nuclei into a region. Everything is seeded
 by the caller's generator: same generator state, same pixels.
+
+Size: one painter — the wall, endothelium, lumen, red cells and embolus of a vessel are
+drawn by steps that share its outline's warp field.
 """
 
 from __future__ import annotations

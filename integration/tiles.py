@@ -3,6 +3,9 @@ backgrounds that synthesis composes — every geometry and pixel step before a m
 
 Units: geometries in level-0 px of their slide until :func:`~histosynth.integration.
 geometry.to_tile` moves them to tile px; ``mpp`` is µm per px of the tiles made.
+
+Size: the records (sources, donors, backgrounds) and the steps that make them share one
+set of units and checks; geometry is in ``geometry.py``, pixels in ``slides.py``.
 """
 
 from __future__ import annotations
@@ -326,6 +329,9 @@ class Donor:
     #: (s, s) uint8 0/255: the slide's other annotations in the crop (not to be pasted
     #: along with the vessel's tissue ring)
     others: np.ndarray | None = None
+    #: (s, s) bool: the crop's tissue (:func:`~histosynth.integration.masks.tissue_mask`,
+    #: the rule the backgrounds are measured by)
+    tissue: np.ndarray | None = None
 
 
 @dataclass
@@ -441,7 +447,10 @@ def collect_donors(
             )
             context = read_tile(source.reader, cx, cy, context_side, mpp)
             context_tissue = tissue_mask(context)
-            donors.append(Donor(source, vessel, image, mask, context, context_tissue, others))
+            donors.append(
+                Donor(source, vessel, image, mask, context, context_tissue, others,
+                      tissue=tissue_mask(image))
+            )
     return donors
 
 

@@ -9,6 +9,9 @@ keeps the model's crop (its magnification), so any tile size that is a multiple 
 crop works: a 512 px tile with UNI2-h's 256 px crops gives 4 rows.
 
 Every input is checked before the model loads or anything is written.
+
+Size: one command's workflow — the three tile sources (dataset, project, slide), their
+checks, and the background-tile sampler that only ``cache build`` uses.
 """
 
 from __future__ import annotations

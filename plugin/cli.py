@@ -2,6 +2,9 @@
 
 Exit codes: 0 success; 1 a user error, reported as one line on stderr (``--debug`` shows
 the traceback); 2 a usage error (click's own).
+
+Size: one click group, its options and each command's argument checks (every check runs
+before a heavy import); the commands' work is in the workflow modules they call.
 """
 
 from __future__ import annotations
@@ -590,9 +593,11 @@ def demo(
     "--features",
     default="default",
     show_default=True,
-    help="Feature space: default (the embedded engine's encoder; offline, not comparable "
-    "with published numbers), uni2-h, virchow2, h-optimus-1 (pathology encoders; their "
-    "weights offline, see 'histosynth models list'), or tiny (tests).",
+    help="Feature spaces, comma-separated: default (the embedded engine's encoder; "
+    "offline, not comparable with published numbers), inception (FID's Inception-v3; "
+    "needs torch-fidelity), clip (CLIP ViT-B/32: CLIP-FID), cmmd (CLIP ViT-L/14-336), "
+    "uni2-h, virchow2, h-optimus-1 (pathology encoders), or tiny (tests). Weights are "
+    "found offline: see 'histosynth models list'.",
 )
 @click.option("--per-class", is_flag=True, help="Also measure each vessel class on its own.")
 @click.option(
@@ -614,7 +619,8 @@ def evaluate(
 ) -> None:
     """Fidelity of RUN's synthetic tiles against real vessel tiles: FID, KID,
     precision / recall, density / coverage, NND, CMMD and the cosine to each tile's
-    source, in one feature space; the table is printed and written to RUN/metrics.json."""
+    source, in each feature space named; the table is printed and written to
+    RUN/metrics.json."""
     from histosynth.evaluate import evaluate as run_evaluate
 
     result = run_evaluate(

@@ -39,6 +39,8 @@ log = logging.getLogger("histosynth")
 __all__ = ["METRICS_NAME", "EvaluationResult", "evaluate", "feature_cache_dir"]
 
 METRICS_NAME = "metrics.json"
+#: ``--features`` names that stand for a feature space: the space CMMD is defined in.
+FEATURE_ALIASES = {"cmmd": "clip-l14-336", "clip-fid": "clip", "fid": "inception"}
 SYNTHETIC_TYPES = ("inpainting", "variation")
 #: Smallest KID subset for a ± (smaller subsets give a meaningless spread).
 KID_MIN_SUBSET = 10
@@ -53,6 +55,7 @@ class Row:
     pm: float | None = None
     note: str = ""
     group: str = "all"
+    space: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +64,7 @@ class Row:
             "pm": self.pm,
             "note": self.note,
             "group": self.group,
+            "space": self.space,
         }
 
 
@@ -70,21 +74,26 @@ class EvaluationResult:
 
     run_dir: Path
     real_dir: Path
-    space: str
+    spaces: list[str]
     rows: list[Row] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     path: Path | None = None
 
+    @property
+    def space(self) -> str:
+        """The feature spaces measured in, comma-separated."""
+        return ",".join(self.spaces)
+
     def table(self) -> str:
-        """The rows in the layout of the seed's Table 7 (metric | value | ±)."""
-        lines = [f"| metric ({self.space} features) | value | ± |", "|---|---:|---:|"]
+        """The rows in the layout of the seed's Table 7 (metric | value | ±), each named
+        with its feature space (FID in ``clip`` features is CLIP-FID)."""
+        lines = ["| metric | features | value | ± |", "|---|---|---:|---:|"]
         for row in self.rows:
             label = row.metric if row.group == "all" else f"{row.metric} [{row.group}]"
             value = "n/a" if row.value is None else f"{row.value:.4g}"
             pm = "" if row.pm is None else f"{row.pm:.2g}"
-            lines.append(
-                f"| {label} | {value}{'  (' + row.note + ')' if row.note else ''} | {pm} |"
-            )
+            note = f"  ({row.note})" if row.note else ""
+            lines.append(f"| {label} | {row.space} | {value}{note} | {pm} |")
         return "\n".join(lines)
 
 
@@ -305,11 +314,36 @@ def _plot_data(
     return out
 
 
+def feature_space_names(features: str | Sequence[str]) -> list[str]:
+    """The feature spaces of ``--features`` (comma-separated, or a list), aliases
+    (:data:`FEATURE_ALIASES`) resolved, in order, each once.
+
+    Raises:
+        InputError: an empty list or an unknown name, naming the known ones.
+    """
+    from histosynth.synthesis.metrics.features import FEATURE_SPACES
+
+    raw = features.split(",") if isinstance(features, str) else list(features)
+    names: list[str] = []
+    for item in (str(f).strip().lower() for f in raw):
+        if not item:
+            continue
+        name = FEATURE_ALIASES.get(item, item)
+        if name not in FEATURE_SPACES:
+            known = ", ".join([*FEATURE_SPACES, *FEATURE_ALIASES])
+            raise InputError(f"unknown feature space {item!r}; known: {known}", item="--features")
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise InputError("name at least one feature space", item="--features")
+    return names
+
+
 def evaluate(
     run_dir: str | os.PathLike,
     real_dir: str | os.PathLike,
     *,
-    features: str = "default",
+    features: str | Sequence[str] = "default",
     per_class: bool = False,
     max_images: int | None = None,
     batch_size: int | None = None,
@@ -325,6 +359,7 @@ def evaluate(
     from histosynth.synthesis.metrics import cosine_similarity
     from histosynth.synthesis.metrics.features import load_feature_space
 
+    names = feature_space_names(features)
     run, real = _folder(run_dir, "run folder"), _folder(real_dir, "dataset or run folder")
     run_rows = [
         r
@@ -346,28 +381,6 @@ def evaluate(
     # sampled first: only the tiles used are read and hashed
     fake_tiles = _tiles(run, _sample(run_rows, max_images, seed))
     real_tiles = _tiles(real, _sample(real_rows, max_images, seed + 1))
-    try:
-        space = load_feature_space(features, device or "cpu")
-    except ValueError as exc:
-        raise InputError(str(exc), item="--features") from None
-    if batch_size:
-        space.batch_size = int(batch_size)
-    cache = _Cache(space)
-    shape: list[tuple[int, ...]] = []
-    try:
-        fake = _embed(fake_tiles, space, cache, progress, shape)
-        real_features = _embed(real_tiles, space, cache, progress, shape)
-        # paired: each synthetic tile with the real tile it was made from
-        pairs = []
-        for i, tile in enumerate(fake_tiles):
-            kind = "background" if tile.row["synthesis_type"] == "inpainting" else "reference"
-            ref = run / "refs" / f"{tile.row['id']}-{kind}.png"
-            if ref.is_file():
-                pairs.append((i, ref))
-        ref_features = _embed([p for _, p in pairs], space, cache, None, shape) if pairs else None
-    finally:
-        cache.save()
-
     # the real tile of an inpainted tile's own donor is not an independent neighbour
     by_vessel: dict[tuple[str, str], list[int]] = {}
     for j, tile in enumerate(real_tiles):
@@ -389,7 +402,6 @@ def evaluate(
             out += [(local, real_index[j]) for j in by_vessel.get(donor, []) if j in real_index]
         return out
 
-    result = EvaluationResult(run, real, space.name)
     groups: list[tuple[str, list[int], list[int]]] = [
         ("all", list(range(len(fake_tiles))), list(range(len(real_tiles))))
     ]
@@ -402,46 +414,81 @@ def evaluate(
                     [j for j, t in enumerate(real_tiles) if t.row["class_name"] == name],
                 )
             )
-    for group, fake_idx, real_idx in groups:
-        if not fake_idx or not real_idx:
-            result.rows.append(
+    # paired: each synthetic tile with the real tile it was made from
+    pairs = []
+    for i, tile in enumerate(fake_tiles):
+        kind = "background" if tile.row["synthesis_type"] == "inpainting" else "reference"
+        ref = run / "refs" / f"{tile.row['id']}-{kind}.png"
+        if ref.is_file():
+            pairs.append((i, ref))
+
+    result = EvaluationResult(run, real, [])
+    spaces: list[dict[str, Any]] = []
+    plots: dict[str, Any] | None = None
+    for name in names:
+        try:
+            space = load_feature_space(name, device or "cpu")
+        except ValueError as exc:
+            raise InputError(str(exc), item="--features") from None
+        if batch_size:
+            space.batch_size = int(batch_size)
+        cache = _Cache(space)
+        shape: list[tuple[int, ...]] = []
+        try:
+            fake = _embed(fake_tiles, space, cache, progress, shape)
+            real_features = _embed(real_tiles, space, cache, progress, shape)
+            refs = [path for _, path in pairs]
+            ref_features = _embed(refs, space, cache, None, shape) if pairs else None
+        finally:
+            cache.save()
+        rows: list[Row] = []
+        for group, fake_idx, real_idx in groups:
+            if not fake_idx or not real_idx:
+                rows.append(
+                    Row(
+                        "all metrics",
+                        None,
+                        note="no real tiles of this class" if fake_idx else "no synthetic tiles",
+                        group=group,
+                    )
+                )
+                continue
+            excl = exclusions(fake_idx, {j: k for k, j in enumerate(real_idx)})
+            rows += _metrics(real_features[real_idx], fake[fake_idx], excl, group, space.name)
+        if ref_features is not None:
+            rows.append(
                 Row(
-                    "all metrics",
-                    None,
-                    note="no real tiles of this class" if fake_idx else "no synthetic tiles",
-                    group=group,
+                    "cosine to the source tile",
+                    cosine_similarity(ref_features, fake[[i for i, _ in pairs]]),
+                    note=f"{len(pairs)} pairs",
                 )
             )
-            continue
-        excl = exclusions(fake_idx, {j: k for k, j in enumerate(real_idx)})
-        result.rows += _metrics(real_features[real_idx], fake[fake_idx], excl, group, space.name)
-    if ref_features is not None:
-        result.rows.append(
-            Row(
-                "cosine to the source tile",
-                cosine_similarity(ref_features, fake[[i for i, _ in pairs]]),
-                note=f"{len(pairs)} pairs",
-            )
+        for row in rows:
+            row.space = space.name
+        result.rows += rows
+        result.spaces.append(space.name)
+        spaces.append(
+            {
+                "name": space.name,
+                "dim": space.dim,
+                "weights_sha256": space.weights_id,
+                "comparable_with_published": space.comparable,
+                "description": space.description,
+            }
         )
+        if plots is None:  # the plots are drawn in the first space
+            everything = exclusions(
+                list(range(len(fake_tiles))), {j: j for j in range(len(real_tiles))}
+            )
+            plots = {"space": space.name, **_plot_data(real_features, fake, everything, seed)}
     result.counts = {"synthetic": len(fake_tiles), "real": len(real_tiles), "pairs": len(pairs)}
-    plots = _plot_data(
-        real_features,
-        fake,
-        exclusions(list(range(len(fake_tiles))), {j: j for j in range(len(real_tiles))}),
-        seed,
-    )
     document = {
         "format_version": 1,
         "created_at": utc_now(),
         "histosynth": __version__,
         "command": command,
-        "feature_space": {
-            "name": space.name,
-            "dim": space.dim,
-            "weights_sha256": space.weights_id,
-            "comparable_with_published": space.comparable,
-            "description": space.description,
-        },
+        "feature_space": spaces[0],
+        "feature_spaces": spaces,
         "real_set": {
             "path": str(real),
             "index_sha256": hashlib.sha256((real / INDEX_NAME).read_bytes()).hexdigest(),

@@ -161,10 +161,11 @@ def format_models_report(preset: str | None = None) -> str:
             "  default      the embedded engine's encoder (offline; not comparable with "
             "published numbers)",
         ]
-        for name, repo in FEATURE_EXTRACTORS.items():
+        for name, spec in FEATURE_EXTRACTORS.items():
             try:
-                text = f"found {find_extractor_weights(name, repo)}"
+                text = f"found {find_extractor_weights(name)}"
             except EngineError:
-                text = f"missing (hf download {repo}, or $HISTOSYNTH_WEIGHTS/{name}/)"
+                get = f"hf download {spec.repo}" if spec.repo else f"download {spec.source}"
+                text = f"missing ({get}, or $HISTOSYNTH_WEIGHTS/{name}/)"
             lines.append(f"  {name:<12} {text}")
     return "\n".join(lines)

@@ -45,18 +45,23 @@ __all__ = [
     "AUTO_MODEL",
     "COMPONENTS",
     "DEFAULT_PRESET",
+    "FEATURE_EXTRACTORS",
+    "INCEPTION_FILES",
     "PRESETS",
     "PRODUCTION_PRESET",
     "ComponentSpec",
+    "ExtractorSpec",
     "FoundWeights",
     "PresetSpec",
     "default_model",
     "embedded_folder",
     "find_component",
+    "find_extractor_weights",
     "find_preset",
     "hf_cache_dir",
     "read_settings",
     "settings_path",
+    "torch_hub_checkpoints",
 ]
 
 COMPONENTS: tuple[str, ...] = ("transformer", "vae", "encoder")
@@ -540,52 +545,126 @@ def find_preset(
 
 # --------------------------------------------------------------------------- feature extractors
 
-#: The feature extractors of ``histosynth evaluate`` that need weights: name → HF repo.
-FEATURE_EXTRACTORS: dict[str, str] = {
-    "uni2-h": "MahmoodLab/UNI2-h",
-    "virchow2": "paige-ai/Virchow2",
-    "h-optimus-1": "bioptimus/H-optimus-1",
+
+@dataclass(frozen=True)
+class ExtractorSpec:
+    """Where a feature extractor's weights come from and what they look like.
+
+    ``kind``: ``"timm"`` (one checkpoint file, ``model.safetensors`` / ``pytorch_model.bin``),
+    ``"diffusers"`` (a Hugging Face folder with ``config.json`` and weight files; a
+    transformers model too) or ``"file"`` (one of ``files``, e.g. the FID Inception
+    weights, also looked for in torch's hub cache where torch-fidelity / pytorch-fid keep
+    them). ``source``: where to get them (a Hub repo or a download address).
+    """
+
+    kind: Literal["timm", "diffusers", "file"]
+    source: str
+    repo: str = ""
+    files: tuple[str, ...] = ()
+    gated: bool = False
+
+
+#: The FID Inception-v3 weights: torch-fidelity's file, or pytorch-fid's (same network).
+INCEPTION_FILES = (
+    "weights-inception-2015-12-05-6726825d.pth",
+    "pt_inception-2015-12-05-6726825d.pth",
+)
+
+#: The feature extractors of ``histosynth evaluate`` that need weights.
+FEATURE_EXTRACTORS: dict[str, ExtractorSpec] = {
+    "inception": ExtractorSpec(
+        "file",
+        "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+        + INCEPTION_FILES[0],
+        files=INCEPTION_FILES,
+    ),
+    "clip": ExtractorSpec(
+        "diffusers", "openai/clip-vit-base-patch32", repo="openai/clip-vit-base-patch32"
+    ),
+    "clip-l14-336": ExtractorSpec(
+        "diffusers", "openai/clip-vit-large-patch14-336", repo="openai/clip-vit-large-patch14-336"
+    ),
+    "uni2-h": ExtractorSpec("timm", "MahmoodLab/UNI2-h", repo="MahmoodLab/UNI2-h", gated=True),
+    "virchow2": ExtractorSpec("timm", "paige-ai/Virchow2", repo="paige-ai/Virchow2", gated=True),
+    "h-optimus-1": ExtractorSpec(
+        "timm", "bioptimus/H-optimus-1", repo="bioptimus/H-optimus-1", gated=True
+    ),
 }
 
 
-def find_extractor_weights(name: str, repo: str, explicit: str | os.PathLike | None = None) -> Path:
-    """The checkpoint file of the feature extractor ``name`` (Hugging Face repo ``repo``),
-    offline: ``explicit``; ``$HISTOSYNTH_WEIGHTS/<name>/`` or ``/<owner>/<repo-name>/``;
-    ``weights: {features: {<name>: PATH}}`` in the settings file; the local HF cache.
+def torch_hub_checkpoints() -> Path:
+    """torch's hub checkpoint folder (``$TORCH_HOME/hub/checkpoints``, default
+    ``~/.cache/torch``), read from the environment without importing torch."""
+    home = os.environ.get("TORCH_HOME")
+    if not home:
+        cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        home = str(Path(cache) / "torch")
+    return Path(home).expanduser() / "hub" / "checkpoints"
+
+
+def _check_extractor(path: Path, spec: ExtractorSpec) -> tuple[Path | None, str]:
+    if spec.kind != "file":
+        return _check(path, ComponentSpec(spec.repo, "", spec.kind, gated=spec.gated))
+    if path.is_file():
+        return (path, "") if path.suffix in WEIGHT_SUFFIXES else (None, "not a weights file")
+    for name in spec.files:
+        if (path / name).is_file():
+            return path / name, ""
+    return None, "missing" if not path.exists() else f"no {' or '.join(spec.files)}"
+
+
+def find_extractor_weights(name: str, explicit: str | os.PathLike | None = None) -> Path:
+    """The weights of the feature extractor ``name`` (a key of
+    :data:`FEATURE_EXTRACTORS`), offline: ``explicit``; ``$HISTOSYNTH_WEIGHTS/<name>/`` or
+    ``/<owner>/<repo-name>/``; ``weights: {features: {<name>: PATH}}`` in the settings
+    file; the local HF cache (Hub extractors) or torch's hub cache (file extractors).
+    A checkpoint file for ``timm`` and ``file`` extractors, a folder for ``diffusers``.
 
     Raises:
         EngineError: nothing found — naming every place looked at and how to fill one.
     """
-    spec = ComponentSpec(repo, "", "timm", gated=True)
+    spec = FEATURE_EXTRACTORS[name]
     tried: list[str] = []
     candidates: list[tuple[str, Path]] = []
     if explicit is not None:
         candidates.append(("explicit", Path(explicit).expanduser()))
-    owner, repo_name = repo.split("/", 1)
     for root in _weights_roots():
-        candidates += [
-            ("$HISTOSYNTH_WEIGHTS", root / name),
-            ("$HISTOSYNTH_WEIGHTS", root / owner / repo_name),
-            ("$HISTOSYNTH_WEIGHTS", root / repo_name),
-        ]
+        candidates.append(("$HISTOSYNTH_WEIGHTS", root / name))
+        if spec.repo:
+            owner, repo_name = spec.repo.split("/", 1)
+            candidates += [
+                ("$HISTOSYNTH_WEIGHTS", root / owner / repo_name),
+                ("$HISTOSYNTH_WEIGHTS", root / repo_name),
+            ]
     configured = (read_settings().get("weights") or {}).get("features") or {}
     if isinstance(configured, dict) and configured.get(name):
         candidates.append(("settings", Path(str(configured[name])).expanduser()))
+    if spec.kind == "file":
+        candidates.append(("torch hub cache", torch_hub_checkpoints()))
     for source, path in candidates:
-        found, reason = _check(path, spec)
+        found, reason = _check_extractor(path, spec)
         if found is not None:
             return found
         tried.append(f"{source} {path} ({reason})")
         if source == "explicit":
             raise EngineError(f"does not hold the {name} weights ({reason})", path=path)
-    found, reason = _hf_cache_lookup(spec, hf_cache_dir())
-    if found is not None:
-        return found
-    tried.append(f"Hugging Face cache {hf_cache_dir()} ({reason})")
+    if spec.repo:
+        component = ComponentSpec(spec.repo, "", spec.kind, gated=spec.gated)
+        found, reason = _hf_cache_lookup(component, hf_cache_dir())
+        if found is not None:
+            return found
+        tried.append(f"Hugging Face cache {hf_cache_dir()} ({reason})")
+    if spec.kind == "file":
+        how = f"download {spec.source} and copy it to $HISTOSYNTH_WEIGHTS/{name}/"
+    else:
+        licence = f"accept the licence on https://huggingface.co/{spec.repo}, then " if (
+            spec.gated) else ""
+        what = " / ".join(TIMM_FILES) if spec.kind == "timm" else "the model folder"
+        how = (f"{licence}`hf download {spec.repo}` (fills the cache) or copy {what} to "
+               f"$HISTOSYNTH_WEIGHTS/{name}/")
     raise EngineError(
         f"the {name} feature extractor's weights are not on this machine (looked in: "
         + "; ".join(tried)
-        + f"). Accept the licence on https://huggingface.co/{repo}, then `hf download {repo}` "
-        f"(fills the cache) or copy {' / '.join(TIMM_FILES)} to $HISTOSYNTH_WEIGHTS/{name}/",
+        + f"). To fix: {how}",
         item=name,
     )

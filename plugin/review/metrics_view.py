@@ -98,7 +98,7 @@ def metrics_section(run: Path) -> str:
         return ""
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-        space = doc["feature_space"]
+        spaces = doc.get("feature_spaces") or [doc["feature_space"]]
         rows = doc["metrics"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("%s: not shown in the gallery (%s)", path, exc)
@@ -110,23 +110,28 @@ def metrics_section(run: Path) -> str:
         group = "" if row.get("group", "all") == "all" else f" [{row['group']}]"
         lines.append(
             f'<tr><th scope="row">{_e(row.get("metric", ""))}{_e(group)}</th>'
+            f"<td>{_e(row.get('space') or spaces[0].get('name', ''))}</td>"
             f"<td>{_e(value)}</td><td>{_e(pm)}</td><td>{_e(row.get('note', ''))}</td></tr>"
         )
+    local = [str(s.get("name")) for s in spaces if not s.get("comparable_with_published")]
     caveat = (
         ""
-        if space.get("comparable_with_published")
+        if not local
         else (
             '<p class="caveat"><strong>Not comparable with published numbers:</strong> '
-            f"measured in the {_e(space.get('name'))} feature space.</p>"
+            f"measured in the {_e(', '.join(local))} feature space"
+            f"{'s' if len(local) > 1 else ''}.</p>"
         )
     )
+    names = ", ".join(f"{s.get('name')} ({s.get('dim')}-d)" for s in spaces)
     counts = doc.get("counts", {})
     plots = doc.get("plots", {})
     return (
         '<section id="metrics" aria-label="fidelity metrics">'
         f"<h2>Fidelity: {counts.get('synthetic', '?')} synthetic vs {counts.get('real', '?')} "
-        f"real tiles ({_e(space.get('name'))} features, {_e(space.get('dim'))}-d)</h2>{caveat}"
-        "<table><thead><tr><th>metric</th><th>value</th><th>±</th><th>note</th></tr></thead>"
+        f"real tiles ({_e(names)} features)</h2>{caveat}"
+        "<table><thead><tr><th>metric</th><th>features</th><th>value</th><th>±</th>"
+        "<th>note</th></tr></thead>"
         f"<tbody>{''.join(lines)}</tbody></table>"
         f'<div class="plots">{_scatter(plots.get("pca", {}))}{_histogram(plots.get("nnd", {}))}'
         "</div></section>"

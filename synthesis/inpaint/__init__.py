@@ -5,7 +5,8 @@ The diffusion part (step 5, partial denoising of the composite) lives in the inp
 pipeline; everything before it is :func:`prepare_composite`, everything after it
 :func:`seam_blend` with :func:`seam_weights`.
 
->>> prep = prepare_composite(tile, donor, mask, existing=annotated, seed=7)  # doctest: +SKIP
+>>> prep = prepare_composite(tile, donor, mask, tissue=tissue, existing=annotated,
+...                          seed=7)                                        # doctest: +SKIP
 >>> generated = ...  # partial diffusion of prep.composite                  # doctest: +SKIP
 >>> weights = seam_weights(prep.mask, sigma=15.0)                           # doctest: +SKIP
 >>> final = seam_blend(prep.composite, generated, weights)                  # doctest: +SKIP
@@ -29,12 +30,7 @@ from histosynth.synthesis.inpaint.orientation import (
     nucleus_angles,
     rotate_donor,
 )
-from histosynth.synthesis.inpaint.placement import (
-    Placement,
-    find_placement,
-    forbidden_zone,
-    tissue_mask,
-)
+from histosynth.synthesis.inpaint.placement import Placement, find_placement, forbidden_zone
 from histosynth.synthesis.inpaint.seam import (
     SEAM_CUTOFF,
     composite,
@@ -61,7 +57,6 @@ __all__ = [
     "rotate_donor",
     "seam_blend",
     "seam_weights",
-    "tissue_mask",
 ]
 
 
@@ -132,10 +127,10 @@ def prepare_composite(
     donor_mask: np.ndarray,
     *,
     existing: np.ndarray | None = None,
-    tissue: np.ndarray | None = None,
+    tissue: np.ndarray,
+    donor_tissue: np.ndarray | None = None,
     seed: int,
     colour_blend: float = defaults.COLOUR_BLEND,
-    gray_threshold: float = 180,
     rotate: bool = True,
     existing_margin: int = 0,
     colour_ring: int = 64,
@@ -159,8 +154,10 @@ def prepare_composite(
       ``rotate=False`` no rotation (and no orientation) is done. If the rotated donor no
       longer fits in the tile, it is used unrotated (``rotation_deg`` 0).
     * Placement: :func:`find_placement` with the existing annotations as the hard zone
-      and ``tissue`` (bool (H, W): the caller's tissue mask of the background, so that a
-      run uses one rule for every step; without it, gray < ``gray_threshold``).
+      and ``tissue`` (bool (H, W): the caller's tissue mask of the background; the engine
+      has no tissue rule of its own, so a run measures tissue one way in every step);
+      ``donor_tissue`` (donor size, the same rule on the donor crop; ``None``: every
+      donor pixel) gives the donor's colour it is scored by.
     * Colour: Reinhard (λ = ``colour_blend``) towards the tissue within ``colour_ring`` px
       around the placed mask ("local"), or the whole tile's tissue when that ring has
       fewer than ``min_ring_pixels`` tissue pixels ("tile").
@@ -215,12 +212,17 @@ def prepare_composite(
     h, w = inside_c.shape
     if h > H or w > W:
         raise ValueError(f"donor ({h}×{w} px) is larger than the background tile ({H}×{W} px)")
-    if tissue is None:
-        tissue = tissue_mask(background, gray_threshold=gray_threshold)
-    else:
-        tissue = np.asarray(tissue, dtype=bool)
-        if tissue.shape != (H, W):
-            raise ValueError(f"tissue mask {tissue.shape} does not match the tile {(H, W)}")
+    tissue = np.asarray(tissue, dtype=bool)
+    if tissue.shape != (H, W):
+        raise ValueError(f"tissue mask {tissue.shape} does not match the tile {(H, W)}")
+    if donor_tissue is None:
+        donor_tissue = np.ones(vessel.shape, dtype=bool)
+    donor_tissue = np.asarray(donor_tissue, dtype=bool)
+    if donor_tissue.shape != vessel.shape:
+        raise ValueError(
+            f"donor tissue {donor_tissue.shape} does not match the donor {vessel.shape}"
+        )
+    tissue_c = donor_tissue[ys, xs]
     if not tissue.any():
         raise ValueError("background has no tissue")
     if existing is not None and np.asarray(existing).shape[:2] != (H, W):
@@ -232,27 +234,31 @@ def prepare_composite(
     phi_donor = phi_target = None
     rotation = 0.0
     d_img, d_mask = np.ascontiguousarray(donor_c), np.ascontiguousarray(inside_c)
-    d_vessel = np.ascontiguousarray(vessel_c)
+    d_vessel, d_tissue = np.ascontiguousarray(vessel_c), np.ascontiguousarray(tissue_c)
     if rotate:
         scale = min(1.0, long_side / max(H, W))
         phi_target = nucleus_angle(background, scale=scale, method=orientation_method)
         phi_donor = nucleus_angle(donor_c, inside_c, scale=scale, method=orientation_method)
         rotation = donor_rotation(phi_donor, phi_target, rng)
-        # the vessel mask rides along as a fourth channel (bicubic, then thresholded)
-        stack = np.dstack([donor_c, vessel_c.astype(np.uint8) * np.uint8(255)])
+        # the vessel mask rides along as a fourth channel (bicubic, then thresholded);
+        # the donor's tissue mask is turned the same way (same mask, same canvas)
+        on = np.uint8(255)
+        stack = np.dstack([donor_c, vessel_c.astype(np.uint8) * on])
         r_stack, r_mask = rotate_donor(stack, inside_c, rotation, margin=0)
         if r_mask.shape[0] <= H and r_mask.shape[1] <= W:
+            r_tissue, _ = rotate_donor(tissue_c.astype(np.uint8) * on, inside_c, rotation, margin=0)
             d_img, d_mask = np.ascontiguousarray(r_stack[..., :3]), r_mask
             d_vessel = (r_stack[..., 3] >= 128) & r_mask
+            d_tissue = (r_tissue >= 128) & r_mask
         else:
             rotation = 0.0
 
     if existing is None:
         forbidden = np.zeros((H, W), dtype=bool)
     else:
-        forbidden = forbidden_zone(background, existing, margin=existing_margin, non_tissue=False)
+        forbidden = forbidden_zone(background, existing, margin=existing_margin)
     placement = find_placement(
-        background, d_img, d_mask, forbidden, rng=rng, tissue=tissue, gray_threshold=gray_threshold
+        background, d_img, d_mask, forbidden, rng=rng, tissue=tissue, donor_tissue=d_tissue
     )
     if placement is None:
         return None

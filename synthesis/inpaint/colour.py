@@ -90,14 +90,14 @@ def reinhard_transfer(
     *,
     blend: float = defaults.COLOUR_BLEND,
     ratio_clip: tuple[float, float] = (0.5, 2.0),
-    gray_threshold: float = 180,
 ) -> np.ndarray:
     """Donor (uint8 RGB) with its mask's pixels moved towards the target's CIELAB
     statistics; a new uint8 array, pixels outside the mask unchanged.
 
     ``donor_mask``: (h, w), non-zero = donor; ``target``: uint8 RGB of any size (the tile,
     or the region around the placement); ``target_tissue``: target pixels to measure
-    (non-zero = tissue), default gray < ``gray_threshold``; ``blend``: λ in [0, 1];
+    (non-zero = tissue; the caller's tissue mask, ``None``: every target pixel);
+    ``blend``: λ in [0, 1];
     ``ratio_clip``: bounds of σ_T / σ_D (σ_D = 0 counts as the upper bound). Raises
     ValueError when the donor mask or the target tissue is empty.
     """
@@ -112,8 +112,7 @@ def reinhard_transfer(
     if not inside.any():
         raise ValueError("donor mask is empty")
     if target_tissue is None:
-        gray = cv2.cvtColor(np.ascontiguousarray(target), cv2.COLOR_RGB2GRAY)
-        tissue = gray < gray_threshold
+        tissue = np.ones(target.shape[:2], dtype=bool)
     else:
         tissue = _mask(target_tissue, target.shape, "target tissue")
     if not tissue.any():

@@ -4,16 +4,18 @@ Rules (engine-facts "Context-aware inpainting", reconciled):
 
 * **Hard** — the donor crop's rectangle stays inside the tile, and no pixel of the placed
   donor *mask* lies on a ``forbidden`` pixel. Pass the existing annotations there
-  (``forbidden_zone(tile, existing, non_tissue=False)``); passing the full
-  :func:`forbidden_zone` (which also marks non-tissue) forbids any non-tissue pixel under
-  the mask as well — a stricter mode.
-* **Scored** — the tissue fraction (share of the placed mask's pixels on tissue, gray <
-  ``gray_threshold``): below ``min_tissue`` [0.5] rejected, from ``preferred_tissue`` [0.9]
-  up no penalty; the distance of the crop rectangle from the tile border (no penalty
-  beyond ``edge_margin`` px); the colour difference (CIELAB ΔE between the mean of the
-  donor's tissue pixels and the mean of the background's tissue pixels in a ring of
-  ``ring`` px around the placed mask). ``penalty = w_e·edge + w_t·tissue + w_c·colour``,
-  each term in [0, 1] (colour: ΔE / ``colour_scale``, unbounded); the lowest wins.
+  (``forbidden_zone(tile, existing)``); passing the tissue too
+  (``forbidden_zone(tile, existing, tissue=tissue)``, which also marks non-tissue)
+  forbids any non-tissue pixel under the mask as well — a stricter mode.
+* **Scored** — the tissue fraction (share of the placed mask's pixels on ``tissue``, the
+  caller's tissue mask: the engine has no tissue rule of its own, so that a run measures
+  tissue one way in every step): below ``min_tissue`` [0.5] rejected, from
+  ``preferred_tissue`` [0.9] up no penalty; the distance of the crop rectangle from the
+  tile border (no penalty beyond ``edge_margin`` px); the colour difference (CIELAB ΔE
+  between the mean of the donor's tissue pixels, ``donor_tissue``, and the mean of the
+  background's tissue pixels in a ring of ``ring`` px around the placed mask).
+  ``penalty = w_e·edge + w_t·tissue + w_c·colour``, each term in [0, 1] (colour:
+  ΔE / ``colour_scale``, unbounded); the lowest wins.
 
 Speed: all grid positions are scored at once by correlating downscaled maps with the
 downscaled donor mask (``cv2.filter2D``, DFT for large kernels) at ≤ ``max_side`` px
@@ -24,9 +26,9 @@ a forbidden pixel); the winner is re-checked and measured exactly at full resolu
 the next best is taken if its exact tissue fraction falls below ``min_tissue``. The
 ranking uses the coarse measures; the returned record holds the exact ones.
 
->>> forbidden = forbidden_zone(tile, existing, non_tissue=False)  # doctest: +SKIP
+>>> forbidden = forbidden_zone(tile, existing)  # doctest: +SKIP
 >>> rng = np.random.default_rng(0)
->>> p = find_placement(tile, donor, donor_mask, forbidden, rng=rng)  # doctest: +SKIP
+>>> p = find_placement(tile, donor, donor_mask, forbidden, rng=rng, tissue=tissue)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from histosynth.synthesis.inpaint._checks import check_mask as _check_mask
 from histosynth.synthesis.inpaint._checks import check_rgb as _check_rgb
 from histosynth.synthesis.inpaint.colour import masked_mean_std, to_lab
 
-__all__ = ["Placement", "find_placement", "forbidden_zone", "tissue_mask"]
+__all__ = ["Placement", "find_placement", "forbidden_zone"]
 
 
 @dataclass(frozen=True)
@@ -74,30 +76,21 @@ class Placement:
         return asdict(self)
 
 
-def _gray(rgb: np.ndarray) -> np.ndarray:
-    return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
-
-
-def tissue_mask(background: np.ndarray, *, gray_threshold: float = 180) -> np.ndarray:
-    """Tissue pixels of a uint8 RGB image: gray (ITU-R 601 luma, 0–255) < ``gray_threshold``."""
-    return _gray(_check_rgb(background, "background")) < gray_threshold
-
-
 def forbidden_zone(
     background: np.ndarray,
     existing: np.ndarray | None = None,
     *,
-    gray_threshold: float = 180,
+    tissue: np.ndarray | None = None,
     margin: int = 0,
-    non_tissue: bool = True,
 ) -> np.ndarray:
-    """Pixels (bool, background size) where a synthetic vessel should not go: non-tissue
-    (gray ≥ ``gray_threshold``; left out with ``non_tissue=False``) OR the ``existing``
-    annotation mask (non-zero = annotated) dilated by ``margin`` px (Euclidean disc)."""
+    """Pixels (bool, background size) where a synthetic vessel should not go: the
+    ``existing`` annotation mask (non-zero = annotated) dilated by ``margin`` px
+    (Euclidean disc), OR non-tissue (not ``tissue``, the caller's tissue mask) when
+    ``tissue`` is given."""
     background = _check_rgb(background, "background")
     shape = background.shape[:2]
     zone = (
-        _gray(background) >= gray_threshold if non_tissue else np.zeros(shape, dtype=bool)
+        np.zeros(shape, dtype=bool) if tissue is None else ~_check_mask(tissue, shape, "tissue")
     )
     if existing is not None:
         ann = _check_mask(existing, shape, "existing annotations")
@@ -169,15 +162,17 @@ def _grid(image: np.ndarray, mask: np.ndarray, limit: int) -> tuple[np.ndarray, 
 
 
 def _donor_colour(
-    donor_image: np.ndarray, donor_mask: np.ndarray, gray_threshold: float
+    donor_image: np.ndarray, donor_mask: np.ndarray, donor_tissue: np.ndarray | None
 ) -> np.ndarray:
-    """Mean CIELAB of the donor's tissue pixels under the mask (all mask pixels if none),
-    from about 16384 pixels on a regular grid."""
+    """Mean CIELAB of the donor's tissue pixels under the mask (all mask pixels when
+    ``donor_tissue`` is None or holds none of them), from about 16384 pixels on a
+    regular grid."""
+    if donor_tissue is not None:
+        tissue = donor_mask & donor_tissue
+        if tissue.any():
+            donor_mask = tissue
     image, mask = _grid(donor_image, donor_mask, 16384)
-    image = np.ascontiguousarray(image)
-    tissue = mask & (_gray(image) < gray_threshold)
-    lab = to_lab(image)
-    return masked_mean_std(lab, tissue if tissue.any() else mask)[0]
+    return masked_mean_std(to_lab(np.ascontiguousarray(image)), mask)[0]
 
 
 def _ring_colour_difference(
@@ -218,8 +213,8 @@ def find_placement(
     min_tissue: float = 0.5,
     preferred_tissue: float = 0.9,
     weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
-    tissue: np.ndarray | None = None,
-    gray_threshold: float = 180,
+    tissue: np.ndarray,
+    donor_tissue: np.ndarray | None = None,
     edge_margin: float = 64.0,
     colour_scale: float = 20.0,
     ring: int = 16,
@@ -230,7 +225,9 @@ def find_placement(
     ``background``: uint8 RGB tile (H, W, 3); ``donor_image`` / ``donor_mask``: the
     (rotated) crop and its mask (non-zero = donor), same (h, w); ``forbidden``: (H, W)
     hard zone for the donor mask (see the module docstring); ``tissue``: (H, W) tissue
-    map (default gray < ``gray_threshold``). Candidates lie on a grid of ``grid_step`` px
+    map of the background (non-zero = tissue); ``donor_tissue``: (h, w) tissue map of the
+    donor crop, whose pixels under the mask give its colour (``None``: every mask
+    pixel). Candidates lie on a grid of ``grid_step`` px
     (default ≈ tile side / 32, a multiple of the analysis block) whose offset is drawn
     from ``rng`` — variety between seeds, the same result for the same seed. ``weights``
     = (edge, tissue, colour). Raises ValueError when the donor is larger than the tile or
@@ -246,11 +243,9 @@ def find_placement(
     if not mask.any():
         raise ValueError("donor mask is empty")
     hard = _check_mask(forbidden, (H, W), "forbidden zone")
-    tissue = (
-        _gray(background) < gray_threshold
-        if tissue is None
-        else _check_mask(tissue, (H, W), "tissue mask")
-    )
+    tissue = _check_mask(tissue, (H, W), "tissue mask")
+    if donor_tissue is not None:
+        donor_tissue = _check_mask(donor_tissue, (h, w), "donor tissue")
     if not 0 <= min_tissue <= preferred_tissue <= 1:
         raise ValueError("need 0 ≤ min_tissue ≤ preferred_tissue ≤ 1")
     w_edge, w_tissue, w_colour = (float(v) for v in weights)
@@ -283,7 +278,7 @@ def find_placement(
     stack = np.concatenate([tissue_c[..., None], block_lab * tissue_c[..., None]], axis=2)
     stack = cv2.copyMakeBorder(stack, rc, rc, rc, rc, cv2.BORDER_CONSTANT, value=0)
     ring_sums = _correlate(stack, ring_c.astype(np.float32), out_shape)
-    donor_lab = _donor_colour(donor_image, mask, gray_threshold)
+    donor_lab = _donor_colour(donor_image, mask, donor_tissue)
     ring_t = ring_sums[..., 0]
     with np.errstate(divide="ignore", invalid="ignore"):
         ring_mean = ring_sums[..., 1:] / ring_t[..., None]

@@ -9,10 +9,21 @@ ones.
   (``histosynth-mini-512``: colour / texture statistics of each 128² crop, projected), the
   mean of a tile's crop rows. Offline and small; **not comparable** with published values.
 * ``tiny`` — the same encoder class with seeded random weights at a tiny size (tests).
+* ``inception`` — FID's Inception-v3 (the 2048-d pool features of the 2015 TensorFlow
+  graph, as torch-fidelity runs it: uint8 in, TensorFlow-1-compatible bilinear resize to
+  299², (x − 128) / 128); FID / KID as published. Needs ``torch-fidelity``
+  (``pip install "histosynth[metrics]"``) and its weights file.
+* ``clip`` — CLIP ViT-B/32 image embeddings (512-d, transformers'
+  ``CLIPVisionModelWithProjection``; bicubic resize to 224², CLIP's mean / std): CLIP-FID.
+* ``clip-l14-336`` — CLIP ViT-L/14 at 336 px, embeddings L2-normalised (768-d): the space
+  of CMMD (google-research/cmmd embeds with this model and normalises).
 * ``uni2-h``, ``virchow2``, ``h-optimus-1`` — the pathology foundation models, built in
-  timm as their model cards say, with their weights found offline
-  (:func:`~histosynth.synthesis.weights.find_extractor_weights`); a missing file is one
-  clear message naming where it was looked for. Comparable with published numbers.
+  timm as their model cards say.
+
+Every weighted space finds its weights offline
+(:func:`~histosynth.synthesis.weights.find_extractor_weights`); a missing file is one
+clear message naming where it was looked for. These are comparable with published
+numbers; ``weights=PATH`` loads others (tests pass tiny random ones of the same shape).
 """
 
 from __future__ import annotations
@@ -157,7 +168,7 @@ def _hoptimus1_kwargs() -> dict:
 ENCODERS: dict[str, Callable[[], PathologyEncoder]] = {
     "uni2-h": lambda: PathologyEncoder(
         "uni2-h",
-        FEATURE_EXTRACTORS["uni2-h"],
+        FEATURE_EXTRACTORS["uni2-h"].repo,
         "vit_giant_patch14_224",
         _uni2h_kwargs(),
         IMAGENET,
@@ -165,7 +176,7 @@ ENCODERS: dict[str, Callable[[], PathologyEncoder]] = {
     ),
     "virchow2": lambda: PathologyEncoder(
         "virchow2",
-        FEATURE_EXTRACTORS["virchow2"],
+        FEATURE_EXTRACTORS["virchow2"].repo,
         "vit_huge_patch14_224",
         _virchow2_kwargs(),
         IMAGENET,
@@ -174,7 +185,7 @@ ENCODERS: dict[str, Callable[[], PathologyEncoder]] = {
     ),
     "h-optimus-1": lambda: PathologyEncoder(
         "h-optimus-1",
-        FEATURE_EXTRACTORS["h-optimus-1"],
+        FEATURE_EXTRACTORS["h-optimus-1"].repo,
         "vit_giant_patch14_reg4_dinov2",
         _hoptimus1_kwargs(),
         ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)),
@@ -200,7 +211,7 @@ def _pathology_space(name: str, device, weights=None, **overrides) -> FeatureSpa
     else:
         from histosynth.synthesis.weights import find_extractor_weights
 
-        file = find_extractor_weights(name, spec.repo, weights)
+        file = find_extractor_weights(name, weights)
         with torch.device("meta"):
             model = timm.create_model(spec.architecture, pretrained=False, **kwargs)
         load_state_strict(model, load_checkpoint(file), path=file, what=name)
@@ -234,9 +245,109 @@ def _pathology_space(name: str, device, weights=None, **overrides) -> FeatureSpa
     )
 
 
+# ----------------------------------------------------------------------------- Inception, CLIP
+
+
+def _inception_space(device, weights=None) -> FeatureSpace:
+    """FID's Inception-v3 (torch-fidelity's network) with its weights found offline, or
+    the weights file ``weights``."""
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except ImportError:
+        raise ValueError(
+            "the inception feature space needs torch-fidelity: "
+            'pip install "histosynth[metrics]"'
+        ) from None
+    from histosynth.synthesis.errors import EngineError
+    from histosynth.synthesis.weights import INCEPTION_FILES, find_extractor_weights
+
+    file = find_extractor_weights("inception", weights)
+    try:
+        model = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(file)
+        )
+    except Exception as err:  # torch.load / load_state_dict say why in their own words
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise EngineError(f"not the FID Inception-v3 weights ({reason})", path=file) from err
+    model = model.to(device).eval()
+
+    def embed(images: np.ndarray) -> np.ndarray:
+        x = torch.as_tensor(images, device=device).permute(0, 3, 1, 2).contiguous()
+        with torch.no_grad():
+            (out,) = model(x)
+        return out.float().cpu().numpy()
+
+    # the published file: its SHA-256 starts with the hash in its name (torch hub's rule)
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    official = any(digest.hexdigest().startswith(n.rsplit("-", 1)[1][:8]) for n in INCEPTION_FILES)
+    return FeatureSpace(
+        "inception",
+        2048,
+        _state_hash(model),
+        official,
+        f"FID Inception-v3 (torch-fidelity's network, pool 2048; {file})",
+        embed,
+        batch_size=16,
+    )
+
+
+CLIP_MEAN_STD = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+
+
+def _clip_space(name: str, device, weights=None, normalise: bool = False) -> FeatureSpace:
+    """A CLIP image tower (transformers' ``CLIPVisionModelWithProjection``) from a local
+    folder: its projected image embeddings, L2-normalised when ``normalise``."""
+    from transformers import CLIPVisionModelWithProjection
+
+    from histosynth.synthesis.errors import EngineError
+    from histosynth.synthesis.weights import FEATURE_EXTRACTORS, find_extractor_weights
+
+    folder = find_extractor_weights(name, weights)
+    try:
+        model = CLIPVisionModelWithProjection.from_pretrained(str(folder), local_files_only=True)
+    except Exception as err:  # transformers raises OSError / ValueError / KeyError ...
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise EngineError(f"cannot load a CLIP vision model ({reason})", path=folder) from err
+    model = model.to(device).eval().requires_grad_(False)
+    size = int(model.config.image_size)
+    mean = torch.tensor(CLIP_MEAN_STD[0], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_MEAN_STD[1], device=device).view(1, 3, 1, 1)
+
+    def embed(images: np.ndarray) -> np.ndarray:
+        x = torch.as_tensor(images, device=device).permute(0, 3, 1, 2).float() / 255.0
+        x = torch.nn.functional.interpolate(
+            x, size=(size, size), mode="bicubic", align_corners=False, antialias=True
+        ).clamp(0, 1)
+        with torch.no_grad():
+            out = model(pixel_values=(x - mean) / std).image_embeds.float()
+        if normalise:
+            out = torch.nn.functional.normalize(out, dim=-1)
+        return out.cpu().numpy()
+
+    repo = FEATURE_EXTRACTORS[name].repo
+    official = weights is None
+    return FeatureSpace(
+        name,
+        int(model.config.projection_dim),
+        _state_hash(model),
+        official,
+        f"{repo} image embeddings{' (L2-normalised)' if normalise else ''} ({folder})",
+        embed,
+        batch_size=16,
+    )
+
+
 FEATURE_SPACES: dict[str, Callable[..., FeatureSpace]] = {
     "default": lambda device, **_: _default(device),
     "tiny": lambda device, **_: _tiny(device),
+    "inception": lambda device, weights=None, **_: _inception_space(device, weights),
+    "clip": lambda device, weights=None, **_: _clip_space("clip", device, weights),
+    "clip-l14-336": lambda device, weights=None, **_: _clip_space(
+        "clip-l14-336", device, weights, normalise=True
+    ),
     **{
         name: (lambda device, _n=name, **kw: _pathology_space(_n, device, **kw))
         for name in ENCODERS

@@ -132,3 +132,34 @@ def test_max_images_samples_each_side_and_per_class_adds_groups(invoke, sets):
     assert doc["counts"]["synthetic"] == 8 and doc["counts"]["real"] == 8
     assert {m["group"] for m in doc["metrics"]} == {"all", "Vessel"}
     assert "[Vessel]" in result.output
+
+
+def test_several_feature_spaces_in_one_evaluation(invoke, sets, tmp_path, monkeypatch):
+    """``--features tiny,clip,cmmd``: each metric is measured in each space (FID in CLIP
+    features is CLIP-FID; ``cmmd`` names CLIP ViT-L/14-336, found offline)."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    run, real = sets
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, image_size=32, patch_size=8,
+                              projection_dim=16)
+    for name in ("clip", "clip-l14-336"):
+        CLIPVisionModelWithProjection(config).save_pretrained(tmp_path / "weights" / name)
+    monkeypatch.setenv("HISTOSYNTH_WEIGHTS", str(tmp_path / "weights"))
+    result = invoke("evaluate", run, "--real", real, "--features", "tiny,clip,cmmd,tiny")
+    assert result.exit_code == 0, result.output + result.stderr
+    doc = json.loads((run / "metrics.json").read_text())
+    assert [s["name"] for s in doc["feature_spaces"]] == ["tiny", "clip", "clip-l14-336"]
+    assert doc["feature_space"] == doc["feature_spaces"][0]
+    by_space = {}
+    for row in doc["metrics"]:
+        by_space.setdefault(row["space"], {})[row["metric"]] = row["value"]
+    assert set(by_space) == {"tiny", "clip", "clip-l14-336"}
+    assert all(rows["FID"] > 0 for rows in by_space.values())
+    assert by_space["clip"]["FID"] != by_space["tiny"]["FID"]
+    assert "| FID | clip |" in result.output and "| CMMD | clip-l14-336 |" in result.output
+    assert doc["plots"]["space"] == "tiny"
+    unknown = invoke("evaluate", run, "--real", real, "--features", "tiny,inceptoin")
+    assert unknown.exit_code == 1 and "unknown feature space 'inceptoin'" in unknown.stderr

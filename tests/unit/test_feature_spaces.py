@@ -95,3 +95,110 @@ def test_evaluate_with_a_pathology_encoder_at_tiny_size(tmp_path, monkeypatch):
     rows = {r.metric: r.value for r in result.rows}
     assert rows["FID"] is not None and rows["cosine to the source tile"] is not None
     assert result.space == "uni2-h"
+
+
+# ----------------------------------------------------------------------------- Inception, CLIP
+
+
+def _random_inception_file(path) -> None:
+    """FID Inception-v3's parameter names and shapes (torchvision's network with the
+    TensorFlow graph's 1008 classes) with seeded random values: the network torch-fidelity
+    builds loads it as it loads the published file."""
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
+    state = net.state_dict()
+    state["fc.weight"] = torch.randn(1008, 2048) * 0.01
+    state["fc.bias"] = torch.zeros(1008)
+    torch.save(state, path)
+
+
+def test_the_inception_space_runs_fids_network_from_a_weights_file(tmp_path, monkeypatch):
+    pytest.importorskip("torch_fidelity")
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    file = tmp_path / "random-inception.pth"
+    _random_inception_file(file)
+    space = load_feature_space("inception", weights=file)
+    tiles = np.random.default_rng(2).integers(0, 256, (3, 128, 128, 3), dtype=np.uint8)
+    features = space(tiles)
+    assert features.shape == (3, 2048) == (3, space.dim) and np.isfinite(features).all()
+    assert not space.comparable  # not the published file
+    # the same features as torch-fidelity's own extractor on the same uint8 input
+    reference = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                            feature_extractor_weights_path=str(file))
+    (expected,) = reference(torch.as_tensor(tiles).permute(0, 3, 1, 2).contiguous())
+    np.testing.assert_allclose(features, expected.numpy(), rtol=1e-5, atol=1e-5)
+    # found offline in $HISTOSYNTH_WEIGHTS/inception/ under the published file name
+    from histosynth.synthesis.weights import INCEPTION_FILES
+
+    (tmp_path / "w" / "inception").mkdir(parents=True)
+    file.rename(tmp_path / "w" / "inception" / INCEPTION_FILES[0])
+    monkeypatch.setenv("HISTOSYNTH_WEIGHTS", str(tmp_path / "w"))
+    found = load_feature_space("inception")
+    assert found.weights_id == space.weights_id and not found.comparable  # hash differs
+
+
+def test_a_file_that_is_not_inception_is_one_clear_error(tmp_path):
+    pytest.importorskip("torch_fidelity")
+    bad = tmp_path / "bad.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, bad)
+    with pytest.raises(EngineError, match="not the FID Inception-v3 weights") as err:
+        load_feature_space("inception", weights=bad)
+    assert str(bad) in str(err.value)
+
+
+def _tiny_clip_folder(path, image_size: int = 32) -> None:
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, image_size=image_size, patch_size=8,
+                              projection_dim=16)
+    CLIPVisionModelWithProjection(config).save_pretrained(path)
+
+
+@pytest.mark.parametrize(("name", "normalised"), [("clip", False), ("clip-l14-336", True)])
+def test_the_clip_spaces_embed_with_a_local_clip_folder(tmp_path, name, normalised):
+    from transformers import CLIPVisionModelWithProjection
+
+    _tiny_clip_folder(tmp_path / "clip")
+    space = load_feature_space(name, weights=tmp_path / "clip")
+    tiles = np.random.default_rng(3).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    features = space(tiles)
+    assert features.shape == (2, 16) == (2, space.dim) and not space.comparable
+    norms = np.linalg.norm(features, axis=1)
+    assert np.allclose(norms, 1.0, atol=1e-5) == normalised
+    # what transformers' own model gives on CLIP's normalisation of the resized tiles
+    model = CLIPVisionModelWithProjection.from_pretrained(tmp_path / "clip").eval()
+    x = torch.as_tensor(tiles).permute(0, 3, 1, 2).float() / 255
+    x = torch.nn.functional.interpolate(x, size=(32, 32), mode="bicubic", antialias=True)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = model(pixel_values=(x.clamp(0, 1) - mean) / std).image_embeds
+    if normalised:
+        expected = torch.nn.functional.normalize(expected, dim=-1)
+    np.testing.assert_allclose(features, expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_missing_inception_and_clip_weights_name_where_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("HISTOSYNTH_WEIGHTS", str(tmp_path / "weights"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HISTOSYNTH_CONFIG", str(tmp_path / "settings.yaml"))
+    pytest.importorskip("torch_fidelity")
+    with pytest.raises(EngineError) as err:
+        load_feature_space("inception")
+    message = str(err.value)
+    assert "weights-inception-2015-12-05-6726825d.pth" in message
+    assert str(tmp_path / "torch" / "hub" / "checkpoints") in message and "\n" not in message
+    with pytest.raises(EngineError) as err:
+        load_feature_space("clip")
+    assert "hf download openai/clip-vit-base-patch32" in str(err.value)
+    with pytest.raises(EngineError, match="cannot load a CLIP vision model"):
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "config.json").write_text("{}")
+        (tmp_path / "empty" / "model.safetensors").write_bytes(b"x")
+        load_feature_space("clip", weights=tmp_path / "empty")

@@ -163,3 +163,59 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycles(graph) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+#: a module longer than this says why in a ``Size:`` paragraph of its docstring
+MAX_LINES = 600
+
+
+def _unexplained_long_modules(modules: dict[str, Path], root: Path) -> list[str]:
+    out = []
+    for _, path in sorted(modules.items()):
+        source = path.read_text(encoding="utf-8")
+        lines = source.count("\n")
+        docstring = ast.get_docstring(ast.parse(source)) or ""
+        if lines > MAX_LINES and "\nSize: " not in f"\n{docstring}":
+            out.append(f"{path.relative_to(root)} ({lines} lines)")
+    return out
+
+
+def test_a_long_module_says_why_it_is_one_module() -> None:
+    """Over :data:`MAX_LINES` lines, a module's docstring has a ``Size:`` paragraph."""
+    assert _unexplained_long_modules(MODULES, ROOT) == []
+
+
+def test_the_size_rule_finds_a_long_module_without_a_reason(tmp_path: Path) -> None:
+    body = "x = 1\n" * MAX_LINES
+    files = {
+        "long": '"""A module."""\n' + body,
+        "explained": '"""A module.\n\nSize: one concept.\n"""\n' + body,
+        "short": '"""A module."""\n' + "x = 1\n" * 10,
+    }
+    for name, text in files.items():
+        (tmp_path / f"{name}.py").write_text(text, encoding="utf-8")
+    modules = {name: tmp_path / f"{name}.py" for name in files}
+    assert _unexplained_long_modules(modules, tmp_path) == [f"long.py ({MAX_LINES + 1} lines)"]
+
+
+#: a concept → the one module that defines it (issue: one home per concept)
+ONE_HOME = {
+    "tissue_mask": "histosynth.integration.masks",
+    "class_matches": "histosynth.integration.annotations",
+    "atomic_write_bytes": "histosynth.integration.atomic",
+    "check_finite": "histosynth.options",
+}
+
+
+def _definitions(name: str) -> list[str]:
+    return [
+        module
+        for module, path in sorted(MODULES.items())
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.FunctionDef | ast.ClassDef) and node.name == name
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(ONE_HOME))
+def test_each_concept_is_defined_once(name: str) -> None:
+    assert _definitions(name) == [ONE_HOME[name]]

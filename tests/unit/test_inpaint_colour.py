@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from skimage.color import rgb2lab
 
 from histosynth.integration.demodata import he_source_image
+from histosynth.integration.masks import tissue_mask as tissue
 from histosynth.synthesis.inpaint import lab_stats, reinhard_transfer
 
 HE = he_source_image()
@@ -35,10 +36,6 @@ def donor_and_mask(size: int = 120) -> tuple[np.ndarray, np.ndarray]:
     return donor, mask
 
 
-def tissue(rgb: np.ndarray) -> np.ndarray:
-    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY) < 180
-
-
 def test_cielab_is_the_true_one() -> None:
     pixels = HE[:200, :200]
     mean, std = lab_stats(pixels)
@@ -50,7 +47,7 @@ def test_cielab_is_the_true_one() -> None:
 def test_full_transfer_matches_the_target_statistics() -> None:
     donor, mask = donor_and_mask()
     target = restain(np.ascontiguousarray(HE[:300, 600:900]))
-    out = reinhard_transfer(donor, mask, target, blend=1.0)
+    out = reinhard_transfer(donor, mask, target, tissue(target), blend=1.0)
     mu_t, sd_t = lab_stats(target, tissue(target))
     mu_d, sd_d = lab_stats(donor, mask)
     ratio = sd_t / sd_d
@@ -67,10 +64,11 @@ def test_blend_zero_is_the_identity_and_half_moves_half_way() -> None:
     np.testing.assert_array_equal(reinhard_transfer(donor, mask, target, blend=0.0), donor)
     mu_d, _ = lab_stats(donor, mask)
     mu_t, _ = lab_stats(target, tissue(target))
-    mu_half, _ = lab_stats(reinhard_transfer(donor, mask, target, blend=0.5), mask)
+    mu_half, _ = lab_stats(reinhard_transfer(donor, mask, target, tissue(target), blend=0.5),
+                           mask)
     np.testing.assert_allclose(mu_half, (mu_d + mu_t) / 2, atol=1.5)
     # the default λ = 0.85 lands between
-    mu_def, _ = lab_stats(reinhard_transfer(donor, mask, target), mask)
+    mu_def, _ = lab_stats(reinhard_transfer(donor, mask, target, tissue(target)), mask)
     np.testing.assert_allclose(mu_def, 0.85 * mu_t + 0.15 * mu_d, atol=1.5)
 
 
@@ -126,10 +124,20 @@ def test_errors() -> None:
         reinhard_transfer(donor, np.zeros_like(mask), HE[:50, :50])
     glass = np.full((30, 30, 3), 250, np.uint8)
     with pytest.raises(ValueError, match="no tissue"):
-        reinhard_transfer(donor, mask, glass)
+        reinhard_transfer(donor, mask, glass, tissue(glass))
     with pytest.raises(ValueError, match="blend"):
         reinhard_transfer(donor, mask, HE[:50, :50], blend=1.5)
     with pytest.raises(ValueError, match="uint8 RGB"):
         reinhard_transfer(donor.astype(np.float32), mask, HE[:50, :50])
     with pytest.raises(ValueError, match="does not match"):
         reinhard_transfer(donor, mask[:10], HE[:50, :50])
+
+
+def test_without_a_tissue_mask_every_target_pixel_counts() -> None:
+    donor, mask = donor_and_mask()
+    target = np.ascontiguousarray(HE[:200, :200]).copy()
+    target[:, 150:] = 250  # glass: counted when no tissue mask is given
+    every = reinhard_transfer(donor, mask, target, blend=1.0)
+    np.testing.assert_allclose(lab_stats(every, mask)[0], lab_stats(target)[0], atol=1.5)
+    only = reinhard_transfer(donor, mask, target, tissue(target), blend=1.0)
+    assert lab_stats(only, mask)[0][0] < lab_stats(every, mask)[0][0] - 2  # darker: no glass

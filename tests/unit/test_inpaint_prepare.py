@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from histosynth.integration.demodata import he_source_image
+from histosynth.integration.masks import tissue_mask
 from histosynth.synthesis.inpaint import (
     CompositeResult,
     fill_holes,
@@ -66,7 +67,9 @@ def test_end_to_end_on_a_real_tile() -> None:
     donor, mask = donor_crop()
     existing = np.zeros((256, 256), np.uint8)
     cv2.circle(existing, (128, 128), 50, 255, -1)
-    res = prepare_composite(background, donor, mask, existing=existing, seed=11)
+    res = prepare_composite(
+        background, donor, mask, existing=existing, seed=11, tissue=tissue_mask(background)
+    )
     assert res is not None
     check_result(res, background, existing)
     assert res.colour_reference == "local"
@@ -82,13 +85,16 @@ def test_end_to_end_on_a_real_tile() -> None:
 def test_same_seed_same_result_different_seeds_differ() -> None:
     background = np.ascontiguousarray(HE[300:556, 100:356])
     donor, mask = donor_crop()
-    a = prepare_composite(background, donor, mask, seed=5)
-    b = prepare_composite(background, donor, mask, seed=5)
+    a = prepare_composite(background, donor, mask, seed=5, tissue=tissue_mask(background))
+    b = prepare_composite(background, donor, mask, seed=5, tissue=tissue_mask(background))
     assert a is not None and b is not None
     for name in ("composite", "mask", "donor_image", "donor_mask"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
     assert a.record() == b.record()
-    others = [prepare_composite(background, donor, mask, seed=s) for s in range(6)]
+    others = [
+        prepare_composite(background, donor, mask, seed=s, tissue=tissue_mask(background))
+        for s in range(6)
+    ]
     signatures = {(r.placement.x, r.placement.y, r.rotation_deg) for r in others if r}
     assert len(signatures) > 1
 
@@ -107,7 +113,15 @@ def test_prepared_composite_properties(origin, donor, blob, seed, rotate, sigma)
     image, mask = donor_crop(donor[0], donor[1], donor[2], at=(1000 - donor[0], 0))
     existing = np.zeros((200, 200), np.uint8)
     cv2.circle(existing, (blob[0], blob[1]), blob[2], 255, -1)
-    res = prepare_composite(background, image, mask, existing=existing, seed=seed, rotate=rotate)
+    res = prepare_composite(
+        background,
+        image,
+        mask,
+        existing=existing,
+        seed=seed,
+        rotate=rotate,
+        tissue=tissue_mask(background),
+    )
     if res is None:
         return
     check_result(res, background, existing)
@@ -127,7 +141,9 @@ def test_a_1024_tile() -> None:
     donor, mask = donor_crop(260, 240, 40.0, at=(600, 100))
     existing = np.zeros((1024, 1024), np.uint8)
     cv2.circle(existing, (300, 700), 150, 255, -1)
-    res = prepare_composite(background, donor, mask, existing=existing, seed=0)
+    res = prepare_composite(
+        background, donor, mask, existing=existing, seed=0, tissue=tissue_mask(background)
+    )
     assert res is not None
     check_result(res, background, existing)
     assert res.phi_donor is not None and res.phi_target is not None
@@ -138,7 +154,12 @@ def test_nothing_fits_gives_none() -> None:
     background = np.ascontiguousarray(HE[:128, :128])
     donor, mask = donor_crop(60, 60)
     existing = np.full((128, 128), 255, np.uint8)
-    assert prepare_composite(background, donor, mask, existing=existing, seed=0) is None
+    assert (
+        prepare_composite(
+            background, donor, mask, existing=existing, seed=0, tissue=tissue_mask(background)
+        )
+        is None
+    )
 
 
 def test_errors() -> None:
@@ -146,18 +167,35 @@ def test_errors() -> None:
     donor, mask = donor_crop(60, 60)
     big = np.ascontiguousarray(HE[:200, :150])
     with pytest.raises(ValueError, match="larger than the background tile"):
-        prepare_composite(background, big, np.full((200, 150), 255, np.uint8), seed=0)
+        prepare_composite(
+            background,
+            big,
+            np.full((200, 150), 255, np.uint8),
+            seed=0,
+            tissue=tissue_mask(background),
+        )
     with pytest.raises(ValueError, match="donor mask is empty"):
-        prepare_composite(background, donor, np.zeros_like(mask), seed=0)
+        prepare_composite(
+            background, donor, np.zeros_like(mask), seed=0, tissue=tissue_mask(background)
+        )
     glass = np.full((128, 128, 3), 245, np.uint8)
     with pytest.raises(ValueError, match="no tissue"):
-        prepare_composite(glass, donor, mask, seed=0)
+        prepare_composite(glass, donor, mask, seed=0, tissue=tissue_mask(glass))
     with pytest.raises(ValueError, match="does not match"):
-        prepare_composite(background, donor, mask[:30], seed=0)
+        prepare_composite(background, donor, mask[:30], seed=0, tissue=tissue_mask(background))
     with pytest.raises(ValueError, match="existing annotations"):
-        prepare_composite(background, donor, mask, existing=np.zeros((10, 10), bool), seed=0)
+        prepare_composite(
+            background,
+            donor,
+            mask,
+            existing=np.zeros((10, 10), bool),
+            seed=0,
+            tissue=tissue_mask(background),
+        )
     with pytest.raises(ValueError, match="uint8 RGB"):
-        prepare_composite(background.astype(np.float32), donor, mask, seed=0)
+        prepare_composite(
+            background.astype(np.float32), donor, mask, seed=0, tissue=tissue_mask(background)
+        )
 
 
 def test_a_large_donor_mask_in_a_larger_crop_is_cropped_first() -> None:
@@ -165,7 +203,7 @@ def test_a_large_donor_mask_in_a_larger_crop_is_cropped_first() -> None:
     crop = np.ascontiguousarray(HE[:300, :300])
     mask = np.zeros((300, 300), np.uint8)
     cv2.circle(mask, (150, 150), 25, 255, -1)
-    res = prepare_composite(background, crop, mask, seed=1)
+    res = prepare_composite(background, crop, mask, seed=1, tissue=tissue_mask(background))
     assert res is not None and max(res.donor_mask.shape) <= 55
     check_result(res, background)
 
@@ -176,7 +214,15 @@ def test_a_context_ring_pastes_the_vessel_with_its_own_tissue(ring: int) -> None
     the vessel alone, placed at the same spot; without a ring the two are equal."""
     background = np.ascontiguousarray(HE[:256, :256])
     donor, mask = donor_crop()
-    res = prepare_composite(background, donor, mask, seed=3, context_ring=ring, rotate=False)
+    res = prepare_composite(
+        background,
+        donor,
+        mask,
+        seed=3,
+        context_ring=ring,
+        rotate=False,
+        tissue=tissue_mask(background),
+    )
     assert res is not None
     check_result(res, background)
     vessel, pasted = res.vessel_mask > 0, res.mask > 0
@@ -193,7 +239,9 @@ def test_a_context_ring_pastes_the_vessel_with_its_own_tissue(ring: int) -> None
         # the donor's own tissue is what lies in the ring, not the background
         ring_px = pasted & ~vessel
         assert not np.array_equal(res.composite[ring_px], background[ring_px])
-    rotated = prepare_composite(background, donor, mask, seed=3, context_ring=ring)
+    rotated = prepare_composite(
+        background, donor, mask, seed=3, context_ring=ring, tissue=tissue_mask(background)
+    )
     assert rotated is not None and (rotated.vessel_mask > 0).sum() > 0.9 * (mask > 0).sum()
     assert ((rotated.vessel_mask > 0) <= (rotated.mask > 0)).all()
 
@@ -206,8 +254,10 @@ def test_the_ring_leaves_out_what_the_donor_excludes() -> None:
     neighbour[:, : mask.shape[1] // 3] = 255  # the left third of the crop
     neighbour[mask > 0] = 0
     common = {"seed": 3, "context_ring": 10, "rotate": False}
-    whole = prepare_composite(background, donor, mask, **common)
-    cut = prepare_composite(background, donor, mask, donor_exclude=neighbour, **common)
+    whole = prepare_composite(background, donor, mask, **common, tissue=tissue_mask(background))
+    cut = prepare_composite(
+        background, donor, mask, donor_exclude=neighbour, **common, tissue=tissue_mask(background)
+    )
     assert whole is not None and cut is not None
     assert (cut.vessel_mask > 0).sum() == (whole.vessel_mask > 0).sum() == (mask > 0).sum()
     assert (cut.mask > 0).sum() < (whole.mask > 0).sum()
@@ -216,7 +266,14 @@ def test_the_ring_leaves_out_what_the_donor_excludes() -> None:
     ring = (cv2.dilate((mask > 0).astype(np.uint8), disc) > 0) & (mask == 0)
     assert (whole.mask > 0).sum() - (cut.mask > 0).sum() == (ring & (neighbour > 0)).sum()
     with pytest.raises(ValueError, match="donor_exclude"):
-        prepare_composite(background, donor, mask, donor_exclude=neighbour[:10], **common)
+        prepare_composite(
+            background,
+            donor,
+            mask,
+            donor_exclude=neighbour[:10],
+            **common,
+            tissue=tissue_mask(background),
+        )
 
 
 @pytest.mark.parametrize("ring", [0, 10])
@@ -228,7 +285,15 @@ def test_a_vessel_annotated_as_a_ring_is_pasted_with_its_lumen(ring: int) -> Non
     wall = mask.copy()
     cy, cx = (int(v.mean()) for v in np.nonzero(mask))
     cv2.circle(wall, (cx, cy), 12, 0, -1)
-    res = prepare_composite(background, donor, wall, seed=3, context_ring=ring, rotate=False)
+    res = prepare_composite(
+        background,
+        donor,
+        wall,
+        seed=3,
+        context_ring=ring,
+        rotate=False,
+        tissue=tissue_mask(background),
+    )
     assert res is not None
     check_result(res, background)
     vessel, pasted = res.vessel_mask > 0, res.mask > 0
@@ -240,3 +305,20 @@ def test_a_vessel_annotated_as_a_ring_is_pasted_with_its_lumen(ring: int) -> Non
     # the donor's lumen pixels, colour-matched: they differ from the background there
     assert not np.array_equal(res.composite[lumen], background[lumen])
     assert (ys.min() >= py) and (xs.min() >= px)
+
+
+def test_the_donor_tissue_turns_with_the_donor_and_gives_its_colour() -> None:
+    background = np.ascontiguousarray(HE[:256, :256])
+    donor, mask = donor_crop()
+    pale = donor.copy()
+    pale[:, : donor.shape[1] // 2] = 245  # half the crop is glass
+    common = {"seed": 3, "tissue": tissue_mask(background), "context_ring": 0}
+    given = prepare_composite(background, pale, mask, donor_tissue=tissue_mask(pale), **common)
+    every = prepare_composite(background, pale, mask, **common)
+    assert given is not None and every is not None
+    check_result(given, background)
+    assert given.rotation_deg == every.rotation_deg != 0  # turned, as the donor was
+    # measured on its tissue only, the donor's colour is nearer the background's tissue
+    assert given.placement.colour_difference < every.placement.colour_difference
+    with pytest.raises(ValueError, match="donor tissue"):
+        prepare_composite(background, pale, mask, donor_tissue=np.ones((5, 5), bool), **common)

@@ -671,6 +671,7 @@ def models_check(ctx: click.Context, preset: str) -> None:
 
 
 def _register_subcommands() -> None:
+    from histosynth.benchmark import benchmark
     from histosynth.cache import cache
     from histosynth.export import export
     from histosynth.qupath.cli import qupath
@@ -682,6 +683,7 @@ def _register_subcommands() -> None:
     main.add_command(qupath)
     main.add_command(cache)
     main.add_command(train)
+    main.add_command(benchmark)
 
 
 _register_subcommands()

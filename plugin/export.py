@@ -55,13 +55,14 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path, PurePosixPath
 
 import click
 
 from histosynth.integration.dataset import read_index, untrained_tile_ids, validate_tile_id
 from histosynth.integration.errors import InputError
 from histosynth.integration.images import png_to_jpeg
+from histosynth.integration.splits import slide_group
 
 log = logging.getLogger(__name__)
 
@@ -127,29 +128,6 @@ class ExportResult:
     @property
     def metadata_path(self) -> Path:
         return self.out_dir / "train" / "metadata.csv"
-
-
-def slide_group(row: dict[str, str]) -> str:
-    """The leakage-free grouping key of an index row: the stem of the vessel's slide
-    (``donor_image`` when present, else ``source_image``), else the entry id."""
-    for column in ("donor_image", "source_image"):
-        value = (row.get(column) or "").strip()
-        if value:
-            stem = _stem(value)
-            if stem:
-                return stem
-    for column in ("donor_entry_id", "source_entry_id"):
-        value = (row.get(column) or "").strip()
-        if value:
-            return f"entry-{value}"
-    return ""
-
-
-def _stem(path: str) -> str:
-    if path.startswith("file:"):
-        path = path[5:].lstrip("/") or path
-    pure = PureWindowsPath(path) if "\\" in path else PurePosixPath(path)
-    return pure.stem or pure.name
 
 
 def _run_path(run: Path, rel: str, what: str, tile_id: str) -> Path:

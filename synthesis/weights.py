@@ -20,7 +20,11 @@ looked in and how to provide the weights; there is never a silent fallback to ra
 weights. The ``tiny`` preset has no weights at all: it is untrained, built from a seeded
 random initialisation, and says so (``source == "untrained"``). The ``default`` preset's
 weights ship inside the package (``source == "embedded"``, :func:`embedded_folder`); the
-places above may replace them.
+places above may replace them. The feature extractors of ``histosynth evaluate``
+(:data:`FEATURE_EXTRACTORS`, :func:`find_extractor_weights`) are found the same way.
+
+Size: one concept, finding weights offline; presets, components and feature extractors
+share the search order, the checks of a candidate and the messages.
 
 Example:
     >>> found = find_component("pixcell-1024", "vae", require=False)

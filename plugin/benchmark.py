@@ -1,0 +1,429 @@
+"""``histosynth benchmark downstream``: does the synthetic data help a downstream model?
+
+The seed's protocol (Tables 8–9): slide-level k-fold cross-validation of the real tiles
+(``--split`` 70 / 15 / 15 by slide, :mod:`histosynth.integration.splits`), three arms per
+fold trained from the same seed —
+
+* ``source`` — the fold's real training tiles;
+* ``augmented`` — the same, each tile freshly augmented every epoch (stain, geometry,
+  brightness / contrast: :data:`~histosynth.synthesis.downstream.AUGMENTATION`);
+* ``synthetic`` — ``augmented`` plus the synthetic tiles whose slides (vessel and
+  background) are all training slides of the fold —
+
+validated (best epoch) and tested on real tiles only. Segmentation (UNet++ by default,
+``segmentation_models_pytorch``): IoU, sensitivity, specificity of vessel pixels.
+Classification (EfficientNet-b1 by default, timm; invasive = a class name containing
+"Invasive"): F1, sensitivity, specificity. Mean ± sd over folds.
+
+``OUT`` holds ``benchmark.json`` (the settings; a resumed run must match them),
+``splits.json`` (every fold's slides and tiles, and the synthetic tiles left out and
+why), ``folds/fold-<k>-<arm>.json`` (one per finished fold and arm: ``--resume`` skips
+them), ``results.csv`` / ``results.json`` (the table) and ``folds.png`` (per-fold scores).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histosynth import __version__
+from histosynth.integration.atomic import atomic_write_bytes, atomic_write_json
+from histosynth.integration.dataset import utc_now
+from histosynth.integration.errors import InputError
+from histosynth.integration.images import read_mask, read_rgb
+from histosynth.integration.splits import (
+    LabelledTile,
+    fold_tiles,
+    leaks,
+    read_labelled_tiles,
+    slide_folds,
+    write_split_file,
+)
+
+log = logging.getLogger("histosynth")
+
+__all__ = ["ARMS", "METRICS", "DownstreamResult", "DownstreamSettings", "run_downstream"]
+
+ARMS = {
+    "source": "Source",
+    "augmented": "+ Augmentation",
+    "synthetic": "+ Augmentation + Synthetic",
+}
+"""The three arms, in the seed's row order, with their row labels."""
+METRICS = {
+    "segmentation": ("iou", "sensitivity", "specificity"),
+    "classification": ("f1", "sensitivity", "specificity"),
+}
+DEFAULT_ENCODER = {"segmentation": "efficientnet-b1", "classification": "efficientnet_b1"}
+INVASIVE = "invasive"
+
+
+@dataclass(frozen=True)
+class DownstreamSettings:
+    """What to train and how (checked when made). ``split``: train, validation, test
+    fractions of the slides; ``encoder``: ``None`` = EfficientNet-b1 for the task;
+    ``encoder_weights``: a local file, ``None`` = from scratch; ``lr`` AdamW's."""
+
+    task: str = "segmentation"
+    folds: int = 10
+    split: tuple[float, float, float] = (0.70, 0.15, 0.15)
+    arch: str = "unetplusplus"
+    encoder: str | None = None
+    encoder_weights: str | None = None
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.task not in METRICS:
+            raise InputError(
+                f"--task must be one of {', '.join(METRICS)}, not {self.task!r}", item="--task"
+            )
+        for name, value, low in (("--folds", self.folds, 1), ("--epochs", self.epochs, 1),
+                                 ("--batch-size", self.batch_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InputError(f"{name} must be a whole number ≥ {low}, not {value!r}")
+        if not (isinstance(self.lr, int | float) and 0 < self.lr < 1):
+            raise InputError(f"the learning rate must be in (0, 1), not {self.lr!r}")
+        object.__setattr__(self, "split", tuple(float(f) for f in self.split))
+
+    @property
+    def model_encoder(self) -> str:
+        return self.encoder or DEFAULT_ENCODER[self.task]
+
+
+@dataclass
+class DownstreamResult:
+    """The benchmark's table: per arm, per metric, the per-fold values."""
+
+    out_dir: Path
+    task: str
+    per_fold: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    counts: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, dict[str, tuple[float, float]]]:
+        """arm → metric → (mean, sd) over folds (sd 0 for one fold; nan folds left out)."""
+        out: dict[str, dict[str, tuple[float, float]]] = {}
+        for arm, metrics in self.per_fold.items():
+            out[arm] = {}
+            for metric, values in metrics.items():
+                kept = np.array([v for v in values if not math.isnan(v)], float)
+                if not len(kept):
+                    out[arm][metric] = (math.nan, math.nan)
+                    continue
+                sd = float(kept.std(ddof=1)) if len(kept) > 1 else 0.0
+                out[arm][metric] = (float(kept.mean()), sd)
+        return out
+
+    def table(self) -> str:
+        """The seed's layout: one row per arm, mean ± sd of each metric."""
+        metrics = METRICS[self.task]
+        names = {"iou": "IoU", "f1": "F1", "sensitivity": "Sensitivity",
+                 "specificity": "Specificity"}
+        lines = ["| Method | " + " | ".join(names[m] for m in metrics) + " |",
+                 "|---|" + "---:|" * len(metrics)]
+        for arm, scores in self.summary().items():
+            cells = [f"{scores[m][0]:.4f} ± {scores[m][1]:.4f}" for m in metrics]
+            lines.append(f"| {ARMS[arm]} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+
+def _label(tile: LabelledTile) -> int:
+    return int(INVASIVE in tile.class_name.lower())
+
+
+def _load(tiles: Iterable[LabelledTile], task: str, cache: dict) -> None:
+    """Images (and masks) of ``tiles`` into ``cache`` (id → (image, target))."""
+    shape = next((v[0].shape for v in cache.values()), None)
+    for tile in tiles:
+        if tile.id in cache:
+            continue
+        image = read_rgb(tile.image, f"tile {tile.id}")
+        if shape is None:
+            shape = image.shape
+        if image.shape != shape:
+            raise InputError(
+                f"the tile is {image.shape[1]}×{image.shape[0]} px, the others "
+                f"{shape[1]}×{shape[0]} px: the benchmark trains on tiles of one size",
+                path=tile.image,
+            )
+        if task == "segmentation":
+            target = read_mask(tile.mask, f"tile {tile.id}") > 0
+            if target.shape != image.shape[:2]:
+                raise InputError("the mask is not the size of its image", path=tile.mask)
+        else:
+            target = np.int64(_label(tile))
+        cache[tile.id] = (image, target)
+
+
+def _arrays(tiles: list[LabelledTile], cache: dict) -> tuple[np.ndarray, np.ndarray]:
+    return (np.stack([cache[t.id][0] for t in tiles]),
+            np.stack([cache[t.id][1] for t in tiles]))
+
+
+def _config(settings: DownstreamSettings, real: Path, synthetic: Path) -> dict[str, Any]:
+    return {"real": str(real), "synthetic": str(synthetic), **asdict(settings),
+            "split": list(settings.split)}
+
+
+def _prepare_out(out: Path, config: dict[str, Any], resume: bool) -> None:
+    settings_file = out / "benchmark.json"
+    if out.exists() and any(out.iterdir()):
+        if not resume:
+            raise InputError(
+                "the output folder is not empty; use --resume to continue it, or a new --out",
+                path=out,
+            )
+        if not settings_file.is_file():
+            raise InputError("not a downstream benchmark folder (no benchmark.json)", path=out)
+        before = json.loads(settings_file.read_text(encoding="utf-8")).get("config", {})
+        changed = sorted(k for k in set(before) | set(config) if before.get(k) != config.get(k))
+        if changed:
+            raise InputError(
+                f"cannot resume: the benchmark was started with other {', '.join(changed)}",
+                path=settings_file,
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(settings_file, {"histosynth": __version__, "created_at": utc_now(),
+                                      "config": config})
+
+
+def run_downstream(
+    real: str | Path,
+    synthetic: str | Path,
+    out: str | Path,
+    settings: DownstreamSettings,
+    *,
+    device: str | None = None,
+    resume: bool = False,
+    progress: Callable[[Iterable, int], Iterable] | None = None,
+) -> DownstreamResult:
+    """Run the three arms on every fold (module docstring) and write the table.
+
+    Raises:
+        InputError: bad settings, a set without tiles or masks (segmentation), tiles of
+            different sizes, fewer than 3 slides, a class missing (classification), a
+            non-empty ``out`` without ``resume``, or one resumed with other settings.
+    """
+    from histosynth.synthesis import downstream as ds
+    from histosynth.synthesis.devices import resolve_device
+    from histosynth.synthesis.errors import EngineError
+
+    real, synthetic, out = (Path(p).absolute() for p in (real, synthetic, out))
+    need_masks = settings.task == "segmentation"
+    real_tiles = [t for t in read_labelled_tiles(real, need_masks=need_masks)]
+    fake_tiles = [t for t in read_labelled_tiles(synthetic, need_masks=need_masks)
+                  if t.synthetic]
+    if not fake_tiles:
+        raise InputError("the synthetic set holds no inpainting or variation tiles",
+                         path=synthetic)
+    if settings.task == "classification":
+        labels = {_label(t) for t in real_tiles}
+        if labels != {0, 1}:
+            missing = "invasive" if 1 not in labels else "clean"
+            raise InputError(
+                f"classification needs invasive and clean vessels; the real tiles have no "
+                f"{missing} one (an invasive vessel's class name contains 'Invasive')",
+                path=real,
+            )
+    folds = slide_folds({t.slide_group for t in real_tiles}, settings.folds, settings.split,
+                        settings.seed)
+    assigned = [fold_tiles(f, real_tiles, fake_tiles) for f in folds]
+    for a in assigned:
+        problems = leaks(a)
+        if problems:  # by construction this cannot happen; never train on a leak
+            raise RuntimeError(f"fold {a.fold.index} leaks: {'; '.join(problems)}")
+    config = _config(settings, real, synthetic)
+    _prepare_out(out, config, resume)
+    write_split_file(out / "splits.json", assigned, settings.seed)
+    torch_device = resolve_device(device)
+
+    cache: dict[str, tuple[np.ndarray, Any]] = {}
+    result = DownstreamResult(out, settings.task)
+    metrics = METRICS[settings.task]
+    result.per_fold = {arm: {m: [] for m in metrics} for arm in ARMS}
+    jobs = [(a, arm) for a in assigned for arm in ARMS]
+    for a, arm in progress(jobs, len(jobs)) if progress else jobs:
+        record = out / "folds" / f"fold-{a.fold.index}-{arm}.json"
+        if resume and record.is_file():
+            scores = json.loads(record.read_text(encoding="utf-8"))["scores"]
+        else:
+            train = a.train_real + (a.train_synthetic if arm == "synthetic" else [])
+            _load([*train, *a.val, *a.test], settings.task, cache)
+            if not a.train_real or not a.val or not a.test:
+                raise InputError(
+                    f"fold {a.fold.index} has no real tiles on one side (slides of train "
+                    f"{len(a.train_real)}, validation {len(a.val)}, test {len(a.test)} "
+                    "tiles); use fewer folds or more slides",
+                    path=real,
+                )
+            import torch
+
+            torch.manual_seed(settings.seed + a.fold.index)
+            try:
+                if settings.task == "segmentation":
+                    model = ds.build_segmenter(settings.arch, settings.model_encoder,
+                                               settings.encoder_weights)
+                else:
+                    model = ds.build_classifier(settings.model_encoder, settings.encoder_weights)
+                trained = ds.train_model(
+                    model, settings.task, _arrays(train, cache), _arrays(a.val, cache),
+                    epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
+                    device=torch_device, seed=settings.seed + a.fold.index,
+                    augmented=arm != "source",
+                )
+            except EngineError as exc:
+                raise InputError(str(exc)) from None
+            images, truth = _arrays(a.test, cache)
+            predicted = ds.predict(trained.model, settings.task, images,
+                                   batch_size=settings.batch_size, device=torch_device)
+            if settings.task == "segmentation":
+                scores = ds.segmentation_scores(*ds.confusion(truth, predicted))
+            else:
+                scores = ds.classification_scores(*ds.confusion(truth == 1, predicted == 1))
+            atomic_write_json(record, {
+                "fold": a.fold.index, "arm": arm, "scores": scores,
+                "train_tiles": {"real": len(a.train_real),
+                                "synthetic": len(a.train_synthetic) if arm == "synthetic" else 0},
+                "test_tiles": len(a.test), "best_epoch": trained.best_epoch,
+                "train_loss": trained.train_loss, "val_loss": trained.val_loss,
+            })
+        for m in metrics:
+            result.per_fold[arm][m].append(float(scores[m]))
+    result.counts = {
+        "real": len(real_tiles), "synthetic": len(fake_tiles), "folds": settings.folds,
+        "slides": len({t.slide_group for t in real_tiles}),
+        "synthetic_excluded_per_fold": [len(a.excluded) for a in assigned],
+    }
+    _write_results(result, config)
+    return result
+
+
+def _write_results(result: DownstreamResult, config: dict[str, Any]) -> None:
+    out, metrics = result.out_dir, METRICS[result.task]
+    summary = result.summary()
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    writer.writerow(["method", *[f"{m}_{s}" for m in metrics for s in ("mean", "sd")]])
+    for arm, scores in summary.items():
+        writer.writerow([ARMS[arm], *[f"{v:.6f}" for m in metrics for v in scores[m]]])
+    atomic_write_bytes(out / "results.csv", buffer.getvalue().encode("utf-8"))
+    atomic_write_json(out / "results.json", {
+        "histosynth": __version__, "created_at": utc_now(), "config": config,
+        "task": result.task, "counts": result.counts,
+        "summary": {arm: {m: {"mean": v[0], "sd": v[1]} for m, v in s.items()}
+                    for arm, s in summary.items()},
+        "per_fold": result.per_fold,
+    })
+    _plot(result, out / "folds.png")
+
+
+def _plot(result: DownstreamResult, path: Path) -> None:
+    """Per-fold scores of each arm, one panel per metric (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = METRICS[result.task]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for offset, (arm, values) in enumerate(result.per_fold.items()):
+            folds = np.arange(len(values[metric]))
+            ax.plot(folds + 0.1 * (offset - 1), values[metric], "o", label=ARMS[arm])
+        ax.set_title(metric)
+        ax.set_xlabel("fold")
+        ax.set_xticks(range(len(next(iter(result.per_fold.values()))[metric])))
+        ax.set_ylim(-0.02, 1.02)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+# ----------------------------------------------------------------------------- command line
+
+import click  # noqa: E402 - the command sits with its workflow, as export's and train's do
+
+from histosynth.options import FiniteFloat  # noqa: E402
+
+
+def _split(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"three fractions like 0.70,0.15,0.15, not {text!r}") from None
+    if len(values) != 3:
+        raise click.BadParameter(f"three fractions like 0.70,0.15,0.15, not {text!r}")
+    return values  # type: ignore[return-value]
+
+
+@click.group()
+def benchmark() -> None:
+    """Benchmarks of what histosynth makes."""
+
+
+@benchmark.command("downstream")
+@click.option("--real", type=click.Path(path_type=Path), required=True,
+              help="Real tiles: an export (histosynth export) or a dataset (histosynth "
+              "extract).")
+@click.option("--synthetic", type=click.Path(path_type=Path), required=True,
+              help="Synthetic tiles: an export or a run.")
+@click.option("--task", type=click.Choice(list(METRICS)), default="segmentation",
+              show_default=True, help="Vessel segmentation, or invasive-vs-clean classification.")
+@click.option("--folds", type=click.IntRange(1, 100), default=10, show_default=True,
+              help="Slide-level cross-validation folds.")
+@click.option("--split", "split_text", default="0.70,0.15,0.15", show_default=True,
+              help="Train, validation, test fractions of the slides.")
+@click.option("--arch", default="unetplusplus", show_default=True,
+              help="segmentation_models_pytorch architecture (segmentation).")
+@click.option("--encoder", default=None,
+              help="Encoder: smp's name (segmentation, e.g. efficientnet-b1 or "
+              "tu-<timm name>) or timm's (classification) [efficientnet-b1].")
+@click.option("--encoder-weights", default="none", show_default=True,
+              help="A local weights file for the encoder, or none (from scratch); never "
+              "downloaded.")
+@click.option("--epochs", type=click.IntRange(1, 10000), default=20, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True)
+@click.option("--lr", type=FiniteFloat(0.0, 1.0, min_open=True), default=1e-3,
+              show_default=True, help="AdamW learning rate.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
+@click.option("--device", default=None, help="cuda, cpu … [cuda when available].")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Folder of the splits, per-fold results and the table.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted benchmark in --out.")
+@click.pass_context
+def downstream(ctx: click.Context, real, synthetic, task, folds, split_text, arch, encoder,
+               encoder_weights, epochs, batch_size, lr, seed, device, out, resume) -> None:
+    """Train a downstream model on real tiles, + augmentation, + augmentation + synthetic
+    tiles, with slide-level k-fold cross-validation; print the table (mean ± sd)."""
+    from histosynth.progress import progress_for
+
+    settings = DownstreamSettings(
+        task=task, folds=folds, split=_split(split_text), arch=arch, encoder=encoder,
+        encoder_weights=None if encoder_weights.lower() == "none" else encoder_weights,
+        epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+    )
+    result = run_downstream(real, synthetic, out, settings, device=device, resume=resume,
+                            progress=progress_for(ctx, "benchmark", unit="fold·arm"))
+    counts = result.counts
+    click.echo(
+        f"{settings.task}: {counts['real']} real tile(s) from {counts['slides']} slide(s), "
+        f"{counts['synthetic']} synthetic, {settings.folds} fold(s) × {len(ARMS)} arms"
+    )
+    click.echo(result.table())
+    click.echo(f"results: {result.out_dir / 'results.csv'} (splits: "
+               f"{result.out_dir / 'splits.json'}, per fold: {result.out_dir / 'folds.png'})")

@@ -17,7 +17,7 @@ import shapely
 from shapely.geometry import GeometryCollection, MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 
-__all__ = ["mask_to_polygons", "rasterize", "tissue_mask"]
+__all__ = ["mask_to_polygons", "rasterize", "tissue_mask", "union_mask"]
 
 #: Otsu's saturation threshold is clipped to this range (fractions of full saturation):
 #: the floor keeps a blank (white) tile free of tissue, the ceiling keeps pale stroma in
@@ -192,6 +192,19 @@ def tissue_mask(
         mask = ~_remove_small(~mask, min_area_px)  # fill small holes
         mask = _remove_small(mask, min_area_px)
     return mask
+
+
+def union_mask(*masks: np.ndarray) -> np.ndarray:
+    """The pixels non-zero in any of ``masks`` (same shape), as a uint8 0 / 255 mask."""
+    if not masks:
+        raise ValueError("union_mask needs at least one mask")
+    shape = np.shape(masks[0])
+    union = np.zeros(shape, dtype=bool)
+    for mask in masks:
+        if np.shape(mask) != shape:
+            raise ValueError(f"mask shapes differ: {np.shape(mask)} vs {shape}")
+        union |= np.asarray(mask) > 0
+    return union.astype(np.uint8) * np.uint8(255)
 
 
 def mask_to_polygons(mask: np.ndarray) -> Polygon | MultiPolygon | None:

@@ -23,6 +23,7 @@ import numpy as np
 from histosynth import __version__
 from histosynth.integration.dataset import RunWriter, TileRecord, check_run_folder
 from histosynth.integration.errors import InputError
+from histosynth.integration.masks import union_mask
 from histosynth.integration.tiles import (
     DONOR_MAX_FRACTION,
     TOO_LARGE,
@@ -596,8 +597,7 @@ def _write_inpainted(
     donor, background, comp = prepared.donor, prepared.background, prepared.composite
     diffused = run.harmonise == "diffusion"
     vessel = comp.mask if comp.vessel_mask is None else comp.vessel_mask
-    placed = vessel > 0
-    mask = np.where(placed | (background.existing_mask > 0), 255, 0).astype(np.uint8)
+    mask = union_mask(vessel, background.existing_mask)
     inserted = mask_annotation(
         vessel,
         donor.vessel,

@@ -272,3 +272,17 @@ def test_mask_to_polygons_keeps_holes():
     geometry = mask_to_polygons(mask)
     assert isinstance(geometry, Polygon) and len(geometry.interiors) == 1
     assert geometry.area == 16 * 16 - 4 * 4
+
+
+def test_union_mask_is_any_of_its_masks():
+    from histosynth.integration.masks import union_mask
+
+    a = np.zeros((4, 5), np.uint8)
+    a[1, 1] = 255
+    b = np.zeros((4, 5), bool)
+    b[2, 3] = True
+    out = union_mask(a, b)
+    assert out.dtype == np.uint8 and set(np.unique(out)) == {0, 255}
+    assert out[1, 1] == out[2, 3] == 255 and out.sum() == 2 * 255
+    with pytest.raises(ValueError, match="shapes differ"):
+        union_mask(a, b[:2])

@@ -642,7 +642,7 @@ def _version_tuple(version: str) -> tuple[int, int, int, int]:
 def build_demo_project(
     folder: str | os.PathLike,
     *,
-    slide: DemoSlide | Sequence[DemoSlide] | None = None,
+    slide: DemoSlide | Sequence[DemoSlide] | int | None = None,
     qupath_version: str = "0.5.1",
     overwrite: bool = False,
 ) -> Path:
@@ -657,7 +657,8 @@ def build_demo_project(
     Args:
         folder: project folder (created).
         slide: one or more slides; default: two new ones in ``folder/slides/``
-            (4096 × 3072 px seed 0, and 2048 × 1536 px seed 1, both 0.25 µm/px).
+            (4096 × 3072 px seed 0, and 2048 × 1536 px seed 1, both 0.25 µm/px); a
+            number: that many new ones (the two, then 2048 × 1536 px, seeds 2, 3, …).
         qupath_version: the ``version`` written.
         overwrite: replace an existing ``project.qpproj``; otherwise that is an
             :class:`InputError` (never clobber a user's project).
@@ -673,6 +674,15 @@ def build_demo_project(
             build_demo_slide(
                 folder / "slides" / "demo-slide-2.ome.tif", width=2048, height=1536, seed=1
             ),
+        ]
+    elif isinstance(slide, int):  # that many: the two above, then 2048 × 1536 ones
+        slides = [
+            build_demo_slide(
+                folder / "slides" / f"demo-slide-{k + 1}.ome.tif",
+                **({} if k == 0 else {"width": 2048, "height": 1536}),
+                seed=k,
+            )
+            for k in range(slide)
         ]
     elif isinstance(slide, DemoSlide):
         slides = [slide]

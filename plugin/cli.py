@@ -105,6 +105,9 @@ def main(ctx: click.Context, quiet: bool, debug: bool) -> None:
     _setup_logging(ctx, quiet, debug)
 
 
+#: slides of the demo project (train, validation and test slides for the benchmark)
+DEMO_SLIDES = 3
+
 _mpp_option = click.option(
     "--mpp",
     type=FiniteFloat(min=0, min_open=True, max=MPP_MAX),
@@ -522,8 +525,8 @@ def demo(
     seed: int,
     harmonise: str,
 ) -> None:
-    """Build a demo QuPath project (real pyramidal slides from H&E shipped with TIAToolbox,
-    vessel annotations) in DIR/project, synthesise vessels into DIR/run and add them to
+    """Build a demo QuPath project (three pyramidal slides from real H&E shipped with
+    TIAToolbox, vessel annotations) in DIR/project, synthesise vessels into DIR/run and add them to
     the project as entries marked for review.
 
     Running it again reuses the project and finishes (or keeps) the run; nothing is added
@@ -542,7 +545,9 @@ def demo(
     check_model(model)  # before anything is built: a bad model leaves no half-built demo
     project_file = out / "project" / "project.qpproj"
     if not project_file.exists():
-        project_file = build_demo_project(out / "project")
+        # three slides: enough for a slide-level train / validation / test split
+        # (histosynth benchmark downstream) of the demo's own tiles
+        project_file = build_demo_project(out / "project", slide=DEMO_SLIDES)
     quiet = ctx.obj.get("quiet")
     click.echo(f"demo project: {project_file}")
     if harmonise == "auto":

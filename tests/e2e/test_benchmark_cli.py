@@ -152,3 +152,22 @@ def test_classification_of_invasive_vessels_runs_end_to_end(invoke, sets):
     assert doc["task"] == "classification" and set(doc["summary"]) == {
         "source", "augmented", "synthetic"}
     assert all(len(doc["per_fold"][arm]["specificity"]) == 2 for arm in doc["per_fold"])
+
+
+def test_the_benchmark_runs_on_the_demos_own_export(invoke, tmp_path):
+    """What the README shows: ``histosynth demo``, its real tiles extracted, its run
+    exported, the benchmark at the small configuration (the demo has three slides)."""
+    pytest.importorskip("segmentation_models_pytorch")
+    demo = tmp_path / "demo"
+    for args in (
+        ["demo", "--out", demo, "--count", 3, "--model", "tiny", "--tile-size", 256],
+        ["extract", "--project", demo / "project", "--class", "Vessel", "--tile-size", 256,
+         "--out", demo / "real"],
+        ["export", demo / "run", "--out", demo / "synthetic", "--include-pending"],
+        ["benchmark", "downstream", "--real", demo / "real", "--synthetic",
+         demo / "synthetic", *SMALL, "tu-mobilenetv3_small_050", "--out", demo / "bench"],
+    ):
+        result = invoke("-q", *args)
+        assert result.exit_code == 0, result.output + result.stderr
+    assert "from 3 slide(s)" in result.output and "| + Augmentation + Synthetic |" in result.output
+    assert (demo / "bench" / "results.csv").is_file()

@@ -76,6 +76,18 @@ def _state_hash(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _model_input(
+    images: np.ndarray, size: int, mean: torch.Tensor, std: torch.Tensor
+) -> torch.Tensor:
+    """uint8 tiles (N, H, W, 3) as a model's input on ``mean``'s device: resized to
+    ``size``² (bicubic, antialiased), in [0, 1], normalised by ``mean`` / ``std``."""
+    x = torch.as_tensor(images, device=mean.device).permute(0, 3, 1, 2).float() / 255.0
+    x = torch.nn.functional.interpolate(
+        x, size=(size, size), mode="bicubic", align_corners=False, antialias=True
+    ).clamp(0, 1)
+    return (x - mean) / std
+
+
 def _grid_space(encoder, name: str, comparable: bool, description: str, device) -> FeatureSpace:
     encoder = encoder.to(device).eval()
 
@@ -222,12 +234,9 @@ def _pathology_space(name: str, device, weights=None, **overrides) -> FeatureSpa
     size = int(kwargs.get("img_size", 224))
 
     def embed(images: np.ndarray) -> np.ndarray:
-        x = torch.as_tensor(images, device=device).permute(0, 3, 1, 2).float() / 255.0
-        x = torch.nn.functional.interpolate(
-            x, size=(size, size), mode="bicubic", align_corners=False, antialias=True
-        ).clamp(0, 1)
+        x = _model_input(images, size, mean, std)
         with torch.no_grad():
-            out = model((x - mean) / std)
+            out = model(x)
             if spec.pooling == "cls+mean":
                 out = torch.cat([out[:, 0], out[:, spec.prefix_tokens :].mean(1)], dim=-1)
         return out.float().cpu().numpy()
@@ -317,12 +326,9 @@ def _clip_space(name: str, device, weights=None, normalise: bool = False) -> Fea
     std = torch.tensor(CLIP_MEAN_STD[1], device=device).view(1, 3, 1, 1)
 
     def embed(images: np.ndarray) -> np.ndarray:
-        x = torch.as_tensor(images, device=device).permute(0, 3, 1, 2).float() / 255.0
-        x = torch.nn.functional.interpolate(
-            x, size=(size, size), mode="bicubic", align_corners=False, antialias=True
-        ).clamp(0, 1)
+        x = _model_input(images, size, mean, std)
         with torch.no_grad():
-            out = model(pixel_values=(x - mean) / std).image_embeds.float()
+            out = model(pixel_values=x).image_embeds.float()
         if normalise:
             out = torch.nn.functional.normalize(out, dim=-1)
         return out.cpu().numpy()

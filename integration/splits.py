@@ -23,6 +23,7 @@ Units: none (file paths and slide names).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from collections.abc import Iterable, Sequence
@@ -104,7 +105,7 @@ def _rows(folder: Path) -> tuple[list[dict[str, str]], Path, Path]:
     metadata = folder / METADATA
     if metadata.is_file():
         text = read_input_bytes(metadata, max_bytes=1 << 30).decode("utf-8-sig")
-        rows = list(csv.DictReader(text.splitlines()))
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
         for row in rows:
             row["image_path"] = str(Path("train") / (row.get("file_name") or ""))
         return rows, metadata, folder

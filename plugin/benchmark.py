@@ -216,13 +216,15 @@ def run_downstream(
             different sizes, fewer than 3 slides, a class missing (classification), a
             non-empty ``out`` without ``resume``, or one resumed with other settings.
     """
+    import torch
+
     from histosynth.synthesis import downstream as ds
     from histosynth.synthesis.devices import resolve_device
     from histosynth.synthesis.errors import EngineError
 
     real, synthetic, out = (Path(p).absolute() for p in (real, synthetic, out))
     need_masks = settings.task == "segmentation"
-    real_tiles = [t for t in read_labelled_tiles(real, need_masks=need_masks)]
+    real_tiles = read_labelled_tiles(real, need_masks=need_masks)
     fake_tiles = [t for t in read_labelled_tiles(synthetic, need_masks=need_masks)
                   if t.synthetic]
     if not fake_tiles:
@@ -268,8 +270,6 @@ def run_downstream(
                     "tiles); use fewer folds or more slides",
                     path=real,
                 )
-            import torch
-
             torch.manual_seed(settings.seed + a.fold.index)
             try:
                 if settings.task == "segmentation":

@@ -139,36 +139,24 @@ def test_each_image_depends_on_its_own_seed_not_on_the_batch(pipe: VariationPipe
     )
 
 
+def latents(pipe: VariationPipeline, rows: torch.Tensor, seed: int, guidance: float):
+    """The pipeline's latents for ``rows`` at ``seed`` and CFG scale ``guidance``."""
+    return pipe(uni_rows=rows, seeds=[seed], guidance_scale=guidance,
+                num_inference_steps=STEPS, output_type="latent").images
+
+
 def test_guidance_one_is_the_conditional_prediction_alone(untrained_engine: Engine) -> None:
     pipe = quiet(untrained_engine.variation_pipeline())
     rows = untrained_engine.encoder.encode(tile())
-    ours = pipe(
-        uni_rows=rows,
-        seeds=[3],
-        guidance_scale=1.0,
-        num_inference_steps=STEPS,
-        output_type="latent",
-    ).images
+    ours = latents(pipe, rows, seed=3, guidance=1.0)
     assert torch.equal(ours, manual_loop(untrained_engine, rows, seed=3, guidance=1.0))
     # the unconditional branch is not even run: garbage in the null condition changes nothing
     buffer = untrained_engine.transformer.caption_projection.uncond_embedding
     saved = buffer.clone()
     try:
         buffer.fill_(float("nan"))
-        again = pipe(
-            uni_rows=rows,
-            seeds=[3],
-            guidance_scale=1.0,
-            num_inference_steps=STEPS,
-            output_type="latent",
-        ).images
-        guided = pipe(
-            uni_rows=rows,
-            seeds=[3],
-            guidance_scale=2.0,
-            num_inference_steps=STEPS,
-            output_type="latent",
-        ).images
+        again = latents(pipe, rows, seed=3, guidance=1.0)
+        guided = latents(pipe, rows, seed=3, guidance=2.0)
     finally:
         buffer.copy_(saved)
     assert torch.equal(again, ours)
@@ -178,21 +166,9 @@ def test_guidance_one_is_the_conditional_prediction_alone(untrained_engine: Engi
 def test_guidance_uses_the_learned_null_condition(untrained_engine: Engine) -> None:
     pipe = quiet(untrained_engine.variation_pipeline())
     rows = untrained_engine.encoder.encode(tile())
-    guided = pipe(
-        uni_rows=rows,
-        seeds=[3],
-        guidance_scale=2.5,
-        num_inference_steps=STEPS,
-        output_type="latent",
-    ).images
+    guided = latents(pipe, rows, seed=3, guidance=2.5)
     assert torch.equal(guided, manual_loop(untrained_engine, rows, seed=3, guidance=2.5))
-    plain = pipe(
-        uni_rows=rows,
-        seeds=[3],
-        guidance_scale=1.0,
-        num_inference_steps=STEPS,
-        output_type="latent",
-    ).images
+    plain = latents(pipe, rows, seed=3, guidance=1.0)
     assert (guided - plain).abs().max() > 1e-3
 
 

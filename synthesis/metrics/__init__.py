@@ -12,7 +12,6 @@ True
 
 from histosynth.synthesis.metrics.distribution import (
     KID,
-    Manifold,
     RankWarning,
     cmmd,
     cosine_similarity,
@@ -20,16 +19,16 @@ from histosynth.synthesis.metrics.distribution import (
     frechet_distance,
     frechet_from_stats,
     kid,
-    manifold_metrics,
     nearest_distances,
     nnd,
     pca_2d,
     precision_recall,
 )
+from histosynth.synthesis.metrics.pairwise import Pairwise, pairwise_metrics
 
 __all__ = [
     "KID",
-    "Manifold",
+    "Pairwise",
     "RankWarning",
     "cmmd",
     "cosine_similarity",
@@ -37,9 +36,9 @@ __all__ = [
     "frechet_distance",
     "frechet_from_stats",
     "kid",
-    "manifold_metrics",
     "nearest_distances",
     "nnd",
+    "pairwise_metrics",
     "pca_2d",
     "precision_recall",
 ]

@@ -30,13 +30,11 @@ import numpy as np
 
 __all__ = [
     "KID",
-    "Manifold",
     "cmmd",
     "cosine_similarity",
     "density_coverage",
     "frechet_distance",
     "kid",
-    "manifold_metrics",
     "nearest_distances",
     "nnd",
     "pca_2d",
@@ -313,67 +311,6 @@ def nnd(
     tiles."""
     s2r, r2r = nearest_distances(real, fake, metric=metric, exclude=exclude, block=block)
     return float(s2r.mean()), float(r2r.mean())
-
-
-class Manifold(NamedTuple):
-    """The k-NN manifold metrics and NND of one real / fake pair, from one pass each."""
-
-    precision: float
-    recall: float
-    density: float
-    coverage: float
-    nnd_synth_to_real: float
-    nnd_real_to_real: float
-
-
-def manifold_metrics(
-    real: Any,
-    fake: Any,
-    *,
-    k: int = 3,
-    k_density: int = 5,
-    block: int = BLOCK,
-) -> Manifold:
-    """Precision / recall (k), density / coverage (``k_density``) and Euclidean NND from
-    three blocked distance passes (real × real, fake × fake, fake × real) instead of the
-    eight the separate functions make; equal to :func:`precision_recall`,
-    :func:`density_coverage` and ``nnd(metric="euclidean")``."""
-    r, f = _pair(real, fake, min_n=max(k, k_density) + 1)
-    r_sq, f_sq = (r * r).sum(1), (f * f).sum(1)
-    kk = sorted({k, k_density})
-    radii = {kth: np.empty(len(r)) for kth in kk}
-    real_nn = np.empty(len(r))
-    for rows in _blocks(len(r), block):  # real × real: real radii and real → real NND
-        d = _sq_distances(r[rows], r, r_sq)
-        part = np.partition(d, sorted({1, *kk}), axis=1)  # index 0: the sample itself
-        for kth in kk:
-            radii[kth][rows] = np.sqrt(part[:, kth])
-        real_nn[rows] = np.sqrt(part[:, 1])
-    fake_radii = np.empty(len(f))
-    for rows in _blocks(len(f), block):  # fake × fake: fake radii
-        fake_radii[rows] = np.sqrt(np.partition(_sq_distances(f[rows], f, f_sq), k, axis=1)[:, k])
-    r2_k, r2_d, f2_k = radii[k] ** 2, radii[k_density] ** 2, fake_radii**2
-    precise = np.zeros(len(f), dtype=bool)
-    density_counts = np.zeros(len(f), dtype=np.int64)
-    covered = np.zeros(len(r), dtype=bool)
-    recalled = np.zeros(len(r), dtype=bool)
-    fake_nn = np.empty(len(f))
-    for rows in _blocks(len(f), block):  # fake × real: everything else
-        d = _sq_distances(f[rows], r, r_sq)
-        precise[rows] = (d <= r2_k[None, :]).any(1)
-        inside_d = d <= r2_d[None, :]
-        density_counts[rows] = inside_d.sum(1)
-        covered |= inside_d.any(0)
-        recalled |= (d <= f2_k[rows][:, None]).any(0)
-        fake_nn[rows] = np.sqrt(d.min(1))
-    return Manifold(
-        float(precise.mean()),
-        float(recalled.mean()),
-        float(density_counts.sum() / (k_density * len(f))),
-        float(covered.mean()),
-        float(fake_nn.mean()),
-        float(real_nn.mean()),
-    )
 
 
 def pca_2d(real: Any, fake: Any) -> tuple[np.ndarray, np.ndarray]:

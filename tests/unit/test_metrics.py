@@ -227,15 +227,57 @@ def test_nnd_leaves_out_the_excluded_pairs():
 
 
 @settings(max_examples=25, deadline=None)
-@given(n_real=st.integers(6, 40), n_fake=st.integers(6, 40), block=st.integers(1, 50),
-       seed=st.integers(0, 1000))
-def test_the_combined_pass_equals_the_separate_metrics(n_real, n_fake, block, seed):
-    from histosynth.synthesis.metrics import manifold_metrics
+@given(n_real=st.integers(6, 40), n_fake=st.integers(6, 40), tile=st.integers(1, 50),
+       seed=st.integers(0, 1000), n_excluded=st.integers(0, 10))
+def test_the_one_pass_equals_the_separate_metrics(n_real, n_fake, tile, seed, n_excluded):
+    """float64: every value of pairwise_metrics is the separate function's, at any tiling
+    (tiles of 1 row, tiles cutting the symmetric products off the diagonal)."""
+    import torch
+
+    from histosynth.synthesis.metrics import pairwise_metrics
 
     rng = np.random.default_rng(seed)
     real, fake = rng.normal(size=(n_real, 4)), rng.normal(size=(n_fake, 4)) + 0.3
-    man = manifold_metrics(real, fake, k=3, k_density=5, block=block)
-    assert (man.precision, man.recall) == precision_recall(real, fake, k=3)
-    assert (man.density, man.coverage) == pytest.approx(density_coverage(real, fake, k=5))
-    assert (man.nnd_synth_to_real, man.nnd_real_to_real) == pytest.approx(
-        nnd(real, fake, metric="euclidean"), rel=1e-9)
+    exclude = [(int(rng.integers(n_fake)), int(rng.integers(n_real))) for _ in range(n_excluded)]
+    exclude = [(f, r) for f, r in exclude if r != 0]  # real 0 stays a candidate for each
+    pair = pairwise_metrics(real, fake, exclude=exclude, tile=tile, dtype=torch.float64)
+    assert (pair.precision, pair.recall) == precision_recall(real, fake, k=3)
+    assert (pair.density, pair.coverage) == pytest.approx(density_coverage(real, fake, k=5))
+    assert (pair.nnd_synth_to_real, pair.nnd_real_to_real) == pytest.approx(
+        nnd(real, fake, exclude=exclude), rel=1e-9)
+    assert pair.kid == pytest.approx(kid(real, fake).mean, rel=1e-9, abs=1e-12)
+    assert pair.cmmd == pytest.approx(cmmd(real, fake), rel=1e-9, abs=1e-12)
+
+
+def test_the_float32_pass_keeps_the_decisions_and_the_sums():
+    """The default float32 tiles give the same k-NN decisions on 2048-d features and KID /
+    CMMD within 1e-4 relative of float64 (their kernel sums cancel)."""
+    from histosynth.synthesis.metrics import pairwise_metrics
+
+    rng = np.random.default_rng(4)
+    real = np.abs(rng.normal(size=(300, 2048)))
+    fake = np.abs(rng.normal(size=(260, 2048)) * 1.1)
+    fast = pairwise_metrics(real, fake, tile=128)
+    assert (fast.precision, fast.recall) == precision_recall(real, fake, k=3)
+    assert (fast.density, fast.coverage) == pytest.approx(density_coverage(real, fake, k=5))
+    assert (fast.nnd_synth_to_real, fast.nnd_real_to_real) == pytest.approx(
+        nnd(real, fake), rel=1e-6)
+    assert fast.kid == pytest.approx(kid(real, fake).mean, rel=1e-4)
+    assert fast.cmmd == pytest.approx(cmmd(real, fake), rel=1e-4)
+
+
+def test_the_one_pass_refuses_what_it_cannot_measure():
+    from histosynth.synthesis.metrics import pairwise_metrics
+
+    rng = np.random.default_rng(0)
+    real, fake = rng.normal(size=(8, 3)), rng.normal(size=(8, 3))
+    with pytest.raises(ValueError, match="beyond the feature arrays"):
+        pairwise_metrics(real, fake, exclude=[(8, 0)])
+    with pytest.raises(ValueError, match="without any real candidate"):
+        pairwise_metrics(real, fake, exclude=[(0, j) for j in range(8)])
+    with pytest.raises(ValueError, match="needs ≥ 6"):
+        pairwise_metrics(real[:5], fake)
+    with pytest.raises(ValueError, match="all zeros"):
+        pairwise_metrics(np.vstack([real, np.zeros((1, 3))]), fake)
+    with pytest.raises(ValueError, match="sigma"):
+        pairwise_metrics(real, fake, sigma=0.0)

@@ -429,6 +429,96 @@ class _Prepared:
     composite: Any  # CompositeResult
 
 
+@dataclass
+class _Skip:
+    """A planned tile that cannot be made: the reason for run.json and for the result."""
+
+    index: int
+    reason: str
+    detail: str
+
+
+def background_ranking(donor: Donor, backgrounds: Sequence[Background]) -> list[int]:
+    """The backgrounds' indices, the most similar to the donor's surroundings first (their
+    order when the donor has no tissue around it to compare)."""
+    from histosynth.synthesis.errors import EngineError
+    from histosynth.synthesis.pipelines.background import rank_backgrounds
+
+    if not backgrounds:
+        return []
+    try:
+        return rank_backgrounds(
+            donor.context, donor.context_tissue, [(b.image, b.tissue) for b in backgrounds]
+        )
+    except EngineError:
+        return list(range(len(backgrounds)))
+
+
+def background_order(index: int, ranked: Sequence[int], run: SynthesisSettings) -> list[int]:
+    """The backgrounds tile ``index`` tries, in turn: one of the three most similar (seeded
+    by the tile), then the rest of the ranking."""
+    if not ranked or run.background == "synthetic":
+        return []
+    rng = np.random.default_rng([run.seed, index])
+    first = ranked[int(rng.integers(min(3, len(ranked))))]
+    return [first, *[r for r in ranked if r != first]]
+
+
+def compose_tile(
+    index: int,
+    donor: Donor,
+    backgrounds: Sequence[Background],
+    order: Sequence[int],
+    run: SynthesisSettings,
+    engine: Engine,
+) -> _Prepared | _Skip:
+    """Tile ``index``'s composite: the donor placed into the first background of ``order``
+    it fits, else (``--background auto / synthetic``) into one generated for it."""
+    from histosynth.synthesis.inpaint import prepare_composite
+
+    def place(background: Background, existing: np.ndarray | None) -> Any:
+        return prepare_composite(
+            background.image,
+            donor.image,
+            donor.mask,
+            existing=existing,
+            tissue=background.tissue,
+            donor_tissue=donor.tissue,
+            seed=run.seed + index,
+            colour_blend=run.colour_blend,
+            context_ring=run.ring,
+            donor_exclude=donor.others,
+        )
+
+    for attempt, b in enumerate(order):
+        background = backgrounds[b]
+        try:
+            composite = place(background, background.existing_mask)
+        except ValueError as exc:
+            return _Skip(index, f"donor {donor.vessel.id}: {exc}", str(exc))
+        if composite is not None:
+            if attempt:
+                log.debug("tile %d: background %d of the ranking", index, attempt)
+            return _Prepared(index, donor, background, composite)
+    if run.background in ("auto", "synthetic"):
+        background = _synthetic_background(engine, donor, index, run)
+        composite = place(background, None)
+        if composite is not None:
+            return _Prepared(index, donor, background, composite)
+    reason = f"donor {donor.vessel.id} fits no background tile (tissue, free space)"
+    return _Skip(index, reason, reason)
+
+
+def donor_order(donors: Sequence[Donor], run: SynthesisSettings) -> np.ndarray:
+    """The donors' order the tiles cycle through (tile i takes ``order[i % len]``)."""
+    return np.random.default_rng([run.seed, 1]).permutation(len(donors))
+
+
+def _record_skip(writer: RunWriter, result: SynthesizeResult, skip: _Skip) -> None:
+    writer.skip(f"tile {skip.index}", skip.reason)
+    result.skipped.append((f"tile {skip.index}", skip.detail))
+
+
 def _run_inpaint(
     engine: Engine,
     writer: RunWriter,
@@ -439,91 +529,28 @@ def _run_inpaint(
     run: SynthesisSettings,
     progress,
 ) -> None:
-    from histosynth.synthesis.errors import EngineError
-    from histosynth.synthesis.inpaint import prepare_composite
-    from histosynth.synthesis.pipelines.background import rank_backgrounds
-
     pipeline = engine.inpaint_pipeline()
     pipeline.set_progress_bar_config(disable=True)
-    candidates = [(b.image, b.tissue) for b in backgrounds]
     rankings: dict[int, list[int]] = {}
-    order = np.random.default_rng([run.seed, 1]).permutation(len(donors))
-
-    def prepare(i: int) -> _Prepared | None:
-        donor_index = int(order[i % len(donors)])
-        donor = donors[donor_index]
-        if donor_index not in rankings:
-            rankings[donor_index] = []
-        if not rankings[donor_index] and candidates:
-            try:
-                rankings[donor_index] = rank_backgrounds(
-                    donor.context, donor.context_tissue, candidates
-                )
-            except EngineError:  # no tissue around the donor to compare: keep the order
-                rankings[donor_index] = list(range(len(candidates)))
-        ranked = rankings[donor_index] if run.background != "synthetic" else []
-        rng = np.random.default_rng([run.seed, i])
-        # vary the background among the most similar ones, then fall back down the list
-        top = min(3, len(ranked))
-        first = int(rng.integers(top)) if ranked else 0
-        candidates_in_order = (
-            [ranked[first], *[r for r in ranked if r != ranked[first]]] if ranked else []
-        )
-        for attempt, b in enumerate(candidates_in_order):
-            background = backgrounds[b]
-            try:
-                composite = prepare_composite(
-                    background.image,
-                    donor.image,
-                    donor.mask,
-                    existing=background.existing_mask,
-                    tissue=background.tissue,
-                    donor_tissue=donor.tissue,
-                    seed=run.seed + i,
-                    colour_blend=run.colour_blend,
-                    context_ring=run.ring,
-                    donor_exclude=donor.others,
-                )
-            except ValueError as exc:
-                writer.skip(f"tile {i}", f"donor {donor.vessel.id}: {exc}")
-                result.skipped.append((f"tile {i}", str(exc)))
-                return None
-            if composite is not None:
-                if attempt:
-                    log.debug("tile %d: background %d of the ranking", i, attempt)
-                return _Prepared(i, donor, background, composite)
-        if run.background in ("auto", "synthetic"):
-            background = _synthetic_background(engine, donor, i, run)
-            result.model_painted = True
-            composite = prepare_composite(
-                background.image,
-                donor.image,
-                donor.mask,
-                tissue=background.tissue,
-                donor_tissue=donor.tissue,
-                seed=run.seed + i,
-                colour_blend=run.colour_blend,
-                context_ring=run.ring,
-                donor_exclude=donor.others,
-            )
-            if composite is not None:
-                return _Prepared(i, donor, background, composite)
-        reason = f"donor {donor.vessel.id} fits no background tile (tissue, free space)"
-        writer.skip(f"tile {i}", reason)
-        result.skipped.append((f"tile {i}", reason))
-        return None
-
+    order = donor_order(donors, run)
     iterator = progress(todo, len(todo)) if progress else todo
     batch: list[_Prepared] = []
     for i in iterator:
-        prepared = prepare(i)
-        if prepared is not None:
-            batch.append(prepared)
+        d = int(order[i % len(donors)])
+        if d not in rankings:
+            rankings[d] = background_ranking(donors[d], backgrounds)
+        prepared = compose_tile(
+            i, donors[d], backgrounds, background_order(i, rankings[d], run), run, engine
+        )
+        if isinstance(prepared, _Skip):
+            _record_skip(writer, result, prepared)
+            continue
+        batch.append(prepared)
         if len(batch) >= run.batch_size:
-            _inpaint_batch(pipeline, writer, result, batch, run)
+            _write_inpaint_batch(writer, result, batch, render_inpaint(pipeline, batch, run), run)
             batch = []
     if batch:
-        _inpaint_batch(pipeline, writer, result, batch, run)
+        _write_inpaint_batch(writer, result, batch, render_inpaint(pipeline, batch, run), run)
 
 
 def _synthetic_background(
@@ -550,43 +577,43 @@ def _synthetic_background(
     return Background.synthetic(donor.source, image)
 
 
-def _inpaint_batch(
-    pipeline,
-    writer: RunWriter,
-    result: SynthesizeResult,
-    batch: list[_Prepared],
-    run: SynthesisSettings,
-) -> None:
+def render_inpaint(pipeline, batch: Sequence[_Prepared], run: SynthesisSettings) -> list:
+    """The tiles of ``batch``: the seam regenerated by the engine in one call (seeds
+    ``run.seed + index``), blended by Laplacian pyramids, or the composites."""
     if run.harmonise != "diffusion":
         from histosynth.synthesis.inpaint.harmonise import harmonise_multiband
 
-        for prepared in batch:
-            comp = prepared.composite
-            image = comp.composite
-            if run.harmonise == "multiband":
-                image = harmonise_multiband(
-                    prepared.background.image,
-                    comp.composite,
-                    comp.mask,
-                    sigma=run.seam_sigma,
-                )
-            _write_inpainted(writer, prepared, image, run)
-            result.written += 1
-        return
-    composites = np.stack([p.composite.composite for p in batch])
-    masks = np.stack([p.composite.mask for p in batch])
-    seeds = [run.seed + p.index for p in batch]
+        if run.harmonise == "none":
+            return [p.composite.composite for p in batch]
+        return [
+            harmonise_multiband(
+                p.background.image, p.composite.composite, p.composite.mask, sigma=run.seam_sigma
+            )
+            for p in batch
+        ]
     output = pipeline(
-        composites,
-        masks,
+        np.stack([p.composite.composite for p in batch]),
+        np.stack([p.composite.mask for p in batch]),
         strength=run.strength,
         guidance_scale=run.guidance,
         num_inference_steps=run.steps,
-        seeds=seeds,
+        seeds=[run.seed + p.index for p in batch],
         seam_sigma=run.seam_sigma,
         adapter=run.adapter,
     )
-    for prepared, image in zip(batch, output.images, strict=True):
+    return list(output.images)
+
+
+def _write_inpaint_batch(
+    writer: RunWriter,
+    result: SynthesizeResult,
+    batch: Sequence[_Prepared],
+    images: Sequence[np.ndarray],
+    run: SynthesisSettings,
+) -> None:
+    for prepared, image in zip(batch, images, strict=True):
+        if prepared.background.x is None:
+            result.model_painted = True  # a generated background
         _write_inpainted(writer, prepared, image, run)
         result.written += 1
 
@@ -670,50 +697,15 @@ def _run_variation(
             references[k] = reference_tile(donors[k], tile, mpp, run.classes)
         return references[k], donors[k]
 
-    order = np.random.default_rng([run.seed, 1]).permutation(len(donors))
+    order = donor_order(donors, run)
     iterator = progress(todo, len(todo)) if progress else todo
     batch: list[int] = []
 
     def flush() -> None:
         refs = [reference(int(order[i % len(donors)])) for i in batch]
-        output = pipeline(
-            np.stack([ref.image for ref, _ in refs]),
-            guidance_scale=run.guidance,
-            num_inference_steps=run.steps,
-            seeds=[run.seed + i for i in batch],
-            adapter=run.adapter,
-        )
-        for i, (ref, donor), image in zip(batch, refs, output.images, strict=True):
-            outline = mask_annotation(ref.mask, donor.vessel, "reference vessel (unaligned)")
-            tile_annotations = [outline] if outline else []
-            record = TileRecord(
-                id=f"var-{i:05d}",
-                synthesis_type="variation",
-                class_name=donor.vessel.class_name or "",
-                source_image=str(donor.source.slide_path),
-                source_entry_id=donor.source.entry_id,
-                source_annotation_id=donor.vessel.id,
-                tile_x=ref.x,
-                tile_y=ref.y,
-                tile_size=tile,
-                mpp=mpp,
-                model=run.model,
-                adapter=run.adapter or "",
-                seed=run.seed + i,
-                steps=run.steps,
-                guidance_scale=run.guidance,
-                kv_compress=run.kv_compress or "",
-                extra={
-                    "donor_image": str(donor.source.slide_path),
-                    "donor_entry_id": donor.source.entry_id,
-                    "background_kind": "",
-                    "placement_penalty": "",
-                    "mask_source": "reference",
-                },
-            )
-            writer.add_tile(
-                record, image, ref.mask, tile_annotations, refs={"reference": ref.image}
-            )
+        images = render_variation(pipeline, [ref for ref, _ in refs], batch, run)
+        for i, (ref, donor), image in zip(batch, refs, images, strict=True):
+            _write_variation(writer, i, ref, donor, image, run)
             result.written += 1
 
     for i in iterator:
@@ -723,3 +715,55 @@ def _run_variation(
             batch = []
     if batch:
         flush()
+
+
+def render_variation(
+    pipeline, refs: Sequence[ReferenceTile], indices: Sequence[int], run: SynthesisSettings
+) -> list:
+    """Variations of the reference tiles in one engine call (seeds ``run.seed + index``)."""
+    output = pipeline(
+        np.stack([ref.image for ref in refs]),
+        guidance_scale=run.guidance,
+        num_inference_steps=run.steps,
+        seeds=[run.seed + i for i in indices],
+        adapter=run.adapter,
+    )
+    return list(output.images)
+
+
+def _write_variation(
+    writer: RunWriter,
+    index: int,
+    ref: ReferenceTile,
+    donor: Donor,
+    image: np.ndarray,
+    run: SynthesisSettings,
+) -> None:
+    outline = mask_annotation(ref.mask, donor.vessel, "reference vessel (unaligned)")
+    record = TileRecord(
+        id=f"var-{index:05d}",
+        synthesis_type="variation",
+        class_name=donor.vessel.class_name or "",
+        source_image=str(donor.source.slide_path),
+        source_entry_id=donor.source.entry_id,
+        source_annotation_id=donor.vessel.id,
+        tile_x=ref.x,
+        tile_y=ref.y,
+        tile_size=run.tile_size,
+        mpp=run.mpp,
+        model=run.model,
+        adapter=run.adapter or "",
+        seed=run.seed + index,
+        steps=run.steps,
+        guidance_scale=run.guidance,
+        kv_compress=run.kv_compress or "",
+        extra={
+            "donor_image": str(donor.source.slide_path),
+            "donor_entry_id": donor.source.entry_id,
+            "background_kind": "",
+            "placement_penalty": "",
+            "mask_source": "reference",
+        },
+    )
+    tile_annotations = [outline] if outline else []
+    writer.add_tile(record, image, ref.mask, tile_annotations, refs={"reference": ref.image})

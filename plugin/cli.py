@@ -362,6 +362,29 @@ def extract(
     help="Add the synthetic tiles to --project as new entries marked for review: native "
     "(edits project.qpproj; close the project in QuPath first) or paquo (needs QuPath).",
 )
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="auto",
+    default=None,
+    metavar="[auto|local|ADDRESS]",
+    help="Render on a Ray cluster, one engine per worker: auto (the cluster of 'ray "
+    "start'), local (a Ray instance on this machine) or the head's address. Needs "
+    "pip install 'histosynth[ray]'.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 4096),
+    default=None,
+    help="Ray workers (actors), each loading the engine once [1].",
+)
+@click.option(
+    "--gpus-per-worker",
+    type=FiniteFloat(0.0, 64.0),
+    default=None,
+    help="GPUs each Ray worker holds [1 when the cluster has GPUs, else 0].",
+)
 @wait_option
 @click.pass_context
 def synthesize(
@@ -390,6 +413,9 @@ def synthesize(
     background,
     harmonise,
     write_project,
+    ray_address,
+    workers,
+    gpus_per_worker,
     wait_s,
 ) -> None:
     """Synthetic vessel tiles, masks, GeoJSON and index into a run folder.
@@ -406,6 +432,13 @@ def synthesize(
         raise click.UsageError("--slide needs --annotations")
     if write_project != "none" and project is None:
         raise click.UsageError("--write-project needs --project")
+    if ray_address is None and (workers is not None or gpus_per_worker is not None):
+        raise click.UsageError("--workers and --gpus-per-worker need --ray")
+    ray = None
+    if ray_address is not None:
+        from histosynth.scale_out import RayOptions
+
+        ray = RayOptions(ray_address, workers or 1, gpus_per_worker)
     settings = SynthesisSettings(
         classes=classes,
         count=count,
@@ -435,6 +468,7 @@ def synthesize(
         skip_missing=skip_missing,
         progress=progress_for(ctx, "synthesize"),
         command=shlex.join(["histosynth", *sys.argv[1:]]),
+        ray=ray,
     )
     _report_synthesis(ctx, result)
     _write_back(ctx, write_project, project, result.run_dir, wait_s=wait_s)

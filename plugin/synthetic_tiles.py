@@ -44,6 +44,7 @@ from histosynth.options import COUNT_MAX, GUIDANCE_MAX, MPP_MAX, SEED_MAX, STEPS
 from histosynth.synthesis import defaults
 
 if TYPE_CHECKING:  # pragma: no cover
+    from histosynth.scale_out import RayOptions
     from histosynth.synthesis.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -221,6 +222,7 @@ def synthesize(
     engine: Engine | None = None,
     progress: Callable[[Iterable, int], Iterable] | None = None,
     command: str = "",
+    ray: RayOptions | None = None,
 ) -> SynthesizeResult:
     """Make ``settings.count`` synthetic tiles of ``settings.classes`` vessels into the run
     folder ``out``.
@@ -241,6 +243,8 @@ def synthesize(
     and annotation stores, see ``histosynth.tiatoolbox``; a source without a ``reader``
     is opened from its ``slide_path``). ``engine``: an already loaded engine
     (``load_engine``), else ``settings.model`` is loaded once for the run.
+    ``ray``: render on a Ray cluster, one engine per actor (:mod:`histosynth.scale_out`;
+    the model is then given by ``settings``, not as a loaded ``engine``).
 
     >>> SynthesisSettings(classes=("Vessel",), count=0)
     Traceback (most recent call last):
@@ -251,6 +255,15 @@ def synthesize(
     if out.exists() and not out.is_dir():
         raise InputError("the output folder is a file", path=out)
     check_run_folder(out, resume=resume)  # before the slow part: loading the model
+    if ray is not None:
+        if engine is not None:
+            raise InputError(
+                "--ray loads the model on every worker: give it by name or folder "
+                "(settings.model), not as a loaded engine"
+            )
+        from histosynth.scale_out import connect
+
+        ray = connect(ray)
     if engine is None:
         from histosynth.synthesis.weights import check_model
 
@@ -274,7 +287,8 @@ def synthesize(
 
         engine = load_engine(
             settings.model,
-            device=settings.device,
+            # on Ray the driver's copy only answers what the model is; the actors render
+            device="cpu" if ray is not None else settings.device,
             kv_compress=settings.kv_compress,
             tile_size=settings.tile_size if settings.model == "tiny" else None,
         )
@@ -290,7 +304,7 @@ def synthesize(
         guidance=settings.mode_guidance,
         strength=engine.strength if settings.strength is None else settings.strength,
         adapter=None if settings.adapter is None else load_adapter_for(engine, settings.adapter),
-        batch_size=settings.batch_size or (4 if engine.device.type == "cuda" else 1),
+        batch_size=settings.batch_size or (4 if _renders_on_gpu(engine, ray) else 1),
         model=engine.model_id,
         kv_compress=engine.kv_compress,
     )
@@ -349,11 +363,19 @@ def synthesize(
         resume=resume,
         command=command,
         extra_columns=EXTRA_COLUMNS,
-        device=str(engine.device),
+        device=str(engine.device) if ray is None else _ray_device(ray),
     ) as writer:
         writer.set_info(
             histosynth=__version__, engine=engine.description, engine_trained=engine.trained
         )
+        if ray is not None:
+            writer.set_info(
+                ray={
+                    "address": ray.address,
+                    "workers": ray.workers,
+                    "gpus_per_worker": ray.gpus_per_worker,
+                }
+            )
         too_large = [item for item, reason in skipped if reason.startswith(TOO_LARGE)]
         for item, reason in skipped:
             writer.skip(item, reason, warn=item not in too_large)
@@ -371,11 +393,89 @@ def synthesize(
         prefix = "inp" if mode == "inpaint" else "var"
         todo = [i for i in range(run.count) if not writer.has(f"{prefix}-{i:05d}")]
         result.already_present = run.count - len(todo)
-        if mode == "inpaint":
+        if ray is not None:
+            spec = {
+                "model": settings.model,
+                "device": settings.device,
+                "kv_compress": settings.kv_compress,
+                "tile_size": settings.tile_size if settings.model == "tiny" else None,
+                "adapter": settings.adapter,
+            }
+            _run_on_ray(ray, spec, writer, result, todo, donors, backgrounds, run, progress)
+        elif mode == "inpaint":
             _run_inpaint(engine, writer, result, todo, donors, backgrounds, run, progress)
         else:
             _run_variation(engine, writer, result, todo, donors, run, progress)
     return result
+
+
+def _renders_on_gpu(engine: Engine, ray: RayOptions | None) -> bool:
+    return bool(ray.gpus_per_worker) if ray is not None else engine.device.type == "cuda"
+
+
+def _ray_device(ray: RayOptions) -> str:
+    return f"ray: {ray.workers} worker(s), " + (
+        f"{ray.gpus_per_worker:g} GPU each" if ray.gpus_per_worker else "CPU"
+    )
+
+
+def _run_on_ray(
+    options: RayOptions,
+    engine_spec: dict[str, Any],
+    writer: RunWriter,
+    result: SynthesizeResult,
+    todo: list[int],
+    donors: list[Donor],
+    backgrounds: list[Background],
+    run: SynthesisSettings,
+    progress,
+) -> None:
+    """The plan of a single-process run, rendered by Ray actors and written here in plan
+    order as the outcomes arrive."""
+    from histosynth.scale_out import render_on_ray
+
+    order = donor_order(donors, run)
+    rankings: dict[int, list[int]] = {}
+
+    def donor_of(i: int) -> int:
+        return int(order[i % len(donors)])
+
+    def orders(i: int) -> list[int]:
+        d = donor_of(i)
+        if d not in rankings:
+            rankings[d] = background_ranking(donors[d], backgrounds)
+        return background_order(i, rankings[d], run)
+
+    references: dict[int, ReferenceTile] = {}
+    if run.mode == "variation":  # read from the slides here: the actors have no readers
+        for d in sorted({donor_of(i) for i in todo}):
+            references[d] = reference_tile(donors[d], run.tile_size, run.mpp, run.classes)
+    outcomes = render_on_ray(
+        options,
+        engine_spec,
+        run,
+        list(plan_batches(todo, run.batch_size)),
+        donor_of,
+        orders,
+        donors,
+        backgrounds,
+        references,
+    )
+    for outcome in progress(outcomes, len(todo)) if progress else outcomes:
+        d = donor_of(outcome.index)
+        if outcome.skip is not None:
+            _record_skip(writer, result, outcome.skip)
+        elif run.mode == "variation":
+            _write_variation(writer, outcome.index, references[d], donors[d], outcome.image, run)
+            result.written += 1
+        else:
+            background = (
+                backgrounds[outcome.background]
+                if outcome.background is not None
+                else Background.synthetic(donors[d].source, outcome.generated_background)
+            )
+            prepared = _Prepared(outcome.index, donors[d], background, outcome.composite)
+            _write_inpaint_batch(writer, result, [prepared], [outcome.image], run)
 
 
 # --------------------------------------------------------------------------- adapters
@@ -533,24 +633,40 @@ def _run_inpaint(
     pipeline.set_progress_bar_config(disable=True)
     rankings: dict[int, list[int]] = {}
     order = donor_order(donors, run)
-    iterator = progress(todo, len(todo)) if progress else todo
-    batch: list[_Prepared] = []
-    for i in iterator:
-        d = int(order[i % len(donors)])
-        if d not in rankings:
-            rankings[d] = background_ranking(donors[d], backgrounds)
-        prepared = compose_tile(
-            i, donors[d], backgrounds, background_order(i, rankings[d], run), run, engine
-        )
-        if isinstance(prepared, _Skip):
-            _record_skip(writer, result, prepared)
-            continue
-        batch.append(prepared)
-        if len(batch) >= run.batch_size:
+    for chunk in plan_batches(todo, run.batch_size, progress):
+        batch: list[_Prepared] = []
+        for i in chunk:
+            d = int(order[i % len(donors)])
+            if d not in rankings:
+                rankings[d] = background_ranking(donors[d], backgrounds)
+            prepared = compose_tile(
+                i, donors[d], backgrounds, background_order(i, rankings[d], run), run, engine
+            )
+            if isinstance(prepared, _Skip):
+                _record_skip(writer, result, prepared)
+            else:
+                batch.append(prepared)
+        if batch:
             _write_inpaint_batch(writer, result, batch, render_inpaint(pipeline, batch, run), run)
-            batch = []
-    if batch:
-        _write_inpaint_batch(writer, result, batch, render_inpaint(pipeline, batch, run), run)
+
+
+def plan_batches(
+    todo: Sequence[int], batch_size: int, progress=None
+) -> Iterable[list[int]]:
+    """The engine calls of a run: consecutive ``batch_size`` tiles of ``todo`` (a tile
+    that cannot be made leaves its batch one short, so every executor batches alike);
+    ``progress`` advances once per tile."""
+    chunks = [list(todo[k : k + batch_size]) for k in range(0, len(todo), batch_size)]
+    if progress is None:
+        yield from chunks
+        return
+    bar = iter(progress(todo, len(todo)))
+    for chunk in chunks:
+        for _ in chunk:
+            next(bar, None)
+        yield chunk
+    for _ in bar:  # let the bar finish
+        pass
 
 
 def _synthetic_background(
@@ -698,24 +814,12 @@ def _run_variation(
         return references[k], donors[k]
 
     order = donor_order(donors, run)
-    iterator = progress(todo, len(todo)) if progress else todo
-    batch: list[int] = []
-
-    def flush() -> None:
+    for batch in plan_batches(todo, run.batch_size, progress):
         refs = [reference(int(order[i % len(donors)])) for i in batch]
         images = render_variation(pipeline, [ref for ref, _ in refs], batch, run)
         for i, (ref, donor), image in zip(batch, refs, images, strict=True):
             _write_variation(writer, i, ref, donor, image, run)
             result.written += 1
-
-    for i in iterator:
-        batch.append(i)
-        if len(batch) >= run.batch_size:
-            flush()
-            batch = []
-    if batch:
-        flush()
-
 
 def render_variation(
     pipeline, refs: Sequence[ReferenceTile], indices: Sequence[int], run: SynthesisSettings

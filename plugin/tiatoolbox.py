@@ -55,6 +55,7 @@ _PARAMS = {
     "adapter": "adapter",
     "resume": "resume",
     "slide_mpp": "slide_mpp_override",
+    "ray": "ray",
 }
 _STORE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 _GEOJSON_SUFFIXES = (".geojson", ".json")
@@ -187,7 +188,9 @@ class SynthesisEngine:
             mpp: µm per pixel of the tiles (default: the engine's, 0.5).
             **params: ``steps``, ``guidance``, ``strength``, ``seam_sigma``,
                 ``colour_blend``, ``adapter``, ``resume``, ``slide_mpp`` (µm per level-0
-                pixel for slide paths without that metadata).
+                pixel for slide paths without that metadata), ``ray`` (render on a Ray
+                cluster: a :class:`histosynth.scale_out.RayOptions` or its address,
+                ``"auto"`` / ``"local"``; the model must then be a preset or folder).
 
         Returns:
             ``"dict"``: ``{"images": (N, H, W, 3) uint8, "masks": (N, H, W) uint8 0/255,
@@ -257,7 +260,25 @@ class SynthesisEngine:
         from histosynth.synthetic_tiles import SynthesisSettings, synthesize
 
         options = {_PARAMS[key]: value for key, value in params.items()}
-        run_options = {k: options.pop(k) for k in ("resume", "slide_mpp_override") if k in options}
+        run_options = {
+            k: options.pop(k) for k in ("resume", "slide_mpp_override", "ray") if k in options
+        }
+        ray = run_options.get("ray")
+        if ray is not None:
+            from histosynth.scale_out import RayOptions
+
+            if isinstance(ray, str):
+                run_options["ray"] = RayOptions(ray)
+            elif not isinstance(ray, RayOptions):
+                raise InputError(f"ray must be RayOptions or an address, not {ray!r}")
+            if _is_engine(self.model) or self.weights is not None:
+                raise InputError(
+                    "ray= loads the model on every worker: give SynthesisEngine a preset "
+                    "name or an engine folder (not a loaded engine or weights=)"
+                )
+            options["model"] = None if self.model is None else os.fspath(self.model)
+            options["device"] = self.device
+            options["kv_compress"] = self.kv_compress
         save_dir = Path(save_dir)
         settings = SynthesisSettings(
             classes=tuple(classes),
@@ -275,7 +296,7 @@ class SynthesisEngine:
             progress=self._progress,
             command=f"histosynth.tiatoolbox.SynthesisEngine.run(mode={mode!r}, "
             f"output_type={output_type!r})",
-            engine=engine,
+            engine=None if ray is not None else engine,
             sources=sources,
             **run_options,
         )

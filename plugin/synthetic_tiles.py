@@ -436,6 +436,7 @@ def _run_on_ray(
 
     order = donor_order(donors, run)
     rankings: dict[int, list[int]] = {}
+    histograms = background_histograms(backgrounds) if backgrounds else None
 
     def donor_of(i: int) -> int:
         return int(order[i % len(donors)])
@@ -443,7 +444,7 @@ def _run_on_ray(
     def orders(i: int) -> list[int]:
         d = donor_of(i)
         if d not in rankings:
-            rankings[d] = background_ranking(donors[d], backgrounds)
+            rankings[d] = background_ranking(donors[d], backgrounds, histograms)
         return background_order(i, rankings[d], run)
 
     references: dict[int, ReferenceTile] = {}
@@ -538,20 +539,31 @@ class _Skip:
     detail: str
 
 
-def background_ranking(donor: Donor, backgrounds: Sequence[Background]) -> list[int]:
+def background_ranking(
+    donor: Donor, backgrounds: Sequence[Background], histograms: np.ndarray | None = None
+) -> list[int]:
     """The backgrounds' indices, the most similar to the donor's surroundings first (their
-    order when the donor has no tissue around it to compare)."""
+    order when the donor has no tissue around it to compare). ``histograms``: the
+    backgrounds' :func:`background_histograms`, computed once for many donors."""
     from histosynth.synthesis.errors import EngineError
-    from histosynth.synthesis.pipelines.background import rank_backgrounds
+    from histosynth.synthesis.pipelines.background import lab_histogram, rank_histograms
 
     if not backgrounds:
         return []
+    if histograms is None:
+        histograms = background_histograms(backgrounds)
     try:
-        return rank_backgrounds(
-            donor.context, donor.context_tissue, [(b.image, b.tissue) for b in backgrounds]
-        )
+        reference = lab_histogram(donor.context, donor.context_tissue)
     except EngineError:
         return list(range(len(backgrounds)))
+    return rank_histograms(reference, histograms)
+
+
+def background_histograms(backgrounds: Sequence[Background]) -> np.ndarray:
+    """The tissue colour histogram of each background (what a donor is ranked against)."""
+    from histosynth.synthesis.pipelines.background import candidate_histograms
+
+    return candidate_histograms([(b.image, b.tissue) for b in backgrounds])
 
 
 def background_order(index: int, ranked: Sequence[int], run: SynthesisSettings) -> list[int]:
@@ -632,13 +644,14 @@ def _run_inpaint(
     pipeline = engine.inpaint_pipeline()
     pipeline.set_progress_bar_config(disable=True)
     rankings: dict[int, list[int]] = {}
+    histograms = background_histograms(backgrounds) if backgrounds else None
     order = donor_order(donors, run)
     for chunk in plan_batches(todo, run.batch_size, progress):
         batch: list[_Prepared] = []
         for i in chunk:
             d = int(order[i % len(donors)])
             if d not in rankings:
-                rankings[d] = background_ranking(donors[d], backgrounds)
+                rankings[d] = background_ranking(donors[d], backgrounds, histograms)
             prepared = compose_tile(
                 i, donors[d], backgrounds, background_order(i, rankings[d], run), run, engine
             )
@@ -650,9 +663,7 @@ def _run_inpaint(
             _write_inpaint_batch(writer, result, batch, render_inpaint(pipeline, batch, run), run)
 
 
-def plan_batches(
-    todo: Sequence[int], batch_size: int, progress=None
-) -> Iterable[list[int]]:
+def plan_batches(todo: Sequence[int], batch_size: int, progress=None) -> Iterable[list[int]]:
     """The engine calls of a run: consecutive ``batch_size`` tiles of ``todo`` (a tile
     that cannot be made leaves its batch one short, so every executor batches alike);
     ``progress`` advances once per tile."""
@@ -820,6 +831,7 @@ def _run_variation(
         for i, (ref, donor), image in zip(batch, refs, images, strict=True):
             _write_variation(writer, i, ref, donor, image, run)
             result.written += 1
+
 
 def render_variation(
     pipeline, refs: Sequence[ReferenceTile], indices: Sequence[int], run: SynthesisSettings

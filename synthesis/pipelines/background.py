@@ -44,11 +44,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "LAB_RANGES",
+    "candidate_histograms",
     "dihedral",
     "generate_background",
     "histogram_distance",
     "lab_histogram",
     "rank_backgrounds",
+    "rank_histograms",
     "synthetic_condition_tile",
 ]
 
@@ -85,8 +87,7 @@ def synthetic_condition_tile(
     """
     tile = np.asarray(tile_256)
     if tile.ndim != 3 or tile.shape[-1] != 3 or tile.shape[0] != tile.shape[1] or not tile.size:
-        raise EngineError(f"expected a square RGB tile (s, s, 3), found {tile.shape}",
-                          item="tile")
+        raise EngineError(f"expected a square RGB tile (s, s, 3), found {tile.shape}", item="tile")
     if int(grid) != grid or grid < 1:
         raise EngineError(f"expected a positive integer, got {grid}", item="grid")
     grid = int(grid)
@@ -146,16 +147,22 @@ def generate_background(
     elif isinstance(pipeline_or_engine, VariationPipeline):
         pipe = pipeline_or_engine
     else:
-        raise EngineError(f"expected an Engine or a VariationPipeline, found "
-                          f"{type(pipeline_or_engine).__name__}", item="pipeline_or_engine")
+        raise EngineError(
+            f"expected an Engine or a VariationPipeline, found {type(pipeline_or_engine).__name__}",
+            item="pipeline_or_engine",
+        )
     if pipe.encoder is None:
-        raise EngineError("the pipeline has no encoder to encode the condition",
-                          item="pipeline_or_engine")
+        raise EngineError(
+            "the pipeline has no encoder to encode the condition", item="pipeline_or_engine"
+        )
     condition = np.asarray(condition_tile)
     side = pipe.tile_size
     if condition.ndim != 3 or condition.shape != (side, side, 3):
-        raise EngineError(f"expected an RGB condition of {side}×{side} px (the engine's tile "
-                          f"size), found {condition.shape}", item="condition_tile")
+        raise EngineError(
+            f"expected an RGB condition of {side}×{side} px (the engine's tile "
+            f"size), found {condition.shape}",
+            item="condition_tile",
+        )
     seed_list = [seeds] if isinstance(seeds, (int, np.integer)) else list(seeds)
     if not seed_list:
         raise EngineError("expected at least one seed", item="seeds")
@@ -193,14 +200,13 @@ def _tissue(rgb: np.ndarray, tissue_mask: np.ndarray | None, item: str) -> np.nd
         return image.reshape(-1, 3)
     mask = np.asarray(tissue_mask)
     if mask.shape != image.shape[:2]:
-        raise EngineError(f"expected a tissue mask of shape {image.shape[:2]}, found "
-                          f"{mask.shape}", item=item)
+        raise EngineError(
+            f"expected a tissue mask of shape {image.shape[:2]}, found {mask.shape}", item=item
+        )
     return image[mask.astype(bool)]
 
 
-def lab_histogram(
-    rgb: np.ndarray, tissue_mask: np.ndarray | None, bins: int = 16
-) -> np.ndarray:
+def lab_histogram(rgb: np.ndarray, tissue_mask: np.ndarray | None, bins: int = 16) -> np.ndarray:
     """Joint CIELAB colour histogram of the tissue pixels, normalised to sum 1.
 
     sRGB → CIELAB with scikit-image (``rgb2lab``, D65 white, 2° observer); ``bins``
@@ -277,11 +283,35 @@ def rank_backgrounds(
         EngineError: bad shapes, or no tissue in the donor's context.
     """
     reference = lab_histogram(donor_context_rgb, donor_context_tissue, bins)
-    keyed = []
+    return rank_histograms(reference, candidate_histograms(candidates, bins=bins))
+
+
+def candidate_histograms(
+    candidates: Sequence[tuple[np.ndarray, np.ndarray | None]], *, bins: int = 16
+) -> np.ndarray:
+    """``(N, bins³)``: each candidate's tissue LAB histogram (all zeros without tissue
+    pixels), to rank many donors against the same backgrounds with
+    :func:`rank_histograms`."""
+    out = np.zeros((len(candidates), bins**3))
     for index, (rgb, tissue) in enumerate(candidates):
-        if not len(_tissue(rgb, tissue, f"candidates[{index}]")):
-            distance = float("inf")
-        else:
-            distance = histogram_distance(reference, lab_histogram(rgb, tissue, bins))
-        keyed.append((distance, index))
-    return [index for _, index in sorted(keyed)]
+        if len(_tissue(rgb, tissue, f"candidates[{index}]")):
+            out[index] = lab_histogram(rgb, tissue, bins).ravel()
+    return out
+
+
+def rank_histograms(reference: np.ndarray, histograms: np.ndarray) -> list[int]:
+    """Rows of ``histograms`` (:func:`candidate_histograms`), the nearest to ``reference``
+    (χ², as :func:`histogram_distance`) first; ties keep the order, empty rows go last.
+    One vectorised pass: 10 000 candidates in milliseconds per donor."""
+    if not len(histograms):
+        return []
+    q = np.asarray(histograms, dtype=np.float64).reshape(len(histograms), -1)
+    p = np.asarray(reference, dtype=np.float64).ravel()
+    p = p / p.sum()
+    mass = q.sum(1)
+    # ½ Σ (p − q)² / (p + q) = 1 − 2 Σ_{p > 0} p q / (p + q) for p, q summing to 1:
+    # only the reference's own bins (a few hundred of 4096) are read
+    nz = np.flatnonzero(p)
+    pk, qk = p[nz][None, :], q[:, nz] / np.where(mass > 0, mass, 1.0)[:, None]
+    distance = np.where(mass > 0, 1.0 - 2.0 * (pk * qk / (pk + qk)).sum(1), np.inf)
+    return [int(i) for i in np.lexsort((np.arange(len(q)), distance))]

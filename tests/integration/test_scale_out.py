@@ -208,6 +208,41 @@ def test_no_cluster_is_one_clear_line(demo_project, tmp_path):
     assert not (out / "index.csv").exists()
 
 
+def test_the_tiatoolbox_engine_runs_on_ray(local_ray, tmp_path):
+    """SynthesisEngine.run(..., ray=...) from a slide and its GeoJSON: the arrays equal
+    a run without Ray (one thread, as the worker)."""
+    import numpy as np
+    import torch
+
+    from histosynth.integration.demodata import build_demo_slide
+    from histosynth.integration.geojson import write_annotations
+    from histosynth.tiatoolbox import SynthesisEngine
+
+    slide = build_demo_slide(tmp_path / "demo.ome.tif", width=2048, height=1536, seed=1)
+    geojson = tmp_path / "demo.geojson"
+    write_annotations(geojson, slide.annotations)
+    kw = dict(annotations=[geojson], classes=["Vessel"], count=2, steps=2, seed=4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        plain = SynthesisEngine("tiny", device="cpu", verbose=False).run(
+            [str(slide.path)], save_dir=tmp_path / "plain", **kw
+        )
+    finally:
+        torch.set_num_threads(threads)
+    on_ray = SynthesisEngine("tiny", device="cpu", verbose=False).run(
+        [str(slide.path)], save_dir=tmp_path / "ray", ray=RayOptions(workers=2), **kw
+    )
+    assert np.array_equal(plain["images"], on_ray["images"])
+    assert np.array_equal(plain["masks"], on_ray["masks"])
+    with pytest.raises(InputError, match="not a loaded engine"):
+        from histosynth.synthesis.engine import load_engine
+
+        SynthesisEngine(load_engine("tiny", device="cpu")).run(
+            [str(slide.path)], save_dir=tmp_path / "x", ray="local", **kw
+        )
+
+
 def test_two_nodes_make_the_same_tiles(single_runs, demo_project, tmp_path):
     """A two-node cluster (one CPU each): the two actors live on different nodes."""
     from ray.cluster_utils import Cluster

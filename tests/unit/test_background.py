@@ -162,6 +162,19 @@ def test_bank_ranks_the_same_colours_first_and_very_different_ones_last() -> Non
     twins = [(same_colours, None), (green, None), (same_colours, None)]
     assert rank_backgrounds(donor, None, twins) == [0, 2, 1]
     assert rank_backgrounds(donor, None, []) == []
+    # the histograms of many candidates, computed once, rank every donor the same way
+    from histosynth.synthesis.pipelines.background import (
+        candidate_histograms,
+        lab_histogram,
+        rank_histograms,
+    )
+
+    once = candidate_histograms(candidates)
+    assert not once[2].any()  # no tissue
+    for other in (donor, paler, green):
+        assert rank_histograms(lab_histogram(other, None), once) == rank_backgrounds(
+            other, None, candidates
+        )
 
 
 def test_the_bank_does_not_import_torch() -> None:

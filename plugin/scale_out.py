@@ -3,7 +3,7 @@
 The driver (the process that runs ``synthesize``) reads the slides, collects the donors,
 backgrounds and reference tiles, and plans every tile exactly as a single-process run:
 the donor order, each tile's background ranking and its seed. It cuts the plan into the
-same engine calls (:func:`~histosynth.synthetic_tiles.plan_batches`) and hands them to
+same engine calls (:func:`~histosynth.tile_plan.plan_batches`) and hands them to
 Ray Data: ``map_batches`` over an actor pool (``ActorPoolStrategy``), where each actor
 loads the engine once and, per call, composes its tiles (placement, colour match, and a
 generated background where a donor fits no real one) and renders them. The outcomes
@@ -12,7 +12,7 @@ committed atomically as it arrives, so a run cut off anywhere is finished by
 ``--resume``, which plans only the missing tiles.
 
 Same inputs, seed and device type → the same tiles (sha256) as a single-process run:
-both run :func:`~histosynth.synthetic_tiles.compose_tile` and the same batches. On the
+both run :func:`~histosynth.tile_plan.compose_tile` and the same batches. On the
 CPU "the same device" includes the thread count (kernels sum in an order that depends on
 it): an actor runs ``cpus_per_worker`` threads.
 
@@ -90,7 +90,8 @@ def connect(options: RayOptions) -> RayOptions:
     if not ray.is_initialized():
         try:
             if options.address == "local":
-                ray.init(include_dashboard=False, logging_level=logging.WARNING)
+                # "local": always a new instance, never a cluster of `ray start`
+                ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
             else:
                 ray.init(address=options.address, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -133,7 +134,7 @@ class Outcome:
     composite: Any = None  # CompositeResult (inpaint)
     background: int | None = None  # index into the backgrounds; None: generated
     generated_background: np.ndarray | None = None
-    skip: Any = None  # synthetic_tiles._Skip
+    skip: Any = None  # tile_plan.SkippedTile
 
 
 @dataclass
@@ -181,7 +182,7 @@ class TileRenderer:
         torch.set_num_threads(threads)
 
         from histosynth.synthesis.engine import load_engine
-        from histosynth.synthetic_tiles import load_adapter_for
+        from histosynth.tile_plan import load_adapter_for
 
         if isinstance(shared, ray.ObjectRef):
             shared = ray.get(shared)
@@ -204,8 +205,8 @@ class TileRenderer:
         return {"rendered": _object_array(rendered)}
 
     def render(self, call: PlannedCall) -> list[Outcome]:
-        from histosynth.synthetic_tiles import (
-            _Skip,
+        from histosynth.tile_plan import (
+            SkippedTile,
             compose_tile,
             render_inpaint,
             render_variation,
@@ -227,11 +228,11 @@ class TileRenderer:
             compose_tile(i, self.donors[d], self.backgrounds, order, run, self.engine)
             for i, d, order in zip(indices, call.donors, call.orders, strict=True)
         ]
-        made = [p for p in planned if not isinstance(p, _Skip)]
+        made = [p for p in planned if not isinstance(p, SkippedTile)]
         images = iter(render_inpaint(self.pipeline, made, run) if made else [])
         out = []
         for p in planned:
-            if isinstance(p, _Skip):
+            if isinstance(p, SkippedTile):
                 out.append(Outcome(p.index, skip=p))
                 continue
             real = id(p.background) in position

@@ -36,12 +36,24 @@ from histosynth.integration.tiles import (
     collect_donors,
     load_sources,
     mask_annotation,
-    most_tissue_crop,
     open_sources,
     reference_tile,
 )
 from histosynth.options import COUNT_MAX, GUIDANCE_MAX, MPP_MAX, SEED_MAX, STEPS_MAX, check_finite
 from histosynth.synthesis import defaults
+from histosynth.tile_plan import (
+    PlannedTile,
+    SkippedTile,
+    background_histograms,
+    background_order,
+    background_ranking,
+    compose_tile,
+    donor_order,
+    load_adapter_for,
+    plan_batches,
+    render_inpaint,
+    render_variation,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from histosynth.scale_out import RayOptions
@@ -475,158 +487,14 @@ def _run_on_ray(
                 if outcome.background is not None
                 else Background.synthetic(donors[d].source, outcome.generated_background)
             )
-            prepared = _Prepared(outcome.index, donors[d], background, outcome.composite)
+            prepared = PlannedTile(outcome.index, donors[d], background, outcome.composite)
             _write_inpaint_batch(writer, result, [prepared], [outcome.image], run)
-
-
-# --------------------------------------------------------------------------- adapters
-
-
-def adapter_folder(adapter: str) -> Path:
-    """Where the LoRA adapter ``adapter`` is: a folder path, or a name in the adapter
-    library (``$HISTOSYNTH_ADAPTERS``, else ``~/.local/share/histosynth/adapters``)."""
-
-    as_path = Path(adapter).expanduser()
-    if as_path.is_dir():
-        return as_path
-    from histosynth.synthesis.adapters import adapter_library
-
-    root = adapter_library()
-    candidate = root / adapter
-    if candidate.is_dir():
-        return candidate
-    raise InputError(
-        f"no adapter folder {as_path} and no adapter {adapter!r} in the library {root} "
-        "(set HISTOSYNTH_ADAPTERS or give the adapter's folder)",
-        item="--adapter",
-    )
-
-
-def load_adapter_for(engine: Engine, adapter: str) -> str:
-    """Load the LoRA adapter (folder or library name) onto the engine's transformer,
-    checked against the base weights; return the name the pipelines activate."""
-    from histosynth.synthesis.adapters import load_adapter, loaded_adapters
-
-    if adapter in loaded_adapters(engine.transformer):
-        return adapter
-    info = load_adapter(engine.transformer, adapter_folder(adapter), activate=False)
-    return info.name
-
-
-# --------------------------------------------------------------------------- donors
-
-
-# --------------------------------------------------------------------------- backgrounds
 
 
 # --------------------------------------------------------------------------- inpainting
 
 
-@dataclass
-class _Prepared:
-    index: int
-    donor: Donor
-    background: Background
-    composite: Any  # CompositeResult
-
-
-@dataclass
-class _Skip:
-    """A planned tile that cannot be made: the reason for run.json and for the result."""
-
-    index: int
-    reason: str
-    detail: str
-
-
-def background_ranking(
-    donor: Donor, backgrounds: Sequence[Background], histograms: np.ndarray | None = None
-) -> list[int]:
-    """The backgrounds' indices, the most similar to the donor's surroundings first (their
-    order when the donor has no tissue around it to compare). ``histograms``: the
-    backgrounds' :func:`background_histograms`, computed once for many donors."""
-    from histosynth.synthesis.errors import EngineError
-    from histosynth.synthesis.pipelines.background import lab_histogram, rank_histograms
-
-    if not backgrounds:
-        return []
-    if histograms is None:
-        histograms = background_histograms(backgrounds)
-    try:
-        reference = lab_histogram(donor.context, donor.context_tissue)
-    except EngineError:
-        return list(range(len(backgrounds)))
-    return rank_histograms(reference, histograms)
-
-
-def background_histograms(backgrounds: Sequence[Background]) -> np.ndarray:
-    """The tissue colour histogram of each background (what a donor is ranked against)."""
-    from histosynth.synthesis.pipelines.background import candidate_histograms
-
-    return candidate_histograms([(b.image, b.tissue) for b in backgrounds])
-
-
-def background_order(index: int, ranked: Sequence[int], run: SynthesisSettings) -> list[int]:
-    """The backgrounds tile ``index`` tries, in turn: one of the three most similar (seeded
-    by the tile), then the rest of the ranking."""
-    if not ranked or run.background == "synthetic":
-        return []
-    rng = np.random.default_rng([run.seed, index])
-    first = ranked[int(rng.integers(min(3, len(ranked))))]
-    return [first, *[r for r in ranked if r != first]]
-
-
-def compose_tile(
-    index: int,
-    donor: Donor,
-    backgrounds: Sequence[Background],
-    order: Sequence[int],
-    run: SynthesisSettings,
-    engine: Engine,
-) -> _Prepared | _Skip:
-    """Tile ``index``'s composite: the donor placed into the first background of ``order``
-    it fits, else (``--background auto / synthetic``) into one generated for it."""
-    from histosynth.synthesis.inpaint import prepare_composite
-
-    def place(background: Background, existing: np.ndarray | None) -> Any:
-        return prepare_composite(
-            background.image,
-            donor.image,
-            donor.mask,
-            existing=existing,
-            tissue=background.tissue,
-            donor_tissue=donor.tissue,
-            seed=run.seed + index,
-            colour_blend=run.colour_blend,
-            context_ring=run.ring,
-            donor_exclude=donor.others,
-        )
-
-    for attempt, b in enumerate(order):
-        background = backgrounds[b]
-        try:
-            composite = place(background, background.existing_mask)
-        except ValueError as exc:
-            return _Skip(index, f"donor {donor.vessel.id}: {exc}", str(exc))
-        if composite is not None:
-            if attempt:
-                log.debug("tile %d: background %d of the ranking", index, attempt)
-            return _Prepared(index, donor, background, composite)
-    if run.background in ("auto", "synthetic"):
-        background = _synthetic_background(engine, donor, index, run)
-        composite = place(background, None)
-        if composite is not None:
-            return _Prepared(index, donor, background, composite)
-    reason = f"donor {donor.vessel.id} fits no background tile (tissue, free space)"
-    return _Skip(index, reason, reason)
-
-
-def donor_order(donors: Sequence[Donor], run: SynthesisSettings) -> np.ndarray:
-    """The donors' order the tiles cycle through (tile i takes ``order[i % len]``)."""
-    return np.random.default_rng([run.seed, 1]).permutation(len(donors))
-
-
-def _record_skip(writer: RunWriter, result: SynthesizeResult, skip: _Skip) -> None:
+def _record_skip(writer: RunWriter, result: SynthesizeResult, skip: SkippedTile) -> None:
     writer.skip(f"tile {skip.index}", skip.reason)
     result.skipped.append((f"tile {skip.index}", skip.detail))
 
@@ -647,7 +515,7 @@ def _run_inpaint(
     histograms = background_histograms(backgrounds) if backgrounds else None
     order = donor_order(donors, run)
     for chunk in plan_batches(todo, run.batch_size, progress):
-        batch: list[_Prepared] = []
+        batch: list[PlannedTile] = []
         for i in chunk:
             d = int(order[i % len(donors)])
             if d not in rankings:
@@ -655,7 +523,7 @@ def _run_inpaint(
             prepared = compose_tile(
                 i, donors[d], backgrounds, background_order(i, rankings[d], run), run, engine
             )
-            if isinstance(prepared, _Skip):
+            if isinstance(prepared, SkippedTile):
                 _record_skip(writer, result, prepared)
             else:
                 batch.append(prepared)
@@ -663,78 +531,10 @@ def _run_inpaint(
             _write_inpaint_batch(writer, result, batch, render_inpaint(pipeline, batch, run), run)
 
 
-def plan_batches(todo: Sequence[int], batch_size: int, progress=None) -> Iterable[list[int]]:
-    """The engine calls of a run: consecutive ``batch_size`` tiles of ``todo`` (a tile
-    that cannot be made leaves its batch one short, so every executor batches alike);
-    ``progress`` advances once per tile."""
-    chunks = [list(todo[k : k + batch_size]) for k in range(0, len(todo), batch_size)]
-    if progress is None:
-        yield from chunks
-        return
-    bar = iter(progress(todo, len(todo)))
-    for chunk in chunks:
-        for _ in chunk:
-            next(bar, None)
-        yield chunk
-    for _ in bar:  # let the bar finish
-        pass
-
-
-def _synthetic_background(
-    engine: Engine, donor: Donor, index: int, run: SynthesisSettings
-) -> Background:
-    """A background generated from noise (synthetic-background mode): the condition is 16
-    randomly rotated copies of the most tissue-rich real crop (a quarter tile wide) of the
-    donor's surroundings, i.e. a full tile's worth of encoder rows."""
-    from histosynth.synthesis.pipelines.background import (
-        generate_background,
-        synthetic_condition_tile,
-    )
-
-    crop = most_tissue_crop(donor.context, donor.context_tissue, run.tile_size // 4)
-    rng = np.random.default_rng([run.seed, index, 3])
-    condition = synthetic_condition_tile(crop, rng, grid=4)
-    image = generate_background(
-        engine,
-        condition,
-        seeds=[run.seed + index],
-        steps=run.steps,
-        adapter=run.adapter,
-    )[0]
-    return Background.synthetic(donor.source, image)
-
-
-def render_inpaint(pipeline, batch: Sequence[_Prepared], run: SynthesisSettings) -> list:
-    """The tiles of ``batch``: the seam regenerated by the engine in one call (seeds
-    ``run.seed + index``), blended by Laplacian pyramids, or the composites."""
-    if run.harmonise != "diffusion":
-        from histosynth.synthesis.inpaint.harmonise import harmonise_multiband
-
-        if run.harmonise == "none":
-            return [p.composite.composite for p in batch]
-        return [
-            harmonise_multiband(
-                p.background.image, p.composite.composite, p.composite.mask, sigma=run.seam_sigma
-            )
-            for p in batch
-        ]
-    output = pipeline(
-        np.stack([p.composite.composite for p in batch]),
-        np.stack([p.composite.mask for p in batch]),
-        strength=run.strength,
-        guidance_scale=run.guidance,
-        num_inference_steps=run.steps,
-        seeds=[run.seed + p.index for p in batch],
-        seam_sigma=run.seam_sigma,
-        adapter=run.adapter,
-    )
-    return list(output.images)
-
-
 def _write_inpaint_batch(
     writer: RunWriter,
     result: SynthesizeResult,
-    batch: Sequence[_Prepared],
+    batch: Sequence[PlannedTile],
     images: Sequence[np.ndarray],
     run: SynthesisSettings,
 ) -> None:
@@ -746,7 +546,7 @@ def _write_inpaint_batch(
 
 
 def _write_inpainted(
-    writer: RunWriter, prepared: _Prepared, image: np.ndarray, run: SynthesisSettings
+    writer: RunWriter, prepared: PlannedTile, image: np.ndarray, run: SynthesisSettings
 ) -> None:
     donor, background, comp = prepared.donor, prepared.background, prepared.composite
     diffused = run.harmonise == "diffusion"
@@ -831,20 +631,6 @@ def _run_variation(
         for i, (ref, donor), image in zip(batch, refs, images, strict=True):
             _write_variation(writer, i, ref, donor, image, run)
             result.written += 1
-
-
-def render_variation(
-    pipeline, refs: Sequence[ReferenceTile], indices: Sequence[int], run: SynthesisSettings
-) -> list:
-    """Variations of the reference tiles in one engine call (seeds ``run.seed + index``)."""
-    output = pipeline(
-        np.stack([ref.image for ref in refs]),
-        guidance_scale=run.guidance,
-        num_inference_steps=run.steps,
-        seeds=[run.seed + i for i in indices],
-        adapter=run.adapter,
-    )
-    return list(output.images)
 
 
 def _write_variation(

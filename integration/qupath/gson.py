@@ -10,7 +10,13 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["append_entries_text", "check_append", "gson_json"]
+__all__ = [
+    "append_entries_text",
+    "check_append",
+    "check_metadata_edit",
+    "gson_json",
+    "set_metadata_text",
+]
 
 # Gson (QuPath's GsonTools) escapes HTML characters and the JavaScript line separators.
 _GSON_ESCAPES = {
@@ -70,6 +76,78 @@ def _members(text: str) -> list[tuple[str, int, int, int]]:
             return members
         else:
             raise ValueError(f"',' or '}}' expected at character {pos}")
+
+
+def _elements(text: str, start: int) -> list[tuple[int, int]]:
+    """(start, end) of each element of the JSON array whose ``[`` is at ``start``."""
+    decoder = json.JSONDecoder()
+    if not text.startswith("[", start):
+        raise ValueError("it is not a JSON array")
+    pos = _WS.match(text, start + 1).end()
+    out: list[tuple[int, int]] = []
+    if text.startswith("]", pos):
+        return out
+    while True:
+        _, end = decoder.raw_decode(text, pos)
+        out.append((pos, end))
+        pos = _WS.match(text, end).end()
+        if text.startswith(",", pos):
+            pos = _WS.match(text, pos + 1).end()
+        elif text.startswith("]", pos):
+            return out
+        else:
+            raise ValueError(f"',' or ']' expected at character {pos}")
+
+
+def set_metadata_text(
+    text: str, changes: Mapping[int, Mapping[str, str]], modify_timestamp: int | None = None
+) -> str:
+    """``project.qpproj`` text with metadata values of existing entries replaced
+    (``changes``: position in ``images`` → {key: new value}), and ``modifyTimestamp``
+    when given; every other character kept.
+
+    Raises:
+        ValueError: no such entry, an entry without ``metadata`` or without the key (only
+            existing values are changed), or text that is not a project.
+    """
+    members = {key: (ks, vs, ve) for key, ks, vs, ve in _members(text)}
+    if "images" not in members:
+        raise ValueError("it has no 'images' list")
+    elements = _elements(text, members["images"][1])
+    edits: list[tuple[int, int, str]] = []
+    for index, values in changes.items():
+        if not 0 <= index < len(elements):
+            raise ValueError(f"there is no image {index}")
+        es, ee = elements[index]
+        entry = {key: (es + vs, es + ve) for key, _, vs, ve in _members(text[es:ee])}
+        if "metadata" not in entry:
+            raise ValueError(f"image {index} has no metadata")
+        ms, me = entry["metadata"]
+        meta = {key: (ms + vs, ms + ve) for key, _, vs, ve in _members(text[ms:me])}
+        for key, value in values.items():
+            if key not in meta:
+                raise ValueError(f"image {index} has no metadata {key!r}")
+            edits.append((*meta[key], gson_json(str(value), indent=None)))
+    if modify_timestamp is not None and "modifyTimestamp" in members:
+        _, vs, ve = members["modifyTimestamp"]
+        edits.append((vs, ve, json.dumps(modify_timestamp)))
+    for begin, stop, replacement in sorted(edits, reverse=True):
+        text = text[:begin] + replacement + text[stop:]
+    return text
+
+
+def check_metadata_edit(
+    old: dict[str, Any], new: dict[str, Any], changes: Mapping[int, Mapping[str, str]]
+) -> None:
+    """Guard: ``new`` is ``old`` with exactly these metadata values (and the timestamp)."""
+    expected = json.loads(json.dumps(old))
+    for index, values in changes.items():
+        expected["images"][index]["metadata"].update({k: str(v) for k, v in values.items()})
+    expected["modifyTimestamp"] = new.get("modifyTimestamp", old.get("modifyTimestamp"))
+    if "modifyTimestamp" not in old:
+        expected.pop("modifyTimestamp", None)
+    if not _same_json(expected, new):  # a bug here, never bad input: refuse to write
+        raise RuntimeError("project text rewrite failed: the metadata edit changed more")
 
 
 def _line_indent(text: str, pos: int) -> str | None:

@@ -49,7 +49,12 @@ from histosynth.integration.qupath.entries import (
     synthetic_image_name,
     synthetic_metadata,
 )
-from histosynth.integration.qupath.gson import append_entries_text, check_append
+from histosynth.integration.qupath.gson import (
+    append_entries_text,
+    check_append,
+    check_metadata_edit,
+    set_metadata_text,
+)
 from histosynth.integration.qupath.server import (
     bioformats_server_builder,
 )
@@ -147,6 +152,8 @@ class QuPathProject:
         self._paquo_state: tuple[bool, str] | None = None
         self._classes: dict[str, RGB] | None = None
         self._pending: list[dict[str, Any]] = []
+        #: position in ``images`` → {metadata key: new value}, written by :meth:`save`
+        self._metadata_edits: dict[int, dict[str, str]] = {}
         data, self._disk = _read_with_fingerprint(self.file)
         self._data: bytes = data
         self.raw: dict[str, Any] = _parse_json_object(data, self.file)
@@ -617,9 +624,32 @@ class QuPathProject:
             tile_size=tile_size,
         )
 
+    def set_metadata(self, entry: int | str | ProjectEntry, key: str, value: str) -> None:
+        """Queue a new value of an existing metadata key of an entry (e.g. a reviewer's
+        ``review_status``) for :meth:`save`, which changes that value's text only.
+
+        Raises:
+            InputError: the entry is unknown, has no such metadata key, or the value is
+                not a string.
+        """
+        found = self.entry(entry)
+        if not isinstance(value, str):
+            raise InputError(f"a metadata value must be a string, not {value!r}", item=key)
+        if key not in found.metadata:
+            raise InputError(
+                f"the entry has no metadata {key!r} to change",
+                path=self.file,
+                item=found.label(),
+            )
+        position = next(
+            i for i, item in enumerate(self.raw["images"]) if item.get("entryID") == found.entry_id
+        )
+        self._metadata_edits.setdefault(position, {})[key] = value
+        found.metadata[key] = value
+
     def save(self) -> Path | None:
-        """Write the queued entries into ``project.qpproj``; return the backup's path
-        (``None`` when nothing was queued).
+        """Write the queued entries and metadata changes into ``project.qpproj``; return
+        the backup's path (``None`` when nothing was queued).
 
         The new file is the old text with the entries appended to ``images`` (formatted
         like QuPath's Gson pretty printing, in the file's own indentation and line ends),
@@ -631,18 +661,33 @@ class QuPathProject:
             InputError: the file changed on disk since it was read (QuPath may have it
                 open), or it cannot be written.
         """
-        if not self._pending:
+        if not self._pending and not self._metadata_edits:
             return None
         self.check_unchanged()
         bom = self._data.startswith(codecs.BOM_UTF8)
         old_text = self._data.decode("utf-8-sig")
         now = max(int(time.time() * 1000), (self.modify_timestamp or 0) + 1)
-        try:
-            new_text = append_entries_text(old_text, self._pending, self.last_id, now)
-        except ValueError as exc:
-            raise InputError(f"cannot append entries to this file: {exc}", path=self.file) from None
+        raw = self.raw
+        if self._metadata_edits:
+            try:
+                old_text = set_metadata_text(old_text, self._metadata_edits, now)
+            except ValueError as exc:
+                raise InputError(
+                    f"cannot change metadata in this file: {exc}", path=self.file
+                ) from None
+            edited = json.loads(old_text)
+            check_metadata_edit(self.raw, edited, self._metadata_edits)
+            raw = edited
+        new_text = old_text
+        if self._pending:
+            try:
+                new_text = append_entries_text(old_text, self._pending, self.last_id, now)
+            except ValueError as exc:
+                raise InputError(
+                    f"cannot append entries to this file: {exc}", path=self.file
+                ) from None
         new_raw = json.loads(new_text)
-        check_append(self.raw, new_raw, self._pending)
+        check_append(raw, new_raw, self._pending)
         new_data = (codecs.BOM_UTF8 if bom else b"") + new_text.encode("utf-8")
         backup = self.file.with_name(self.file.name + BACKUP_SUFFIX)
         mode = stat.S_IMODE(self._stat_mode())
@@ -662,6 +707,7 @@ class QuPathProject:
         self.raw = new_raw
         self.modify_timestamp = now
         self._pending = []
+        self._metadata_edits = {}
         return backup
 
     def _stat_mode(self) -> int:

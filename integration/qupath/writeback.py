@@ -29,6 +29,7 @@ from histosynth.integration.dataset import (
     read_index,
     update_index,
 )
+from histosynth.integration.decisions import latest_decision_times
 from histosynth.integration.errors import InputError
 from histosynth.integration.images import read_rgb
 from histosynth.integration.locks import RUN_LOCK_NAME, folder_lock, project_lock
@@ -114,6 +115,8 @@ class ReviewSyncResult:
         statuses: tile id -> the status copied.
         not_in_index: labels of entries of this run whose tile id is not in the index.
         not_in_project: synthetic tile ids of the index with no entry in the project.
+        kept_newer: tile ids whose decision in the run (``review serve``'s log) is newer
+            than the project's last save, so the project's older status was not copied.
     """
 
     project_file: Path
@@ -124,6 +127,7 @@ class ReviewSyncResult:
     statuses: dict[str, str]
     not_in_index: list[str] = field(default_factory=list)
     not_in_project: list[str] = field(default_factory=list)
+    kept_newer: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """One line for the command line."""
@@ -136,6 +140,11 @@ class ReviewSyncResult:
             text += f"; {len(self.not_in_project)} synthetic tile(s) not in the project"
         if self.not_in_index:
             text += f"; {len(self.not_in_index)} entry(ies) name tiles missing from the index"
+        if self.kept_newer:
+            text += (
+                f"; {len(self.kept_newer)} newer decision(s) of the run kept "
+                "(made in the browser after the project was last saved)"
+            )
         return text
 
 
@@ -263,6 +272,10 @@ def review_sync(
     case-insensitively, surrounding spaces ignored; an entry of the run without
     ``review_status`` counts as ``pending``. The index is rewritten atomically.
 
+    A tile decided in the browser (``histosynth review serve``, ``RUN/review/decisions.jsonl``)
+    after the project was last saved (its ``modifyTimestamp``, else the file's time) keeps
+    the run's decision: the project cannot hold a newer one.
+
     Raises:
         InputError: a status that is not ``pending``, ``accepted`` or ``rejected``
             (naming the entry), or two entries of one tile with different decisions;
@@ -314,6 +327,20 @@ def review_sync(
             )
         statuses[tile_id] = status
         decided_by[tile_id] = entry.label()
+    saved_at = (
+        project.modify_timestamp / 1000.0
+        if project.modify_timestamp
+        else project.file.stat().st_mtime
+    )
+    decided_at = latest_decision_times(run)
+    current = {row["id"]: (row.get("review_status") or "pending") for row in rows}
+    kept_newer = sorted(
+        tile_id
+        for tile_id, status in statuses.items()
+        if status != current.get(tile_id) and decided_at.get(tile_id, 0.0) > saved_at
+    )
+    for tile_id in kept_newer:
+        del statuses[tile_id]
     changed = 0
     if statuses:  # the run's index is changed only with the run folder's lock held
         with folder_lock(run, RUN_LOCK_NAME, "the run folder", "the run folder", wait_s=wait_s):
@@ -326,5 +353,13 @@ def review_sync(
     counts = {status: 0 for status in REVIEW_STATUSES}
     counts.update(Counter(statuses.values()))
     return ReviewSyncResult(
-        project.file, run, name, counts, changed, statuses, not_in_index, not_in_project
+        project.file,
+        run,
+        name,
+        counts,
+        changed,
+        statuses,
+        not_in_index,
+        not_in_project,
+        kept_newer,
     )

@@ -17,7 +17,7 @@ from histosynth.progress import progress_for
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def review() -> None:
-    """Review synthetic tiles: a gallery page, reviewers' decisions from QuPath."""
+    """Review synthetic tiles: a gallery page, decisions in the browser or from QuPath."""
 
 
 @review.command()
@@ -55,3 +55,43 @@ def sync(ctx: click.Context, project: Path, run: Path, wait_s: float) -> None:
 
     result = review_sync(project, run, wait_s=wait_s)
     click.echo(result.summary())
+
+
+@review.command()
+@click.argument("run", type=click.Path(path_type=Path, file_okay=False))
+@click.option(
+    "--project",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The QuPath project the run was written into: each decision also goes into its "
+    "entry (close the project in QuPath first).",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="Port (0: a free one).",
+)
+@click.pass_context
+def serve(ctx: click.Context, run: Path, project: Path | None, host: str, port: int) -> None:
+    """Review RUN in the browser: the gallery with accept / reject / undo (keys a, r, u;
+    j / k or the arrows move), a reviewer name and a comment per decision.
+
+    Prints the URL to open (it holds this session's token). Each decision is logged in
+    RUN/review/decisions.jsonl and written into RUN/index.csv at once. Ctrl-C stops.
+    """
+    from histosynth.review.server import make_server
+
+    try:
+        server, _state, url = make_server(run, project=project, host=host, port=port)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    click.echo(url, nl=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

@@ -28,6 +28,13 @@ derived classes: ``Vessel`` shows ``Vessel: Invasive``).
 
 Every value from the index (class names, paths, ids) is HTML-escaped.
 
+Served by ``histosynth review serve`` (:func:`gallery_html` with a token), the page also
+gets the decision bar and its script (accept / reject / undo, keys, reviewer, comment).
+
+Size: over 600 lines because the page's style sheet and its two scripts are text
+constants here, beside the markup they work on (the page must stay one self-contained
+file, so they cannot be separate assets).
+
 Example::
 
     page = write_gallery("out/run")     # -> out/run/review.html
@@ -119,16 +126,34 @@ def write_gallery(
         InputError: ``run_dir`` is not a run folder or its ``index.csv`` is unreadable.
     """
     run = Path(run_dir)
+    target = run / GALLERY_NAME
+    atomic_write_text(target, gallery_html(run, progress=progress))
+    return target
+
+
+def gallery_html(
+    run_dir: str | os.PathLike,
+    *,
+    progress: Progress | None = None,
+    review_token: str | None = None,
+) -> str:
+    """The gallery page of the run as text. ``review_token``: the page is served by
+    ``histosynth review serve`` and gets its decision bar (accept / reject / undo, keys,
+    reviewer, comment, progress) posting to the server with this token."""
+    run = Path(run_dir)
     rows = read_index(run)
     extra_columns = _extra_columns(rows)
     cards = []
     iterator: Iterable = progress(rows, len(rows)) if progress else rows
     for row in iterator:
         cards.append(_card(run, row, extra_columns))
-    page = _page(run, rows, cards, untrained=len(untrained_tile_ids(run, rows)))
-    target = run / GALLERY_NAME
-    atomic_write_text(target, page)
-    return target
+    return _page(
+        run,
+        rows,
+        cards,
+        untrained=len(untrained_tile_ids(run, rows)),
+        review_token=review_token,
+    )
 
 
 # --------------------------------------------------------------------------- files
@@ -307,7 +332,12 @@ def _untrained_banner(count: int, total: int) -> str:
 
 
 def _page(
-    run: Path, rows: Sequence[dict[str, str]], cards: Sequence[str], *, untrained: int = 0
+    run: Path,
+    rows: Sequence[dict[str, str]],
+    cards: Sequence[str],
+    *,
+    untrained: int = 0,
+    review_token: str | None = None,
 ) -> str:
     statuses = Counter(_status(row) for row in rows)
     status_names = list(REVIEW_STATUSES) + sorted(set(statuses) - set(REVIEW_STATUSES))
@@ -327,11 +357,33 @@ def _page(
     )
     summary = ", ".join(f"{statuses.get(name, 0)} {_e(name)}" for name in status_names)
     title = f"histosynth review: {run.resolve().name}"
+    served = review_token is not None
+    scripts = f"{_csp_hash(_SCRIPT)} {_csp_hash(_REVIEW_SCRIPT)}" if served else _csp_hash(_SCRIPT)
     csp = (
         "default-src 'none'; img-src 'self' file: data:; "
-        f"style-src {_csp_hash(_STYLE)}; script-src {_csp_hash(_SCRIPT)}; "
-        "base-uri 'none'; form-action 'none'"
+        f"style-src {_csp_hash(_STYLE)}; script-src {scripts}; "
+        + ("connect-src 'self'; " if served else "")
+        + "base-uri 'none'; form-action 'none'"
     )
+    decided = sum(1 for row in rows if _status(row) != "pending")
+    review_bar = (
+        f'<form id="review" autocomplete="off" data-total="{len(rows)}">'
+        '<button type="button" id="accept" title="accept (a)">accept <kbd>a</kbd></button>'
+        '<button type="button" id="reject" title="reject (r)">reject <kbd>r</kbd></button>'
+        '<button type="button" id="undo" title="undo (u)">undo <kbd>u</kbd></button>'
+        '<label>reviewer <input id="reviewer" maxlength="100" size="12"></label>'
+        '<label>comment <input id="comment" maxlength="1000" size="24"></label>'
+        f'<output id="decided" aria-live="polite">{decided} of {len(rows)} decided</output>'
+        '<output id="review-error" role="alert"></output>'
+        "<span class=\"keys\">next <kbd>j</kbd> <kbd>→</kbd>, previous <kbd>k</kbd> "
+        "<kbd>←</kbd></span></form>"
+        if served
+        else ""
+    )
+    token_meta = (
+        f'<meta name="histosynth-token" content="{_e(review_token)}">\n' if served else ""
+    )
+    review_script = f"<script>{_REVIEW_SCRIPT}</script>\n" if served else ""
     written = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
     body = "\n".join(cards) if cards else '<p class="none">The index has no rows.</p>'
     return f"""<!DOCTYPE html>
@@ -341,7 +393,7 @@ def _page(
 <meta http-equiv="Content-Security-Policy" content="{_e(csp)}">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="generator" content="histosynth review gallery">
-<title>{_e(title)}</title>
+{token_meta}<title>{_e(title)}</title>
 <style>{_STYLE}</style>
 </head>
 <body>
@@ -357,13 +409,14 @@ def _page(
 {type_options}</select></label>
 <output id="shown" aria-live="polite">{len(rows)} shown</output>
 </form>
+{review_bar}
 </header>
 {metrics_section(run)}
 <main id="cards">
 {body}
 </main>
 <script>{_SCRIPT}</script>
-</body>
+{review_script}</body>
 </html>
 """
 
@@ -397,6 +450,13 @@ h1 { font-size: 18px; margin: 0 0 4px; }
 #filters label { margin-right: 8px; }
 #filters select { max-width: 24em; }
 #shown { font-weight: 600; }
+#review { display: flex; flex-wrap: wrap; gap: 10px; align-items: center; margin-top: 6px; }
+#review button { font: inherit; padding: 2px 10px; }
+#review-error { color: #c53030; font-weight: 600; }
+#review .keys { color: var(--muted); font-size: 12px; }
+kbd { font: 11px ui-monospace, monospace; border: 1px solid var(--line); border-radius: 3px;
+  padding: 0 3px; }
+.card.current { outline: 3px solid #3182ce; outline-offset: 2px; }
 main { padding: 12px 16px; display: grid; gap: 12px; }
 .card { background: var(--card); border: 1px solid var(--line); border-radius: 6px;
   padding: 8px 12px; }
@@ -423,6 +483,108 @@ figcaption { font-size: 12px; color: var(--muted); text-align: center; }
 .provenance dd { margin: 0; overflow-wrap: anywhere; }
 .provenance dd.empty { color: var(--muted); }
 .none { color: var(--muted); }
+"""
+
+_REVIEW_SCRIPT = """
+(function () {
+  "use strict";
+  var token = document.querySelector('meta[name="histosynth-token"]').content;
+  var cards = Array.prototype.slice.call(document.querySelectorAll("article.card"));
+  var bar = document.getElementById("review");
+  var reviewer = document.getElementById("reviewer");
+  var comment = document.getElementById("comment");
+  var decided = document.getElementById("decided");
+  var error = document.getElementById("review-error");
+  var done = [];  // [card, status before] of this page's decisions, for undo
+  var current = null;
+  try { reviewer.value = window.localStorage.getItem("histosynth-reviewer") || ""; }
+  catch (e) { /* storage off */ }
+  reviewer.addEventListener("change", function () {
+    try { window.localStorage.setItem("histosynth-reviewer", reviewer.value); }
+    catch (e) { /* storage off */ }
+  });
+
+  function visible() { return cards.filter(function (c) { return !c.hidden; }); }
+  function select(card) {
+    if (!card) { return; }
+    if (current) { current.classList.remove("current"); }
+    current = card;
+    card.classList.add("current");
+    card.scrollIntoView({block: "nearest"});
+    document.body.dataset.current = card.dataset.id;
+  }
+  function move(step) {
+    var shown = visible();
+    if (!shown.length) { return; }
+    var i = shown.indexOf(current);
+    if (i < 0) { select(shown[0]); return; }
+    select(shown[Math.max(0, Math.min(shown.length - 1, i + step))]);
+  }
+  function show(card, status) {
+    card.dataset.status = status;
+    var badge = card.querySelector(".badge");
+    badge.textContent = status;
+    badge.className = "badge status-" + status;
+  }
+  function count() {
+    var n = cards.filter(function (c) { return c.dataset.status !== "pending"; }).length;
+    decided.textContent = n + " of " + bar.dataset.total + " decided";
+  }
+  function post(card, status, undo) {
+    error.textContent = "";
+    return fetch("/api/decision", {
+      method: "POST",
+      headers: {"Content-Type": "application/json", "X-Histosynth-Token": token},
+      body: JSON.stringify({id: card.dataset.id, status: status, undo: undo,
+        reviewer: reviewer.value, comment: comment.value}),
+      credentials: "same-origin"
+    }).then(function (response) {
+      return response.json().then(function (body) {
+        if (!response.ok) { throw new Error(body.error || response.statusText); }
+        show(card, body.status);
+        count();
+        if (body.warning) { error.textContent = body.warning; }
+        document.body.dataset.saved = String(Number(document.body.dataset.saved || 0) + 1);
+        return body;
+      });
+    }).catch(function (e) { error.textContent = "not saved: " + e.message; });
+  }
+  function decide(status) {
+    if (!current) { move(0); }
+    if (!current) { return; }
+    var card = current, before = card.dataset.status;
+    post(card, status, false).then(function (body) {
+      if (body) { done.push([card, before]); comment.value = ""; move(1); }
+    });
+  }
+  function undo() {
+    var last = done.pop();
+    if (!last) { return; }
+    select(last[0]);
+    post(last[0], last[1], true);
+  }
+  document.getElementById("accept").addEventListener("click", function () { decide("accepted"); });
+  document.getElementById("reject").addEventListener("click", function () { decide("rejected"); });
+  document.getElementById("undo").addEventListener("click", undo);
+  cards.forEach(function (card) {
+    card.addEventListener("click", function () { select(card); });
+  });
+  document.addEventListener("keydown", function (event) {
+    var tag = (event.target && event.target.tagName) || "";
+    if (tag === "INPUT" || tag === "SELECT" || tag === "TEXTAREA") { return; }
+    if (event.ctrlKey || event.metaKey || event.altKey) { return; }
+    var key = event.key;
+    if (key === "a") { decide("accepted"); }
+    else if (key === "r") { decide("rejected"); }
+    else if (key === "u") { undo(); }
+    else if (key === "j" || key === "ArrowDown" || key === "ArrowRight") { move(1); }
+    else if (key === "k" || key === "ArrowUp" || key === "ArrowLeft") { move(-1); }
+    else { return; }
+    event.preventDefault();
+  });
+  move(0);
+  document.body.dataset.review = "ready";
+})();
 """
 
 _SCRIPT = """

@@ -67,7 +67,9 @@ def _features(x: Any, name: str) -> np.ndarray:
     return a
 
 
-def _pair(real: Any, fake: Any, *, min_n: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def feature_pair(real: Any, fake: Any, *, min_n: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Both feature sets as float64 ``(N, D)`` arrays of one dimension, each with at least
+    ``min_n`` rows and finite values; ValueError naming the set otherwise."""
     r, f = _features(real, "real"), _features(fake, "fake")
     if r.shape[1] != f.shape[1]:
         raise ValueError(
@@ -117,7 +119,7 @@ def frechet_distance(real: Any, fake: Any) -> float:
     """FID's formula on the two feature sets (≥ 2 samples each). Warns
     (:class:`RankWarning`) when a set has fewer samples than dimensions: the value is
     then biased and not comparable with published ones."""
-    r, f = _pair(real, fake, min_n=2)
+    r, f = feature_pair(real, fake, min_n=2)
     dim = r.shape[1]
     for name, a in (("real", r), ("fake", f)):
         if a.shape[0] < dim:
@@ -166,7 +168,7 @@ def kid(
     ``min(subset_size, N_real, N_fake)`` samples of each set, drawn without replacement
     (seeded): torch-fidelity's ``kid_subsets`` / ``kid_subset_size``.
     """
-    r, f = _pair(real, fake, min_n=2)
+    r, f = feature_pair(real, fake, min_n=2)
     if subsets is None:
         return KID(_mmd2_polynomial(r, f, block), None)
     if subsets < 1:
@@ -226,7 +228,7 @@ def precision_recall(
     """Improved precision and recall (Kynkäänniemi et al. 2019): precision = the share of
     fake samples inside some real sample's k-NN ball; recall = the share of real samples
     inside some fake sample's k-NN ball (Euclidean; radii to the k-th neighbour)."""
-    r, f = _pair(real, fake, min_n=k + 1)
+    r, f = feature_pair(real, fake, min_n=k + 1)
     in_real, _ = _inside_counts(f, r, _kth_neighbour_radii(r, k, block), block)
     in_fake, _ = _inside_counts(r, f, _kth_neighbour_radii(f, k, block), block)
     return float((in_real > 0).mean()), float((in_fake > 0).mean())
@@ -238,7 +240,7 @@ def density_coverage(
     """Density and coverage (Naeem et al. 2020) with the real samples' k-NN balls:
     density = Σ_fake (balls holding it) / (k · N_fake); coverage = the share of real
     balls that hold at least one fake sample."""
-    r, f = _pair(real, fake, min_n=k + 1)
+    r, f = feature_pair(real, fake, min_n=k + 1)
     counts, hit = _inside_counts(f, r, _kth_neighbour_radii(r, k, block), block)
     return float(counts.sum() / (k * len(f))), float(hit.mean())
 
@@ -265,7 +267,7 @@ def nearest_distances(
     sample, real → real for each real one, itself left out). ``metric``: ``"cosine"``
     (1 − cos) or ``"euclidean"``; ``exclude``: (fake index, real index) pairs that are
     not candidates (a synthetic tile and the real tile it was made from)."""
-    r, f = _pair(real, fake)
+    r, f = feature_pair(real, fake)
     if len(r) < 2:
         raise ValueError("real: real → real needs ≥ 2 samples")
     if metric not in ("cosine", "euclidean"):
@@ -315,7 +317,7 @@ def nnd(
 
 def pca_2d(real: Any, fake: Any) -> tuple[np.ndarray, np.ndarray]:
     """Both sets projected on the first two principal axes of their union, (N, 2) each."""
-    r, f = _pair(real, fake)
+    r, f = feature_pair(real, fake)
     both = np.concatenate([r, f])
     centred = both - both.mean(0)
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
@@ -327,7 +329,7 @@ def pca_2d(real: Any, fake: Any) -> tuple[np.ndarray, np.ndarray]:
 def cosine_similarity(real: Any, fake: Any) -> float:
     """Mean cosine similarity of paired rows: ``real[i]`` (the reference tile) with
     ``fake[i]`` (the tile made from it)."""
-    r, f = _pair(real, fake)
+    r, f = feature_pair(real, fake)
     if len(r) != len(f):
         raise ValueError(f"paired features: {len(r)} real and {len(f)} fake rows")
     return float((_unit(r) * _unit(f)).sum(1).mean())
@@ -351,7 +353,7 @@ def cmmd(real: Any, fake: Any, *, sigma: float = CMMD_SIGMA, block: int = BLOCK)
     """CMMD: scale · (mean k(r, r′) + mean k(f, f′) − 2 mean k(r, f)), k the Gaussian RBF
     exp(−‖x − y‖² / 2σ²) with σ = 10, scale 1000 — the biased estimate (diagonals
     included) of google-research/cmmd, on CLIP ViT-L/14-336 embeddings."""
-    r, f = _pair(real, fake)
+    r, f = feature_pair(real, fake)
     if not (math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be a positive number, not {sigma}")
     gamma = 1.0 / (2.0 * sigma * sigma)

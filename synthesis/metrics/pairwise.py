@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from histosynth.synthesis.metrics.distribution import CMMD_SCALE, CMMD_SIGMA, _pair
+from histosynth.synthesis.metrics.distribution import CMMD_SCALE, CMMD_SIGMA, feature_pair
 
 __all__ = ["Pairwise", "pairwise_metrics"]
 
@@ -104,7 +104,7 @@ def pairwise_metrics(
     import torch
 
     dtype = torch.float32 if dtype is None else dtype
-    r, f = _pair(real, fake, min_n=max(k, k_density) + 1)
+    r, f = feature_pair(real, fake, min_n=max(k, k_density) + 1)
     if not (math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be a positive number, not {sigma}")
     dim = r.shape[1]

@@ -140,6 +140,67 @@ def test_the_command_line_runs_on_ray(local_ray, single_runs, demo_project, tmp_
     assert digests(out) == digests(single_runs["inpaint"])
 
 
+def test_a_killed_driver_is_completed_by_resume(single_runs, demo_project, tmp_path):
+    """The driver (and the local Ray it started) SIGKILLed after two tiles: --resume
+    makes only the rest; the run equals the single-process one."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    import tempfile
+
+    # Ray's sockets live under RAY_TMPDIR: a short path (a socket path has ≤ 107 bytes)
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray-", dir="/tmp")}
+    args = [
+        sys.executable,
+        "-m",
+        "histosynth",
+        "-q",
+        "synthesize",
+        "--project",
+        str(demo_project),
+        "--class",
+        "Vessel",
+        "--count",
+        str(COUNT),
+        "--model",
+        "tiny",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--ray",
+        "local",
+        "--workers",
+        "1",
+    ]
+    driver = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    deadline = time.monotonic() + 300
+    while not (out / "images" / "inp-00001.png").exists():
+        assert driver.poll() is None, driver.communicate()[1][-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and its Ray processes
+    driver.wait()
+    done = len(read_index(out))
+    assert 1 <= done < COUNT
+    resumed = subprocess.run(
+        [*args, "--resume"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert digests(out) == digests(single_runs["inpaint"])
+
+
 def test_the_options_are_checked_against_the_cluster(local_ray, invoke, demo_project, tmp_path):
     with pytest.raises(InputError, match="need 3 CPUs; the Ray cluster has 2"):
         connect(RayOptions(workers=3))

@@ -400,7 +400,8 @@ def _page(
 <header class="page">
 <h1>{_e(title)}</h1>
 {_untrained_banner(untrained, len(rows))}
-<p class="summary">{len(rows)} tiles: {summary}. Written {_e(written)}.</p>
+<p class="summary">{len(rows)} tiles: <span id="summary-counts">{summary}</span>. \
+Written {_e(written)}.</p>
 <form id="filters" autocomplete="off">
 <fieldset><legend>status</legend>{boxes}</fieldset>
 <label>class <select id="class-filter"><option value="">all classes</option>\
@@ -529,6 +530,17 @@ _REVIEW_SCRIPT = """
   function count() {
     var n = cards.filter(function (c) { return c.dataset.status !== "pending"; }).length;
     decided.textContent = n + " of " + bar.dataset.total + " decided";
+    var per = {};
+    cards.forEach(function (c) { per[c.dataset.status] = (per[c.dataset.status] || 0) + 1; });
+    var names = [];
+    Array.prototype.forEach.call(document.querySelectorAll('#filters input[name="status"]'),
+      function (box) {
+        var label = box.parentNode;
+        label.lastChild.textContent = " " + box.value + " (" + (per[box.value] || 0) + ")";
+        names.push((per[box.value] || 0) + " " + box.value);
+      });
+    var summary = document.getElementById("summary-counts");
+    if (summary) { summary.textContent = names.join(", "); }
   }
   function post(card, status, undo) {
     error.textContent = "";

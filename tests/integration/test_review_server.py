@@ -248,6 +248,13 @@ def test_keys_and_clicks_in_chromium_change_the_index(served, tmp_path):
         browser.key("r")  # reject the first card, move to the second
         browser.wait_for("document.body.dataset.saved === '1'")
         assert statuses(run)[order[0]] == "rejected"
+        rejected = sum(v == "rejected" for v in statuses(run).values())
+        assert (
+            browser.evaluate(
+                "document.querySelector('#filters label.status-rejected').textContent.trim()"
+            )
+            == f"rejected ({rejected})"
+        )  # the filter counts follow the decisions
         assert browser.evaluate("document.body.dataset.current") == order[1]
         browser.key("j")  # skip the second
         browser.evaluate("document.getElementById('reviewer').value = 'ann'")
@@ -302,13 +309,12 @@ def test_review_serve_prints_a_loopback_url_with_a_token(tmp_path):
     assert bad.returncode == 1 and "index.csv" in bad.stderr.strip().splitlines()[-1]
 
 
-def test_with_a_project_a_decision_reaches_the_entry(tmp_path):
-    """serve --project: the tile's entry gets the decision (backup kept); a project file
-    changed on disk is not written, the page is told, the decision stays in the run;
-    review sync and export still read the same statuses."""
+@pytest.fixture()
+def project_run(tmp_path):
+    """A demo project with a 2-tile run written into it (the composites kept: no engine
+    step), served with --project."""
     from histosynth.integration.demodata import build_demo_project
-    from histosynth.integration.qupath.project import QuPathProject
-    from histosynth.integration.qupath.writeback import review_sync, write_run_to_project
+    from histosynth.integration.qupath.writeback import write_run_to_project
     from histosynth.synthetic_tiles import SynthesisSettings, synthesize
 
     project = build_demo_project(tmp_path / "project")
@@ -321,23 +327,51 @@ def test_with_a_project_a_decision_reaches_the_entry(tmp_path):
     server, state, url = make_server(run, project=project)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    yield project, run, state, url
+    server.shutdown()
+    server.server_close()
+
+
+@needs_chromium
+def test_a_key_in_chromium_reaches_the_project(project_run, tmp_path):
+    from histosynth.integration.qupath.project import QuPathProject
+
+    project, run, _, url = project_run
+    browser = DevTools(tmp_path)
     try:
-        token = {"X-Histosynth-Token": state.token}
-        code, body = post(url, {"id": "inp-00000", "status": "accepted"}, token)
-        assert code == 200 and body["warning"] == ""
-        entry = QuPathProject(project, use_paquo=False).synthetic_entry("run", "inp-00000")
-        assert entry.metadata["review_status"] == "accepted"
-        assert (project.parent / "project.qpproj.backup").is_file()
-        project.write_bytes(project.read_bytes() + b"\n")  # QuPath saved the project
-        code, body = post(url, {"id": "inp-00001", "status": "rejected"}, token)
-        assert code == 200 and "kept in the run, not written to the project" in body["warning"]
-        assert "changed on disk" in body["warning"]
-        assert statuses(run)["inp-00001"] == "rejected"
-        entry = QuPathProject(project, use_paquo=False).synthetic_entry("run", "inp-00001")
-        assert entry.metadata["review_status"] == "pending"
+        browser.call("Page.navigate", url=url)
+        browser.wait_for("document.body && document.body.dataset.review === 'ready'")
+        first = browser.evaluate("document.body.dataset.current")
+        browser.key("a")
+        browser.wait_for("document.body.dataset.saved === '1'")
     finally:
-        server.shutdown()
-        server.server_close()
+        browser.close()
+    assert statuses(run)[first] == "accepted"
+    entry = QuPathProject(project, use_paquo=False).synthetic_entry("run", first)
+    assert entry.metadata["review_status"] == "accepted"
+
+
+def test_with_a_project_a_decision_reaches_the_entry(project_run):
+    """serve --project: the tile's entry gets the decision (backup kept); a project file
+    changed on disk is not written, the page is told, the decision stays in the run;
+    review sync keeps the newer browser decision and takes a later one from QuPath."""
+    from histosynth.integration.qupath.project import QuPathProject
+    from histosynth.integration.qupath.writeback import review_sync
+
+    project, run, state, url = project_run
+    token = {"X-Histosynth-Token": state.token}
+    code, body = post(url, {"id": "inp-00000", "status": "accepted"}, token)
+    assert code == 200 and body["warning"] == ""
+    entry = QuPathProject(project, use_paquo=False).synthetic_entry("run", "inp-00000")
+    assert entry.metadata["review_status"] == "accepted"
+    assert (project.parent / "project.qpproj.backup").is_file()
+    project.write_bytes(project.read_bytes() + b"\n")  # QuPath saved the project
+    code, body = post(url, {"id": "inp-00001", "status": "rejected"}, token)
+    assert code == 200 and "kept in the run, not written to the project" in body["warning"]
+    assert "changed on disk" in body["warning"]
+    assert statuses(run)["inp-00001"] == "rejected"
+    entry = QuPathProject(project, use_paquo=False).synthetic_entry("run", "inp-00001")
+    assert entry.metadata["review_status"] == "pending"
     # review sync: the browser's decision is newer than the project's last save: kept
     result = review_sync(project, run)
     assert result.kept_newer == ["inp-00001"] and "1 newer decision(s)" in result.summary()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -149,8 +150,9 @@ class PlannedCall:
 
 @dataclass
 class RenderedCall:
-    """What an actor returns for one :class:`PlannedCall` (a Python object in the
-    dataset, pickled by Ray)."""
+    """What an actor returns for one :class:`PlannedCall`. Both travel pickled, as bytes:
+    a binary column Arrow stores as it is (a Python object column makes Ray Data warn and
+    fall back to its own pickling)."""
 
     outcomes: list[Outcome]
 
@@ -201,7 +203,10 @@ class TileRenderer:
         self.kill_at = _kill_request()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rendered = [RenderedCall(self.render(call)) for call in batch["call"]]
+        rendered = [
+            pickle.dumps(RenderedCall(self.render(pickle.loads(call))), protocol=5)
+            for call in batch["call"]
+        ]
         return {"rendered": _object_array(rendered)}
 
     def render(self, call: PlannedCall) -> list[Outcome]:
@@ -284,10 +289,13 @@ def render_on_ray(
 
     rows = [
         {
-            "call": PlannedCall(
-                list(call),
-                [donor_of(i) for i in call],
-                [orders(i) for i in call] if run.mode == "inpaint" else [],
+            "call": pickle.dumps(
+                PlannedCall(
+                    list(call),
+                    [donor_of(i) for i in call],
+                    [orders(i) for i in call] if run.mode == "inpaint" else [],
+                ),
+                protocol=5,
             )
         }
         for call in calls
@@ -324,5 +332,6 @@ def render_on_ray(
             **({"runtime_env": {"env_vars": {KILL_ENV: kill}}} if kill else {}),
         )
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        for rendered in batch["rendered"]:
+        for data in batch["rendered"]:
+            rendered = pickle.loads(data)
             yield from rendered.outcomes

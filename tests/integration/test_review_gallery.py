@@ -209,21 +209,27 @@ needs_chromium = pytest.mark.skipif(
 )
 
 
+#: Headless Chromium on a machine without network: none of its background connections.
+HEADLESS_OFFLINE = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-extensions",
+)
+
+
 def chromium(tmp_path: Path, url: str, *extra: str) -> str:
     """Run headless Chromium on ``url`` (offline flags); return stdout."""
     assert CHROMIUM is not None
     profile = tmp_path / "chromium-profile"
     command = [
         CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-extensions",
+        *HEADLESS_OFFLINE,
         "--hide-scrollbars",
         f"--user-data-dir={profile}",
         "--virtual-time-budget=5000",
@@ -390,8 +396,18 @@ def test_provenance_and_badge_on_the_card(run: Path) -> None:
     text = write_gallery(run).read_text(encoding="utf-8")
     card = text[text.index('id="card-inp-0"') : text.index('id="card-inp-1"')]
     assert '<span class="badge status-accepted">accepted</span>' in card
-    for shown in ("background-B.svs", "donor-A.svs", "pixcell-256", "style-a", "100",
-                  "2.5", "0.55", "32.0, 31.5", "12.5", "uuid-0"):
+    for shown in (
+        "background-B.svs",
+        "donor-A.svs",
+        "pixcell-256",
+        "style-a",
+        "100",
+        "2.5",
+        "0.55",
+        "32.0, 31.5",
+        "12.5",
+        "uuid-0",
+    ):
         assert shown in card, shown
     assert 'title="/slides/background-B.svs"' in card
 
@@ -413,15 +429,25 @@ def _metrics_json(run: Path) -> None:
         "feature_space": {"name": "tiny", "dim": 16, "comparable_with_published": False},
         "counts": {"synthetic": 3, "real": 4},
         "metrics": [
-            {"metric": "FID", "value": 12.5, "pm": None, "note": "<script>x</script>",
-             "group": "all"},
+            {
+                "metric": "FID",
+                "value": 12.5,
+                "pm": None,
+                "note": "<script>x</script>",
+                "group": "all",
+            },
             {"metric": "KID ×10³", "value": 4.94, "pm": 0.5, "note": "", "group": "all"},
         ],
         "plots": {
-            "pca": {"real": [[0, 0], [1, 1], [2, 0], [0, 2]], "synthetic": [[1, 0], [0, 1],
-                                                                          [2, 2]]},
-            "nnd": {"metric": "cosine", "synth_to_real": [0.1, 0.2, 0.15],
-                    "real_to_real": [0.12, 0.18, 0.2, 0.11]},
+            "pca": {
+                "real": [[0, 0], [1, 1], [2, 0], [0, 2]],
+                "synthetic": [[1, 0], [0, 1], [2, 2]],
+            },
+            "nnd": {
+                "metric": "cosine",
+                "synth_to_real": [0.1, 0.2, 0.15],
+                "real_to_real": [0.12, 0.18, 0.2, 0.11],
+            },
         },
     }
     (run / "metrics.json").write_text(json.dumps(doc), encoding="utf-8")

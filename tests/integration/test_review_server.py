@@ -14,7 +14,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_review_gallery import CHROMIUM, EVIL_CLASS, STATUSES, build_run, needs_chromium
+from test_review_gallery import (
+    CHROMIUM,
+    EVIL_CLASS,
+    HEADLESS_OFFLINE,
+    STATUSES,
+    build_run,
+    needs_chromium,
+)
 
 from histosynth.integration.dataset import read_index
 from histosynth.review.server import DECISIONS_NAME, make_server, read_decisions
@@ -148,15 +155,7 @@ class DevTools:
         self.process = subprocess.Popen(
             [
                 CHROMIUM,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--disable-extensions",
+                *HEADLESS_OFFLINE,
                 "--remote-debugging-port=0",
                 "--remote-allow-origins=*",
                 f"--user-data-dir={profile}",

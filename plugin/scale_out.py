@@ -18,8 +18,11 @@ it): an actor runs ``cpus_per_worker`` threads.
 
 Ray restarts an actor that dies (``max_restarts``) and re-runs its call
 (``max_task_retries``); past those, the run stops with what is committed and
-``--resume`` completes it. ``HISTOSYNTH_TEST_KILL_WORKER_AT=<tile>:<marker file>``
-kills the actor rendering that tile once (the marker records it), for the fault tests.
+``--resume`` completes it. ``HISTOSYNTH_TEST_KILL_WORKER_AT=<tile>:<marker file>`` kills
+the actor rendering that tile once (the marker records it), for the fault tests.
+
+The planned calls and their outcomes travel through Ray as pickled bytes that this run
+made itself; nothing a user hands over is unpickled.
 """
 
 from __future__ import annotations

@@ -32,6 +32,14 @@ def settings(mode: str = "inpaint", **kw) -> SynthesisSettings:
     )
 
 
+def synthesize_args(project: Path, out: Path, *extra: str) -> list[str]:
+    """``synthesize`` of the module's run (the tiny engine, 2 steps, CPU) on the command line."""
+    return [
+        "synthesize", "--project", str(project), "--class", "Vessel", "--count", str(COUNT),
+        "--model", "tiny", "--steps", "2", "--device", "cpu", "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
 def digests(run: Path) -> list[tuple[str, str, str]]:
     """(id, image sha256, mask sha256) per index row, in index order."""
     return [
@@ -115,41 +123,20 @@ def test_a_run_that_fails_is_completed_by_resume(
 
 def test_the_command_line_runs_on_ray(local_ray, single_runs, demo_project, tmp_path, invoke):
     out = tmp_path / "run"
-    res = invoke(
-        "-q",
-        "synthesize",
-        "--project",
-        str(demo_project),
-        "--class",
-        "Vessel",
-        "--count",
-        str(COUNT),
-        "--model",
-        "tiny",
-        "--steps",
-        "2",
-        "--device",
-        "cpu",
-        "--out",
-        str(out),
-        "--ray",
-        "--workers",
-        "2",
-    )
+    res = invoke("-q", *synthesize_args(demo_project, out, "--ray", "--workers", "2"))
     assert res.exit_code == 0, res.output
     assert digests(out) == digests(single_runs["inpaint"])
 
 
 def test_a_killed_driver_is_completed_by_resume(single_runs, demo_project, tmp_path):
-    """The driver (and the local Ray it started) SIGKILLed after two tiles: --resume
-    makes only the rest; the run equals the single-process one."""
+    """The driver (and the local Ray it started) SIGKILLed once the second tile's image
+    is written: --resume makes only the rest; the run equals the single-process one."""
     import os
     import signal
+    import tempfile
     import time
 
     out = tmp_path / "run"
-    import tempfile
-
     # Ray's sockets live under RAY_TMPDIR: a short path (a socket path has ≤ 107 bytes)
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray-", dir="/tmp")}
     args = [
@@ -157,25 +144,7 @@ def test_a_killed_driver_is_completed_by_resume(single_runs, demo_project, tmp_p
         "-m",
         "histosynth",
         "-q",
-        "synthesize",
-        "--project",
-        str(demo_project),
-        "--class",
-        "Vessel",
-        "--count",
-        str(COUNT),
-        "--model",
-        "tiny",
-        "--steps",
-        "2",
-        "--device",
-        "cpu",
-        "--out",
-        str(out),
-        "--ray",
-        "local",
-        "--workers",
-        "1",
+        *synthesize_args(demo_project, out, "--ray", "local", "--workers", "1"),
     ]
     driver = subprocess.Popen(
         args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True

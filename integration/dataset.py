@@ -109,7 +109,15 @@ INDEX_COLUMNS: tuple[str, ...] = (
 """Required ``index.csv`` columns, in contract order. Extra columns may follow."""
 
 SYNTHESIS_TYPES = ("extracted", "inpainting", "variation")
-REF_NAMES = ("background", "donor", "donor-mask", "vessel-mask", "composite", "reference")
+REF_NAMES = (
+    "background",
+    "donor",
+    "donor-mask",
+    "vessel-mask",
+    "composite",
+    "reference",
+    "reference-mask",
+)
 """Allowed names of reference images (``refs/<id>-<name>.png``); ``*mask`` ones are masks."""
 
 _CSV_KW: dict[str, Any] = {"lineterminator": "\r\n"}  # RFC 4180; "\r" in a cell is quoted
@@ -422,7 +430,7 @@ class EncodedTile:
 
     record: TileRecord
     image_png: bytes
-    mask_png: bytes
+    mask_png: bytes | None  # None: a row without a segmentation mask (mask_source none)
     geojson: bytes
     refs: dict[str, bytes] = field(default_factory=dict)
     image_sha256: str = ""
@@ -699,7 +707,7 @@ class RunWriter:
         self,
         record: TileRecord,
         image: np.ndarray,
-        mask: np.ndarray,
+        mask: np.ndarray | None,
         annotations: Sequence[Annotation],
         *,
         refs: Mapping[str, np.ndarray] | None = None,
@@ -712,7 +720,9 @@ class RunWriter:
         Args:
             record: the row; paths, ``image_sha256`` and an empty ``created_at`` are filled.
             image: (H, W, 3) uint8 RGB.
-            mask: (H, W) bool or uint8; non-zero becomes 255.
+            mask: (H, W) bool or uint8; non-zero becomes 255. ``None``: the row has no
+                segmentation mask (no mask file, an empty ``mask_path``; its ``mask_source``
+                extra column must say ``none``).
             annotations: in tile pixel coordinates, unless ``annotation_kwargs`` (passed to
                 ``write_annotations``: ``offset``, ``scale``, ``clip_to``) says otherwise.
             refs: reference images by name (``REF_NAMES``); ``*mask`` ones (H, W), others
@@ -732,7 +742,7 @@ class RunWriter:
         self,
         record: TileRecord,
         image: np.ndarray,
-        mask: np.ndarray,
+        mask: np.ndarray | None,
         annotations: Sequence[Annotation],
         *,
         refs: Mapping[str, np.ndarray] | None = None,
@@ -764,7 +774,11 @@ class RunWriter:
             )
         image_png = encode_rgb_png(image, f"{tile_id}: image", self._png)
         height, width = image.shape[:2]
-        mask_png = encode_mask_png(mask, (height, width), f"{tile_id}: mask")
+        if mask is None and record.extra.get("mask_source") != "none":
+            raise InputError("a row without a mask must have mask_source 'none'", item=tile_id)
+        mask_png = (
+            None if mask is None else encode_mask_png(mask, (height, width), f"{tile_id}: mask")
+        )
         ref_pngs = {}
         for name, array in (refs or {}).items():
             if name not in REF_NAMES:
@@ -810,11 +824,15 @@ class RunWriter:
                 for name, data in tile.refs.items():
                     written.append(self.run_dir / "refs" / f"{tile_id}-{name}.png")
                     atomic_write_bytes(written[-1], data)
+                if tile.mask_png is None:
+                    mask_rel = ""
                 for rel, data in (
                     (image_rel, tile.image_png),
                     (mask_rel, tile.mask_png),
                     (annotation_rel, tile.geojson),
                 ):
+                    if data is None:
+                        continue
                     written.append(self.run_dir / rel)
                     atomic_write_bytes(written[-1], data)
                 done = dataclasses.replace(

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from histosynth.integration.errors import InputError
@@ -29,6 +30,7 @@ __all__ = [
     "REVIEW_STATUSES",
     "RUN_JSON_NAME",
     "check_run_folder",
+    "has_mask",
     "probe_writable",
     "remove_temporary_files",
     "row_problem",
@@ -74,6 +76,13 @@ def tile_paths(tile_id: str) -> dict[str, str]:
     }
 
 
+def has_mask(row: Mapping[str, str]) -> bool:
+    """Whether an index row carries a segmentation mask that matches its image: not a
+    row with ``mask_source`` ``none`` (a variation), nor one of an older run whose
+    variation rows carried their reference's unaligned mask (``reference``)."""
+    return row.get("mask_source", "").strip().lower() not in ("none", "reference")
+
+
 def row_problem(run_dir: Path, row: dict[str, str]) -> str | None:
     """What is wrong with an index row as found on disk, or ``None``: the id must be a
     safe file stem; its image, mask and GeoJSON must be regular files inside the run; the
@@ -89,7 +98,7 @@ def row_problem(run_dir: Path, row: dict[str, str]) -> str | None:
     for column in ("image_path", "mask_path", "annotation_path"):
         rel = row.get(column, "")
         if not rel:
-            if column == "annotation_path":
+            if column == "annotation_path" or (column == "mask_path" and not has_mask(row)):
                 continue
             return f"no {column}"
         path = (run_dir / rel).resolve()

@@ -31,9 +31,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from histosynth.integration.atomic import atomic_write_json
+from histosynth.integration.content_check import qc_failed
 from histosynth.integration.dataset import INDEX_NAME, read_index
 from histosynth.integration.errors import InputError
 from histosynth.integration.files import read_input_bytes
+from histosynth.integration.run_folder import has_mask
 
 __all__ = [
     "SYNTHETIC_TYPES",
@@ -117,12 +119,22 @@ def _rows(folder: Path) -> tuple[list[dict[str, str]], Path, Path]:
     )
 
 
-def read_labelled_tiles(folder: str | Path, *, need_masks: bool = False) -> list[LabelledTile]:
-    """The tiles of an export or a run / dataset folder (rejected ones left out).
+def read_labelled_tiles(
+    folder: str | Path,
+    *,
+    need_masks: bool = False,
+    left_out: list[tuple[str, str]] | None = None,
+) -> list[LabelledTile]:
+    """The tiles of an export or a run / dataset folder (rejected ones and ones that failed
+    the content check left out).
+
+    With ``need_masks`` (segmentation) a synthetic tile whose mask does not match its
+    pixels — a variation (``has_mask`` false, ``mask_source`` none or reference) — is a
+    classification sample only: it is left out, and ``(id, why)`` appended to ``left_out``.
 
     Raises:
         InputError: not a tile set, a row without an image file, a row without a slide,
-            or (``need_masks``) a tile without its mask — naming the file and the tile.
+            or (``need_masks``) a real tile without its mask — naming the file and the tile.
     """
     folder = Path(folder).absolute()
     rows, source, base = _rows(folder)
@@ -131,6 +143,17 @@ def read_labelled_tiles(folder: str | Path, *, need_masks: bool = False) -> list
         if (row.get("review_status") or "").strip().lower() == "rejected":
             continue
         tile_id = row.get("id") or Path(row.get("image_path", "")).stem
+        if qc_failed(row.get("qc")):
+            if left_out is not None:
+                left_out.append((tile_id, f"failed the content check ({row['qc']})"))
+            continue
+        synthetic = (row.get("synthesis_type") or "") in SYNTHETIC_TYPES
+        matching = has_mask(row) and (row.get("has_mask") or "true").strip().lower() != "false"
+        if need_masks and synthetic and not matching:
+            if left_out is not None:
+                left_out.append((tile_id, "no mask matching its pixels (a variation): "
+                                          "a classification sample only"))
+            continue
         image = base / row.get("image_path", "")
         if not row.get("image_path") or not image.is_file():
             raise InputError("the tile image is missing", path=image, item=f"tile {tile_id}")
@@ -286,11 +309,19 @@ def leaks(assigned: FoldTiles) -> list[str]:
     return problems
 
 
-def write_split_file(path: str | Path, assigned: Sequence[FoldTiles], seed: int) -> Path:
+def write_split_file(
+    path: str | Path,
+    assigned: Sequence[FoldTiles],
+    seed: int,
+    left_out: Sequence[tuple[str, str]] = (),
+) -> Path:
     """``splits.json``: per fold its slides and tile ids on each side and the synthetic
-    tiles left out with the reason (written atomically)."""
+    tiles left out with the reason; ``left_out``: synthetic tiles no fold uses (failed
+    content check, no matching mask for segmentation), with the reason (written
+    atomically)."""
     document = {
         "seed": seed,
+        "left_out_synthetic": [{"id": i, "why": why} for i, why in left_out],
         "rules": [
             "real tiles are split by slide_group: no group on two sides of a fold",
             "validation and test folds hold real tiles only",

@@ -225,10 +225,14 @@ def run_downstream(
     real, synthetic, out = (Path(p).absolute() for p in (real, synthetic, out))
     need_masks = settings.task == "segmentation"
     real_tiles = read_labelled_tiles(real, need_masks=need_masks)
-    fake_tiles = [t for t in read_labelled_tiles(synthetic, need_masks=need_masks)
+    left_out: list[tuple[str, str]] = []
+    fake_tiles = [t for t in read_labelled_tiles(synthetic, need_masks=need_masks,
+                                                 left_out=left_out)
                   if t.synthetic]
     if not fake_tiles:
-        raise InputError("the synthetic set holds no inpainting or variation tiles",
+        why = f" ({len(left_out)} left out, e.g. {left_out[0][0]}: {left_out[0][1]})" if (
+            left_out) else ""
+        raise InputError(f"the synthetic set holds no usable inpainting or variation tiles{why}",
                          path=synthetic)
     if settings.task == "classification":
         labels = {_label(t) for t in real_tiles}
@@ -248,7 +252,7 @@ def run_downstream(
             raise RuntimeError(f"fold {a.fold.index} leaks: {'; '.join(problems)}")
     config = _config(settings, real, synthetic)
     _prepare_out(out, config, resume)
-    write_split_file(out / "splits.json", assigned, settings.seed)
+    write_split_file(out / "splits.json", assigned, settings.seed, left_out)
     torch_device = resolve_device(device)
 
     cache: dict[str, tuple[np.ndarray, Any]] = {}
@@ -305,6 +309,7 @@ def run_downstream(
         "real": len(real_tiles), "synthetic": len(fake_tiles), "folds": settings.folds,
         "slides": len({t.slide_group for t in real_tiles}),
         "synthetic_excluded_per_fold": [len(a.excluded) for a in assigned],
+        "synthetic_left_out": len(left_out),
     }
     _write_results(result, config)
     return result

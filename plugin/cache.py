@@ -132,10 +132,17 @@ def _read_dataset(folder: Path) -> _DatasetInput:
     rows = read_index(folder)
     index = folder / "index.csv" if folder.is_dir() else folder
     folder = index.parent
-    kept = [r for r in rows if r.get("review_status", "").strip() != "rejected"]
+    from histosynth.integration.content_check import qc_failed
+
+    kept = [
+        r
+        for r in rows
+        if r.get("review_status", "").strip() != "rejected" and not qc_failed(r.get("qc"))
+    ]
     if not kept:
         raise InputError(
-            f"no tiles to cache: {len(rows)} row(s), {len(rows) - len(kept)} rejected",
+            f"no tiles to cache: {len(rows)} row(s), {len(rows) - len(kept)} rejected or "
+            "failed the content check",
             path=index,
         )
     for row in kept:

@@ -118,6 +118,18 @@ _mpp_option = click.option(
 _resume_option = click.option(
     "--resume", is_flag=True, help="Continue an interrupted run in --out."
 )
+_allow_untrained_option = click.option(
+    "--allow-untrained",
+    is_flag=True,
+    help="Let an UNTRAINED engine (tiny) paint pixels — variation, synthetic backgrounds, "
+    "diffusion seams — to try the workflow; its tiles fail the content check.",
+)
+_strict_qc_option = click.option(
+    "--strict-qc",
+    is_flag=True,
+    help="Exit with code 1 when a tile fails the content check (they are written either "
+    "way, marked in the qc column, and never exported unless --include-qc-failed).",
+)
 _skip_missing_option = click.option(
     "--skip-missing",
     is_flag=True,
@@ -347,13 +359,16 @@ def extract(
 )
 @click.option(
     "--harmonise",
-    type=click.Choice(["diffusion", "multiband", "none"]),
-    default="diffusion",
+    type=click.Choice(["auto", "diffusion", "multiband", "none"]),
+    default="auto",
     show_default=True,
     help="How the seam is regenerated: partial diffusion with the engine, multiband "
-    "(Laplacian-pyramid) blending without a model step (fast on a CPU), or not at all. "
+    "(Laplacian-pyramid) blending without a model step (fast on a CPU), or not at all; "
+    "auto = diffusion with a trained engine, multiband with an UNTRAINED one. "
     "Beyond 4σ of the seam the tile is the composite in every mode.",
 )
+@_allow_untrained_option
+@_strict_qc_option
 @click.option(
     "--write-project",
     type=click.Choice(["none", "native", "paquo"]),
@@ -413,6 +428,8 @@ def synthesize(
     background,
     harmonise,
     write_project,
+    allow_untrained,
+    strict_qc,
     ray_address,
     workers,
     gpus_per_worker,
@@ -456,6 +473,7 @@ def synthesize(
         device=device,
         background=background,
         harmonise=harmonise,
+        allow_untrained=allow_untrained,
     )
     result = run_synthesize(
         settings,
@@ -472,6 +490,13 @@ def synthesize(
     )
     _report_synthesis(ctx, result)
     _write_back(ctx, write_project, project, result.run_dir, wait_s=wait_s)
+    _fail_on_qc(strict_qc, result)
+
+
+def _fail_on_qc(strict: bool, result) -> None:
+    """``--strict-qc``: exit 1 when a tile of this call failed the content check."""
+    if strict and result.qc_failed:
+        raise click.exceptions.Exit(1)
 
 
 def _write_back(
@@ -503,6 +528,14 @@ def _report_synthesis(ctx: click.Context, result) -> None:
         f"{result.run_dir / 'run.json'})"
     )
     click.echo(f"run: {result.run_dir} (index: {result.run_dir / 'index.csv'})")
+    if result.qc_failed:
+        first = next(iter(result.qc_failed.items()))
+        click.echo(
+            f"warning: {len(result.qc_failed)} of the {result.written} tile(s) written FAILED "
+            f"the content check (e.g. {first[0]}: {first[1]}); they are marked in the qc "
+            "column and the gallery, and not exported unless --include-qc-failed",
+            err=True,
+        )
     if ctx.obj.get("quiet"):
         return
     if not result.trained and result.model_painted:
@@ -548,6 +581,7 @@ def _report_synthesis(ctx: click.Context, result) -> None:
     help="How seams are regenerated; auto = diffusion with a trained engine, multiband "
     "blending with an UNTRAINED one (whose diffusion seams are noise).",
 )
+@_allow_untrained_option
 @click.pass_context
 def demo(
     ctx: click.Context,
@@ -558,6 +592,7 @@ def demo(
     steps: int,
     seed: int,
     harmonise: str,
+    allow_untrained: bool,
 ) -> None:
     """Build a demo QuPath project (three pyramidal slides from real H&E shipped with
     TIAToolbox, vessel annotations) in DIR/project, synthesise vessels into DIR/run and add them to
@@ -588,11 +623,10 @@ def demo(
         from histosynth.synthesis.weights import PRESETS
 
         untrained = model in PRESETS and not PRESETS[model].trained
-        harmonise = "multiband" if untrained else "diffusion"
         if untrained and not quiet:
             click.echo(
                 f"the {model} engine is UNTRAINED: seams are harmonised by multiband blending "
-                "(--harmonise diffusion shows what the untrained model makes of them)"
+                "(--harmonise diffusion --allow-untrained shows what it makes of them)"
             )
     settings = SynthesisSettings(
         classes=("Vessel",),
@@ -604,6 +638,7 @@ def demo(
         seed=seed,
         steps=steps,
         harmonise=harmonise,
+        allow_untrained=allow_untrained,
     )
     result = run_synthesize(
         settings,

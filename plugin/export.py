@@ -21,9 +21,14 @@ image and refuse paths outside ``train/``, while older versions refuse image fil
 ``train/`` under that name would break one or the other.
 
 Only ``accepted`` tiles are exported (with ``include_pending``, ``pending`` ones too);
-``rejected`` tiles never are. Each image is checked against the index's ``image_sha256``
-before it is written. The export is atomic: everything goes into a temporary folder beside
-``OUT`` that is renamed to ``OUT`` at the end, so ``OUT`` is either complete or absent.
+``rejected`` tiles never are, nor tiles that failed the content check (``qc`` =
+``fail: …``) unless ``include_qc_failed``. A tile whose mask does not match its pixels —
+a variation (``mask_source`` ``none``; ``reference`` in runs of histosynth before 0.2,
+whose reference masks are left out with a warning) — is exported as a classification
+sample: its class, no mask (``mask_path`` empty, ``has_mask`` false). Each image is
+checked against the index's ``image_sha256`` before it is written. The export is atomic:
+everything goes into a temporary folder beside ``OUT`` that is renamed to ``OUT`` at the
+end, so ``OUT`` is either complete or absent.
 
 ``slide_group`` is the column to split on without leakage (all tiles of one group in the
 same split). It is the file stem of the slide the tile's *vessel* came from: the donor's
@@ -59,9 +64,11 @@ from pathlib import Path, PurePosixPath
 
 import click
 
+from histosynth.integration.content_check import qc_failed
 from histosynth.integration.dataset import read_index, untrained_tile_ids, validate_tile_id
 from histosynth.integration.errors import InputError
 from histosynth.integration.images import png_to_jpeg
+from histosynth.integration.run_folder import has_mask
 from histosynth.integration.splits import slide_group
 
 log = logging.getLogger(__name__)
@@ -76,7 +83,11 @@ METADATA_COLUMNS: dict[str, str] = {
     "file_name": "image file, relative to train/ (the folder of metadata.csv)",
     "id": "tile id in the source run (file stem)",
     "mask_path": "mask file, relative to the dataset folder: masks/<id>.png, single "
-    "channel uint8, 0 = background, 255 = vessel of class_name, same size as the image",
+    "channel uint8, 0 = background, 255 = vessel of class_name, same size as the image; "
+    "empty for a classification-only tile (has_mask false)",
+    "has_mask": "true when the tile has a segmentation mask that matches its pixels; false "
+    "for a variation (generated from a reference: its class, no mask; use it for "
+    "classification only)",
     "annotation_path": "QuPath GeoJSON of the tile (tile pixels), relative to the dataset "
     "folder: annotations/<id>.geojson; empty when the run had none",
     "class_name": "QuPath class of the tile's vessel, e.g. 'Vessel: Invasive'",
@@ -100,6 +111,8 @@ METADATA_COLUMNS: dict[str, str] = {
     "engine_trained": "false when the tile's pixels came from an UNTRAINED engine (the tiny "
     "preset: not histology, do not train on it); true for a trained engine; empty for "
     "extracted tiles and seams harmonised without a model",
+    "qc": "the content check of the tile (pass, or fail: <reasons> when exported with "
+    "--include-qc-failed); empty for extracted tiles",
 }
 """Columns of ``train/metadata.csv``, in order, with their meaning."""
 
@@ -153,6 +166,7 @@ def export_training_set(
     include_pending: bool = False,
     image_format: str = "png",
     progress: Progress | None = None,
+    include_qc_failed: bool = False,
 ) -> ExportResult:
     """Write the run's accepted tiles (and pending ones with ``include_pending``; never
     rejected ones) to ``out_dir`` as an image-folder dataset; see the module docstring.
@@ -161,6 +175,7 @@ def export_training_set(
         run_dir: the run folder (with ``index.csv``).
         out_dir: the dataset folder to create; must not exist, or be an empty folder.
         include_pending: also export tiles nobody has reviewed yet.
+        include_qc_failed: also export tiles that failed the content check.
         image_format: ``png`` (exact copies) or ``jpg`` (quality 95).
         progress: ``progress(items, total) -> items``, e.g. a tqdm bar.
 
@@ -182,12 +197,25 @@ def export_training_set(
     _check_out(out)
 
     wanted = {"accepted", "pending"} if include_pending else {"accepted"}
-    selected = [row for row in rows if row.get("review_status") in wanted]
     excluded = Counter(
         row.get("review_status") or "(empty)"
         for row in rows
         if row.get("review_status") not in wanted
     )
+    selected = [row for row in rows if row.get("review_status") in wanted]
+    if not include_qc_failed:
+        failed = [row for row in selected if qc_failed(row.get("qc"))]
+        if failed:
+            excluded["failed the content check"] = len(failed)
+            selected = [row for row in selected if not qc_failed(row.get("qc"))]
+    unaligned = [r for r in selected if r.get("mask_source", "").strip().lower() == "reference"]
+    if unaligned:
+        log.warning(
+            "%d variation tile(s) of this run carry their reference's mask, which does not "
+            "match their pixels (runs before histosynth 0.2): exported without it, as "
+            "classification samples (has_mask false)",
+            len(unaligned),
+        )
     has_donor = bool(rows) and "donor_image" in rows[0]
     untrained = untrained_tile_ids(run, selected)
     if untrained:
@@ -260,7 +288,8 @@ def _export_row(
     except InputError as exc:
         raise InputError(exc.message, path=run / "index.csv", item=repr(tile_id)) from exc
     image_path = _run_path(run, row.get("image_path", ""), "image", tile_id)
-    mask_path = _run_path(run, row.get("mask_path", ""), "mask", tile_id)
+    masked = has_mask(row)
+    mask_path = _run_path(run, row.get("mask_path", ""), "mask", tile_id) if masked else None
     data = image_path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     expected = (row.get("image_sha256") or "").strip().lower()
@@ -275,10 +304,13 @@ def _export_row(
     if fmt == "jpg":
         data = _to_jpeg(data, image_path, tile_id)
     _write_bytes(tmp / "train" / file_name, data)
-    shutil.copyfile(mask_path, tmp / "masks" / f"{tile_id}.png")
-    _fsync_file(tmp / "masks" / f"{tile_id}.png")
+    if mask_path is not None:
+        shutil.copyfile(mask_path, tmp / "masks" / f"{tile_id}.png")
+        _fsync_file(tmp / "masks" / f"{tile_id}.png")
     annotation_name = ""
-    annotation_rel = row.get("annotation_path", "")
+    # a tile without a matching mask has no outline either (an older run's variation
+    # GeoJSON held its reference's unaligned outline)
+    annotation_rel = row.get("annotation_path", "") if masked else ""
     if annotation_rel:
         annotation = _run_path(run, annotation_rel, "annotation", tile_id)
         annotation_name = f"annotations/{tile_id}.geojson"
@@ -288,7 +320,8 @@ def _export_row(
     record = {
         "file_name": file_name,
         "id": tile_id,
-        "mask_path": f"masks/{tile_id}.png",
+        "mask_path": f"masks/{tile_id}.png" if masked else "",
+        "has_mask": "true" if masked else "false",
         "annotation_path": annotation_name,
         "slide_group": slide_group(row),
         "engine_trained": _engine_trained(row, untrained),
@@ -452,6 +485,11 @@ every slide a tile touches, group on the connected components of `slide_group` a
 )
 @click.option("--include-pending", is_flag=True, help="Also export tiles not reviewed yet.")
 @click.option(
+    "--include-qc-failed",
+    is_flag=True,
+    help="Also export tiles that failed the content check (qc column: fail …).",
+)
+@click.option(
     "--image-format",
     type=click.Choice(IMAGE_FORMATS, case_sensitive=False),
     default="png",
@@ -460,7 +498,12 @@ every slide a tile touches, group on the connected components of `slide_group` a
 )
 @click.pass_context
 def export(
-    ctx: click.Context, run: Path, out: Path, include_pending: bool, image_format: str
+    ctx: click.Context,
+    run: Path,
+    out: Path,
+    include_pending: bool,
+    include_qc_failed: bool,
+    image_format: str,
 ) -> None:
     """Accepted (and with --include-pending, pending) tiles of RUN as an image-folder
     training dataset in OUT: train/<id>.png + train/metadata.csv, masks/<id>.png,
@@ -473,6 +516,7 @@ def export(
         include_pending=include_pending,
         image_format=image_format,
         progress=progress_for(ctx, "export"),
+        include_qc_failed=include_qc_failed,
     )
     left_out = ", ".join(f"{n} {status}" for status, n in result.excluded.items()) or "none"
     click.echo(f"{result.count} tiles written to {result.out_dir} (left out: {left_out})")

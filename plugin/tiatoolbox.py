@@ -56,6 +56,9 @@ _PARAMS = {
     "resume": "resume",
     "slide_mpp": "slide_mpp_override",
     "ray": "ray",
+    "background": "background",
+    "harmonise": "harmonise",
+    "allow_untrained": "allow_untrained",
 }
 _STORE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 _GEOJSON_SUFFIXES = (".geojson", ".json")
@@ -147,6 +150,29 @@ class SynthesisEngine:
         )
         return self.engine
 
+    def _check_serves(
+        self, classes: list[str], count: int, mode: str, tile_size: int | None, params: dict
+    ) -> None:
+        """Refuse a mode the engine cannot serve before any slide or weight is read."""
+        from histosynth.synthetic_tiles import SynthesisSettings, check_engine_serves
+
+        keys = ("strength", "background", "harmonise", "allow_untrained")
+        settings = SynthesisSettings(
+            classes=tuple(classes),
+            count=count,
+            mode=mode,
+            tile_size=tile_size,
+            **{k: params[k] for k in keys if k in params},
+        )
+        if _is_engine(self.model):
+            engine = self.model
+            check_engine_serves(engine.preset, engine.abilities, engine.trained, settings)
+            return
+        from histosynth.synthesis.weights import model_facts
+
+        facts = model_facts(None if self.model is None else os.fspath(self.model))
+        check_engine_serves(facts.name, facts.abilities, facts.trained, settings)
+
     # ------------------------------------------------------------------ run
 
     def run(
@@ -187,14 +213,20 @@ class SynthesisEngine:
             tile_size: tile side, px (default: the engine's).
             mpp: µm per pixel of the tiles (default: the engine's, 0.5).
             **params: ``steps``, ``guidance``, ``strength``, ``seam_sigma``,
-                ``colour_blend``, ``adapter``, ``resume``, ``slide_mpp`` (µm per level-0
+                ``colour_blend``, ``adapter``, ``background`` (``auto``, ``real``,
+                ``synthetic``), ``harmonise`` (``auto``, ``diffusion``, ``multiband``,
+                ``none``), ``allow_untrained`` (let the UNTRAINED tiny engine paint),
+                ``resume``, ``slide_mpp`` (µm per level-0
                 pixel for slide paths without that metadata), ``ray`` (render on a Ray
                 cluster: a :class:`histosynth.scale_out.RayOptions` or its address,
                 ``"auto"`` / ``"local"``; the model must then be a preset or folder).
 
         Returns:
             ``"dict"``: ``{"images": (N, H, W, 3) uint8, "masks": (N, H, W) uint8 0/255,
-            "records": the N ``index.csv`` rows (dicts), "save_dir": Path}``.
+            "has_mask": (N,) bool, "records": the N ``index.csv`` rows (dicts), "save_dir":
+            Path}``. A variation tile has no segmentation mask (``has_mask`` false, its mask
+            all 0: train segmentation on ``has_mask`` rows only); every record's ``qc``
+            says whether it passed the content check.
             ``"annotationstore"``: a TIAToolbox ``SQLiteStore`` (also saved as
             ``save_dir/annotations.db``) of every tile's annotations in *tile* pixels;
             properties ``type`` (class), ``tile_id``, ``image_path`` (relative to
@@ -238,6 +270,7 @@ class SynthesisEngine:
             raise InputError("no image given")
         names = _class_names(class_dict)
         slide_mpp = params.get("slide_mpp")
+        self._check_serves(classes, count, mode, tile_size, params)
 
         sources = [
             _source(i, image, ann, names, slide_mpp)
@@ -473,12 +506,18 @@ def _check_classes(sources: Sequence[Any], classes: Sequence[str], names: dict[s
 
 def _arrays(run_dir: Path, rows: list[dict[str, str]], tile_size: int) -> dict[str, Any]:
     from histosynth.integration.images import read_mask, read_rgb
+    from histosynth.integration.run_folder import has_mask
 
     images = [read_rgb(run_dir / r["image_path"]) for r in rows]
-    masks = [read_mask(run_dir / r["mask_path"]) for r in rows]
+    masked = [has_mask(r) for r in rows]
+    masks = [
+        read_mask(run_dir / r["mask_path"]) if m else np.zeros(im.shape[:2], np.uint8)
+        for r, m, im in zip(rows, masked, images, strict=True)
+    ]
     return {
         "images": np.stack(images) if images else np.zeros((0, tile_size, tile_size, 3), np.uint8),
         "masks": np.stack(masks) if masks else np.zeros((0, tile_size, tile_size), np.uint8),
+        "has_mask": np.array(masked, dtype=bool),
         "records": rows,
         "save_dir": run_dir,
     }

@@ -169,12 +169,17 @@ def compose_tile(
             if attempt:
                 log.debug("tile %d: background %d of the ranking", index, attempt)
             return PlannedTile(index, donor, background, composite)
-    if run.background in ("auto", "synthetic"):
+    if run.background in ("auto", "synthetic") and run.generate_backgrounds:
         background = synthetic_background(engine, donor, index, run)
         composite = place(background, None)
         if composite is not None:
             return PlannedTile(index, donor, background, composite)
     reason = f"donor {donor.vessel.id} fits no background tile (tissue, free space)"
+    if run.background == "auto" and not run.generate_backgrounds:
+        reason += (
+            f", and the engine ({run.model}) generates no synthetic background (it "
+            "cannot generate from noise, or is UNTRAINED)"
+        )
     return SkippedTile(index, reason, reason)
 
 

@@ -310,9 +310,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-preview", action="store_true", help="skip preview.jpg")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--generator-from",
+        type=Path,
+        help="train only the companion generator: a copy of this engine folder's denoiser "
+        "fine-tuned over the whole timestep range (written to OUT/generator)",
+    )
     args = parser.parse_args(argv)
+    if args.generator_from is not None:
+        return train_generator(args, parser)
 
     from histosynth.integration.demodata import he_source_image
+    from histosynth.synthesis.abilities import EngineAbilities
     from histosynth.synthesis.cache import CacheDataset, build_cache
     from histosynth.synthesis.engine import (
         PIXCELL_SCHEDULER_CONFIG,
@@ -537,6 +546,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         trained=True,
         model_id=model_id,
         strength=p["strength"],
+        # the seam denoiser learnt timesteps < 560 only: no generation from noise
+        abilities=EngineAbilities(timesteps=(0, 560), generates=False, tile_sizes=(tile,)),
         title=(
             f"histosynth mini default engine ({tile} px, trained on {n_train} H&E tiles of "
             "TIAToolbox's sample; a small CPU-trained model, not PixCell)"
@@ -586,6 +597,155 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (out / "MODEL_CARD.md").write_text(model_card(report, model_id, n_train, len(val_idx)))
     log(f"done: {out} ({sizes['total_mb']:.2f} MB), times {times}")
     return report
+
+
+def _denoiser_tiles(p: dict[str, Any], image: np.ndarray, seed: int, quick: bool):
+    """The denoiser's training and held-out tiles (stage 2's), and the two halves."""
+    train_region, held_region = image[:500], image[500:]
+    if quick:
+        train_region, held_region = train_region[:64, :256], held_region[:64, :256]
+    tile = p["tile"]
+    last = train_region.shape[1] - tile
+    train_x = sorted({*range(0, last + 1, p["x_step"]), last})
+    val_x = sorted(
+        {round(v) for v in np.linspace(0, held_region.shape[1] - tile, p["val_offsets"])}
+    )
+    train_tiles = tiles_of(train_region, tile, train_x, range(8), "train")
+    train_tiles += vessel_tiles(train_region, tile, p["vessel_tiles"], seed, crops_from=image[:500])
+    return train_tiles, tiles_of(held_region, tile, val_x, range(1), "heldout")
+
+
+def train_generator(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Stage 3 again, over all 1000 timesteps, from the denoiser of ``--generator-from``.
+
+    The seam denoiser of the default engine learnt only the timesteps img2img uses
+    (< 560), so it cannot start from pure noise. Its companion generator is a copy
+    fine-tuned with timesteps drawn from the whole schedule (Min-SNR-γ 5, CFG dropout 0.1,
+    EMA), on the same cache (the engine's own VAE and encoder), for ``--dit-steps`` steps
+    or ``--minutes-dit`` minutes; written (float16) to ``OUT/generator`` with
+    ``OUT/generator.json`` (its steps, losses, times), for ``scripts/install_default_engine.py``
+    or a copy into the engine folder.
+    """
+    from histosynth.integration.demodata import he_source_image
+    from histosynth.synthesis.cache import CacheDataset, build_cache
+    from histosynth.synthesis.engine import load_engine, make_scheduler
+    from histosynth.synthesis.training import TrainConfig, run_training
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    p = dict(QUICK if args.quick else FULL)
+    p["dit_steps"] = args.dit_steps or (4 if args.quick else 1500)
+    p["minutes_dit"] = args.minutes_dit if args.minutes_dit is not None else (
+        None if args.quick else 60.0)
+    out: Path = args.out
+    if (out / "generator").exists():
+        parser.error(f"{out / 'generator'} exists")
+    work = args.work_dir or out.with_name(out.name + "-work")
+    if work.exists() and any(work.iterdir()) and not args.resume:
+        parser.error(f"{work} holds an earlier run; pass --resume or remove it")
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    engine = load_engine(args.generator_from, device="cpu", dtype="float32")
+    p["tile"] = engine.tile_size
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    train_tiles, val_tiles = _denoiser_tiles(p, he_source_image(), args.seed, args.quick)
+    cache_path = work / "cache.h5"
+    if not cache_path.exists():
+        build_cache(
+            work / "cache.tmp.h5",
+            train_tiles + val_tiles,
+            codec=engine.codec,
+            encoder=engine.encoder,
+            tile_size=engine.tile_size,
+            mpp=engine.mpp,
+            model_id=engine.model_id,
+            batch_size=4,
+        )
+        (work / "cache.tmp.h5").rename(cache_path)
+    times["cache_s"] = time.perf_counter() - t0
+    n_train = len(train_tiles)
+    train_idx, val_idx = list(range(n_train)), list(range(n_train, n_train + len(val_tiles)))
+    log(f"generator: cache of {n_train} + {len(val_idx)} tiles ({times['cache_s']:.0f} s)")
+
+    t0 = time.perf_counter()
+    transformer = engine.transformer
+    transformer.requires_grad_(True).train()
+    dataset = CacheDataset(cache_path, preload=True, seed=args.seed)
+    dit_work = work / "generator"
+    done, result = 0, None
+    if args.resume:
+        from histosynth.synthesis.training.checkpoints import latest_checkpoint
+
+        latest = latest_checkpoint(dit_work / "checkpoints")
+        done = latest.step if latest is not None else 0
+    budget = p["minutes_dit"] * 60 if p["minutes_dit"] else None
+    while done < p["dit_steps"]:
+        config = TrainConfig(
+            steps=min(p["dit_steps"], done + p["checkpoint_every"]),
+            batch_size=p["dit_batch"],
+            lr=p["dit_lr"],
+            lr_scheduler="constant",
+            snr_gamma=5.0,
+            uncond_prob=0.1,
+            timestep_range=(0, 1000),
+            seed=args.seed,
+            checkpoint_every=p["checkpoint_every"],
+            keep_best=1,
+            sample_every=0,
+            attention="sdpa",
+            max_grad_norm=1.0,
+            weight_decay=0.0,
+            ema=True,
+            ema_decay=p["ema_decay"],
+        )
+        result = run_training(
+            transformer,
+            dataset,
+            train_idx,
+            val_idx,
+            config=config,
+            noise_scheduler=make_scheduler("ddpm"),
+            work_dir=dit_work,
+            fingerprint={"kind": "default-generator", "base": engine.model_id},
+            resume=done > 0 or args.resume,
+            device=torch.device("cpu"),
+        )
+        done = result.steps
+        elapsed = time.perf_counter() - t0
+        log(f"  generator step {done}: val_loss {result.metrics.get('val_loss', float('nan')):.4f}"
+            f" ({elapsed:.0f} s)")
+        if budget is not None and elapsed + elapsed / max(1, done) * p["checkpoint_every"] > budget:
+            log("  generator time budget reached")
+            break
+    assert result is not None
+    times["generator_s"] = time.perf_counter() - t0
+    transformer.eval().requires_grad_(False)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".generator.tmp"
+    transformer.save_pretrained(tmp, safe_serialization=True)
+    half_weights(tmp)
+    tmp.rename(out / "generator")
+    record = {
+        "base": engine.model_id,
+        "steps": done,
+        "timestep_range": [0, 1000],
+        "batch": p["dit_batch"],
+        "lr": p["dit_lr"],
+        "ema_decay": p["ema_decay"],
+        "val_loss": result.metrics,
+        "validation": [
+            {k: v for k, v in h.items() if k.startswith(("step", "val"))}
+            for h in _read_log(dit_work)
+            if "val_loss" in h
+        ],
+        "times": times,
+        "hardware": f"{torch.get_num_threads()} CPU threads ({platform.machine()})",
+        "seed": args.seed,
+    }
+    (out / "generator.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    log(f"done: {out / 'generator'} ({done} steps, {sum(times.values()) / 60:.1f} min)")
+    return record
 
 
 def plot_loss_curves(report: dict[str, Any], path: Path) -> Path:

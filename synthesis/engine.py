@@ -62,6 +62,7 @@ from diffusers.utils import is_xformers_available
 from safetensors.torch import save_file
 
 from histosynth.synthesis import defaults
+from histosynth.synthesis.abilities import EngineAbilities, refusal
 from histosynth.synthesis.devices import move_model, resolve_device, resolve_dtype, vae_dtype
 from histosynth.synthesis.errors import EngineError, UntrainedEngineWarning
 from histosynth.synthesis.models.encoders import (
@@ -156,6 +157,9 @@ class Engine:
             otherwise (``histosynth_engine.json``'s ``strength``; PixCell's 0.55 by
             default; an engine whose noise schedule or training asks for another says so
             there, e.g. the embedded default's 0.35, see its model card).
+        abilities: what it serves — the timesteps its denoiser learnt, whether it
+            generates from noise, its tile sizes (:mod:`histosynth.synthesis.abilities`);
+            :meth:`check` refuses the rest.
     """
 
     transformer: PixCellTransformer2DModel
@@ -176,6 +180,7 @@ class Engine:
     compiled: bool = False
     sampler: str = "dpm-solver++"
     strength: float = defaults.STRENGTH
+    abilities: EngineAbilities = field(default_factory=EngineAbilities)
     codec: LatentCodec = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -198,14 +203,33 @@ class Engine:
             extras.append("compiled")
         return f"{text} [{', '.join(extras)}]"
 
+    def check(self, mode: str, *, strength: float | None = None) -> None:
+        """Refuse a mode this engine cannot serve (``"inpaint"`` at τ ``strength``,
+        ``"variation"``, ``"synthetic background"``).
+
+        Raises:
+            EngineError: one line naming the engine, the mode and what to use instead.
+        """
+        line = refusal(self.preset, self.abilities, mode, strength=strength)
+        if line is not None:
+            raise EngineError(line, item=mode)
+
     def make_scheduler(self, name: str | None = None) -> SchedulerMixin:
         """A fresh scheduler ``name`` (``None``: :attr:`sampler`) on the training schedule."""
         return make_scheduler(name or self.sampler, self.scheduler_config)
 
-    def variation_pipeline(self, scheduler: str | None = None) -> VariationPipeline:
-        """A :class:`~histosynth.synthesis.pipelines.VariationPipeline` on these models."""
+    def variation_pipeline(
+        self, scheduler: str | None = None, *, purpose: str = "variation"
+    ) -> VariationPipeline:
+        """A :class:`~histosynth.synthesis.pipelines.VariationPipeline` on these models.
+
+        Raises:
+            EngineError: the engine generates no tile from noise (its ``abilities``);
+                ``purpose`` (``"variation"``, ``"synthetic background"``) names the mode.
+        """
         from histosynth.synthesis.pipelines.variation import VariationPipeline
 
+        self.check(purpose)
         return VariationPipeline(
             transformer=self.transformer,
             vae=self.vae,
@@ -226,6 +250,7 @@ class Engine:
             encoder=self.encoder,
         )
         pipe.default_strength = self.strength
+        pipe.max_strength = self.abilities.max_strength
         return pipe
 
     def save(self, folder: str | os.PathLike) -> Path:
@@ -334,6 +359,7 @@ def tiny_engine(
         model_id=f"tiny-untrained-seed{seed}-{tile_size}px",
         sources=dict.fromkeys(COMPONENTS, untrained),
         title=PRESETS["tiny"].title,
+        abilities=PRESETS["tiny"].abilities,
     )
 
 
@@ -557,6 +583,11 @@ def _sampler_of(meta: dict[str, Any], where: Path) -> str:
     return name
 
 
+def _abilities_of(meta: dict[str, Any], where: Path, tile_size: int) -> EngineAbilities:
+    """What an engine folder says it serves (an older folder: all, at its tile size)."""
+    return EngineAbilities.from_json(meta.get("abilities"), where=str(where), tile_size=tile_size)
+
+
 def _strength_of(meta: dict[str, Any], where: Path) -> float:
     """The τ an engine folder asks for (:data:`defaults.STRENGTH` when it says nothing)."""
     value = meta.get("strength", defaults.STRENGTH)
@@ -613,6 +644,12 @@ def _load_preset(
         strength=_strength_of(_meta_near(transformer_dir), transformer_dir.parent / ENGINE_FILE),
         sources={c: f"{f.source} {f.path}" for c, f in found.items()},
         title=spec.title,
+        abilities=(
+            _abilities_of(_meta_near(transformer_dir), transformer_dir.parent / ENGINE_FILE,
+                          spec.tile_size)
+            if spec.embedded
+            else spec.abilities
+        ),
     )
     _check_fit(engine, where=transformer_dir)
     return engine
@@ -683,6 +720,7 @@ def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> Engi
         strength=_strength_of(meta, root / ENGINE_FILE if root else folder),
         sources=sources,
         title=str(meta.get("title") or ""),
+        abilities=_abilities_of(meta, root / ENGINE_FILE if root else folder, tile_size),
     )
     _check_fit(engine, where=folder)
     return engine
@@ -848,6 +886,7 @@ def save_engine(
             "model_id": engine.model_id,
             "sampler": engine.sampler,
             "strength": engine.strength,
+            "abilities": engine.abilities.to_json(),
         }
         if training is not None:
             meta["training"] = training

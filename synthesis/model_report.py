@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from histosynth.synthesis.abilities import serves
 from histosynth.synthesis.errors import EngineError
 from histosynth.synthesis.weights import (
     AUTO_MODEL,
@@ -23,6 +24,7 @@ from histosynth.synthesis.weights import (
     find_component,
     find_extractor_weights,
     hf_cache_dir,
+    preset_facts,
 )
 
 __all__ = [
@@ -139,6 +141,8 @@ def format_models_report(preset: str | None = None) -> str:
         lines.append("")
         lines.append(f"{name}: {spec.title}")
         lines.append(f"  {spec.tile_size} px tiles at {spec.mpp} µm/px; {trained}; {state}")
+        facts = preset_facts(name)
+        lines.append(f"  {serves(facts.abilities, facts.trained)}")
         for status in statuses:
             if status.error:
                 text = f"ERROR {status.error}"

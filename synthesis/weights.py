@@ -43,6 +43,7 @@ from typing import Literal
 import yaml
 from huggingface_hub import try_to_load_from_cache
 
+from histosynth.synthesis.abilities import EngineAbilities
 from histosynth.synthesis.errors import EngineError
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "ComponentSpec",
     "ExtractorSpec",
     "FoundWeights",
+    "ModelFacts",
     "PresetSpec",
     "default_model",
     "embedded_folder",
@@ -63,6 +65,8 @@ __all__ = [
     "find_extractor_weights",
     "find_preset",
     "hf_cache_dir",
+    "model_facts",
+    "preset_facts",
     "read_settings",
     "settings_path",
     "torch_hub_checkpoints",
@@ -107,6 +111,8 @@ class PresetSpec:
     components: Mapping[str, ComponentSpec] = field(default_factory=dict)
     #: folder under :data:`EMBEDDED_ROOT` holding an engine folder shipped in the package
     embedded: str | None = None
+    #: what it serves (an embedded engine's own ``histosynth_engine.json`` says it there)
+    abilities: EngineAbilities = field(default_factory=EngineAbilities)
 
 
 _VAE = ComponentSpec("stabilityai/stable-diffusion-3.5-large", "vae", "diffusers", gated=True)
@@ -144,6 +150,7 @@ PRESETS: dict[str, PresetSpec] = {
             "vae": _VAE,
             "encoder": _UNI,
         },
+        abilities=EngineAbilities(tile_sizes=(1024,)),
     ),
     "pixcell-256": PresetSpec(
         "pixcell-256",
@@ -156,6 +163,7 @@ PRESETS: dict[str, PresetSpec] = {
             "vae": _VAE,
             "encoder": _UNI,
         },
+        abilities=EngineAbilities(tile_sizes=(256,)),
     ),
     "tiny": PresetSpec(
         "tiny",
@@ -164,6 +172,9 @@ PRESETS: dict[str, PresetSpec] = {
         mpp=0.5,
         trained=False,
         components={},
+        # PixCell's design in miniature, at any multiple of 64 px; its weights are random,
+        # which ``trained`` says (the workflows ask for allow_untrained before it paints)
+        abilities=EngineAbilities(),
     ),
 }
 
@@ -520,6 +531,59 @@ def check_model(model: str | os.PathLike | None) -> str:
     if not folder.is_dir():
         raise EngineError("expected a model folder, found a file", path=folder)
     return name
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a model is, read from its folder's metadata without loading any weights."""
+
+    name: str
+    abilities: EngineAbilities
+    trained: bool
+    tile_size: int | None
+
+
+def model_facts(model: str | os.PathLike | None) -> ModelFacts:
+    """The abilities and trained flag of the model a run will load (:func:`check_model`
+    first), from the preset or the folder's ``histosynth_engine.json`` — no weight is read,
+    so a command refuses a mode the engine cannot serve before any slide or model loads.
+
+    Raises:
+        EngineError: what :func:`check_model` raises; a malformed metadata file.
+    """
+    return _facts(check_model(model))
+
+
+def preset_facts(preset: str) -> ModelFacts:
+    """:func:`model_facts` of a preset, whether its weights are installed or not."""
+    if preset not in PRESETS:
+        raise EngineError(f"unknown preset; expected one of {', '.join(PRESETS)}", item=preset)
+    return _facts(preset)
+
+
+def _facts(name: str) -> ModelFacts:
+    import json
+
+    spec = PRESETS.get(name)
+    if spec is not None and spec.embedded is None:
+        return ModelFacts(name, spec.abilities, spec.trained, spec.tile_size)
+    if spec is not None:
+        meta_file = EMBEDDED_ROOT / str(spec.embedded) / ENGINE_FILE
+    else:
+        meta_file = Path(name).expanduser() / ENGINE_FILE
+    if not meta_file.is_file():
+        return ModelFacts(name, EngineAbilities(), True, None)
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise EngineError(f"cannot read JSON ({type(err).__name__})", path=meta_file) from err
+    if not isinstance(meta, dict):
+        raise EngineError("expected a JSON object", path=meta_file)
+    tile = meta.get("tile_size") if isinstance(meta.get("tile_size"), int) else None
+    abilities = EngineAbilities.from_json(
+        meta.get("abilities"), where=str(meta_file), tile_size=tile
+    )
+    return ModelFacts(name, abilities, bool(meta.get("trained", True)), tile)
 
 
 def find_preset(

@@ -55,6 +55,7 @@ from urllib.parse import quote
 
 from histosynth.integration.annotations import class_parts
 from histosynth.integration.atomic import atomic_write_bytes, atomic_write_text
+from histosynth.integration.content_check import qc_failed
 from histosynth.integration.dataset import (
     INDEX_COLUMNS,
     REVIEW_STATUSES,
@@ -64,6 +65,7 @@ from histosynth.integration.dataset import (
 )
 from histosynth.integration.errors import InputError
 from histosynth.integration.images import overlay_png, read_mask, read_rgb
+from histosynth.integration.run_folder import has_mask
 from histosynth.review.metrics_view import metrics_section
 
 log = logging.getLogger(__name__)
@@ -255,7 +257,8 @@ def _card(run: Path, row: dict[str, str], extra_columns: Sequence[str]) -> str:
         figures.append(_figure(caption, src, rel, tile_id))
 
     image_src = _run_file(run, row.get("image_path", ""))
-    mask_src = _run_file(run, row.get("mask_path", ""))
+    masked = has_mask(row)
+    mask_src = _run_file(run, row.get("mask_path", "")) if masked else None
     overlay_rel = f"{OVERLAY_DIR}/{tile_id}-overlay.png"
     overlay_src = None
     if safe and image_src and mask_src:
@@ -265,10 +268,24 @@ def _card(run: Path, row: dict[str, str], extra_columns: Sequence[str]) -> str:
             run / OVERLAY_DIR / f"{tile_id}-overlay.png",
         )
         overlay_src = quote(overlay_rel, safe="/") if made else None
-    if overlay_src is None:
-        log.warning("%s: %s: no mask overlay (image or mask missing or unreadable)", run, tile_id)
-    figures.append(
-        _figure("mask overlay", overlay_src, row.get("mask_path", "") or overlay_rel, tile_id)
+    if not masked:
+        figures.append(
+            '<figure class="missing"><div class="placeholder">no mask: its pixels were '
+            "generated, not placed — a classification sample (its class only)</div>"
+            "<figcaption>mask</figcaption></figure>"
+        )
+    else:
+        if overlay_src is None:
+            log.warning("%s: %s: no mask overlay (image or mask missing or unreadable)", run,
+                        tile_id)
+        figures.append(
+            _figure("mask overlay", overlay_src, row.get("mask_path", "") or overlay_rel, tile_id)
+        )
+    qc = row.get("qc", "")
+    qc_badge = (
+        f'<span class="qc qc-fail" title="{_e(qc)}">content check {_e(qc)}</span>'
+        if qc_failed(qc)
+        else ""
     )
 
     items = []
@@ -284,7 +301,7 @@ def _card(run: Path, row: dict[str, str], extra_columns: Sequence[str]) -> str:
         f'<article class="card" id="card-{_e(tile_id)}" data-id="{_e(tile_id)}" '
         f'data-status="{_e(status)}" data-class="{_e(class_name)}" data-type="{_e(kind)}">\n'
         f"<header><h2>{_e(tile_id)}</h2>"
-        f'<span class="badge status-{_e(status)}">{_e(status)}</span>'
+        f'<span class="badge status-{_e(status)}">{_e(status)}</span>{qc_badge}'
         f'<span class="type">{_e(kind)}</span>'
         f'<span class="class">{_e(class_name) or "(no class)"}</span></header>\n'
         f'<div class="images">{"".join(figures)}</div>\n'
@@ -468,6 +485,8 @@ main { padding: 12px 16px; display: grid; gap: 12px; }
 .badge.status-pending { background: #b7791f; }
 .badge.status-accepted { background: #2f855a; }
 .badge.status-rejected { background: #c53030; }
+.qc-fail { border-radius: 9px; padding: 0 8px; font-size: 12px; font-weight: 600;
+  color: #fff; background: #9b2c2c; }
 .type, .class { color: var(--muted); }
 .images { display: flex; flex-wrap: wrap; gap: 8px; margin: 8px 0; }
 figure { margin: 0; width: 200px; }

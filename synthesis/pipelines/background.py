@@ -142,7 +142,7 @@ def generate_background(
     )
 
     if isinstance(pipeline_or_engine, Engine):
-        pipe = pipeline_or_engine.variation_pipeline()
+        pipe = pipeline_or_engine.variation_pipeline(purpose="synthetic background")
         pipe.set_progress_bar_config(disable=True)
     elif isinstance(pipeline_or_engine, VariationPipeline):
         pipe = pipeline_or_engine

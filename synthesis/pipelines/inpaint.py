@@ -205,6 +205,8 @@ class InpaintPipeline(PixCellPipeline):
     """
 
     default_strength: float = DEFAULT_STRENGTH
+    #: the largest τ its denoiser serves (the engine's ``abilities.max_strength``)
+    max_strength: float = 1.0
 
     def _rows(self, images: np.ndarray, uni_rows: Tensor | np.ndarray | None) -> Tensor:
         """Condition rows ``[B, tokens, dim]``, float32 on the execution device."""
@@ -284,6 +286,12 @@ class InpaintPipeline(PixCellPipeline):
             strength = self.default_strength
         if not 0 <= float(strength) <= 1:
             raise EngineError(f"expected a strength in [0, 1], got {strength}", item="strength")
+        if float(strength) > self.max_strength + 1e-9:
+            raise EngineError(
+                f"this engine's denoiser serves strengths up to {self.max_strength:g} (the "
+                f"timesteps it was trained on), not {strength}",
+                item="strength",
+            )
         if not float(seam_sigma) > 0:
             raise EngineError(f"expected a positive σ, px, got {seam_sigma}", item="seam_sigma")
         images = _composites(composite)

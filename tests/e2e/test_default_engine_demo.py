@@ -43,7 +43,7 @@ def _seam_stats(run: Path) -> tuple[float, float]:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("default-demo")
     default = _demo(root / "default")
-    tiny = _demo(root / "tiny", "--model", "tiny", "--harmonise", "diffusion")
+    tiny = _demo(root / "tiny", "--model", "tiny", "--harmonise", "diffusion", "--allow-untrained")
     return root, default, tiny
 
 

@@ -30,7 +30,7 @@ def demo(invoke, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     result = invoke(
         "demo", "--out", out, "--count", 3, "--steps", 2, "--model", "tiny", "--tile-size", TILE,
-        "--harmonise", "diffusion",
+        "--harmonise", "diffusion", "--allow-untrained",
     )
     assert result.exit_code == 0, result.output + result.stderr
     return out, result
@@ -144,7 +144,7 @@ def test_demo_again_resumes_without_duplicates(invoke, demo):
     before = {r["id"]: r["image_sha256"] for r in read_index(out / "run")}
     result = invoke(
         "demo", "--out", out, "--count", 3, "--steps", 2, "--model", "tiny", "--tile-size", TILE,
-        "--harmonise", "diffusion",
+        "--harmonise", "diffusion", "--allow-untrained",
     )
     assert result.exit_code == 0, result.stderr
     assert "0 synthetic tile(s) written, 3 already present" in result.output
@@ -194,13 +194,16 @@ def test_same_seed_same_tiles_and_variation_mode(invoke, demo, tmp_path):
         TILE,
         "--steps",
         2,
+        "--allow-untrained",
         "--out",
         tmp_path / "v",
     )
     assert variation.exit_code == 0, variation.stderr
     rows = read_index(tmp_path / "v")
     assert [r["synthesis_type"] for r in rows] == ["variation", "variation"]
-    assert all(r["mask_source"] == "reference" for r in rows)
+    # generated pixels: the class, no mask; the untrained engine's noise fails the check
+    assert all(r["mask_source"] == "none" and not r["mask_path"] for r in rows)
+    assert all(r["qc"].startswith("fail: ") for r in rows)
     assert all((tmp_path / "v" / "refs" / f"{r['id']}-reference.png").is_file() for r in rows)
 
 

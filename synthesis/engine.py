@@ -160,6 +160,10 @@ class Engine:
         abilities: what it serves — the timesteps its denoiser learnt, whether it
             generates from noise, its tile sizes (:mod:`histosynth.synthesis.abilities`);
             :meth:`check` refuses the rest.
+        generator: a companion denoiser trained on the whole timestep range, used instead
+            of ``transformer`` to generate from noise (variation, synthetic backgrounds),
+            when the seam denoiser learnt only the timesteps of seam regeneration (an
+            engine folder's ``generator/``); ``None``: the transformer does both.
     """
 
     transformer: PixCellTransformer2DModel
@@ -181,6 +185,7 @@ class Engine:
     sampler: str = "dpm-solver++"
     strength: float = defaults.STRENGTH
     abilities: EngineAbilities = field(default_factory=EngineAbilities)
+    generator: PixCellTransformer2DModel | None = None
     codec: LatentCodec = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -231,7 +236,7 @@ class Engine:
 
         self.check(purpose)
         return VariationPipeline(
-            transformer=self.transformer,
+            transformer=self.transformer if self.generator is None else self.generator,
             vae=self.vae,
             scheduler=self.make_scheduler(scheduler),
             encoder=self.encoder,
@@ -652,7 +657,29 @@ def _load_preset(
         ),
     )
     _check_fit(engine, where=transformer_dir)
+    if spec.embedded:
+        engine.generator = _generator_near(transformer_dir.parent, engine, device, dtype)
     return engine
+
+
+def _generator_near(
+    root: Path, engine: Engine, device: torch.device, dtype: torch.dtype
+) -> PixCellTransformer2DModel | None:
+    """The companion generator of an engine folder (``generator/``), checked to take the
+    same latents and condition as its transformer; ``None`` when the folder has none."""
+    folder = root / "generator"
+    if not (folder / "config.json").is_file():
+        return None
+    generator = load_transformer(folder, device, dtype)
+    mine, theirs = engine.transformer.config, generator.config
+    keys = ("in_channels", "sample_size", "caption_channels", "caption_num_tokens")
+    differ = [k for k in keys if mine.get(k) != theirs.get(k)]
+    if differ:
+        raise EngineError(
+            f"the generator does not fit the transformer ({', '.join(differ)} differ)",
+            path=folder,
+        )
+    return generator
 
 
 def _preset_for(config: dict[str, Any]) -> str:
@@ -723,6 +750,8 @@ def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> Engi
         abilities=_abilities_of(meta, root / ENGINE_FILE if root else folder, tile_size),
     )
     _check_fit(engine, where=folder)
+    if root is not None:
+        engine.generator = _generator_near(root, engine, device, dtype)
     return engine
 
 
@@ -872,6 +901,8 @@ def save_engine(
     folder.parent.mkdir(parents=True, exist_ok=True)
     with _temporary_sibling(folder) as tmp:
         engine.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+        if engine.generator is not None:
+            engine.generator.save_pretrained(tmp / "generator", safe_serialization=True)
         engine.vae.save_pretrained(tmp / "vae", safe_serialization=True)
         _save_encoder(engine.encoder, tmp / "encoder")
         (tmp / "scheduler").mkdir()

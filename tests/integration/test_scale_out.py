@@ -27,8 +27,11 @@ COUNT = 5
 
 
 def settings(mode: str = "inpaint", **kw) -> SynthesisSettings:
+    """The module's run: the tiny engine paints (diffusion seams, variations) on purpose,
+    so that the actors render what the driver would."""
     return SynthesisSettings(
-        classes=("Vessel",), count=COUNT, mode=mode, model="tiny", steps=2, device="cpu", **kw
+        classes=("Vessel",), count=COUNT, mode=mode, model="tiny", steps=2, device="cpu",
+        harmonise="diffusion", allow_untrained=True, **kw
     )
 
 
@@ -36,7 +39,8 @@ def synthesize_args(project: Path, out: Path, *extra: str) -> list[str]:
     """``synthesize`` of the module's run (the tiny engine, 2 steps, CPU) on the command line."""
     return [
         "synthesize", "--project", str(project), "--class", "Vessel", "--count", str(COUNT),
-        "--model", "tiny", "--steps", "2", "--device", "cpu", "--out", str(out), *extra,
+        "--model", "tiny", "--steps", "2", "--device", "cpu", "--out", str(out),
+        "--harmonise", "diffusion", "--allow-untrained", *extra,
     ]  # fmt: skip
 
 
@@ -46,7 +50,9 @@ def digests(run: Path) -> list[tuple[str, str, str]]:
         (
             r["id"],
             hashlib.sha256((run / r["image_path"]).read_bytes()).hexdigest(),
-            hashlib.sha256((run / r["mask_path"]).read_bytes()).hexdigest(),
+            hashlib.sha256((run / r["mask_path"]).read_bytes()).hexdigest()
+            if r["mask_path"]
+            else r["mask_source"],  # a variation: no mask
         )
         for r in read_index(run)
     ]

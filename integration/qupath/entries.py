@@ -78,6 +78,4 @@ def entry_description(row: Mapping[str, str], run_name: str) -> str:
     text += f"; run {run_name}, tile {row.get('id', '')}"
     if row.get("mask_source", "").strip().lower() == "none":
         text += "; no mask (generated pixels: a classification sample)"
-    if row.get("qc", "").strip().lower().startswith("fail"):
-        text += f"; content check {row['qc']}"
     return " ".join(text.split())

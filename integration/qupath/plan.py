@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from histosynth.integration.atomic import atomic_write_json
+from histosynth.integration.content_check import qc_failed
 from histosynth.integration.dataset import (
     INDEX_NAME,
     REVIEW_STATUSES,
@@ -230,8 +231,8 @@ def plan_write_back(
     """Check every row of the run against the project, writing nothing.
 
     Returns the synthetic tiles to add, in index order, and ``(tile id, reason)`` for the
-    rows skipped (``extracted`` rows; tiles whose ``histosynth.run`` + ``histosynth.id``
-    already name an entry).
+    rows skipped (``extracted`` rows; tiles that failed the content check; tiles whose
+    ``histosynth.run`` + ``histosynth.id`` already name an entry).
 
     Raises:
         InputError: no index, a missing or unreadable tile image or GeoJSON, or a row
@@ -253,6 +254,10 @@ def plan_write_back(
         except InputError as exc:
             raise InputError(exc.message, path=index, item=f"tile {tile_id!r}") from None
         existing = project.synthetic_entry(run_name, tile_id)
+        if existing is None and qc_failed(row.get("qc")):  # never into a user's project
+            skipped.append((tile_id, f"failed the content check ({row['qc'][6:]}); see the "
+                                     "run's gallery"))
+            continue
         problem = None if existing is not None else row_problem(run, row)
         if problem is not None:  # a replaced, truncated or outside file is never imported
             raise InputError(

@@ -105,6 +105,14 @@ def test_untrained_generation_is_written_only_when_asked_and_then_fails_the_chec
         assert (run / "refs" / f"{row['id']}-reference-mask.png").is_file()
         geojson = (run / row["annotation_path"]).read_text()
         assert '"features":[]' in geojson.replace(" ", "")
+    # a failed tile never enters the user's QuPath project
+    from histosynth.integration.qupath.writeback import write_run_to_project
+
+    before = demo_project.read_bytes()
+    written = write_run_to_project(demo_project, run)
+    assert not written.added and len(written.skipped) == 2
+    assert "2 failed the content check" in written.summary()
+    assert demo_project.read_bytes() == before
     # resuming keeps the rows (an empty mask_path is this row's own, not a spoiled one)
     again = invoke("synthesize", "--project", demo_project, "--class", "Vessel", "--count",
                    "2", "--model", "tiny", "--mode", "variation", "--steps", STEPS,

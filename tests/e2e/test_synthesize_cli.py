@@ -254,12 +254,15 @@ def test_synthetic_background_mode(invoke, demo, tmp_path):
         2,
         "--background",
         "synthetic",
+        "--allow-untrained",
         "--out",
         tmp_path / "s",
     )
     assert result.exit_code == 0, result.stderr
     (row,) = read_index(tmp_path / "s")
     assert row["background_kind"] == "synthetic"
+    # the untrained engine's background is noise: written for inspection, flagged
+    assert row["qc"].startswith("fail: ") and "FAILED the content check" in result.stderr
     assert row["tile_x"] == "" and row["tile_y"] == ""
     image = _png(tmp_path / "s" / row["image_path"])
     mask = _png(tmp_path / "s" / row["mask_path"], cv2.IMREAD_UNCHANGED)
@@ -308,6 +311,9 @@ def test_adapter_from_the_library_changes_the_style_and_is_recorded(
         2,
         "--seed",
         3,
+        "--harmonise",  # the adapter steers the engine's seams: let the tiny engine paint
+        "diffusion",
+        "--allow-untrained",
     ]
     plain = invoke(*common, "--out", tmp_path / "plain")
     styled = invoke(*common, "--adapter", "warm-stain", "--out", tmp_path / "styled")

@@ -253,7 +253,8 @@ def test_dict_output_from_a_reader_and_a_store_object_is_the_same_run(
         )
     finally:
         store.close()
-    assert set(out) == {"images", "masks", "records", "save_dir"}
+    assert set(out) == {"images", "masks", "has_mask", "records", "save_dir"}
+    assert out["has_mask"].tolist() == [True, True]  # inpainted: the placed donor's mask
     assert out["images"].shape == (2, TILE, TILE, 3) and out["images"].dtype == np.uint8
     assert out["masks"].shape == (2, TILE, TILE) and set(np.unique(out["masks"])) <= {0, 255}
     assert [r["id"] for r in out["records"]] == ["inp-00000", "inp-00001"]

@@ -141,6 +141,7 @@ def test_lora_trains_lands_in_the_library_and_changes_synthesize(workspace, tmp_
             0,
             "--model",
             "tiny",
+            "--allow-untrained",
             "--out",
             out,
             *extra,

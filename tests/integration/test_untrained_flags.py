@@ -35,6 +35,7 @@ def runs(invoke, tmp_path_factory, demo_project):
             2,
             "--harmonise",
             harmonise,
+            "--allow-untrained",  # let it paint the seams: what this module flags
             "--out",
             run,
         )
@@ -45,7 +46,9 @@ def runs(invoke, tmp_path_factory, demo_project):
 
 
 def _export(invoke, run, tmp_path):
-    result = invoke("export", run, "--out", tmp_path / "export", "--include-pending")
+    result = invoke(
+        "export", run, "--out", tmp_path / "export", "--include-pending", "--include-qc-failed"
+    )
     assert result.exit_code == 0, result.output
     with open(tmp_path / "export" / "train" / "metadata.csv", newline="") as handle:
         return result, list(csv.DictReader(handle))

@@ -150,3 +150,17 @@ def test_the_tiatoolbox_engine_refuses_before_reading_a_slide(tmp_path) -> None:
                                     classes="Vessel", count=1, mode="variation",
                                     save_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("harmonise", ["multiband", "none"])
+def test_real_donors_in_real_backgrounds_pass_with_every_harmoniser(
+    harmonise, demo_project, tmp_path, invoke
+) -> None:
+    """(diffusion: the default engine's inpaint case above.)"""
+    run = tmp_path / "run"
+    result = invoke("synthesize", "--project", demo_project, "--class", "Vessel", "--count",
+                    "3", "--background", "real", "--harmonise", harmonise, "--out", run)
+    assert result.exit_code == 0, result.output
+    rows = _rows(run)
+    assert len(rows) == 3 and {r["harmonise"] for r in rows} == {harmonise}
+    assert [r["qc"] for r in rows] == [QC_PASS] * 3

@@ -3,13 +3,18 @@
     python scripts/train_default_engine.py --out DIR
     python scripts/bench_seam.py --models DIR DIR:ddim tiny --out seam.json
     python scripts/install_default_engine.py DIR [--bench seam.json] [--sampler NAME]
-                                             [--strength TAU]
+                                             [--strength TAU] [--generator GEN
+                                             --generation gen.json]
 
 Copies the components of ``DIR`` (``transformer/``, ``vae/``, ``encoder/``, ``scheduler/``)
 into ``synthesis/embedded/histosynth_mini_512/`` (replacing what is there), marks the
 engine as preset ``default``, and writes its ``MODEL_CARD.md`` from the run's
 ``training.json`` (with the seam benchmark of ``--bench`` and the model's limits) and
-``loss_curves.png``; the preview is kept as JPEG. Nothing is downloaded.
+``loss_curves.png``; the preview is kept as JPEG. ``--generator GEN`` (the ``--out`` of
+``train_default_engine.py --generator-from``) adds its companion generator when
+``--generation`` (``scripts/bench_generation.py --json`` of the engine with it) says it
+ships: then the engine declares ``generates: true``. The card says what the engine
+serves either way. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -90,6 +95,54 @@ band is redrawn and it drifts from the composite's colour (ΔE above 5 in the ta
 above); τ = {strength:g} keeps √ᾱ = {keep:.2f} and still redraws the band's fine texture.
 """
 
+def serves_section(meta: dict, generation: dict | None) -> str:
+    """The model card's "What it serves" section: its abilities, and the generation
+    benchmark of ``scripts/bench_generation.py`` when one was run."""
+    abilities = meta.get("abilities") or {}
+    low, high = (abilities.get("timesteps") or [0, 1000])[:2]
+    lines = [
+        "## What it serves",
+        "",
+        f"- Seam regeneration (inpainting) at τ ≤ {high / 1000:g}: its seam denoiser learnt "
+        f"timesteps {low}–{high - 1} (`histosynth_engine.json` `abilities`); a larger "
+        "`--strength` is refused.",
+    ]
+    if abilities.get("generates"):
+        lines.append(
+            "- Generation from noise (`--mode variation`, synthetic backgrounds) with its "
+            "companion generator (`generator/`: the denoiser fine-tuned over all 1000 "
+            "timesteps)."
+        )
+    else:
+        lines.append(
+            "- **Not** generation from noise: from pure noise its denoiser draws speckle, "
+            "not tissue, so `--mode variation` and `--background synthetic` are refused "
+            "with one line, and `--background auto` skips a donor that fits no real tile."
+        )
+    if generation:
+        k = generation["kid_x1000"]
+        lines += [
+            "",
+            f"Generation benchmark (`python scripts/bench_generation.py`, "
+            f"{generation['tiles']} variations of held-out tiles at {generation['steps']} "
+            f"steps, {generation['hardware']}; KID ×10³ against the other half of the held-out "
+            "tiles, in this engine's own encoder):",
+            "",
+            "| tiles | KID ×10³ | content check passed |",
+            "|---|---:|---:|",
+            f"| {'its generator' if generation['generator'] else 'its seam denoiser'}'s "
+            f"variations | {k['generated_vs_B'][0]:.2f} ± {k['generated_vs_B'][1]:.2f} | "
+            f"{generation['content_check_pass']:.0%} |",
+            f"| held-out real tiles | {k['real_A_vs_B'][0]:.2f} ± {k['real_A_vs_B'][1]:.2f} | |",
+            f"| held-out real tiles blurred (σ 2 px) | {k['blurred_A_vs_B']:.2f} | |",
+            "",
+            f"The bar to ship generation: every tile passes the content check and KID ≤ "
+            f"{generation['kid_bar_x1000']:.2f} (3 × the real-vs-real value or its ±); "
+            + ("met." if generation["ships"] else "not met, so this engine does not generate."),
+        ]
+    return "\n".join(lines) + "\n"
+
+
 LIMITS = """## Limits
 
 - Trained on one 1000² H&E image (plus two small ones for the autoencoder): it knows that
@@ -116,7 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--strength", type=float, help="the engine's default τ, in (0, 1] (else the run's)"
     )
+    parser.add_argument("--generator", type=Path, help="train_default_engine --generator-from OUT")
+    parser.add_argument("--generation", type=Path, help="scripts/bench_generation.py --json")
     args = parser.parse_args(argv)
+    generation = (
+        json.loads(args.generation.read_text(encoding="utf-8")) if args.generation else None
+    )
+    if args.generator is not None and not (generation and generation.get("ships")):
+        parser.error("--generator needs --generation JSON whose tiles pass the bar (ships)")
     src: Path = args.run
     for part in PARTS:
         if not (src / part).is_dir():
@@ -136,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     TARGET.mkdir(parents=True)
     for part in PARTS:
         shutil.copytree(src / part, TARGET / part)
+    if args.generator is not None:
+        shutil.copytree(args.generator / "generator", TARGET / "generator")
+        meta.setdefault("abilities", {})["generates"] = True
     shutil.copy(src / "training.json", TARGET / "training.json")
     (TARGET / "histosynth_engine.json").write_text(json.dumps(meta, indent=2) + "\n")
     card = (src / "MODEL_CARD.md").read_text(encoding="utf-8")
@@ -151,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     text += "\n" + STRENGTH.format(
         strength=meta.get("strength", 0.55), keep=_kept(meta.get("strength", 0.55))
     )
+    text += "\n" + serves_section(meta, generation)
     text += "\n" + LIMITS
     (TARGET / "MODEL_CARD.md").write_text(text, encoding="utf-8")
     preview = next((p for p in (src / "preview.jpg", src / "preview.png") if p.exists()), None)

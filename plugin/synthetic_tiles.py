@@ -88,6 +88,8 @@ EXTRA_COLUMNS = (
 )
 #: real tiles the content check is calibrated on (backgrounds, then donors' surroundings)
 CALIBRATION_TILES = 16
+#: below this share of in-gamut pixels in a real tile, the slides are not H&E-like
+WEAK_GAMUT = 0.3
 
 
 @dataclass
@@ -780,7 +782,17 @@ def _calibrate(donors: Sequence[Donor], backgrounds: Sequence[Background]) -> Co
         (d.image, d.mask, tissue_mask(d.image) if d.tissue is None else d.tissue)
         for d in donors[:CALIBRATION_TILES]
     ]
-    return calibrate(real, masked)
+    thresholds = calibrate(real, masked)
+    gamut = thresholds.real.get("gamut") or [1.0]
+    if gamut[0] < WEAK_GAMUT:
+        log.warning(
+            "real tiles of these slides lie largely outside the H&E gamut (lowest share "
+            "%.2f): another stain? The content check's gamut bound is weak for this run "
+            "(%.2f); its detail and colour checks still apply",
+            gamut[0],
+            thresholds.gamut_min,
+        )
+    return thresholds
 
 
 def _check_content(

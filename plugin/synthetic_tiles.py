@@ -480,13 +480,14 @@ def check_engine_serves(
 
     inpaint = settings.mode == "inpaint"
     diffusion = inpaint and _resolved_harmonise(settings.harmonise, trained) == "diffusion"
-    asks = [
-        ("variation", None) if not inpaint else None,
-        ("synthetic background", None) if inpaint and settings.background == "synthetic" else None,
-        ("inpaint", settings.strength) if diffusion else None,
-    ]
-    for ask in filter(None, asks):
-        line = refusal(engine, abilities, ask[0], strength=ask[1], tile_size=settings.tile_size)
+    # the tile size always; τ only where the engine regenerates seams
+    asks = [("inpaint", settings.strength if diffusion else None)]
+    if not inpaint:
+        asks.append(("variation", None))
+    elif settings.background == "synthetic":
+        asks.append(("synthetic background", None))
+    for mode, strength in asks:
+        line = refusal(engine, abilities, mode, strength=strength, tile_size=settings.tile_size)
         if line is not None:
             raise InputError(line)
     if trained or settings.allow_untrained:

@@ -326,12 +326,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from histosynth.synthesis.engine import (
         PIXCELL_SCHEDULER_CONFIG,
         Engine,
-        make_scheduler,
         save_engine,
     )
     from histosynth.synthesis.models.encoders import TinyEncoder
     from histosynth.synthesis.models.vae import LatentCodec
-    from histosynth.synthesis.training import TrainConfig, run_training
     from histosynth.synthesis.training.autoencoder import (
         normalise_latents,
         reconstruction_metrics,
@@ -463,60 +461,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     dataset = CacheDataset(cache_path, preload=True, seed=args.seed)
     dit_work = work / "dit"
-    history: list[dict[str, Any]] = []
-    initial: dict[str, float] = {}
-    done, result = 0, None
-    if args.resume:
-        from histosynth.synthesis.training.checkpoints import latest_checkpoint
-
-        latest = latest_checkpoint(dit_work / "checkpoints")
-        done = latest.step if latest is not None else 0
-    budget = p["minutes_dit"] * 60 if p["minutes_dit"] else None
-    while done < p["dit_steps"]:
-        target = min(p["dit_steps"], done + p["checkpoint_every"])
-        config = TrainConfig(
-            steps=target,
-            batch_size=p["dit_batch"],
-            lr=p["dit_lr"],
-            lr_scheduler="constant",
-            snr_gamma=5.0,
-            uncond_prob=0.1,
-            timestep_range=(0, 560),
-            seed=args.seed,
-            checkpoint_every=p["checkpoint_every"],
-            keep_best=1,
-            sample_every=0,
-            attention="sdpa",
-            max_grad_norm=1.0,
-            weight_decay=0.0,
-            ema=True,
-            ema_decay=p["ema_decay"],
-        )
-        result = run_training(
-            transformer,
-            dataset,
-            train_idx,
-            val_idx,
-            config=config,
-            noise_scheduler=make_scheduler("ddpm"),
-            work_dir=dit_work,
-            fingerprint={"kind": "default-engine", "vae": list(p["vae_blocks"])},
-            resume=done > 0 or args.resume,
-            device=torch.device("cpu"),
-        )
-        if "val_loss_initial" in result.metrics:
-            initial = {"step": 0, "val_loss": result.metrics["val_loss_initial"]}
-        history.extend(h for h in result.history if "val_loss" in h)
-        done = result.steps
-        elapsed = time.perf_counter() - t0
-        val = result.metrics.get("val_loss")
-        log(f"  dit step {done}: val_loss {val:.4f} ({elapsed:.0f} s)")
-        if budget is not None and elapsed + elapsed / max(1, done) * p["checkpoint_every"] > budget:
-            log("  dit time budget reached")
-            break
+    result, done, _, initial = train_denoiser(
+        transformer, dataset, train_idx, val_idx, p, seed=args.seed, work=dit_work,
+        timesteps=(0, 560), fingerprint={"kind": "default-engine", "vae": list(p["vae_blocks"])},
+        resume=args.resume, name="dit",
+    )
     transformer.eval().requires_grad_(False)
     times["dit_s"] = time.perf_counter() - t0
-    assert result is not None
     train_losses = [(h["step"], round(h["loss"], 4)) for h in _read_log(dit_work) if "loss" in h]
     report["dit"] = {
         "steps": done,
@@ -599,6 +550,82 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
+def train_denoiser(
+    transformer: torch.nn.Module,
+    dataset: Any,
+    train_idx: list[int],
+    val_idx: list[int],
+    p: dict[str, Any],
+    *,
+    seed: int,
+    work: Path,
+    timesteps: tuple[int, int],
+    fingerprint: dict[str, Any],
+    resume: bool,
+    name: str,
+) -> tuple[Any, int, list[dict[str, Any]], dict[str, float]]:
+    """The denoiser's training loop (every parameter, ε-MSE with Min-SNR-γ 5, CFG dropout
+    0.1, EMA) on ``timesteps``, in chunks of ``checkpoint_every`` steps, stopped at a
+    checkpoint once ``p['minutes_dit']`` would be exceeded; ``resume`` continues from the
+    last checkpoint in ``work``. Returns the last result, the steps done, the held-out
+    history and the loss before training."""
+    from histosynth.synthesis.engine import make_scheduler
+    from histosynth.synthesis.training import TrainConfig, run_training
+    from histosynth.synthesis.training.checkpoints import latest_checkpoint
+
+    t0 = time.perf_counter()
+    history: list[dict[str, Any]] = []
+    initial: dict[str, float] = {}
+    done, result = 0, None
+    if resume:
+        latest = latest_checkpoint(work / "checkpoints")
+        done = latest.step if latest is not None else 0
+    budget = p["minutes_dit"] * 60 if p["minutes_dit"] else None
+    while done < p["dit_steps"]:
+        config = TrainConfig(
+            steps=min(p["dit_steps"], done + p["checkpoint_every"]),
+            batch_size=p["dit_batch"],
+            lr=p["dit_lr"],
+            lr_scheduler="constant",
+            snr_gamma=5.0,
+            uncond_prob=0.1,
+            timestep_range=timesteps,
+            seed=seed,
+            checkpoint_every=p["checkpoint_every"],
+            keep_best=1,
+            sample_every=0,
+            attention="sdpa",
+            max_grad_norm=1.0,
+            weight_decay=0.0,
+            ema=True,
+            ema_decay=p["ema_decay"],
+        )
+        result = run_training(
+            transformer,
+            dataset,
+            train_idx,
+            val_idx,
+            config=config,
+            noise_scheduler=make_scheduler("ddpm"),
+            work_dir=work,
+            fingerprint=fingerprint,
+            resume=done > 0 or resume,
+            device=torch.device("cpu"),
+        )
+        if "val_loss_initial" in result.metrics:
+            initial = {"step": 0, "val_loss": result.metrics["val_loss_initial"]}
+        history.extend(h for h in result.history if "val_loss" in h)
+        done = result.steps
+        elapsed = time.perf_counter() - t0
+        log(f"  {name} step {done}: val_loss {result.metrics.get('val_loss', float('nan')):.4f} "
+            f"({elapsed:.0f} s)")
+        if budget is not None and elapsed + elapsed / max(1, done) * p["checkpoint_every"] > budget:
+            log(f"  {name} time budget reached")
+            break
+    assert result is not None
+    return result, done, history, initial
+
+
 def _denoiser_tiles(p: dict[str, Any], image: np.ndarray, seed: int, quick: bool):
     """The denoiser's training and held-out tiles (stage 2's), and the two halves."""
     train_region, held_region = image[:500], image[500:]
@@ -628,8 +655,7 @@ def train_generator(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     """
     from histosynth.integration.demodata import he_source_image
     from histosynth.synthesis.cache import CacheDataset, build_cache
-    from histosynth.synthesis.engine import load_engine, make_scheduler
-    from histosynth.synthesis.training import TrainConfig, run_training
+    from histosynth.synthesis.engine import load_engine
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -673,52 +699,11 @@ def train_generator(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     transformer.requires_grad_(True).train()
     dataset = CacheDataset(cache_path, preload=True, seed=args.seed)
     dit_work = work / "generator"
-    done, result = 0, None
-    if args.resume:
-        from histosynth.synthesis.training.checkpoints import latest_checkpoint
-
-        latest = latest_checkpoint(dit_work / "checkpoints")
-        done = latest.step if latest is not None else 0
-    budget = p["minutes_dit"] * 60 if p["minutes_dit"] else None
-    while done < p["dit_steps"]:
-        config = TrainConfig(
-            steps=min(p["dit_steps"], done + p["checkpoint_every"]),
-            batch_size=p["dit_batch"],
-            lr=p["dit_lr"],
-            lr_scheduler="constant",
-            snr_gamma=5.0,
-            uncond_prob=0.1,
-            timestep_range=(0, 1000),
-            seed=args.seed,
-            checkpoint_every=p["checkpoint_every"],
-            keep_best=1,
-            sample_every=0,
-            attention="sdpa",
-            max_grad_norm=1.0,
-            weight_decay=0.0,
-            ema=True,
-            ema_decay=p["ema_decay"],
-        )
-        result = run_training(
-            transformer,
-            dataset,
-            train_idx,
-            val_idx,
-            config=config,
-            noise_scheduler=make_scheduler("ddpm"),
-            work_dir=dit_work,
-            fingerprint={"kind": "default-generator", "base": engine.model_id},
-            resume=done > 0 or args.resume,
-            device=torch.device("cpu"),
-        )
-        done = result.steps
-        elapsed = time.perf_counter() - t0
-        log(f"  generator step {done}: val_loss {result.metrics.get('val_loss', float('nan')):.4f}"
-            f" ({elapsed:.0f} s)")
-        if budget is not None and elapsed + elapsed / max(1, done) * p["checkpoint_every"] > budget:
-            log("  generator time budget reached")
-            break
-    assert result is not None
+    result, done, _, _ = train_denoiser(
+        transformer, dataset, train_idx, val_idx, p, seed=args.seed, work=dit_work,
+        timesteps=(0, 1000), fingerprint={"kind": "default-generator", "base": engine.model_id},
+        resume=args.resume, name="generator",
+    )
     times["generator_s"] = time.perf_counter() - t0
     transformer.eval().requires_grad_(False)
     out.mkdir(parents=True, exist_ok=True)

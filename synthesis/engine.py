@@ -98,6 +98,7 @@ from histosynth.synthesis.weights import (
     default_model,
     find_component,
     find_preset,
+    read_json_object,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -376,19 +377,9 @@ def _short(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as err:
-        raise EngineError(f"cannot read JSON ({_short(err)})", path=path) from err
-    if not isinstance(data, dict):
-        raise EngineError("expected a JSON object", path=path)
-    return data
-
-
 def _transformer_config(folder: Path) -> dict[str, Any]:
     """The transformer's ``config.json``, which must name ``PixCellTransformer2DModel``."""
-    config = _read_json(folder / "config.json")
+    config = read_json_object(folder / "config.json")
     cls = config.get("_class_name")
     if cls != "PixCellTransformer2DModel":
         raise EngineError(
@@ -447,7 +438,7 @@ def load_encoder(
     folder = path if path.is_dir() else path.parent
     config_file = folder / "config.json"
     if config_file.is_file():
-        config = _read_json(config_file)
+        config = read_json_object(config_file)
         if config.get("_class_name") == "TinyEncoder":
             return _load_tiny_encoder(folder, config).to(device, dtype).eval()
     return build_uni2h(path, device=device, dtype=dtype)
@@ -575,7 +566,7 @@ def _apply_options(
 def _meta_near(transformer_dir: Path) -> dict[str, Any]:
     """The ``histosynth_engine.json`` beside a transformer folder (``{}`` when none)."""
     meta_file = transformer_dir.parent / ENGINE_FILE
-    return _read_json(meta_file) if meta_file.is_file() else {}
+    return read_json_object(meta_file) if meta_file.is_file() else {}
 
 
 def _sampler_of(meta: dict[str, Any], where: Path) -> str:
@@ -616,7 +607,7 @@ def _model_id(preset: str, found: FoundWeights) -> str:
 
 def _scheduler_config_near(transformer_dir: Path) -> dict[str, Any] | None:
     candidate = transformer_dir.parent / "scheduler" / "scheduler_config.json"
-    return _read_json(candidate) if candidate.is_file() else None
+    return read_json_object(candidate) if candidate.is_file() else None
 
 
 def _load_preset(
@@ -701,7 +692,7 @@ def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> Engi
             "or a transformer folder itself",
             path=folder,
         )
-    meta = _read_json(root / ENGINE_FILE) if root and (root / ENGINE_FILE).is_file() else {}
+    meta = read_json_object(root / ENGINE_FILE) if root and (root / ENGINE_FILE).is_file() else {}
     config = _transformer_config(transformer_dir)
     base = meta.get("preset") or _preset_for(config)
     if base not in PRESETS:

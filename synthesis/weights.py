@@ -67,6 +67,7 @@ __all__ = [
     "hf_cache_dir",
     "model_facts",
     "preset_facts",
+    "read_json_object",
     "read_settings",
     "settings_path",
     "torch_hub_checkpoints",
@@ -561,9 +562,26 @@ def preset_facts(preset: str) -> ModelFacts:
     return _facts(preset)
 
 
-def _facts(name: str) -> ModelFacts:
+def read_json_object(path: Path) -> dict:
+    """A JSON object from a small metadata file (an engine's, a config).
+
+    Raises:
+        EngineError: unreadable, not JSON, or not an object — naming the file.
+    """
     import json
 
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        why = f"{type(err).__name__}: {first}" if first else type(err).__name__
+        raise EngineError(f"cannot read JSON ({why})", path=path) from err
+    if not isinstance(data, dict):
+        raise EngineError("expected a JSON object", path=path)
+    return data
+
+
+def _facts(name: str) -> ModelFacts:
     spec = PRESETS.get(name)
     if spec is not None and spec.embedded is None:
         return ModelFacts(name, spec.abilities, spec.trained, spec.tile_size)
@@ -573,12 +591,7 @@ def _facts(name: str) -> ModelFacts:
         meta_file = Path(name).expanduser() / ENGINE_FILE
     if not meta_file.is_file():
         return ModelFacts(name, EngineAbilities(), True, None)
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise EngineError(f"cannot read JSON ({type(err).__name__})", path=meta_file) from err
-    if not isinstance(meta, dict):
-        raise EngineError("expected a JSON object", path=meta_file)
+    meta = read_json_object(meta_file)
     tile = meta.get("tile_size") if isinstance(meta.get("tile_size"), int) else None
     abilities = EngineAbilities.from_json(
         meta.get("abilities"), where=str(meta_file), tile_size=tile

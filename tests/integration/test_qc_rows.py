@@ -115,3 +115,8 @@ def test_the_gallery_shows_the_failure_and_the_missing_mask(run: Path) -> None:
     assert "qc-fail" not in html.split('id="card-inp-ok"')[1].split("</article>")[0]
     new = html.split('id="card-var-new"')[1].split("</article>")[0]
     assert "no mask" in new and "classification sample" in new
+    # the review server's page is the same gallery with its decision bar
+    from histosynth.review.gallery import gallery_html
+
+    served = gallery_html(run, review_token="t0ken")
+    assert "content check fail: H&amp;E gamut 0.05" in served and "no mask" in served

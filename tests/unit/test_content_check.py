@@ -97,6 +97,19 @@ def test_speckle_fails_on_gamut_detail_and_outliers(thresholds, held_out) -> Non
     assert qc_failed(verdict.cell)
 
 
+def test_a_real_donor_on_a_speckle_background_fails(thresholds, held_out) -> None:
+    """What --background synthetic made with the embedded engine: a real vessel pasted
+    onto speckle (and colour-matched to it)."""
+    tile = _speckle(1)
+    donor = held_out[2]
+    mask = np.zeros(tile.shape[:2], np.uint8)
+    cv2.circle(mask, (128, 128), 60, 255, -1)
+    tile[mask > 0] = donor[mask > 0]
+    verdict = check_tile(tile, thresholds, source=held_out[3], mask=mask,
+                         tissue=tissue_mask(tile))
+    assert not verdict.passed and "H&E gamut" in verdict.cell
+
+
 def test_blur_and_hue_rotation_fail(thresholds, held_out) -> None:
     tile = held_out[1]
     blurred = cv2.GaussianBlur(tile, (0, 0), 3.0)

@@ -10,7 +10,8 @@ variations conditioned on the tiles of A in turn (seeds 0 …, ``--steps``, the 
 guidance), and ``--backgrounds`` synthetic backgrounds (16 turned copies of a quarter
 crop). Printed and written:
 
-- KID (×10³, unbiased, cubic kernel) in the engine's own encoder space (mean of its rows):
+- KID (×10³, unbiased, cubic kernel) in ``histosynth evaluate``'s default feature space
+  (the embedded engine's encoder, mean of its rows; the tiny engine's for ``tiny``):
   generated vs B, real A vs B (the real-vs-real value), and as a scale, A blurred
   (Gaussian σ 2 px) vs B;
 - the content check (``histosynth.integration.content_check``) calibrated on A: the share
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from histosynth.integration.content_check import calibrate, check_tile
     from histosynth.synthesis.engine import load_engine
-    from histosynth.synthesis.metrics.features import _grid_space
+    from histosynth.synthesis.metrics.features import load_feature_space
     from histosynth.synthesis.pipelines.background import synthetic_condition_tile
     from histosynth.synthesis.pipelines.variation import VariationPipeline
 
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
             pipe(uni_rows=rows, seeds=[1000 + i], num_inference_steps=args.steps).images[0]
         )
 
-    space = _grid_space(engine.encoder, "engine", False, "the engine's own encoder", "cpu")
+    # evaluate's default space: the embedded engine's encoder (tiny: its own)
+    space = load_feature_space("tiny" if engine.preset == "tiny" else "default", "cpu")
     blurred = [cv2.GaussianBlur(t, (0, 0), 2.0) for t in real_a]
     kid_gen, sd_gen = kid_x1000(space, generated, real_b)
     kid_real, sd_real = kid_x1000(space, real_a, real_b)

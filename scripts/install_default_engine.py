@@ -95,6 +95,15 @@ band is redrawn and it drifts from the composite's colour (ΔE above 5 in the ta
 above); τ = {strength:g} keeps √ᾱ = {keep:.2f} and still redraws the band's fine texture.
 """
 
+def _generated_by(generation: dict) -> str:
+    if not generation["generator"]:
+        return "variations by its seam denoiser"
+    if generation["ships"]:
+        return "variations by its generator"
+    steps = generation.get("generator_steps", "?")
+    return f"variations by a companion generator ({steps} steps; not shipped)"
+
+
 def serves_section(meta: dict, generation: dict | None) -> str:
     """The model card's "What it serves" section: its abilities, and the generation
     benchmark of ``scripts/bench_generation.py`` when one was run."""
@@ -130,8 +139,8 @@ def serves_section(meta: dict, generation: dict | None) -> str:
             "",
             "| tiles | KID ×10³ | content check passed |",
             "|---|---:|---:|",
-            f"| {'its generator' if generation['generator'] else 'its seam denoiser'}'s "
-            f"variations | {k['generated_vs_B'][0]:.2f} ± {k['generated_vs_B'][1]:.2f} | "
+            f"| {_generated_by(generation)} | {k['generated_vs_B'][0]:.2f} ± "
+            f"{k['generated_vs_B'][1]:.2f} | "
             f"{generation['content_check_pass']:.0%} |",
             f"| held-out real tiles | {k['real_A_vs_B'][0]:.2f} ± {k['real_A_vs_B'][1]:.2f} | |",
             f"| held-out real tiles blurred (σ 2 px) | {k['blurred_A_vs_B']:.2f} | |",

@@ -1,6 +1,8 @@
 """The reviewers' decisions log of a run: ``RUN/review/decisions.jsonl``.
 
-One JSON object per line, appended, flushed and fsynced before the decision is applied to
+One JSON object per ``\n``-terminated line (ASCII: every other character escaped, so no
+text a reviewer types — U+2028, U+0085, ``\r`` — can split a record), appended, flushed
+and fsynced before the decision is applied to
 ``index.csv``: ``time`` (UTC, ISO 8601 with ms and ``Z``), ``id``, ``status``, ``before``
 (the status it replaced), ``reviewer``, ``comment``, ``undo`` (it undoes the previous
 decision of the page), ``source`` (``browser``). A line torn by a kill is skipped when
@@ -38,7 +40,7 @@ def append_decision(run_dir: str | os.PathLike, record: Mapping[str, Any]) -> No
     path = Path(run_dir) / DECISIONS_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(dict(record), ensure_ascii=False) + "\n")
+        handle.write(json.dumps(dict(record), ensure_ascii=True) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -49,7 +51,11 @@ def read_decisions(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    # split on "\n" alone: str.splitlines() also breaks at U+2028, U+0085, \r … which a
+    # log written by an older version may hold inside a comment
+    for line in path.read_text(encoding="utf-8").split("\n"):
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:

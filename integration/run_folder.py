@@ -33,6 +33,7 @@ __all__ = [
     "has_mask",
     "probe_writable",
     "remove_temporary_files",
+    "review_status",
     "row_problem",
     "tile_paths",
     "validate_tile_id",
@@ -74,6 +75,13 @@ def tile_paths(tile_id: str) -> dict[str, str]:
         "mask_path": f"masks/{tile_id}.png",
         "annotation_path": f"annotations/{tile_id}.geojson",
     }
+
+
+def review_status(row: Mapping[str, str]) -> str:
+    """A row's review status as read everywhere: case and surrounding space ignored, empty
+    → ``pending`` (an unknown value is returned as found, lower-cased, for the caller to
+    report)."""
+    return (row.get("review_status") or "").strip().lower() or "pending"
 
 
 def has_mask(row: Mapping[str, str]) -> bool:

@@ -133,11 +133,12 @@ def _read_dataset(folder: Path) -> _DatasetInput:
     index = folder / "index.csv" if folder.is_dir() else folder
     folder = index.parent
     from histosynth.integration.content_check import qc_failed
+    from histosynth.integration.run_folder import review_status
 
     kept = [
         r
         for r in rows
-        if r.get("review_status", "").strip() != "rejected" and not qc_failed(r.get("qc"))
+        if review_status(r) != "rejected" and not qc_failed(r.get("qc"))
     ]
     if not kept:
         raise InputError(

@@ -68,7 +68,7 @@ from histosynth.integration.content_check import qc_failed
 from histosynth.integration.dataset import read_index, untrained_tile_ids, validate_tile_id
 from histosynth.integration.errors import InputError
 from histosynth.integration.images import png_to_jpeg
-from histosynth.integration.run_folder import has_mask
+from histosynth.integration.run_folder import has_mask, review_status
 from histosynth.integration.splits import slide_group
 
 log = logging.getLogger(__name__)
@@ -197,12 +197,25 @@ def export_training_set(
     _check_out(out)
 
     wanted = {"accepted", "pending"} if include_pending else {"accepted"}
-    excluded = Counter(
-        row.get("review_status") or "(empty)"
-        for row in rows
-        if row.get("review_status") not in wanted
-    )
-    selected = [row for row in rows if row.get("review_status") in wanted]
+    seen: set[str] = set()
+    for row in rows:
+        if row.get("id", "") in seen:
+            raise InputError(
+                "two rows of the index have this id (their files would overwrite each other)",
+                path=run / "index.csv",
+                item=repr(row.get("id", "")),
+            )
+        seen.add(row.get("id", ""))
+    unknown = sorted({review_status(r) for r in rows} - {"pending", "accepted", "rejected"})
+    if unknown:
+        log.warning(
+            "%s: review status(es) %s are none of pending, accepted, rejected: those tiles "
+            "are left out",
+            run / "index.csv",
+            ", ".join(repr(u) for u in unknown),
+        )
+    excluded = Counter(review_status(row) for row in rows if review_status(row) not in wanted)
+    selected = [row for row in rows if review_status(row) in wanted]
     if not include_qc_failed:
         failed = [row for row in selected if qc_failed(row.get("qc"))]
         if failed:
@@ -240,7 +253,7 @@ def export_training_set(
         result = ExportResult(
             out_dir=out,
             count=len(records),
-            by_status=dict(sorted(Counter(r["review_status"] for r in records).items())),
+            by_status=dict(sorted(Counter(review_status(r) for r in records).items())),
             by_class=dict(sorted(Counter(r["class_name"] for r in records).items())),
             excluded=dict(sorted(excluded.items())),
         )
@@ -322,6 +335,7 @@ def _export_row(
         "id": tile_id,
         "mask_path": f"masks/{tile_id}.png" if masked else "",
         "has_mask": "true" if masked else "false",
+        "review_status": review_status(row),
         "annotation_path": annotation_name,
         "slide_group": slide_group(row),
         "engine_trained": _engine_trained(row, untrained),

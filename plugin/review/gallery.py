@@ -65,7 +65,7 @@ from histosynth.integration.dataset import (
 )
 from histosynth.integration.errors import InputError
 from histosynth.integration.images import overlay_png, read_mask, read_rgb
-from histosynth.integration.run_folder import has_mask
+from histosynth.integration.run_folder import has_mask, review_status
 from histosynth.review.metrics_view import metrics_section
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,7 @@ def _extra_columns(rows: Sequence[dict[str, str]]) -> list[str]:
 
 
 def _status(row: dict[str, str]) -> str:
-    return row.get("review_status", "") or "pending"
+    return review_status(row)
 
 
 def _figure(caption: str, src: str | None, missing: str, tile_id: str) -> str:

@@ -120,3 +120,25 @@ def test_the_gallery_shows_the_failure_and_the_missing_mask(run: Path) -> None:
 
     served = gallery_html(run, review_token="t0ken")
     assert "content check fail: H&amp;E gamut 0.05" in served and "no mask" in served
+
+
+def test_statuses_are_read_whatever_their_case_and_duplicate_ids_are_refused(
+    run: Path, tmp_path: Path, caplog
+) -> None:
+    index = run / "index.csv"
+    text = index.read_text(encoding="utf-8")
+    text = text.replace(",accepted,", ",ACCEPTED ,", 1).replace(",accepted,", ", Rejected,", 1)
+    text = text.replace(",accepted,", ",maybe,", 1)
+    index.write_text(text, encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        result = export_training_set(run, tmp_path / "out", include_qc_failed=True)
+    assert "'maybe'" in caplog.text  # an unknown status is reported, not dropped silently
+    assert result.by_status == {"accepted": 2}
+    assert result.excluded == {"maybe": 1, "rejected": 1}
+    assert {r["review_status"] for r in _metadata(tmp_path / "out").values()} == {"accepted"}
+
+    lines = text.splitlines(keepends=True)
+    index.write_text(text + lines[1], encoding="utf-8")  # the first tile's row twice
+    with pytest.raises(InputError, match="two rows of the index have this id"):
+        export_training_set(run, tmp_path / "again")
+    assert not (tmp_path / "again").exists()

@@ -29,8 +29,10 @@ numbers; ``weights=PATH`` loads others (tests pass tiny random ones of the same 
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -271,10 +273,27 @@ def _inception_space(device, weights=None) -> FeatureSpace:
     from histosynth.synthesis.weights import INCEPTION_FILES, find_extractor_weights
 
     file = find_extractor_weights("inception", weights)
+    # the published file: its SHA-256 starts with the hash in its name (torch hub's rule);
+    # hashed from its bytes, before anything is unpickled
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    official = any(digest.hexdigest().startswith(n.rsplit("-", 1)[1][:8]) for n in INCEPTION_FILES)
     try:
-        model = FeatureExtractorInceptionV3(
-            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(file)
-        )
+        # tensors only (weights_only): a planted pickle never runs. torch-fidelity unpickles
+        # its path with weights_only=False, so it gets a copy written here, tensors only.
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+        ):
+            raise ValueError("expected a state dict of tensors")
+        with tempfile.TemporaryDirectory(prefix="histosynth-inception-") as folder:
+            safe = Path(folder) / "inception.pth"
+            torch.save(state, safe)
+            model = FeatureExtractorInceptionV3(
+                "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(safe)
+            )
     except Exception as err:  # torch.load / load_state_dict say why in their own words
         reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         raise EngineError(f"not the FID Inception-v3 weights ({reason})", path=file) from err
@@ -286,12 +305,6 @@ def _inception_space(device, weights=None) -> FeatureSpace:
             (out,) = model(x)
         return out.float().cpu().numpy()
 
-    # the published file: its SHA-256 starts with the hash in its name (torch hub's rule)
-    digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    official = any(digest.hexdigest().startswith(n.rsplit("-", 1)[1][:8]) for n in INCEPTION_FILES)
     return FeatureSpace(
         "inception",
         2048,

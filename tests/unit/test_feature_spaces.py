@@ -202,3 +202,53 @@ def test_missing_inception_and_clip_weights_name_where_to_get_them(tmp_path, mon
         (tmp_path / "empty" / "config.json").write_text("{}")
         (tmp_path / "empty" / "model.safetensors").write_bytes(b"x")
         load_feature_space("clip", weights=tmp_path / "empty")
+
+
+class _Planted:
+    """A pickle with a side effect: unpickling it writes a marker file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("place", ["explicit", "env", "settings", "torch hub"])
+def test_a_planted_pickle_never_runs_wherever_the_weights_are_searched(
+    place, tmp_path, monkeypatch
+):
+    """evaluate --features inception opens its weights with weights_only=True (torch-fidelity
+    itself unpickles whatever path it is given): a pickle placed where the weights are
+    searched is refused with one line, and its code never runs."""
+    pytest.importorskip("torch_fidelity")
+    import pickle
+
+    from histosynth.synthesis.weights import INCEPTION_FILES
+
+    marker = tmp_path / "pwned"
+    name = INCEPTION_FILES[0]
+    folders = {"explicit": tmp_path / "x", "env": tmp_path / "w" / "inception",
+               "settings": tmp_path / "s", "torch hub": tmp_path / "torch" / "hub" / "checkpoints"}
+    folder = folders[place]
+    folder.mkdir(parents=True)
+    planted = folder / name
+    planted.write_bytes(pickle.dumps({"fc.weight": _Planted(str(marker))}))
+    for var in ("HISTOSYNTH_WEIGHTS", "TORCH_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HISTOSYNTH_CONFIG", str(tmp_path / "settings.yaml"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+    explicit = None
+    if place == "explicit":
+        explicit = planted
+    elif place == "env":
+        monkeypatch.setenv("HISTOSYNTH_WEIGHTS", str(tmp_path / "w"))
+    elif place == "settings":
+        settings = f"weights:\n  features:\n    inception: {planted}\n"
+        (tmp_path / "settings.yaml").write_text(settings)
+    else:
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(EngineError, match="not the FID Inception-v3 weights") as err:
+        load_feature_space("inception", weights=explicit)
+    assert str(planted) in str(err.value)
+    assert not marker.exists(), "the planted pickle ran"

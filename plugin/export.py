@@ -156,6 +156,13 @@ def _run_path(run: Path, rel: str, what: str, tile_id: str) -> Path:
     path = run / Path(*posix.parts)
     if not path.is_file():
         raise InputError(f"{what} file is missing", path=path, item=tile_id)
+    root = run.resolve()
+    if root not in path.resolve().parents:  # a link leading out of the run
+        raise InputError(
+            f"{what} file is a link to {path.resolve()}, outside the run folder; not exported",
+            path=path,
+            item=tile_id,
+        )
     return path
 
 

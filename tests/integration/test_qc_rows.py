@@ -142,3 +142,19 @@ def test_statuses_are_read_whatever_their_case_and_duplicate_ids_are_refused(
     with pytest.raises(InputError, match="two rows of the index have this id"):
         export_training_set(run, tmp_path / "again")
     assert not (tmp_path / "again").exists()
+
+
+def test_export_never_follows_a_link_out_of_the_run(run: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours")
+    mask = run / "masks" / "inp-ok.png"
+    mask.unlink()
+    mask.symlink_to(secret)
+    with pytest.raises(InputError, match="outside the run folder") as err:
+        export_training_set(run, tmp_path / "out")
+    assert "inp-ok" in str(err.value)
+    assert not (tmp_path / "out").exists()
+    inside = run / "masks" / "inp-ok.png"  # a link that stays inside the run is a file of it
+    inside.unlink()
+    inside.symlink_to(run / "images" / "inp-ok.png")
+    assert export_training_set(run, tmp_path / "ok").count == 3

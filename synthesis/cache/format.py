@@ -261,7 +261,7 @@ def h5_read(path: Path) -> h5py.File:
 
 def _h5_read_once(path: Path) -> h5py.File:
     try:
-        return h5py.File(path, "r")
+        handle = h5py.File(path, "r")
     except BlockingIOError:
         raise
     except OSError as err:
@@ -269,7 +269,39 @@ def _h5_read_once(path: Path) -> h5py.File:
         # metadata for a long time, so a truncated file must fail the plain open above
         if not is_writer_flag_error(err):
             raise
-        return h5py.File(path, "r", swmr=True)
+        handle = h5py.File(path, "r", swmr=True)
+    try:
+        refuse_links_out(handle, path)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+def refuse_links_out(handle: h5py.Group, path: Path) -> None:
+    """Refuse a cache whose data could come from elsewhere: an external or soft link, a
+    dataset with external storage or a virtual dataset (histosynth writes none; each
+    would let a crafted cache read any file, or loop).
+
+    Raises:
+        EngineError: naming the file and the object.
+    """
+    stack = [handle]
+    while stack:
+        group = stack.pop()
+        for name in group:
+            link = group.get(name, getlink=True)
+            where = f"{group.name.rstrip('/')}/{name}"
+            if not isinstance(link, h5py.HardLink):
+                kind = "an external link" if isinstance(link, h5py.ExternalLink) else "a link"
+                raise EngineError(f"{where} is {kind}; a cache holds its own data only",
+                                  path=path)
+            item = group[name]
+            if isinstance(item, h5py.Group):
+                stack.append(item)
+            elif item.external or item.is_virtual:
+                raise EngineError(f"{where} stores its data outside the file; refused",
+                                  path=path)
 
 
 def is_writer_flag_error(err: OSError) -> bool:

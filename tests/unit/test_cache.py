@@ -495,3 +495,41 @@ def test_off_grid_windows_are_refused():
         window_rows(256, 128, 64, 32, 0)
     with pytest.raises(EngineError, match="not on the 64 px grid"):
         window_rows(256, 128, 64, 192, 0)
+
+
+# --------------------------------------------------------------------------- hostile files
+
+
+def _copy_with(cache: Path, target: Path, change) -> Path:
+    import shutil
+
+    shutil.copyfile(cache, target)
+    with h5py.File(target, "r+") as handle:
+        change(handle, target)
+    return target
+
+
+@pytest.mark.parametrize("kind", ["external link", "soft link loop", "external storage"])
+def test_a_cache_whose_data_lies_elsewhere_is_refused(kind, cache, tmp_path):
+    """HDF5 external links, links and external storage would let a crafted cache read any
+    file (a FIFO would hang training): refused with one line naming the object."""
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"\0" * 4096)
+
+    def change(handle, target):
+        if kind == "external link":
+            with h5py.File(tmp_path / "other.h5", "w") as other:
+                other["secret"] = np.arange(4)
+            handle["stolen"] = h5py.ExternalLink(str(tmp_path / "other.h5"), "/secret")
+        elif kind == "soft link loop":
+            group = handle.create_group("loop")
+            group["self"] = h5py.SoftLink("/loop/self")
+        else:
+            handle.create_dataset("raw", shape=(16,), dtype="u1", external=[(str(outside), 0, 16)])
+
+    crafted = _copy_with(cache, tmp_path / "crafted.h5", change)
+    with pytest.raises(EngineError, match=r"a cache holds its own data only|outside the file"):
+        read_cache_info(crafted)
+    with pytest.raises(EngineError) as err:
+        CacheDataset(crafted)
+    assert str(crafted) in str(err.value)

@@ -68,6 +68,17 @@ def sync(ctx: click.Context, project: Path, run: Path, wait_s: float) -> None:
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
+    "--allow-remote",
+    is_flag=True,
+    help="Allow a --host other than loopback (plain HTTP: anyone who sees the URL decides).",
+)
+@click.option(
+    "--allow-host",
+    "allow_hosts",
+    multiple=True,
+    help="Another Host header to accept, NAME:PORT (e.g. behind a reverse proxy); repeatable.",
+)
+@click.option(
     "--port",
     type=click.IntRange(0, 65535),
     default=0,
@@ -75,7 +86,15 @@ def sync(ctx: click.Context, project: Path, run: Path, wait_s: float) -> None:
     help="Port (0: a free one).",
 )
 @click.pass_context
-def serve(ctx: click.Context, run: Path, project: Path | None, host: str, port: int) -> None:
+def serve(
+    ctx: click.Context,
+    run: Path,
+    project: Path | None,
+    host: str,
+    allow_remote: bool,
+    allow_hosts: tuple[str, ...],
+    port: int,
+) -> None:
     """Review RUN in the browser: the gallery with accept / reject / undo (keys a, r, u;
     j / k or the arrows move), a reviewer name and a comment per decision.
 
@@ -85,9 +104,18 @@ def serve(ctx: click.Context, run: Path, project: Path | None, host: str, port: 
     from histosynth.review.server import make_server
 
     try:
-        server, _state, url = make_server(run, project=project, host=host, port=port)
+        server, _state, url = make_server(
+            run, project=project, host=host, port=port, allow_remote=allow_remote,
+            allow_hosts=allow_hosts,
+        )
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    if allow_remote and host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(
+            f"warning: serving on {host} over plain HTTP: anyone on the network who sees "
+            "this URL (its token) can accept and reject tiles",
+            err=True,
+        )
     click.echo(url, nl=True)
     try:
         server.serve_forever()

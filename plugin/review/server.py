@@ -12,6 +12,13 @@ Safety:
   site's page cannot read or send (a custom header needs a CORS preflight this server
   never grants), and a decision whose ``Origin`` is not the server's is refused.
 * Only files inside the run are served, only PNG images, by resolved path.
+* The ``Host`` header must name the address the server listens on (or one given with
+  ``allow_hosts``), which defeats DNS rebinding; listening on another address than
+  loopback needs ``allow_remote`` (plain HTTP: anyone who sees the URL can decide).
+* Each connection has a read timeout (:data:`REQUEST_TIMEOUT`): a request that sends
+  less than it announced, or an idle connection, is closed; the listen backlog takes
+  bursts of hundreds of connections; any error in a handler is one log line and a 4xx /
+  5xx answer, never a traceback on the terminal; foreign cookies are ignored.
 * The page is the gallery's: every value from the index is HTML-escaped and a
   Content-Security-Policy allows only its own two scripts (by hash).
 
@@ -33,6 +40,7 @@ skipped when read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -40,7 +48,6 @@ import secrets
 import threading
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -65,6 +72,11 @@ __all__ = ["DECISIONS_NAME", "ReviewServer", "make_server", "read_decisions"]
 
 COOKIE = "histosynth_review"
 MAX_BODY = 16_384
+#: seconds a connection may take to send its request (and stay idle) before it is closed
+REQUEST_TIMEOUT = 10.0
+#: connections the listening socket queues while every thread is busy
+BACKLOG = 512
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_REVIEWER, MAX_COMMENT = 100, 1000
 
 
@@ -155,13 +167,47 @@ class ReviewServer:
         }
 
 
-def _handler(state: ReviewServer) -> type[BaseHTTPRequestHandler]:
+def _cookie_value(header: str, name: str) -> str | None:
+    """The value of cookie ``name`` in a ``Cookie`` header, whatever else it holds (the
+    standard library's parser gives up at the first cookie it dislikes)."""
+    for part in header.split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key == name:
+            return value
+    return None
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = BACKLOG
+    daemon_threads = True
+
+
+def _handler(state: ReviewServer, hosts: frozenset[str]) -> type[BaseHTTPRequestHandler]:
     from histosynth.review.gallery import gallery_html
 
     run_root = state.run.resolve()
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "histosynth-review"
+        timeout = REQUEST_TIMEOUT
+
+        def handle_one_request(self) -> None:
+            try:
+                super().handle_one_request()
+            except TimeoutError:
+                self.close_connection = True  # a slow or idle client: let it go
+            except Exception as exc:  # one line, an answer, never a traceback
+                log.warning("review server: %s %s: %s: %s", self.command, self.path,
+                            type(exc).__name__, exc)
+                self.close_connection = True
+                with contextlib.suppress(Exception):  # the client may be gone
+                    self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "server error"})
+
+        def _host_ok(self) -> bool:
+            if self.headers.get("Host", "").lower() in hosts:
+                return True
+            self._send(HTTPStatus.FORBIDDEN, b"host refused\n", "text/plain; charset=utf-8")
+            return False
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("%s %s", self.address_string(), format % args)
@@ -184,15 +230,16 @@ def _handler(state: ReviewServer) -> type[BaseHTTPRequestHandler]:
             self._send(code, json.dumps(document).encode(), "application/json")
 
         def _cookie_ok(self) -> bool:
-            cookie = SimpleCookie(self.headers.get("Cookie", ""))
-            morsel = cookie.get(COOKIE)
-            return morsel is not None and secrets.compare_digest(morsel.value, state.token)
+            value = _cookie_value(self.headers.get("Cookie", ""), COOKIE)
+            return value is not None and _same(value, state.token)
 
         def do_GET(self) -> None:
+            if not self._host_ok():
+                return
             url = urlsplit(self.path)
             if url.path in ("/", "/review.html"):
                 given = parse_qs(url.query).get("token", [""])[0]
-                if not (secrets.compare_digest(given, state.token) or self._cookie_ok()):
+                if not (_same(given, state.token) or self._cookie_ok()):
                     self._send(
                         HTTPStatus.FORBIDDEN,
                         b"open the URL the command printed\n",
@@ -206,22 +253,28 @@ def _handler(state: ReviewServer) -> type[BaseHTTPRequestHandler]:
             if not self._cookie_ok():
                 self._send(HTTPStatus.FORBIDDEN, b"", "text/plain")
                 return
-            target = (run_root / unquote(url.path).lstrip("/")).resolve()
-            if (
-                target.suffix.lower() != ".png"
-                or not target.is_relative_to(run_root)
-                or not target.is_file()
-            ):
+            try:
+                target = (run_root / unquote(url.path).lstrip("/")).resolve()
+                found = (
+                    target.suffix.lower() == ".png"
+                    and target.is_relative_to(run_root)
+                    and target.is_file()
+                )
+            except (ValueError, OSError):  # a NUL byte, a name too long …
+                found = False
+            if not found:
                 self._send(HTTPStatus.NOT_FOUND, b"", "text/plain")
                 return
             self._send(HTTPStatus.OK, target.read_bytes(), "image/png")
 
         def do_POST(self) -> None:
+            if not self._host_ok():
+                return
             if urlsplit(self.path).path != "/api/decision":
                 self._json(HTTPStatus.NOT_FOUND, {"error": "no such endpoint"})
                 return
             given = self.headers.get("X-Histosynth-Token", "")
-            if not secrets.compare_digest(given, state.token):
+            if not _same(given, state.token):
                 self._json(HTTPStatus.FORBIDDEN, {"error": "missing or wrong token"})
                 return
             origin = self.headers.get("Origin")
@@ -241,10 +294,15 @@ def _handler(state: ReviewServer) -> type[BaseHTTPRequestHandler]:
                 if not isinstance(payload, dict):
                     raise ValueError("not an object")
                 self._json(HTTPStatus.OK, state.decide(payload))
-            except (ValueError, InputError) as exc:
-                self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+            except (ValueError, InputError, RecursionError) as exc:
+                self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)[:300]})
 
     return Handler
+
+
+def _same(given: str, token: str) -> bool:
+    """Constant-time comparison that tolerates any text (a non-ASCII token is just wrong)."""
+    return secrets.compare_digest(given.encode("utf-8", "replace"), token.encode("utf-8"))
 
 
 def make_server(
@@ -253,22 +311,35 @@ def make_server(
     project: str | os.PathLike | None = None,
     host: str = "127.0.0.1",
     port: int = 0,
+    allow_remote: bool = False,
+    allow_hosts: tuple[str, ...] = (),
 ) -> tuple[ThreadingHTTPServer, ReviewServer, str]:
     """The server (not started), its state and the URL to open (with the token).
     ``project``: the QuPath project the run was written into (each decision also goes
-    into the tile's entry metadata ``review_status``).
+    into the tile's entry metadata ``review_status``). ``allow_remote``: listen on an
+    address other than loopback; ``allow_hosts``: more ``Host`` header values to accept
+    (``name:port``, e.g. behind a proxy).
 
     Raises:
-        InputError: not a run folder (no readable ``index.csv``), or not a project.
+        InputError: not a run folder (no readable ``index.csv``), or not a project; a
+            non-loopback ``host`` without ``allow_remote``.
     """
+    if host not in LOOPBACK and not allow_remote:
+        raise InputError(
+            f"--host {host} serves the review over plain HTTP to the network: anyone who "
+            "sees the URL can decide; pass --allow-remote to do it anyway"
+        )
     run = Path(run_dir)
     read_index(run)  # a bad run or project fails here, before a port is taken
     project_file = None
     if project is not None:
         project_file = QuPathProject(project, use_paquo=False).file
     state = ReviewServer(run, project_file)
-    server = ThreadingHTTPServer((host, port), _handler(state))
-    server.daemon_threads = True
+    hosts: set[str] = {h.lower() for h in allow_hosts}
+    server = _Server((host, port), None)  # type: ignore[arg-type]  # handler set below
     bound_host, bound_port = server.server_address[:2]
     shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
+    names = {str(shown), host, *(["localhost", "127.0.0.1", "[::1]"] if host in LOOPBACK else [])}
+    hosts |= {f"{name}:{bound_port}".lower() for name in names}
+    server.RequestHandlerClass = _handler(state, frozenset(hosts))
     return server, state, f"http://{shown}:{bound_port}/?token={state.token}"

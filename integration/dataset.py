@@ -265,6 +265,11 @@ def _index_path(run_dir: str | os.PathLike) -> Path:
         path = path / INDEX_NAME
     if not path.is_file():
         raise InputError("no index.csv here: not a histosynth run folder", path=run_dir)
+    if path.is_symlink():  # read, and rewritten by review decisions: never someone else's
+        raise InputError(
+            f"index.csv is a link (to {path.resolve()}); a run folder's index is its own file",
+            path=path,
+        )
     return path
 
 
@@ -557,6 +562,8 @@ class RunWriter:
             check_run_folder(run_dir, resume=self.resume)  # again, now that it is ours
             if self.resume and self.run_json_path.is_file():
                 self._check_config()
+            if self.index_path.is_symlink():  # rows are appended to it: never through a link
+                _index_path(self.index_path)  # refuses, naming it
             if self.resume and self.index_path.is_file():
                 self._read_existing()
             remove_temporary_files(run_dir)  # of a killed writer: none is alive now

@@ -158,3 +158,24 @@ def test_export_never_follows_a_link_out_of_the_run(run: Path, tmp_path: Path) -
     inside.unlink()
     inside.symlink_to(run / "images" / "inp-ok.png")
     assert export_training_set(run, tmp_path / "ok").count == 3
+
+
+def test_a_linked_index_is_neither_read_nor_written_through(run: Path, tmp_path: Path) -> None:
+    """review sync and the review server rewrite index.csv: a link planted in its place
+    would have them overwrite another file."""
+    from histosynth.integration.dataset import update_index
+
+    elsewhere = tmp_path / "elsewhere.csv"
+    (run / "index.csv").rename(elsewhere)
+    (run / "index.csv").symlink_to(elsewhere)
+    before = elsewhere.read_bytes()
+    with pytest.raises(InputError, match=r"index\.csv is a link"):
+        update_index(run, {"inp-ok": {"review_status": "rejected"}})
+    with pytest.raises(InputError, match=r"index\.csv is a link"):
+        read_index(run)
+    assert elsewhere.read_bytes() == before
+    writer = RunWriter(run, config={"mode": "test"}, resume=True,
+                       extra_columns=("donor_image", "mask_source", "qc"))
+    with pytest.raises(InputError, match=r"index\.csv is a link"):
+        writer.open()
+    assert elsewhere.read_bytes() == before

@@ -109,15 +109,8 @@ INDEX_COLUMNS: tuple[str, ...] = (
 """Required ``index.csv`` columns, in contract order. Extra columns may follow."""
 
 SYNTHESIS_TYPES = ("extracted", "inpainting", "variation")
-REF_NAMES = (
-    "background",
-    "donor",
-    "donor-mask",
-    "vessel-mask",
-    "composite",
-    "reference",
-    "reference-mask",
-)
+REF_NAMES = ("background", "donor", "donor-mask", "vessel-mask", "composite", "reference",
+             "reference-mask")
 """Allowed names of reference images (``refs/<id>-<name>.png``); ``*mask`` ones are masks."""
 
 _CSV_KW: dict[str, Any] = {"lineterminator": "\r\n"}  # RFC 4180; "\r" in a cell is quoted

@@ -85,10 +85,13 @@ def review_status(row: Mapping[str, str]) -> str:
 
 
 def has_mask(row: Mapping[str, str]) -> bool:
-    """Whether an index row carries a segmentation mask that matches its image: not a
-    row with ``mask_source`` ``none`` (a variation), nor one of an older run whose
-    variation rows carried their reference's unaligned mask (``reference``)."""
-    return row.get("mask_source", "").strip().lower() not in ("none", "reference")
+    """Whether a row (of a run's ``index.csv`` or an export's ``metadata.csv``) carries a
+    segmentation mask that matches its image: not a row with ``mask_source`` ``none`` (a
+    variation), nor one of an older run whose variation rows carried their reference's
+    unaligned mask (``reference``), nor an exported row with ``has_mask`` false."""
+    if (row.get("has_mask") or "").strip().lower() == "false":
+        return False
+    return (row.get("mask_source") or "").strip().lower() not in ("none", "reference")
 
 
 def row_problem(run_dir: Path, row: dict[str, str]) -> str | None:

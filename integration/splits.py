@@ -148,8 +148,7 @@ def read_labelled_tiles(
                 left_out.append((tile_id, f"failed the content check ({row['qc']})"))
             continue
         synthetic = (row.get("synthesis_type") or "") in SYNTHETIC_TYPES
-        matching = has_mask(row) and (row.get("has_mask") or "true").strip().lower() != "false"
-        if need_masks and synthetic and not matching:
+        if need_masks and synthetic and not has_mask(row):
             if left_out is not None:
                 left_out.append((tile_id, "no mask matching its pixels (a variation): "
                                           "a classification sample only"))

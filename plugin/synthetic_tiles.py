@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from histosynth import __version__
-from histosynth.integration.content_check import ContentThresholds, calibrate, check_tile
+from histosynth.integration.content_check import ContentThresholds, ContentVerdict
 from histosynth.integration.dataset import RunWriter, TileRecord, check_run_folder
 from histosynth.integration.errors import InputError
-from histosynth.integration.masks import tissue_mask, union_mask
+from histosynth.integration.masks import union_mask
 from histosynth.integration.tiles import (
     DONOR_MAX_FRACTION,
     TOO_LARGE,
@@ -41,6 +41,12 @@ from histosynth.integration.tiles import (
     reference_tile,
 )
 from histosynth.options import COUNT_MAX, GUIDANCE_MAX, MPP_MAX, SEED_MAX, STEPS_MAX, check_finite
+from histosynth.run_checks import (
+    calibrate_run,
+    check_content,
+    check_engine_serves,
+    resolved_harmonise,
+)
 from histosynth.synthesis import defaults
 from histosynth.tile_plan import (
     PlannedTile,
@@ -58,7 +64,6 @@ from histosynth.tile_plan import (
 
 if TYPE_CHECKING:  # pragma: no cover
     from histosynth.scale_out import RayOptions
-    from histosynth.synthesis.abilities import EngineAbilities
     from histosynth.synthesis.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -86,10 +91,6 @@ EXTRA_COLUMNS = (
     "harmonise",
     "qc",
 )
-#: real tiles the content check is calibrated on (backgrounds, then donors' surroundings)
-CALIBRATION_TILES = 16
-#: below this share of in-gamut pixels in a real tile, the slides are not H&E-like
-WEAK_GAMUT = 0.3
 
 
 @dataclass
@@ -298,14 +299,8 @@ def synthesize(
         from histosynth.scale_out import connect
 
         ray = connect(ray)
-    if engine is None:
-        from histosynth.synthesis.weights import model_facts
-
-        # an unknown model, or a mode it cannot serve, fails here in well under a second
-        facts = model_facts(settings.model)
-        check_engine_serves(facts.name, facts.abilities, facts.trained, settings)
-    else:
-        check_engine_serves(engine.preset, engine.abilities, engine.trained, settings)
+    # an unknown model, or a mode it cannot serve, fails here in well under a second
+    check_engine_serves(settings.model if engine is None else engine, settings)
 
     if sources is None:
         sources = load_sources(
@@ -335,11 +330,10 @@ def synthesize(
         raise InputError(
             f"the model makes {engine.tile_size} px tiles; use --tile-size {engine.tile_size}"
         )
-    check_engine_serves(engine.preset, engine.abilities, engine.trained, settings)
     generates = engine.abilities.generates and (engine.trained or settings.allow_untrained)
     run = replace(
         settings,
-        harmonise=_resolved_harmonise(settings.harmonise, engine.trained),
+        harmonise=resolved_harmonise(settings.harmonise, engine.trained),
         generate_backgrounds=generates,
         tile_size=tile_size,
         steps=settings.mode_steps,
@@ -395,7 +389,7 @@ def synthesize(
             log.warning("%s: generating synthetic backgrounds instead", why)
 
     config = run.run_config(sources)
-    thresholds = _calibrate(donors, backgrounds)
+    thresholds = calibrate_run(donors, backgrounds)
     result = SynthesizeResult(
         out,
         engine_description=engine.description,
@@ -456,55 +450,6 @@ def synthesize(
         else:
             _run_variation(engine, writer, result, todo, donors, run, progress)
     return result
-
-
-def _resolved_harmonise(harmonise: str, trained: bool) -> str:
-    """``auto`` → diffusion with a trained engine, multiband with an UNTRAINED one."""
-    if harmonise != "auto":
-        return harmonise
-    return "diffusion" if trained else "multiband"
-
-
-def check_engine_serves(
-    engine: str, abilities: EngineAbilities, trained: bool, settings: SynthesisSettings
-) -> None:
-    """Refuse, before any slide or weight is read, a run the engine cannot serve: a mode
-    that generates from noise with an engine that does not, a τ beyond the timesteps its
-    denoiser learnt, a tile size it does not make, or pixels painted by an UNTRAINED
-    engine without ``allow_untrained``.
-
-    Raises:
-        InputError: one line naming the engine, the mode and what to use instead.
-    """
-    from histosynth.synthesis.abilities import refusal
-
-    inpaint = settings.mode == "inpaint"
-    diffusion = inpaint and _resolved_harmonise(settings.harmonise, trained) == "diffusion"
-    # the tile size always; τ only where the engine regenerates seams
-    asks = [("inpaint", settings.strength if diffusion else None)]
-    if not inpaint:
-        asks.append(("variation", None))
-    elif settings.background == "synthetic":
-        asks.append(("synthetic background", None))
-    for mode, strength in asks:
-        line = refusal(engine, abilities, mode, strength=strength, tile_size=settings.tile_size)
-        if line is not None:
-            raise InputError(line)
-    if trained or settings.allow_untrained:
-        return
-    generating = "an engine that generates (pixcell-1024, pixcell-256)"
-    painted = {
-        "--mode variation": (not inpaint, generating),
-        "--background synthetic": (inpaint and settings.background == "synthetic", generating),
-        "--harmonise diffusion": (diffusion, "a trained engine (default, pixcell-1024)"),
-    }
-    for what, (asked, instead) in painted.items():
-        if asked:
-            raise InputError(
-                f"engine {engine!r} is UNTRAINED (seeded random weights): {what} would write "
-                f"noise, not tissue; use {instead}, or pass --allow-untrained to try the "
-                "workflow (its tiles fail the content check)"
-            )
 
 
 def _renders_on_gpu(engine: Engine, ray: RayOptions | None) -> bool:
@@ -683,7 +628,7 @@ def _write_inpainted(
     # the tissue it was made from: the real background, or for a generated one the
     # donor's own surroundings
     source = background.image if background.x is not None else donor.context
-    _check_content(result, record, image, source, mask)
+    _record_content(result, record, check_content(result.content_check, image, source, mask))
     refs = {
         "background": background.image,
         "donor": comp.donor_image,
@@ -764,54 +709,14 @@ def _write_variation(
             "mask_source": "none",
         },
     )
-    _check_content(result, record, image, ref.image, None)
+    _record_content(result, record, check_content(result.content_check, image, ref.image, None))
     refs = {"reference": ref.image, "reference-mask": ref.mask}
     writer.add_tile(record, image, None, [], refs=refs)
     result.written += 1
 
 
-# --------------------------------------------------------------------------- content check
-
-
-def _calibrate(donors: Sequence[Donor], backgrounds: Sequence[Background]) -> ContentThresholds:
-    """The content check's thresholds from real tiles of the run's slides: up to
-    :data:`CALIBRATION_TILES` backgrounds and donors' surroundings, and the donors'
-    vessels on their tissue."""
-    real = [b.image for b in backgrounds[:CALIBRATION_TILES]]
-    real += [d.context for d in donors[: max(0, CALIBRATION_TILES - len(real))]]
-    masked = [
-        (d.image, d.mask, tissue_mask(d.image) if d.tissue is None else d.tissue)
-        for d in donors[:CALIBRATION_TILES]
-    ]
-    thresholds = calibrate(real, masked)
-    gamut = thresholds.real.get("gamut") or [1.0]
-    if gamut[0] < WEAK_GAMUT:
-        log.warning(
-            "real tiles of these slides lie largely outside the H&E gamut (lowest share "
-            "%.2f): another stain? The content check's gamut bound is weak for this run "
-            "(%.2f); its detail and colour checks still apply",
-            gamut[0],
-            thresholds.gamut_min,
-        )
-    return thresholds
-
-
-def _check_content(
-    result: SynthesizeResult,
-    record: TileRecord,
-    image: np.ndarray,
-    source: np.ndarray,
-    mask: np.ndarray | None,
-) -> None:
-    """Put the tile's content check verdict into its ``qc`` cell (and the result)."""
-    assert result.content_check is not None
-    verdict = check_tile(
-        image,
-        result.content_check,
-        source=source,
-        mask=mask,
-        tissue=None if mask is None else tissue_mask(image),
-    )
+def _record_content(result: SynthesizeResult, record: TileRecord, verdict: ContentVerdict) -> None:
+    """The tile's content check verdict into its ``qc`` cell (and the result's failures)."""
     record.extra["qc"] = verdict.cell
     if not verdict.passed:
         result.qc_failed[record.id] = verdict.cell

@@ -154,7 +154,8 @@ class SynthesisEngine:
         self, classes: list[str], count: int, mode: str, tile_size: int | None, params: dict
     ) -> None:
         """Refuse a mode the engine cannot serve before any slide or weight is read."""
-        from histosynth.synthetic_tiles import SynthesisSettings, check_engine_serves
+        from histosynth.run_checks import check_engine_serves
+        from histosynth.synthetic_tiles import SynthesisSettings
 
         keys = ("strength", "background", "harmonise", "allow_untrained")
         settings = SynthesisSettings(
@@ -164,14 +165,9 @@ class SynthesisEngine:
             tile_size=tile_size,
             **{k: params[k] for k in keys if k in params},
         )
-        if _is_engine(self.model):
-            engine = self.model
-            check_engine_serves(engine.preset, engine.abilities, engine.trained, settings)
-            return
-        from histosynth.synthesis.weights import model_facts
-
-        facts = model_facts(None if self.model is None else os.fspath(self.model))
-        check_engine_serves(facts.name, facts.abilities, facts.trained, settings)
+        model = self.model if _is_engine(self.model) else (
+            None if self.model is None else os.fspath(self.model))
+        check_engine_serves(model, settings)
 
     # ------------------------------------------------------------------ run
 

@@ -417,17 +417,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     tile = p["tile"]
     encoder = TinyEncoder(dim=p["dim"], seed=args.seed, crop=p["crop"])
-    width = train_region.shape[1]
-    last = width - tile
-    train_x = sorted({*range(0, last + 1, p["x_step"]), last})
-    val_x = sorted(
-        {round(v) for v in np.linspace(0, held_region.shape[1] - tile, p["val_offsets"])}
-    )
-    train_tiles = tiles_of(train_region, tile, train_x, range(8), "train")
-    train_tiles += vessel_tiles(
-        train_region, tile, p["vessel_tiles"], args.seed, crops_from=image[:500]
-    )
-    val_tiles = tiles_of(held_region, tile, val_x, range(1), "heldout")
+    train_tiles, val_tiles = _denoiser_tiles(p, image, args.seed, args.quick)
     cache_path = work / "cache.h5"
     if cache_path.exists():
         cache_path.unlink()  # the VAE may have changed since; rebuilt (cheap)
@@ -627,7 +617,8 @@ def train_denoiser(
 
 
 def _denoiser_tiles(p: dict[str, Any], image: np.ndarray, seed: int, quick: bool):
-    """The denoiser's training and held-out tiles (stage 2's), and the two halves."""
+    """The denoiser's training tiles (rows 0–499 in the 8 symmetries, plus tiles with
+    vessels painted in) and held-out tiles (rows 500–999), as stage 2 caches them."""
     train_region, held_region = image[:500], image[500:]
     if quick:
         train_region, held_region = train_region[:64, :256], held_region[:64, :256]

@@ -579,11 +579,6 @@ def _sampler_of(meta: dict[str, Any], where: Path) -> str:
     return name
 
 
-def _abilities_of(meta: dict[str, Any], where: Path, tile_size: int) -> EngineAbilities:
-    """What an engine folder says it serves (an older folder: all, at its tile size)."""
-    return EngineAbilities.from_json(meta.get("abilities"), where=str(where), tile_size=tile_size)
-
-
 def _strength_of(meta: dict[str, Any], where: Path) -> float:
     """The τ an engine folder asks for (:data:`defaults.STRENGTH` when it says nothing)."""
     value = meta.get("strength", defaults.STRENGTH)
@@ -624,6 +619,7 @@ def _load_preset(
     transformer = load_transformer(transformer_dir, device, dtype)
     vae = load_vae(found["vae"].path, device, vae_dtype(dtype))
     encoder = load_encoder(found["encoder"].path, device, dtype)
+    meta, meta_file = _meta_near(transformer_dir), transformer_dir.parent / ENGINE_FILE
     engine = Engine(
         transformer=transformer,
         vae=vae,
@@ -636,16 +632,16 @@ def _load_preset(
         dtype=dtype,
         trained=spec.trained,
         model_id=_model_id(preset, found["transformer"]),
-        sampler=_sampler_of(_meta_near(transformer_dir), transformer_dir.parent / ENGINE_FILE),
-        strength=_strength_of(_meta_near(transformer_dir), transformer_dir.parent / ENGINE_FILE),
+        sampler=_sampler_of(meta, meta_file),
+        strength=_strength_of(meta, meta_file),
         sources={c: f"{f.source} {f.path}" for c, f in found.items()},
         title=spec.title,
-        abilities=(
-            _abilities_of(_meta_near(transformer_dir), transformer_dir.parent / ENGINE_FILE,
-                          spec.tile_size)
-            if spec.embedded
-            else spec.abilities
-        ),
+        # an embedded engine says what it serves in its own file; the others in the preset
+        abilities=EngineAbilities.from_json(
+            meta.get("abilities"), where=str(meta_file), tile_size=spec.tile_size
+        )
+        if spec.embedded
+        else spec.abilities,
     )
     _check_fit(engine, where=transformer_dir)
     if spec.embedded:
@@ -738,7 +734,10 @@ def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> Engi
         strength=_strength_of(meta, root / ENGINE_FILE if root else folder),
         sources=sources,
         title=str(meta.get("title") or ""),
-        abilities=_abilities_of(meta, root / ENGINE_FILE if root else folder, tile_size),
+        abilities=EngineAbilities.from_json(  # an older folder: all, at its tile size
+            meta.get("abilities"), where=str(root / ENGINE_FILE if root else folder),
+            tile_size=tile_size,
+        ),
     )
     _check_fit(engine, where=folder)
     if root is not None:

@@ -1,0 +1,141 @@
+"""What a synthesize run may ask of its engine, and what its tiles must show.
+
+Before anything is read, :func:`check_engine_serves` refuses a run the engine cannot
+serve (its declared ``abilities``, :mod:`histosynth.synthesis.abilities`; an UNTRAINED
+engine's painting without ``allow_untrained``). While the run writes, every tile gets the
+content check (:mod:`histosynth.integration.content_check`) against thresholds
+:func:`calibrate_run` derived from real tiles of the run's own slides.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from histosynth.integration.content_check import (
+    ContentThresholds,
+    ContentVerdict,
+    calibrate,
+    check_tile,
+)
+from histosynth.integration.errors import InputError
+from histosynth.integration.masks import tissue_mask
+
+if TYPE_CHECKING:  # pragma: no cover
+    from histosynth.integration.tiles import Background, Donor
+
+log = logging.getLogger("histosynth.synthetic_tiles")
+
+__all__ = [
+    "CALIBRATION_TILES",
+    "WEAK_GAMUT",
+    "calibrate_run",
+    "check_content",
+    "check_engine_serves",
+    "resolved_harmonise",
+]
+
+#: real tiles the content check is calibrated on (backgrounds, then donors' surroundings)
+CALIBRATION_TILES = 16
+#: below this share of in-gamut pixels in a real tile, the slides are not H&E-like
+WEAK_GAMUT = 0.3
+
+
+def resolved_harmonise(harmonise: str, trained: bool) -> str:
+    """``auto`` → diffusion with a trained engine, multiband with an UNTRAINED one."""
+    if harmonise != "auto":
+        return harmonise
+    return "diffusion" if trained else "multiband"
+
+
+def check_engine_serves(model: str | os.PathLike | Any | None, settings: Any) -> None:
+    """Refuse, before any slide or weight is read, a run the engine cannot serve: a mode
+    that generates from noise with an engine that does not, a τ beyond the timesteps its
+    denoiser learnt, a tile size it does not make, or pixels painted by an UNTRAINED
+    engine without ``allow_untrained``.
+
+    Args:
+        model: a loaded ``Engine``, or what ``settings.model`` names (a preset, a folder,
+            ``None``), whose metadata is read without loading a weight.
+        settings: the run's ``SynthesisSettings``.
+
+    Raises:
+        InputError: one line naming the engine, the mode and what to use instead.
+        EngineError: an unknown model or missing weights (``model_facts``).
+    """
+    from histosynth.synthesis.abilities import refusal
+
+    if hasattr(model, "abilities"):  # a loaded engine
+        engine, abilities, trained = model.preset, model.abilities, model.trained
+    else:
+        from histosynth.synthesis.weights import model_facts
+
+        facts = model_facts(model)
+        engine, abilities, trained = facts.name, facts.abilities, facts.trained
+    inpaint = settings.mode == "inpaint"
+    diffusion = inpaint and resolved_harmonise(settings.harmonise, trained) == "diffusion"
+    # the tile size always; τ only where the engine regenerates seams
+    asks = [("inpaint", settings.strength if diffusion else None)]
+    if not inpaint:
+        asks.append(("variation", None))
+    elif settings.background == "synthetic":
+        asks.append(("synthetic background", None))
+    for mode, strength in asks:
+        line = refusal(engine, abilities, mode, strength=strength, tile_size=settings.tile_size)
+        if line is not None:
+            raise InputError(line)
+    if trained or settings.allow_untrained:
+        return
+    generating = "an engine that generates (pixcell-1024, pixcell-256)"
+    painted = {
+        "--mode variation": (not inpaint, generating),
+        "--background synthetic": (inpaint and settings.background == "synthetic", generating),
+        "--harmonise diffusion": (diffusion, "a trained engine (default, pixcell-1024)"),
+    }
+    for what, (asked, instead) in painted.items():
+        if asked:
+            raise InputError(
+                f"engine {engine!r} is UNTRAINED (seeded random weights): {what} would write "
+                f"noise, not tissue; use {instead}, or pass --allow-untrained to try the "
+                "workflow (its tiles fail the content check)"
+            )
+
+
+def calibrate_run(donors: Sequence[Donor], backgrounds: Sequence[Background]) -> ContentThresholds:
+    """The content check's thresholds from real tiles of the run's slides: up to
+    :data:`CALIBRATION_TILES` backgrounds and donors' surroundings, and the donors'
+    vessels on their tissue; a warning when those tiles are not H&E-like."""
+    real = [b.image for b in backgrounds[:CALIBRATION_TILES]]
+    real += [d.context for d in donors[: max(0, CALIBRATION_TILES - len(real))]]
+    masked = [
+        (d.image, d.mask, tissue_mask(d.image) if d.tissue is None else d.tissue)
+        for d in donors[:CALIBRATION_TILES]
+    ]
+    thresholds = calibrate(real, masked)
+    gamut = thresholds.real.get("gamut") or [1.0]
+    if gamut[0] < WEAK_GAMUT:
+        log.warning(
+            "real tiles of these slides lie largely outside the H&E gamut (lowest share "
+            "%.2f): another stain? The content check's gamut bound is weak for this run "
+            "(%.2f); its detail and colour checks still apply",
+            gamut[0],
+            thresholds.gamut_min,
+        )
+    return thresholds
+
+
+def check_content(
+    thresholds: ContentThresholds | None,
+    image: np.ndarray,
+    source: np.ndarray,
+    mask: np.ndarray | None,
+) -> ContentVerdict:
+    """One tile's content check: against the tissue it was made from (``source``), with
+    its mask on the tile's tissue when it has one."""
+    assert thresholds is not None, "calibrate_run before the first tile"
+    tissue = None if mask is None else tissue_mask(image)
+    return check_tile(image, thresholds, source=source, mask=mask, tissue=tissue)

@@ -18,6 +18,13 @@ real tiles of the run's own slides (:func:`calibrate`), and its verdict goes int
 - **Mask on tissue** (rows with a mask) — the share of mask pixels on tissue (the
   caller's tissue mask with its holes filled, so a vessel's lumen counts).
 
+The pixels a harmoniser redrew around an inpainted vessel (changed by more than
+:data:`CHANGED_LEVELS` from its ``composite``: a band, a small part of the tile) are
+checked again on their own — gamut, outliers, and detail against the same pixels of the
+composite, noise only (a regenerated seam is softer than real tissue by design), and at
+least :data:`GAMUT_KEPT` of the composite's in-gamut share kept — so noise
+confined to a seam cannot hide in the tile's averages; those reasons start with ``seam:``.
+
 Example:
     >>> rng = np.random.default_rng(0)
     >>> pink = np.clip(rng.normal((225, 150, 190), 12, (128, 128, 3)), 0, 255).astype(np.uint8)
@@ -46,6 +53,7 @@ __all__ = [
     "TileMeasures",
     "calibrate",
     "check_tile",
+    "measure_redrawn",
     "measure_tile",
     "qc_failed",
 ]
@@ -80,6 +88,8 @@ class TileMeasures:
     outliers: float
     detail_ratio: float | None = None
     mask_on_tissue: float | None = None
+    #: the gamut share of the same pixels before they were redrawn (:func:`measure_redrawn`)
+    gamut_before: float | None = None
 
 
 @dataclass(frozen=True)
@@ -139,13 +149,27 @@ def _rgb(image: np.ndarray, what: str) -> np.ndarray:
     return array
 
 
-def _detail(image: np.ndarray) -> float:
+#: fewest pixels a region is checked on (below, its shares say little)
+MIN_REGION_PX = 256
+#: grey levels (any channel) by which a harmoniser must change a composite's pixel for
+#: it to count as redrawn
+CHANGED_LEVELS = 10
+#: share of the composite's in-gamut pixels that redrawing must keep in the gamut
+GAMUT_KEPT = 0.6
+
+
+def _detail(image: np.ndarray, region: np.ndarray | None = None) -> float:
     grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32)
-    return float(np.mean((grey - cv2.GaussianBlur(grey, (0, 0), DETAIL_SIGMA)) ** 2))
+    energy = (grey - cv2.GaussianBlur(grey, (0, 0), DETAIL_SIGMA)) ** 2
+    return float(np.mean(energy if region is None else energy[region]))
 
 
-def _gamut(image: np.ndarray) -> float:
-    od = -np.log10((image.reshape(-1, 3).astype(np.float64) + 1.0) / 256.0)
+def _pixels(image: np.ndarray, region: np.ndarray | None) -> np.ndarray:
+    return image.reshape(-1, 3) if region is None else image[region]
+
+
+def _gamut(image: np.ndarray, region: np.ndarray | None = None) -> float:
+    od = -np.log10((_pixels(image, region).astype(np.float64) + 1.0) / 256.0)
     norm = np.linalg.norm(od, axis=1)
     stained = norm > STAINED_OD
     if not stained.any():
@@ -157,10 +181,17 @@ def _gamut(image: np.ndarray) -> float:
     return float(inside.mean())
 
 
-def _outliers(image: np.ndarray) -> float:
-    high = image.max(axis=2).astype(np.int16)
-    low = image.min(axis=2).astype(np.int16)
+def _outliers(image: np.ndarray, region: np.ndarray | None = None) -> float:
+    pixels = _pixels(image, region)
+    high = pixels.max(axis=1).astype(np.int16)
+    low = pixels.min(axis=1).astype(np.int16)
     return float(((high < 30) | (high - low > 200)).mean())
+
+
+def _ratio(detail: float, reference: float) -> float:
+    if reference > 1e-6:
+        return detail / reference
+    return 1.0 if detail < 1e-6 else float("inf")
 
 
 def measure_tile(
@@ -180,10 +211,7 @@ def measure_tile(
     """
     image = _rgb(image, "tile")
     detail = _detail(image)
-    ratio = None
-    if source is not None:
-        reference = _detail(_rgb(source, "source"))
-        ratio = detail / reference if reference > 1e-6 else (1.0 if detail < 1e-6 else np.inf)
+    ratio = None if source is None else _ratio(detail, _detail(_rgb(source, "source")))
     on_tissue = None
     if mask is not None and tissue is not None:
         vessel = np.asarray(mask) > 0
@@ -250,6 +278,26 @@ def calibrate(
     )
 
 
+def measure_redrawn(image: np.ndarray, composite: np.ndarray) -> TileMeasures | None:
+    """Gamut, outliers and the detail ratio of the pixels ``image`` changed from
+    ``composite`` by more than :data:`CHANGED_LEVELS` (against the same pixels of the
+    composite); ``None`` for fewer than :data:`MIN_REGION_PX` such pixels."""
+    image, before = _rgb(image, "tile"), _rgb(composite, "composite")
+    if before.shape != image.shape:
+        raise ValueError("the composite must have the tile's size")
+    region = np.abs(image.astype(np.int16) - before).max(axis=2) > CHANGED_LEVELS
+    if region.sum() < MIN_REGION_PX:
+        return None
+    detail = _detail(image, region)
+    return TileMeasures(
+        gamut=_gamut(image, region),
+        detail=detail,
+        outliers=_outliers(image, region),
+        detail_ratio=_ratio(detail, _detail(before, region)),
+        gamut_before=_gamut(before, region),
+    )
+
+
 def check_tile(
     image: np.ndarray,
     thresholds: ContentThresholds,
@@ -257,21 +305,36 @@ def check_tile(
     source: np.ndarray | None = None,
     mask: np.ndarray | None = None,
     tissue: np.ndarray | None = None,
+    composite: np.ndarray | None = None,
 ) -> ContentVerdict:
-    """Measure a tile (:func:`measure_tile`) and say where it fails ``thresholds``."""
+    """Measure a tile (:func:`measure_tile`) and say where it fails ``thresholds``; with
+    the ``composite`` an inpainted tile was harmonised from, its redrawn pixels again on
+    their own (:func:`measure_redrawn`, reasons prefixed ``seam:``, no blur bound)."""
     m = measure_tile(image, source=source, mask=mask, tissue=tissue)
-    t = thresholds
+    reasons = _reasons(m, thresholds)
+    if composite is not None:
+        redrawn = measure_redrawn(image, composite)
+        if redrawn is not None:
+            reasons += [f"seam: {r}" for r in _reasons(redrawn, thresholds, blur=False)]
+    return ContentVerdict(m, tuple(reasons))
+
+
+def _reasons(m: TileMeasures, t: ContentThresholds, *, blur: bool = True) -> list[str]:
     reasons = []
     if m.gamut < t.gamut_min:
         reasons.append(f"H&E gamut {m.gamut:.2f} < {t.gamut_min:.2f}")
+    elif m.gamut_before is not None and m.gamut < GAMUT_KEPT * m.gamut_before:
+        reasons.append(
+            f"H&E gamut {m.gamut:.2f} < {GAMUT_KEPT:g} × its {m.gamut_before:.2f} before"
+        )
     if m.detail_ratio is not None:
         low, high = t.detail_ratio
         if m.detail_ratio > high:
             reasons.append(f"detail ×{m.detail_ratio:.2f} of the source > {high:.2f} (noise)")
-        elif m.detail_ratio < low:
+        elif blur and m.detail_ratio < low:
             reasons.append(f"detail ×{m.detail_ratio:.2f} of the source < {low:.2f} (blur)")
     if m.outliers > t.outliers_max:
         reasons.append(f"colour outliers {m.outliers:.3f} > {t.outliers_max:.3f}")
     if m.mask_on_tissue is not None and m.mask_on_tissue < t.mask_on_tissue_min:
         reasons.append(f"mask on tissue {m.mask_on_tissue:.2f} < {t.mask_on_tissue_min:.2f}")
-    return ContentVerdict(m, tuple(reasons))
+    return reasons

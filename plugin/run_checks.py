@@ -133,9 +133,12 @@ def check_content(
     image: np.ndarray,
     source: np.ndarray,
     mask: np.ndarray | None,
+    composite: np.ndarray | None = None,
 ) -> ContentVerdict:
     """One tile's content check: against the tissue it was made from (``source``), with
-    its mask on the tile's tissue when it has one."""
+    its mask on the tile's tissue when it has one; for an inpainted tile, the pixels the
+    harmoniser changed in its ``composite`` (the seam band) are checked on their own too."""
     assert thresholds is not None, "calibrate_run before the first tile"
     tissue = None if mask is None else tissue_mask(image)
-    return check_tile(image, thresholds, source=source, mask=mask, tissue=tissue)
+    return check_tile(image, thresholds, source=source, mask=mask, tissue=tissue,
+                      composite=composite)

@@ -628,7 +628,8 @@ def _write_inpainted(
     # the tissue it was made from: the real background, or for a generated one the
     # donor's own surroundings
     source = background.image if background.x is not None else donor.context
-    _record_content(result, record, check_content(result.content_check, image, source, mask))
+    verdict = check_content(result.content_check, image, source, mask, comp.composite)
+    _record_content(result, record, verdict)
     refs = {
         "background": background.image,
         "donor": comp.donor_image,

@@ -110,6 +110,27 @@ def test_a_real_donor_on_a_speckle_background_fails(thresholds, held_out) -> Non
     assert not verdict.passed and "H&E gamut" in verdict.cell
 
 
+def test_noise_confined_to_a_seam_band_fails_and_a_soft_seam_passes(thresholds, held_out) -> None:
+    """A seam band redrawn as noise is a small part of the tile: its averages hide it, the
+    redrawn pixels checked on their own do not. A band redrawn softer (the embedded
+    engine's) is not a failure."""
+    composite = held_out[4]
+    ring = np.zeros(composite.shape[:2], np.uint8)
+    cv2.circle(ring, (128, 128), 70, 255, 24)
+    band = ring > 0
+    rng = np.random.default_rng(3)
+    noisy = composite.copy()
+    green = np.clip(rng.normal((90, 200, 110), 50, composite.shape), 0, 255).astype(np.uint8)
+    noisy[band] = green[band]
+    assert check_tile(noisy, thresholds, source=composite).passed  # hidden in the averages
+    verdict = check_tile(noisy, thresholds, source=composite, composite=composite)
+    assert not verdict.passed and verdict.cell.startswith("fail: seam: H&E gamut")
+    soft = composite.copy()
+    soft[band] = cv2.GaussianBlur(composite, (0, 0), 2.5)[band]
+    assert check_tile(soft, thresholds, source=composite, composite=composite).passed
+    assert check_tile(composite, thresholds, source=composite, composite=composite).passed
+
+
 def test_blur_and_hue_rotation_fail(thresholds, held_out) -> None:
     tile = held_out[1]
     blurred = cv2.GaussianBlur(tile, (0, 0), 3.0)

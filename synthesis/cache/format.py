@@ -260,8 +260,16 @@ def h5_read(path: Path) -> h5py.File:
 
 
 def _h5_read_once(path: Path) -> h5py.File:
+    # checked on a handle of its own: opening every dataset caches its header, and an SWMR
+    # reader would then see the extents of that moment after a later "committed" count
+    with _h5_open(path) as probe:
+        refuse_links_out(probe, path)
+    return _h5_open(path)
+
+
+def _h5_open(path: Path) -> h5py.File:
     try:
-        handle = h5py.File(path, "r")
+        return h5py.File(path, "r")
     except BlockingIOError:
         raise
     except OSError as err:
@@ -269,13 +277,7 @@ def _h5_read_once(path: Path) -> h5py.File:
         # metadata for a long time, so a truncated file must fail the plain open above
         if not is_writer_flag_error(err):
             raise
-        handle = h5py.File(path, "r", swmr=True)
-    try:
-        refuse_links_out(handle, path)
-    except BaseException:
-        handle.close()
-        raise
-    return handle
+        return h5py.File(path, "r", swmr=True)
 
 
 def refuse_links_out(handle: h5py.Group, path: Path) -> None:

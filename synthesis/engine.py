@@ -63,6 +63,14 @@ from safetensors.torch import save_file
 
 from histosynth.synthesis import defaults
 from histosynth.synthesis.abilities import EngineAbilities, refusal
+from histosynth.synthesis.config_limits import (
+    check_encoder_config,
+    check_finite,
+    check_model_finite,
+    check_scheduler_config,
+    check_transformer_config,
+    verify_weight_hashes,
+)
 from histosynth.synthesis.devices import move_model, resolve_device, resolve_dtype, vae_dtype
 from histosynth.synthesis.errors import EngineError, UntrainedEngineWarning
 from histosynth.synthesis.models.encoders import (
@@ -98,6 +106,7 @@ from histosynth.synthesis.weights import (
     default_model,
     find_component,
     find_preset,
+    read_engine_meta,
     read_json_object,
 )
 
@@ -378,7 +387,8 @@ def _short(err: BaseException) -> str:
 
 
 def _transformer_config(folder: Path) -> dict[str, Any]:
-    """The transformer's ``config.json``, which must name ``PixCellTransformer2DModel``."""
+    """The transformer's ``config.json``, which must name ``PixCellTransformer2DModel``
+    and keep its sizes within :data:`~histosynth.synthesis.config_limits.LIMITS`."""
     config = read_json_object(folder / "config.json")
     cls = config.get("_class_name")
     if cls != "PixCellTransformer2DModel":
@@ -386,6 +396,7 @@ def _transformer_config(folder: Path) -> dict[str, Any]:
             f"expected _class_name PixCellTransformer2DModel, found {cls!r}",
             path=folder / "config.json",
         )
+    check_transformer_config(config, folder / "config.json")
     return config
 
 
@@ -397,7 +408,8 @@ def load_transformer(
     """The PixCell denoiser from a local diffusers folder (``config.json`` + safetensors).
 
     Raises:
-        EngineError: not a PixCell transformer folder, or weights that do not fit.
+        EngineError: not a PixCell transformer folder, a config over its limits, weights
+            that do not fit or are not finite.
     """
     folder = Path(folder).expanduser()
     _transformer_config(folder)
@@ -420,7 +432,9 @@ def load_transformer(
     ]
     if problems:
         raise EngineError(f"weights do not fit the config: {'; '.join(problems)}", path=folder)
-    return model.to(device).eval().requires_grad_(False)
+    model = model.to(device).eval().requires_grad_(False)
+    check_model_finite(model, folder)
+    return model
 
 
 def load_encoder(
@@ -451,7 +465,10 @@ def _load_tiny_encoder(folder: Path, config: dict[str, Any]) -> TinyEncoder:
         for key in ("dim", "seed", "crop"):
             if isinstance(config.get(key), bool) or not isinstance(config.get(key), int):
                 raise ValueError(f"{key} = {config.get(key)!r}")
+        check_encoder_config(config, folder / "config.json")  # before the projection is built
         encoder = TinyEncoder.from_config(config)
+    except EngineError:
+        raise
     except (TypeError, ValueError) as err:
         raise EngineError(
             f"expected integer dim, seed and crop ({_short(err)})", path=folder / "config.json"
@@ -459,7 +476,9 @@ def _load_tiny_encoder(folder: Path, config: dict[str, Any]) -> TinyEncoder:
     weights = folder / "diffusion_pytorch_model.safetensors"
     if not weights.is_file():
         weights = folder / "model.safetensors"
-    load_state_strict(encoder, load_checkpoint(weights), path=weights, what="TinyEncoder")
+    state = load_checkpoint(weights)
+    check_finite(state.items(), weights)
+    load_state_strict(encoder, state, path=weights, what="TinyEncoder")
     return encoder
 
 
@@ -566,7 +585,7 @@ def _apply_options(
 def _meta_near(transformer_dir: Path) -> dict[str, Any]:
     """The ``histosynth_engine.json`` beside a transformer folder (``{}`` when none)."""
     meta_file = transformer_dir.parent / ENGINE_FILE
-    return read_json_object(meta_file) if meta_file.is_file() else {}
+    return read_engine_meta(meta_file) if meta_file.is_file() else {}
 
 
 def _sampler_of(meta: dict[str, Any], where: Path) -> str:
@@ -602,7 +621,11 @@ def _model_id(preset: str, found: FoundWeights) -> str:
 
 def _scheduler_config_near(transformer_dir: Path) -> dict[str, Any] | None:
     candidate = transformer_dir.parent / "scheduler" / "scheduler_config.json"
-    return read_json_object(candidate) if candidate.is_file() else None
+    if not candidate.is_file():
+        return None
+    config = read_json_object(candidate)
+    check_scheduler_config(config, candidate)
+    return config
 
 
 def _load_preset(
@@ -616,10 +639,11 @@ def _load_preset(
     found = find_preset(preset, explicit=weights)
     transformer_dir = found["transformer"].path
     assert transformer_dir is not None and found["vae"].path and found["encoder"].path
+    meta, meta_file = _meta_near(transformer_dir), transformer_dir.parent / ENGINE_FILE
+    verify_weight_hashes(transformer_dir.parent, meta, {c: f.path for c, f in found.items()})
     transformer = load_transformer(transformer_dir, device, dtype)
     vae = load_vae(found["vae"].path, device, vae_dtype(dtype))
     encoder = load_encoder(found["encoder"].path, device, dtype)
-    meta, meta_file = _meta_near(transformer_dir), transformer_dir.parent / ENGINE_FILE
     engine = Engine(
         transformer=transformer,
         vae=vae,
@@ -688,7 +712,7 @@ def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> Engi
             "or a transformer folder itself",
             path=folder,
         )
-    meta = read_json_object(root / ENGINE_FILE) if root and (root / ENGINE_FILE).is_file() else {}
+    meta = read_engine_meta(root / ENGINE_FILE) if root and (root / ENGINE_FILE).is_file() else {}
     config = _transformer_config(transformer_dir)
     base = meta.get("preset") or _preset_for(config)
     if base not in PRESETS:
@@ -713,6 +737,9 @@ def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> Engi
         return found.path
 
     vae_path, encoder_path = part("vae"), part("encoder")
+    if root is not None:
+        paths = {"transformer": transformer_dir, "vae": vae_path, "encoder": encoder_path}
+        verify_weight_hashes(root, meta, paths)
     transformer = load_transformer(transformer_dir, device, dtype)
     vae = load_vae(vae_path, device, vae_dtype(dtype))
     encoder = load_encoder(encoder_path, device, dtype)

@@ -44,6 +44,7 @@ import yaml
 from huggingface_hub import try_to_load_from_cache
 
 from histosynth.synthesis.abilities import EngineAbilities
+from histosynth.synthesis.config_limits import JSONFileError, check_engine_meta, parse_json_file
 from histosynth.synthesis.errors import EngineError
 
 __all__ = [
@@ -67,6 +68,7 @@ __all__ = [
     "hf_cache_dir",
     "model_facts",
     "preset_facts",
+    "read_engine_meta",
     "read_json_object",
     "read_settings",
     "settings_path",
@@ -566,19 +568,29 @@ def read_json_object(path: Path) -> dict:
     """A JSON object from a small metadata file (an engine's, a config).
 
     Raises:
-        EngineError: unreadable, not JSON, or not an object — naming the file.
+        EngineError: unreadable, not JSON (or larger / deeper than the limits of
+            :func:`~histosynth.synthesis.config_limits.parse_json_file`), or not an
+            object — naming the file.
     """
-    import json
-
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as err:
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
-        why = f"{type(err).__name__}: {first}" if first else type(err).__name__
-        raise EngineError(f"cannot read JSON ({why})", path=path) from err
+        data = parse_json_file(path)
+    except JSONFileError as err:  # unreadable, too large, not JSON, nested too deep
+        raise EngineError(f"cannot read JSON ({err})", path=path) from None
     if not isinstance(data, dict):
         raise EngineError("expected a JSON object", path=path)
     return data
+
+
+def read_engine_meta(path: Path) -> dict:
+    """An engine folder's ``histosynth_engine.json``, its numbers within
+    :data:`~histosynth.synthesis.config_limits.LIMITS` and its weight manifest well formed.
+
+    Raises:
+        EngineError: what :func:`read_json_object` raises; a value out of its limits.
+    """
+    meta = read_json_object(path)
+    check_engine_meta(meta, path)
+    return meta
 
 
 def _facts(name: str) -> ModelFacts:
@@ -591,7 +603,7 @@ def _facts(name: str) -> ModelFacts:
         meta_file = Path(name).expanduser() / ENGINE_FILE
     if not meta_file.is_file():
         return ModelFacts(name, EngineAbilities(), True, None)
-    meta = read_json_object(meta_file)
+    meta = read_engine_meta(meta_file)
     tile = meta.get("tile_size") if isinstance(meta.get("tile_size"), int) else None
     abilities = EngineAbilities.from_json(
         meta.get("abilities"), where=str(meta_file), tile_size=tile

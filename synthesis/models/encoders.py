@@ -49,6 +49,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
+from histosynth.synthesis.config_limits import check_finite
 from histosynth.synthesis.errors import EngineError
 
 __all__ = [
@@ -409,7 +410,8 @@ def build_uni2h(
         overrides: architecture overrides (tests build tiny models this way).
 
     Raises:
-        EngineError: weights not found, unreadable, or of another architecture.
+        EngineError: weights not found, unreadable, not finite (naming the tensor), or of
+            another architecture.
     """
     if weights is None:
         from histosynth.synthesis.weights import find_component
@@ -417,6 +419,7 @@ def build_uni2h(
         weights = find_component("pixcell-1024", "encoder").path
     file = _checkpoint_file(Path(weights).expanduser())
     state = load_checkpoint(file)
+    check_finite(state.items(), file)
     model = create_uni2h(device="meta", **overrides)
     load_state_strict(model, state, path=file, what="UNI2-h")
     model = model.to(device=device, dtype=dtype)

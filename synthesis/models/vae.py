@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -34,6 +33,12 @@ import torch
 from diffusers import AutoencoderKL
 from torch import Tensor
 
+from histosynth.synthesis.config_limits import (
+    JSONFileError,
+    check_model_finite,
+    check_vae_config,
+    parse_json_file,
+)
 from histosynth.synthesis.errors import EngineError
 from histosynth.synthesis.models.encoders import ImageInput, image_batch
 
@@ -68,9 +73,9 @@ def _read_config(folder: Path) -> tuple[Path, dict]:
         raise EngineError("no config.json (expected a diffusers AutoencoderKL folder)",
                           path=folder)
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as err:
-        raise EngineError(f"cannot read the config ({err})", path=config_file) from err
+        config = parse_json_file(config_file)
+    except JSONFileError as err:  # unreadable, too large, not JSON, nested too deep
+        raise EngineError(f"cannot read the config ({err})", path=config_file) from None
     if not isinstance(config, dict):
         raise EngineError("expected a JSON object", path=config_file)
     return folder, config
@@ -92,8 +97,9 @@ def load_vae(
         check_sd3: require SD3's latent channels (16), scaling and shift factors.
 
     Raises:
-        EngineError: no such folder, another architecture, or unreadable weights
-            (naming the folder or its ``config.json``).
+        EngineError: no such folder, another architecture, a config over the limits of
+            :mod:`histosynth.synthesis.config_limits`, unreadable or non-finite weights
+            (naming the folder, its ``config.json`` or the weights file and tensor).
     """
     folder, config = _read_config(Path(folder).expanduser())
     config_file = folder / "config.json"
@@ -110,6 +116,7 @@ def load_vae(
                                                                         rel_tol=1e-6):
                 raise EngineError(f"expected the SD3 VAE ({key} {value}), found {found!r}",
                                   path=config_file)
+    check_vae_config(config, config_file)  # before anything is built
     try:
         vae = AutoencoderKL.from_pretrained(
             folder, local_files_only=True, torch_dtype=dtype, use_safetensors=True
@@ -118,7 +125,9 @@ def load_vae(
         reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         raise EngineError(f"cannot load the VAE ({type(err).__name__}: {reason})",
                           path=folder) from err
-    return vae.to(device).eval().requires_grad_(False)
+    vae = vae.to(device).eval().requires_grad_(False)
+    check_model_finite(vae, folder)
+    return vae
 
 
 class LatentCodec:

@@ -20,11 +20,17 @@ name starts with ``.`` (temporary writes) are ignored. :func:`save_adapter` writ
 folder into a temporary sibling and renames it into place, so a reader never sees half an
 adapter.
 
-:func:`load_adapter` checks everything before the model is touched: the three files
-parse, the weights file matches its recorded checksum, targets / rank / α agree between
-the files and are the cross-attention targets, every tensor has the shape the base
-expects, the adapter's resolution is the base's, and the base weight hash
-(:func:`base_weight_hash`) is the one the adapter was made for. Any failure is one
+:func:`load_adapter` checks everything before the model is touched: the two JSON files
+parse (size and depth limited) and keep their numbers within
+:data:`~histosynth.synthesis.config_limits.LIMITS`; ``adapter_config.json`` sets no
+LoRA field histosynth does not write (``use_dora``, ``modules_to_save``,
+``layer_replication`` …: :func:`~histosynth.synthesis.config_limits.check_lora_config`);
+the weights file matches the sha256 recorded in the metadata (required) *before* it is
+parsed; targets / rank / α agree between the files and are the cross-attention targets,
+every tensor has the shape the base expects and finite values no larger than
+:data:`~histosynth.synthesis.config_limits.MAX_ADAPTER_WEIGHT`, the adapter's resolution
+is the base's, and the base weight hash (:func:`base_weight_hash`) is the one the
+adapter was made for. Any failure is one
 :class:`EngineError` naming the folder or file and what was expected. Several adapters
 can be loaded at once; :func:`activate` switches between them (or back to the plain base)
 without reloading anything, and the plain base is restored exactly.
@@ -70,6 +76,16 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from histosynth.synthesis.config_limits import (
+    ADAPTER_WEIGHTS_MAX_BYTES,
+    MAX_ADAPTER_WEIGHT,
+    JSONFileError,
+    check_adapter_meta,
+    check_finite,
+    check_lora_config,
+    parse_json_file,
+)
+from histosynth.synthesis.config_limits import file_sha256 as _file_sha256
 from histosynth.synthesis.errors import EngineError
 
 if TYPE_CHECKING:  # torch and peft are imported where used: listing a library needs neither
@@ -153,8 +169,9 @@ class AdapterInfo:
     on; ``created`` is ISO 8601 UTC (``2025-01-31T12:00:00Z``); ``metrics`` are validation
     metrics by name (e.g. ``{"fid": 15.7}``); ``training`` holds free-form training
     parameters (lr, steps, seed ...); ``weights_sha256`` is the sha256 of
-    ``adapter_model.safetensors`` (filled by :func:`save_adapter`). ``folder`` is where it
-    was read from (not stored in the file).
+    ``adapter_model.safetensors`` (filled by :func:`save_adapter`; required in the file,
+    64 lower-case hex digits). ``folder`` is where it was read from (not stored in the
+    file).
     """
 
     name: str
@@ -193,7 +210,9 @@ class AdapterInfo:
                 item="format",
             )
         fields = {f.name for f in dataclasses.fields(cls)} - {"folder"}
-        required = ("name", "base_hash", "resolution", "rank", "alpha", "target_modules")
+        required = (
+            "name", "base_hash", "resolution", "rank", "alpha", "target_modules", "weights_sha256"
+        )
         missing = [key for key in required if key not in data]
         if missing:
             raise EngineError(f"missing required keys {missing}", path=path)
@@ -204,8 +223,9 @@ class AdapterInfo:
 
         if not isinstance(values["name"], str) or not _NAME.fullmatch(values["name"]):
             raise bad("name", "a name of letters, digits, '_' and '-'")
-        if not isinstance(values["base_hash"], str) or not _SHA256.fullmatch(values["base_hash"]):
-            raise bad("base_hash", "64 lower-case hex digits (sha256)")
+        for key in ("base_hash", "weights_sha256"):  # the weights are checked against it
+            if not isinstance(values[key], str) or not _SHA256.fullmatch(values[key]):
+                raise bad(key, "64 lower-case hex digits (sha256)")
         for key in ("resolution", "rank"):
             value = values[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -239,11 +259,17 @@ class AdapterInfo:
             raise bad("metrics", "an object of numbers")
         if not isinstance(values.get("training", {}), Mapping):
             raise bad("training", "an object")
+        check_adapter_meta(values, path or "")  # rank, alpha, resolution within LIMITS
         return cls(**values)
 
 
 def _now_utc() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def histosynth_version() -> str:
@@ -535,14 +561,6 @@ def create_adapter(
     return info
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _config_json(config: LoraConfig, base_id: str) -> dict[str, Any]:
     data = config.to_dict()
     for key, value in data.items():
@@ -650,8 +668,8 @@ def read_adapter_info(folder: str | os.PathLike) -> AdapterInfo:
             path=path,
         )
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        data = parse_json_file(path)  # size and depth limited
+    except JSONFileError as err:
         raise EngineError(f"not readable JSON: {err}", path=path) from None
     info = AdapterInfo.from_dict(data, path=path)
     info.folder = folder
@@ -678,21 +696,22 @@ def _read_config(folder: Path, info: AdapterInfo) -> LoraConfig:
     if not path.is_file():
         raise EngineError("missing; expected PEFT's LoRA config", path=path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        data = parse_json_file(path)  # size and depth limited
+    except JSONFileError as err:
         raise EngineError(f"not readable JSON: {err}", path=path) from None
     if not isinstance(data, dict) or data.get("peft_type") != "LORA":
         found = data.get("peft_type") if isinstance(data, dict) else type(data).__name__
-        raise EngineError(f"expected peft_type 'LORA', found {found!r}", path=path)
-    from peft import LoraConfig
-
-    known = {f.name for f in dataclasses.fields(LoraConfig)}
-    try:
-        config = LoraConfig(**{k: v for k, v in data.items() if k in known})
-    except (TypeError, ValueError) as err:
-        raise EngineError(f"not a valid LoraConfig: {err}", path=path) from None
-    targets = config.target_modules
-    found = [targets] if isinstance(targets, str) else sorted(targets or [])
+        raise EngineError(f"expected peft_type 'LORA', found {_short_repr(found)}", path=path)
+    # only the fields histosynth writes, at its values: nothing else reaches peft
+    check_lora_config(data, _config_json(lora_config(info.rank, info.alpha), ""), path)
+    targets = data.get("target_modules")
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise EngineError(
+            f"expected a list of module names, found {_short_repr(targets)}",
+            path=path,
+            item="target_modules",
+        )
+    found = sorted(targets)
     expected = sorted(CROSS_ATTENTION_TARGETS)
     if found != expected:
         raise EngineError(
@@ -706,40 +725,51 @@ def _read_config(folder: Path, info: AdapterInfo) -> LoraConfig:
             path=folder / METADATA_FILE,
             item="target_modules",
         )
-    if config.r != info.rank:
+    rank, alpha = data.get("r", 8), data.get("lora_alpha", 8)  # peft's defaults
+    if rank != info.rank:
         raise EngineError(
-            f"expected r={info.rank} (as in {METADATA_FILE}), found r={config.r}",
+            f"expected r={info.rank} (as in {METADATA_FILE}), found r={rank}",
             path=path,
             item="r",
         )
-    if not math.isclose(config.lora_alpha, info.alpha):
+    if not math.isclose(alpha, info.alpha):
         raise EngineError(
-            f"expected lora_alpha={info.alpha} (as in {METADATA_FILE}), "
-            f"found {config.lora_alpha}",
+            f"expected lora_alpha={info.alpha} (as in {METADATA_FILE}), found {alpha}",
             path=path,
             item="lora_alpha",
         )
-    return config
+    return lora_config(info.rank, info.alpha)
 
 
 def _read_weights(folder: Path, info: AdapterInfo) -> dict[str, torch.Tensor]:
+    """The LoRA tensors, read once: size limit, then the checksum, then the parse (of the
+    very bytes hashed: a file swapped in between is never parsed)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     path = folder / WEIGHTS_FILE
     if not path.is_file():
         raise EngineError("missing; expected the LoRA tensors", path=path)
     try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise EngineError(f"not a readable safetensors file: {err}", path=path) from None
-    found = _file_sha256(path)
-    if info.weights_sha256 and found != info.weights_sha256:
+        size = path.stat().st_size
+        if size > ADAPTER_WEIGHTS_MAX_BYTES:
+            raise EngineError(
+                f"{size} bytes exceed the limit {ADAPTER_WEIGHTS_MAX_BYTES}", path=path
+            )
+        data = path.read_bytes()
+    except OSError as err:
+        raise EngineError(f"not readable: {err}", path=path) from None
+    found = hashlib.sha256(data).hexdigest()
+    if found != info.weights_sha256:
         raise EngineError(
             f"checksum mismatch: expected sha256 {info.weights_sha256[:16]}… "
             f"(as in {METADATA_FILE}), found {found[:16]}…; the file was changed or corrupted",
             path=path,
         )
+    try:
+        tensors = load(data)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise EngineError(f"not a readable safetensors file: {err}", path=path) from None
     return {key.removeprefix(PEFT_PREFIX): tensor for key, tensor in tensors.items()}
 
 
@@ -780,6 +810,8 @@ def _check_tensors(
             raise EngineError(
                 f"expected floating-point values, found {tensor.dtype}", path=path, item=key
             )
+    # NaN / Inf / 1e30 would make every tile black
+    check_finite(((key, tensors[key]) for key in expected), path, max_abs=MAX_ADAPTER_WEIGHT)
 
 
 def _check_base(

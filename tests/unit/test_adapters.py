@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import subprocess
 import sys
@@ -343,12 +344,17 @@ def test_corrupted_weights_are_refused_naming_the_file(saved: Path) -> None:
         EngineError, match=rf"^{weights}: checksum mismatch: expected sha256 [0-9a-f]{{16}}"
     ):
         load_adapter(model, saved)
-    weights.write_bytes(bytes(data[: len(data) // 2]))  # truncated
-    with pytest.raises(EngineError, match=rf"^{weights}: not a readable safetensors file"):
+    weights.write_bytes(bytes(data[: len(data) // 2]))  # truncated: the checksum comes first
+    with pytest.raises(EngineError, match=rf"^{weights}: checksum mismatch"):
         load_adapter(model, saved)
-    weights.write_bytes(b"\x00garbage")
-    with pytest.raises(EngineError, match=rf"^{weights}: not a readable safetensors file"):
-        load_adapter(model, saved)
+    # a file the metadata vouches for (its sha256 recorded) that is not safetensors
+    meta = saved / METADATA_FILE
+    for garbage in (bytes(data[: len(data) // 2]), b"\x00garbage"):
+        weights.write_bytes(garbage)
+        info = json.loads(meta.read_text())
+        meta.write_text(json.dumps({**info, "weights_sha256": hashlib.sha256(garbage).hexdigest()}))
+        with pytest.raises(EngineError, match=rf"^{weights}: not a readable safetensors file"):
+            load_adapter(model, saved)
     assert untouched(model)
 
 

@@ -29,7 +29,7 @@ from histosynth.integration.dataset import (
     read_index,
     update_index,
 )
-from histosynth.integration.decisions import latest_decision_times
+from histosynth.integration.decisions import latest_decision_times, replay_decisions
 from histosynth.integration.errors import InputError
 from histosynth.integration.images import read_rgb
 from histosynth.integration.locks import RUN_LOCK_NAME, folder_lock, project_lock
@@ -272,7 +272,9 @@ def review_sync(
     case-insensitively, surrounding spaces ignored; an entry of the run without
     ``review_status`` counts as ``pending``. The index is rewritten atomically.
 
-    A tile decided in the browser (``histosynth review serve``, ``RUN/review/decisions.jsonl``)
+    First, the browser decisions logged in ``RUN/review/decisions.jsonl`` that
+    ``index.csv`` does not hold yet (a review server killed before writing it) are
+    written into it. A tile decided in the browser (``histosynth review serve``)
     after the project was last saved (its ``modifyTimestamp``, else the file's time) keeps
     the run's decision: the project cannot hold a newer one.
 
@@ -284,6 +286,11 @@ def review_sync(
     project = QuPathProject(project_path, use_paquo=False)
     run = run_folder(run_dir)
     name = check_run_name(run_name if run_name is not None else default_run_name(run, project.file))
+    with folder_lock(run, RUN_LOCK_NAME, "the run folder", "the run folder", wait_s=wait_s):
+        replayed = replay_decisions(run)  # a review server killed before its index write
+    if replayed:
+        log.warning("%s: %d logged browser decision(s) written into index.csv first", run,
+                    len(replayed))
     rows = read_index(run)
     by_id = {row["id"]: row for row in rows}
     statuses: dict[str, str] = {}

@@ -99,7 +99,10 @@ def serve(
     j / k or the arrows move), a reviewer name and a comment per decision.
 
     Prints the URL to open (it holds this session's token). Each decision is logged in
-    RUN/review/decisions.jsonl and written into RUN/index.csv at once. Ctrl-C stops.
+    RUN/review/decisions.jsonl at once (and into the project's entry, with --project),
+    then into RUN/index.csv within a moment; decisions a killed server logged but did
+    not write are written when it starts again. Ctrl-C stops. A run of many tiles is
+    shown in pages of 200.
     """
     from histosynth.review.server import make_server
 
@@ -116,6 +119,12 @@ def serve(
             "this URL (its token) can accept and reject tiles",
             err=True,
         )
+    import signal
+
+    def stop(signum: int, frame: object) -> None:  # `kill`: stop as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     click.echo(url, nl=True)
     try:
         server.serve_forever()

@@ -71,6 +71,8 @@ from histosynth.review.metrics_view import metrics_section
 log = logging.getLogger(__name__)
 
 GALLERY_NAME = "review.html"
+PAGE_SIZE = 200
+"""Cards per page of the served gallery (:func:`gallery_html` with ``page``)."""
 OVERLAY_DIR = "review"
 OVERLAY_RGB = (0, 230, 64)
 """Colour of the mask overlay (RGB): green stands out on H&E pinks and purples."""
@@ -138,15 +140,33 @@ def gallery_html(
     *,
     progress: Progress | None = None,
     review_token: str | None = None,
+    rows: Sequence[dict[str, str]] | None = None,
+    page: int | None = None,
+    statuses: Sequence[str] = (),
 ) -> str:
     """The gallery page of the run as text. ``review_token``: the page is served by
     ``histosynth review serve`` and gets its decision bar (accept / reject / undo, keys,
-    reviewer, comment, progress) posting to the server with this token."""
+    reviewer, comment, progress) posting to the server with this token.
+
+    ``rows``: the index's rows when the caller holds them (default: read ``index.csv``).
+    ``page`` (1-based): only that page of :data:`PAGE_SIZE` cards, with links to the
+    others — a served run of 100 000 tiles would otherwise be a page of 180 MB;
+    ``statuses``: only rows of those review statuses are paged through. The summary and
+    the filters' counts cover the whole run."""
     run = Path(run_dir)
-    rows = read_index(run)
+    rows = list(read_index(run) if rows is None else rows)
     extra_columns = _extra_columns(rows)
+    shown = rows
+    pager = ""
+    if page is not None:
+        wanted = {s for s in statuses if s}
+        selected = [r for r in rows if _status(r) in wanted] if wanted else rows
+        pages = max(1, -(-len(selected) // PAGE_SIZE))
+        page = min(max(1, page), pages)
+        shown = selected[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
+        pager = _pager(page, pages, len(selected), sorted(wanted))
     cards = []
-    iterator: Iterable = progress(rows, len(rows)) if progress else rows
+    iterator: Iterable = progress(shown, len(shown)) if progress else shown
     for row in iterator:
         cards.append(_card(run, row, extra_columns))
     return _page(
@@ -155,7 +175,26 @@ def gallery_html(
         cards,
         untrained=len(untrained_tile_ids(run, rows)),
         review_token=review_token,
+        pager=pager,
     )
+
+
+def _pager(page: int, pages: int, count: int, statuses: Sequence[str]) -> str:
+    """Links to the previous / next page (and to the pending tiles only)."""
+    only = f"&status={quote(','.join(statuses))}" if statuses else ""
+
+    def link(number: int, text: str) -> str:
+        return f'<a href="?page={number}{_e(only)}" rel="{text}">{text}</a>'
+
+    which = f" {_e('/'.join(statuses))}" if statuses else ""
+    parts = [f"page {page} of {pages} ({count} tiles{which})"]
+    if page > 1:
+        parts.append(link(page - 1, "prev"))
+    if page < pages:
+        parts.append(link(page + 1, "next"))
+    parts.append('<a href="?page=1">all</a>' if statuses
+                 else '<a href="?page=1&amp;status=pending">pending only</a>')
+    return f'<nav class="pager" data-page="{page}" data-pages="{pages}">{" · ".join(parts)}</nav>'
 
 
 # --------------------------------------------------------------------------- files
@@ -355,6 +394,7 @@ def _page(
     *,
     untrained: int = 0,
     review_token: str | None = None,
+    pager: str = "",
 ) -> str:
     statuses = Counter(_status(row) for row in rows)
     status_names = list(REVIEW_STATUSES) + sorted(set(statuses) - set(REVIEW_STATUSES))
@@ -428,6 +468,7 @@ Written {_e(written)}.</p>
 <output id="shown" aria-live="polite">{len(rows)} shown</output>
 </form>
 {review_bar}
+{pager}
 </header>
 {metrics_section(run)}
 <main id="cards">
@@ -468,6 +509,7 @@ h1 { font-size: 18px; margin: 0 0 4px; }
 #filters label { margin-right: 8px; }
 #filters select { max-width: 24em; }
 #shown { font-weight: 600; }
+.pager { margin-top: 6px; color: var(--muted); }
 #review { display: flex; flex-wrap: wrap; gap: 10px; align-items: center; margin-top: 6px; }
 #review button { font: inherit; padding: 2px 10px; }
 #review-error { color: #c53030; font-weight: 600; }
@@ -546,11 +588,17 @@ _REVIEW_SCRIPT = """
     badge.textContent = status;
     badge.className = "badge status-" + status;
   }
-  function count() {
-    var n = cards.filter(function (c) { return c.dataset.status !== "pending"; }).length;
+  function count(body) {
+    var per = {}, n;
+    if (body && body.counts) {  // the server's counts cover every page
+      per = body.counts;
+      n = body.decided;
+      bar.dataset.total = body.total;
+    } else {
+      cards.forEach(function (c) { per[c.dataset.status] = (per[c.dataset.status] || 0) + 1; });
+      n = cards.filter(function (c) { return c.dataset.status !== "pending"; }).length;
+    }
     decided.textContent = n + " of " + bar.dataset.total + " decided";
-    var per = {};
-    cards.forEach(function (c) { per[c.dataset.status] = (per[c.dataset.status] || 0) + 1; });
     var names = [];
     Array.prototype.forEach.call(document.querySelectorAll('#filters input[name="status"]'),
       function (box) {
@@ -573,7 +621,7 @@ _REVIEW_SCRIPT = """
       return response.json().then(function (body) {
         if (!response.ok) { throw new Error(body.error || response.statusText); }
         show(card, body.status);
-        count();
+        count(body);
         if (body.warning) { error.textContent = body.warning; }
         document.body.dataset.saved = String(Number(document.body.dataset.saved || 0) + 1);
         return body;

@@ -46,6 +46,8 @@ import logging
 import os
 import secrets
 import threading
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -53,11 +55,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from histosynth.integration.dataset import REVIEW_STATUSES, read_index, update_index
+from histosynth.integration.dataset import INDEX_NAME, REVIEW_STATUSES, read_index, update_index
 from histosynth.integration.decisions import (
     DECISIONS_NAME,
     append_decision,
+    decision_time,
+    mark_applied,
     read_decisions,
+    replay_decisions,
     utc_now_ms,
 )
 from histosynth.integration.errors import InputError
@@ -65,6 +70,7 @@ from histosynth.integration.locks import RUN_LOCK_NAME, folder_lock, project_loc
 from histosynth.integration.qupath.entries import META_REVIEW
 from histosynth.integration.qupath.plan import default_run_name
 from histosynth.integration.qupath.project import QuPathProject
+from histosynth.integration.run_folder import review_status
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +84,23 @@ REQUEST_TIMEOUT = 10.0
 BACKLOG = 512
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_REVIEWER, MAX_COMMENT = 100, 1000
+#: seconds the index writer waits after a decision, to write a burst of them at once
+FLUSH_DELAY = 0.05
 
 
 @dataclass
 class ReviewServer:
-    """What the handler needs: the run, the token and the lock that orders decisions."""
+    """What the handler needs: the run, its rows, the token and the lock that orders
+    decisions.
+
+    The rows are read once (after :func:`~histosynth.integration.decisions.replay_decisions`)
+    and kept: a decision is checked against them and logged (the durable record), the
+    project entry written, and ``index.csv`` rewritten in the background shortly after
+    (:meth:`flush`), all decisions since the last write at once — a 100 000-row index
+    takes about a second to rewrite, a decision must not wait for it. A server killed
+    before that write leaves them in the log, replayed at its next start. An index
+    changed by someone else (``review sync``) is read again before the next page.
+    """
 
     run: Path
     #: ``project.qpproj`` whose entries of this run get each decision too, if any
@@ -92,10 +110,115 @@ class ReviewServer:
     #: the project as read when the server started, then as it last wrote it: a file
     #: that differs from it was changed by someone else (QuPath) and is not written
     opened: QuPathProject | None = None
+    rows: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: decisions logged, not yet in ``index.csv``, and the log size they run to, bytes
+    pending: dict[str, str] = field(default_factory=dict)
+    pending_bytes: int = 0
+    index_stat: tuple[int, int] = (0, 0)
+    status_counts: Counter[str] = field(default_factory=Counter)
+    flush_error: str = ""
+    _wake: threading.Condition = field(default_factory=threading.Condition)
+    _flushed: int = 0
+    _requested: int = 0
+    _stopped: bool = False
+    _writer: threading.Thread | None = None
 
     def __post_init__(self) -> None:
         if self.project is not None and self.opened is None:
             self.opened = QuPathProject(self.project, use_paquo=False)
+        if not self.rows:
+            self.reload()
+
+    # ------------------------------------------------------------------ index
+
+    def _stat(self) -> tuple[int, int]:
+        try:
+            stat = (self.run / INDEX_NAME).stat()
+        except OSError:
+            return (0, 0)
+        return (stat.st_mtime_ns, stat.st_size)
+
+    def reload(self) -> None:
+        """Read ``index.csv`` again, keeping the decisions not yet written into it."""
+        stat = self._stat()
+        rows = {row["id"]: row for row in read_index(self.run)}
+        for tile_id, status in self.pending.items():
+            if tile_id in rows:
+                rows[tile_id]["review_status"] = status
+        self.rows, self.index_stat = rows, stat
+        self.status_counts = Counter(review_status(row) for row in rows.values())
+
+    def current_rows(self) -> list[dict[str, str]]:
+        """The rows as they stand (``index.csv`` read again if someone else changed it)."""
+        with self.lock:
+            if self._stat() != self.index_stat:
+                self.reload()
+            return list(self.rows.values())
+
+    def start(self) -> None:
+        """Start the thread that writes decisions into ``index.csv``."""
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, daemon=True,
+                                            name="histosynth-review-index")
+            self._writer.start()
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._wake:
+                while self._requested == self._flushed and not self._stopped:
+                    self._wake.wait()
+                if self._stopped and self._requested == self._flushed:
+                    return
+            time.sleep(FLUSH_DELAY)  # let a burst of decisions gather
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        with self.lock:
+            target = self._requested
+            changes, upto = dict(self.pending), self.pending_bytes
+        if changes:
+            try:
+                with folder_lock(self.run, RUN_LOCK_NAME, "the run folder", "the run folder",
+                                 wait_s=30.0):
+                    update_index(self.run, {t: {"review_status": s} for t, s in changes.items()})
+                    mark_applied(self.run, upto)
+                self.flush_error = ""
+            except (InputError, OSError) as exc:  # kept pending; the log holds them
+                self.flush_error = f"index.csv not written yet: {exc}"
+                log.warning("review server: %s", self.flush_error)
+                with self._wake:
+                    self._flushed = target
+                    self._wake.notify_all()
+                return
+            with self.lock:
+                for tile_id, status in changes.items():
+                    if self.pending.get(tile_id) == status:
+                        del self.pending[tile_id]
+                self.index_stat = self._stat()
+        with self._wake:
+            self._flushed = max(self._flushed, target)
+            self._wake.notify_all()
+
+    def flush(self, timeout: float = 60.0) -> None:
+        """Wait until ``index.csv`` holds every decision made so far (or write them now
+        when the writer thread is not running)."""
+        if self._writer is None:
+            self._write_pending()
+            return
+        with self._wake:
+            target = self._requested
+            self._wake.wait_for(lambda: self._flushed >= target, timeout=timeout)
+
+    def stop(self) -> None:
+        """Write what is pending and stop the writer thread."""
+        with self._wake:
+            self._stopped = True
+            self._wake.notify_all()
+        if self._writer is not None:
+            self._writer.join(timeout=120.0)
+        self._write_pending()
+
+    # ------------------------------------------------------------------ decisions
 
     def write_project(self, tile_id: str, status: str) -> str:
         """The decision into the tile's project entry (backup, refused when the file
@@ -117,8 +240,38 @@ class ReviewServer:
             return f"kept in the run, not written to the project: {exc}"
         return ""
 
+    def replay_project(self) -> int:
+        """Write into the project the logged decisions newer than its last save whose
+        entry holds another status (a server killed between its log append and its
+        project write); returns how many entries changed."""
+        if self.project is None or self.opened is None:
+            return 0
+        project = self.opened
+        saved = (project.modify_timestamp / 1000.0 if project.modify_timestamp
+                 else project.file.stat().st_mtime)
+        newer: dict[str, str] = {}
+        for record in read_decisions(self.run):
+            when = decision_time(record)
+            if when is not None and when > saved and record["status"] in REVIEW_STATUSES:
+                newer[record["id"]] = record["status"]
+        run_name = default_run_name(self.run, project.file)
+        changed = 0
+        for tile_id, status in newer.items():
+            entry = project.synthetic_entry(run_name, tile_id)
+            if entry is not None and entry.metadata.get(META_REVIEW) != status:
+                project.set_metadata(entry, META_REVIEW, status)
+                changed += 1
+        if changed:
+            with project_lock(self.project, wait_s=2.0, purpose="histosynth review serve"):
+                project.save()
+        return changed
+
+    def counts(self) -> dict[str, int]:
+        """Rows per review status."""
+        return {name: n for name, n in self.status_counts.items() if n}
+
     def decide(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """Log and apply one decision; the new status and the progress count."""
+        """Log and apply one decision; the new status and the progress counts."""
         tile_id = payload.get("id")
         status = payload.get("status")
         reviewer = payload.get("reviewer") or ""
@@ -134,35 +287,37 @@ class ReviewServer:
         if not isinstance(comment, str) or len(comment) > MAX_COMMENT:
             raise InputError(f"comment: text of at most {MAX_COMMENT} characters")
         with self.lock:
-            rows = {row["id"]: row for row in read_index(self.run)}
-            if tile_id not in rows:
+            row = self.rows.get(tile_id)
+            if row is None:
                 raise InputError("no such tile in the run", item=tile_id)
-            before = (rows[tile_id].get("review_status") or "pending").strip().lower()
             record = {
                 "time": utc_now_ms(),
                 "id": tile_id,
                 "status": status,
-                "before": before,
+                "before": review_status(row),
                 "reviewer": reviewer.strip(),
                 "comment": comment.strip(),
                 "undo": bool(payload.get("undo")),
                 "source": "browser",
             }
-            append_decision(self.run, record)
-            with folder_lock(
-                self.run, RUN_LOCK_NAME, "the run folder", "the run folder", wait_s=5.0
-            ):
-                update_index(self.run, {tile_id: {"review_status": status}})
-            rows[tile_id]["review_status"] = status
-            warning = self.write_project(tile_id, status)
-            decided = sum(
-                1 for r in rows.values() if (r.get("review_status") or "pending") != "pending"
-            )
+            self.pending_bytes = append_decision(self.run, record)
+            self.pending[tile_id] = status
+            self.status_counts[record["before"]] -= 1
+            self.status_counts[status] += 1
+            row["review_status"] = status
+            warning = self.write_project(tile_id, status) or self.flush_error
+            counts = self.counts()
+        with self._wake:
+            self._requested += 1
+            self._wake.notify_all()
+        if self._writer is None:
+            self.flush()
         return {
             "id": tile_id,
             "status": status,
-            "decided": decided,
-            "total": len(rows),
+            "decided": len(self.rows) - counts.get("pending", 0),
+            "total": len(self.rows),
+            "counts": counts,
             "warning": warning,
         }
 
@@ -180,6 +335,12 @@ def _cookie_value(header: str, name: str) -> str | None:
 class _Server(ThreadingHTTPServer):
     request_queue_size = BACKLOG
     daemon_threads = True
+    state: ReviewServer | None = None
+
+    def server_close(self) -> None:
+        super().server_close()
+        if self.state is not None:
+            self.state.stop()  # what is pending goes into index.csv
 
 
 def _handler(state: ReviewServer, hosts: frozenset[str]) -> type[BaseHTTPRequestHandler]:
@@ -246,7 +407,16 @@ def _handler(state: ReviewServer, hosts: frozenset[str]) -> type[BaseHTTPRequest
                         "text/plain; charset=utf-8",
                     )
                     return
-                page = gallery_html(state.run, review_token=state.token).encode("utf-8")
+                query = parse_qs(url.query)
+                try:
+                    number = int(query.get("page", ["1"])[0])
+                except ValueError:
+                    number = 1
+                wanted = [s for s in query.get("status", [""])[0].split(",") if s]
+                page = gallery_html(
+                    state.run, review_token=state.token, rows=state.current_rows(),
+                    page=number, statuses=wanted,
+                ).encode("utf-8")
                 cookie = f"{COOKIE}={state.token}; HttpOnly; SameSite=Strict; Path=/"
                 self._send(HTTPStatus.OK, page, "text/html; charset=utf-8", {"Set-Cookie": cookie})
                 return
@@ -334,7 +504,13 @@ def make_server(
     project_file = None
     if project is not None:
         project_file = QuPathProject(project, use_paquo=False).file
+    with folder_lock(run, RUN_LOCK_NAME, "the run folder", "the run folder", wait_s=30.0):
+        replayed = replay_decisions(run)  # what a killed server logged but did not write
+    if replayed:
+        log.warning("%s: %d logged decision(s) written into index.csv", run, len(replayed))
     state = ReviewServer(run, project_file)
+    if state.replay_project():
+        log.warning("%s: logged decision(s) written into %s", run, project_file)
     hosts: set[str] = {h.lower() for h in allow_hosts}
     server = _Server((host, port), None)  # type: ignore[arg-type]  # handler set below
     bound_host, bound_port = server.server_address[:2]
@@ -342,4 +518,6 @@ def make_server(
     names = {str(shown), host, *(["localhost", "127.0.0.1", "[::1]"] if host in LOOPBACK else [])}
     hosts |= {f"{name}:{bound_port}".lower() for name in names}
     server.RequestHandlerClass = _handler(state, frozenset(hosts))
+    server.state = state
+    state.start()
     return server, state, f"http://{shown}:{bound_port}/?token={state.token}"

@@ -27,7 +27,10 @@ from histosynth.integration.dataset import read_index
 from histosynth.review.server import DECISIONS_NAME, make_server, read_decisions
 
 
-def statuses(run: Path) -> dict[str, str]:
+def statuses(run: Path, state=None) -> dict[str, str]:
+    """The run's index statuses (once the server, if given, has written its decisions)."""
+    if state is not None:
+        state.flush()
     return {row["id"]: row["review_status"] for row in read_index(run)}
 
 
@@ -71,7 +74,7 @@ def test_a_decision_is_logged_then_written_and_the_last_one_wins(served):
         {"id": "var-0", "status": "rejected", "reviewer": "bob", "comment": "blurred wall"},
         token,
     )
-    assert code == 200 and statuses(run)["var-0"] == "rejected"  # the last writer wins
+    assert code == 200 and statuses(run, state)["var-0"] == "rejected"  # the last writer wins
     log = read_decisions(run)
     assert [(d["id"], d["status"], d["before"], d["reviewer"]) for d in log] == [
         ("var-0", "accepted", "pending", "ann"),
@@ -115,7 +118,7 @@ def test_bad_decisions_are_refused_and_change_nothing(served, token, origin, bod
         headers["Origin"] = origin
     got, reply = post(url, body, headers)
     assert got == code and message in reply["error"]
-    assert statuses(run) == before and read_decisions(run) == []
+    assert statuses(run, state) == before and read_decisions(run) == []
 
 
 def test_the_page_and_images_need_the_token(served):
@@ -229,7 +232,7 @@ class DevTools:
 
 @needs_chromium
 def test_keys_and_clicks_in_chromium_change_the_index(served, tmp_path):
-    run, _, url = served
+    run, state, url = served
     browser = DevTools(tmp_path)
     try:
         browser.call("Page.enable")
@@ -246,8 +249,8 @@ def test_keys_and_clicks_in_chromium_change_the_index(served, tmp_path):
         assert browser.evaluate("document.body.dataset.current") == order[0]
         browser.key("r")  # reject the first card, move to the second
         browser.wait_for("document.body.dataset.saved === '1'")
-        assert statuses(run)[order[0]] == "rejected"
-        rejected = sum(v == "rejected" for v in statuses(run).values())
+        assert statuses(run, state)[order[0]] == "rejected"
+        rejected = sum(v == "rejected" for v in statuses(run, state).values())
         assert (
             browser.evaluate(
                 "document.querySelector('#filters label.status-rejected').textContent.trim()"
@@ -259,10 +262,10 @@ def test_keys_and_clicks_in_chromium_change_the_index(served, tmp_path):
         browser.evaluate("document.getElementById('reviewer').value = 'ann'")
         browser.click("#accept")  # accept the third with the mouse
         browser.wait_for("document.body.dataset.saved === '2'")
-        assert statuses(run)[order[2]] == "accepted"
+        assert statuses(run, state)[order[2]] == "accepted"
         browser.key("u")  # undo: the third is back to what it was
         browser.wait_for("document.body.dataset.saved === '3'")
-        assert statuses(run)[order[2]] == STATUSES[order[2]]
+        assert statuses(run, state)[order[2]] == STATUSES[order[2]]
         assert (
             browser.evaluate(f"document.querySelector('#card-{order[2]} .badge').textContent")
             == STATUSES[order[2]]
@@ -275,7 +278,7 @@ def test_keys_and_clicks_in_chromium_change_the_index(served, tmp_path):
         ]
         assert log[1]["reviewer"] == "ann"
         decided = browser.evaluate("document.getElementById('decided').textContent")
-        assert decided == f"{sum(s != 'pending' for s in statuses(run).values())} of 5 decided"
+        assert decided == f"{sum(s != 'pending' for s in statuses(run, state).values())} of 5 decided"
     finally:
         browser.close()
 
@@ -335,7 +338,7 @@ def project_run(tmp_path):
 def test_a_key_in_chromium_reaches_the_project(project_run, tmp_path):
     from histosynth.integration.qupath.project import QuPathProject
 
-    project, run, _, url = project_run
+    project, run, state, url = project_run
     browser = DevTools(tmp_path)
     try:
         browser.call("Page.navigate", url=url)
@@ -345,7 +348,7 @@ def test_a_key_in_chromium_reaches_the_project(project_run, tmp_path):
         browser.wait_for("document.body.dataset.saved === '1'")
     finally:
         browser.close()
-    assert statuses(run)[first] == "accepted"
+    assert statuses(run, state)[first] == "accepted"
     entry = QuPathProject(project, use_paquo=False).synthetic_entry("run", first)
     assert entry.metadata["review_status"] == "accepted"
 
@@ -368,7 +371,7 @@ def test_with_a_project_a_decision_reaches_the_entry(project_run):
     code, body = post(url, {"id": "inp-00001", "status": "rejected"}, token)
     assert code == 200 and "kept in the run, not written to the project" in body["warning"]
     assert "changed on disk" in body["warning"]
-    assert statuses(run)["inp-00001"] == "rejected"
+    assert statuses(run, state)["inp-00001"] == "rejected"
     entry = QuPathProject(project, use_paquo=False).synthetic_entry("run", "inp-00001")
     assert entry.metadata["review_status"] == "pending"
     # review sync: the browser's decision is newer than the project's last save: kept

@@ -108,6 +108,11 @@ INDEX_COLUMNS: tuple[str, ...] = (
 )
 """Required ``index.csv`` columns, in contract order. Extra columns may follow."""
 
+FILE_HASH_COLUMNS: tuple[str, ...] = ("mask_sha256", "annotation_sha256")
+"""SHA-256 of the row's mask PNG and annotation GeoJSON as written (empty when the row has
+none), after the required columns in runs of histosynth 0.3 and later; export checks
+them. Runs written before have no such columns."""
+
 SYNTHESIS_TYPES = ("extracted", "inpainting", "variation")
 REF_NAMES = ("background", "donor", "donor-mask", "vessel-mask", "composite", "reference",
              "reference-mask")
@@ -170,6 +175,10 @@ class TileRecord:
             value = getattr(self, name) if name in INDEX_COLUMNS else self.extra.get(name)
             cells.append(_cell(value))
         return cells
+
+
+def _sha256(data: bytes | None) -> str:
+    return "" if data is None else hashlib.sha256(data).hexdigest()
 
 
 def _cell(value: Any) -> str:
@@ -475,13 +484,14 @@ class RunWriter:
         self.resume = resume
         self.command = command
         extra = list(extra_columns)
-        bad = [name for name in extra if name in INDEX_COLUMNS or not name]
+        bad = [name for name in extra
+               if name in INDEX_COLUMNS or name in FILE_HASH_COLUMNS or not name]
         if bad or len(set(extra)) != len(extra):
             raise InputError(
                 f"extra columns must be new, unique, non-empty names: {extra}",
                 item="extra_columns",
             )
-        self.columns: tuple[str, ...] = INDEX_COLUMNS + tuple(extra)
+        self.columns: tuple[str, ...] = INDEX_COLUMNS + FILE_HASH_COLUMNS + tuple(extra)
         self.info: dict[str, Any] = {"device": device}
         for key in ("model", "adapter"):
             if key in self.config:
@@ -611,7 +621,8 @@ class RunWriter:
         index = self.index_path
         header, rows, complete, truncated = _load_index(index)
         if header:
-            missing = [name for name in self.columns if name not in header]
+            # a run of an older histosynth has no file-hash columns: it goes on without
+            missing = [n for n in self.columns if n not in header and n not in FILE_HASH_COLUMNS]
             if missing:
                 raise InputError(
                     f"cannot resume: the index lacks the extra column(s) {', '.join(missing)}",
@@ -766,7 +777,9 @@ class RunWriter:
                 f"{', '.join(REVIEW_STATUSES)}",
                 item=tile_id,
             )
-        unknown = sorted(set(record.extra) - set(self.columns[len(INDEX_COLUMNS) :]))
+        unknown = sorted(
+            set(record.extra) - set(self.columns[len(INDEX_COLUMNS) :]) - set(FILE_HASH_COLUMNS)
+        )
         if unknown:
             raise InputError(
                 f"extra value(s) for column(s) not declared in extra_columns: {unknown}",
@@ -842,7 +855,11 @@ class RunWriter:
                     annotation_path=annotation_rel,
                     image_sha256=tile.image_sha256 or hashlib.sha256(tile.image_png).hexdigest(),
                     created_at=record.created_at or utc_now(),
-                    extra=dict(record.extra),
+                    extra={
+                        **record.extra,
+                        "mask_sha256": _sha256(tile.mask_png),
+                        "annotation_sha256": _sha256(tile.geojson),
+                    },
                 )
                 self._append_row(done.row(self.columns))
             except BaseException:

@@ -66,6 +66,7 @@ import click
 
 from histosynth.integration.content_check import qc_failed
 from histosynth.integration.dataset import read_index, untrained_tile_ids, validate_tile_id
+from histosynth.integration.decisions import rows_with_logged_decisions
 from histosynth.integration.errors import InputError
 from histosynth.integration.images import png_to_jpeg
 from histosynth.integration.run_folder import has_mask, review_status
@@ -200,8 +201,13 @@ def export_training_set(
             f"image format {image_format!r} is not one of {', '.join(IMAGE_FORMATS)}",
             item="image_format",
         )
-    rows = read_index(run)
+    rows = rows_with_logged_decisions(run, read_index(run))
     _check_out(out)
+    if rows and "mask_sha256" not in rows[0]:
+        log.warning(
+            "%s: a run of histosynth before 0.3 records no mask / annotation hashes: only "
+            "the images are checked against the index", run / "index.csv",
+        )
 
     wanted = {"accepted", "pending"} if include_pending else {"accepted"}
     seen: set[str] = set()
@@ -310,23 +316,14 @@ def _export_row(
     image_path = _run_path(run, row.get("image_path", ""), "image", tile_id)
     masked = has_mask(row)
     mask_path = _run_path(run, row.get("mask_path", ""), "mask", tile_id) if masked else None
-    data = image_path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    expected = (row.get("image_sha256") or "").strip().lower()
-    if digest != expected:
-        raise InputError(
-            f"SHA-256 {digest} differs from the index ({expected or 'empty'}); the file "
-            "changed after the run wrote it",
-            path=image_path,
-            item=tile_id,
-        )
+    data = _checked_bytes(image_path, row, "image_sha256", tile_id)
     file_name = f"{tile_id}.{fmt}"
     if fmt == "jpg":
         data = _to_jpeg(data, image_path, tile_id)
     _write_bytes(tmp / "train" / file_name, data)
-    if mask_path is not None:
-        shutil.copyfile(mask_path, tmp / "masks" / f"{tile_id}.png")
-        _fsync_file(tmp / "masks" / f"{tile_id}.png")
+    if mask_path is not None:  # the bytes checked are the bytes written
+        _write_bytes(tmp / "masks" / f"{tile_id}.png",
+                     _checked_bytes(mask_path, row, "mask_sha256", tile_id))
     annotation_name = ""
     # a tile without a matching mask has no outline either (an older run's variation
     # GeoJSON held its reference's unaligned outline)
@@ -335,8 +332,8 @@ def _export_row(
         annotation = _run_path(run, annotation_rel, "annotation", tile_id)
         annotation_name = f"annotations/{tile_id}.geojson"
         (tmp / "annotations").mkdir(exist_ok=True)
-        shutil.copyfile(annotation, tmp / annotation_name)
-        _fsync_file(tmp / annotation_name)
+        _write_bytes(tmp / annotation_name,
+                     _checked_bytes(annotation, row, "annotation_sha256", tile_id))
     record = {
         "file_name": file_name,
         "id": tile_id,
@@ -351,6 +348,42 @@ def _export_row(
         if column not in record:
             record[column] = row.get(column, "")
     return {column: record[column] for column in METADATA_COLUMNS}
+
+
+def _checked_bytes(path: Path, row: dict[str, str], column: str, tile_id: str) -> bytes:
+    """The file's bytes, whose SHA-256 must be the one the index recorded in ``column``
+    (a run of histosynth before 0.3 has no mask / annotation hash columns: unchecked)."""
+    data = _read_regular(path, tile_id)
+    if column not in row:
+        return data
+    digest = hashlib.sha256(data).hexdigest()
+    expected = (row.get(column) or "").strip().lower()
+    if digest != expected:
+        raise InputError(
+            f"SHA-256 {digest} differs from the index's {column} ({expected or 'empty'}); "
+            "the file changed after the run wrote it",
+            path=path,
+            item=tile_id,
+        )
+    return data
+
+
+def _read_regular(path: Path, tile_id: str) -> bytes:
+    """The bytes of a regular file (a FIFO or device named by a crafted index would block
+    or never end)."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise InputError(f"cannot read: {exc.strerror or exc}", path=path, item=tile_id) from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InputError("not a regular file; not exported", path=path, item=tile_id)
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read()
+    finally:
+        os.close(fd)
 
 
 def _engine_trained(row: dict[str, str], untrained: set[str]) -> str:

@@ -170,6 +170,52 @@ def test_sha_mismatch_names_the_file_and_writes_nothing(run: Path, tmp_path: Pat
     assert not out.exists() and leftovers(tmp_path, out) == []
 
 
+@pytest.mark.parametrize("what", ["mask", "annotation"])
+def test_a_changed_mask_or_annotation_is_refused(run: Path, tmp_path: Path, what: str) -> None:
+    """The index records what the run wrote (mask_sha256, annotation_sha256): a mask or
+    outline edited, or swapped, after the run is not exported as its label."""
+    if what == "mask":
+        changed = run / "masks" / "ext-0.png"
+        mask = cv2.imread(str(changed), cv2.IMREAD_UNCHANGED)
+        mask[:4, :4] = 255
+        cv2.imwrite(str(changed), mask)
+    else:
+        changed = run / "annotations" / "ext-0.geojson"
+        changed.write_text(changed.read_text().replace("Vessel", "Tumor"))
+    out = tmp_path / "dataset"
+    with pytest.raises(InputError) as caught:
+        export_training_set(run, out)
+    assert str(changed) in str(caught.value) and "ext-0" in str(caught.value)
+    assert f"{what}_sha256" in str(caught.value)
+    assert not out.exists() and leftovers(tmp_path, out) == []
+
+
+def test_an_older_run_without_file_hashes_exports_with_a_warning(run, tmp_path, caplog):
+    import csv as csv_module
+
+    index = run / "index.csv"
+    with open(index, newline="", encoding="utf-8") as handle:
+        rows = list(csv_module.reader(handle))
+    keep = [k for k, name in enumerate(rows[0]) if not name.endswith("_sha256")
+            or name == "image_sha256"]
+    with open(index, "w", newline="", encoding="utf-8") as handle:
+        csv_module.writer(handle, lineterminator="\r\n").writerows(
+            [[row[k] for k in keep] for row in rows])
+    assert export_training_set(run, tmp_path / "dataset").count == 2
+    assert "records no mask / annotation hashes" in caplog.text
+
+
+def test_a_fifo_named_by_the_index_is_refused_not_waited_on(run: Path, tmp_path: Path) -> None:
+    mask = run / "masks" / "ext-0.png"
+    mask.unlink()
+    os.mkfifo(mask)
+    out = tmp_path / "dataset"
+    with pytest.raises(InputError) as caught:
+        export_training_set(run, out)
+    assert str(mask) in str(caught.value)
+    assert not out.exists()
+
+
 def test_existing_non_empty_out_is_refused(run: Path, tmp_path: Path) -> None:
     out = tmp_path / "dataset"
     out.mkdir()

@@ -20,6 +20,7 @@ from shapely.geometry import Polygon, box
 
 from histosynth.integration.annotations import Annotation
 from histosynth.integration.dataset import (
+    FILE_HASH_COLUMNS,
     INDEX_COLUMNS,
     RunWriter,
     TileRecord,
@@ -128,8 +129,10 @@ def test_tile_files_are_written_exactly(tmp_path: Path) -> None:
     ).area == pytest.approx(annotations[0].geometry.area)
 
     (row,) = read_index(run)
-    assert list(row) == list(INDEX_COLUMNS)
+    assert list(row) == [*INDEX_COLUMNS, *FILE_HASH_COLUMNS]
     assert row["image_sha256"] == done.image_sha256
+    for column, key in (("mask_sha256", "mask_path"), ("annotation_sha256", "annotation_path")):
+        assert row[column] == hashlib.sha256((run / row[key]).read_bytes()).hexdigest()
     assert row["tile_x"] == "1024" and row["mpp"] == "0.5" and row["adapter"] == ""
     for key in ("image_path", "mask_path", "annotation_path"):
         assert (run / row[key]).is_file()
@@ -146,7 +149,7 @@ def test_columns_are_in_contract_order_then_extras(tmp_path: Path) -> None:
         writer.add_tile(record("a", extra={"fid": 12.5}), *make_tile())
         with pytest.raises(InputError, match="not declared"):
             writer.add_tile(record("b", extra={"other": 1}), *make_tile())
-    assert header_of(tmp_path / "r") == [*INDEX_COLUMNS, "fid", "note"]
+    assert header_of(tmp_path / "r") == [*INDEX_COLUMNS, *FILE_HASH_COLUMNS, "fid", "note"]
     (row,) = read_index(tmp_path / "r")
     assert row["fid"] == "12.5" and row["note"] == ""
     with pytest.raises(InputError):

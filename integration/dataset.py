@@ -66,6 +66,7 @@ from histosynth.integration.run_folder import (
     REVIEW_STATUSES,
     RUN_JSON_NAME,
     check_run_folder,
+    refuse_links_in,
     remove_temporary_files,
     row_problem,
     tile_paths,
@@ -563,6 +564,7 @@ class RunWriter:
                 folder_lock(run_dir, RUN_LOCK_NAME, "the run folder", "the run folder")
             )
             check_run_folder(run_dir, resume=self.resume)  # again, now that it is ours
+            refuse_links_in(run_dir, self.run_json_path)  # read, then rewritten
             if self.resume and self.run_json_path.is_file():
                 self._check_config()
             if self.index_path.is_symlink():  # rows are appended to it: never through a link
@@ -710,7 +712,7 @@ class RunWriter:
         }
         if error is not None:
             document["error"] = f"{type(error).__name__}: {error}"
-        atomic_write_json(self.run_json_path, document)
+        atomic_write_json(refuse_links_in(self.run_dir, self.run_json_path), document)
 
     # -- tiles
 
@@ -835,7 +837,8 @@ class RunWriter:
             written: list[Path] = []
             try:
                 for name, data in tile.refs.items():
-                    written.append(self.run_dir / "refs" / f"{tile_id}-{name}.png")
+                    ref = self.run_dir / "refs" / f"{tile_id}-{name}.png"
+                    written.append(refuse_links_in(self.run_dir, ref))
                     atomic_write_bytes(written[-1], data)
                 if tile.mask_png is None:
                     mask_rel = ""
@@ -846,7 +849,7 @@ class RunWriter:
                 ):
                     if data is None:
                         continue
-                    written.append(self.run_dir / rel)
+                    written.append(refuse_links_in(self.run_dir, self.run_dir / rel))
                     atomic_write_bytes(written[-1], data)
                 done = dataclasses.replace(
                     record,

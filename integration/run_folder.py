@@ -32,6 +32,7 @@ __all__ = [
     "check_run_folder",
     "has_mask",
     "probe_writable",
+    "refuse_links_in",
     "remove_temporary_files",
     "review_status",
     "row_problem",
@@ -177,6 +178,31 @@ def check_run_folder(run_dir: str | os.PathLike, *, resume: bool = False) -> Non
             path=run_dir,
         )
     probe_writable(run_dir)
+
+
+def refuse_links_in(run_dir: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """``path`` (inside ``run_dir``) unless it, or a folder between it and the run folder,
+    is a symbolic link: a run's files are written as its own files only, never through a
+    link planted to make a write land elsewhere.
+
+    Raises:
+        InputError: naming the link and where it leads.
+    """
+    root, target = Path(run_dir), Path(path)
+    try:
+        rel = target.relative_to(root)
+    except ValueError:
+        raise InputError("is not inside the run folder", path=target) from None
+    current = root
+    for part in rel.parts:
+        current = current / part
+        if current.is_symlink():
+            raise InputError(
+                f"is a link (to {os.path.realpath(current)}); a run's files are written as "
+                "its own files, never through a link",
+                path=current,
+            )
+    return target
 
 
 #: Bytes the pre-flight write test writes (and removes): a full disk fails it.

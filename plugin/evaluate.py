@@ -33,6 +33,7 @@ from histosynth.integration.atomic import atomic_write_bytes, atomic_write_json
 from histosynth.integration.dataset import INDEX_NAME, read_index, utc_now
 from histosynth.integration.errors import InputError
 from histosynth.integration.images import read_rgb
+from histosynth.integration.run_folder import refuse_links_in
 
 log = logging.getLogger("histosynth")
 
@@ -517,6 +518,6 @@ def evaluate(
         "metrics": [row.as_dict() for row in result.rows],
         "plots": plots,
     }
-    result.path = run / METRICS_NAME
+    result.path = refuse_links_in(run, run / METRICS_NAME)
     atomic_write_json(result.path, document)
     return result

@@ -63,9 +63,10 @@ from histosynth.integration.dataset import (
     untrained_tile_ids,
     validate_tile_id,
 )
+from histosynth.integration.decisions import rows_with_logged_decisions
 from histosynth.integration.errors import InputError
 from histosynth.integration.images import overlay_png, read_mask, read_rgb
-from histosynth.integration.run_folder import has_mask, review_status
+from histosynth.integration.run_folder import has_mask, refuse_links_in, review_status
 from histosynth.review.metrics_view import metrics_section
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def write_gallery(
         InputError: ``run_dir`` is not a run folder or its ``index.csv`` is unreadable.
     """
     run = Path(run_dir)
-    target = run / GALLERY_NAME
+    target = refuse_links_in(run, run / GALLERY_NAME)
     atomic_write_text(target, gallery_html(run, progress=progress))
     return target
 
@@ -154,7 +155,7 @@ def gallery_html(
     ``statuses``: only rows of those review statuses are paged through. The summary and
     the filters' counts cover the whole run."""
     run = Path(run_dir)
-    rows = list(read_index(run) if rows is None else rows)
+    rows = list(rows_with_logged_decisions(run, read_index(run)) if rows is None else rows)
     extra_columns = _extra_columns(rows)
     shown = rows
     pager = ""
@@ -301,11 +302,15 @@ def _card(run: Path, row: dict[str, str], extra_columns: Sequence[str]) -> str:
     overlay_rel = f"{OVERLAY_DIR}/{tile_id}-overlay.png"
     overlay_src = None
     if safe and image_src and mask_src:
-        made = write_overlay(
-            run / Path(*PurePosixPath(row["image_path"].replace("\\", "/")).parts),
-            run / Path(*PurePosixPath(row["mask_path"].replace("\\", "/")).parts),
-            run / OVERLAY_DIR / f"{tile_id}-overlay.png",
-        )
+        try:
+            made = write_overlay(
+                run / Path(*PurePosixPath(row["image_path"].replace("\\", "/")).parts),
+                run / Path(*PurePosixPath(row["mask_path"].replace("\\", "/")).parts),
+                refuse_links_in(run, run / OVERLAY_DIR / f"{tile_id}-overlay.png"),
+            )
+        except InputError as exc:
+            log.warning("%s", exc)
+            made = False
         overlay_src = quote(overlay_rel, safe="/") if made else None
     if not masked:
         figures.append(

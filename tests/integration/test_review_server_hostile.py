@@ -4,12 +4,15 @@ deep JSON, a burst of connections — each answered, none a traceback, none a ha
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_review_gallery import build_run
 
@@ -131,3 +134,55 @@ def test_a_burst_of_connections_is_queued_not_reset(served) -> None:
         t.join(60)
     assert not errors, errors[:3]
     assert codes.count(200) == 200
+
+
+def test_a_large_run_is_served_in_pages_and_decided_on_any_page(tmp_path):
+    """More tiles than a page holds: page 1 shows PAGE_SIZE cards and links to the next,
+    the last page the rest; a decision on the last page counts over the whole run; the
+    pending-only pages leave the decided tile out."""
+    import re
+
+    from histosynth.integration.dataset import RunWriter, TileRecord
+    from histosynth.review.gallery import PAGE_SIZE
+
+    run = tmp_path / "run"
+    total = PAGE_SIZE + 7
+    with RunWriter(run, config={"mode": "test"}) as writer:
+        for k in range(total):
+            writer.add_tile(
+                TileRecord(id=f"t{k:04d}", synthesis_type="extracted", class_name="Vessel",
+                           tile_size=8, mpp=0.5),
+                np.full((8, 8, 3), k % 255, np.uint8), np.zeros((8, 8), np.uint8), [],
+            )
+    server, state, url = make_server(run)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = url.split("/?")[0]
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            first = response.read().decode()
+            cookie = response.headers["Set-Cookie"].split(";")[0]
+        assert first.count('<article class="card"') == PAGE_SIZE
+        assert "page 1 of 2" in first and 'href="?page=2"' in first
+        opener = urllib.request.build_opener()
+        opener.addheaders = [("Cookie", cookie)]
+        with opener.open(f"{base}/?page=2", timeout=30) as response:
+            second = response.read().decode()
+        ids = re.findall(r'data-id="(t\d+)"', second)
+        assert ids == [f"t{k:04d}" for k in range(PAGE_SIZE, total)]
+        last = ids[-1]
+        request = urllib.request.Request(
+            f"{base}/api/decision", data=json.dumps({"id": last, "status": "rejected"}).encode(),
+            headers={"X-Histosynth-Token": state.token, "Content-Type": "application/json"},
+            method="POST")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            body = json.loads(response.read())
+        assert body["total"] == total and body["decided"] == 1
+        assert body["counts"] == {"pending": total - 1, "rejected": 1}
+        with opener.open(f"{base}/?page=2&status=pending", timeout=30) as response:
+            pending = response.read().decode()
+        assert last not in re.findall(r'data-id="(t\d+)"', pending)
+        assert f"({total - 1} tiles pending)" in pending
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert {r["id"]: r["review_status"] for r in read_index(run)}[last] == "rejected"

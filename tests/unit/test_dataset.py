@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -702,3 +703,36 @@ def test_a_run_killed_at_any_rename_resumes_to_the_uninterrupted_run(tmp_path):
         resumed = child(run, 0)
         assert resumed.returncode == 0, resumed.stderr
         assert _run_state(run) == expected, f"killed at rename {n}"
+
+
+@pytest.mark.parametrize("planted", ["images", "images/b.png", "run.json", "review.html"])
+def test_a_run_never_writes_through_a_planted_link(tmp_path: Path, planted: str) -> None:
+    """A link inside the run folder (a file, or a folder on the way) that leads elsewhere
+    is refused by name, and the file it leads to is untouched."""
+    from histosynth.review.gallery import write_gallery
+
+    run = tmp_path / "run"
+    with RunWriter(run, config=CONFIG) as writer:
+        writer.add_tile(record("a"), *make_tile())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    victim = elsewhere / "b.png"
+    victim.write_bytes(b"precious")
+    link = run / planted
+    if planted == "images":
+        for child in link.iterdir():
+            (elsewhere / child.name).write_bytes(child.read_bytes())
+        shutil.rmtree(link)
+        link.symlink_to(elsewhere, target_is_directory=True)
+    else:
+        if link.exists():
+            link.unlink()
+        link.symlink_to(victim)
+    with pytest.raises(InputError) as caught:
+        if planted == "review.html":
+            write_gallery(run)
+        else:
+            with RunWriter(run, config=CONFIG, resume=True) as writer:
+                writer.add_tile(record("b"), *make_tile(1))
+    assert "link" in str(caught.value) and str(link) in str(caught.value)
+    assert victim.read_bytes() == b"precious"

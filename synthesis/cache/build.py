@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import uuid
 from collections.abc import Iterable, Iterator, Sized
@@ -42,6 +41,7 @@ from histosynth.synthesis.cache.format import (
     short_error,
     source_text,
 )
+from histosynth.synthesis.cache.validate import sample_sha256, value_problem
 from histosynth.synthesis.errors import EngineError
 from histosynth.synthesis.models.encoders import GridEncoder
 from histosynth.synthesis.models.vae import LatentCodec
@@ -315,13 +315,6 @@ class _Encoded:
     masks: np.ndarray  # uint8 [B, H, W]
 
 
-def _sample_sha(tile_id: str, kind: str, pixel_sha: str, *arrays: np.ndarray) -> str:
-    digest = hashlib.sha256(f"{tile_id}\0{kind}\0{pixel_sha}\0".encode())
-    for array in arrays:
-        digest.update(np.ascontiguousarray(array).data)
-    return digest.hexdigest()
-
-
 def _encode(
     batch: list[tuple[CacheTile, str]], codec: LatentCodec, encoder: GridEncoder, rows: int
 ) -> _Encoded:
@@ -334,15 +327,17 @@ def _encode(
         raise EngineError(f"the encoder gave {features.shape[1]} rows per tile, expected {rows}")
     masks = np.stack([tile.mask for tile, _ in batch])
     for k, (tile, _) in enumerate(batch):
-        if not (np.isfinite(posterior[k]).all() and np.isfinite(features[k]).all()):
-            raise EngineError("features are not finite in float16", item=f"tile {tile.tile_id}")
+        problem = value_problem(posterior[k], features[k], None)
+        if problem:  # what a reader would refuse (non-finite in float16, absurd σ, …)
+            raise EngineError(f"the models' features are unusable: {problem}",
+                              item=f"tile {tile.tile_id}")
     return _Encoded(
         tile_ids=[t.tile_id for t, _ in batch],
         sources=[source_text(t.source) for t, _ in batch],
         kinds=[t.kind for t, _ in batch],
         pixel_shas=[sha for _, sha in batch],
         sample_shas=[
-            _sample_sha(t.tile_id, t.kind, sha, posterior[k], features[k], masks[k])
+            sample_sha256(t.tile_id, t.kind, sha, posterior[k], features[k], masks[k])
             for k, (t, sha) in enumerate(batch)
         ],
         posterior=posterior,

@@ -13,17 +13,20 @@ import torch
 from torch.utils.data import Dataset
 
 from histosynth.synthesis.cache.format import (
+    ARRAYS,
     CacheTile,
-    as_text,
     check_resolution,
     checked_tile,
+    digest_of_samples,
     draw_window,
     h5_read,
     read_cache_info,
     sample_dict,
     sample_shapes,
+    short_error,
     window_rows,
 )
+from histosynth.synthesis.cache.validate import verify_sample
 from histosynth.synthesis.errors import EngineError
 from histosynth.synthesis.models.encoders import GridEncoder
 from histosynth.synthesis.models.vae import LatentCodec
@@ -78,6 +81,10 @@ class _OwnGenerator:
         self._owner = state["owner"]
 
 
+_TEXTS = ("tile_id", "kind", "pixel_sha256", "sample_sha256")
+"""The string datasets a sample's digest covers (with its arrays)."""
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
@@ -130,6 +137,8 @@ class CacheDataset(Dataset):
         self._own = _OwnGenerator(seed)
         self._handle: h5py.File | None = None
         self._pid = -1
+        self._shapes = sample_shapes(info)
+        self._digests: dict[int, bytes] = {}  # file position → sha256 recomputed here
         self._data: dict[str, Any] | None = self._preload() if preload else None
 
     def __len__(self) -> int:
@@ -169,27 +178,59 @@ class CacheDataset(Dataset):
                 "use preload=False (reads from disk) or fewer indices",
                 path=self.path,
             )
-        handle = self._file()
-        data: dict[str, Any] = {}
-        for name, (shape, dtype) in sample_shapes(self.info).items():
-            array = np.empty((len(self.indices), *shape), dtype=dtype)
-            for k, i in enumerate(self.indices):
-                handle[name].read_direct(array, np.s_[i], np.s_[k])
-            data[name] = array
-        data["tile_id"] = [as_text(handle["tile_id"][i]) for i in self.indices]
+        data: dict[str, Any] = {
+            name: np.empty((len(self.indices), *shape), dtype=dtype)
+            for name, (shape, dtype) in self._shapes.items()
+        }
+        data["tile_id"] = []
+        for k, i in enumerate(self.indices):
+            *arrays, tile_id = self._read_file(i)
+            for name, array in zip(ARRAYS, arrays, strict=True):
+                data[name][k] = array
+            data["tile_id"].append(tile_id)
         return data
+
+    def _read_file(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+        """Sample ``i`` of the file, its values and digest verified (see the class)."""
+        handle = self._file()
+        try:
+            arrays = tuple(handle[name][i] for name in ARRAYS)
+            texts = {name: handle[name][i] for name in _TEXTS}
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise EngineError(
+                f"sample {i} is unreadable ({short_error(err)})", path=self.path
+            ) from err
+        tile_id, digest = verify_sample(self.path, i, arrays, texts, self._shapes)
+        self._digests[i] = digest.encode()
+        return (*arrays, tile_id)
 
     def _read(self, k: int, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
         if self._data is not None:
             d = self._data
             return d["posterior"][k], d["rows"][k], d["mask"][k], d["tile_id"][k]
-        handle = self._file()
-        return (
-            handle["posterior"][i],
-            handle["rows"][i],
-            handle["mask"][i],
-            as_text(handle["tile_id"][i]),
-        )
+        return self._read_file(i)
+
+    def verified_content_hash(self) -> str:
+        """The cache's content hash computed from its data: every sample not yet read in
+        this process is read and verified (one streaming pass over the rest), then the
+        hash is taken over the recomputed per-sample digests. This is the hash an
+        adapter records; it equals ``self.info.content_hash`` for an intact file.
+
+        Raises:
+            EngineError: naming the file and the first sample that fails its checks, or
+                the file changed since it was opened.
+        """
+        for i in range(self.info.count):
+            if i not in self._digests:
+                self._read_file(i)
+        computed = digest_of_samples(self._digests[i] for i in range(self.info.count))
+        if computed != self.info.content_hash:
+            raise EngineError(
+                "the cache changed while it was read (its content hash was "
+                f"{self.info.content_hash[:16]}…, its samples now give {computed[:16]}…)",
+                path=self.path,
+            )
+        return computed
 
     def sample(self, index: int, generator: torch.Generator | None = None) -> dict[str, Any]:
         """Sample ``index`` (a position in this dataset) with noise / window from

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import h5py
@@ -15,6 +16,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from histosynth.synthesis.cache.validate import (
+    attribute_value,
+    check_attributes,
+    check_layout,
+    check_storage,
+)
 from histosynth.synthesis.errors import EngineError
 from histosynth.synthesis.models.vae import scale_latents
 
@@ -329,27 +336,46 @@ def open_read(path: Path) -> Iterator[h5py.File]:
         handle.close()
 
 
-def _attr(handle: h5py.File, name: str, path: Path) -> Any:
+def _attr(handle: h5py.File, name: str, path: Path, default: Any = None) -> Any:
+    """Attribute ``name`` as its :class:`CacheInfo` field's type (checked, see
+    :func:`~histosynth.synthesis.cache.validate.attribute_value`); ``default`` when it
+    is missing and a default is given."""
     if name not in handle.attrs:
+        if default is not None:
+            return default
         raise EngineError(f"not a complete cache: attribute {name!r} is missing", path=path)
-    value = handle.attrs[name]
-    kind = _FIELD_TYPES.get(name)
     try:
-        if kind == "int":
-            return int(value)
-        if kind == "float":
-            return float(value)
-        return as_text(value)
-    except (TypeError, ValueError) as err:
+        value = handle.attrs[name]
+    except (OSError, TypeError, ValueError) as err:
         raise EngineError(
             f"attribute {name!r} is unreadable ({short_error(err)})", path=path
         ) from err
+    kind = "int" if name in ("format_version", "count") else _FIELD_TYPES.get(name)
+    return attribute_value(value, kind, name, path)
 
 
-def _committed(handle: h5py.File, path: Path) -> int:
-    """Complete samples; every per-sample dataset must hold at least that many."""
+def _count(handle: h5py.File, path: Path) -> int:
+    """The ``committed`` count, read before any other dataset is opened: an SWMR reader
+    keeps the extents a dataset had when it was first opened, so a count read later
+    could exceed them."""
     try:
-        count = int(handle["committed"][0])
+        item = handle.get("committed")
+        ok = isinstance(item, h5py.Dataset) and item.shape == (1,) and item.dtype.kind in "iu"
+        count = int(item[0]) if ok else -1
+    except (OSError, TypeError, ValueError) as err:
+        raise EngineError(f"corrupt cache: {short_error(err)}", path=path) from err
+    if not ok:
+        raise EngineError(
+            "not a complete cache: 'committed' is not one integer (the count of samples)",
+            path=path,
+        )
+    return count
+
+
+def _committed(handle: h5py.File, path: Path, count: int) -> int:
+    """Complete samples: ``count`` (from :func:`_count`), when every per-sample dataset
+    holds at least that many and the last of them reads."""
+    try:
         lengths = {name: handle[name].shape[0] for name in (*ARRAYS, *STRINGS)}
     except (KeyError, OSError, ValueError, IndexError) as err:
         raise EngineError(f"corrupt cache: {short_error(err)}", path=path) from err
@@ -373,37 +399,66 @@ def _committed(handle: h5py.File, path: Path) -> int:
     return count
 
 
-def content_digest(handle: h5py.File, count: int) -> str:
-    """sha256 over the first ``count`` per-sample digests (64 bytes each, in order)."""
+def digest_of_samples(digests: Iterable[bytes]) -> str:
+    """The content hash: sha256 over per-sample hex digests (64 ascii bytes each, in order)."""
     digest = hashlib.sha256(_HASH_PREFIX)
-    data = handle["sample_sha256"]
-    for start in range(0, count, 65536):
-        digest.update(np.asarray(data[start : min(count, start + 65536)]).tobytes())
+    for chunk in digests:
+        digest.update(chunk)
     return digest.hexdigest()
 
 
+def content_digest(handle: h5py.File, count: int) -> str:
+    """:func:`digest_of_samples` of the first ``count`` stored per-sample digests."""
+    data = handle["sample_sha256"]
+    return digest_of_samples(
+        np.asarray(data[start : min(count, start + 65536)]).tobytes()
+        for start in range(0, count, 65536)
+    )
+
+
 def info_of_handle(handle: h5py.File, path: Path) -> CacheInfo:
-    if as_text(handle.attrs.get("format", b"")) != FORMAT:
+    """The header of an open cache, checked against itself (see
+    :mod:`~histosynth.synthesis.cache.validate`: attribute types and ranges, dataset
+    dtypes / shapes / stored bytes) — O(1) metadata, plus the content hash recomputed
+    from the stored per-sample digests (64 B a sample), which must equal the stored
+    ``content_hash`` of a complete cache.
+
+    Raises:
+        EngineError: naming the file and the attribute or dataset at fault.
+    """
+    if _attr(handle, "format", path, default="") != FORMAT:
         raise EngineError(
             f"not a histosynth feature cache (no format attribute {FORMAT!r})", path=path
         )
     version = _attr(handle, "format_version", path)
-    if int(version) > FORMAT_VERSION:
+    if version > FORMAT_VERSION or version < 1:
         raise EngineError(
-            f"cache format {version} is newer than this histosynth reads ({FORMAT_VERSION}); "
-            "upgrade histosynth",
+            f"cache format {version} is not one this histosynth reads (1 to "
+            f"{FORMAT_VERSION}); upgrade histosynth",
             path=path,
         )
     values = {name: _attr(handle, name, path) for name in STATIC_ATTRS}
-    count = _committed(handle, path)
-    stored = as_text(handle.attrs.get("content_hash", b""))
-    complete = int(handle.attrs.get("count", -1)) == count and len(stored) == 64
+    check_attributes(values, path)
+    count = _count(handle, path)
+    shapes = sample_shapes(SimpleNamespace(**values))
+    check_layout(handle, shapes, STRINGS, path)
+    count = _committed(handle, path, count)
+    check_storage(handle, shapes, count, path)
+    computed = content_digest(handle, count)
+    stored = _attr(handle, "content_hash", path, default="")
+    complete = _attr(handle, "count", path, default=-1) == count and len(stored) == 64
+    if complete and stored != computed:
+        raise EngineError(
+            f"the stored content hash {stored[:70]!r} is not the one of its samples' "
+            f"digests ({computed[:16]}…); rebuild the cache",
+            path=path,
+        )
     return CacheInfo(
         path=path,
         count=count,
-        content_hash=stored if complete else content_digest(handle, count),
-        created=as_text(handle.attrs.get("created", b"")),
-        histosynth_version=as_text(handle.attrs.get("histosynth_version", b"")),
+        content_hash=computed,
+        created=_attr(handle, "created", path, default=""),
+        histosynth_version=_attr(handle, "histosynth_version", path, default=""),
         complete=complete,
         **values,
     )
@@ -421,29 +476,47 @@ def read_cache_info(path: str | os.PathLike) -> CacheInfo:
 
 
 def content_hash(path: str | os.PathLike) -> str:
-    """sha256 (hex) of a cache's complete samples in order; cheap (64 bytes per sample)."""
+    """sha256 (hex) of a cache's complete samples in order, from their stored digests
+    (64 bytes per sample; the header checked as :func:`read_cache_info` does). Training
+    recomputes the digests themselves (``CacheDataset.verified_content_hash``)."""
     path = Path(path)
     with open_read(path) as handle:
-        return content_digest(handle, _committed(handle, path))
+        return info_of_handle(handle, path).content_hash
+
+
+def _texts(handle: h5py.File, name: str, count: int, path: Path) -> list[str]:
+    """The first ``count`` values of string dataset ``name``; non-utf-8 ones refused."""
+    out = []
+    for index, raw in enumerate(handle[name][:count]):
+        try:
+            out.append(bytes(raw).decode("utf-8"))
+        except UnicodeDecodeError:
+            raise EngineError(
+                f"{name} is not utf-8 text ({bytes(raw)[:40]!r})", item=f"sample {index}",
+                path=path,
+            ) from None
+    return out
 
 
 def cached_tile_ids(path: str | os.PathLike) -> set[str]:
     """Ids of the complete samples of a cache (to skip reading tiles already cached)."""
     path = Path(path)
     with open_read(path) as handle:
-        count = _committed(handle, path)
-        return {as_text(v) for v in handle["tile_id"][:count]}
+        count = info_of_handle(handle, path).count
+        return set(_texts(handle, "tile_id", count, path))
 
 
 def id_hashes(path: Path) -> dict[str, str]:
     with open_read(path) as handle:
-        count = _committed(handle, path)
-        ids = handle["tile_id"][:count]
-        shas = handle["pixel_sha256"][:count]
-        return {as_text(i): as_text(s) for i, s in zip(ids, shas, strict=True)}
+        count = info_of_handle(handle, path).count
+        ids = _texts(handle, "tile_id", count, path)
+        shas = _texts(handle, "pixel_sha256", count, path)
+        return dict(zip(ids, shas, strict=True))
 
 
-def sample_shapes(info: CacheInfo) -> dict[str, tuple[tuple[int, ...], str]]:
+def sample_shapes(info: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Per-sample shape and dtype of ``posterior``, ``rows`` and ``mask`` of a cache
+    described by ``info`` (a :class:`CacheInfo` or anything with its fields)."""
     side = info.tile_size // info.downsample
     return {
         "posterior": ((2 * info.latent_channels, side, side), "float16"),

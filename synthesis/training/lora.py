@@ -7,6 +7,11 @@ under autocast, the LoRA parameters stay float32). The result lands in the libra
 its metadata — domain, resolution, base id and weight hash, rank, α, creation time, the
 cache's content hash as training-set checksum, validation metrics, steps — and works at
 once with ``synthesize --adapter NAME``.
+
+From a cache (``CacheDataset``) the checksum recorded is the one computed from the data
+(:meth:`~histosynth.synthesis.cache.CacheDataset.verified_content_hash`: every sample's
+digest recomputed, those training did not read in one pass before saving), never the
+stored attribute; the cache's shapes are checked against the model before training.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from histosynth.synthesis.adapters import (
 from histosynth.synthesis.errors import EngineError
 from histosynth.synthesis.training.config import TrainConfig
 from histosynth.synthesis.training.data import EncodedSamples
+from histosynth.synthesis.training.fit import check_samples_fit
 from histosynth.synthesis.training.loop import TrainResult, apply_model_options, run_training
 
 __all__ = ["train_lora"]
@@ -57,9 +63,15 @@ def train_lora(
     The adapter stays loaded (and active) on ``engine.transformer`` afterwards. In a
     multi-process run only the main process writes the adapter (others get ``None``).
 
+    ``training_data_checksum``: the data's checksum; from a cache it must be the
+    cache's content hash (or empty), and the hash recomputed from the cache's data is
+    what the adapter records.
+
     Raises:
         EngineError: ``folder`` exists (without ``overwrite``), an adapter of that name
-            is loaded, a checkpoint of another configuration, bad settings.
+            is loaded, a checkpoint of another configuration, bad settings; a cache whose
+            latents, rows or tile size do not fit the model, whose samples fail their
+            checks, or whose content hash is not ``training_data_checksum``.
     """
     folder = Path(folder)
     if folder.exists() and not overwrite:
@@ -68,6 +80,7 @@ def train_lora(
             path=folder,
         )
     model = engine.transformer
+    _check_cache_fits(data, model, training_data_checksum)
     apply_model_options(model, config)
     base_hash = base_weight_hash(model)
     resolution = int(model.config.sample_size) * 8
@@ -113,8 +126,15 @@ def train_lora(
     model.eval().requires_grad_(False)
     if not result.main_process:
         return None, result
+    verified = getattr(data, "verified_content_hash", None)
+    try:
+        checksum = verified() if callable(verified) else training_data_checksum
+    except BaseException:
+        unload_adapter(model, name)
+        raise
     info = dataclasses.replace(
         info,
+        training_data_checksum=checksum,
         metrics={k: round(float(v), 6) for k, v in result.metrics.items()},
         training={
             **config.to_dict(),
@@ -128,3 +148,26 @@ def train_lora(
     )
     saved = save_adapter(model, name, folder, info=info, overwrite=overwrite)
     return saved, result
+
+
+def _check_cache_fits(data: Any, model: Any, checksum: str) -> None:
+    """A cache's samples (``data.info``, a ``CacheInfo``, at ``data.resolution`` px) must
+    fit ``model``: latent channels, row width and count; a checksum given must be the
+    cache's content hash. Other data (on-the-fly encoding) is not checked here."""
+    info, resolution = getattr(data, "info", None), getattr(data, "resolution", None)
+    if info is None or resolution is None:
+        return
+    cfg = model.config
+    check_samples_fit(
+        info,
+        resolution=int(resolution),
+        tokens=int(cfg.caption_num_tokens),
+        dim=int(cfg.caption_channels),
+        latent_channels=int(cfg.in_channels),
+    )
+    if checksum and checksum != info.content_hash:
+        raise EngineError(
+            f"the training data checksum given ({checksum[:16]}…) is not the cache's "
+            f"content hash ({info.content_hash[:16]}…)",
+            path=info.path,
+        )

@@ -97,8 +97,9 @@ def has_mask(row: Mapping[str, str]) -> bool:
 
 def row_problem(run_dir: Path, row: dict[str, str]) -> str | None:
     """What is wrong with an index row as found on disk, or ``None``: the id must be a
-    safe file stem; its image, mask and GeoJSON must be regular files inside the run; the
-    image's SHA-256 must be the recorded one; the review status a known one. Resume makes
+    safe file stem; its image, mask and GeoJSON must be regular files inside the run; their
+    SHA-256 must be the recorded ones (``image_sha256``, ``mask_sha256``,
+    ``annotation_sha256`` where the run has them); the review status a known one. Resume makes
     such a row again; write-back refuses it."""
     tile_id = row.get("id", "")
     try:
@@ -120,11 +121,14 @@ def row_problem(run_dir: Path, row: dict[str, str]) -> str | None:
             return f"{column} {rel!r} is not the file of tile {tile_id!r}"
         if not path.is_file():
             return f"{column} {rel!r} is missing"
-    digest = row.get("image_sha256", "")
-    if digest:
-        actual = hashlib.sha256((run_dir / row["image_path"]).read_bytes()).hexdigest()
-        if actual != digest:
-            return f"the image {row['image_path']!r} is not the one recorded (SHA-256 differs)"
+    for column, what, sha in (("image_path", "image", "image_sha256"),
+                              ("mask_path", "mask", "mask_sha256"),
+                              ("annotation_path", "annotation", "annotation_sha256")):
+        digest = row.get(sha, "")  # mask / annotation hashes: runs of histosynth 0.3 on
+        if digest and row.get(column):
+            actual = hashlib.sha256((run_dir / row[column]).read_bytes()).hexdigest()
+            if actual != digest:
+                return f"the {what} {row[column]!r} is not the one recorded (SHA-256 differs)"
     status = row.get("review_status", "")
     if status and status.strip().lower() not in REVIEW_STATUSES:
         return f"review_status {status!r} is not one of {', '.join(REVIEW_STATUSES)}"

@@ -558,7 +558,8 @@ def _tamper(run: Path, how: str) -> str:
     rows = read_index(run)
     header = list(rows[0])
     target = {"replaced": "t0", "truncated": "t1", "deleted": "t2", "outside": "t3",
-              "status": "t4", "renamed": "t5", "renamed_safe": "t5"}[how]
+              "status": "t4", "renamed": "t5", "renamed_safe": "t5", "mask_edited": "t6",
+              "outline_edited": "t6"}[how]
     row = next(r for r in rows if r["id"] == target)
     if how == "replaced":
         (run / row["image_path"]).write_bytes((run / "images" / "t6.png").read_bytes())
@@ -567,6 +568,11 @@ def _tamper(run: Path, how: str) -> str:
         path.write_bytes(path.read_bytes()[:40])
     elif how == "deleted":
         (run / row["mask_path"]).unlink()
+    elif how == "mask_edited":  # the mask of another tile: a valid PNG, a wrong label
+        (run / row["mask_path"]).write_bytes((run / "masks" / "t0.png").read_bytes()[:-1] + b"\0")
+    elif how == "outline_edited":
+        path = run / row["annotation_path"]
+        path.write_text(path.read_text().replace("Vessel", "Tumour"))
     elif how == "outside":
         outside = run.parent / "outside.png"
         outside.write_bytes((run / row["image_path"]).read_bytes())
@@ -586,7 +592,8 @@ def _tamper(run: Path, how: str) -> str:
 
 
 @pytest.mark.parametrize(
-    "how", ["replaced", "truncated", "deleted", "outside", "status", "renamed", "renamed_safe"]
+    "how", ["replaced", "truncated", "deleted", "outside", "status", "renamed", "renamed_safe",
+            "mask_edited", "outline_edited"]
 )
 def test_resume_makes_a_spoiled_row_again_instead_of_trusting_it(tmp_path, caplog, how):
     """A changed SHA-256, a replaced / truncated / deleted file, a path outside the run,

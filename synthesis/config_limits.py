@@ -56,6 +56,7 @@ __all__ = [
     "JSONFileError",
     "Limit",
     "check_adapter_meta",
+    "check_before_loading",
     "check_encoder_config",
     "check_engine_meta",
     "check_finite",
@@ -139,8 +140,12 @@ LIMITS: dict[str, dict[str, Limit]] = {
         "sample_size": Limit(
             1, 65536, kind="int_or_ints", max_items=2, why="px (tiling only); SD3 1024"
         ),
-        "latents_mean": Limit(-1e6, 1e6, kind="numbers", nullable=True, max_items=1024),
-        "latents_std": Limit(0, 1e6, kind="numbers", nullable=True, max_items=1024),
+        "latents_mean": Limit(
+            -1e6, 1e6, kind="numbers", nullable=True, max_items=1024, why="per channel; SD3 null"
+        ),
+        "latents_std": Limit(
+            0, 1e6, kind="numbers", nullable=True, max_items=1024, why="per channel; SD3 null"
+        ),
         "scaling_factor": Limit(1e-6, 1e6, kind="number", why="SD3 1.5305"),
         "shift_factor": Limit(-1e6, 1e6, kind="number", nullable=True, why="SD3 0.0609"),
     },
@@ -157,7 +162,9 @@ LIMITS: dict[str, dict[str, Limit]] = {
         "steps_offset": Limit(0, 10_000, why="timesteps"),
         "beta_start": Limit(0, 1, kind="number", why="PixCell 1e-4"),
         "beta_end": Limit(0, 1, kind="number", why="PixCell 0.02"),
-        "trained_betas": Limit(0, 1, kind="numbers", nullable=True, max_items=10_000),
+        "trained_betas": Limit(
+            0, 1, kind="numbers", nullable=True, max_items=10_000, why="one β per timestep"
+        ),
     },
     # histosynth_engine.json
     "engine": {
@@ -583,6 +590,47 @@ def record_weight_hashes(folder: PathLike) -> dict[str, str]:
     meta[WEIGHT_HASHES_KEY] = manifest
     meta_file.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return manifest
+
+
+def check_before_loading(
+    root: Path | None, meta: Mapping[str, Any], paths: Mapping[str, Path | None]
+) -> None:
+    """Everything about an engine's files that can be checked before a weight is read:
+    the limits of every component's ``config.json`` (transformer, ``root/generator``,
+    VAE, a TinyEncoder's) and the sha256 manifest ``root``'s ``histosynth_engine.json``
+    (``meta``) may publish (:func:`verify_weight_hashes`).
+
+    ``paths``: component → the folder (or checkpoint file) it will be loaded from.
+
+    Raises:
+        EngineError: naming the file and the key (or the weight file).
+    """
+    paths = dict(paths)
+    if root is not None and (root / "generator" / "config.json").is_file():
+        paths["generator"] = root / "generator"
+    for component, where in paths.items():
+        if where is None:
+            continue
+        folder = Path(where) if Path(where).is_dir() else Path(where).parent
+        if component == "vae" and not (folder / "config.json").is_file():
+            folder = folder / "vae"  # load_vae takes a folder holding vae/ too
+        file = folder / "config.json"
+        if not file.is_file():
+            continue
+        try:
+            config = parse_json_file(file)
+        except JSONFileError as err:
+            raise EngineError(f"cannot read JSON ({err})", path=file) from None
+        if not isinstance(config, Mapping):
+            raise EngineError("expected a JSON object", path=file)
+        if component in ("transformer", "generator"):
+            check_transformer_config(config, file)
+        elif component == "vae":
+            check_vae_config(config, file)
+        elif config.get("_class_name") == "TinyEncoder":  # UNI2-h's architecture is fixed
+            check_encoder_config(config, file)
+    if root is not None:
+        verify_weight_hashes(root, meta, paths)
 
 
 def verify_weight_hashes(

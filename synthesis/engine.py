@@ -64,12 +64,12 @@ from safetensors.torch import save_file
 from histosynth.synthesis import defaults
 from histosynth.synthesis.abilities import EngineAbilities, refusal
 from histosynth.synthesis.config_limits import (
+    check_before_loading,
     check_encoder_config,
     check_finite,
     check_model_finite,
     check_scheduler_config,
     check_transformer_config,
-    verify_weight_hashes,
 )
 from histosynth.synthesis.devices import move_model, resolve_device, resolve_dtype, vae_dtype
 from histosynth.synthesis.errors import EngineError, UntrainedEngineWarning
@@ -640,7 +640,9 @@ def _load_preset(
     transformer_dir = found["transformer"].path
     assert transformer_dir is not None and found["vae"].path and found["encoder"].path
     meta, meta_file = _meta_near(transformer_dir), transformer_dir.parent / ENGINE_FILE
-    verify_weight_hashes(transformer_dir.parent, meta, {c: f.path for c, f in found.items()})
+    schedule = _scheduler_config_near(transformer_dir) or dict(PIXCELL_SCHEDULER_CONFIG)
+    # every config's limits and any published checksums, before a weight is read
+    check_before_loading(transformer_dir.parent, meta, {c: f.path for c, f in found.items()})
     transformer = load_transformer(transformer_dir, device, dtype)
     vae = load_vae(found["vae"].path, device, vae_dtype(dtype))
     encoder = load_encoder(found["encoder"].path, device, dtype)
@@ -648,7 +650,7 @@ def _load_preset(
         transformer=transformer,
         vae=vae,
         encoder=encoder,
-        scheduler_config=_scheduler_config_near(transformer_dir) or dict(PIXCELL_SCHEDULER_CONFIG),
+        scheduler_config=schedule,
         preset=preset,
         tile_size=spec.tile_size,
         mpp=spec.mpp,
@@ -714,6 +716,7 @@ def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> Engi
         )
     meta = read_engine_meta(root / ENGINE_FILE) if root and (root / ENGINE_FILE).is_file() else {}
     config = _transformer_config(transformer_dir)
+    schedule = _scheduler_config_near(transformer_dir) or dict(PIXCELL_SCHEDULER_CONFIG)
     base = meta.get("preset") or _preset_for(config)
     if base not in PRESETS:
         raise EngineError(f"unknown preset {base!r}", path=root / ENGINE_FILE if root else folder)
@@ -737,9 +740,9 @@ def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> Engi
         return found.path
 
     vae_path, encoder_path = part("vae"), part("encoder")
-    if root is not None:
-        paths = {"transformer": transformer_dir, "vae": vae_path, "encoder": encoder_path}
-        verify_weight_hashes(root, meta, paths)
+    # every config's limits and any published checksums, before a weight is read
+    paths = {"transformer": transformer_dir, "vae": vae_path, "encoder": encoder_path}
+    check_before_loading(root, meta, paths)
     transformer = load_transformer(transformer_dir, device, dtype)
     vae = load_vae(vae_path, device, vae_dtype(dtype))
     encoder = load_encoder(encoder_path, device, dtype)
@@ -749,7 +752,7 @@ def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> Engi
         transformer=transformer,
         vae=vae,
         encoder=encoder,
-        scheduler_config=_scheduler_config_near(transformer_dir) or dict(PIXCELL_SCHEDULER_CONFIG),
+        scheduler_config=schedule,
         preset=base,
         tile_size=tile_size,
         mpp=float(meta.get("mpp") or PRESETS[base].mpp),

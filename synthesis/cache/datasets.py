@@ -19,8 +19,8 @@ from histosynth.synthesis.cache.format import (
     checked_tile,
     digest_of_samples,
     draw_window,
-    h5_read,
     read_cache_info,
+    read_handle,
     sample_dict,
     sample_shapes,
     short_error,
@@ -151,7 +151,7 @@ class CacheDataset(Dataset):
 
     def _file(self) -> h5py.File:
         if self._handle is None or self._pid != os.getpid():
-            self._handle = h5_read(self.path)
+            self._handle = read_handle(self.path)
             self._pid = os.getpid()
         return self._handle
 
@@ -196,9 +196,10 @@ class CacheDataset(Dataset):
         try:
             arrays = tuple(handle[name][i] for name in ARRAYS)
             texts = {name: handle[name][i] for name in _TEXTS}
-        except (OSError, ValueError, TypeError, KeyError) as err:
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError, IndexError) as err:
             raise EngineError(
-                f"sample {i} is unreadable ({short_error(err)})", path=self.path
+                f"sample {i} is unreadable, truncated / corrupt ({short_error(err)})",
+                path=self.path,
             ) from err
         tile_id, digest = verify_sample(self.path, i, arrays, texts, self._shapes)
         self._digests[i] = digest.encode()

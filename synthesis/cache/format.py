@@ -298,19 +298,30 @@ def refuse_links_out(handle: h5py.Group, path: Path) -> None:
     stack = [handle]
     while stack:
         group = stack.pop()
-        for name in group:
-            link = group.get(name, getlink=True)
-            where = f"{group.name.rstrip('/')}/{name}"
-            if not isinstance(link, h5py.HardLink):
-                kind = "an external link" if isinstance(link, h5py.ExternalLink) else "a link"
-                raise EngineError(f"{where} is {kind}; a cache holds its own data only",
-                                  path=path)
-            item = group[name]
-            if isinstance(item, h5py.Group):
-                stack.append(item)
-            elif item.external or item.is_virtual:
-                raise EngineError(f"{where} stores its data outside the file; refused",
-                                  path=path)
+        try:
+            for name in group:
+                _refuse_link_out(group, name, path, stack)
+        except EngineError:
+            raise
+        except (OSError, KeyError, RuntimeError, ValueError, TypeError) as err:
+            raise EngineError(
+                f"cannot read the cache: an object under {group.name} is unreadable, "
+                f"truncated / corrupt ({short_error(err)})",
+                path=path,
+            ) from err
+
+
+def _refuse_link_out(group: h5py.Group, name: str, path: Path, stack: list) -> None:
+    link = group.get(name, getlink=True)
+    where = f"{group.name.rstrip('/')}/{name}"
+    if not isinstance(link, h5py.HardLink):
+        kind = "an external link" if isinstance(link, h5py.ExternalLink) else "a link"
+        raise EngineError(f"{where} is {kind}; a cache holds its own data only", path=path)
+    item = group[name]
+    if isinstance(item, h5py.Group):
+        stack.append(item)
+    elif isinstance(item, h5py.Dataset) and (item.external or item.is_virtual):
+        raise EngineError(f"{where} stores its data outside the file; refused", path=path)
 
 
 def is_writer_flag_error(err: OSError) -> bool:
@@ -323,17 +334,22 @@ def open_read(path: Path) -> Iterator[h5py.File]:
     """The cache file opened for reading, as an :class:`EngineError` naming it if it fails."""
     if not path.is_file():
         raise EngineError("no such cache file", path=path)
+    handle = read_handle(path)
     try:
-        handle = h5_read(path)
+        yield handle
+    finally:
+        handle.close()
+
+
+def read_handle(path: Path) -> h5py.File:
+    """:func:`h5_read`, its failures as an :class:`EngineError` naming the file."""
+    try:
+        return h5_read(path)
     except OSError as err:
         raise EngineError(
             f"cannot read the cache: not an HDF5 file, or truncated / corrupt ({short_error(err)})",
             path=path,
         ) from err
-    try:
-        yield handle
-    finally:
-        handle.close()
 
 
 def _attr(handle: h5py.File, name: str, path: Path, default: Any = None) -> Any:
@@ -426,6 +442,18 @@ def info_of_handle(handle: h5py.File, path: Path) -> CacheInfo:
     Raises:
         EngineError: naming the file and the attribute or dataset at fault.
     """
+    try:
+        return _info_of_handle(handle, path)
+    except EngineError:
+        raise
+    except (OSError, KeyError, RuntimeError, ValueError, TypeError, IndexError) as err:
+        # what HDF5 raises on metadata damaged past the checks above
+        raise EngineError(
+            f"cannot read the cache: truncated / corrupt ({short_error(err)})", path=path
+        ) from err
+
+
+def _info_of_handle(handle: h5py.File, path: Path) -> CacheInfo:
     if _attr(handle, "format", path, default="") != FORMAT:
         raise EngineError(
             f"not a histosynth feature cache (no format attribute {FORMAT!r})", path=path
@@ -487,7 +515,15 @@ def content_hash(path: str | os.PathLike) -> str:
 def _texts(handle: h5py.File, name: str, count: int, path: Path) -> list[str]:
     """The first ``count`` values of string dataset ``name``; non-utf-8 ones refused."""
     out = []
-    for index, raw in enumerate(handle[name][:count]):
+    try:
+        values = handle[name][:count]
+    except (OSError, KeyError, RuntimeError, ValueError) as err:
+        raise EngineError(
+            f"cannot read the cache: dataset {name!r} is truncated / corrupt "
+            f"({short_error(err)})",
+            path=path,
+        ) from err
+    for index, raw in enumerate(values):
         try:
             out.append(bytes(raw).decode("utf-8"))
         except UnicodeDecodeError:

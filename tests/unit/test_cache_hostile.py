@@ -141,6 +141,10 @@ DATASET_CASES = {
         replace("tile_id", np.array([f"he-{i:02d}" for i in range(COUNT)], dtype=object)),
         "tile_id",
     ),
+    "posterior a named type": (
+        lambda h: (h.__delitem__("posterior"), h.__setitem__("posterior", np.dtype("f2"))),
+        "'posterior' is a Datatype",
+    ),
     "committed as text": (replace("committed", np.array([b"4"])), "'committed'"),
     "committed missing": (lambda h: h.__delitem__("committed"), "'committed'"),
     "more committed than stored": (lambda h: h["committed"].__setitem__(0, 99), "99 samples"),
@@ -181,6 +185,30 @@ def test_a_digest_changed_without_the_content_hash_is_refused_at_open(cache, tmp
     with pytest.raises(EngineError) as err:
         CacheDataset(path)
     one_line(err, path, "stored content hash", "samples' digests")
+
+
+def test_a_damaged_object_header_is_one_line(cache, tmp_path):
+    path = tmp_path / "damaged.h5"
+    shutil.copyfile(cache, path)
+    with h5py.File(path, "r") as handle:
+        header = h5py.h5o.get_info(handle["rows"].id).addr
+    data = bytearray(path.read_bytes())
+    data[header + 20] ^= 0xFF  # HDF5 finds its checksum wrong (a KeyError from h5py)
+    path.write_bytes(bytes(data))
+    for attempt in (read_cache_info, CacheDataset):
+        with pytest.raises(EngineError) as err:
+            attempt(path)
+        one_line(err, path, "truncated / corrupt", "checksum")
+
+
+def test_objects_a_cache_does_not_use_are_ignored(cache, tmp_path):
+    def extra(handle):
+        handle["notes"] = np.dtype("f4")  # a named datatype: no dataset, no group
+        handle.create_group("more")["x"] = np.arange(3)
+
+    path = crafted(cache, tmp_path / "extra.h5", extra)
+    data = CacheDataset(path)
+    assert data.verified_content_hash() == read_cache_info(cache).content_hash
 
 
 def test_a_soft_link_loop_is_refused_by_the_link_check(cache, tmp_path):

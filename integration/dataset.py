@@ -111,7 +111,7 @@ INDEX_COLUMNS: tuple[str, ...] = (
 
 FILE_HASH_COLUMNS: tuple[str, ...] = ("mask_sha256", "annotation_sha256")
 """SHA-256 of the row's mask PNG and annotation GeoJSON as written (empty when the row has
-none), after the required columns in runs of histosynth 0.3 and later; export checks
+none), right after the required columns in runs written since they exist; export checks
 them. Runs written before have no such columns."""
 
 SYNTHESIS_TYPES = ("extracted", "inpainting", "variation")

@@ -124,7 +124,7 @@ def row_problem(run_dir: Path, row: dict[str, str]) -> str | None:
     for column, what, sha in (("image_path", "image", "image_sha256"),
                               ("mask_path", "mask", "mask_sha256"),
                               ("annotation_path", "annotation", "annotation_sha256")):
-        digest = row.get(sha, "")  # mask / annotation hashes: runs of histosynth 0.3 on
+        digest = row.get(sha, "")  # mask / annotation hashes: newer runs only
         if digest and row.get(column):
             actual = hashlib.sha256((run_dir / row[column]).read_bytes()).hexdigest()
             if actual != digest:

@@ -205,7 +205,7 @@ def export_training_set(
     _check_out(out)
     if rows and "mask_sha256" not in rows[0]:
         log.warning(
-            "%s: a run of histosynth before 0.3 records no mask / annotation hashes: only "
+            "%s: a run written before runs recorded mask / annotation hashes: only "
             "the images are checked against the index", run / "index.csv",
         )
 
@@ -352,7 +352,7 @@ def _export_row(
 
 def _checked_bytes(path: Path, row: dict[str, str], column: str, tile_id: str) -> bytes:
     """The file's bytes, whose SHA-256 must be the one the index recorded in ``column``
-    (a run of histosynth before 0.3 has no mask / annotation hash columns: unchecked)."""
+    (a run written before these hash columns existed: unchecked)."""
     data = _read_regular(path, tile_id)
     if column not in row:
         return data

@@ -205,8 +205,8 @@ def export_training_set(
     _check_out(out)
     if rows and "mask_sha256" not in rows[0]:
         log.warning(
-            "%s: a run written before runs recorded mask / annotation hashes: only "
-            "the images are checked against the index", run / "index.csv",
+            "%s: this run records no mask / annotation hashes (written before runs did): "
+            "only the images are checked against the index", run / "index.csv",
         )
 
     wanted = {"accepted", "pending"} if include_pending else {"accepted"}

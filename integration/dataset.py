@@ -56,8 +56,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from histosynth.common.files import atomic_write_bytes, atomic_write_json
 from histosynth.integration.annotations import Annotation
-from histosynth.integration.atomic import atomic_write_bytes, atomic_write_json
 from histosynth.integration.errors import InputError
 from histosynth.integration.images import PNG_SETTINGS, encode_mask_png, encode_rgb_png
 from histosynth.integration.locks import RUN_LOCK_NAME, folder_lock

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from histosynth.integration.atomic import atomic_write_bytes
+from histosynth.common.files import atomic_write_bytes
 from histosynth.integration.dataset import REVIEW_STATUSES, read_index, update_index
 from histosynth.integration.errors import InputError
 from histosynth.integration.run_folder import review_status

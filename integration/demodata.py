@@ -37,8 +37,8 @@ import numpy as np
 from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 
+from histosynth.common.files import atomic_write_json, atomic_write_text
 from histosynth.integration.annotations import Annotation, class_parts
-from histosynth.integration.atomic import atomic_write_json, atomic_write_text
 from histosynth.integration.class_colours import default_color, rgb_to_argb
 from histosynth.integration.demo_vessels import (
     CropLibrary,

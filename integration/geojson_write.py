@@ -19,8 +19,8 @@ import shapely
 from shapely.geometry import GeometryCollection, MultiPolygon, Polygon, box
 from shapely.geometry.base import BaseGeometry
 
+from histosynth.common.files import atomic_write_bytes
 from histosynth.integration.annotations import Annotation, normal_class_name
-from histosynth.integration.atomic import atomic_write_bytes
 from histosynth.integration.class_colours import default_color
 from histosynth.integration.geometry import polygonal
 

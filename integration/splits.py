@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from histosynth.integration.atomic import atomic_write_json
+from histosynth.common.files import atomic_write_json
 from histosynth.integration.content_check import qc_failed
 from histosynth.integration.dataset import INDEX_NAME, read_index
 from histosynth.integration.errors import InputError

@@ -54,13 +54,13 @@ from shapely.geometry import MultiPolygon, Polygon
 from tiatoolbox.annotation.storage import Annotation as StoreAnnotation
 from tiatoolbox.annotation.storage import AnnotationStore, SQLiteStore
 
+from histosynth.common.files import atomic_write_with
 from histosynth.integration.annotations import (
     RGB,
     Annotation,
     class_matches_any,
     class_parts,
 )
-from histosynth.integration.atomic import atomic_write_with
 from histosynth.integration.class_colours import argb_to_rgb, default_color
 from histosynth.integration.errors import InputError
 from histosynth.integration.geojson import OBJECT_TYPES

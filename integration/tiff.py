@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import tifffile
 
-from histosynth.integration.atomic import atomic_write_with
+from histosynth.common.files import atomic_write_with
 
 __all__ = [
     "CALIBRATED_TILE",

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from histosynth import __version__
-from histosynth.integration.atomic import atomic_write_bytes, atomic_write_json
+from histosynth.common.files import atomic_write_bytes, atomic_write_json
 from histosynth.integration.dataset import utc_now
 from histosynth.integration.errors import InputError
 from histosynth.integration.images import read_mask, read_rgb

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from histosynth import __version__
-from histosynth.integration.atomic import atomic_write_bytes, atomic_write_json
+from histosynth.common.files import atomic_write_bytes, atomic_write_json
 from histosynth.integration.dataset import INDEX_NAME, read_index, utc_now
 from histosynth.integration.errors import InputError
 from histosynth.integration.images import read_rgb

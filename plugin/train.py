@@ -309,7 +309,7 @@ def _sample_writer(
     engine: Any, data: Any, val_ids: list[int], work_dir: Path, seed: int, steps: int
 ):
     """``on_checkpoint(model, step)`` writing ``work_dir/samples/step-<N>.png``."""
-    from histosynth.integration.atomic import atomic_write_bytes
+    from histosynth.common.files import atomic_write_bytes
     from histosynth.integration.images import encode_rgb_png
     from histosynth.synthesis.training import sample_grid
 

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from histosynth.integration.atomic import atomic_write_text
+from histosynth.common.files import atomic_write_text
 from histosynth.synthesis.engine import load_engine, make_scheduler, set_attention
 from histosynth.synthesis.models.kv_compression import (
     default_kv_compression_blocks,

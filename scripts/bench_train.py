@@ -74,7 +74,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from histosynth.integration.atomic import atomic_write_text
+from histosynth.common.files import atomic_write_text
 from histosynth.integration.demodata import he_source_image
 from histosynth.synthesis.cache import CacheDataset, CacheTile, OnTheFlyDataset, build_cache
 from histosynth.synthesis.engine import (

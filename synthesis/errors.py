@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-from os import PathLike
+from histosynth.common.errors import HistosynthError
 
 
-class EngineError(ValueError):
+class EngineError(HistosynthError):
     """The engine cannot use a file, a folder or an input: weights, configs, images.
 
     ``str(err)`` is one readable line naming the file and what was expected, e.g.
     ``"weights/vae: config.json: expected latent_channels 16, found 4"``.
     """
-
-    def __init__(
-        self, message: str, *, path: str | PathLike | None = None, item: str | None = None
-    ) -> None:
-        self.message = message
-        self.path = None if path is None else str(path)
-        self.item = item
-        parts = [p for p in (self.path, item, message) if p]
-        super().__init__(": ".join(parts))
 
 
 class UntrainedEngineWarning(UserWarning):

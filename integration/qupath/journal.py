@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from histosynth.integration.atomic import atomic_write_json
+from histosynth.common.files import atomic_write_json
 from histosynth.integration.errors import InputError
 from histosynth.integration.files import MAX_PROJECT_BYTES, parse_json, read_input_bytes
 

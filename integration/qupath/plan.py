@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from histosynth.integration.atomic import atomic_write_json
+from histosynth.common.files import atomic_write_json
 from histosynth.integration.content_check import qc_failed
 from histosynth.integration.dataset import (
     INDEX_NAME,

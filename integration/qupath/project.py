@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath, PureWindowsPath
 from typing import Any
 
+from histosynth.common.files import atomic_write_bytes
 from histosynth.integration.annotations import RGB, Annotation
-from histosynth.integration.atomic import atomic_write_bytes
 from histosynth.integration.errors import InputError
 from histosynth.integration.files import MAX_PROJECT_BYTES, parse_json, read_input_bytes
 from histosynth.integration.qupath.entries import (

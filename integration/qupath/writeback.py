@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from histosynth.integration.atomic import atomic_write_bytes
+from histosynth.common.files import atomic_write_bytes
 from histosynth.integration.dataset import (
     INDEX_NAME,
     REVIEW_STATUSES,

@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from histosynth.integration.atomic import atomic_write_bytes, atomic_write_json
+from histosynth.common.files import atomic_write_bytes, atomic_write_json
 from histosynth.integration.errors import InputError
 
 SCRIPTS_SUBFOLDER = ("scripts", "histosynth")

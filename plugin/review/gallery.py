@@ -53,8 +53,8 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote
 
+from histosynth.common.files import atomic_write_bytes, atomic_write_text
 from histosynth.integration.annotations import class_parts
-from histosynth.integration.atomic import atomic_write_bytes, atomic_write_text
 from histosynth.integration.content_check import qc_failed
 from histosynth.integration.dataset import (
     INDEX_COLUMNS,

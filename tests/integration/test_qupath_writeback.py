@@ -793,7 +793,7 @@ def test_two_concurrent_write_backs_keep_both_runs_entries_and_sidecars(
 
 _KILL_AT = """
 import os, signal, sys
-import histosynth.integration.atomic as atomic
+import histosynth.common.files as atomic
 from histosynth.integration.qupath.writeback import write_run_to_project
 calls = [0]
 real = os.replace

@@ -278,7 +278,8 @@ def test_keys_and_clicks_in_chromium_change_the_index(served, tmp_path):
         ]
         assert log[1]["reviewer"] == "ann"
         decided = browser.evaluate("document.getElementById('decided').textContent")
-        assert decided == f"{sum(s != 'pending' for s in statuses(run, state).values())} of 5 decided"
+        done = sum(s != "pending" for s in statuses(run, state).values())
+        assert decided == f"{done} of 5 decided"
     finally:
         browser.close()
 

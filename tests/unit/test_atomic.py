@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from histosynth.integration.atomic import atomic_write_bytes, atomic_write_json
+from histosynth.common.files import atomic_write_bytes, atomic_write_json
 
 
 def test_replaces_whole_file_and_leaves_no_temp(tmp_path):

@@ -498,7 +498,7 @@ def test_fast_and_small_png_are_both_lossless(tmp_path):
 
 _KILL_FIRST_RENAME = """
 import os, signal, sys
-import histosynth.integration.atomic as atomic
+import histosynth.common.files as atomic
 from histosynth.integration.dataset import RunWriter
 def replace(src, dst):
     os.kill(os.getpid(), signal.SIGKILL)
@@ -661,7 +661,7 @@ _RUN_KILLED_AT = """
 import os, signal, sys
 import numpy as np
 sys.path.insert(0, sys.argv[3])
-import histosynth.integration.atomic as atomic
+import histosynth.common.files as atomic
 from test_dataset import CONFIG, make_tile, record
 from histosynth.integration.dataset import RunWriter
 calls, real = [0], os.replace

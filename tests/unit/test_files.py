@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from histosynth.integration.atomic import atomic_write_bytes, atomic_write_text
+from histosynth.common.files import atomic_write_bytes, atomic_write_text
 from histosynth.integration.errors import InputError
 from histosynth.integration.files import check_not_special, parse_json, read_input_bytes
 from histosynth.integration.geojson import read_annotations

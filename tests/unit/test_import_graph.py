@@ -37,6 +37,11 @@ def _modules() -> dict[str, Path]:
 MODULES = _modules()
 
 
+def _common(module: str) -> bool:
+    """The low-level home (``histosynth.common``) every layer may import."""
+    return module == "histosynth.common" or module.startswith("histosynth.common.")
+
+
 def _layer(module: str) -> str:
     for package in ("histosynth.synthesis", "histosynth.integration"):
         if module == package or module.startswith(package + "."):
@@ -129,7 +134,8 @@ def test_layer_rules(layer: str) -> None:
         if _layer(module) != layer:
             continue
         for target, _, line in _imports(module):
-            plugin = target in MODULES and _layer(target) == "histosynth"
+            plugin = (target in MODULES and _layer(target) == "histosynth"
+                      and not _common(target))
             for prefix in FORBIDDEN[layer]:
                 hit = (
                     plugin
@@ -139,6 +145,28 @@ def test_layer_rules(layer: str) -> None:
                 if hit:
                     bad.append(f"{module}:{line} imports {target}")
     assert bad == []
+
+
+def test_the_common_home_imports_nothing_of_the_project() -> None:
+    """``histosynth.common``: standard library and numpy only (and the root package's
+    version string), so that every layer can import it."""
+    bad = []
+    for module in MODULES:
+        if not _common(module):
+            continue
+        for target, _, line in _imports(module):
+            top = target.split(".")[0]
+            ours = target == "histosynth" or _common(target)
+            outside = top not in ("histosynth", "numpy", "__future__") and not _stdlib(top)
+            if (top == "histosynth" and not ours) or outside:
+                bad.append(f"{module}:{line} imports {target}")
+    assert bad == []
+
+
+def _stdlib(name: str) -> bool:
+    import sys
+
+    return name in sys.stdlib_module_names
 
 
 def test_no_import_cycle() -> None:
@@ -202,7 +230,11 @@ def test_the_size_rule_finds_a_long_module_without_a_reason(tmp_path: Path) -> N
 ONE_HOME = {
     "tissue_mask": "histosynth.integration.masks",
     "class_matches": "histosynth.integration.annotations",
-    "atomic_write_bytes": "histosynth.integration.atomic",
+    "atomic_write_bytes": "histosynth.common.files",
+    "fsync_dir": "histosynth.common.files",
+    "HistosynthError": "histosynth.common.errors",
+    "histosynth_version": "histosynth.common.version",
+    "lazy_names": "histosynth.common.lazy",
     "check_finite": "histosynth.options",
 }
 

@@ -14,8 +14,7 @@ encoded on the fly; both give ``sample(index, generator)``.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from histosynth.common.lazy import lazy_names
 
 _LAZY = {
     "TrainConfig": "config",
@@ -32,14 +31,6 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    """The names above, imported on first use (``config`` alone needs no torch)."""
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_names(
+    __name__, globals(), {name: f"{__name__}.{module}" for name, module in _LAZY.items()}
+)

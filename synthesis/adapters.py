@@ -72,17 +72,17 @@ import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from histosynth.common.version import histosynth_version
 from histosynth.synthesis.config_limits import (
     ADAPTER_WEIGHTS_MAX_BYTES,
     MAX_ADAPTER_WEIGHT,
     JSONFileError,
     check_adapter_meta,
-    check_finite,
     check_lora_config,
+    check_weights_finite,
     parse_json_file,
 )
 from histosynth.synthesis.config_limits import file_sha256 as _file_sha256
@@ -270,13 +270,6 @@ def _now_utc() -> str:
 def _short_repr(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-def histosynth_version() -> str:
-    try:
-        return importlib_metadata.version("histosynth")
-    except importlib_metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def lora_config(rank: int = 4, alpha: float = 4) -> LoraConfig:
@@ -811,7 +804,8 @@ def _check_tensors(
                 f"expected floating-point values, found {tensor.dtype}", path=path, item=key
             )
     # NaN / Inf / 1e30 would make every tile black
-    check_finite(((key, tensors[key]) for key in expected), path, max_abs=MAX_ADAPTER_WEIGHT)
+    pairs = ((key, tensors[key]) for key in expected)
+    check_weights_finite(pairs, path, max_abs=MAX_ADAPTER_WEIGHT)
 
 
 def _check_base(

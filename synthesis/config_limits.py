@@ -19,10 +19,14 @@ one folder can make the process allocate (:data:`MAX_TRANSFORMER_PARAMETERS`,
 Also here: reading a JSON file with a size and depth limit (:func:`parse_json_file`: a
 file of 100 000 nested ``[`` is one line, not a ``RecursionError``), the LoRA config
 fields a histosynth adapter may set (:func:`check_lora_config`), the non-finite / absurd
-weight check (:func:`check_finite`), and the sha256 manifest an engine folder may publish
+weight check (:func:`check_weights_finite`), and the sha256 manifest an engine folder may publish
 in ``histosynth_engine.json`` (:func:`verify_weight_hashes`, :func:`record_weight_hashes`).
 
 Imports neither torch nor peft at module level (listing an adapter library stays cheap).
+
+Size: one concept, what a model or adapter folder may hold before histosynth uses it; the
+table, the JSON reader, the LoRA field rule, the weight-value and checksum checks share
+the one-line messages and are applied together by the engine and adapter readers.
 """
 
 from __future__ import annotations
@@ -59,13 +63,13 @@ __all__ = [
     "check_before_loading",
     "check_encoder_config",
     "check_engine_meta",
-    "check_finite",
     "check_limits",
     "check_lora_config",
     "check_model_finite",
     "check_scheduler_config",
     "check_transformer_config",
     "check_vae_config",
+    "check_weights_finite",
     "file_sha256",
     "parse_json_file",
     "record_weight_hashes",
@@ -516,7 +520,7 @@ def check_lora_config(
 # --------------------------------------------------------------------------- weights
 
 
-def check_finite(
+def check_weights_finite(
     tensors: Iterable[tuple[str, torch.Tensor]],
     path: PathLike,
     *,
@@ -679,7 +683,7 @@ def verify_weight_hashes(
 
 
 def check_model_finite(model: torch.nn.Module, folder: PathLike) -> None:
-    """:func:`check_finite` over a loaded model's ``state_dict``, naming its weight file
+    """:func:`check_weights_finite` over a loaded model's ``state_dict``, naming its weight file
     (the folder when it holds several)."""
     files = sorted(Path(folder).glob("*.safetensors"))
-    check_finite(model.state_dict().items(), files[0] if len(files) == 1 else folder)
+    check_weights_finite(model.state_dict().items(), files[0] if len(files) == 1 else folder)

@@ -66,10 +66,10 @@ from histosynth.synthesis.abilities import EngineAbilities, refusal
 from histosynth.synthesis.config_limits import (
     check_before_loading,
     check_encoder_config,
-    check_finite,
     check_model_finite,
     check_scheduler_config,
     check_transformer_config,
+    check_weights_finite,
 )
 from histosynth.synthesis.devices import move_model, resolve_device, resolve_dtype, vae_dtype
 from histosynth.synthesis.errors import EngineError, UntrainedEngineWarning
@@ -477,7 +477,7 @@ def _load_tiny_encoder(folder: Path, config: dict[str, Any]) -> TinyEncoder:
     if not weights.is_file():
         weights = folder / "model.safetensors"
     state = load_checkpoint(weights)
-    check_finite(state.items(), weights)
+    check_weights_finite(state.items(), weights)
     load_state_strict(encoder, state, path=weights, what="TinyEncoder")
     return encoder
 

@@ -49,7 +49,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
-from histosynth.synthesis.config_limits import check_finite
+from histosynth.synthesis.config_limits import check_weights_finite
 from histosynth.synthesis.errors import EngineError
 
 __all__ = [
@@ -419,7 +419,7 @@ def build_uni2h(
         weights = find_component("pixcell-1024", "encoder").path
     file = _checkpoint_file(Path(weights).expanduser())
     state = load_checkpoint(file)
-    check_finite(state.items(), file)
+    check_weights_finite(state.items(), file)
     model = create_uni2h(device="meta", **overrides)
     load_state_strict(model, state, path=file, what="UNI2-h")
     model = model.to(device=device, dtype=dtype)

@@ -528,8 +528,11 @@ def check_weights_finite(
 ) -> None:
     """Refuse tensors holding NaN or ±Inf (or, with ``max_abs``, any |value| above it).
 
-    One reduction per tensor on its own device, one host sync at the end; the first bad
-    tensor (in the order given) is named.
+    Cheap: one float32 sum per tensor on its own device (NaN / Inf make the sum
+    non-finite) and one host sync; only a tensor whose sum is not finite is looked at
+    element by element (a sum can also overflow, past 3.4e38, on finite values: those
+    pass). ``max_abs`` adds one max per tensor. The first bad tensor (in the order
+    given) is named.
 
     Raises:
         EngineError: ``<path>: <key>: not finite (NaN or Inf values)`` or
@@ -537,30 +540,24 @@ def check_weights_finite(
     """
     import torch
 
-    items = list(tensors.items() if isinstance(tensors, Mapping) else tensors)
-    checked, flags = [], []
-    for name, tensor in items:
-        if not tensor.is_floating_point() or tensor.numel() == 0:
-            continue
-        t = tensor.detach()
-        flag = (~torch.isfinite(t)).any()
-        if max_abs is not None:
-            flag = flag | (t.abs().amax().float() > max_abs)
-        checked.append((name, t))
-        flags.append(flag)
-    if not flags:
+    pairs = tensors.items() if isinstance(tensors, Mapping) else tensors
+    items = [(n, t.detach()) for n, t in pairs if t.is_floating_point() and t.numel()]
+    if not items:
         return
-    found = torch.stack([f.to("cpu") for f in flags])
-    if not bool(found.any()):
+    device = items[0][1].device
+    sums = torch.stack([t.sum(dtype=torch.float32).to(device) for _, t in items])
+    for index in torch.nonzero(~torch.isfinite(sums)).flatten().tolist():  # one host sync
+        name, t = items[index]
+        if not bool(torch.isfinite(t).all()):
+            raise EngineError("not finite (NaN or Inf values)", path=path, item=name)
+    if max_abs is None:
         return
-    name, t = checked[int(found.int().argmax())]
-    if not bool(torch.isfinite(t).all()):
-        raise EngineError("not finite (NaN or Inf values)", path=path, item=name)
-    raise EngineError(
-        f"max |w| = {float(t.abs().amax()):.3g} exceeds the limit {max_abs:g}",
-        path=path,
-        item=name,
-    )
+    peaks = torch.stack([t.abs().amax().float().to(device) for _, t in items]).cpu()
+    for (name, _), peak in zip(items, peaks.tolist(), strict=True):
+        if peak > max_abs:
+            raise EngineError(
+                f"max |w| = {peak:.3g} exceeds the limit {max_abs:g}", path=path, item=name
+            )
 
 
 # --------------------------------------------------------------------------- checksums

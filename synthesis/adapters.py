@@ -761,7 +761,8 @@ def _read_weights(folder: Path, info: AdapterInfo) -> dict[str, torch.Tensor]:
         )
     try:
         tensors = load(data)
-    except (SafetensorError, OSError, ValueError) as err:
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        # KeyError: a dtype torch has no name for (e.g. "F8_E8M0")
         raise EngineError(f"not a readable safetensors file: {err}", path=path) from None
     return {key.removeprefix(PEFT_PREFIX): tensor for key, tensor in tensors.items()}
 

@@ -541,7 +541,12 @@ def check_weights_finite(
     import torch
 
     pairs = tensors.items() if isinstance(tensors, Mapping) else tensors
-    items = [(n, t.detach()) for n, t in pairs if t.is_floating_point() and t.numel()]
+    common = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    items = [  # float8 and other rare dtypes lack CPU reductions: checked in float32
+        (n, t.detach() if t.dtype in common else t.detach().float())
+        for n, t in pairs
+        if t.is_floating_point() and t.numel()
+    ]
     if not items:
         return
     device = items[0][1].device

@@ -443,6 +443,21 @@ def test_the_checksum_is_verified_before_the_weights_are_parsed(
     assert parsed == []
 
 
+@pytest.mark.parametrize("dtype", ["F8_E8M0", "BOGUS"])
+def test_a_vouched_for_file_of_an_unknown_dtype_is_one_line(adapter: Path, dtype: str) -> None:
+    """Its sha256 recorded, so parsed: the parser's own errors are one line too."""
+    import struct
+
+    header = json.dumps({KEY: {"dtype": dtype, "shape": [2], "data_offsets": [0, 2]}}).encode()
+    data = struct.pack("<Q", len(header)) + header + b"\0\0"
+    (adapter / WEIGHTS_FILE).write_bytes(data)
+    edit_json(adapter / METADATA_FILE, weights_sha256=hashlib.sha256(data).hexdigest())
+    model = tiny_base()
+    refused(lambda: load_adapter(model, adapter),
+            f"{adapter / WEIGHTS_FILE}: not a readable safetensors file")
+    assert untouched(model)
+
+
 # --------------------------------------------------------------------------- 6. engine hashes
 
 

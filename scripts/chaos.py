@@ -45,7 +45,7 @@ TILE = 160
 
 KILL_AT = """
 import os, signal, sys
-import histosynth.integration.atomic as atomic
+import histosynth.common.files as atomic
 from histosynth.integration.qupath.writeback import write_run_to_project
 calls, real = [0], os.replace
 def replace(src, dst):
@@ -302,6 +302,183 @@ def fuzz(base: Path, count: int, rng: random.Random) -> dict:
     }
 
 
+def caches(base: Path, count: int, rng: random.Random, timeout: float = 120.0) -> dict:
+    """Hostile feature caches into ``histosynth train lora --steps 1`` (the real consumer).
+
+    A 4-tile cache is built with the tiny engine on TIAToolbox's H&E; ``count`` variants
+    of it are made now — headers that lie or are absurd, datasets of the wrong type or
+    shape, links, a claim of 10⁹ samples, bad values with consistent digests, data or
+    digests changed after the build, a non-utf-8 id, a truncated file, then random byte
+    flips — and each is trained on in its own process (``timeout`` s). Counted: clean
+    one-line errors (exit 1, naming the file), tracebacks (any other end), hangs, and
+    silently accepted (exit 0 on a cache whose training data changed; a byte flip that
+    changed nothing training reads may pass). The intact cache must train (a control).
+    """
+    import hashlib
+
+    import h5py
+
+    from histosynth.synthesis.cache import CacheTile, build_cache
+    from histosynth.synthesis.cache.format import content_digest
+    from histosynth.synthesis.cache.validate import sample_sha256
+    from histosynth.synthesis.engine import load_engine
+
+    folder = base / "caches"
+    folder.mkdir()
+    engine = load_engine("tiny", device="cpu")
+    he, tiles = he_source_image(), []
+    for i in range(4):
+        mask = np.zeros((256, 256), np.uint8)
+        cv2.circle(mask, (128, 128), 40 + 10 * i, 255, -1)
+        image = np.ascontiguousarray(he[i * 50 : i * 50 + 256, 100 : 356])
+        tiles.append(CacheTile(f"he-{i:02d}", image, mask, source="chaos", kind="vessel"))
+    intact = folder / "intact.h5"
+    build_cache(intact, tiles, codec=engine.codec, encoder=engine.encoder, tile_size=256,
+                mpp=0.5)
+    reads = ("posterior", "rows", "mask", "tile_id", "kind", "pixel_sha256")
+
+    def seen(path: Path) -> str:  # what training reads, hashed (for byte flips)
+        digest = hashlib.sha256()
+        with h5py.File(path, "r") as h:
+            digest.update(repr(sorted((k, repr(v)) for k, v in h.attrs.items())).encode())
+            for name in reads:
+                digest.update(np.asarray(h[name][: int(h["committed"][0])]).tobytes())
+        return digest.hexdigest()
+
+    def attrs(**values):
+        return lambda h: h.attrs.update(values)
+
+    def swap(name, data):
+        def change(h):
+            del h[name]
+            h[name] = data
+        return change
+
+    def poke(name, index, where, value, rehash=True):
+        def change(h):
+            sample = h[name][index]
+            sample[where] = value
+            h[name][index] = sample
+            if rehash:  # a consistent file with wrong values, as a broken build writes
+                text = [h[n][index].decode() for n in ("tile_id", "kind", "pixel_sha256")]
+                arrays = [h[n][index] for n in ("posterior", "rows", "mask")]
+                h["sample_sha256"][index] = sample_sha256(*text, *arrays).encode()
+                h.attrs.modify("content_hash", content_digest(h, 4).encode())
+        return change
+
+    def restamp(index, digest):
+        def change(h):
+            h["sample_sha256"][index] = digest
+            h.attrs.modify("content_hash", content_digest(h, 4).encode())
+        return change
+
+    def claim(h):
+        for name in (*reads, "source", "sample_sha256"):
+            h[name].resize(10**9, axis=0)
+        h["committed"][0] = 10**9
+        h.attrs["count"] = 10**9
+
+    def link(h, target):
+        del h["rows"]
+        h["rows"] = target
+
+    fixed = [
+        ("downsample 0", attrs(downsample=0)),
+        ("encoder_crop 0", attrs(encoder_crop=0)),
+        ("tile_size 1e9", attrs(tile_size=10**9)),
+        ("tile_size -256", attrs(tile_size=-256)),
+        ("tile_size 200", attrs(tile_size=200)),
+        ("tile_size 256.5", attrs(tile_size=256.5)),
+        ("latent_channels lies", attrs(latent_channels=4)),
+        ("rows lies", attrs(rows=4)),
+        ("dim lies", attrs(dim=64)),
+        ("tile_size and rows lie", attrs(tile_size=512, rows=64)),
+        ("format not utf-8", attrs(format=np.bytes_(b"\xff\xfe"))),
+        ("count text", attrs(count="abc")),
+        ("content_hash lies", attrs(content_hash=np.bytes_(b"0" * 64))),
+        ("mpp nan", attrs(mpp=float("nan"))),
+        ("posterior strings", swap("posterior", np.array([b"x" * 10] * 4))),
+        ("posterior mis-shaped", swap("posterior", np.zeros((4, 32, 16, 16), np.float16))),
+        ("rows strings", swap("rows", np.array([b"x" * 10] * 4))),
+        ("rows float64", swap("rows", np.zeros((4, 16, 32)))),
+        ("mask float32", swap("mask", np.zeros((4, 256, 256), np.float32))),
+        ("posterior a group", lambda h: (h.__delitem__("posterior"), h.create_group("posterior"))),
+        ("10⁹ samples claimed", claim),
+        ("soft link loop", lambda h: link(h, h5py.SoftLink("/rows"))),
+        ("external link", lambda h: link(h, h5py.ExternalLink(str(intact), "/rows"))),
+        ("σ = 6e4", poke("posterior", 2, (20, 3, 3), 6e4)),
+        ("μ NaN", poke("posterior", 2, (3, 3, 3), np.nan)),
+        ("rows inf", poke("rows", 2, (3, 3), np.inf)),
+        ("mask 7", poke("mask", 2, (5, 5), 7)),
+        ("unread data changed", poke("rows", 3, (0, 0), 9.0, rehash=False)),
+        ("digest lies", restamp(1, b"a" * 64)),
+        ("digest not hex", restamp(1, b"not a digest")),
+        ("tile_id not utf-8", lambda h: h["tile_id"].__setitem__(1, b"\xff\xfe-01")),
+        ("truncated", None),
+    ]
+    size = intact.stat().st_size
+    tried = clean = tracebacks = hangs = accepted = harmless = 0
+    first, control = "", False
+    for k in range(-1, count):
+        path = folder / f"variant-{k + 1:03d}.h5"
+        shutil.copyfile(intact, path)
+        name, flipped = "intact (control)", False
+        if 0 <= k < len(fixed):
+            name, change = fixed[k]
+            if change is None:
+                path.write_bytes(intact.read_bytes()[: size // 2])
+            else:
+                with h5py.File(path, "r+") as handle:
+                    change(handle)
+        elif k >= len(fixed):
+            name, flipped = "byte flips", True
+            data = bytearray(path.read_bytes())
+            for _ in range(rng.randint(1, 8)):
+                data[rng.randrange(size)] ^= 1 << rng.randrange(8)
+            path.write_bytes(bytes(data))
+        command = [sys.executable, "-m", "histosynth", "--quiet", "train", "lora", "--cache",
+                   str(path), "--base", "tiny", "--name", f"c{k + 1}", "--steps", "1",
+                   "--batch-size", "1", "--val-fraction", "0", "--sample-every", "0",
+                   "--library", str(folder / "lib"), "--work-dir", str(folder / f"w{k + 1}")]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            hangs += k >= 0
+            first = first or f"{name}: hang"
+            continue
+        lines = [x for x in done.stderr.splitlines() if x.strip()]
+        if k < 0:
+            control = done.returncode == 0
+            continue
+        tried += 1
+        if done.returncode == 1 and len(lines) == 1 and lines[0].startswith(
+            f"histosynth: error: {path}: "
+        ):
+            clean += 1
+        elif done.returncode == 0:
+            try:
+                same = flipped and seen(path) == seen(intact)
+            except Exception:
+                same = False
+            harmless += same
+            accepted += not same
+            first = first or ("" if same else f"{name}: accepted")
+        else:
+            tracebacks += 1
+            ending = lines[-1] if lines else f"exit {done.returncode}"
+            first = first or f"{name}: {ending[:100]}"
+    return {
+        "hostile caches": tried,
+        "cache control trained": int(control),
+        "cache clean errors": clean,
+        "cache tracebacks": tracebacks,
+        "cache hangs": hangs,
+        "caches silently accepted": accepted,
+        "cache byte flips harmless": harmless,
+        "first cache problem": first,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--renames", type=int, default=200, help="most rename points killed at")
@@ -309,6 +486,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--races", type=int, default=10)
     parser.add_argument("--fuzz", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--caches", type=int, default=0, help="hostile caches (try 40; 0: off)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
@@ -321,6 +499,7 @@ def main(argv: list[str] | None = None) -> dict:
             **kills(base, slide, template, args.timed_kills, rng, args.renames),
             **races(base, slide, template, args.races),
             **fuzz(base, args.fuzz, rng),
+            **(caches(base, args.caches, rng) if args.caches else {}),
         }
     finally:
         shutil.rmtree(base, ignore_errors=True)

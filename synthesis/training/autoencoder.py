@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from histosynth.common.files import atomic_write_with
 from histosynth.synthesis.errors import EngineError
 
 __all__ = [
@@ -108,9 +109,7 @@ def _gradient_l1(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write_with(path, lambda tmp: torch.save(state, tmp))
 
 
 def train_autoencoder(

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from histosynth.common.files import replace_durably
 from histosynth.synthesis.errors import EngineError
 
 __all__ = [
@@ -63,19 +64,6 @@ class Checkpoint:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_checkpoint(
     root: Path,
     step: int,
@@ -102,8 +90,7 @@ def write_checkpoint(
                 os.fsync(handle.fileno())
         if final.exists():
             shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
+        replace_durably(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
+from histosynth.common.geometry import TileGeometry
 from histosynth.integration.errors import InputError
 from histosynth.integration.files import check_not_special
 
@@ -237,7 +238,7 @@ def slide_size(reader: WSIReader) -> tuple[int, int]:
 def tile_extent(size_px: int, mpp: float, slide_mpp: float) -> float:
     """Side of a ``size_px`` tile at ``mpp`` µm/px, in level-0 pixels of a slide whose
     level-0 pixels are ``slide_mpp`` µm."""
-    return size_px * mpp / slide_mpp
+    return TileGeometry(size_px, mpp).level0_extent(slide_mpp)
 
 
 def centred_tile_origin(

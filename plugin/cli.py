@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 
 from histosynth import __version__
+from histosynth.common.geometry import DEFAULT_MPP
 from histosynth.options import (
     COUNT_MAX,
     GUIDANCE_MAX,
@@ -111,7 +112,7 @@ DEMO_SLIDES = 3
 _mpp_option = click.option(
     "--mpp",
     type=FiniteFloat(min=0, min_open=True, max=MPP_MAX),
-    default=0.5,
+    default=DEFAULT_MPP,
     show_default=True,
     help="Target resolution in µm/px (0.5 = 20×).",
 )
@@ -633,7 +634,7 @@ def demo(
         count=count,
         mode="inpaint",
         tile_size=tile_size or (512 if model == "tiny" else None),
-        mpp=0.5,
+        mpp=DEFAULT_MPP,
         model=model,
         seed=seed,
         steps=steps,

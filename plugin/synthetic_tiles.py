@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from histosynth import __version__
+from histosynth.common.geometry import DEFAULT_MPP
 from histosynth.integration.content_check import ContentThresholds, ContentVerdict
 from histosynth.integration.dataset import RunWriter, TileRecord, check_run_folder
 from histosynth.integration.errors import InputError
@@ -135,7 +136,7 @@ class SynthesisSettings:
     count: int
     mode: str = "inpaint"
     tile_size: int | None = None
-    mpp: float = 0.5
+    mpp: float = DEFAULT_MPP
     model: str | None = None
     adapter: str | None = None
     seed: int = 0

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from histosynth import __version__
+from histosynth.common.geometry import DEFAULT_MPP
 from histosynth.integration.dataset import EncodedTile, RunWriter, TileRecord
 from histosynth.integration.errors import InputError
 from histosynth.integration.slides import read_tile
@@ -48,7 +49,7 @@ def extract(
     slide: str | Path | None = None,
     annotations: str | Path | None = None,
     tile_size: int = 1024,
-    mpp: float = 0.5,
+    mpp: float = DEFAULT_MPP,
     slide_mpp_override: float | None = None,
     min_area_um2: float = 0.0,
     max_area_um2: float = math.inf,

@@ -43,6 +43,7 @@ from typing import Literal
 import yaml
 from huggingface_hub import try_to_load_from_cache
 
+from histosynth.common.geometry import DEFAULT_MPP
 from histosynth.synthesis.abilities import EngineAbilities
 from histosynth.synthesis.config_limits import JSONFileError, check_engine_meta, parse_json_file
 from histosynth.synthesis.errors import EngineError
@@ -137,7 +138,7 @@ PRESETS: dict[str, PresetSpec] = {
         "on the CPU on the H&E images inside its dependencies (not PixCell; for demos and CPU "
         "runs, PixCell-1024 for production)",
         tile_size=512,
-        mpp=0.5,
+        mpp=DEFAULT_MPP,
         trained=True,
         components={},
         embedded="histosynth_mini_512",
@@ -146,7 +147,7 @@ PRESETS: dict[str, PresetSpec] = {
         "pixcell-1024",
         "PixCell-1024 (PixArt-XL/2, UNI2-h, SD3 VAE)",
         tile_size=1024,
-        mpp=0.5,
+        mpp=DEFAULT_MPP,
         trained=True,
         components={
             "transformer": ComponentSpec("StonyBrook-CVLab/PixCell-1024", "transformer"),
@@ -159,7 +160,7 @@ PRESETS: dict[str, PresetSpec] = {
         "pixcell-256",
         "PixCell-256 (PixArt-XL/2, UNI2-h, SD3 VAE)",
         tile_size=256,
-        mpp=0.5,
+        mpp=DEFAULT_MPP,
         trained=True,
         components={
             "transformer": ComponentSpec("StonyBrook-CVLab/PixCell-256", "transformer"),
@@ -172,7 +173,7 @@ PRESETS: dict[str, PresetSpec] = {
         "tiny",
         "Tiny engine (UNTRAINED, seeded random weights; for tests)",
         tile_size=256,
-        mpp=0.5,
+        mpp=DEFAULT_MPP,
         trained=False,
         components={},
         # PixCell's design in miniature, at any multiple of 64 px; its weights are random,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from histosynth.common.files import atomic_write_bytes, atomic_write_json
+from histosynth.common.geometry import DEFAULT_MPP
 from histosynth.integration.errors import InputError
 
 SCRIPTS_SUBFOLDER = ("scripts", "histosynth")
@@ -72,7 +73,7 @@ def settings_for(
     model: str = "auto",
     mode: str = "inpaint",
     tile_size: int | None = None,
-    mpp: float = 0.5,
+    mpp: float = DEFAULT_MPP,
     advance_after_review: bool = True,
 ) -> dict[str, Any]:
     """The content of ``histosynth_settings.json``, checked.
@@ -146,7 +147,7 @@ def install_scripts(
     model: str = "auto",
     mode: str = "inpaint",
     tile_size: int | None = None,
-    mpp: float = 0.5,
+    mpp: float = DEFAULT_MPP,
     overwrite: bool = True,
 ) -> list[Path]:
     """Copy the menu scripts into ``P/scripts/histosynth/`` and write their settings.

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from histosynth.common.geometry import DEFAULT_MPP
 from histosynth.options import COUNT_MAX, MPP_MAX, FiniteFloat, wait_option
 from histosynth.qupath import MODES, SETTINGS_NAME, install_scripts
 
@@ -62,7 +63,7 @@ def qupath() -> None:
 @click.option(
     "--mpp",
     type=FiniteFloat(min=0, min_open=True, max=MPP_MAX),
-    default=0.5,
+    default=DEFAULT_MPP,
     show_default=True,
     help="Target resolution in µm/px.",
 )

@@ -251,3 +251,36 @@ def _definitions(name: str) -> list[str]:
 @pytest.mark.parametrize("name", sorted(ONE_HOME))
 def test_each_concept_is_defined_once(name: str) -> None:
     assert _definitions(name) == [ONE_HOME[name]]
+
+
+def _mpp_literals(path: Path) -> list[int]:
+    """Lines where a resolution of 0.5 µm/px is written as a number for ``mpp``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    lines = []
+
+    def half(node: ast.AST | None) -> bool:
+        return isinstance(node, ast.Constant) and node.value == 0.5
+
+    for node in ast.walk(tree):
+        keyword = isinstance(node, ast.keyword) and node.arg == "mpp"
+        field = (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                 and node.target.id == "mpp")
+        if (keyword or field) and half(node.value):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            args = node.args.args + node.args.kwonlyargs
+            defaults = [None] * (len(node.args.args) - len(node.args.defaults)) + list(
+                node.args.defaults) + list(node.args.kw_defaults)
+            lines += [node.lineno for a, d in zip(args, defaults, strict=True)
+                      if a.arg == "mpp" and half(d)]
+        elif isinstance(node, ast.Call) and any(
+                isinstance(a, ast.Constant) and a.value == "--mpp" for a in node.args):
+            lines += [k.value.lineno for k in node.keywords if k.arg == "default" and half(k.value)]
+    return lines
+
+
+def test_the_default_resolution_is_written_once() -> None:
+    """``DEFAULT_MPP`` (histosynth.common.geometry) is the one 0.5 µm/px; no ``mpp=0.5``."""
+    bad = [f"{module}:{line}" for module, path in MODULES.items()
+           if module != "histosynth.common.geometry" for line in _mpp_literals(path)]
+    assert bad == []

@@ -29,6 +29,10 @@ writing). The ``count`` and ``content_hash`` attributes are written when a build
 right for an interrupted cache too. One writer at a time: a second build of the same file
 is refused while the first runs.
 
+Readers trust nothing in the file (:mod:`~histosynth.synthesis.cache.validate`): the
+header is checked against itself at open, each sample's values and sha256 as it is read,
+and the content hash an adapter records is computed from the data.
+
 Example:
     >>> engine = load_engine("tiny")                                  # doctest: +SKIP
     >>> tiles = [CacheTile("t0", image, mask, source="slide.svs")]    # doctest: +SKIP

@@ -1,6 +1,7 @@
 """Kill, race and fuzz histosynth's writers and readers at larger counts than CI runs.
 
     python scripts/chaos.py [--renames 200] [--timed-kills 20] [--races 10] [--fuzz 2000]
+                            [--caches 40] [--review-kills 30] [--review-requests 400]
                             [--out chaos.json]
 
 * kills: a native write-back of a 4-tile run into a demo project, SIGKILLed at each of
@@ -11,6 +12,8 @@
   succeed, with every entry's sidecar in place.
 * fuzz: random JSON documents and random bytes into the GeoJSON and QuPath project
   readers; each must give its result or one InputError within 10 s.
+* review (``scripts/chaos_review.py``): ``review serve`` SIGKILLed mid-burst and started
+  again, and crafted raw HTTP requests (see that module).
 
 Prints one table; nothing is asserted (the suite's tests assert the same at small counts).
 """
@@ -479,6 +482,17 @@ def caches(base: Path, count: int, rng: random.Random, timeout: float = 120.0) -
     }
 
 
+def _review():
+    """``scripts/chaos_review.py``, loaded from beside this file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "chaos_review", Path(__file__).with_name("chaos_review.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--renames", type=int, default=200, help="most rename points killed at")
@@ -487,6 +501,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fuzz", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--caches", type=int, default=0, help="hostile caches (try 40; 0: off)")
+    parser.add_argument("--review-kills", type=int, default=0,
+                        help="review servers killed mid-burst (try 30; 0: off)")
+    parser.add_argument("--review-requests", type=int, default=0,
+                        help="hostile requests to a review server (try 400; 0: off)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
@@ -500,6 +518,9 @@ def main(argv: list[str] | None = None) -> dict:
             **races(base, slide, template, args.races),
             **fuzz(base, args.fuzz, rng),
             **(caches(base, args.caches, rng) if args.caches else {}),
+            **(_review().kills(base, args.review_kills, rng) if args.review_kills else {}),
+            **(_review().requests(base, args.review_requests, rng)
+               if args.review_requests else {}),
         }
     finally:
         shutil.rmtree(base, ignore_errors=True)

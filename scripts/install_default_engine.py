@@ -231,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         cv2.imwrite(
             str(TARGET / "preview.jpg"), cv2.imread(str(preview)), [cv2.IMWRITE_JPEG_QUALITY, 85]
         )
+    from histosynth.synthesis.config_limits import record_weight_hashes
+
+    record_weight_hashes(TARGET)  # last: the weights are final now (loads verify them)
     for path in TARGET.rglob("*"):
         if path.is_file():
             path.chmod(0o644)

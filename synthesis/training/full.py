@@ -129,8 +129,13 @@ def train_full(
     with ``engine``'s VAE and encoder) loads with ``load_engine(out)`` and ``--model out``.
     Returns ``(out, result)`` (``out`` is ``None`` on processes other than the main one).
 
+    From a cache, the checksum recorded is the one computed from its data (every sample
+    read is verified; those training did not read are verified before saving).
+
     Raises:
-        EngineError: ``out`` exists and is not empty; settings the model cannot take.
+        EngineError: ``out`` exists and is not empty; settings the model cannot take; a
+            cache whose samples do not fit the model, fail their checks, or whose
+            content hash is not ``training_data_checksum``.
     """
     from histosynth.synthesis.adapters import base_weight_hash
     from histosynth.synthesis.engine import Engine, save_engine
@@ -138,10 +143,13 @@ def train_full(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise EngineError("exists and is not an empty folder; not overwriting it", path=out)
+    from histosynth.synthesis.training.lora import check_cache_fits
+
     from_hash = base_weight_hash(engine.transformer)
     model = grow_transformer(
         engine.transformer, resolution, null_condition=null_condition, seed=config.seed
     )
+    check_cache_fits(data, model, training_data_checksum)  # the grown model's sizes
     apply_model_options(model.to(engine.device), config)
     model.requires_grad_(True).train()
     fingerprint = {
@@ -168,6 +176,8 @@ def train_full(
     model.eval().requires_grad_(False)
     if not result.main_process:
         return None, result
+    verified = getattr(data, "verified_content_hash", None)  # a cache: computed from its data
+    training_data_checksum = verified() if callable(verified) else training_data_checksum
     if getattr(model, "_compiled_call_impl", None) is not None:
         model._compiled_call_impl = None  # save the plain module
     trained = Engine(

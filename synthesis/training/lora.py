@@ -80,7 +80,7 @@ def train_lora(
             path=folder,
         )
     model = engine.transformer
-    _check_cache_fits(data, model, training_data_checksum)
+    check_cache_fits(data, model, training_data_checksum)
     apply_model_options(model, config)
     base_hash = base_weight_hash(model)
     resolution = int(model.config.sample_size) * 8
@@ -150,7 +150,7 @@ def train_lora(
     return saved, result
 
 
-def _check_cache_fits(data: Any, model: Any, checksum: str) -> None:
+def check_cache_fits(data: Any, model: Any, checksum: str) -> None:
     """A cache's samples (``data.info``, a ``CacheInfo``, at ``data.resolution`` px) must
     fit ``model``: latent channels, row width and count; a checksum given must be the
     cache's content hash. Other data (on-the-fly encoding) is not checked here."""

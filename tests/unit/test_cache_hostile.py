@@ -9,6 +9,7 @@ engine's VAE and encoder on TIAToolbox's H&E, as in ``test_cache.py``).
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import time
 from pathlib import Path
@@ -343,6 +344,27 @@ def test_an_adapter_records_the_hash_computed_and_never_one_of_a_changed_cache(c
     assert not (tmp_path / "lib" / "b").exists()
     with pytest.raises(EngineError, match="not the cache's content hash"):
         _lora(engine, CacheDataset(cache), tmp_path, name="c", training_data_checksum="0" * 64)
+
+
+def test_a_full_fine_tune_records_the_hash_computed_and_refuses_a_changed_cache(cache, tmp_path):
+    from histosynth.synthesis.training import train_full
+
+    engine = tiny_engine(256, device="cpu")
+    config = TrainConfig(steps=1, batch_size=1, lr=1e-5, checkpoint_every=1, val_fraction=0,
+                         sample_every=0)
+
+    def full(path, name):
+        return train_full(engine, CacheDataset(path), [0], [], resolution=256,
+                          out=tmp_path / name, config=config, work_dir=tmp_path / f"w-{name}")
+
+    out, _ = full(cache, "good")
+    meta = json.loads((out / "histosynth_engine.json").read_text())
+    assert meta["training"]["training_data_checksum"] == CacheDataset(cache).verified_content_hash()
+    changed = crafted(cache, tmp_path / "changed.h5", poke("rows", 3, (0, 0), 9.0, False))
+    with pytest.raises(EngineError) as err:
+        full(changed, "bad")
+    one_line(err, changed, "sample 3 ('he-03')", "stored sha256")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_a_cache_that_does_not_fit_the_model_is_refused_before_training(cache, tmp_path):

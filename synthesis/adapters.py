@@ -648,12 +648,26 @@ def save_adapter(
 # --------------------------------------------------------------------------- read / list
 
 
+def _own_file(folder: Path, name: str) -> Path:
+    """``folder / name``, which must be a regular file of the adapter folder: a link that
+    leads out of it, or a FIFO or device, is refused (one line naming it)."""
+    path = folder / name
+    if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
+        raise EngineError(
+            f"a link to {path.resolve()}, outside the adapter folder; an adapter's files are "
+            "its own", path=path,
+        )
+    if path.exists() and not path.is_file():
+        raise EngineError("not a regular file", path=path)
+    return path
+
+
 def read_adapter_info(folder: str | os.PathLike) -> AdapterInfo:
     """Read and validate ``<folder>/histosynth_adapter.json`` (no tensors are read)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise EngineError("no such adapter folder", path=folder)
-    path = folder / METADATA_FILE
+    path = _own_file(folder, METADATA_FILE)
     if not path.is_file():
         raise EngineError(
             f"missing; expected the histosynth metadata file next to {WEIGHTS_FILE} "
@@ -681,11 +695,18 @@ def list_adapters(root: str | os.PathLike) -> list[AdapterInfo]:
     if not root.is_dir():
         raise EngineError("expected an adapter library folder, found a file", path=root)
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    inside = root.resolve()
+    for folder in folders:
+        if folder.is_symlink() and not folder.resolve().is_relative_to(inside):
+            raise EngineError(
+                f"a link to {folder.resolve()}, outside the library; an adapter library "
+                "holds its own folders", path=folder,
+            )
     return [read_adapter_info(folder) for folder in folders]
 
 
 def _read_config(folder: Path, info: AdapterInfo) -> LoraConfig:
-    path = folder / CONFIG_FILE
+    path = _own_file(folder, CONFIG_FILE)
     if not path.is_file():
         raise EngineError("missing; expected PEFT's LoRA config", path=path)
     try:
@@ -740,7 +761,7 @@ def _read_weights(folder: Path, info: AdapterInfo) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    path = folder / WEIGHTS_FILE
+    path = _own_file(folder, WEIGHTS_FILE)
     if not path.is_file():
         raise EngineError("missing; expected the LoRA tensors", path=path)
     try:

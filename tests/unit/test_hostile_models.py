@@ -429,6 +429,31 @@ def test_the_adapter_weights_checksum_is_required(
     assert untouched(model)
 
 
+@pytest.mark.parametrize("name", [METADATA_FILE, CONFIG_FILE, WEIGHTS_FILE, "folder"])
+def test_an_adapter_file_linked_out_of_its_folder_is_refused(
+    adapter: Path, tmp_path: Path, name: str
+) -> None:
+    """A file (or the whole adapter folder in a library) that is a link leading out of
+    its folder is refused by name, even when its content would pass every check."""
+    from histosynth.synthesis.adapters import list_adapters
+
+    elsewhere = tmp_path / "elsewhere"
+    if name == "folder":
+        library = tmp_path / "library"
+        library.mkdir()
+        shutil.move(adapter, elsewhere)
+        (library / "style").symlink_to(elsewhere, target_is_directory=True)
+        refused(lambda: list_adapters(library), f"{library / 'style'}: a link to {elsewhere}")
+        return
+    elsewhere.mkdir()
+    target = elsewhere / name
+    shutil.move(adapter / name, target)
+    (adapter / name).symlink_to(target)
+    model = tiny_base()
+    refused(lambda: load_adapter(model, adapter), f"{adapter / name}: a link to {target}")
+    assert untouched(model)
+
+
 def test_the_checksum_is_verified_before_the_weights_are_parsed(
     adapter: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

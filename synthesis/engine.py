@@ -61,15 +61,18 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import is_xformers_available
 from safetensors.torch import save_file
 
+from histosynth.common.files import replace_durably
 from histosynth.synthesis import defaults
 from histosynth.synthesis.abilities import EngineAbilities, refusal
 from histosynth.synthesis.config_limits import (
+    JSONFileError,
     check_before_loading,
     check_encoder_config,
     check_model_finite,
     check_scheduler_config,
     check_transformer_config,
     check_weights_finite,
+    parse_json_file,
 )
 from histosynth.synthesis.devices import move_model, resolve_device, resolve_dtype, vae_dtype
 from histosynth.synthesis.errors import EngineError, UntrainedEngineWarning
@@ -268,9 +271,18 @@ class Engine:
         pipe.max_strength = self.abilities.max_strength
         return pipe
 
-    def save(self, folder: str | os.PathLike) -> Path:
-        """Write the engine to a folder :func:`load_engine` reads (see :func:`save_engine`)."""
-        return save_engine(self, folder)
+    def save_pretrained(
+        self, folder: str | os.PathLike, *, training: dict[str, Any] | None = None
+    ) -> Path:
+        """Write the engine as a diffusers-layout folder (``model_index.json``, one
+        subfolder per component, ``histosynth_engine.json``); see :func:`save_engine`."""
+        return save_engine(self, folder, training=training)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, **options: Any) -> Engine:
+        """The engine saved in ``folder`` (this layout, or an older histosynth engine
+        folder without ``model_index.json``); ``options`` as :func:`load_engine`."""
+        return load_engine(folder, **options)
 
 
 # --------------------------------------------------------------------------- tiny
@@ -715,6 +727,8 @@ def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> Engi
             path=folder,
         )
     meta = read_engine_meta(root / ENGINE_FILE) if root and (root / ENGINE_FILE).is_file() else {}
+    if root is not None and (root / MODEL_INDEX).is_file():
+        _check_model_index(root)
     config = _transformer_config(transformer_dir)
     schedule = _scheduler_config_near(transformer_dir) or dict(PIXCELL_SCHEDULER_CONFIG)
     base = meta.get("preset") or _preset_for(config)
@@ -898,7 +912,9 @@ def save_engine(
     engine: Engine, folder: str | os.PathLike, *, training: dict[str, Any] | None = None
 ) -> Path:
     """Write ``engine`` to ``folder`` (``transformer/``, ``vae/``, ``encoder/``,
-    ``scheduler/``, ``histosynth_engine.json``); :func:`load_engine` reads it back.
+    ``scheduler/``, ``histosynth_engine.json``, and diffusers' ``model_index.json``
+    naming each component's class); :func:`load_engine` / :meth:`Engine.from_pretrained`
+    read it back.
 
     ``training`` (JSON-able: how the weights were trained) is kept in the metadata file.
 
@@ -942,10 +958,58 @@ def save_engine(
         if training is not None:
             meta["training"] = training
         (tmp / ENGINE_FILE).write_text(json.dumps(meta, indent=2) + "\n", "utf-8")
+        index = _model_index(engine)
+        (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n", "utf-8")
         if folder.exists():
             folder.rmdir()  # empty, checked above
-        os.replace(tmp, folder)
+        replace_durably(tmp, folder)
     return folder
+
+
+MODEL_INDEX = "model_index.json"
+"""diffusers' folder index: each component's library and class (written by
+:func:`save_engine`; engine folders from before it still load without one)."""
+
+
+def _check_model_index(root: Path) -> None:
+    """Every component ``model_index.json`` names must be a folder of the engine."""
+    path = root / MODEL_INDEX
+    try:
+        index = parse_json_file(path)
+    except JSONFileError as err:
+        raise EngineError(f"not readable JSON: {err}", path=path) from None
+    if not isinstance(index, dict):
+        raise EngineError("expected a JSON object", path=path)
+    for name, value in index.items():
+        if name.startswith("_") or value in (None, [None, None]):
+            continue
+        if not isinstance(name, str) or "/" in name or name in (".", "..") \
+                or not (root / name).is_dir():
+            raise EngineError(f"names the component {name!r}, which is not a folder here",
+                              path=path)
+
+
+def _model_index(engine: Engine) -> dict[str, Any]:
+    """``model_index.json`` of a saved engine: ``[library, class]`` per component."""
+    import diffusers
+
+    def entry(module: Any) -> list[str]:
+        kind = type(module)
+        library = "diffusers" if kind.__module__.startswith("diffusers") else kind.__module__
+        return [library, kind.__name__]
+
+    index: dict[str, Any] = {
+        "_class_name": "HistosynthEngine",
+        "_diffusers_version": diffusers.__version__,
+        "transformer": entry(engine.transformer),
+        "vae": entry(engine.vae),
+        "encoder": entry(engine.encoder),
+        "scheduler": ["diffusers", type(make_scheduler("dpm-solver++",
+                                                       engine.scheduler_config)).__name__],
+    }
+    if engine.generator is not None:
+        index["generator"] = entry(engine.generator)
+    return index
 
 
 # --------------------------------------------------------------------------- reports

@@ -113,7 +113,8 @@ def test_dataset_cache_leaves_out_rejected_tiles_and_matches_the_project_cache(i
 
 @pytest.fixture(scope="module")
 def other_model(tmp_path_factory):
-    return tiny_engine(seed=1, device="cpu").save(tmp_path_factory.mktemp("m") / "tiny-seed1")
+    folder = tmp_path_factory.mktemp("m") / "tiny-seed1"
+    return tiny_engine(seed=1, device="cpu").save_pretrained(folder)
 
 
 def _bad_cases(demo, extracted, project_cache, other_model, tmp):

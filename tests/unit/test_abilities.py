@@ -119,7 +119,7 @@ def test_the_default_engine_refuses_generation_in_python_too() -> None:
 def test_a_saved_folder_keeps_its_abilities_and_model_facts_read_them_without_weights(
     tmp_path: Path, untrained_engine
 ) -> None:
-    folder = untrained_engine.save(tmp_path / "saved")
+    folder = untrained_engine.save_pretrained(tmp_path / "saved")
     meta = json.loads((folder / ENGINE_FILE).read_text())
     assert meta["abilities"] == EngineAbilities().to_json()
     # declare it seams-only and remove every weight: the facts still come from the file
@@ -131,3 +131,27 @@ def test_a_saved_folder_keeps_its_abilities_and_model_facts_read_them_without_we
     (folder / "transformer").mkdir()
     facts = model_facts(folder)
     assert facts.abilities == loaded.abilities and not facts.trained
+
+
+def test_an_engine_saves_and_loads_in_diffusers_layout(untrained_engine, tmp_path):
+    """save_pretrained writes model_index.json naming each component's class beside one
+    folder per component; from_pretrained loads it, and an older folder without the
+    index still loads; an index naming a folder that is not there is one line."""
+    from histosynth.synthesis.engine import Engine
+    from histosynth.synthesis.errors import EngineError
+
+    folder = untrained_engine.save_pretrained(tmp_path / "saved")
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["transformer"][1] == "PixCellTransformer2DModel"
+    assert index["vae"] == ["diffusers", "AutoencoderKL"]
+    for name in ("transformer", "vae", "encoder", "scheduler"):
+        assert (folder / name).is_dir() and name in index
+    again = Engine.from_pretrained(folder, device="cpu")
+    assert again.tile_size == untrained_engine.tile_size and not again.trained
+    older = Path(shutil.copytree(folder, tmp_path / "older"))
+    (older / "model_index.json").unlink()
+    assert Engine.from_pretrained(older, device="cpu").tile_size == untrained_engine.tile_size
+    index["controlnet"] = ["histosynth", "Nothing"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(EngineError, match="names the component 'controlnet'"):
+        Engine.from_pretrained(folder, device="cpu")

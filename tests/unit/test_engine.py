@@ -197,6 +197,7 @@ def test_saved_tiny_folder_loads_back_identical_and_still_untrained(
         "encoder",
         "scheduler",
         ENGINE_FILE,
+        "model_index.json",
     }
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
     loaded = load_engine(folder, device="cpu")

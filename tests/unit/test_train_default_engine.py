@@ -95,7 +95,7 @@ def test_quick_engine_declares_seams_only_and_its_generator_generates(script, tm
     tiles = pipe(np.full((64, 64, 3), 200, np.uint8), seeds=[0], num_inference_steps=2)
     assert tiles.images.shape == (1, 64, 64, 3)
     # saved and loaded again, the generator travels with the engine
-    again = load_engine(engine.save(tmp_path / "saved"), device="cpu")
+    again = load_engine(engine.save_pretrained(tmp_path / "saved"), device="cpu")
     assert again.generator is not None and again.abilities.generates
 
     config = json.loads((out / "generator" / "config.json").read_text())

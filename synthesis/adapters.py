@@ -75,6 +75,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from histosynth.common.files import replace_durably
 from histosynth.common.version import histosynth_version
 from histosynth.synthesis.config_limits import (
     ADAPTER_WEIGHTS_MAX_BYTES,
@@ -633,10 +634,10 @@ def save_adapter(
         if folder.exists():
             old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(folder, old)
-            os.replace(tmp, folder)
+            replace_durably(tmp, folder)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, folder)
+            replace_durably(tmp, folder)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

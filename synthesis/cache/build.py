@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 import torch
 
+from histosynth.common.files import replace_durably
 from histosynth.synthesis.adapters import base_weight_hash, histosynth_version
 from histosynth.synthesis.cache.format import (
     ARRAYS,
@@ -145,7 +146,7 @@ def _create_file(path: Path, info: CacheInfo) -> None:
             handle.attrs["histosynth_version"] = info.histosynth_version or histosynth_version()
             handle.attrs.create("count", 0, dtype=np.int64)
             handle.attrs.create("content_hash", b"", dtype=h5py.string_dtype("ascii", 64))
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     finally:
         with suppress(FileNotFoundError):
             tmp.unlink()
@@ -192,7 +193,7 @@ def _recover(path: Path) -> None:
                         stop = min(info.count, start + step)
                         dst[name][start:stop] = src[name][start:stop]
                 dst["committed"][0] = info.count
-            os.replace(tmp, path)
+            replace_durably(tmp, path)
         finally:
             with suppress(FileNotFoundError):
                 tmp.unlink()

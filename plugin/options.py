@@ -1,18 +1,17 @@
-"""Bounded numbers for the command line: each numeric option is finite and in its range.
+"""Bounds of the numbers a user gives, shared by the commands and the workflows.
 
 click's ``FloatRange`` lets ``nan`` through (every comparison with it is false) and
 ``inf`` wherever there is no upper bound, and ``IntRange(min=1)`` takes ``10**12``;
 each would reach the engine (black seams, empty runs, runaway loops or allocations).
-The limits below are checked by click before any work, and by
-:class:`~histosynth.synthetic_tiles.SynthesisSettings` for the Python API.
+The limits below are checked by click before any work (the option types of
+:mod:`histosynth.commands.options`), and by the workflows' settings (e.g.
+:class:`~histosynth.workflows.synthesize.SynthesisSettings`) for the Python API. No click
+here: the workflows import this module.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
-
-import click
 
 __all__ = [
     "COUNT_MAX",
@@ -20,9 +19,8 @@ __all__ = [
     "MPP_MAX",
     "SEED_MAX",
     "STEPS_MAX",
-    "FiniteFloat",
+    "WAIT_MAX_S",
     "check_finite",
-    "wait_option",
 ]
 
 #: Coarsest resolution an option accepts, µm/px (a 512 px tile then spans 51 mm).
@@ -35,18 +33,8 @@ STEPS_MAX = 1000
 GUIDANCE_MAX = 50.0
 #: Largest seed (numpy's and torch's generators take 32-bit seeds everywhere).
 SEED_MAX = 2**32 - 1
-
-
-class FiniteFloat(click.FloatRange):
-    """``click.FloatRange`` that also refuses ``nan`` and ``±inf``."""
-
-    name = "finite float"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None):
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number.", param, ctx)
-        return number
+#: Longest ``--wait`` for another process's lock, seconds (a day).
+WAIT_MAX_S = 86400.0
 
 
 def check_finite(name: str, value: float, low: float, high: float) -> float:
@@ -59,21 +47,3 @@ def check_finite(name: str, value: float, low: float, high: float) -> float:
     if not (math.isfinite(number) and low <= number <= high):
         raise ValueError(f"{name} must be a finite number in [{low:g}, {high:g}], not {value!r}")
     return number
-
-
-#: Longest ``--wait`` for another process's lock, seconds (a day).
-WAIT_MAX_S = 86400.0
-
-
-def wait_option(func):
-    """The ``--wait SECONDS`` option of every command that takes a project or run lock
-    (the value arrives as ``wait_s``)."""
-    return click.option(
-        "--wait",
-        "wait_s",
-        type=FiniteFloat(0, WAIT_MAX_S),
-        default=0.0,
-        show_default=True,
-        help="Seconds to wait for another histosynth process holding the project's or run "
-        "folder's lock before giving up.",
-    )(func)

@@ -154,8 +154,8 @@ class SynthesisEngine:
         self, classes: list[str], count: int, mode: str, tile_size: int | None, params: dict
     ) -> None:
         """Refuse a mode the engine cannot serve before any slide or weight is read."""
-        from histosynth.run_checks import check_engine_serves
-        from histosynth.synthetic_tiles import SynthesisSettings
+        from histosynth.workflows.synthesize import SynthesisSettings
+        from histosynth.workflows.synthesize.run_checks import check_engine_serves
 
         keys = ("strength", "background", "harmonise", "allow_untrained")
         settings = SynthesisSettings(
@@ -214,7 +214,7 @@ class SynthesisEngine:
                 ``none``), ``allow_untrained`` (let the UNTRAINED tiny engine paint),
                 ``resume``, ``slide_mpp`` (µm per level-0
                 pixel for slide paths without that metadata), ``ray`` (render on a Ray
-                cluster: a :class:`histosynth.scale_out.RayOptions` or its address,
+                cluster: a :class:`histosynth.workflows.synthesize.RayOptions` or its address,
                 ``"auto"`` / ``"local"``; the model must then be a preset or folder).
 
         Returns:
@@ -286,7 +286,7 @@ class SynthesisEngine:
         tile_size = engine.tile_size if tile_size is None else tile_size
         mpp = engine.mpp if mpp is None else mpp
 
-        from histosynth.synthetic_tiles import SynthesisSettings, synthesize
+        from histosynth.workflows.synthesize import SynthesisSettings, synthesize
 
         options = {_PARAMS[key]: value for key, value in params.items()}
         run_options = {
@@ -294,7 +294,7 @@ class SynthesisEngine:
         }
         ray = run_options.get("ray")
         if ray is not None:
-            from histosynth.scale_out import RayOptions
+            from histosynth.workflows.synthesize import RayOptions
 
             if isinstance(ray, str):
                 run_options["ray"] = RayOptions(ray)

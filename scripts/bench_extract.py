@@ -22,7 +22,7 @@ from tiatoolbox.wsicore.wsireader import WSIReader
 
 from histosynth.integration.dataset import read_index
 from histosynth.integration.demodata import build_demo_project, build_demo_slide
-from histosynth.workflows import extract
+from histosynth.workflows.extract import ExtractSettings, extract
 
 
 def main() -> None:
@@ -50,12 +50,11 @@ def main() -> None:
                 out = work / f"run-{png}-{repeat}"
                 start = time.perf_counter()
                 extract(
-                    classes=["Vessel"],
+                    ExtractSettings(
+                        classes=("Vessel",), tile_size=args.tile_size, mpp=args.mpp, png=png
+                    ),
                     out=out,
                     project=project,
-                    tile_size=args.tile_size,
-                    mpp=args.mpp,
-                    png=png,
                 )
                 times[png].append(time.perf_counter() - start)
             rows = read_index(out)

@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
 
     from histosynth.integration.demodata import build_demo_project
-    from histosynth.scale_out import RayOptions
-    from histosynth.synthetic_tiles import SynthesisSettings, synthesize
+    from histosynth.workflows.synthesize import SynthesisSettings, synthesize
+    from histosynth.workflows.synthesize.scale_out import RayOptions
 
     root = Path(tempfile.mkdtemp(prefix="histosynth-scale-"))
     rows = []
@@ -135,7 +135,7 @@ class _Stages:
 
 
 def _stage_timers() -> _Stages:
-    import histosynth.synthetic_tiles as workflow
+    import histosynth.workflows.synthesize.workflow as workflow
 
     stages = _Stages()
     for name, stage in (

@@ -70,7 +70,7 @@ def make_project_run(base: Path, tiles: int = 4) -> tuple[Path, Path]:
     """A demo project with a run of ``tiles`` tiles written into it."""
     from histosynth.integration.demodata import build_demo_project
     from histosynth.integration.qupath.writeback import write_run_to_project
-    from histosynth.synthetic_tiles import SynthesisSettings, synthesize
+    from histosynth.workflows.synthesize import SynthesisSettings, synthesize
 
     project = build_demo_project(base / "project")
     run = base / "run"

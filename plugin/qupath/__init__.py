@@ -3,7 +3,8 @@
 ``install_scripts(P)`` copies the scripts into ``P/scripts/histosynth/``, where QuPath lists
 them under *Automate > Project scripts > histosynth* (``_`` shown as a space), and writes
 ``histosynth_settings.json`` beside them: the Python that runs histosynth and the defaults
-the scripts use (classes, count, model, mode, tile size, µm/px).
+the scripts use (classes, count, model, mode, tile size, µm/px). ``plan_for_scripts``
+writes the plan the "Synthesize vessels" script applies (``histosynth qupath plan``).
 
 Example::
 
@@ -19,11 +20,14 @@ import sys
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from histosynth.common.files import atomic_write_bytes, atomic_write_json
 from histosynth.common.geometry import DEFAULT_MPP
 from histosynth.integration.errors import InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from histosynth.integration.qupath.plan import WriteBackPlan
 
 SCRIPTS_SUBFOLDER = ("scripts", "histosynth")
 """Where the scripts go inside a project folder."""
@@ -37,6 +41,7 @@ __all__ = [
     "SCRIPTS_SUBFOLDER",
     "SETTINGS_NAME",
     "install_scripts",
+    "plan_for_scripts",
     "script_names",
     "scripts_folder",
     "settings_for",
@@ -199,3 +204,32 @@ def install_scripts(
         atomic_write_bytes(target / name, _script_bytes(name))
     atomic_write_json(target / SETTINGS_NAME, settings)
     return paths
+
+
+def plan_for_scripts(
+    run: str | os.PathLike,
+    project: str | os.PathLike,
+    *,
+    run_name: str | None = None,
+    wait_s: float = 0.0,
+) -> tuple[WriteBackPlan, Path]:
+    """Plan adding ``run``'s synthetic tiles to ``project`` for the menu scripts: every
+    tile checked against the project (under its lock, waiting up to ``wait_s`` seconds),
+    each tile's calibrated TIFF written (``RUN/images/<id>.tif``) and the plan written to
+    ``RUN/qupath-plan.json``. The project itself is not changed.
+
+    Returns:
+        The plan and the path of its JSON file.
+
+    Raises:
+        InputError: not a QuPath project, a run the project cannot take, a lock held.
+    """
+    from histosynth.integration.locks import project_lock
+    from histosynth.integration.qupath import QuPathProject
+    from histosynth.integration.qupath.plan import make_plan, write_entry_images, write_plan_json
+
+    # planned under the project lock: not from a project a write-back is changing
+    with project_lock(QuPathProject.locate(project), wait_s=wait_s):
+        plan = make_plan(QuPathProject(project, use_paquo=False), run, run_name)
+    write_entry_images(plan)
+    return plan, write_plan_json(plan)

@@ -1,5 +1,6 @@
-"""Review tools: the gallery page of a run (``gallery``), the ``histosynth review`` commands
-(``cli``) and the copy of reviewers' decisions from a QuPath project into ``index.csv``.
+"""Review tools: the gallery page of a run (``gallery``), the review server (``server``) and
+its metrics view (``metrics_view``); the ``histosynth review`` commands that run them are in
+:mod:`histosynth.commands.review`.
 
 Kept import-light: the submodules are imported where they are used.
 """

@@ -83,7 +83,7 @@ def test_evaluate_writes_the_table_and_metrics_json(invoke, sets, tmp_path):
 def test_the_own_donor_is_left_out_of_the_nearest_neighbours(sets):
     """Copies of real tiles as 'inpainted' ones: with their own donors excluded, NND
     synth → real is no longer ~0."""
-    from histosynth.evaluate import evaluate
+    from histosynth.workflows.evaluate import evaluate
 
     run, real = sets
     copies = run.parent / "copies"

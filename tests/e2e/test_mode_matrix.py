@@ -125,8 +125,8 @@ def test_auto_backgrounds_never_generate_with_an_engine_that_cannot(demo_project
     """A donor that fits no real background is skipped with the reason, not pasted onto
     noise (the tile plan of every executor)."""
     from histosynth.integration.tiles import collect_donors, load_sources
-    from histosynth.synthetic_tiles import SynthesisSettings
-    from histosynth.tile_plan import compose_tile
+    from histosynth.workflows.synthesize import SynthesisSettings
+    from histosynth.workflows.synthesize.tile_plan import compose_tile
 
     sources = load_sources(project=demo_project)
     donors = collect_donors(sources, ("Vessel",), 512, 0.5, [], context_px=30)

@@ -15,11 +15,13 @@ import pytest
 from click.testing import CliRunner
 from shapely.geometry import Point
 
-from histosynth.export import METADATA_COLUMNS, export, export_training_set, slide_group
+from histosynth.commands.export import export
 from histosynth.integration.annotations import Annotation
 from histosynth.integration.dataset import RunWriter, TileRecord, read_index, update_index
 from histosynth.integration.demodata import he_source_image
 from histosynth.integration.errors import InputError
+from histosynth.integration.splits import slide_group
+from histosynth.workflows.export import METADATA_COLUMNS, export_training_set
 
 TILE = 48
 # id -> (synthesis_type, class, review status)

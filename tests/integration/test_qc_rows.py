@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from shapely.geometry import Point
 
-from histosynth.export import export_training_set
 from histosynth.integration.annotations import Annotation
 from histosynth.integration.dataset import RunWriter, TileRecord, read_index
 from histosynth.integration.demodata import he_source_image
 from histosynth.integration.errors import InputError
 from histosynth.integration.splits import read_labelled_tiles
 from histosynth.review.gallery import write_gallery
+from histosynth.workflows.export import export_training_set
 
 TILE = 64
 # id -> (synthesis_type, mask_source, qc)

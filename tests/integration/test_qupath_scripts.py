@@ -23,6 +23,7 @@ import pytest
 from click.testing import CliRunner
 from shapely.geometry import box
 
+from histosynth.commands.qupath import qupath
 from histosynth.integration.annotations import Annotation, class_matches
 from histosynth.integration.dataset import RunWriter, TileRecord, read_index
 from histosynth.integration.demodata import build_demo_project, build_demo_slide
@@ -37,7 +38,6 @@ from histosynth.integration.qupath.entries import (
     SYNTHETIC_TAGS,
 )
 from histosynth.qupath import SETTINGS_NAME, install_scripts, script_names
-from histosynth.qupath.cli import qupath
 
 SOURCE = Path(__file__).resolve().parents[2] / "plugin" / "qupath"
 PARSE_DRIVER = Path(__file__).with_name("groovy") / "parse_check.groovy"

@@ -19,11 +19,11 @@ import pytest
 from click.testing import CliRunner
 from shapely.geometry import Point
 
+from histosynth.commands.review import review
 from histosynth.integration.annotations import Annotation
 from histosynth.integration.dataset import RunWriter, TileRecord, read_index, update_index
 from histosynth.integration.demodata import he_source_image
 from histosynth.integration.errors import InputError
-from histosynth.review.cli import review
 from histosynth.review.gallery import OVERLAY_ALPHA, OVERLAY_RGB, write_gallery
 
 EVIL_CLASS = "Vessel <script>document.title='pwned'</script> \"quoted\" 'single' & <b>bold</b>"

@@ -76,7 +76,7 @@ def _burst(url: str, tiles: list[str], seed: int, acked: list[str], stop: thread
 def project_run(tmp_path: Path):
     from histosynth.integration.demodata import build_demo_project
     from histosynth.integration.qupath.writeback import write_run_to_project
-    from histosynth.synthetic_tiles import SynthesisSettings, synthesize
+    from histosynth.workflows.synthesize import SynthesisSettings, synthesize
 
     project = build_demo_project(tmp_path / "project")
     run = tmp_path / "run"

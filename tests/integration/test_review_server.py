@@ -318,7 +318,7 @@ def project_run(tmp_path):
     step), served with --project."""
     from histosynth.integration.demodata import build_demo_project
     from histosynth.integration.qupath.writeback import write_run_to_project
-    from histosynth.synthetic_tiles import SynthesisSettings, synthesize
+    from histosynth.workflows.synthesize import SynthesisSettings, synthesize
 
     project = build_demo_project(tmp_path / "project")
     run = tmp_path / "run"
@@ -391,7 +391,7 @@ def test_with_a_project_a_decision_reaches_the_entry(project_run):
 def test_the_export_follows_the_browser_decisions(served, tmp_path):
     import csv
 
-    from histosynth.export import export_training_set
+    from histosynth.workflows.export import export_training_set
 
     run, state, url = served
     token = {"X-Histosynth-Token": state.token}

@@ -20,8 +20,8 @@ ray = pytest.importorskip("ray", reason="Ray is the [ray] extra")
 
 from histosynth.integration.dataset import read_index  # noqa: E402
 from histosynth.integration.errors import InputError  # noqa: E402
-from histosynth.scale_out import KILL_ENV, RayOptions, connect  # noqa: E402
-from histosynth.synthetic_tiles import SynthesisSettings, synthesize  # noqa: E402
+from histosynth.workflows.synthesize import SynthesisSettings, synthesize  # noqa: E402
+from histosynth.workflows.synthesize.scale_out import KILL_ENV, RayOptions, connect  # noqa: E402
 
 COUNT = 5
 
@@ -110,7 +110,7 @@ def test_a_run_that_fails_is_completed_by_resume(
 ):
     """No restarts left: the run stops with the tiles before it committed; --resume
     makes only the rest, and the folder equals the single-process run (no duplicates)."""
-    import histosynth.scale_out as scale_out
+    import histosynth.workflows.synthesize.scale_out as scale_out
 
     monkeypatch.setattr(scale_out, "MAX_RESTARTS", 0)
     monkeypatch.setenv(KILL_ENV, f"3:{tmp_path / 'killed'}")

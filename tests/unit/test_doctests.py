@@ -38,7 +38,7 @@ MODULES = _modules_with_examples()
 
 
 def test_examples_are_found() -> None:
-    assert "histosynth.synthetic_tiles" in MODULES
+    assert "histosynth.workflows.synthesize.workflow" in MODULES
     assert "histosynth.integration.qupath.entries" in MODULES
     assert len(MODULES) >= 10
 

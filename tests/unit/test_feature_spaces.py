@@ -76,8 +76,8 @@ def test_evaluate_with_a_pathology_encoder_at_tiny_size(tmp_path, monkeypatch):
     """The whole evaluate path in the uni2-h space (tiny random model)."""
     import importlib
 
-    from histosynth.evaluate import evaluate
     from histosynth.synthesis.metrics import features as module
+    from histosynth.workflows.evaluate import evaluate
 
     spec = importlib.util.spec_from_file_location(
         "test_evaluate_cli", __file__.replace("unit/test_feature_spaces.py",

@@ -60,8 +60,8 @@ def test_every_cli_command_of_the_manifest_exists():
     from histosynth.cli import main
 
     for command in load_manifest().commands.values():
-        if command.entry_point and command.entry_point.startswith("histosynth.cli:"):
-            assert command.entry_point.split(":")[1] in main.commands
+        if command.entry_point and command.entry_point.startswith("histosynth.commands."):
+            assert resolve_entry_point(command.entry_point) in main.commands.values()
 
 
 @pytest.mark.parametrize(

@@ -14,9 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from histosynth.commands.options import FiniteFloat
 from histosynth.integration.errors import InputError
-from histosynth.options import COUNT_MAX, STEPS_MAX, FiniteFloat, check_finite
-from histosynth.synthetic_tiles import SynthesisSettings
+from histosynth.options import COUNT_MAX, STEPS_MAX, check_finite
+from histosynth.workflows.synthesize import SynthesisSettings
 
 BASE = ["synthesize", "--slide", "s.tif", "--annotations", "a.geojson", "--class", "Vessel"]
 

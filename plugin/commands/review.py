@@ -1,8 +1,8 @@
-"""``histosynth review …``: the review commands.
+"""``histosynth review …``: the review commands (the work: :mod:`histosynth.review`).
 
-The group is registered on the main command in ``histosynth.cli``; user errors
-(:class:`~histosynth.integration.errors.InputError`) raised here become one line on stderr
-and exit code 1 there.
+The group is registered on the main command in :mod:`histosynth.commands.main`; user
+errors (:class:`~histosynth.integration.errors.InputError`) raised here become one line on
+stderr and exit code 1 there.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
-from histosynth.options import wait_option
-from histosynth.progress import progress_for
+from histosynth.commands.options import project_option, wait_option
+from histosynth.commands.progress import progress_for
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -59,12 +59,10 @@ def sync(ctx: click.Context, project: Path, run: Path, wait_s: float) -> None:
 
 @review.command()
 @click.argument("run", type=click.Path(path_type=Path, file_okay=False))
-@click.option(
-    "--project",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="The QuPath project the run was written into: each decision also goes into its "
+@project_option(
+    "The QuPath project the run was written into: each decision also goes into its "
     "entry (close the project in QuPath first).",
+    short=False,
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(

@@ -1,8 +1,7 @@
-"""Workflows: the jobs the command line runs, composed from the integration layer (and,
-for synthesis, the engine).
+"""The ``extract`` workflow: one real tile per vessel, centred on it, into a dataset.
 
-Every workflow validates all of its inputs before it writes anything, so bad input
-leaves no partial output; then it writes through ``RunWriter`` (atomic files, resumable).
+It validates all of its inputs before it writes anything, so bad input leaves no partial
+output; then it writes through ``RunWriter`` (atomic files, resumable).
 """
 
 from __future__ import annotations
@@ -10,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,38 +40,66 @@ class ExtractResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class ExtractSettings:
+    """What to extract (frozen; checked when made).
+
+    ``classes``: annotation classes ('Vessel' includes 'Vessel: …'); ``tile_size`` px at
+    ``mpp`` µm/px; ``min_area_um2`` / ``max_area_um2``: the vessels' area bounds in µm²;
+    ``png``: ``"fast"`` (stored PNG, the quickest to write) or ``"small"`` (zlib, ~35 %
+    smaller).
+
+    Raises:
+        InputError: no class, a size or resolution that is not positive, or
+            ``min_area_um2`` above ``max_area_um2``.
+    """
+
+    classes: tuple[str, ...]
+    tile_size: int = 1024
+    mpp: float = DEFAULT_MPP
+    min_area_um2: float = 0.0
+    max_area_um2: float = math.inf
+    png: str = "fast"
+
+    def __post_init__(self) -> None:
+        classes = (self.classes,) if isinstance(self.classes, str) else tuple(self.classes)
+        object.__setattr__(self, "classes", classes)
+        if not classes:
+            raise InputError("name at least one class (--class)")
+        if self.tile_size <= 0 or self.mpp <= 0:
+            raise InputError(
+                f"tile size ({self.tile_size}) and mpp ({self.mpp}) must be positive"
+            )
+        if self.min_area_um2 > self.max_area_um2:
+            raise InputError(
+                f"--min-area {self.min_area_um2} is above --max-area {self.max_area_um2}"
+            )
+
+
 def extract(
+    settings: ExtractSettings,
     *,
-    classes: Sequence[str],
     out: str | Path,
     project: str | Path | None = None,
     slide: str | Path | None = None,
     annotations: str | Path | None = None,
-    tile_size: int = 1024,
-    mpp: float = DEFAULT_MPP,
     slide_mpp_override: float | None = None,
-    min_area_um2: float = 0.0,
-    max_area_um2: float = math.inf,
     resume: bool = False,
     skip_missing: bool = False,
-    png: str = "fast",
     progress: Callable[[Iterable, int], Iterable] | None = None,
     command: str = "",
 ) -> ExtractResult:
-    """Write one tile per vessel of ``classes``, centred on it, at ``mpp`` µm/px.
+    """Write one tile per vessel of ``settings.classes``, centred on it, at
+    ``settings.mpp`` µm/px, into the dataset folder ``out``.
 
-    Each tile's mask holds every annotation of ``classes`` inside the tile (255), its
+    Each tile's mask holds every annotation of the classes inside the tile (255), its
     GeoJSON those annotations clipped to the tile in tile pixels. Vessels larger than the
     tile are skipped with the reason in ``run.json``; tiles at the border stay inside the
-    slide. ``min_area_um2`` / ``max_area_um2`` filter vessels by area in µm². ``png``:
-    ``"fast"`` (stored PNG, the quickest to write) or ``"small"`` (zlib, ~35 % smaller).
+    slide. The slides come from ``project``, or ``slide`` + ``annotations`` (GeoJSON);
+    ``slide_mpp_override``: µm/px of slides without resolution metadata.
     """
-    if not classes:
-        raise InputError("name at least one class (--class)")
-    if tile_size <= 0 or mpp <= 0:
-        raise InputError(f"tile size ({tile_size}) and mpp ({mpp}) must be positive")
-    if min_area_um2 > max_area_um2:
-        raise InputError(f"--min-area {min_area_um2} is above --max-area {max_area_um2}")
+    classes, tile_size, mpp = settings.classes, settings.tile_size, settings.mpp
+    min_area_um2, max_area_um2 = settings.min_area_um2, settings.max_area_um2
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError("the output folder is a file", path=out)
@@ -97,7 +124,9 @@ def extract(
         "sources": sorted(str(s.slide_path) for s in sources),
     }
     result = ExtractResult(out)
-    with RunWriter(out, config=config, resume=resume, command=command, png=png) as writer:
+    with RunWriter(
+        out, config=config, resume=resume, command=command, png=settings.png
+    ) as writer:
         writer.set_info(histosynth=__version__)
         for item, reason in plan.skipped:
             writer.skip(item, reason)

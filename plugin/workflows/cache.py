@@ -1,4 +1,4 @@
-"""``histosynth cache build``: the feature cache of a dataset, a QuPath project or a slide.
+"""The feature cache of a dataset, a QuPath project or a slide (``histosynth cache build``).
 
 Tiles come from a histosynth dataset / run folder (``index.csv``; rows a reviewer rejected
 are left out), or from slides: one tile centred on each vessel of the chosen classes (the
@@ -10,8 +10,8 @@ crop works: a 512 px tile with UNI2-h's 256 px crops gives 4 rows.
 
 Every input is checked before the model loads or anything is written.
 
-Size: one command's workflow — the three tile sources (dataset, project, slide), their
-checks, and the background-tile sampler that only ``cache build`` uses.
+Size: one workflow — the three tile sources (dataset, project, slide), their checks, and
+the background-tile sampler that only ``cache build`` uses.
 """
 
 from __future__ import annotations
@@ -23,11 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import click
-
 from histosynth.integration.errors import InputError
-from histosynth.options import MPP_MAX, SEED_MAX, FiniteFloat
-from histosynth.progress import progress_for
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -53,6 +49,32 @@ class CacheBuildResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     engine_description: str = ""
     trained: bool = True
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """What to cache and how.
+
+    ``model``: a preset or an engine folder; ``classes``: the vessel classes (with a
+    project or slide; 'Vessel' includes 'Vessel: …'); ``tile_size`` px and ``mpp`` µm/px
+    (``None``: a dataset's own, then a resumed cache's, then the model's);
+    ``background_tiles``: tissue tiles without annotations to add (slides only), chosen
+    from ``seed``; ``batch_size``: tiles per model call and per commit; ``device``:
+    ``None`` = CUDA when available.
+    """
+
+    model: str
+    classes: tuple[str, ...] = ()
+    tile_size: int | None = None
+    mpp: float | None = None
+    background_tiles: int = 0
+    seed: int = 0
+    batch_size: int = 8
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        classes = (self.classes,) if isinstance(self.classes, str) else tuple(self.classes)
+        object.__setattr__(self, "classes", classes)
 
 
 @dataclass
@@ -366,30 +388,24 @@ def _check_tile_size(tile_size: int, crop: int, down: int) -> None:
 
 
 def build_feature_cache(
+    settings: CacheSettings,
     *,
     out: str | Path,
-    model: str,
     dataset: str | Path | None = None,
     project: str | Path | None = None,
     slide: str | Path | None = None,
     annotations: str | Path | None = None,
-    classes: Sequence[str] = (),
-    tile_size: int | None = None,
-    mpp: float | None = None,
     slide_mpp_override: float | None = None,
-    background_tiles: int = 0,
     resume: bool = False,
-    seed: int = 0,
-    batch_size: int = 8,
-    device: str | None = None,
     skip_missing: bool = False,
     progress: Callable[[Iterable, int | None], Iterable] | None = None,
 ) -> CacheBuildResult:
-    """Cache the tiles of a dataset folder, or of a project / slide, into ``out``.
+    """Cache the tiles of a dataset folder, or of a project / slide, into the cache file
+    ``out`` (HDF5); ``resume`` adds to an existing one.
 
-    ``tile_size`` (px) and ``mpp`` (µm/px) default to the dataset's own, then to a
-    resumed cache's, then to the model's. The model (``load_engine(model)`` at its
-    native size) is loaded after the inputs are checked.
+    ``settings.tile_size`` (px) and ``settings.mpp`` (µm/px) default to the dataset's own,
+    then to a resumed cache's, then to the model's. The model (``load_engine(model)`` at
+    its native size) is loaded after the inputs are checked.
 
     Raises:
         InputError / EngineError: one line naming the input, before anything is written.
@@ -398,6 +414,7 @@ def build_feature_cache(
     from histosynth.synthesis import load_engine
     from histosynth.synthesis.cache import build_cache, cached_tile_ids
 
+    classes, seed, batch_size = settings.classes, settings.seed, settings.batch_size
     if sum(x is not None for x in (dataset, project, slide)) != 1:
         raise InputError("give one of a dataset folder, a project or a slide")
     out = Path(out)
@@ -415,8 +432,8 @@ def build_feature_cache(
             skip_missing=skip_missing,
         )
         check_classes(sources, classes)
-    tile_size, mpp = _sizes(tile_size, mpp, data, existing)
-    engine = load_engine(model, device=device)
+    tile_size, mpp = _sizes(settings.tile_size, settings.mpp, data, existing)
+    engine = load_engine(settings.model, device=settings.device)
     tile_size = int(tile_size or engine.tile_size)
     mpp = float(mpp or engine.mpp)
     _check_tile_size(tile_size, engine.encoder.crop, engine.codec.downsample)
@@ -427,7 +444,7 @@ def build_feature_cache(
         planned = _plan_dataset(data, tile_size)
     else:
         planned = _plan_slides(
-            sources, classes, tile_size, mpp, background_tiles, seed, result.skipped
+            sources, classes, tile_size, mpp, settings.background_tiles, seed, result.skipped
         )
     if not planned:
         raise InputError(
@@ -453,176 +470,3 @@ def build_feature_cache(
     result.vessels = sum(p.kind == "vessel" for p in todo)
     result.backgrounds = sum(p.kind == "background" for p in todo)
     return result
-
-
-# --------------------------------------------------------------------------- command line
-
-
-@click.group()
-def cache() -> None:
-    """Feature caches for training: VAE posteriors and encoder rows of tiles, in HDF5."""
-
-
-@cache.command("build")
-@click.option(
-    "--dataset",
-    type=click.Path(path_type=Path),
-    help="A histosynth dataset or run folder (index.csv); rejected tiles are left out.",
-)
-@click.option(
-    "--project",
-    "-p",
-    type=click.Path(path_type=Path),
-    help="QuPath project: project.qpproj or its folder.",
-)
-@click.option(
-    "--slide",
-    "-s",
-    type=click.Path(path_type=Path),
-    help="A slide any TIAToolbox reader opens (with --annotations).",
-)
-@click.option(
-    "--annotations",
-    "-a",
-    type=click.Path(path_type=Path),
-    help="GeoJSON annotations of --slide (QuPath 0.2–0.7 or plain).",
-)
-@click.option(
-    "--slide-mpp",
-    type=FiniteFloat(min=0, min_open=True, max=MPP_MAX),
-    default=None,
-    help="µm/px of slides that carry no resolution metadata.",
-)
-@click.option(
-    "--class",
-    "classes",
-    multiple=True,
-    help="Vessel class (repeatable, with --project / --slide); 'Vessel' includes 'Vessel: …'.",
-)
-@click.option(
-    "--model",
-    required=True,
-    help="Preset (pixcell-1024, pixcell-256, tiny = UNTRAINED) or a local engine folder.",
-)
-@click.option(
-    "--out",
-    "-o",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="Cache file to write (HDF5, e.g. vessels.h5).",
-)
-@click.option(
-    "--tile-size",
-    type=click.IntRange(8, 16384),
-    default=None,
-    help="Tile side in px at --mpp, a multiple of the encoder crop [a dataset's "
-    "own, else the model's].",
-)
-@click.option(
-    "--mpp",
-    type=FiniteFloat(min=0, min_open=True, max=MPP_MAX),
-    default=None,
-    help="Resolution in µm/px [a dataset's own, else the model's].",
-)
-@click.option(
-    "--background-tiles",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Also cache N tissue tiles without any annotation (for style adapters).",
-)
-@click.option(
-    "--resume",
-    is_flag=True,
-    help="Add to an existing cache (also after an interruption); its tiles are kept.",
-)
-@click.option(
-    "--seed",
-    type=click.IntRange(0, SEED_MAX),
-    default=0,
-    show_default=True,
-    help="Seed of the background tile choice.",
-)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
-    help="Tiles per model call and per commit to the file.",
-)
-@click.option("--device", default=None, help="cuda, cuda:1, cpu … [cuda when available].")
-@click.option(
-    "--skip-missing",
-    is_flag=True,
-    help="Skip project entries whose image cannot be found instead of stopping.",
-)
-@click.pass_context
-def build(
-    ctx: click.Context,
-    dataset,
-    project,
-    slide,
-    annotations,
-    slide_mpp,
-    classes,
-    model,
-    out,
-    tile_size,
-    mpp,
-    background_tiles,
-    resume,
-    seed,
-    batch_size,
-    device,
-    skip_missing,
-) -> None:
-    """Encode tiles once into a cache file that training reads (histosynth train …).
-
-    Give a dataset folder, or a project / slide with --class: one tile per vessel,
-    centred on it, plus --background-tiles tissue tiles. Per tile the file holds the VAE
-    posterior (mean, std; float16), the encoder rows, the mask and the tile's provenance.
-    """
-    if sum(x is not None for x in (dataset, project, slide)) != 1:
-        raise click.UsageError("give one of --dataset, --project or --slide (with --annotations)")
-    if slide is not None and annotations is None:
-        raise click.UsageError("--slide needs --annotations")
-    if dataset is None and not classes:
-        raise click.UsageError("--project / --slide need --class")
-    if dataset is not None and (classes or background_tiles):
-        raise click.UsageError("--class and --background-tiles go with --project / --slide")
-    result = build_feature_cache(
-        out=out,
-        model=model,
-        dataset=dataset,
-        project=project,
-        slide=slide,
-        annotations=annotations,
-        classes=classes,
-        tile_size=tile_size,
-        mpp=mpp,
-        slide_mpp_override=slide_mpp,
-        background_tiles=background_tiles,
-        resume=resume,
-        seed=seed,
-        batch_size=batch_size,
-        device=device,
-        skip_missing=skip_missing,
-        progress=progress_for(ctx, "cache"),
-    )
-    _report(ctx, result, out)
-
-
-def _report(ctx: click.Context, result: CacheBuildResult, out: Path) -> None:
-    info = result.info
-    click.echo(f"engine: {result.engine_description}")
-    click.echo(
-        f"{result.written} tile(s) cached ({result.vessels} vessel, {result.backgrounds} "
-        f"background), {result.already_present} already present, {len(result.skipped)} "
-        "vessel(s) skipped"
-    )
-    click.echo(
-        f"cache: {out} ({info.count} samples, {info.tile_size} px at {info.mpp:g} µm/px, "
-        f"{info.rows} rows of {info.dim}; content hash {info.content_hash[:16]})"
-    )
-    if not result.trained:
-        click.echo("note: the engine is UNTRAINED; its features are for tests and the demo only.")

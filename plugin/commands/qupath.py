@@ -1,6 +1,5 @@
-"""``histosynth qupath …``: the QuPath menu scripts.
+"""``histosynth qupath …``: the QuPath menu scripts (the work: :mod:`histosynth.qupath`).
 
-The group is registered on the main command line with ``main.add_command(qupath)``.
 User errors are raised as :class:`~histosynth.integration.errors.InputError`, which the
 main group reports as one line and exit code 1.
 """
@@ -11,9 +10,16 @@ from pathlib import Path
 
 import click
 
-from histosynth.common.geometry import DEFAULT_MPP
-from histosynth.options import COUNT_MAX, MPP_MAX, FiniteFloat, wait_option
-from histosynth.qupath import MODES, SETTINGS_NAME, install_scripts
+from histosynth.commands.options import (
+    class_option,
+    count_option,
+    model_option,
+    mpp_option,
+    project_option,
+    tile_size_option,
+    wait_option,
+)
+from histosynth.qupath import MODES, SETTINGS_NAME, install_scripts, plan_for_scripts
 
 
 @click.group("qupath")
@@ -29,44 +35,20 @@ def qupath() -> None:
     default=None,
     help="Python interpreter that runs histosynth [this one].",
 )
-@click.option(
-    "--class",
-    "classes",
-    multiple=True,
-    default=("Vessel",),
-    show_default=True,
-    help="Vessel class the scripts export and synthesise (repeatable); 'Vessel' includes "
+@class_option(
+    "Vessel class the scripts export and synthesise (repeatable); 'Vessel' includes "
     "'Vessel: …'.",
+    default=("Vessel",),
 )
-@click.option(
-    "--count",
-    "-n",
-    type=click.IntRange(1, COUNT_MAX),
-    default=16,
-    show_default=True,
-    help="Synthetic tiles per run.",
-)
-@click.option(
-    "--model",
-    default="auto",
-    show_default=True,
-    help="Preset (pixcell-1024, pixcell-256, default, tiny = UNTRAINED) or a local folder; "
+@count_option("Synthetic tiles per run.", default=16)
+@model_option(
+    "Preset (pixcell-1024, pixcell-256, default, tiny = UNTRAINED) or a local folder; "
     "auto = pixcell-1024 when its weights are installed, else the embedded default.",
+    default="auto",
 )
 @click.option("--mode", type=click.Choice(list(MODES)), default="inpaint", show_default=True)
-@click.option(
-    "--tile-size",
-    type=click.IntRange(64, 16384),
-    default=None,
-    help="Tile side in px at --mpp [the model's].",
-)
-@click.option(
-    "--mpp",
-    type=FiniteFloat(min=0, min_open=True, max=MPP_MAX),
-    default=DEFAULT_MPP,
-    show_default=True,
-    help="Target resolution in µm/px.",
-)
+@tile_size_option("Tile side in px at --mpp [the model's].")
+@mpp_option("Target resolution in µm/px.")
 @click.option(
     "--overwrite/--no-overwrite",
     default=True,
@@ -80,7 +62,7 @@ def install_scripts_command(
     count: int,
     model: str,
     mode: str,
-    tile_size: int,
+    tile_size: int | None,
     mpp: float,
     overwrite: bool,
 ) -> None:
@@ -113,12 +95,10 @@ def install_scripts_command(
 
 @qupath.command("plan")
 @click.argument("run", type=click.Path(path_type=Path))
-@click.option(
-    "--project",
-    "project",
+@project_option(
+    "QuPath project (project.qpproj or its folder) the run's tiles go into.",
+    short=False,
     required=True,
-    type=click.Path(path_type=Path),
-    help="QuPath project (project.qpproj or its folder) the run's tiles go into.",
 )
 @click.option("--run-name", default=None, help="histosynth.run of the entries [the run's name].")
 @wait_option
@@ -130,15 +110,7 @@ def plan_command(run: Path, project: Path, run_name: str | None, wait_s: float) 
     description, metadata, tags and annotations, as the native write-back writes them.
     The project itself is not changed; the "Synthesize vessels" script applies the plan.
     """
-    from histosynth.integration.locks import project_lock
-    from histosynth.integration.qupath import QuPathProject
-    from histosynth.integration.qupath.plan import make_plan, write_entry_images, write_plan_json
-
-    # planned under the project lock: not from a project a write-back is changing
-    with project_lock(QuPathProject.locate(project), wait_s=wait_s):
-        plan = make_plan(QuPathProject(project, use_paquo=False), run, run_name)
-    write_entry_images(plan)
-    path = write_plan_json(plan)
+    plan, path = plan_for_scripts(run, project, run_name=run_name, wait_s=wait_s)
     click.echo(
         f"{len(plan.entries)} new entry(ies), {len(plan.skipped)} skipped, "
         f"run {plan.run_name!r}: {path}"

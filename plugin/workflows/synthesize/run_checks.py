@@ -27,8 +27,9 @@ from histosynth.integration.masks import tissue_mask
 
 if TYPE_CHECKING:  # pragma: no cover
     from histosynth.integration.tiles import Background, Donor
+    from histosynth.workflows.synthesize.settings import SynthesisSettings
 
-log = logging.getLogger("histosynth.synthetic_tiles")
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CALIBRATION_TILES",
@@ -52,7 +53,9 @@ def resolved_harmonise(harmonise: str, trained: bool) -> str:
     return "diffusion" if trained else "multiband"
 
 
-def check_engine_serves(model: str | os.PathLike | Any | None, settings: Any) -> None:
+def check_engine_serves(
+    model: str | os.PathLike | Any | None, settings: SynthesisSettings
+) -> None:
     """Refuse, before any slide or weight is read, a run the engine cannot serve: a mode
     that generates from noise with an engine that does not, a τ beyond the timesteps its
     denoiser learnt, a tile size it does not make, or pixels painted by an UNTRAINED

@@ -62,8 +62,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
-import click
-
 from histosynth.integration.content_check import qc_failed
 from histosynth.integration.dataset import read_index, untrained_tile_ids, validate_tile_id
 from histosynth.integration.decisions import rows_with_logged_decisions
@@ -523,61 +521,3 @@ every slide a tile touches, group on the connected components of `slide_group` a
 | --- | --- |
 {columns}
 """
-
-
-# --------------------------------------------------------------------------- command
-
-
-@click.command("export")
-@click.argument("run", type=click.Path(path_type=Path, file_okay=False))
-@click.option(
-    "--out",
-    "-o",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="Dataset folder to create (must not exist or be empty).",
-)
-@click.option("--include-pending", is_flag=True, help="Also export tiles not reviewed yet.")
-@click.option(
-    "--include-qc-failed",
-    is_flag=True,
-    help="Also export tiles that failed the content check (qc column: fail …).",
-)
-@click.option(
-    "--image-format",
-    type=click.Choice(IMAGE_FORMATS, case_sensitive=False),
-    default="png",
-    show_default=True,
-    help="png: exact copies of the run's images; jpg: quality 95, smaller, lossy.",
-)
-@click.pass_context
-def export(
-    ctx: click.Context,
-    run: Path,
-    out: Path,
-    include_pending: bool,
-    include_qc_failed: bool,
-    image_format: str,
-) -> None:
-    """Accepted (and with --include-pending, pending) tiles of RUN as an image-folder
-    training dataset in OUT: train/<id>.png + train/metadata.csv, masks/<id>.png,
-    README.md. Rejected tiles are never exported."""
-    from histosynth.progress import progress_for
-
-    result = export_training_set(
-        run,
-        out,
-        include_pending=include_pending,
-        image_format=image_format,
-        progress=progress_for(ctx, "export"),
-        include_qc_failed=include_qc_failed,
-    )
-    left_out = ", ".join(f"{n} {status}" for status, n in result.excluded.items()) or "none"
-    click.echo(f"{result.count} tiles written to {result.out_dir} (left out: {left_out})")
-    pending = result.excluded.get("pending", 0)
-    if pending:
-        click.echo(
-            f"{pending} tile(s) are pending review and were left out: review them (QuPath's "
-            "'Accept / Reject synthetic image', then `histosynth review sync`), or export "
-            "them unreviewed with --include-pending"
-        )

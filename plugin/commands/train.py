@@ -1,24 +1,28 @@
-"""``histosynth train lora`` / ``histosynth train full``: adapters and fine-tuning from a cache.
+"""``histosynth train lora`` / ``histosynth train full``: adapters and fine-tuning from a
+feature cache (the work: :mod:`histosynth.workflows.train`).
 
-The commands compose the feature cache (or on-the-fly encoding of a dataset folder),
-the engine and the trainer in :mod:`histosynth.synthesis.training`. They run as one
-process or under ``accelerate launch`` (``accelerate launch -m histosynth train lora …``),
-where every process trains on its share of each batch and only the main one writes.
+They run as one process or under ``accelerate launch`` (``accelerate launch -m histosynth
+train lora …``), where every process trains on its share of each batch and only the main
+one writes (and prints).
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shlex
 from pathlib import Path
 from typing import Any
 
 import click
 
-from histosynth.integration.errors import InputError
-from histosynth.options import SEED_MAX, FiniteFloat
-from histosynth.progress import step_progress_for
+from histosynth.commands.options import (
+    FiniteFloat,
+    dataset_option,
+    device_option,
+    out_option,
+    resume_option,
+    seed_option,
+)
+from histosynth.commands.progress import step_progress_for
 from histosynth.synthesis.training.config import LR_SCHEDULERS
 
 # --------------------------------------------------------------------------- options
@@ -35,12 +39,9 @@ def _training_options(lr: float, checkpoint_every: int = 100):
                 type=click.Path(path_type=Path),
                 help="Feature cache (histosynth cache build).",
             ),
-            click.option(
-                "--dataset",
-                "dataset",
-                type=click.Path(path_type=Path),
-                help="Instead of --cache: a dataset folder (index.csv + images), "
-                "encoded on the fly at every step (slower; the baseline).",
+            dataset_option(
+                "Instead of --cache: a dataset folder (index.csv + images), "
+                "encoded on the fly at every step (slower; the baseline)."
             ),
             click.option(
                 "--lr",
@@ -149,7 +150,7 @@ def _training_options(lr: float, checkpoint_every: int = 100):
                 show_default=True,
                 help="Share of the samples held out for validation.",
             ),
-            click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True),
+            seed_option(),
             click.option(
                 "--checkpoint-every",
                 type=click.IntRange(min=1),
@@ -181,17 +182,11 @@ def _training_options(lr: float, checkpoint_every: int = 100):
                 default=None,
                 help="Checkpoints, samples and metrics.jsonl (default: see above).",
             ),
-            click.option(
-                "--device",
-                default=None,
-                help="cpu, cuda, cuda:1 … (default: CUDA when available; the "
-                "process's GPU under accelerate launch).",
+            device_option(
+                "cpu, cuda, cuda:1 … (default: CUDA when available; the "
+                "process's GPU under accelerate launch)."
             ),
-            click.option(
-                "--resume",
-                is_flag=True,
-                help="Continue from the last checkpoint in the work folder.",
-            ),
+            resume_option("Continue from the last checkpoint in the work folder."),
         ]
         for option in reversed(options):
             func = option(func)
@@ -200,14 +195,16 @@ def _training_options(lr: float, checkpoint_every: int = 100):
     return decorate
 
 
-def _config(opts: dict[str, Any]):
+def _training_run(opts: dict[str, Any]):
+    """The workflow's ``TrainingRun`` from the shared flags (usage errors first)."""
     from histosynth.synthesis.training import TrainConfig
+    from histosynth.workflows.train import TrainingRun
 
     if opts["steps"] is None and opts["epochs"] is None:
         raise click.UsageError("give --steps or --epochs")
     if opts["steps"] is not None and opts["epochs"] is not None:
         raise click.UsageError("give --steps or --epochs, not both")
-    return TrainConfig(
+    config = TrainConfig(
         steps=opts["steps"],
         epochs=opts["epochs"],
         batch_size=opts["batch_size"],
@@ -232,112 +229,16 @@ def _config(opts: dict[str, Any]):
         keep_best=opts["keep_best"],
         sample_every=opts["sample_every"],
     )
-
-
-# --------------------------------------------------------------------------- shared steps
-
-
-def _device(choice: str | None) -> str | None:
-    """The process's device: its own GPU under a multi-process launch."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch
-        from accelerate import PartialState
-
-        cpu = choice == "cpu" or not torch.cuda.is_available()
-        return str(PartialState(cpu=cpu).device)
-    return choice
-
-
-def _samples(opts: dict[str, Any], engine: Any, transformer: Any, resolution: int):
-    """``(samples, train indices, val indices, checksum)`` from --cache or --dataset, for
-    ``transformer`` (the engine's, or the grown one of ``train full``) at ``resolution``."""
-    from histosynth.synthesis.adapters import base_weight_hash
-    from histosynth.synthesis.training import check_samples_fit, split_indices
-
-    cache, dataset = opts["cache"], opts["dataset"]
-    if (cache is None) == (dataset is None):
+    if (opts["cache"] is None) == (opts["dataset"] is None):
         raise click.UsageError("give either --cache or --dataset")
-    cfg = transformer.config
-    if cache is not None:
-        from histosynth.synthesis.cache import CacheDataset, read_cache_info
-
-        if not Path(cache).is_file():
-            raise InputError("no such cache file", path=cache, item="--cache")
-        info = read_cache_info(cache)
-        check_samples_fit(
-            info,
-            resolution=resolution,
-            tokens=int(cfg.caption_num_tokens),
-            dim=int(cfg.caption_channels),
-            latent_channels=int(cfg.in_channels),
-            vae_hash=base_weight_hash(engine.vae),
-            encoder_hash=base_weight_hash(engine.encoder),
-        )
-        data = CacheDataset(
-            cache, resolution=resolution, preload=opts["preload"], seed=opts["seed"]
-        )
-        checksum = info.content_hash
-    else:
-        from histosynth.cache import dataset_tiles
-        from histosynth.synthesis.cache import OnTheFlyDataset
-
-        tiles = list(dataset_tiles(dataset))
-        if not tiles:
-            raise InputError("holds no tiles to train on", path=dataset, item="--dataset")
-        data = OnTheFlyDataset(
-            [t.image for t in tiles],
-            [t.mask for t in tiles],
-            codec=engine.codec,
-            encoder=engine.encoder,
-            resolution=resolution,
-            tile_ids=[t.tile_id for t in tiles],
-            seed=opts["seed"],
-        )
-        digest = hashlib.sha256()
-        for tile in tiles:
-            digest.update(
-                f"{tile.tile_id}\0{hashlib.sha256(tile.image.tobytes()).hexdigest()}\n".encode()
-            )
-        checksum = digest.hexdigest()
-    if len(data) == 0:
-        raise InputError("holds no samples", path=cache or dataset)
-    train_ids, val_ids = split_indices(len(data), opts["val_fraction"], opts["seed"])
-    return data, train_ids, val_ids, checksum
-
-
-def _sample_writer(
-    engine: Any, data: Any, val_ids: list[int], work_dir: Path, seed: int, steps: int
-):
-    """``on_checkpoint(model, step)`` writing ``work_dir/samples/step-<N>.png``."""
-    from histosynth.common.files import atomic_write_bytes
-    from histosynth.integration.images import encode_rgb_png
-    from histosynth.synthesis.training import sample_grid
-
-    indices = val_ids or list(range(min(len(data), 4)))
-
-    def write(model: Any, step: int) -> None:
-        grid = sample_grid(
-            model, engine.vae, engine.make_scheduler(), data, indices, seed=seed, steps=steps
-        )
-        png = encode_rgb_png(grid, f"samples at step {step}")
-        atomic_write_bytes(work_dir / "samples" / f"step-{step:08d}.png", png)
-
-    return write
-
-
-def _describe(result: Any) -> str:
-    m = result.metrics
-    loss = ""
-    if "val_loss" in m:
-        first = m.get("val_loss_initial")
-        loss = (
-            f"held-out loss {first:.4f} → {m['val_loss']:.4f}; "
-            if first is not None
-            else f"held-out loss {m['val_loss']:.4f}; "
-        )
-    return (
-        f"{loss}{result.steps} steps, {result.seconds:.1f} s in this run, "
-        f"{result.images_per_second:.2f} samples/s"
+    return TrainingRun(
+        config=config,
+        cache=opts["cache"],
+        dataset=opts["dataset"],
+        preload=opts["preload"],
+        work_dir=opts["work_dir"],
+        device=opts["device"],
+        resume=opts["resume"],
     )
 
 
@@ -381,45 +282,25 @@ def lora(
     metrics.jsonl; --resume continues an interrupted run exactly. The adapter works at
     once with `histosynth synthesize --adapter NAME`.
     """
-    from histosynth.synthesis.adapters import adapter_library, validate_adapter_name
-    from histosynth.synthesis.engine import load_engine
-    from histosynth.synthesis.training import train_lora
+    from histosynth.workflows.train import LoraSettings, describe_training, train_lora_adapter
 
-    config = _config(opts)
-    validate_adapter_name(name)
-    folder = (library.expanduser() if library else adapter_library()) / name
-    if folder.exists() and not overwrite:
-        raise InputError(
-            f"an adapter named {name!r} already exists; pass --overwrite to replace it",
-            path=folder,
-            item="--name",
-        )
-    work_dir = opts["work_dir"] or Path(f"train-lora-{name}")
-    engine = load_engine(base, device=_device(opts["device"]), dtype="float32")
-    resolution = int(engine.transformer.config.sample_size) * engine.codec.downsample
-    data, train_ids, val_ids, checksum = _samples(opts, engine, engine.transformer, resolution)
-    info, result = train_lora(
-        engine,
-        data,
-        train_ids,
-        val_ids,
+    run = _training_run(opts)
+    settings = LoraSettings(
+        base=base,
         name=name,
-        folder=folder,
-        config=config,
-        work_dir=work_dir,
+        domain=domain,
         rank=rank,
         alpha=alpha,
-        domain=domain,
-        training_data_checksum=checksum,
+        library=library,
         overwrite=overwrite,
-        resume=opts["resume"],
-        on_checkpoint=_sample_writer(
-            engine, data, val_ids, work_dir, config.seed, config.sample_steps
-        ),
-        progress=step_progress_for(ctx, f"train lora {name}"),
     )
-    if info is not None:
-        click.echo(f"adapter {name!r} saved to {folder}: {_describe(result)}")
+    trained = train_lora_adapter(
+        settings, run, progress=step_progress_for(ctx, f"train lora {name}")
+    )
+    if trained.info is not None:
+        click.echo(
+            f"adapter {name!r} saved to {trained.folder}: {describe_training(trained.result)}"
+        )
         click.echo(
             f"use it: histosynth synthesize … --model {shlex.quote(base)} "
             f"--adapter {shlex.quote(name)}"
@@ -439,13 +320,7 @@ def lora(
     required=True,
     help="Tile side to train at, px (256, 512, 1024; the crop grid must stay whole).",
 )
-@click.option(
-    "--out",
-    "-o",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="Engine folder to write (loads with --model OUT).",
-)
+@out_option("Engine folder to write (loads with --model OUT).")
 @click.option(
     "--null-condition",
     type=click.Choice(["tile", "reinit"]),
@@ -464,34 +339,15 @@ def full(
     to 4 to 16 rows as the tile grows from 256 to 512 to 1024 px (one row per crop).
     The work folder (default OUT-training) holds checkpoints, samples and metrics.jsonl.
     """
-    from histosynth.synthesis.engine import load_engine
-    from histosynth.synthesis.training import grow_transformer, train_full
+    from histosynth.workflows.train import FullSettings, describe_training, train_full_engine
 
-    config = _config(opts)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(
-            "exists and is not an empty folder; not overwriting it", path=out, item="--out"
-        )
-    work_dir = opts["work_dir"] or out.with_name(out.name + "-training")
-    engine = load_engine(from_, device=_device(opts["device"]), dtype="float32")
-    # the grown model's shape decides which samples fit; checked before any training
-    grown = grow_transformer(engine.transformer, resolution, null_condition=null_condition)
-    data, train_ids, val_ids, checksum = _samples(opts, engine, grown, resolution)
-    del grown
-    written, result = train_full(
-        engine,
-        data,
-        train_ids,
-        val_ids,
-        resolution=resolution,
-        out=out,
-        config=config,
-        work_dir=work_dir,
-        null_condition=null_condition,
-        training_data_checksum=checksum,
-        resume=opts["resume"],
-        progress=step_progress_for(ctx, f"train full {resolution}px"),
+    run = _training_run(opts)
+    settings = FullSettings(
+        start=from_, resolution=resolution, out=out, null_condition=null_condition
     )
-    if written is not None:
-        click.echo(f"engine saved to {written}: {_describe(result)}")
-        click.echo(f"use it: histosynth synthesize … --model {shlex.quote(str(written))}")
+    trained = train_full_engine(
+        settings, run, progress=step_progress_for(ctx, f"train full {resolution}px")
+    )
+    if trained.written is not None:
+        click.echo(f"engine saved to {trained.written}: {describe_training(trained.result)}")
+        click.echo(f"use it: histosynth synthesize … --model {shlex.quote(str(trained.written))}")

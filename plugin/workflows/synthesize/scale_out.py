@@ -3,18 +3,18 @@
 The driver (the process that runs ``synthesize``) reads the slides, collects the donors,
 backgrounds and reference tiles, and plans every tile exactly as a single-process run:
 the donor order, each tile's background ranking and its seed. It cuts the plan into the
-same engine calls (:func:`~histosynth.tile_plan.plan_batches`) and hands them to
-Ray Data: ``map_batches`` over an actor pool (``ActorPoolStrategy``), where each actor
-loads the engine once and, per call, composes its tiles (placement, colour match, and a
-generated background where a donor fits no real one) and renders them. The outcomes
+same engine calls (:func:`~histosynth.workflows.synthesize.tile_plan.plan_batches`) and
+hands them to Ray Data: ``map_batches`` over an actor pool (``ActorPoolStrategy``), where
+each actor loads the engine once and, per call, composes its tiles (placement, colour
+match, and a generated background where a donor fits no real one) and renders them. The outcomes
 come back to the driver in plan order; it alone writes the run folder, each tile
 committed atomically as it arrives, so a run cut off anywhere is finished by
 ``--resume``, which plans only the missing tiles.
 
 Same inputs, seed and device type → the same tiles (sha256) as a single-process run:
-both run :func:`~histosynth.tile_plan.compose_tile` and the same batches. On the
-CPU "the same device" includes the thread count (kernels sum in an order that depends on
-it): an actor runs ``cpus_per_worker`` threads.
+both run :func:`~histosynth.workflows.synthesize.tile_plan.compose_tile` and the same
+batches. On the CPU "the same device" includes the thread count (kernels sum in an order
+that depends on it): an actor runs ``cpus_per_worker`` threads.
 
 Ray restarts an actor that dies (``max_restarts``) and re-runs its call
 (``max_task_retries``); past those, the run stops with what is committed and
@@ -34,12 +34,17 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from histosynth.integration.errors import InputError
 from histosynth.integration.tiles import Background, Donor, ReferenceTile, SlideSource
+
+if TYPE_CHECKING:  # pragma: no cover
+    from histosynth.synthesis.inpaint import CompositeResult
+    from histosynth.workflows.synthesize.settings import SynthesisSettings
+    from histosynth.workflows.synthesize.tile_plan import SkippedTile
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +140,10 @@ class Outcome:
 
     index: int
     image: np.ndarray | None = None
-    composite: Any = None  # CompositeResult (inpaint)
+    composite: CompositeResult | None = None  # inpaint
     background: int | None = None  # index into the backgrounds; None: generated
     generated_background: np.ndarray | None = None
-    skip: Any = None  # tile_plan.SkippedTile
+    skip: SkippedTile | None = None
 
 
 @dataclass
@@ -177,7 +182,7 @@ class TileRenderer:
     engine call (a batch of one row, the call's tiles)."""
 
     def __init__(
-        self, engine_spec: dict[str, Any], run: Any, shared: Any, threads: int = 1
+        self, engine_spec: dict[str, Any], run: SynthesisSettings, shared: Any, threads: int = 1
     ) -> None:
         import ray
         import torch
@@ -187,7 +192,7 @@ class TileRenderer:
         torch.set_num_threads(threads)
 
         from histosynth.synthesis.engine import load_engine
-        from histosynth.tile_plan import load_adapter_for
+        from histosynth.workflows.synthesize.tile_plan import load_adapter_for
 
         if isinstance(shared, ray.ObjectRef):
             shared = ray.get(shared)
@@ -213,7 +218,7 @@ class TileRenderer:
         return {"rendered": _object_array(rendered)}
 
     def render(self, call: PlannedCall) -> list[Outcome]:
-        from histosynth.tile_plan import (
+        from histosynth.workflows.synthesize.tile_plan import (
             SkippedTile,
             compose_tile,
             render_inpaint,
@@ -276,7 +281,7 @@ def _kill_request() -> tuple[int, str] | None:
 def render_on_ray(
     options: RayOptions,
     engine_spec: dict[str, Any],
-    run: Any,
+    run: SynthesisSettings,
     calls: Iterable[list[int]],
     donor_of: Callable[[int], int],
     orders: Callable[[int], list[int]],

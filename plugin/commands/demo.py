@@ -1,0 +1,94 @@
+"""``histosynth demo``: a demo QuPath project and a run synthesised into it (the work:
+:mod:`histosynth.workflows.demo` and :mod:`histosynth.workflows.synthesize`)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from histosynth.commands.options import (
+    allow_untrained_option,
+    count_option,
+    harmonise_option,
+    model_option,
+    out_option,
+    seed_option,
+    steps_option,
+    tile_size_option,
+)
+from histosynth.commands.progress import progress_for
+from histosynth.commands.synthesize import report_synthesis, write_back
+from histosynth.common.geometry import DEFAULT_MPP
+
+
+@click.command()
+@out_option("Folder for the demo project (DIR/project) and run (DIR/run).")
+@model_option(
+    "Preset or local folder [pixcell-1024 when installed, else default: the embedded "
+    "histosynth-mini-512]; tiny is UNTRAINED."
+)
+@count_option(default=4)
+@tile_size_option("Tile side in px [the model's; 512 for tiny].", high=4096)
+@steps_option(default=10)
+@seed_option()
+@harmonise_option(
+    "How seams are regenerated; auto = diffusion with a trained engine, multiband "
+    "blending with an UNTRAINED one (whose diffusion seams are noise)."
+)
+@allow_untrained_option()
+@click.pass_context
+def demo(
+    ctx: click.Context,
+    out: Path,
+    model: str | None,
+    count: int,
+    tile_size: int | None,
+    steps: int,
+    seed: int,
+    harmonise: str,
+    allow_untrained: bool,
+) -> None:
+    """Build a demo QuPath project (three pyramidal slides from real H&E shipped with
+    TIAToolbox, vessel annotations) in DIR/project, synthesise vessels into DIR/run and add them to
+    the project as entries marked for review.
+
+    Running it again reuses the project and finishes (or keeps) the run; nothing is added
+    twice.
+    """
+    from histosynth.workflows.demo import prepare_demo_project, untrained_preset
+    from histosynth.workflows.synthesize import SynthesisSettings, synthesize
+
+    project_file = prepare_demo_project(out, model)
+    quiet = ctx.obj.get("quiet")
+    click.echo(f"demo project: {project_file}")
+    if harmonise == "auto" and untrained_preset(model) and not quiet:
+        click.echo(
+            f"the {model} engine is UNTRAINED: seams are harmonised by multiband blending "
+            "(--harmonise diffusion --allow-untrained shows what it makes of them)"
+        )
+    settings = SynthesisSettings(
+        classes=("Vessel",),
+        count=count,
+        mode="inpaint",
+        tile_size=tile_size or (512 if model == "tiny" else None),
+        mpp=DEFAULT_MPP,
+        model=model,
+        seed=seed,
+        steps=steps,
+        harmonise=harmonise,
+        allow_untrained=allow_untrained,
+    )
+    result = synthesize(
+        settings,
+        out=out / "run",
+        project=project_file,
+        resume=(out / "run" / "index.csv").exists(),
+        progress=progress_for(ctx, "demo"),
+        command=shlex.join(["histosynth", *sys.argv[1:]]),
+    )
+    report_synthesis(ctx, result)
+    write_back("native", project_file, out / "run")
+    click.echo(f"open the project in QuPath: {project_file}")

@@ -1,0 +1,84 @@
+"""``histosynth evaluate``: fidelity metrics of a run against real tiles (the work:
+:mod:`histosynth.workflows.evaluate`)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from histosynth.commands.options import device_option
+from histosynth.commands.progress import progress_for
+from histosynth.options import COUNT_MAX
+
+
+@click.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option(
+    "--real",
+    "real",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The real tiles: a dataset written by 'histosynth extract' (or a run holding "
+    "extracted rows).",
+)
+@click.option(
+    "--features",
+    default="default",
+    show_default=True,
+    help="Feature spaces, comma-separated: default (the embedded engine's encoder; "
+    "offline, not comparable with published numbers), inception (FID's Inception-v3; "
+    "needs torch-fidelity), clip (CLIP ViT-B/32: CLIP-FID), cmmd (CLIP ViT-L/14-336), "
+    "uni2-h, virchow2, h-optimus-1 (pathology encoders), or tiny (tests). Weights are "
+    "found offline: see 'histosynth models list'.",
+)
+@click.option("--per-class", is_flag=True, help="Also measure each vessel class on its own.")
+@click.option(
+    "--max-images",
+    type=click.IntRange(2, COUNT_MAX),
+    default=None,
+    help="At most this many tiles per side (a seeded sample).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 1024),
+    default=None,
+    help="Tiles per feature-extractor call.",
+)
+@device_option("cuda, cpu … [cpu].")
+@click.pass_context
+def evaluate(
+    ctx: click.Context,
+    run: Path,
+    real: Path,
+    features: str,
+    per_class: bool,
+    max_images: int | None,
+    batch_size: int | None,
+    device: str | None,
+) -> None:
+    """Fidelity of RUN's synthetic tiles against real vessel tiles: FID, KID,
+    precision / recall, density / coverage, NND, CMMD and the cosine to each tile's
+    source, in each feature space named; the table is printed and written to
+    RUN/metrics.json."""
+    from histosynth.workflows.evaluate import evaluate as run_evaluate
+
+    result = run_evaluate(
+        run,
+        real,
+        features=features,
+        per_class=per_class,
+        max_images=max_images,
+        batch_size=batch_size,
+        device=device,
+        progress=progress_for(ctx, "evaluate", unit="batch"),
+        command=shlex.join(["histosynth", *sys.argv[1:]]),
+    )
+    click.echo(
+        f"{result.counts['synthetic']} synthetic tile(s) against "
+        f"{result.counts['real']} real tile(s):"
+    )
+    click.echo(result.table())
+    click.echo(f"metrics: {result.path}")

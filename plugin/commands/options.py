@@ -1,0 +1,309 @@
+"""The options the commands share, each declared once as a decorator.
+
+Where two commands word an option differently (its help, default or whether it is
+required), the decorator takes that as a parameter, so every command's ``--help`` reads
+as it always has (``tests/fixtures/help_tree.txt``). The bounds come from
+:mod:`histosynth.options`; :class:`FiniteFloat` refuses ``nan`` and ``±inf``.
+
+Example::
+
+    @main.command()
+    @out_option("Dataset folder to write (created).")
+    @tile_size_option("Tile width and height in px at --mpp.", low=16, default=1024)
+    @mpp_option()
+    def extract(out: Path, tile_size: int, mpp: float) -> None: ...
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from histosynth.common.geometry import DEFAULT_MPP
+from histosynth.options import COUNT_MAX, MPP_MAX, SEED_MAX, STEPS_MAX, WAIT_MAX_S
+
+__all__ = [
+    "FiniteFloat",
+    "allow_untrained_option",
+    "annotations_option",
+    "class_option",
+    "count_option",
+    "dataset_option",
+    "device_option",
+    "harmonise_option",
+    "input_options",
+    "model_option",
+    "mpp_option",
+    "out_option",
+    "project_option",
+    "resume_option",
+    "seed_option",
+    "skip_missing_option",
+    "slide_mpp_option",
+    "slide_option",
+    "steps_option",
+    "tile_size_option",
+    "wait_option",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+Decorator = Callable[[F], F]
+
+
+class FiniteFloat(click.FloatRange):
+    """``click.FloatRange`` that also refuses ``nan`` and ``±inf``."""
+
+    name = "finite float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+def _option(*decls: str, **attrs: Any) -> Decorator:
+    """``click.option`` given only the attributes that are set (``None`` = click's own
+    default), so that a shared option renders exactly as a hand-written one."""
+    return click.option(*decls, **{k: v for k, v in attrs.items() if v is not None})
+
+
+def _shown(default: Any) -> bool | None:
+    """``show_default`` of an option whose default is ``default``: shown when there is one."""
+    return True if default is not None else None
+
+
+# --------------------------------------------------------------------------- input sources
+
+PROJECT_HELP = "QuPath project: project.qpproj or its folder."
+
+
+def project_option(
+    help: str = PROJECT_HELP, *, short: bool = True, required: bool = False
+) -> Decorator:
+    """``--project`` (``-p``): a QuPath project, ``project.qpproj`` or its folder."""
+    decls = ("--project", "-p") if short else ("--project",)
+    return _option(
+        *decls, type=click.Path(path_type=Path), required=required or None, help=help
+    )
+
+
+def slide_option() -> Decorator:
+    """``--slide`` (``-s``): a slide any TIAToolbox reader opens."""
+    return _option(
+        "--slide",
+        "-s",
+        type=click.Path(path_type=Path),
+        help="A slide any TIAToolbox reader opens (with --annotations).",
+    )
+
+
+def annotations_option() -> Decorator:
+    """``--annotations`` (``-a``): the GeoJSON annotations of ``--slide``."""
+    return _option(
+        "--annotations",
+        "-a",
+        type=click.Path(path_type=Path),
+        help="GeoJSON annotations of --slide (QuPath 0.2–0.7 or plain).",
+    )
+
+
+def slide_mpp_option() -> Decorator:
+    """``--slide-mpp``: µm/px of slides without resolution metadata (value ``slide_mpp``)."""
+    return _option(
+        "--slide-mpp",
+        type=FiniteFloat(min=0, min_open=True, max=MPP_MAX),
+        help="µm/px of slides that carry no resolution metadata.",
+    )
+
+
+def input_options(*, reverse: bool = False) -> Decorator:
+    """The slide sources: ``--project``, ``--slide``, ``--annotations``, ``--slide-mpp``, in
+    that order in ``--help`` (``reverse``: the other way round, as ``extract`` and
+    ``synthesize`` have always listed them)."""
+    options = [project_option(), slide_option(), annotations_option(), slide_mpp_option()]
+    if reverse:
+        options.reverse()
+
+    def decorate(func: F) -> F:
+        for option in reversed(options):  # the last applied is listed first
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def dataset_option(help: str) -> Decorator:
+    """``--dataset``: a histosynth dataset or run folder (``index.csv`` + images)."""
+    return _option("--dataset", type=click.Path(path_type=Path), help=help)
+
+
+def class_option(
+    help: str,
+    *,
+    required: bool = False,
+    default: tuple[str, ...] | None = None,
+) -> Decorator:
+    """``--class`` (repeatable; value ``classes``): annotation classes, 'Vessel' includes
+    'Vessel: …'."""
+    return _option(
+        "--class",
+        "classes",
+        multiple=True,
+        required=required or None,
+        default=default,
+        show_default=_shown(default),
+        help=help,
+    )
+
+
+def skip_missing_option() -> Decorator:
+    """``--skip-missing``: skip project entries whose image is missing."""
+    return _option(
+        "--skip-missing",
+        is_flag=True,
+        help="Skip project entries whose image cannot be found instead of stopping.",
+    )
+
+
+# --------------------------------------------------------------------------- tile geometry
+
+
+def tile_size_option(
+    help: str, *, low: int = 64, high: int = 16384, default: int | None = None
+) -> Decorator:
+    """``--tile-size``: tile side in px, in ``[low, high]`` (``None``: the model's)."""
+    return _option(
+        "--tile-size",
+        type=click.IntRange(low, high),
+        default=default,
+        show_default=_shown(default),
+        help=help,
+    )
+
+
+MPP_HELP = "Target resolution in µm/px (0.5 = 20×)."
+
+
+def mpp_option(help: str = MPP_HELP, *, default: float | None = DEFAULT_MPP) -> Decorator:
+    """``--mpp``: the tiles' resolution in µm/px (default ``DEFAULT_MPP``; ``None``: the
+    command resolves it)."""
+    return _option(
+        "--mpp",
+        type=FiniteFloat(min=0, min_open=True, max=MPP_MAX),
+        default=default,
+        show_default=_shown(default),
+        help=help,
+    )
+
+
+# --------------------------------------------------------------------------- output and runs
+
+
+def out_option(help: str, *, short: bool = True) -> Decorator:
+    """``--out`` (``-o``), required: the folder or file the command writes."""
+    decls = ("--out", "-o") if short else ("--out",)
+    return _option(*decls, type=click.Path(path_type=Path), required=True, help=help)
+
+
+RESUME_HELP = "Continue an interrupted run in --out."
+
+
+def resume_option(help: str = RESUME_HELP) -> Decorator:
+    """``--resume``: continue what an interrupted call left."""
+    return _option("--resume", is_flag=True, help=help)
+
+
+def wait_option(func: F) -> F:
+    """The ``--wait SECONDS`` option of every command that takes a project or run lock
+    (the value arrives as ``wait_s``)."""
+    return click.option(
+        "--wait",
+        "wait_s",
+        type=FiniteFloat(0, WAIT_MAX_S),
+        default=0.0,
+        show_default=True,
+        help="Seconds to wait for another histosynth process holding the project's or run "
+        "folder's lock before giving up.",
+    )(func)
+
+
+def seed_option(help: str | None = None) -> Decorator:
+    """``--seed``: a 32-bit random seed, default 0."""
+    return _option(
+        "--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True, help=help
+    )
+
+
+# --------------------------------------------------------------------------- the engine
+
+DEVICE_HELP = "cuda, cuda:1, cpu … [cuda when available]."
+
+
+def device_option(help: str = DEVICE_HELP) -> Decorator:
+    """``--device``: a torch device name (``None``: the command's default)."""
+    return _option("--device", help=help)
+
+
+def model_option(
+    help: str, *, default: str | None = None, required: bool = False
+) -> Decorator:
+    """``--model``: a preset or a local engine folder."""
+    return _option(
+        "--model",
+        required=required or None,
+        default=default,
+        show_default=_shown(default),
+        help=help,
+    )
+
+
+def count_option(
+    help: str | None = None, *, default: int | None = None, required: bool = False
+) -> Decorator:
+    """``--count`` (``-n``): how many synthetic tiles, in ``[1, COUNT_MAX]``."""
+    return _option(
+        "--count",
+        "-n",
+        type=click.IntRange(1, COUNT_MAX),
+        required=required or None,
+        default=default,
+        show_default=_shown(default),
+        help=help,
+    )
+
+
+def steps_option(help: str | None = None, *, default: int | None = None) -> Decorator:
+    """``--steps``: denoising steps, in ``[1, STEPS_MAX]`` (``None``: the mode's)."""
+    return _option(
+        "--steps",
+        type=click.IntRange(1, STEPS_MAX),
+        default=default,
+        show_default=_shown(default),
+        help=help,
+    )
+
+
+def harmonise_option(help: str) -> Decorator:
+    """``--harmonise``: how an inpainted tile's seam is regenerated (default ``auto``)."""
+    return _option(
+        "--harmonise",
+        type=click.Choice(["auto", "diffusion", "multiband", "none"]),
+        default="auto",
+        show_default=True,
+        help=help,
+    )
+
+
+def allow_untrained_option() -> Decorator:
+    """``--allow-untrained``: let an UNTRAINED engine paint pixels."""
+    return _option(
+        "--allow-untrained",
+        is_flag=True,
+        help="Let an UNTRAINED engine (tiny) paint pixels — variation, synthetic backgrounds, "
+        "diffusion seams — to try the workflow; its tiles fail the content check.",
+    )

@@ -1,0 +1,295 @@
+"""``histosynth synthesize``: synthetic vessel tiles into a run folder (the work:
+:mod:`histosynth.workflows.synthesize`), and the result lines ``demo`` prints too."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from histosynth.commands.options import (
+    FiniteFloat,
+    allow_untrained_option,
+    class_option,
+    count_option,
+    device_option,
+    harmonise_option,
+    input_options,
+    model_option,
+    mpp_option,
+    out_option,
+    resume_option,
+    seed_option,
+    skip_missing_option,
+    steps_option,
+    tile_size_option,
+    wait_option,
+)
+from histosynth.commands.progress import progress_for
+from histosynth.options import GUIDANCE_MAX
+from histosynth.synthesis import defaults
+
+if TYPE_CHECKING:  # pragma: no cover
+    from histosynth.workflows.synthesize import SynthesizeResult
+
+__all__ = ["fail_on_qc", "report_synthesis", "synthesize", "write_back"]
+
+
+@click.command()
+@input_options(reverse=True)
+@class_option(
+    "Vessel class to synthesise (repeatable); 'Vessel' includes 'Vessel: …'.", required=True
+)
+@count_option("Number of synthetic tiles.", required=True)
+@click.option(
+    "--mode",
+    type=click.Choice(["inpaint", "variation"]),
+    default="inpaint",
+    show_default=True,
+    help="inpaint: real donor vessels into new tissue; variation: new tiles like "
+    "real vessel tiles.",
+)
+@out_option("Run folder to write (created).")
+@tile_size_option(
+    "Tile side in px at --mpp [the model's: 1024 for pixcell-1024, 512 for default]."
+)
+@mpp_option()
+@model_option(
+    "Preset (pixcell-1024, pixcell-256, default, tiny = UNTRAINED) or a local folder "
+    "[pixcell-1024 when its weights are installed, else default: the embedded "
+    "histosynth-mini-512]."
+)
+@click.option(
+    "--adapter",
+    default=None,
+    help="LoRA style adapter: its folder, or its name in the library ($HISTOSYNTH_ADAPTERS).",
+)
+@seed_option()
+@steps_option(
+    f"Denoising steps [inpaint {defaults.INPAINT_STEPS}, variation {defaults.VARIATION_STEPS}]."
+)
+@click.option(
+    "--guidance",
+    type=FiniteFloat(1.0, GUIDANCE_MAX),
+    default=None,
+    help=f"Classifier-free guidance scale [inpaint {defaults.INPAINT_GUIDANCE}, variation "
+    f"{defaults.VARIATION_GUIDANCE}].",
+)
+@click.option(
+    "--strength",
+    type=FiniteFloat(0.0, 1.0),
+    default=None,
+    help="Inpainting noise level τ: the fraction of the schedule regenerated [the engine's "
+    f"own: {defaults.STRENGTH} for PixCell; the embedded default's is on its model card].",
+)
+@click.option(
+    "--kv-compress",
+    type=click.IntRange(min=1),
+    default=None,
+    help="KV-compression ratio R for self-attention (1 = off).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Tiles per model call [4 on CUDA, 1 on CPU].",
+)
+@device_option()
+@resume_option()
+@skip_missing_option()
+@click.option(
+    "--background",
+    type=click.Choice(["auto", "real", "synthetic"]),
+    default="auto",
+    show_default=True,
+    help="Inpainting backgrounds: real tiles of the slides, generated ones (conditioned on "
+    "real tissue near the donor), or real with generated ones where a donor fits none.",
+)
+@harmonise_option(
+    "How the seam is regenerated: partial diffusion with the engine, multiband "
+    "(Laplacian-pyramid) blending without a model step (fast on a CPU), or not at all; "
+    "auto = diffusion with a trained engine, multiband with an UNTRAINED one. "
+    "Beyond 4σ of the seam the tile is the composite in every mode."
+)
+@allow_untrained_option()
+@click.option(
+    "--strict-qc",
+    is_flag=True,
+    help="Exit with code 1 when a tile fails the content check (they are written either "
+    "way, marked in the qc column, and never exported unless --include-qc-failed).",
+)
+@click.option(
+    "--write-project",
+    type=click.Choice(["none", "native", "paquo"]),
+    default="none",
+    show_default=True,
+    help="Add the synthetic tiles to --project as new entries marked for review: native "
+    "(edits project.qpproj; close the project in QuPath first) or paquo (needs QuPath).",
+)
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="auto",
+    default=None,
+    metavar="[auto|local|ADDRESS]",
+    help="Render on a Ray cluster, one engine per worker: auto (the cluster of 'ray "
+    "start'), local (a Ray instance on this machine) or the head's address. Needs "
+    "pip install 'histosynth[ray]'.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 4096),
+    default=None,
+    help="Ray workers (actors), each loading the engine once [1].",
+)
+@click.option(
+    "--gpus-per-worker",
+    type=FiniteFloat(0.0, 64.0),
+    default=None,
+    help="GPUs each Ray worker holds [1 when the cluster has GPUs, else 0].",
+)
+@wait_option
+@click.pass_context
+def synthesize(
+    ctx: click.Context,
+    project: Path | None,
+    slide: Path | None,
+    annotations: Path | None,
+    slide_mpp: float | None,
+    classes: tuple[str, ...],
+    count: int,
+    mode: str,
+    out: Path,
+    tile_size: int | None,
+    mpp: float,
+    model: str | None,
+    adapter: str | None,
+    seed: int,
+    steps: int | None,
+    guidance: float | None,
+    strength: float | None,
+    kv_compress: int | None,
+    batch_size: int | None,
+    device: str | None,
+    resume: bool,
+    skip_missing: bool,
+    background: str,
+    harmonise: str,
+    write_project: str,
+    allow_untrained: bool,
+    strict_qc: bool,
+    ray_address: str | None,
+    workers: int | None,
+    gpus_per_worker: float | None,
+    wait_s: float,
+) -> None:
+    """Synthetic vessel tiles, masks, GeoJSON and index into a run folder.
+
+    Every tile records its source slide, donor annotation, model, seed and parameters in
+    RUN/index.csv; review_status starts as 'pending'.
+    """
+    from histosynth.workflows.synthesize import SynthesisSettings
+    from histosynth.workflows.synthesize import synthesize as run_synthesize
+
+    if (project is None) == (slide is None):
+        raise click.UsageError("give either --project or --slide (with --annotations)")
+    if slide is not None and annotations is None:
+        raise click.UsageError("--slide needs --annotations")
+    if write_project != "none" and project is None:
+        raise click.UsageError("--write-project needs --project")
+    if ray_address is None and (workers is not None or gpus_per_worker is not None):
+        raise click.UsageError("--workers and --gpus-per-worker need --ray")
+    ray = None
+    if ray_address is not None:
+        from histosynth.workflows.synthesize import RayOptions
+
+        ray = RayOptions(ray_address, workers or 1, gpus_per_worker)
+    settings = SynthesisSettings(
+        classes=classes,
+        count=count,
+        mode=mode,
+        tile_size=tile_size,
+        mpp=mpp,
+        model=model,
+        adapter=adapter,
+        seed=seed,
+        steps=steps,
+        guidance=guidance,
+        strength=strength,
+        kv_compress=kv_compress,
+        batch_size=batch_size,
+        device=device,
+        background=background,
+        harmonise=harmonise,
+        allow_untrained=allow_untrained,
+    )
+    result = run_synthesize(
+        settings,
+        out=out,
+        project=project,
+        slide=slide,
+        annotations=annotations,
+        slide_mpp_override=slide_mpp,
+        resume=resume,
+        skip_missing=skip_missing,
+        progress=progress_for(ctx, "synthesize"),
+        command=shlex.join(["histosynth", *sys.argv[1:]]),
+        ray=ray,
+    )
+    report_synthesis(ctx, result)
+    write_back(write_project, project, result.run_dir, wait_s=wait_s)
+    fail_on_qc(strict_qc, result)
+
+
+def fail_on_qc(strict: bool, result: SynthesizeResult) -> None:
+    """``--strict-qc``: exit 1 when a tile of this call failed the content check."""
+    if strict and result.qc_failed:
+        raise click.exceptions.Exit(1)
+
+
+def write_back(how: str, project: Path | None, run_dir: Path, *, wait_s: float = 0.0) -> None:
+    """``--write-project``: add a finished run's tiles to the QuPath project and print
+    what was added."""
+    if how == "none":
+        return
+    if project is None:
+        raise click.UsageError("--write-project needs --project")
+    from histosynth.workflows.writeback import write_run_back
+
+    click.echo(write_run_back(how, project, run_dir, wait_s=wait_s).summary())
+
+
+def report_synthesis(ctx: click.Context, result: SynthesizeResult) -> None:
+    """The result lines (always, also with ``-q``) and the notes on an UNTRAINED engine
+    (not with ``-q``)."""
+    click.echo(f"engine: {result.engine_description}")
+    click.echo(
+        f"{result.written} synthetic tile(s) written, {result.already_present} already "
+        f"present, {len(result.skipped)} item(s) skipped (reasons in "
+        f"{result.run_dir / 'run.json'})"
+    )
+    click.echo(f"run: {result.run_dir} (index: {result.run_dir / 'index.csv'})")
+    if result.qc_failed:
+        first = next(iter(result.qc_failed.items()))
+        click.echo(
+            f"warning: {len(result.qc_failed)} of the {result.written} tile(s) written FAILED "
+            f"the content check (e.g. {first[0]}: {first[1]}); they are marked in the qc "
+            "column and the gallery, and not exported unless --include-qc-failed",
+            err=True,
+        )
+    if ctx.obj.get("quiet"):
+        return
+    if not result.trained and result.model_painted:
+        click.echo(
+            "note: the engine is UNTRAINED; these tiles show the workflow, they are not "
+            "histology. Install PixCell weights (histosynth models check) for real use."
+        )
+    elif not result.trained:
+        click.echo(
+            "note: the seams were harmonised without the (UNTRAINED) engine; for seams "
+            "regenerated by diffusion install PixCell-1024 (histosynth models check)."
+        )

@@ -1,0 +1,162 @@
+"""What a synthesize run makes and how: :class:`SynthesisSettings`, frozen and checked
+when made (before any slide or weight is read), and the choices its options take."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from histosynth.common.geometry import DEFAULT_MPP
+from histosynth.integration.errors import InputError
+from histosynth.options import COUNT_MAX, GUIDANCE_MAX, MPP_MAX, SEED_MAX, STEPS_MAX, check_finite
+from histosynth.synthesis import defaults
+
+if TYPE_CHECKING:  # pragma: no cover
+    from histosynth.integration.tiles import SlideSource
+
+__all__ = ["BACKGROUNDS", "HARMONISERS", "MODES", "MODE_DEFAULTS", "SynthesisSettings"]
+
+MODES = ("inpaint", "variation")
+#: where inpainting backgrounds come from: real tiles of the slides; tiles generated from
+#: noise conditioned on 16 rotated copies of real tissue near the donor; real, and
+#: synthetic for a donor that fits no real tile.
+BACKGROUNDS = ("auto", "real", "synthetic")
+#: how the seam of an inpainted tile is regenerated: partial diffusion (the engine),
+#: multiband (Laplacian-pyramid) blending without weights, or not at all (the composite);
+#: auto: diffusion with a trained engine, multiband with an UNTRAINED one.
+HARMONISERS = ("auto", "diffusion", "multiband", "none")
+#: mode → (steps, guidance): the dissertation's inpainting defaults; PixCell's sampler.
+MODE_DEFAULTS = {
+    "inpaint": (defaults.INPAINT_STEPS, defaults.INPAINT_GUIDANCE),
+    "variation": (defaults.VARIATION_STEPS, defaults.VARIATION_GUIDANCE),
+}
+
+
+@dataclass(frozen=True)
+class SynthesisSettings:
+    """What to synthesise and how (frozen; checked when made, before anything loads).
+
+    ``None`` means the engine's (``tile_size``, ``kv_compress``; ``model``: PixCell-1024
+    when its weights are installed, else the embedded default) or the mode's
+    (``steps``, ``guidance``: :data:`MODE_DEFAULTS`; ``batch_size``: 4 on a GPU, else 1;
+    ``strength``: the engine's τ, ``Engine.strength``).
+    ``tile_size`` is px at ``mpp`` µm/px; ``seam_sigma`` px; ``strength`` = τ;
+    ``context_ring``: px of each donor's own surrounding tissue pasted with it, so that its
+    wall lies inside the pasted tissue rather than on the regenerated seam (``None``: 2σ).
+    ``allow_untrained``: let an UNTRAINED engine (``tiny``) paint pixels — variation,
+    synthetic backgrounds, diffusion seams — to try the workflow; its tiles fail the
+    content check. ``generate_backgrounds`` is resolved by the run: whether ``--background
+    auto`` may generate one for a donor that fits no real tile (the engine generates).
+
+    Raises:
+        InputError: a value out of range or not one of the choices, naming the option.
+    """
+
+    classes: tuple[str, ...]
+    count: int
+    mode: str = "inpaint"
+    tile_size: int | None = None
+    mpp: float = DEFAULT_MPP
+    model: str | None = None
+    adapter: str | None = None
+    seed: int = 0
+    steps: int | None = None
+    guidance: float | None = None
+    strength: float | None = None
+    kv_compress: int | None = None
+    seam_sigma: float = defaults.SEAM_SIGMA
+    colour_blend: float = defaults.COLOUR_BLEND
+    context_ring: int | None = None
+    background: str = "auto"
+    harmonise: str = "auto"
+    batch_size: int | None = None
+    device: str | None = None
+    allow_untrained: bool = False
+    generate_backgrounds: bool = True
+
+    def __post_init__(self) -> None:
+        classes = (self.classes,) if isinstance(self.classes, str) else tuple(self.classes)
+        object.__setattr__(self, "classes", classes)
+        for name, value, choices in (
+            ("mode", self.mode, MODES),
+            ("background", self.background, BACKGROUNDS),
+            ("harmonise", self.harmonise, HARMONISERS),
+        ):
+            if value not in choices:
+                raise InputError(f"--{name} must be one of {', '.join(choices)}, not {value!r}")
+        if not classes or not all(isinstance(c, str) and c.strip() for c in classes):
+            raise InputError("name at least one class (--class)")
+        steps, guidance = self.mode_steps, self.mode_guidance
+        integers = [
+            ("--count", self.count, 1, COUNT_MAX),
+            ("--steps", steps, 1, STEPS_MAX),
+            ("--seed", self.seed, 0, SEED_MAX),
+            ("the context ring (px)", self.context_ring, 0, 256),
+            ("--tile-size", self.tile_size, 64, 16384),
+            ("--kv-compress", self.kv_compress, 1, 64),
+            ("--batch-size", self.batch_size, 1, 1024),
+        ]
+        for name, value, low, high in integers:
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise InputError(f"{name} must be a whole number, not {value!r}")
+            if not low <= value <= high:
+                raise InputError(f"{name} must be in [{low}, {high}], not {value}")
+        reals = [
+            ("--strength", self.strength, 0.0, 1.0),
+            ("--guidance", guidance, 1.0, GUIDANCE_MAX),
+            ("--mpp", self.mpp, 1e-6, MPP_MAX),
+            ("the seam σ (px)", self.seam_sigma, 0.1, 1000.0),
+            ("the colour blend", self.colour_blend, 0.0, 1.0),
+        ]
+        for name, value, low, high in reals:
+            if value is None:
+                continue
+            try:
+                check_finite(name, value, low, high)
+            except ValueError as exc:
+                raise InputError(str(exc)) from None
+
+    @property
+    def ring(self) -> int:
+        """``context_ring``, or 2σ rounded."""
+        return round(2 * self.seam_sigma) if self.context_ring is None else self.context_ring
+
+    @property
+    def mode_steps(self) -> int:
+        """``steps``, or the mode's default."""
+        return MODE_DEFAULTS[self.mode][0] if self.steps is None else self.steps
+
+    @property
+    def mode_guidance(self) -> float:
+        """``guidance``, or the mode's default."""
+        return MODE_DEFAULTS[self.mode][1] if self.guidance is None else self.guidance
+
+    def run_config(self, sources: Sequence[SlideSource]) -> dict[str, Any]:
+        """The ``config`` of ``run.json`` (what a resumed run must match) of these settings
+        as resolved for a run (model id, steps, tile size … filled in)."""
+        inpaint = self.mode == "inpaint"
+        return {
+            "command": "synthesize",
+            "mode": self.mode,
+            "classes": list(self.classes),
+            "count": self.count,
+            "tile_size": self.tile_size,
+            "mpp": self.mpp,
+            "model": self.model,
+            "adapter": self.adapter,
+            "seed": self.seed,
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "strength": self.strength if inpaint else None,
+            "kv_compress": self.kv_compress,
+            "seam_sigma": self.seam_sigma,
+            "colour_blend": self.colour_blend,
+            "context_ring": self.ring if inpaint else None,
+            "background": self.background if inpaint else None,
+            "harmonise": self.harmonise if inpaint else None,
+            "sources": sorted(str(s.slide_path) for s in sources),
+        }

@@ -125,6 +125,7 @@ def test_the_graph_covers_every_layer() -> None:
     layers = {_layer(m) for m in MODULES}
     assert layers == set(LAYERS)
     assert "histosynth.integration.tiles" in MODULES and "histosynth.cli" in MODULES
+    assert "histosynth.commands.main" in MODULES and "histosynth.workflows.extract" in MODULES
 
 
 @pytest.mark.parametrize("layer", sorted(FORBIDDEN))
@@ -187,6 +188,55 @@ def test_no_private_name_from_another_module() -> None:
     assert bad == []
 
 
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def _reachable(graph: dict[str, set[str]], starts: set[str]) -> set[str]:
+    """``starts`` and every module they import, directly or through others."""
+    seen, todo = set(), list(starts)
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo += sorted(graph.get(module, ()))
+    return seen
+
+
+def test_the_workflows_never_import_click() -> None:
+    """``histosynth.workflows`` is click-free: none of its modules imports click, nor does
+    any project module they import (at the top or inside a function)."""
+    graph = _graph()
+    workflows = {m for m in MODULES if _within(m, "histosynth.workflows")}
+    assert workflows, "no workflow module found"
+    bad = [
+        f"{module}:{line} imports {target}"
+        for module in sorted(_reachable(graph, workflows))
+        for target, _, line in _imports(module)
+        if _within(target, "click")
+    ]
+    assert bad == []
+
+
+def test_only_the_entry_point_imports_the_commands() -> None:
+    """The commands are the outermost layer: no workflow, engine, integration or other
+    plugin module imports ``histosynth.commands``; only ``histosynth.cli`` (the console
+    entry point) does."""
+    bad = [
+        f"{module}:{line} imports {target}"
+        for module in MODULES
+        if not _within(module, "histosynth.commands") and module != "histosynth.cli"
+        for target, _, line in _imports(module)
+        if _within(target, "histosynth.commands")
+    ]
+    assert bad == []
+
+
+def test_reachable_follows_imports_through_other_modules() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": set(), "d": {"a"}}
+    assert _reachable(graph, {"a"}) == {"a", "b", "c"}
+
+
 def test_the_cycle_finder_finds_a_cycle() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycles(graph) == [["a", "b", "c"]]
@@ -236,6 +286,8 @@ ONE_HOME = {
     "histosynth_version": "histosynth.common.version",
     "lazy_names": "histosynth.common.lazy",
     "check_finite": "histosynth.options",
+    "FiniteFloat": "histosynth.commands.options",
+    "wait_option": "histosynth.commands.options",
 }
 
 

@@ -148,7 +148,9 @@ def test_export_never_follows_a_link_out_of_the_run(run: Path, tmp_path: Path) -
     secret = tmp_path / "secret.txt"
     secret.write_text("not yours")
     mask = run / "masks" / "inp-ok.png"
-    mask.unlink()
+    kept = run / "masks" / "kept" / "inp-ok.png"  # the mask itself, moved within the run
+    kept.parent.mkdir()
+    mask.rename(kept)
     mask.symlink_to(secret)
     with pytest.raises(InputError, match="outside the run folder") as err:
         export_training_set(run, tmp_path / "out")
@@ -156,8 +158,12 @@ def test_export_never_follows_a_link_out_of_the_run(run: Path, tmp_path: Path) -
     assert not (tmp_path / "out").exists()
     inside = run / "masks" / "inp-ok.png"  # a link that stays inside the run is a file of it
     inside.unlink()
-    inside.symlink_to(run / "images" / "inp-ok.png")
+    inside.symlink_to(kept)
     assert export_training_set(run, tmp_path / "ok").count == 3
+    inside.unlink()  # inside, but not the mask the run wrote: its recorded hash says so
+    inside.symlink_to(run / "images" / "inp-ok.png")
+    with pytest.raises(InputError, match="mask_sha256"):
+        export_training_set(run, tmp_path / "other")
 
 
 def test_a_linked_index_is_neither_read_nor_written_through(run: Path, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from tiatoolbox.wsicore.wsireader import WSIReader
 
 from histosynth.integration.dataset import read_index
-from histosynth.integration.demodata import build_demo_project, build_demo_slide
+from histosynth.integration.demo.data import build_demo_project, build_demo_slide
 from histosynth.workflows.extract import ExtractSettings, extract
 
 

@@ -40,7 +40,7 @@ import torch
 
 def real_halves(tile: int = 512) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Held-out crops of TIAToolbox's sample in 8 symmetries, split by crop position."""
-    from histosynth.integration.demodata import he_source_image
+    from histosynth.integration.demo.data import he_source_image
 
     held = he_source_image()[500:]
     pad = cv2.copyMakeBorder(held, 0, max(0, tile - held.shape[0]), 0, 0, cv2.BORDER_REFLECT_101)

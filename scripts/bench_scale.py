@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import ray
 
-    from histosynth.integration.demodata import build_demo_project
+    from histosynth.integration.demo.data import build_demo_project
     from histosynth.workflows.synthesize import SynthesisSettings, synthesize
     from histosynth.workflows.synthesize.scale_out import RayOptions
 

@@ -40,7 +40,7 @@ import cv2
 import numpy as np
 import torch
 
-from histosynth.integration.demodata import he_source_image
+from histosynth.integration.demo.data import he_source_image
 from histosynth.synthesis.inpaint.harmonise import harmonise_multiband
 from histosynth.synthesis.inpaint.seam import seam_blend, seam_weights
 

@@ -75,7 +75,7 @@ import numpy as np
 import torch
 
 from histosynth.common.files import atomic_write_text
-from histosynth.integration.demodata import he_source_image
+from histosynth.integration.demo.data import he_source_image
 from histosynth.synthesis.cache import CacheDataset, CacheTile, OnTheFlyDataset, build_cache
 from histosynth.synthesis.engine import (
     make_scheduler,

@@ -68,7 +68,7 @@ def _post(url: str, body: dict) -> int:
 
 def make_project_run(base: Path, tiles: int = 4) -> tuple[Path, Path]:
     """A demo project with a run of ``tiles`` tiles written into it."""
-    from histosynth.integration.demodata import build_demo_project
+    from histosynth.integration.demo.data import build_demo_project
     from histosynth.integration.qupath.writeback import write_run_to_project
     from histosynth.workflows.synthesize import SynthesisSettings, synthesize
 

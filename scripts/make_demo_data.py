@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from histosynth.integration.demodata import build_demo_project
+from histosynth.integration.demo.data import build_demo_project
 from histosynth.integration.errors import InputError
 
 

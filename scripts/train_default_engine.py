@@ -44,7 +44,7 @@ import torch
 
 HE_SOURCE = (
     "TIAToolbox 2.x test/sample data `target_image.png` (1000×1000 px H&E), read by "
-    "`histosynth.integration.demodata.he_source_image()`; TIAToolbox is BSD-3-Clause"
+    "`histosynth.integration.demo.data.he_source_image()`; TIAToolbox is BSD-3-Clause"
 )
 # More H&E inside installable packages (``pip install "histosynth[train-data]"``), found
 # without importing them; the autoencoder trains on them too (they are smaller than a tile).
@@ -245,14 +245,14 @@ def vessel_tiles(
     region: np.ndarray, tile: int, count: int, seed: int, crops_from: np.ndarray
 ) -> list:
     """``count`` tiles of ``region`` with 1–2 vessels painted in from real crops of
-    ``crops_from`` (:func:`~histosynth.integration.demo_vessels.paint_vessel`, as the
+    ``crops_from`` (:func:`~histosynth.integration.demo.vessels.paint_vessel`, as the
     demo's donors are made), masked, so the denoiser also learns walls, lumens and red
     cells: diameters 12–43 % of the tile (30–110 µm at 512 px, 0.5 µm/px), one in four
     invasive. Pass training pixels only, for both."""
     import cv2
 
-    from histosynth.integration.demo_crops import build_crop_library
-    from histosynth.integration.demo_vessels import paint_vessel, random_shape
+    from histosynth.integration.demo.crops import build_crop_library
+    from histosynth.integration.demo.vessels import paint_vessel, random_shape
     from histosynth.synthesis.cache import CacheTile
 
     mpp = 0.5
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.generator_from is not None:
         return train_generator(args, parser)
 
-    from histosynth.integration.demodata import he_source_image
+    from histosynth.integration.demo.data import he_source_image
     from histosynth.synthesis.abilities import EngineAbilities
     from histosynth.synthesis.cache import CacheDataset, build_cache
     from histosynth.synthesis.engine import (
@@ -644,7 +644,7 @@ def train_generator(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     ``OUT/generator.json`` (its steps, losses, times), for ``scripts/install_default_engine.py``
     or a copy into the engine folder.
     """
-    from histosynth.integration.demodata import he_source_image
+    from histosynth.integration.demo.data import he_source_image
     from histosynth.synthesis.cache import CacheDataset, build_cache
     from histosynth.synthesis.engine import load_engine
 

@@ -52,7 +52,7 @@ def untrained_engine():
 @pytest.fixture(scope="module")
 def demo_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``project.qpproj`` of a demo QuPath project (one synthetic H&E slide with annotated
-    vessels, see ``histosynth.integration.demodata``), one per test module."""
-    from histosynth.integration.demodata import build_demo_project
+    vessels, see ``histosynth.integration.demo.data``), one per test module."""
+    from histosynth.integration.demo.data import build_demo_project
 
     return build_demo_project(tmp_path_factory.mktemp("demo") / "project")

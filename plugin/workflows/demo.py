@@ -30,7 +30,7 @@ def prepare_demo_project(out: str | Path, model: str | None) -> Path:
     check_model(model)  # before anything is built: a bad model leaves no half-built demo
     project_file = out / "project" / "project.qpproj"
     if not project_file.exists():
-        from histosynth.integration.demodata import build_demo_project
+        from histosynth.integration.demo.data import build_demo_project
 
         # three slides: enough for a slide-level train / validation / test split
         # (histosynth benchmark downstream) of the demo's own tiles

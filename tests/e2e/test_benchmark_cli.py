@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from histosynth.integration.demodata import build_demo_project, build_demo_slide
+from histosynth.integration.demo.data import build_demo_project, build_demo_slide
 from histosynth.integration.splits import read_labelled_tiles, read_split_file
 
 TILE, MPP = 128, 1.0

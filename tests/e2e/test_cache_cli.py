@@ -14,7 +14,7 @@ import pytest
 from shapely.geometry import box
 
 from histosynth.integration.dataset import read_index, update_index
-from histosynth.integration.demodata import build_demo_project, build_demo_slide
+from histosynth.integration.demo.data import build_demo_project, build_demo_slide
 from histosynth.integration.masks import tissue_mask
 from histosynth.integration.slides import open_slide, read_tile
 from histosynth.synthesis.cache import CacheDataset, read_cache_info

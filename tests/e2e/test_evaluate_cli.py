@@ -13,7 +13,7 @@ from shapely.geometry import box
 
 from histosynth.integration.annotations import Annotation
 from histosynth.integration.dataset import RunWriter, TileRecord
-from histosynth.integration.demodata import he_source_image
+from histosynth.integration.demo.data import he_source_image
 
 TILE = 64
 

@@ -25,7 +25,7 @@ from shapely.ops import unary_union
 from histosynth.cli import main
 from histosynth.integration.annotations import class_matches
 from histosynth.integration.dataset import read_index
-from histosynth.integration.demodata import (
+from histosynth.integration.demo.data import (
     build_demo_project,
     build_demo_slide,
     write_qupath_geojson_variants,

@@ -31,7 +31,7 @@ from tiatoolbox.wsicore.wsireader import WSIReader
 
 from histosynth.integration.annotations import Annotation, class_matches
 from histosynth.integration.dataset import read_index
-from histosynth.integration.demodata import build_demo_slide
+from histosynth.integration.demo.data import build_demo_slide
 from histosynth.integration.errors import InputError
 from histosynth.integration.geojson import read_annotations, write_annotations
 from histosynth.integration.masks import rasterize

@@ -18,7 +18,7 @@ from shapely import affinity
 from shapely.geometry import box
 
 from histosynth.integration.annotations import Annotation, class_matches
-from histosynth.integration.demodata import (
+from histosynth.integration.demo.data import (
     CLASS_INVASIVE,
     CLASS_TUMOR,
     CLASS_VESSEL,
@@ -426,7 +426,7 @@ def test_source_image_is_real_he():
 def test_demo_background_has_no_mirror_axis():
     """The background is quilted from turned real patches: no column band is the mirror
     image of its neighbour (a mirror-tiled background has such an axis every 1000 px)."""
-    from histosynth.integration.demodata import _quilted_background
+    from histosynth.integration.demo.data import _quilted_background
 
     image = _quilted_background(2600, 600, np.random.default_rng(3)).astype(np.int16)
     band = 24

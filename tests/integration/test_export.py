@@ -18,7 +18,7 @@ from shapely.geometry import Point
 from histosynth.commands.export import export
 from histosynth.integration.annotations import Annotation
 from histosynth.integration.dataset import RunWriter, TileRecord, read_index, update_index
-from histosynth.integration.demodata import he_source_image
+from histosynth.integration.demo.data import he_source_image
 from histosynth.integration.errors import InputError
 from histosynth.integration.splits import slide_group
 from histosynth.workflows.export import METADATA_COLUMNS, export_training_set

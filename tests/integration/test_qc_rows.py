@@ -16,7 +16,7 @@ from shapely.geometry import Point
 
 from histosynth.integration.annotations import Annotation
 from histosynth.integration.dataset import RunWriter, TileRecord, read_index
-from histosynth.integration.demodata import he_source_image
+from histosynth.integration.demo.data import he_source_image
 from histosynth.integration.errors import InputError
 from histosynth.integration.splits import read_labelled_tiles
 from histosynth.review.gallery import write_gallery

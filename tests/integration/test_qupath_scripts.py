@@ -26,7 +26,7 @@ from shapely.geometry import box
 from histosynth.commands.qupath import qupath
 from histosynth.integration.annotations import Annotation, class_matches
 from histosynth.integration.dataset import RunWriter, TileRecord, read_index
-from histosynth.integration.demodata import build_demo_project, build_demo_slide
+from histosynth.integration.demo.data import build_demo_project, build_demo_slide
 from histosynth.integration.errors import InputError
 from histosynth.integration.qupath.entries import (
     META_ID,

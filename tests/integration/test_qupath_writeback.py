@@ -23,7 +23,7 @@ from shapely.geometry import Polygon, box
 
 from histosynth.integration.annotations import Annotation
 from histosynth.integration.dataset import RunWriter, TileRecord, read_index
-from histosynth.integration.demodata import build_demo_project, build_demo_slide, he_source_image
+from histosynth.integration.demo.data import build_demo_project, build_demo_slide, he_source_image
 from histosynth.integration.errors import InputError
 from histosynth.integration.geojson import read_annotations
 from histosynth.integration.qupath import QuPathProject

@@ -22,7 +22,7 @@ from shapely.geometry import Point
 from histosynth.commands.review import review
 from histosynth.integration.annotations import Annotation
 from histosynth.integration.dataset import RunWriter, TileRecord, read_index, update_index
-from histosynth.integration.demodata import he_source_image
+from histosynth.integration.demo.data import he_source_image
 from histosynth.integration.errors import InputError
 from histosynth.review.gallery import OVERLAY_ALPHA, OVERLAY_RGB, write_gallery
 

@@ -74,7 +74,7 @@ def _burst(url: str, tiles: list[str], seed: int, acked: list[str], stop: thread
 
 @pytest.fixture()
 def project_run(tmp_path: Path):
-    from histosynth.integration.demodata import build_demo_project
+    from histosynth.integration.demo.data import build_demo_project
     from histosynth.integration.qupath.writeback import write_run_to_project
     from histosynth.workflows.synthesize import SynthesisSettings, synthesize
 

@@ -316,7 +316,7 @@ def test_review_serve_prints_a_loopback_url_with_a_token(tmp_path):
 def project_run(tmp_path):
     """A demo project with a 2-tile run written into it (the composites kept: no engine
     step), served with --project."""
-    from histosynth.integration.demodata import build_demo_project
+    from histosynth.integration.demo.data import build_demo_project
     from histosynth.integration.qupath.writeback import write_run_to_project
     from histosynth.workflows.synthesize import SynthesisSettings, synthesize
 

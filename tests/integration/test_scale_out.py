@@ -250,7 +250,7 @@ def test_the_tiatoolbox_engine_runs_on_ray(local_ray, tmp_path):
     import numpy as np
     import torch
 
-    from histosynth.integration.demodata import build_demo_slide
+    from histosynth.integration.demo.data import build_demo_slide
     from histosynth.integration.geojson import write_annotations
     from histosynth.tiatoolbox import SynthesisEngine
 

@@ -23,7 +23,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from histosynth.integration.demodata import he_source_image
+from histosynth.integration.demo.data import he_source_image
 from histosynth.synthesis.adapters import base_weight_hash
 from histosynth.synthesis.cache import (
     CacheDataset,

@@ -18,7 +18,7 @@ from histosynth.integration.content_check import (
     measure_tile,
     qc_failed,
 )
-from histosynth.integration.demodata import he_source_image
+from histosynth.integration.demo.data import he_source_image
 from histosynth.integration.masks import tissue_mask
 
 TILE = 256

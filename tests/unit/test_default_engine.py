@@ -92,7 +92,7 @@ def test_default_makes_512_px_tiles_only() -> None:
 
 
 def _held_out_tile() -> np.ndarray:
-    from histosynth.integration.demodata import he_source_image
+    from histosynth.integration.demo.data import he_source_image
 
     region = he_source_image()[500:]  # the rows the engine never saw
     padded = cv2.copyMakeBorder(region, 0, 512 - region.shape[0], 0, 0, cv2.BORDER_REFLECT_101)

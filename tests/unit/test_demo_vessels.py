@@ -1,4 +1,4 @@
-"""Demo vessels built from real H&E crops (``histosynth.integration.demo_vessels``).
+"""Demo vessels built from real H&E crops (``histosynth.integration.demo.vessels``).
 
 Claims tested: the crop library holds real nuclei (hematoxylin-dense, much denser than
 the stroma patches) and eosin-rich stroma, cut once per process; the same seed paints
@@ -19,17 +19,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from skimage.color import rgb2hed
 
-from histosynth.integration.demo_vessels import (
+from histosynth.integration.demo.data import (
+    _crop_library,
+    _quilted_background,
+    he_source_image,
+)
+from histosynth.integration.demo.vessels import (
     CropLibrary,
     build_crop_library,
     paint_tumour,
     paint_vessel,
     random_shape,
-)
-from histosynth.integration.demodata import (
-    _crop_library,
-    _quilted_background,
-    he_source_image,
 )
 
 MPP = 0.25  # µm per px

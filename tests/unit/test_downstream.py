@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from histosynth.integration.demodata import he_source_image
+from histosynth.integration.demo.data import he_source_image
 from histosynth.synthesis.downstream import (
     augment,
     build_classifier,

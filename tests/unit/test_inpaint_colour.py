@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from skimage.color import rgb2lab
 
-from histosynth.integration.demodata import he_source_image
+from histosynth.integration.demo.data import he_source_image
 from histosynth.integration.masks import tissue_mask as tissue
 from histosynth.synthesis.inpaint import lab_stats, reinhard_transfer
 

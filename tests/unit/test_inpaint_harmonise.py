@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from histosynth.integration.demodata import he_source_image
+from histosynth.integration.demo.data import he_source_image
 from histosynth.synthesis.inpaint import composite
 from histosynth.synthesis.inpaint.harmonise import (
     harmonise_multiband,

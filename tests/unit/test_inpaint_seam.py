@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
-from histosynth.integration.demodata import he_source_image
+from histosynth.integration.demo.data import he_source_image
 from histosynth.synthesis.inpaint import (
     SEAM_CUTOFF,
     composite,

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from shapely import affinity
 from shapely.geometry import LineString, MultiPolygon, Point, Polygon, box
 
-from histosynth.integration.demodata import he_source_image
+from histosynth.integration.demo.data import he_source_image
 from histosynth.integration.masks import rasterize, tissue_mask
 
 # ----------------------------------------------------------------------------- helpers

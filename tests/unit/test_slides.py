@@ -1,6 +1,6 @@
 """Slides through TIAToolbox: opening, units, tile geometry and exact tile reads.
 
-Real files only: pyramidal OME-TIFFs written with tifffile (``demodata``), a generic TIFF,
+Real files only: pyramidal OME-TIFFs written with tifffile (the demo package), a generic TIFF,
 PNGs; read with TIAToolbox's ``WSIReader``.
 """
 
@@ -16,7 +16,7 @@ import tifffile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from histosynth.integration.demodata import (
+from histosynth.integration.demo.data import (
     he_source_image,
     write_pyramidal_ome_tiff,
     write_uncalibrated_tiff,

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from histosynth.integration.demodata import he_source_image
+from histosynth.integration.demo.data import he_source_image
 from histosynth.synthesis.adapters import base_weight_hash, load_adapter, read_adapter_info
 from histosynth.synthesis.cache import CacheDataset, CacheTile, OnTheFlyDataset, build_cache
 from histosynth.synthesis.engine import load_engine, set_attention, tiny_engine

@@ -1,7 +1,7 @@
 """Vessels and the tumour region of the demo slide, built from real H&E crops.
 
-A :class:`~histosynth.integration.demo_crops.CropLibrary` is cut once from a real H&E image
-(``build_crop_library``, in :mod:`histosynth.integration.demo_crops`):
+A :class:`~histosynth.integration.demo.crops.CropLibrary` is cut once from a real H&E image
+(``build_crop_library``, in :mod:`histosynth.integration.demo.crops`):
 nuclei (hematoxylin-rich connected components, each with a soft alpha mask, turned so
 its long axis runs along x), eosin-rich stroma patches (turned so their fibres run along
 x), red-cell texture (the reddest eosin blobs) and pale lumen pixels. ``paint_vessel``
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from histosynth.integration.demo_crops import (
+from histosynth.integration.demo.crops import (
     STROMA_PATCH,
     CropLibrary,
     Nucleus,

@@ -3,7 +3,7 @@
 No download: the 1000 × 1000 H&E ``tiatoolbox/data/target_image.png`` is quilted to a
 slide of any size, vessels built from real crops of the same image (a stroma wall warped
 round a pale lumen, real endothelial and smooth-muscle nuclei, red cells, tumour emboli
-in invasive vessels; see ``demo_vessels``) are put in at seeded positions, and the result is
+in invasive vessels; see ``demo.vessels``) are put in at seeded positions, and the result is
 written as a real pyramidal OME-TIFF (tifffile) that TIAToolbox and QuPath open. The
 vessels' outlines are returned as annotations in level-0 pixels, and can be written as
 every flavour of GeoJSON QuPath has produced, or as a QuPath project.
@@ -14,7 +14,7 @@ every flavour of GeoJSON QuPath has produced, or as a QuPath project.
 Used by the tests and by ``histosynth demo``.
 
 Size: the demo builder writes each QuPath GeoJSON flavour (0.2–0.7) and a project of
-every version the tests read; vessels are painted in ``demo_vessels.py``.
+every version the tests read; vessels are painted in ``demo/vessels.py``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from shapely.geometry.base import BaseGeometry
 from histosynth.common.files import atomic_write_json, atomic_write_text
 from histosynth.integration.annotations import Annotation, class_parts
 from histosynth.integration.class_colours import default_color, rgb_to_argb
-from histosynth.integration.demo_vessels import (
+from histosynth.integration.demo.vessels import (
     CropLibrary,
     Shape,
     build_crop_library,

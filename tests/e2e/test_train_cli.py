@@ -374,7 +374,7 @@ def test_bad_inputs_give_one_line_and_write_nothing(workspace, tmp_path):
         )
 
     other = tmp_path / "other-engine"
-    tiny_engine(TILE, seed=1).save(other)
+    tiny_engine(TILE, seed=1).save_pretrained(other)
     line = _one_line_error(
         invoke(
             "train",

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from histosynth.commands.options import (
+    HELP_CONTEXT,
     FiniteFloat,
     device_option,
     out_option,
@@ -29,12 +30,12 @@ def _split(text: str) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
-@click.group()
+@click.group(context_settings=HELP_CONTEXT)
 def benchmark() -> None:
     """Benchmarks of what histosynth makes."""
 
 
-@benchmark.command("downstream")
+@benchmark.command("downstream", context_settings=HELP_CONTEXT)
 @click.option("--real", type=click.Path(path_type=Path), required=True,
               help="Real tiles: an export (histosynth export) or a dataset (histosynth "
               "extract).")

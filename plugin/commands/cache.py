@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from histosynth.commands.options import (
+    HELP_CONTEXT,
     class_option,
     dataset_option,
     device_option,
@@ -27,12 +28,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from histosynth.workflows.cache import CacheBuildResult
 
 
-@click.group()
+@click.group(context_settings=HELP_CONTEXT)
 def cache() -> None:
     """Feature caches for training: VAE posteriors and encoder rows of tiles, in HDF5."""
 
 
-@cache.command("build")
+@cache.command("build", context_settings=HELP_CONTEXT)
 @dataset_option(
     "A histosynth dataset or run folder (index.csv); rejected tiles are left out."
 )

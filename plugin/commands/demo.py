@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from histosynth.commands.options import (
+    HELP_CONTEXT,
     allow_untrained_option,
     count_option,
     harmonise_option,
@@ -24,7 +25,7 @@ from histosynth.commands.synthesize import report_synthesis, write_back
 from histosynth.common.geometry import DEFAULT_MPP
 
 
-@click.command()
+@click.command(context_settings=HELP_CONTEXT)
 @out_option("Folder for the demo project (DIR/project) and run (DIR/run).")
 @model_option(
     "Preset or local folder [pixcell-1024 when installed, else default: the embedded "

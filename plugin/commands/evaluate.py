@@ -9,12 +9,12 @@ from pathlib import Path
 
 import click
 
-from histosynth.commands.options import device_option
+from histosynth.commands.options import HELP_CONTEXT, device_option
 from histosynth.commands.progress import progress_for
 from histosynth.options import COUNT_MAX
 
 
-@click.command()
+@click.command(context_settings=HELP_CONTEXT)
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option(
     "--real",

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import click
 
-from histosynth.commands.options import out_option
+from histosynth.commands.options import HELP_CONTEXT, out_option
 from histosynth.commands.progress import progress_for
 from histosynth.workflows.export import IMAGE_FORMATS, export_training_set
 
 
-@click.command("export")
+@click.command("export", context_settings=HELP_CONTEXT)
 @click.argument("run", type=click.Path(path_type=Path, file_okay=False))
 @out_option("Dataset folder to create (must not exist or be empty).")
 @click.option("--include-pending", is_flag=True, help="Also export tiles not reviewed yet.")

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from histosynth.commands.options import (
+    HELP_CONTEXT,
     FiniteFloat,
     class_option,
     input_options,
@@ -23,7 +24,7 @@ from histosynth.commands.options import (
 from histosynth.commands.progress import progress_for
 
 
-@click.command()
+@click.command(context_settings=HELP_CONTEXT)
 @input_options(reverse=True)
 @class_option(
     "Annotation class to extract (repeatable); 'Vessel' includes 'Vessel: …'.", required=True

@@ -20,6 +20,7 @@ from histosynth.commands.evaluate import evaluate
 from histosynth.commands.export import export
 from histosynth.commands.extract import extract
 from histosynth.commands.models import models
+from histosynth.commands.options import HELP_CONTEXT
 from histosynth.commands.qupath import qupath
 from histosynth.commands.review import review
 from histosynth.commands.synthesize import synthesize
@@ -85,7 +86,7 @@ class HistosynthGroup(click.Group):
             ctx.exit(130)
 
 
-@click.group(cls=HistosynthGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=HistosynthGroup, context_settings=HELP_CONTEXT)
 @click.version_option(__version__, prog_name="histosynth")
 @click.option(
     "--quiet", "-q", is_flag=True, help="No progress bars, warnings or notes (results still)."

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import click
 
+from histosynth.commands.options import HELP_CONTEXT
 
-@click.group()
+
+@click.group(context_settings=HELP_CONTEXT)
 def models() -> None:
     """Model presets and where their weights are (offline: nothing is downloaded)."""
 
 
-@models.command("list")
+@models.command("list", context_settings=HELP_CONTEXT)
 def models_list() -> None:
     """Every preset, its tile size and scale, and whether its weights were found."""
     from histosynth.synthesis.model_report import format_models_report
@@ -19,7 +21,7 @@ def models_list() -> None:
     click.echo(format_models_report(None))
 
 
-@models.command("check")
+@models.command("check", context_settings=HELP_CONTEXT)
 @click.argument("preset", required=False, default="pixcell-1024")
 @click.pass_context
 def models_check(ctx: click.Context, preset: str) -> None:

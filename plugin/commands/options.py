@@ -51,6 +51,11 @@ __all__ = [
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+HELP_CONTEXT: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
+"""``context_settings`` of every command and group: ``-h`` and ``--help`` (set on each, not
+only inherited from ``main``: click keeps a command's help option from its first use, so
+a command first run on its own would otherwise show ``--help`` alone afterwards)."""
 Decorator = Callable[[F], F]
 
 

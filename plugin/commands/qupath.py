@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from histosynth.commands.options import (
+    HELP_CONTEXT,
     class_option,
     count_option,
     model_option,
@@ -22,12 +23,12 @@ from histosynth.commands.options import (
 from histosynth.qupath import MODES, SETTINGS_NAME, install_scripts, plan_for_scripts
 
 
-@click.group("qupath")
+@click.group("qupath", context_settings=HELP_CONTEXT)
 def qupath() -> None:
     """QuPath integration: menu scripts for a project."""
 
 
-@qupath.command("install-scripts")
+@qupath.command("install-scripts", context_settings=HELP_CONTEXT)
 @click.argument("project", type=click.Path(path_type=Path))
 @click.option(
     "--python",
@@ -93,7 +94,7 @@ def install_scripts_command(
     click.echo("In QuPath: Automate > Project scripts > histosynth > Synthesize vessels")
 
 
-@qupath.command("plan")
+@qupath.command("plan", context_settings=HELP_CONTEXT)
 @click.argument("run", type=click.Path(path_type=Path))
 @project_option(
     "QuPath project (project.qpproj or its folder) the run's tiles go into.",

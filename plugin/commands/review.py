@@ -11,16 +11,16 @@ from pathlib import Path
 
 import click
 
-from histosynth.commands.options import project_option, wait_option
+from histosynth.commands.options import HELP_CONTEXT, project_option, wait_option
 from histosynth.commands.progress import progress_for
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings=HELP_CONTEXT)
 def review() -> None:
     """Review synthetic tiles: a gallery page, decisions in the browser or from QuPath."""
 
 
-@review.command()
+@review.command(context_settings=HELP_CONTEXT)
 @click.argument("run", type=click.Path(path_type=Path, file_okay=False))
 @click.pass_context
 def gallery(ctx: click.Context, run: Path) -> None:
@@ -36,7 +36,7 @@ def gallery(ctx: click.Context, run: Path) -> None:
     click.echo(str(page))
 
 
-@review.command()
+@review.command(context_settings=HELP_CONTEXT)
 @click.argument("project", type=click.Path(path_type=Path))
 @click.option(
     "--run",
@@ -57,7 +57,7 @@ def sync(ctx: click.Context, project: Path, run: Path, wait_s: float) -> None:
     click.echo(result.summary())
 
 
-@review.command()
+@review.command(context_settings=HELP_CONTEXT)
 @click.argument("run", type=click.Path(path_type=Path, file_okay=False))
 @project_option(
     "The QuPath project the run was written into: each decision also goes into its "

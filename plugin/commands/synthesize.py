@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import click
 
 from histosynth.commands.options import (
+    HELP_CONTEXT,
     FiniteFloat,
     allow_untrained_option,
     class_option,
@@ -38,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["fail_on_qc", "report_synthesis", "synthesize", "write_back"]
 
 
-@click.command()
+@click.command(context_settings=HELP_CONTEXT)
 @input_options(reverse=True)
 @class_option(
     "Vessel class to synthesise (repeatable); 'Vessel' includes 'Vessel: …'.", required=True

@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from histosynth.commands.options import (
+    HELP_CONTEXT,
     FiniteFloat,
     dataset_option,
     device_option,
@@ -245,12 +246,12 @@ def _training_run(opts: dict[str, Any]):
 # --------------------------------------------------------------------------- commands
 
 
-@click.group()
+@click.group(context_settings=HELP_CONTEXT)
 def train() -> None:
     """Train LoRA style adapters and fine-tune the engine, from a feature cache."""
 
 
-@train.command("lora")
+@train.command("lora", context_settings=HELP_CONTEXT)
 @click.option("--base", "-m", required=True, help="Base engine: a preset or an engine folder.")
 @click.option("--name", required=True, help="Adapter name in the library.")
 @click.option("--domain", default="", help="What the adapter is for (stain, scanner, tissue).")
@@ -307,7 +308,7 @@ def lora(
         )
 
 
-@train.command("full")
+@train.command("full", context_settings=HELP_CONTEXT)
 @click.option(
     "--from",
     "from_",

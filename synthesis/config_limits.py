@@ -72,6 +72,7 @@ __all__ = [
     "check_weights_finite",
     "file_sha256",
     "parse_json_file",
+    "read_json_object",
     "record_weight_hashes",
     "verify_weight_hashes",
 ]
@@ -258,6 +259,23 @@ def parse_json_file(path: PathLike) -> Any:
     return data
 
 
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object from a small metadata file (an engine's, a config), read with the
+    limits of :func:`parse_json_file`.
+
+    Raises:
+        EngineError: unreadable, not JSON, larger or deeper than the limits, or not an
+            object — naming the file.
+    """
+    try:
+        data = parse_json_file(path)
+    except JSONFileError as err:  # unreadable, too large, not JSON, nested too deep
+        raise EngineError(f"cannot read JSON ({err})", path=path) from None
+    if not isinstance(data, dict):
+        raise EngineError("expected a JSON object", path=path)
+    return data
 def _depth(value: Any) -> int:
     """Nesting depth of a parsed JSON value (iterative: no recursion)."""
     deepest, stack = 0, [(value, 1)]
@@ -623,12 +641,7 @@ def check_before_loading(
         file = folder / "config.json"
         if not file.is_file():
             continue
-        try:
-            config = parse_json_file(file)
-        except JSONFileError as err:
-            raise EngineError(f"cannot read JSON ({err})", path=file) from None
-        if not isinstance(config, Mapping):
-            raise EngineError("expected a JSON object", path=file)
+        config = read_json_object(file)
         if component in ("transformer", "generator"):
             check_transformer_config(config, file)
         elif component == "vae":

@@ -65,14 +65,13 @@ from histosynth.common.files import replace_durably
 from histosynth.synthesis import defaults
 from histosynth.synthesis.abilities import EngineAbilities, refusal
 from histosynth.synthesis.config_limits import (
-    JSONFileError,
     check_before_loading,
     check_encoder_config,
     check_model_finite,
     check_scheduler_config,
     check_transformer_config,
     check_weights_finite,
-    parse_json_file,
+    read_json_object,
 )
 from histosynth.synthesis.devices import move_model, resolve_device, resolve_dtype, vae_dtype
 from histosynth.synthesis.errors import EngineError, UntrainedEngineWarning
@@ -110,7 +109,6 @@ from histosynth.synthesis.weights import (
     find_component,
     find_preset,
     read_engine_meta,
-    read_json_object,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -974,12 +972,7 @@ MODEL_INDEX = "model_index.json"
 def _check_model_index(root: Path) -> None:
     """Every component ``model_index.json`` names must be a folder of the engine."""
     path = root / MODEL_INDEX
-    try:
-        index = parse_json_file(path)
-    except JSONFileError as err:
-        raise EngineError(f"not readable JSON: {err}", path=path) from None
-    if not isinstance(index, dict):
-        raise EngineError("expected a JSON object", path=path)
+    index = read_json_object(path)
     for name, value in index.items():
         if name.startswith("_") or value in (None, [None, None]):
             continue

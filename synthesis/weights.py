@@ -45,7 +45,7 @@ from huggingface_hub import try_to_load_from_cache
 
 from histosynth.common.geometry import DEFAULT_MPP
 from histosynth.synthesis.abilities import EngineAbilities
-from histosynth.synthesis.config_limits import JSONFileError, check_engine_meta, parse_json_file
+from histosynth.synthesis.config_limits import check_engine_meta, read_json_object
 from histosynth.synthesis.errors import EngineError
 
 __all__ = [
@@ -563,23 +563,6 @@ def preset_facts(preset: str) -> ModelFacts:
     if preset not in PRESETS:
         raise EngineError(f"unknown preset; expected one of {', '.join(PRESETS)}", item=preset)
     return _facts(preset)
-
-
-def read_json_object(path: Path) -> dict:
-    """A JSON object from a small metadata file (an engine's, a config).
-
-    Raises:
-        EngineError: unreadable, not JSON (or larger / deeper than the limits of
-            :func:`~histosynth.synthesis.config_limits.parse_json_file`), or not an
-            object — naming the file.
-    """
-    try:
-        data = parse_json_file(path)
-    except JSONFileError as err:  # unreadable, too large, not JSON, nested too deep
-        raise EngineError(f"cannot read JSON ({err})", path=path) from None
-    if not isinstance(data, dict):
-        raise EngineError("expected a JSON object", path=path)
-    return data
 
 
 def read_engine_meta(path: Path) -> dict:

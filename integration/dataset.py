@@ -24,6 +24,10 @@ Example::
                             image, mask, annotations)
     rows = read_index("out/run")        # list of {column: str}
 
+Reading and changing ``index.csv`` lives in :mod:`~histosynth.integration.run_index`,
+what a run folder may hold in :mod:`~histosynth.integration.run_folder`; both are
+importable from here too.
+
 Size: the run-folder format and its one writer (``RunWriter``: atomic rows, resume,
 run.json) are one contract; splitting them would split the format from its checks.
 """
@@ -41,7 +45,6 @@ import json
 import logging
 import os
 import platform
-import re
 import sys
 import threading
 import time
@@ -72,54 +75,54 @@ from histosynth.integration.run_folder import (
     tile_paths,
     validate_tile_id,
 )
+from histosynth.integration.run_index import (
+    CSV_FORMAT,
+    FILE_HASH_COLUMNS,
+    INDEX_COLUMNS,
+    cell_text,
+    index_path,
+    load_index,
+    read_index,
+    update_index,
+)
 
 log = logging.getLogger(__name__)
+
+#: the run folder's API: what this module defines, and the index and folder rules it
+#: builds on (``run_index``, ``run_folder``), importable from here
+__all__ = [
+    "FILE_HASH_COLUMNS",
+    "FORMAT_VERSION",
+    "INDEX_COLUMNS",
+    "INDEX_NAME",
+    "REF_NAMES",
+    "REVIEW_STATUSES",
+    "RUN_JSON_NAME",
+    "SYNTHESIS_TYPES",
+    "EncodedTile",
+    "RunWriter",
+    "TileRecord",
+    "check_run_folder",
+    "collect_versions",
+    "read_index",
+    "remove_temporary_files",
+    "row_problem",
+    "tile_paths",
+    "untrained_tile_ids",
+    "update_index",
+    "utc_now",
+    "validate_tile_id",
+]
 
 FORMAT_VERSION = 1
 """Version of the run-folder layout written into ``run.json``."""
 
-
-INDEX_COLUMNS: tuple[str, ...] = (
-    "id",
-    "synthesis_type",
-    "image_path",
-    "mask_path",
-    "annotation_path",
-    "class_name",
-    "source_image",
-    "source_entry_id",
-    "source_annotation_id",
-    "tile_x",
-    "tile_y",
-    "tile_size",
-    "mpp",
-    "insert_x",
-    "insert_y",
-    "rotation_deg",
-    "model",
-    "adapter",
-    "seed",
-    "steps",
-    "guidance_scale",
-    "strength",
-    "kv_compress",
-    "image_sha256",
-    "review_status",
-    "created_at",
-)
-"""Required ``index.csv`` columns, in contract order. Extra columns may follow."""
-
-FILE_HASH_COLUMNS: tuple[str, ...] = ("mask_sha256", "annotation_sha256")
-"""SHA-256 of the row's mask PNG and annotation GeoJSON as written (empty when the row has
-none), right after the required columns in runs written since they exist; export checks
-them. Runs written before have no such columns."""
 
 SYNTHESIS_TYPES = ("extracted", "inpainting", "variation")
 REF_NAMES = ("background", "donor", "donor-mask", "vessel-mask", "composite", "reference",
              "reference-mask")
 """Allowed names of reference images (``refs/<id>-<name>.png``); ``*mask`` ones are masks."""
 
-_CSV_KW: dict[str, Any] = {"lineterminator": "\r\n"}  # RFC 4180; "\r" in a cell is quoted
 
 
 @dataclass
@@ -174,7 +177,7 @@ class TileRecord:
         cells = []
         for name in columns:
             value = getattr(self, name) if name in INDEX_COLUMNS else self.extra.get(name)
-            cells.append(_cell(value))
+            cells.append(cell_text(value))
         return cells
 
 
@@ -182,159 +185,9 @@ def _sha256(data: bytes | None) -> str:
     return "" if data is None else hashlib.sha256(data).hexdigest()
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float | np.floating):
-        return repr(float(value))
-    if isinstance(value, np.integer):
-        return str(int(value))
-    return str(value)
-
-
 def utc_now() -> str:
     """Current time as ISO-8601 UTC with milliseconds, e.g. ``2025-01-31T12:00:00.000Z``."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-# --------------------------------------------------------------------------- index.csv
-
-
-def _split_records(text: str) -> tuple[list[str], str]:
-    """Split CSV text into complete records (each ending in a newline) and a trailing rest.
-
-    A record is complete when its quote count is even (the csv module doubles quotes inside
-    quoted fields) and it ends with ``\\n``. The rest is a truncated last record, or "".
-    """
-    records: list[str] = []
-    current: list[str] = []
-    quotes = 0
-    for line in re.split(r"(?<=\n)", text):
-        if not line:
-            continue
-        current.append(line)
-        quotes += line.count('"')
-        if quotes % 2 == 0 and line.endswith("\n"):
-            records.append("".join(current))
-            current, quotes = [], 0
-    return records, "".join(current)
-
-
-def _parse_record(record: str) -> list[str]:
-    rows = list(csv.reader(io.StringIO(record, newline="")))
-    return rows[0] if rows else []
-
-
-def _load_index(index: Path) -> tuple[list[str], list[dict[str, str]], int, bool]:
-    """Parse ``index`` -> (header, rows, byte length of the complete part, truncated?)."""
-    try:
-        data = index.read_bytes()
-    except OSError as exc:
-        raise InputError(f"cannot read the index: {exc.strerror or exc}", path=index) from exc
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        if exc.start < len(data) - 3:
-            raise InputError(f"not UTF-8 text (byte {exc.start})", path=index) from exc
-        text = data[: exc.start].decode("utf-8")  # a write cut inside the last character
-    records, rest = _split_records(text)
-    if not records:
-        if rest:
-            raise InputError("the header line is incomplete", path=index)
-        return [], [], 0, False
-    header = _parse_record(records[0])
-    missing = [name for name in INDEX_COLUMNS if name not in header]
-    if missing:
-        raise InputError(f"required column(s) missing: {', '.join(missing)}", path=index)
-    rows = []
-    for number, record in enumerate(records[1:], start=2):
-        cells = _parse_record(record)
-        if len(cells) != len(header):
-            raise InputError(
-                f"has {len(cells)} cells, the header has {len(header)}",
-                path=index,
-                item=f"record {number}",
-            )
-        rows.append(dict(zip(header, cells, strict=True)))
-    complete = len("".join(records).encode("utf-8"))
-    return header, rows, complete, bool(rest)
-
-
-def _index_path(run_dir: str | os.PathLike) -> Path:
-    path = Path(run_dir)
-    if path.is_dir():
-        path = path / INDEX_NAME
-    if not path.is_file():
-        raise InputError("no index.csv here: not a histosynth run folder", path=run_dir)
-    if path.is_symlink():  # read, and rewritten by review decisions: never someone else's
-        raise InputError(
-            f"index.csv is a link (to {path.resolve()}); a run folder's index is its own file",
-            path=path,
-        )
-    return path
-
-
-def read_index(run_dir: str | os.PathLike) -> list[dict[str, str]]:
-    """Rows of ``RUN/index.csv`` as ``{column: text}`` dicts, in file order.
-
-    ``run_dir`` is the run folder (or its ``index.csv``). Every value is a string; empty
-    cells are ``""``. A truncated last line (an interrupted append) is ignored.
-
-    Raises:
-        InputError: the folder or its index is missing, a required column is absent, or a
-            record has the wrong number of cells.
-    """
-    index = _index_path(run_dir)
-    header, rows, _, truncated = _load_index(index)
-    if not header:
-        raise InputError("the index is empty (no header line)", path=index)
-    if truncated:
-        log.warning("%s: ignoring an incomplete last line (interrupted write)", index)
-    return rows
-
-
-def update_index(run_dir: str | os.PathLike, updates: Mapping[str, Mapping[str, Any]]) -> int:
-    """Change cells of existing rows and rewrite ``index.csv`` atomically.
-
-    ``updates`` maps tile id → ``{column: new value}`` (e.g. ``{"t1": {"review_status":
-    "accepted"}}``). Not to be called while a :class:`RunWriter` appends to the same run.
-    A truncated last line is dropped. Returns the number of rows whose text changed.
-
-    Raises:
-        InputError: unknown id, unknown column, an attempt to change ``id``, or an invalid
-            ``review_status``.
-    """
-    index = _index_path(run_dir)
-    header, rows, _, _ = _load_index(index)
-    by_id = {row["id"]: row for row in rows}
-    for tile_id, changes in updates.items():
-        if tile_id not in by_id:
-            raise InputError("no such tile id in the index", path=index, item=str(tile_id))
-        for column, value in changes.items():
-            if column not in header:
-                raise InputError(f"no column {column!r} in the index", path=index, item=tile_id)
-            if column == "id":
-                raise InputError("the id of a row cannot be changed", path=index, item=tile_id)
-            if column == "review_status" and value not in REVIEW_STATUSES:
-                raise InputError(
-                    f"review_status {value!r} is not one of {', '.join(REVIEW_STATUSES)}",
-                    path=index,
-                    item=tile_id,
-                )
-    changed = 0
-    for tile_id, changes in updates.items():
-        row = by_id[tile_id]
-        new = {**row, **{column: _cell(value) for column, value in changes.items()}}
-        changed += new != row
-        row.update(new)
-    buffer = io.StringIO(newline="")
-    writer = csv.writer(buffer, **_CSV_KW)
-    writer.writerow(header)
-    writer.writerows([row[name] for name in header] for row in rows)
-    atomic_write_bytes(index, buffer.getvalue().encode("utf-8"))
-    return changed
 
 
 # --------------------------------------------------------------------------- run.json
@@ -568,7 +421,7 @@ class RunWriter:
             if self.resume and self.run_json_path.is_file():
                 self._check_config()
             if self.index_path.is_symlink():  # rows are appended to it: never through a link
-                _index_path(self.index_path)  # refuses, naming it
+                index_path(self.index_path)  # refuses, naming it
             if self.resume and self.index_path.is_file():
                 self._read_existing()
             remove_temporary_files(run_dir)  # of a killed writer: none is alive now
@@ -621,7 +474,7 @@ class RunWriter:
 
     def _read_existing(self) -> None:
         index = self.index_path
-        header, rows, complete, truncated = _load_index(index)
+        header, rows, complete, truncated = load_index(index)
         if header:
             # a run of an older histosynth has no file-hash columns: it goes on without
             missing = [n for n in self.columns if n not in header and n not in FILE_HASH_COLUMNS]
@@ -651,7 +504,7 @@ class RunWriter:
             self._count(row["synthesis_type"], row["class_name"])
         if dropped:  # the index without them: the run makes them again
             buffer = io.StringIO(newline="")
-            csv_writer = csv.writer(buffer, **_CSV_KW)
+            csv_writer = csv.writer(buffer, **CSV_FORMAT)
             csv_writer.writerow(header)
             csv_writer.writerows([row[name] for name in header] for row in kept)
             atomic_write_bytes(index, buffer.getvalue().encode("utf-8"))
@@ -876,12 +729,12 @@ class RunWriter:
 
     def _append_row(self, cells: list[str]) -> None:
         buffer = io.StringIO(newline="")
-        csv.writer(buffer, **_CSV_KW).writerow(cells)
+        csv.writer(buffer, **CSV_FORMAT).writerow(cells)
         row = buffer.getvalue().encode("utf-8")
         index = self.index_path
         if not index.exists():
             header = io.StringIO(newline="")
-            csv.writer(header, **_CSV_KW).writerow(self.columns)
+            csv.writer(header, **CSV_FORMAT).writerow(self.columns)
             atomic_write_bytes(index, header.getvalue().encode("utf-8") + row)
             return
         fd = os.open(index, os.O_WRONLY | os.O_APPEND)

@@ -75,7 +75,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from histosynth.common.files import replace_durably
+from histosynth.common.files import file_sha256, replace_durably
 from histosynth.common.version import histosynth_version
 from histosynth.synthesis.config_limits import (
     ADAPTER_WEIGHTS_MAX_BYTES,
@@ -86,7 +86,6 @@ from histosynth.synthesis.config_limits import (
     check_weights_finite,
     parse_json_file,
 )
-from histosynth.synthesis.config_limits import file_sha256 as _file_sha256
 from histosynth.synthesis.errors import EngineError
 
 if TYPE_CHECKING:  # torch and peft are imported where used: listing a library needs neither
@@ -623,7 +622,7 @@ def save_adapter(
     tmp.mkdir()
     try:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        info.weights_sha256 = _file_sha256(tmp / WEIGHTS_FILE)
+        info.weights_sha256 = file_sha256(tmp / WEIGHTS_FILE)
         config_text = json.dumps(_config_json(config, info.base_id), indent=2, sort_keys=True)
         (tmp / CONFIG_FILE).write_text(config_text + "\n", encoding="utf-8")
         meta_text = json.dumps(info.to_dict(), indent=2, sort_keys=True)

@@ -31,7 +31,6 @@ the one-line messages and are applied together by the engine and adapter readers
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -41,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from histosynth.common.files import file_sha256
 from histosynth.synthesis.errors import EngineError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -70,7 +70,6 @@ __all__ = [
     "check_transformer_config",
     "check_vae_config",
     "check_weights_finite",
-    "file_sha256",
     "parse_json_file",
     "read_json_object",
     "record_weight_hashes",
@@ -584,15 +583,6 @@ def check_weights_finite(
 
 
 # --------------------------------------------------------------------------- checksums
-
-
-def file_sha256(path: PathLike) -> str:
-    """sha256 (64 hex digits) of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def record_weight_hashes(folder: PathLike) -> dict[str, str]:

@@ -22,10 +22,22 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "atomic_write_with",
+    "file_sha256",
     "fsync_dir",
     "replace_durably",
     "temporary_path",
 ]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (64 hex digits) of a file's bytes, read in 1 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

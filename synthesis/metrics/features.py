@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from histosynth.common.files import file_sha256
 from histosynth.synthesis.weights import FEATURE_EXTRACTORS
 
 __all__ = ["FEATURE_SPACES", "FeatureSpace", "load_feature_space"]
@@ -275,11 +276,8 @@ def _inception_space(device, weights=None) -> FeatureSpace:
     file = find_extractor_weights("inception", weights)
     # the published file: its SHA-256 starts with the hash in its name (torch hub's rule);
     # hashed from its bytes, before anything is unpickled
-    digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    official = any(digest.hexdigest().startswith(n.rsplit("-", 1)[1][:8]) for n in INCEPTION_FILES)
+    digest = file_sha256(file)
+    official = any(digest.startswith(n.rsplit("-", 1)[1][:8]) for n in INCEPTION_FILES)
     try:
         # tensors only (weights_only): a planted pickle never runs. torch-fidelity unpickles
         # its path with weights_only=False, so it gets a copy written here, tensors only.

@@ -282,6 +282,7 @@ ONE_HOME = {
     "class_matches": "histosynth.integration.annotations",
     "atomic_write_bytes": "histosynth.common.files",
     "fsync_dir": "histosynth.common.files",
+    "file_sha256": "histosynth.common.files",
     "HistosynthError": "histosynth.common.errors",
     "histosynth_version": "histosynth.common.version",
     "lazy_names": "histosynth.common.lazy",

@@ -26,8 +26,7 @@ from typing import Any
 
 from histosynth.common.files import atomic_write_bytes
 from histosynth.integration.dataset import REVIEW_STATUSES, read_index, update_index
-from histosynth.integration.errors import InputError
-from histosynth.integration.run_folder import review_status
+from histosynth.integration.run_folder import refuse_links_in, review_status
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +58,8 @@ def utc_now_ms() -> str:
 
 
 def _log_path(run_dir: str | os.PathLike) -> Path:
-    path = Path(run_dir) / DECISIONS_NAME
-    if path.is_symlink() or path.parent.is_symlink():  # appended to: never someone else's
-        raise InputError("the decisions log is a link; a run's log is its own file", path=path)
-    return path
+    # appended to: never someone else's file
+    return refuse_links_in(run_dir, Path(run_dir) / DECISIONS_NAME)
 
 
 def append_decision(run_dir: str | os.PathLike, record: Mapping[str, Any]) -> int:
@@ -145,9 +142,7 @@ def applied_bytes(run_dir: str | os.PathLike) -> int | None:
 
 def mark_applied(run_dir: str | os.PathLike, log_bytes: int) -> None:
     """Record that ``index.csv`` holds the first ``log_bytes`` bytes of the log."""
-    path = Path(run_dir) / APPLIED_NAME
-    if path.is_symlink():
-        raise InputError("a link; a run's review files are its own", path=path)
+    path = refuse_links_in(run_dir, Path(run_dir) / APPLIED_NAME)
     atomic_write_bytes(path, json.dumps({"log_bytes": int(log_bytes)}).encode("ascii") + b"\n")
 
 

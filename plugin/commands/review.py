@@ -123,8 +123,8 @@ def serve(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
-    click.echo(url, nl=True)
-    try:
+    try:  # a signal right after the URL is printed still stops cleanly
+        click.echo(url, nl=True)
         server.serve_forever()
     except KeyboardInterrupt:
         pass

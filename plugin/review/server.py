@@ -333,9 +333,17 @@ def _cookie_value(header: str, name: str) -> str | None:
 
 
 class _Server(ThreadingHTTPServer):
+    """The listening server; :func:`make_server` sets what its handlers read."""
+
     request_queue_size = BACKLOG
     daemon_threads = True
     state: ReviewServer | None = None
+    #: the run folder, resolved: only PNG files below it are served
+    run_root: Path | None = None
+    #: ``Host`` header values accepted, lower case (defeats DNS rebinding)
+    allowed_hosts: frozenset[str] = frozenset()
+    #: seconds a connection may take to send its request (and stay idle)
+    request_timeout: float = REQUEST_TIMEOUT
 
     def server_close(self) -> None:
         super().server_close()
@@ -343,131 +351,147 @@ class _Server(ThreadingHTTPServer):
             self.state.stop()  # what is pending goes into index.csv
 
 
-def _handler(state: ReviewServer, hosts: frozenset[str]) -> type[BaseHTTPRequestHandler]:
-    from histosynth.review.gallery import gallery_html
+class _Handler(BaseHTTPRequestHandler):
+    """One request: the gallery page, a run image, or a decision (``/api/decision``)."""
 
-    run_root = state.run.resolve()
+    server: _Server
+    server_version = "histosynth-review"
 
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "histosynth-review"
-        timeout = REQUEST_TIMEOUT
+    def setup(self) -> None:
+        self.timeout = self.server.request_timeout  # the connection's read timeout
+        super().setup()
 
-        def handle_one_request(self) -> None:
-            try:
-                super().handle_one_request()
-            except TimeoutError:
-                self.close_connection = True  # a slow or idle client: let it go
-            except Exception as exc:  # one line, an answer, never a traceback
-                log.warning("review server: %s %s: %s: %s", self.command, self.path,
-                            type(exc).__name__, exc)
-                self.close_connection = True
-                with contextlib.suppress(Exception):  # the client may be gone
-                    self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "server error"})
+    @property
+    def state(self) -> ReviewServer:
+        state = self.server.state
+        assert state is not None, "make_server sets the state"
+        return state
 
-        def _host_ok(self) -> bool:
-            if self.headers.get("Host", "").lower() in hosts:
-                return True
-            self._send(HTTPStatus.FORBIDDEN, b"host refused\n", "text/plain; charset=utf-8")
-            return False
+    def handle_one_request(self) -> None:
+        try:
+            super().handle_one_request()
+        except TimeoutError:
+            self.close_connection = True  # a slow or idle client: let it go
+        except Exception as exc:  # one line, an answer, never a traceback
+            log.warning("review server: %s %s: %s: %s", self.command, self.path,
+                        type(exc).__name__, exc)
+            self.close_connection = True
+            with contextlib.suppress(Exception):  # the client may be gone
+                self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "server error"})
 
-        def log_message(self, format: str, *args: Any) -> None:
-            log.debug("%s %s", self.address_string(), format % args)
+    def _host_ok(self) -> bool:
+        if self.headers.get("Host", "").lower() in self.server.allowed_hosts:
+            return True
+        self._send(HTTPStatus.FORBIDDEN, b"host refused\n", "text/plain; charset=utf-8")
+        return False
 
-        def _send(
-            self, code: int, body: bytes, kind: str, headers: dict[str, str] | None = None
-        ) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("X-Content-Type-Options", "nosniff")
-            self.send_header("Referrer-Policy", "no-referrer")
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(body)
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
 
-        def _json(self, code: int, document: dict[str, Any]) -> None:
-            self._send(code, json.dumps(document).encode(), "application/json")
+    def _send(
+        self, code: int, body: bytes, kind: str, headers: dict[str, str] | None = None
+    ) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
 
-        def _cookie_ok(self) -> bool:
-            value = _cookie_value(self.headers.get("Cookie", ""), COOKIE)
-            return value is not None and _same(value, state.token)
+    def _json(self, code: int, document: dict[str, Any]) -> None:
+        self._send(code, json.dumps(document).encode(), "application/json")
 
-        def do_GET(self) -> None:
-            if not self._host_ok():
-                return
-            url = urlsplit(self.path)
-            if url.path in ("/", "/review.html"):
-                given = parse_qs(url.query).get("token", [""])[0]
-                if not (_same(given, state.token) or self._cookie_ok()):
-                    self._send(
-                        HTTPStatus.FORBIDDEN,
-                        b"open the URL the command printed\n",
-                        "text/plain; charset=utf-8",
-                    )
-                    return
-                query = parse_qs(url.query)
-                try:
-                    number = int(query.get("page", ["1"])[0])
-                except ValueError:
-                    number = 1
-                wanted = [s for s in query.get("status", [""])[0].split(",") if s]
-                page = gallery_html(
-                    state.run, review_token=state.token, rows=state.current_rows(),
-                    page=number, statuses=wanted,
-                ).encode("utf-8")
-                cookie = f"{COOKIE}={state.token}; HttpOnly; SameSite=Strict; Path=/"
-                self._send(HTTPStatus.OK, page, "text/html; charset=utf-8", {"Set-Cookie": cookie})
-                return
-            if not self._cookie_ok():
-                self._send(HTTPStatus.FORBIDDEN, b"", "text/plain")
-                return
-            try:
-                target = (run_root / unquote(url.path).lstrip("/")).resolve()
-                found = (
-                    target.suffix.lower() == ".png"
-                    and target.is_relative_to(run_root)
-                    and target.is_file()
-                )
-            except (ValueError, OSError):  # a NUL byte, a name too long …
-                found = False
-            if not found:
-                self._send(HTTPStatus.NOT_FOUND, b"", "text/plain")
-                return
-            self._send(HTTPStatus.OK, target.read_bytes(), "image/png")
+    def _cookie_ok(self) -> bool:
+        value = _cookie_value(self.headers.get("Cookie", ""), COOKIE)
+        return value is not None and _same(value, self.state.token)
 
-        def do_POST(self) -> None:
-            if not self._host_ok():
-                return
-            if urlsplit(self.path).path != "/api/decision":
-                self._json(HTTPStatus.NOT_FOUND, {"error": "no such endpoint"})
-                return
-            given = self.headers.get("X-Histosynth-Token", "")
-            if not _same(given, state.token):
-                self._json(HTTPStatus.FORBIDDEN, {"error": "missing or wrong token"})
-                return
-            origin = self.headers.get("Origin")
-            host = self.headers.get("Host", "")
-            if origin is not None and origin != f"http://{host}":
-                self._json(HTTPStatus.FORBIDDEN, {"error": f"origin {origin} refused"})
-                return
-            try:
-                length = int(self.headers.get("Content-Length", "0"))
-            except ValueError:
-                length = -1
-            if not 0 < length <= MAX_BODY:
-                self._json(HTTPStatus.BAD_REQUEST, {"error": "body missing or too large"})
-                return
-            try:
-                payload = json.loads(self.rfile.read(length))
-                if not isinstance(payload, dict):
-                    raise ValueError("not an object")
-                self._json(HTTPStatus.OK, state.decide(payload))
-            except (ValueError, InputError, RecursionError) as exc:
-                self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)[:300]})
+    def do_GET(self) -> None:
+        if not self._host_ok():
+            return
+        url = urlsplit(self.path)
+        if url.path in ("/", "/review.html"):
+            self._page(parse_qs(url.query))
+        elif not self._cookie_ok():
+            self._send(HTTPStatus.FORBIDDEN, b"", "text/plain")
+        else:
+            self._image(url.path)
 
-    return Handler
+    def _page(self, query: dict[str, list[str]]) -> None:
+        """The gallery page (``page``, ``status`` from the query), for the token or cookie."""
+        from histosynth.review.gallery import gallery_html
+
+        state = self.state
+        given = query.get("token", [""])[0]
+        if not (_same(given, state.token) or self._cookie_ok()):
+            self._send(
+                HTTPStatus.FORBIDDEN,
+                b"open the URL the command printed\n",
+                "text/plain; charset=utf-8",
+            )
+            return
+        try:
+            number = int(query.get("page", ["1"])[0])
+        except ValueError:
+            number = 1
+        wanted = [s for s in query.get("status", [""])[0].split(",") if s]
+        page = gallery_html(
+            state.run, review_token=state.token, rows=state.current_rows(),
+            page=number, statuses=wanted,
+        ).encode("utf-8")
+        cookie = f"{COOKIE}={state.token}; HttpOnly; SameSite=Strict; Path=/"
+        self._send(HTTPStatus.OK, page, "text/html; charset=utf-8", {"Set-Cookie": cookie})
+
+    def _image(self, path: str) -> None:
+        """A PNG file inside the run (by resolved path), else 404."""
+        run_root = self.server.run_root
+        assert run_root is not None, "make_server sets the run root"
+        try:
+            target = (run_root / unquote(path).lstrip("/")).resolve()
+            found = (
+                target.suffix.lower() == ".png"
+                and target.is_relative_to(run_root)
+                and target.is_file()
+            )
+        except (ValueError, OSError):  # a NUL byte, a name too long …
+            found = False
+        if not found:
+            self._send(HTTPStatus.NOT_FOUND, b"", "text/plain")
+            return
+        self._send(HTTPStatus.OK, target.read_bytes(), "image/png")
+
+    def do_POST(self) -> None:
+        if not self._host_ok():
+            return
+        if urlsplit(self.path).path != "/api/decision":
+            self._json(HTTPStatus.NOT_FOUND, {"error": "no such endpoint"})
+            return
+        given = self.headers.get("X-Histosynth-Token", "")
+        if not _same(given, self.state.token):
+            self._json(HTTPStatus.FORBIDDEN, {"error": "missing or wrong token"})
+            return
+        origin = self.headers.get("Origin")
+        host = self.headers.get("Host", "")
+        if origin is not None and origin != f"http://{host}":
+            self._json(HTTPStatus.FORBIDDEN, {"error": f"origin {origin} refused"})
+            return
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            length = -1
+        if not 0 < length <= MAX_BODY:
+            self._json(HTTPStatus.BAD_REQUEST, {"error": "body missing or too large"})
+            return
+        try:
+            payload = json.loads(self.rfile.read(length))
+            if not isinstance(payload, dict):
+                raise ValueError("not an object")
+            self._json(HTTPStatus.OK, self.state.decide(payload))
+        except (ValueError, InputError, RecursionError) as exc:
+            self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)[:300]})
 
 
 def _same(given: str, token: str) -> bool:
@@ -512,12 +536,14 @@ def make_server(
     if state.replay_project():
         log.warning("%s: logged decision(s) written into %s", run, project_file)
     hosts: set[str] = {h.lower() for h in allow_hosts}
-    server = _Server((host, port), None)  # type: ignore[arg-type]  # handler set below
+    server = _Server((host, port), _Handler)
     bound_host, bound_port = server.server_address[:2]
     shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
     names = {str(shown), host, *(["localhost", "127.0.0.1", "[::1]"] if host in LOOPBACK else [])}
     hosts |= {f"{name}:{bound_port}".lower() for name in names}
-    server.RequestHandlerClass = _handler(state, frozenset(hosts))
+    server.allowed_hosts = frozenset(hosts)
+    server.run_root = run.resolve()
+    server.request_timeout = REQUEST_TIMEOUT
     server.state = state
     state.start()
     return server, state, f"http://{shown}:{bound_port}/?token={state.token}"

@@ -1,0 +1,169 @@
+"""Creating a fresh style adapter on a base and writing one to its folder, atomically.
+
+:func:`save_adapter` writes the whole folder (PEFT's two files plus
+``histosynth_adapter.json``) under a temporary sibling name and renames it into place,
+so a reader never sees half an adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from histosynth.common.files import file_sha256, replace_durably
+from histosynth.common.version import histosynth_version
+from histosynth.synthesis.adapters.base import base_weight_hash, model_resolution
+from histosynth.synthesis.adapters.folder import (
+    ADAPTER_NAME,
+    CONFIG_FILE,
+    CROSS_ATTENTION_TARGETS,
+    METADATA_FILE,
+    PEFT_PREFIX,
+    WEIGHTS_FILE,
+    AdapterInfo,
+    lora_config,
+    lora_config_json,
+    now_utc,
+)
+from histosynth.synthesis.adapters.switch import (
+    activate,
+    adapter_registry,
+    add_lora_adapter,
+    fused_adapter,
+    require_peft,
+    unfuse,
+)
+from histosynth.synthesis.errors import EngineError
+
+if TYPE_CHECKING:  # torch is imported where used: listing a library needs it not
+    from torch import nn
+
+__all__ = ["create_adapter", "save_adapter"]
+
+
+def create_adapter(
+    model: nn.Module,
+    name: str,
+    *,
+    rank: int = 4,
+    alpha: float = 4,
+    domain: str = "",
+    resolution: int | None = None,
+    base_id: str = "",
+    training_data_checksum: str = "",
+) -> AdapterInfo:
+    """Add a fresh style adapter ``name`` to ``model`` and make it the active one.
+
+    A is gaussian and B zero, so the model's outputs are unchanged until it is trained;
+    peft leaves only the new LoRA parameters trainable. ``resolution`` defaults to the
+    base's (:func:`model_resolution`). Returns its metadata (``base_hash`` of the base
+    as it is now, ``created`` now).
+    """
+    require_peft(model)
+    if not ADAPTER_NAME.fullmatch(name):
+        raise EngineError(f"expected an adapter name of letters, digits, '_' and '-', got {name!r}")
+    if name in (getattr(model, "peft_config", {}) or {}):
+        raise EngineError(f"an adapter named {name!r} is already loaded")
+    if fused_adapter(model) is not None:
+        unfuse(model)
+    info = AdapterInfo(
+        name=name,
+        base_hash=base_weight_hash(model),
+        resolution=int(resolution or model_resolution(model)),
+        rank=int(rank),
+        alpha=alpha,
+        domain=domain,
+        base_id=base_id,
+        created=now_utc(),
+        training_data_checksum=training_data_checksum,
+        histosynth_version=histosynth_version(),
+    )
+    add_lora_adapter(model, lora_config(rank, alpha), name)
+    adapter_registry(model)[name] = info
+    activate(model, name)
+    return info
+
+
+def save_adapter(
+    model: nn.Module,
+    name: str,
+    folder: str | os.PathLike,
+    *,
+    info: AdapterInfo | None = None,
+    overwrite: bool = False,
+) -> AdapterInfo:
+    """Write adapter ``name`` of ``model`` to ``folder`` (PEFT files + metadata), atomically.
+
+    ``info`` (default: the metadata from :func:`create_adapter` / :func:`load_adapter`)
+    supplies domain, metrics, checksums ...; rank, α, targets, base hash and the weights
+    checksum are taken from the model and the written file. The folder is written under
+    a temporary name next to it and renamed into place; an existing folder is an error
+    unless ``overwrite``. Returns the metadata written (``folder`` set).
+    """
+    folder = Path(folder)
+    names = list(getattr(model, "peft_config", {}) or {})
+    if name not in names:
+        raise EngineError(f"no adapter {name!r} is loaded (loaded: {names})")
+    info = info or adapter_registry(model).get(name)
+    if info is None:
+        raise EngineError(f"adapter {name!r} has no metadata; pass info=AdapterInfo(...)")
+    config = model.peft_config[name]
+    targets = config.target_modules
+    targets = [targets] if isinstance(targets, str) else sorted(targets)
+    if sorted(targets) != sorted(CROSS_ATTENTION_TARGETS):
+        raise EngineError(
+            f"expected the cross-attention targets {sorted(CROSS_ATTENTION_TARGETS)}, "
+            f"found {targets}",
+            item=f"adapter {name!r}",
+        )
+    if folder.exists() and not overwrite:
+        raise EngineError("already exists; pass overwrite=True to replace it", path=folder)
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    state = {
+        PEFT_PREFIX + key: tensor.detach().to("cpu").contiguous()
+        for key, tensor in get_peft_model_state_dict(model, adapter_name=name).items()
+    }
+    info = dataclasses.replace(
+        info,
+        name=name,
+        base_hash=base_weight_hash(model),
+        rank=int(config.r),
+        alpha=config.lora_alpha,
+        target_modules=list(CROSS_ATTENTION_TARGETS),
+        created=info.created or now_utc(),
+        histosynth_version=info.histosynth_version or histosynth_version(),
+        folder=None,
+    )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        info.weights_sha256 = file_sha256(tmp / WEIGHTS_FILE)
+        config_text = json.dumps(lora_config_json(config, info.base_id), indent=2, sort_keys=True)
+        (tmp / CONFIG_FILE).write_text(config_text + "\n", encoding="utf-8")
+        meta_text = json.dumps(info.to_dict(), indent=2, sort_keys=True)
+        (tmp / METADATA_FILE).write_text(meta_text + "\n", encoding="utf-8")
+        for path in (tmp / WEIGHTS_FILE, tmp / CONFIG_FILE, tmp / METADATA_FILE):
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+        if folder.exists():
+            old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(folder, old)
+            replace_durably(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            replace_durably(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    info.folder = folder
+    adapter_registry(model)[name] = dataclasses.replace(info)
+    return info

@@ -22,7 +22,8 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -59,14 +60,8 @@ class Row:
     space: str = ""
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "metric": self.metric,
-            "value": self.value,
-            "pm": self.pm,
-            "note": self.note,
-            "group": self.group,
-            "space": self.space,
-        }
+        """The row as metrics.json holds it (metric, value, pm, note, group, space)."""
+        return asdict(self)
 
 
 @dataclass
@@ -373,55 +368,107 @@ def evaluate(
     write ``RUN/metrics.json``. ``max_images``: at most this many tiles per side (a
     seeded sample). Raises InputError: not a run / dataset, no synthetic or no real
     tiles, unreadable images or tiles of different sizes (each naming the file)."""
-    from histosynth.synthesis.metrics import cosine_similarity
-    from histosynth.synthesis.metrics.features import load_feature_space
-
     names = feature_space_names(features)
     run, real = _folder(run_dir, "run folder"), _folder(real_dir, "dataset or run folder")
-    run_rows = [
+    run_rows, real_rows = _synthetic_rows(run), _real_rows(real)
+    # sampled first: only the tiles used are read and hashed
+    fake_tiles = _tiles(run, _sample(run_rows, max_images, seed))
+    real_tiles = _tiles(real, _sample(real_rows, max_images, seed + 1))
+    exclusions = partial(_exclusions, fake_tiles, _vessel_tiles(real_tiles))
+    groups = _groups(fake_tiles, real_tiles, per_class)
+    pairs = _source_pairs(run, fake_tiles)
+
+    result = EvaluationResult(run, real, [])
+    spaces: list[dict[str, Any]] = []
+    plots: dict[str, Any] | None = None
+    for name in names:
+        space = _load_space(name, device, batch_size)
+        fake, real_features, ref_features = _embed_sets(
+            space, fake_tiles, real_tiles, [path for _, path in pairs], progress
+        )
+        rows = _group_rows(space.name, real_features, fake, groups, exclusions, device or "cpu")
+        if ref_features is not None:
+            rows.append(_pair_row(ref_features, fake, pairs))
+        for row in rows:
+            row.space = space.name
+        result.rows += rows
+        result.spaces.append(space.name)
+        spaces.append(_space_info(space))
+        if plots is None:  # the plots are drawn in the first space
+            everything = exclusions(
+                list(range(len(fake_tiles))), {j: j for j in range(len(real_tiles))}
+            )
+            plots = {"space": space.name, **_plot_data(real_features, fake, everything, seed)}
+    result.counts = {"synthetic": len(fake_tiles), "real": len(real_tiles), "pairs": len(pairs)}
+    document = _metrics_document(result, spaces, plots, command)
+    result.path = refuse_links_in(run, run / METRICS_NAME)
+    atomic_write_json(result.path, document)
+    return result
+
+
+def _synthetic_rows(run: Path) -> list[dict[str, str]]:
+    """The run's synthetic rows, rejected ones left out; InputError when there are none."""
+    rows = [
         r
         for r in read_index(run)
         if r["synthesis_type"] in SYNTHETIC_TYPES
         and (r.get("review_status") or "pending").strip().lower() != "rejected"
     ]
-    if not run_rows:
+    if not rows:
         raise InputError(
             "the run has no synthetic tiles to evaluate (none, or all rejected)",
             path=run / INDEX_NAME,
         )
-    real_rows = [r for r in read_index(real) if r["synthesis_type"] == "extracted"]
-    if not real_rows:
+    return rows
+
+
+def _real_rows(real: Path) -> list[dict[str, str]]:
+    """The ``extracted`` rows of the real set; InputError when there are none."""
+    rows = [r for r in read_index(real) if r["synthesis_type"] == "extracted"]
+    if not rows:
         raise InputError(
             "no real (extracted) tiles to compare with; make them with 'histosynth extract'",
             path=real / INDEX_NAME,
         )
-    # sampled first: only the tiles used are read and hashed
-    fake_tiles = _tiles(run, _sample(run_rows, max_images, seed))
-    real_tiles = _tiles(real, _sample(real_rows, max_images, seed + 1))
-    # the real tile of an inpainted tile's own donor is not an independent neighbour
+    return rows
+
+
+def _vessel_tiles(real_tiles: Sequence[_Tile]) -> dict[tuple[str, str], list[int]]:
+    """(source image, source annotation id) → positions of the real tiles of that vessel."""
     by_vessel: dict[tuple[str, str], list[int]] = {}
     for j, tile in enumerate(real_tiles):
         by_vessel.setdefault(
             (tile.row.get("source_image", ""), tile.row.get("source_annotation_id", "")), []
         ).append(j)
+    return by_vessel
 
-    def exclusions(fake_idx: list[int], real_index: dict[int, int]) -> list[tuple[int, int]]:
-        """(fake, real) positions within the group that must not be neighbours."""
-        out = []
-        for local, i in enumerate(fake_idx):
-            row = fake_tiles[i].row
-            if row["synthesis_type"] != "inpainting":
-                continue
-            donor = (
-                row.get("donor_image") or row.get("source_image", ""),
-                row.get("source_annotation_id", ""),
-            )
-            out += [(local, real_index[j]) for j in by_vessel.get(donor, []) if j in real_index]
-        return out
 
-    groups: list[tuple[str, list[int], list[int]]] = [
-        ("all", list(range(len(fake_tiles))), list(range(len(real_tiles))))
-    ]
+def _exclusions(
+    fake_tiles: Sequence[_Tile],
+    by_vessel: dict[tuple[str, str], list[int]],
+    fake_idx: list[int],
+    real_index: dict[int, int],
+) -> list[tuple[int, int]]:
+    """(fake, real) positions within a group that must not be neighbours: the real tile
+    of an inpainted tile's own donor is not an independent neighbour."""
+    out = []
+    for local, i in enumerate(fake_idx):
+        row = fake_tiles[i].row
+        if row["synthesis_type"] != "inpainting":
+            continue
+        donor = (
+            row.get("donor_image") or row.get("source_image", ""),
+            row.get("source_annotation_id", ""),
+        )
+        out += [(local, real_index[j]) for j in by_vessel.get(donor, []) if j in real_index]
+    return out
+
+
+def _groups(
+    fake_tiles: Sequence[_Tile], real_tiles: Sequence[_Tile], per_class: bool
+) -> list[tuple[str, list[int], list[int]]]:
+    """(group, synthetic positions, real positions): ``all``, then one per class."""
+    groups = [("all", list(range(len(fake_tiles))), list(range(len(real_tiles))))]
     if per_class:
         for name in sorted({t.row["class_name"] for t in fake_tiles}):
             groups.append(
@@ -431,77 +478,105 @@ def evaluate(
                     [j for j, t in enumerate(real_tiles) if t.row["class_name"] == name],
                 )
             )
-    # paired: each synthetic tile with the real tile it was made from
+    return groups
+
+
+def _source_pairs(run: Path, fake_tiles: Sequence[_Tile]) -> list[tuple[int, Path]]:
+    """Each synthetic tile with the real tile it was made from (its ``refs/`` file)."""
     pairs = []
     for i, tile in enumerate(fake_tiles):
         kind = "background" if tile.row["synthesis_type"] == "inpainting" else "reference"
         ref = run / "refs" / f"{tile.row['id']}-{kind}.png"
         if ref.is_file():
             pairs.append((i, ref))
+    return pairs
 
-    result = EvaluationResult(run, real, [])
-    spaces: list[dict[str, Any]] = []
-    plots: dict[str, Any] | None = None
-    for name in names:
-        try:
-            space = load_feature_space(name, device or "cpu")
-        except ValueError as exc:
-            raise InputError(str(exc), item="--features") from None
-        if batch_size:
-            space.batch_size = int(batch_size)
-        cache = _Cache(space)
-        shape: list[tuple[int, ...]] = []
-        try:
-            fake = _embed(fake_tiles, space, cache, progress, shape)
-            real_features = _embed(real_tiles, space, cache, progress, shape)
-            refs = [path for _, path in pairs]
-            ref_features = _embed(refs, space, cache, None, shape) if pairs else None
-        finally:
-            cache.save()
-        rows: list[Row] = []
-        for group, fake_idx, real_idx in groups:
-            if not fake_idx or not real_idx:
-                rows.append(
-                    Row(
-                        "all metrics",
-                        None,
-                        note="no real tiles of this class" if fake_idx else "no synthetic tiles",
-                        group=group,
-                    )
-                )
-                continue
-            excl = exclusions(fake_idx, {j: k for k, j in enumerate(real_idx)})
-            rows += _metrics(
-                real_features[real_idx], fake[fake_idx], excl, group, space.name, device or "cpu"
-            )
-        if ref_features is not None:
-            rows.append(
-                Row(
-                    "cosine to the source tile",
-                    cosine_similarity(ref_features, fake[[i for i, _ in pairs]]),
-                    note=f"{len(pairs)} pairs",
-                )
-            )
-        for row in rows:
-            row.space = space.name
-        result.rows += rows
-        result.spaces.append(space.name)
-        spaces.append(
-            {
-                "name": space.name,
-                "dim": space.dim,
-                "weights_sha256": space.weights_id,
-                "comparable_with_published": space.comparable,
-                "description": space.description,
-            }
-        )
-        if plots is None:  # the plots are drawn in the first space
-            everything = exclusions(
-                list(range(len(fake_tiles))), {j: j for j in range(len(real_tiles))}
-            )
-            plots = {"space": space.name, **_plot_data(real_features, fake, everything, seed)}
-    result.counts = {"synthetic": len(fake_tiles), "real": len(real_tiles), "pairs": len(pairs)}
-    document = {
+
+def _load_space(name: str, device: str | None, batch_size: int | None) -> Any:
+    """The feature space ``name`` on ``device`` (CPU by default); an unknown one is an
+    InputError on ``--features``."""
+    from histosynth.synthesis.metrics.features import load_feature_space
+
+    try:
+        space = load_feature_space(name, device or "cpu")
+    except ValueError as exc:
+        raise InputError(str(exc), item="--features") from None
+    if batch_size:
+        space.batch_size = int(batch_size)
+    return space
+
+
+def _embed_sets(
+    space: Any,
+    fake_tiles: Sequence[_Tile],
+    real_tiles: Sequence[_Tile],
+    refs: Sequence[Path],
+    progress: Callable[[Iterable, int], Iterable] | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Features of the synthetic tiles, the real tiles and the source tiles (``None``
+    without pairs), through the space's cache (saved even when a tile fails)."""
+    cache = _Cache(space)
+    shape: list[tuple[int, ...]] = []
+    try:
+        fake = _embed(fake_tiles, space, cache, progress, shape)
+        real = _embed(real_tiles, space, cache, progress, shape)
+        ref = _embed(refs, space, cache, None, shape) if refs else None
+    finally:
+        cache.save()
+    return fake, real, ref
+
+
+def _group_rows(
+    space_name: str,
+    real: np.ndarray,
+    fake: np.ndarray,
+    groups: list[tuple[str, list[int], list[int]]],
+    exclusions: Callable[[list[int], dict[int, int]], list[tuple[int, int]]],
+    device: str,
+) -> list[Row]:
+    """The metrics of every group; a group without tiles on a side is one n/a row."""
+    rows: list[Row] = []
+    for group, fake_idx, real_idx in groups:
+        if not fake_idx or not real_idx:
+            note = "no real tiles of this class" if fake_idx else "no synthetic tiles"
+            rows.append(Row("all metrics", None, note=note, group=group))
+            continue
+        excl = exclusions(fake_idx, {j: k for k, j in enumerate(real_idx)})
+        rows += _metrics(real[real_idx], fake[fake_idx], excl, group, space_name, device)
+    return rows
+
+
+def _pair_row(ref: np.ndarray, fake: np.ndarray, pairs: list[tuple[int, Path]]) -> Row:
+    """Mean cosine similarity of each synthetic tile to the tile it was made from."""
+    from histosynth.synthesis.metrics import cosine_similarity
+
+    return Row(
+        "cosine to the source tile",
+        cosine_similarity(ref, fake[[i for i, _ in pairs]]),
+        note=f"{len(pairs)} pairs",
+    )
+
+
+def _space_info(space: Any) -> dict[str, Any]:
+    """The feature space as metrics.json describes it."""
+    return {
+        "name": space.name,
+        "dim": space.dim,
+        "weights_sha256": space.weights_id,
+        "comparable_with_published": space.comparable,
+        "description": space.description,
+    }
+
+
+def _metrics_document(
+    result: EvaluationResult,
+    spaces: list[dict[str, Any]],
+    plots: dict[str, Any] | None,
+    command: str,
+) -> dict[str, Any]:
+    """The content of metrics.json."""
+    real = result.real_dir
+    return {
         "format_version": 1,
         "created_at": utc_now(),
         "histosynth": __version__,
@@ -518,6 +593,3 @@ def evaluate(
         "metrics": [row.as_dict() for row in result.rows],
         "plots": plots,
     }
-    result.path = refuse_links_in(run, run / METRICS_NAME)
-    atomic_write_json(result.path, document)
-    return result

@@ -239,48 +239,12 @@ class SynthesisEngine:
                 lengths, a store without a requested class (listing the classes it
                 has), an annotation outside its slide, unreadable files, bad settings.
         """
-        if output_type not in OUTPUT_TYPES:
-            raise InputError(
-                f"output_type must be one of {', '.join(OUTPUT_TYPES)}, not {output_type!r}"
-            )
-        unknown = sorted(set(params) - set(_PARAMS))
-        if unknown:
-            raise InputError(
-                f"unknown parameter(s) {', '.join(unknown)}; accepted: "
-                + ", ".join(sorted(_PARAMS))
-            )
-        if isinstance(classes, str):
-            classes = [classes]
-        classes = list(classes)
-        if not classes:
-            raise InputError("name at least one class (classes=[...])")
-        images = _as_list(images)
-        annotations = _as_list(annotations)
-        if len(images) != len(annotations):
-            raise InputError(
-                f"images and annotations differ in length ({len(images)} image(s), "
-                f"{len(annotations)} annotation input(s)); give one annotation store or "
-                "GeoJSON per image"
-            )
-        if not images:
-            raise InputError("no image given")
+        classes, images, annotations = _checked_inputs(
+            output_type, params, classes, images, annotations
+        )
         names = _class_names(class_dict)
-        slide_mpp = params.get("slide_mpp")
         self._check_serves(classes, count, mode, tile_size, params)
-
-        sources = [
-            _source(i, image, ann, names, slide_mpp)
-            for i, (image, ann) in enumerate(zip(images, annotations, strict=True))
-        ]
-        _check_classes(sources, classes, names)
-        for source in sources:
-            source.annotations = [
-                a for a in source.annotations if class_matches_any(a.class_name, classes)
-            ]
-            source.annotations = annotations_on_slide(
-                source,
-                hint="; annotations must be in level-0 (baseline) pixels of their own image",
-            )
+        sources = _sources(images, annotations, names, params.get("slide_mpp"), classes)
 
         engine = self._load(tile_size)
         tile_size = engine.tile_size if tile_size is None else tile_size
@@ -288,6 +252,33 @@ class SynthesisEngine:
 
         from histosynth.workflows.synthesize import SynthesisSettings, synthesize
 
+        options, run_options = self._synthesize_options(params)
+        settings = SynthesisSettings(
+            classes=tuple(classes),
+            count=count,
+            mode=mode,
+            tile_size=tile_size,
+            mpp=mpp,
+            seed=seed,
+            batch_size=self.batch_size,
+            **options,
+        )
+        result = synthesize(
+            settings,
+            out=Path(save_dir),
+            progress=self._progress,
+            command=f"histosynth.tiatoolbox.SynthesisEngine.run(mode={mode!r}, "
+            f"output_type={output_type!r})",
+            engine=None if run_options.get("ray") is not None else engine,
+            sources=sources,
+            **run_options,
+        )
+        return _output(result.run_dir, output_type, tile_size)
+
+    def _synthesize_options(self, params: dict[str, Any]) -> tuple[dict, dict]:
+        """``**params`` as (``SynthesisSettings`` fields, ``synthesize`` keywords: resume,
+        slide_mpp_override, ray); with ``ray``, the model is given by name, folder and
+        device for the workers."""
         options = {_PARAMS[key]: value for key, value in params.items()}
         run_options = {
             k: options.pop(k) for k in ("resume", "slide_mpp_override", "ray") if k in options
@@ -308,35 +299,7 @@ class SynthesisEngine:
             options["model"] = None if self.model is None else os.fspath(self.model)
             options["device"] = self.device
             options["kv_compress"] = self.kv_compress
-        save_dir = Path(save_dir)
-        settings = SynthesisSettings(
-            classes=tuple(classes),
-            count=count,
-            mode=mode,
-            tile_size=tile_size,
-            mpp=mpp,
-            seed=seed,
-            batch_size=self.batch_size,
-            **options,
-        )
-        result = synthesize(
-            settings,
-            out=save_dir,
-            progress=self._progress,
-            command=f"histosynth.tiatoolbox.SynthesisEngine.run(mode={mode!r}, "
-            f"output_type={output_type!r})",
-            engine=None if ray is not None else engine,
-            sources=sources,
-            **run_options,
-        )
-        from histosynth.integration.dataset import read_index
-
-        rows = read_index(result.run_dir)
-        if output_type == "qupath":
-            return [result.run_dir / row["annotation_path"] for row in rows]
-        if output_type == "annotationstore":
-            return _store(result.run_dir, rows)
-        return _arrays(result.run_dir, rows, tile_size)
+        return options, run_options
 
     def _progress(self, iterable: Iterable, total: int) -> Iterable:
         from tqdm.auto import tqdm
@@ -347,6 +310,63 @@ class SynthesisEngine:
 
 
 # ---------------------------------------------------------------------- inputs
+
+
+def _checked_inputs(
+    output_type: str, params: dict[str, Any], classes: Any, images: Any, annotations: Any
+) -> tuple[list[str], list[Any], list[Any]]:
+    """(classes, images, annotations) of :meth:`SynthesisEngine.run` as lists, after the
+    checks that need no file: the output type, the parameter names, at least one class,
+    one annotation input per image."""
+    if output_type not in OUTPUT_TYPES:
+        raise InputError(
+            f"output_type must be one of {', '.join(OUTPUT_TYPES)}, not {output_type!r}"
+        )
+    unknown = sorted(set(params) - set(_PARAMS))
+    if unknown:
+        raise InputError(
+            f"unknown parameter(s) {', '.join(unknown)}; accepted: "
+            + ", ".join(sorted(_PARAMS))
+        )
+    classes = [classes] if isinstance(classes, str) else list(classes)
+    if not classes:
+        raise InputError("name at least one class (classes=[...])")
+    images = _as_list(images)
+    annotations = _as_list(annotations)
+    if len(images) != len(annotations):
+        raise InputError(
+            f"images and annotations differ in length ({len(images)} image(s), "
+            f"{len(annotations)} annotation input(s)); give one annotation store or "
+            "GeoJSON per image"
+        )
+    if not images:
+        raise InputError("no image given")
+    return classes, images, annotations
+
+
+def _sources(
+    images: list[Any],
+    annotations: list[Any],
+    names: dict[str, str],
+    slide_mpp: float | None,
+    classes: list[str],
+) -> list[Any]:
+    """The ``SlideSource`` of each image, holding only its annotations of ``classes``
+    (each checked to lie on its slide)."""
+    sources = [
+        _source(i, image, ann, names, slide_mpp)
+        for i, (image, ann) in enumerate(zip(images, annotations, strict=True))
+    ]
+    _check_classes(sources, classes, names)
+    for source in sources:
+        source.annotations = [
+            a for a in source.annotations if class_matches_any(a.class_name, classes)
+        ]
+        source.annotations = annotations_on_slide(
+            source,
+            hint="; annotations must be in level-0 (baseline) pixels of their own image",
+        )
+    return sources
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -498,6 +518,18 @@ def _check_classes(sources: Sequence[Any], classes: Sequence[str], names: dict[s
 
 
 # ---------------------------------------------------------------------- outputs
+
+
+def _output(run_dir: Path, output_type: str, tile_size: int) -> Any:
+    """What ``output_type`` asks for, from the run folder's index."""
+    from histosynth.integration.dataset import read_index
+
+    rows = read_index(run_dir)
+    if output_type == "qupath":
+        return [run_dir / row["annotation_path"] for row in rows]
+    if output_type == "annotationstore":
+        return _store(run_dir, rows)
+    return _arrays(run_dir, rows, tile_size)
 
 
 def _arrays(run_dir: Path, rows: list[dict[str, str]], tile_size: int) -> dict[str, Any]:

@@ -61,23 +61,30 @@ base's resolution and weight hash), :mod:`.save` (create and write) and :mod:`.l
 
 from __future__ import annotations
 
-# histosynth_version: older callers import it from here
+# re-exported without a place in __all__ (as before the split): histosynth_version,
+# HASH_DTYPE, METADATA_FORMAT, PEFT_PREFIX
 from histosynth.common.version import histosynth_version as histosynth_version
 from histosynth.synthesis.adapters.base import base_weight_hash, model_resolution
 from histosynth.synthesis.adapters.folder import (
     CONFIG_FILE,
     CROSS_ATTENTION_TARGETS,
     DEFAULT_LIBRARY,
-    HASH_DTYPE,
     METADATA_FILE,
-    METADATA_FORMAT,
-    PEFT_PREFIX,
     VAE_DOWNSCALE,
     WEIGHTS_FILE,
     AdapterInfo,
     adapter_library,
     lora_config,
     validate_adapter_name,
+)
+from histosynth.synthesis.adapters.folder import (
+    HASH_DTYPE as HASH_DTYPE,
+)
+from histosynth.synthesis.adapters.folder import (
+    METADATA_FORMAT as METADATA_FORMAT,
+)
+from histosynth.synthesis.adapters.folder import (
+    PEFT_PREFIX as PEFT_PREFIX,
 )
 from histosynth.synthesis.adapters.load import (
     check_adapter,
@@ -100,10 +107,7 @@ __all__ = [
     "CONFIG_FILE",
     "CROSS_ATTENTION_TARGETS",
     "DEFAULT_LIBRARY",
-    "HASH_DTYPE",
     "METADATA_FILE",
-    "METADATA_FORMAT",
-    "PEFT_PREFIX",
     "VAE_DOWNSCALE",
     "WEIGHTS_FILE",
     "AdapterInfo",

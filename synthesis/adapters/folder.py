@@ -9,6 +9,7 @@ is, and where the library lives; nothing here imports torch or peft at import ti
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -16,11 +17,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from histosynth.common.files import file_sha256
 from histosynth.synthesis.config_limits import check_adapter_meta
 from histosynth.synthesis.errors import EngineError
-
-if TYPE_CHECKING:  # peft is imported where used: listing a library needs it not
-    from peft import LoraConfig
 
 __all__ = [
     "ADAPTER_NAME",
@@ -40,7 +39,13 @@ __all__ = [
     "lora_config_json",
     "now_utc",
     "validate_adapter_name",
+    "write_adapter_files",
 ]
+
+if TYPE_CHECKING:  # torch and peft are imported where used: listing a library needs neither
+    import torch
+    from peft import LoraConfig
+
 
 CROSS_ATTENTION_TARGETS: tuple[str, ...] = (
     "attn2.to_q",
@@ -219,3 +224,24 @@ def lora_config_json(config: LoraConfig, base_id: str) -> dict[str, Any]:
     data["base_model_name_or_path"] = base_id or None
     data["inference_mode"] = True
     return data
+
+
+def write_adapter_files(
+    folder: Path, state: dict[str, torch.Tensor], config: LoraConfig, info: AdapterInfo
+) -> None:
+    """Write an adapter's three files into the existing ``folder`` and flush them to disk.
+
+    ``state`` holds the LoRA tensors under PEFT's key names; ``info.weights_sha256`` is
+    set to the sha256 of the weights file written, before the metadata is written.
+    """
+    from safetensors.torch import save_file
+
+    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    info.weights_sha256 = file_sha256(folder / WEIGHTS_FILE)
+    config_text = json.dumps(lora_config_json(config, info.base_id), indent=2, sort_keys=True)
+    (folder / CONFIG_FILE).write_text(config_text + "\n", encoding="utf-8")
+    meta_text = json.dumps(info.to_dict(), indent=2, sort_keys=True)
+    (folder / METADATA_FILE).write_text(meta_text + "\n", encoding="utf-8")
+    for path in (folder / WEIGHTS_FILE, folder / CONFIG_FILE, folder / METADATA_FILE):
+        with path.open("rb") as handle:
+            os.fsync(handle.fileno())

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 from histosynth.synthesis.adapters.base import base_weight_hash, model_resolution, target_shapes
 from histosynth.synthesis.adapters.folder import (
-    ADAPTER_NAME,
     CONFIG_FILE,
     CROSS_ATTENTION_TARGETS,
     METADATA_FILE,
@@ -33,9 +32,8 @@ from histosynth.synthesis.adapters.switch import (
     active_adapter,
     adapter_registry,
     add_lora_adapter,
-    fused_adapter,
+    make_room_for,
     require_peft,
-    unfuse,
 )
 from histosynth.synthesis.config_limits import (
     ADAPTER_WEIGHTS_MAX_BYTES,
@@ -319,12 +317,7 @@ def load_adapter(
     folder = Path(folder)
     info, config, tensors = _check_folder(model, folder, base_hash, base_id)
     name = name or info.name
-    if not ADAPTER_NAME.fullmatch(name):
-        raise EngineError(f"expected an adapter name of letters, digits, '_' and '-', got {name!r}")
-    if name in (getattr(model, "peft_config", {}) or {}):
-        raise EngineError(f"an adapter named {name!r} is already loaded", path=folder)
-    if fused_adapter(model) is not None:
-        unfuse(model)
+    make_room_for(model, name, path=folder)
     from peft.utils import set_peft_model_state_dict
 
     previous = active_adapter(model)

@@ -8,35 +8,29 @@ so a reader never sees half an adapter.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from histosynth.common.files import file_sha256, replace_durably
+from histosynth.common.files import replace_durably
 from histosynth.common.version import histosynth_version
 from histosynth.synthesis.adapters.base import base_weight_hash, model_resolution
 from histosynth.synthesis.adapters.folder import (
-    ADAPTER_NAME,
-    CONFIG_FILE,
     CROSS_ATTENTION_TARGETS,
-    METADATA_FILE,
     PEFT_PREFIX,
-    WEIGHTS_FILE,
     AdapterInfo,
     lora_config,
-    lora_config_json,
     now_utc,
+    write_adapter_files,
 )
 from histosynth.synthesis.adapters.switch import (
     activate,
     adapter_registry,
     add_lora_adapter,
-    fused_adapter,
+    make_room_for,
     require_peft,
-    unfuse,
 )
 from histosynth.synthesis.errors import EngineError
 
@@ -65,12 +59,7 @@ def create_adapter(
     as it is now, ``created`` now).
     """
     require_peft(model)
-    if not ADAPTER_NAME.fullmatch(name):
-        raise EngineError(f"expected an adapter name of letters, digits, '_' and '-', got {name!r}")
-    if name in (getattr(model, "peft_config", {}) or {}):
-        raise EngineError(f"an adapter named {name!r} is already loaded")
-    if fused_adapter(model) is not None:
-        unfuse(model)
+    make_room_for(model, name)
     info = AdapterInfo(
         name=name,
         base_hash=base_weight_hash(model),
@@ -124,7 +113,6 @@ def save_adapter(
     if folder.exists() and not overwrite:
         raise EngineError("already exists; pass overwrite=True to replace it", path=folder)
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
     state = {
         PEFT_PREFIX + key: tensor.detach().to("cpu").contiguous()
@@ -145,15 +133,7 @@ def save_adapter(
     tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        info.weights_sha256 = file_sha256(tmp / WEIGHTS_FILE)
-        config_text = json.dumps(lora_config_json(config, info.base_id), indent=2, sort_keys=True)
-        (tmp / CONFIG_FILE).write_text(config_text + "\n", encoding="utf-8")
-        meta_text = json.dumps(info.to_dict(), indent=2, sort_keys=True)
-        (tmp / METADATA_FILE).write_text(meta_text + "\n", encoding="utf-8")
-        for path in (tmp / WEIGHTS_FILE, tmp / CONFIG_FILE, tmp / METADATA_FILE):
-            with path.open("rb") as handle:
-                os.fsync(handle.fileno())
+        write_adapter_files(tmp, state, config, info)  # sets info.weights_sha256
         if folder.exists():
             old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(folder, old)

@@ -8,10 +8,12 @@ The metadata of each loaded adapter is kept on the model (:func:`adapter_registr
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from typing import TYPE_CHECKING
 
+from histosynth.synthesis.adapters.folder import ADAPTER_NAME
 from histosynth.synthesis.errors import EngineError
 
 if TYPE_CHECKING:  # torch and peft are imported where used: listing a library needs neither
@@ -29,6 +31,7 @@ __all__ = [
     "fuse",
     "fused_adapter",
     "loaded_adapters",
+    "make_room_for",
     "require_peft",
     "tuner_layers",
     "unfuse",
@@ -58,6 +61,17 @@ def require_peft(model: nn.Module) -> None:
         raise EngineError(
             f"{type(model).__name__} takes no adapters (it is not a diffusers PeftAdapterMixin)"
         )
+
+
+def make_room_for(model: nn.Module, name: str, *, path: str | os.PathLike | None = None) -> None:
+    """Before adding adapter ``name`` to ``model``: the name is valid and not yet loaded
+    (else :class:`EngineError` naming ``path``), and no adapter stays fused."""
+    if not ADAPTER_NAME.fullmatch(name):
+        raise EngineError(f"expected an adapter name of letters, digits, '_' and '-', got {name!r}")
+    if name in (getattr(model, "peft_config", {}) or {}):
+        raise EngineError(f"an adapter named {name!r} is already loaded", path=path)
+    if fused_adapter(model) is not None:
+        unfuse(model)
 
 
 def adapter_registry(model: nn.Module) -> dict[str, AdapterInfo]:

@@ -13,7 +13,6 @@ from typing import Any
 from histosynth.integration.annotations import RGB, class_parts
 from histosynth.integration.errors import InputError
 from histosynth.integration.geojson import read_annotations
-from histosynth.integration.locks import project_lock
 from histosynth.integration.qupath.paquo_backend import QUPATH_HINT, qupath_available
 from histosynth.integration.qupath.plan import (
     WrittenTile,
@@ -21,7 +20,7 @@ from histosynth.integration.qupath.plan import (
     record_mapping,
     write_entry_images,
 )
-from histosynth.integration.qupath.project import QuPathProject
+from histosynth.integration.qupath.project import QuPathProject, locked_project
 from histosynth.integration.qupath.writeback import WriteBackResult
 
 __all__ = ["write_run_with_paquo"]
@@ -67,8 +66,8 @@ def write_run_with_paquo(
             :func:`write_run_to_project` refuses (also its project lock, waited for up
             to ``wait_s`` seconds).
     """
-    with project_lock(QuPathProject.locate(project_path), wait_s=wait_s):
-        return _write_locked(QuPathProject(project_path, use_paquo=False), run_dir, run_name)
+    with locked_project(project_path, wait_s=wait_s) as project:
+        return _write_locked(project, run_dir, run_name)
 
 
 def _write_locked(

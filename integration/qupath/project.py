@@ -1,13 +1,9 @@
-"""Read a QuPath project (``project.qpproj``) without QuPath.
+"""Read a QuPath project (``project.qpproj``) without QuPath, and add entries to it.
 
 What QuPath's ``DefaultProject`` loads: the image entries (server builder URI, id, name,
 description, metadata, tags), the project classes (``classifiers/classes.json``) and,
 for each entry, its annotations - through paquo when a QuPath installation is found,
 otherwise from GeoJSON exported beside the project (``annotations/<entryID>.geojson``).
-
-Image locations are resolved like QuPath does when a project has moved: a missing image
-is looked for at its path relative to the project's old folder (the stored ``uri``),
-applied to the project's current folder (``UriUpdater.relative``).
 
 Writing (only while the project is not open in QuPath): :meth:`QuPathProject.add_image_entry`
 / :meth:`QuPathProject.add_synthetic_entry` queue new entries and :meth:`QuPathProject.save`
@@ -16,31 +12,29 @@ every other byte of the file (original entries, key order, formatting), updates 
 and ``modifyTimestamp``, keeps ``project.qpproj.backup`` and replaces the file atomically.
 It refuses when the file changed on disk since it was read.
 
-Size: one class, ``QuPathProject`` — reading, URI resolution, change detection and the
-append-only save act on one in-memory state (the text writer is in ``qupath/gson.py``).
+The class holds the in-memory state; its parts live beside it: one entry and where its
+image is (``qupath/project_entry.py``), the file on disk - fingerprint, change detection,
+backup and atomic replace (``qupath/project_file.py``), the classes
+(``qupath/project_classes.py``) and the Gson text writer (``qupath/gson.py``).
 """
 
 from __future__ import annotations
 
 import codecs
 import contextlib
-import hashlib
 import json
 import logging
 import math
 import os
-import stat
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path, PurePath, PureWindowsPath
+from pathlib import Path, PurePath
 from typing import Any
 
-from histosynth.common.files import atomic_write_bytes
 from histosynth.integration.annotations import RGB, Annotation
 from histosynth.integration.errors import InputError
-from histosynth.integration.files import MAX_PROJECT_BYTES, parse_json, read_input_bytes
+from histosynth.integration.locks import project_lock
 from histosynth.integration.qupath.entries import (
     META_ID,
     META_RUN,
@@ -55,80 +49,41 @@ from histosynth.integration.qupath.gson import (
     check_metadata_edit,
     set_metadata_text,
 )
+from histosynth.integration.qupath.project_classes import read_project_classes
+from histosynth.integration.qupath.project_entry import (
+    ProjectEntry,
+    is_json_int,
+    locate_image,
+    parse_entry,
+)
+from histosynth.integration.qupath.project_file import (
+    BACKUP_SUFFIX,
+    PROJECT_FILE,
+    changed_since,
+    check_unchanged,
+    locate_project,
+    parse_json_object,
+    read_with_fingerprint,
+    replace_with_backup,
+)
 from histosynth.integration.qupath.server import (
     bioformats_server_builder,
 )
-from histosynth.integration.qupath.uris import is_file_uri, relocate, uri_to_path
+from histosynth.integration.qupath.uris import uri_to_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ProjectEntry", "QuPathProject"]
+__all__ = [
+    "BACKUP_SUFFIX",
+    "PROJECT_FILE",
+    "ProjectEntry",
+    "QuPathProject",
+    "locked_project",
+]
 
-PROJECT_FILE = "project.qpproj"
-BACKUP_SUFFIX = ".backup"
 
-
-@dataclass
-class ProjectEntry:
-    """One image entry of a QuPath project.
-
-    Attributes:
-        entry_id: QuPath's ``entryID`` (the folder name under ``data/``).
-        name: ``imageName`` (``None`` when the entry has none).
-        description: the entry's description, if any.
-        metadata: key -> value strings (QuPath's per-entry metadata).
-        tags: entry tags (QuPath 0.6+; empty before).
-        uri: the image URI of the server builder (the innermost one for wrapping
-            builders such as ``rotated`` or ``pyramidize``); ``None`` when the builder
-            combines several images (``sparse``, ``channels``, ...) or has no URI.
-        uris: every URI found in the server builder, in order.
-        builder_type: the outermost ``builderType`` (``"uri"`` for a plain image).
-        provider: ``providerClassName`` of the builder holding the URI, if given.
-        args: that builder's reader arguments (``["--series", "0"]``).
-        randomized_name: QuPath's ``randomizedName`` UUID, if any.
-        raw: the entry's JSON object exactly as read (do not modify).
-        image_path: the image file found on this machine, or ``None``.
-        stored_path: the path the URI names (possibly of another machine).
-        tried_paths: every path looked at, in order.
-        notes: why the image could not be found, or how it was found.
-    """
-
-    entry_id: int
-    name: str | None
-    description: str | None
-    metadata: dict[str, str]
-    tags: list[str]
-    uri: str | None
-    uris: list[str]
-    builder_type: str | None
-    provider: str | None
-    args: list[str]
-    randomized_name: str | None
-    raw: dict[str, Any] = field(repr=False)
-    image_path: Path | None = None
-    stored_path: PurePath | None = None
-    tried_paths: list[PurePath] = field(default_factory=list, repr=False)
-    notes: list[str] = field(default_factory=list, repr=False)
-
-    @property
-    def exists(self) -> bool:
-        """True when the image file was found and is still there."""
-        return self.image_path is not None and self.image_path.exists()
-
-    @property
-    def relocated(self) -> bool:
-        """True when the image was found somewhere other than its stored path."""
-        return self.image_path is not None and PurePath(self.image_path) != self.stored_path
-
-    @property
-    def server_metadata(self) -> dict[str, Any]:
-        """The server builder's stored image metadata (size, levels, pixel size...)."""
-        meta = self.raw.get("serverBuilder", {}).get("metadata")
-        return meta if isinstance(meta, dict) else {}
-
-    def label(self) -> str:
-        """``entry 3 'slide.svs'`` for messages."""
-        return f"entry {self.entry_id}" + (f" {self.name!r}" if self.name else "")
+def _int_or_none(value: Any) -> int | None:
+    return value if is_json_int(value) else None
 
 
 class QuPathProject:
@@ -154,23 +109,16 @@ class QuPathProject:
         self._pending: list[dict[str, Any]] = []
         #: position in ``images`` → {metadata key: new value}, written by :meth:`save`
         self._metadata_edits: dict[int, dict[str, str]] = {}
-        data, self._disk = _read_with_fingerprint(self.file)
+        data, self._disk = read_with_fingerprint(self.file)
         self._data: bytes = data
-        self.raw: dict[str, Any] = _parse_json_object(data, self.file)
+        self.raw: dict[str, Any] = parse_json_object(data, self.file)
         self._parse()
 
     @staticmethod
     def locate(path: str | os.PathLike) -> Path:
         """The absolute path of the ``project.qpproj`` that ``path`` (the file or its
         folder) names; InputError when there is none."""
-        given = Path(path).expanduser()
-        if given.is_dir():
-            given = given / PROJECT_FILE
-            if not given.is_file():
-                raise InputError(f"no {PROJECT_FILE} in this folder", path=given.parent)
-        elif not given.exists():
-            raise InputError("no such file or folder", path=given)
-        return given.absolute()
+        return locate_project(path)
 
     # ------------------------------------------------------------------ reading
     def _parse(self) -> None:
@@ -179,7 +127,7 @@ class QuPathProject:
         if version is not None and not isinstance(version, str):
             raise InputError(f"'version' must be a string, not {version!r}", path=file)
         last_id = raw.get("lastID")
-        if last_id is not None and not _is_int(last_id):
+        if last_id is not None and not is_json_int(last_id):
             raise InputError(f"'lastID' must be an integer, not {last_id!r}", path=file)
         if version is None and last_id is None:
             raise InputError(
@@ -208,7 +156,7 @@ class QuPathProject:
         entries: list[ProjectEntry] = []
         seen: dict[int, int] = {}
         for index, item in enumerate(images):
-            entry = _parse_entry(item, index, file)
+            entry = parse_entry(item, index, file)
             if entry.entry_id in seen:
                 raise InputError(
                     f"duplicate entryID {entry.entry_id} (also image {seen[entry.entry_id]})",
@@ -223,53 +171,10 @@ class QuPathProject:
 
     def _resolve(self, entry: ProjectEntry) -> None:
         """Find the entry's image on this machine, as QuPath would."""
-        if entry.uri is None:
-            if len(entry.uris) > 1:
-                entry.notes.append(
-                    f"server builder '{entry.builder_type}' combines {len(entry.uris)} images;"
-                    " not resolved to one file"
-                )
-            else:
-                entry.notes.append("server builder has no image URI")
-            return
-        if not is_file_uri(entry.uri):
-            entry.notes.append("not a local file URI")
-            return
-        try:
-            stored = uri_to_path(entry.uri)
-        except InputError as exc:
-            entry.notes.append(exc.message)
-            return
-        entry.stored_path = stored
-        entry.tried_paths.append(stored)
-        if isinstance(stored, Path) and stored.exists():
-            entry.image_path = stored
-            return
-        if not isinstance(stored, Path):
-            flavour = "Windows" if isinstance(stored, PureWindowsPath) else "POSIX"
-            entry.notes.append(f"stored path is a {flavour} path of another machine")
-        if self.old_folder is None:
-            entry.notes.append("the project has no stored uri to resolve moved images with")
-            return
-        if PurePath(self.old_folder) == PurePath(self.folder):
-            entry.notes.append("the project is where it was saved, so nothing to relocate")
-            return
-        moved = relocate(stored, self.old_folder, self.folder)
-        if moved is None:
-            entry.notes.append(
-                f"not on the drive/root of the project's old folder {self.old_folder}"
-            )
-            return
-        if moved not in entry.tried_paths:
-            entry.tried_paths.append(moved)
-        if moved.exists():
-            entry.image_path = moved
-            entry.notes.append(f"found relative to the moved project (was {stored})")
-            log.info("%s: %s found at %s (project moved)", self.file, entry.label(), moved)
-        else:
-            entry.notes.append(
-                f"the last path keeps its place relative to the project's old folder "
-                f"{self.old_folder}"
+        locate_image(entry, self.old_folder, self.folder)
+        if entry.relocated:
+            log.info(
+                "%s: %s found at %s (project moved)", self.file, entry.label(), entry.image_path
             )
 
     # --------------------------------------------------------------- accessors
@@ -290,7 +195,7 @@ class QuPathProject:
         Empty when the file is absent.
         """
         if self._classes is None:
-            self._classes = _read_classes(self.folder / "classifiers" / "classes.json")
+            self._classes = read_project_classes(self.folder / "classifiers" / "classes.json")
         return dict(self._classes)
 
     def entry(self, id_or_name: int | str | ProjectEntry) -> ProjectEntry:
@@ -319,7 +224,7 @@ class QuPathProject:
                     "no entry with this name", path=self.file, item=f"entry {id_or_name!r}"
                 )
             id_or_name = int(id_or_name)
-        if _is_int(id_or_name):
+        if is_json_int(id_or_name):
             for entry in self.entries:
                 if entry.entry_id == id_or_name:
                     return entry
@@ -473,34 +378,11 @@ class QuPathProject:
     def changed_on_disk(self) -> str | None:
         """Why ``project.qpproj`` is no longer the file this object read (``None`` if it is
         the same: modification time, size and SHA-256 unchanged)."""
-        try:
-            st = self.file.stat()
-        except FileNotFoundError:
-            return "it was deleted"
-        except OSError as exc:
-            return f"it cannot be read: {exc.strerror or exc}"
-        old = self._disk
-        if st.st_size != old.size:
-            return f"its size changed ({old.size} -> {st.st_size} bytes)"
-        if st.st_mtime_ns != old.mtime_ns:
-            return "its modification time changed"
-        try:
-            digest = hashlib.sha256(self.file.read_bytes()).hexdigest()
-        except OSError as exc:
-            return f"it cannot be read: {exc.strerror or exc}"
-        if digest != old.sha256:
-            return "its content changed"
-        return None
+        return changed_since(self.file, self._disk)
 
     def check_unchanged(self) -> None:
         """Raise :class:`InputError` when ``project.qpproj`` changed since it was read."""
-        why = self.changed_on_disk()
-        if why is not None:
-            raise InputError(
-                f"the project file changed on disk since it was read ({why}); it may be open "
-                "in QuPath: close the project in QuPath and run again",
-                path=self.file,
-            )
+        check_unchanged(self.file, self._disk)
 
     def add_image_entry(
         self,
@@ -532,7 +414,7 @@ class QuPathProject:
         path = Path(image_path).absolute()
         label = str(path)
         for key, value in (("width", width), ("height", height), ("tile_size", tile_size)):
-            if not _is_int(value) or value <= 0:
+            if not is_json_int(value) or value <= 0:
                 raise InputError(f"{key} must be a positive integer, not {value!r}", item=label)
         if not isinstance(mpp, int | float) or not math.isfinite(mpp) or mpp <= 0:
             raise InputError(f"pixel size must be a positive number of µm, not {mpp!r}", item=label)
@@ -565,7 +447,7 @@ class QuPathProject:
             item["description"] = description
         item["metadata"] = meta
         item["tags"] = list(dict.fromkeys(tags))
-        entry = _parse_entry(item, len(self.entries), self.file)
+        entry = parse_entry(item, len(self.entries), self.file)
         self._resolve(entry)
         self.entries.append(entry)
         self._pending.append(item)
@@ -689,204 +571,26 @@ class QuPathProject:
         new_raw = json.loads(new_text)
         check_append(raw, new_raw, self._pending)
         new_data = (codecs.BOM_UTF8 if bom else b"") + new_text.encode("utf-8")
-        backup = self.file.with_name(self.file.name + BACKUP_SUFFIX)
-        mode = stat.S_IMODE(self._stat_mode())
-        try:
-            atomic_write_bytes(backup, self._data)
-            self.check_unchanged()
-            atomic_write_bytes(self.file, new_data)
-        except OSError as exc:
-            raise InputError(
-                f"cannot write the project: {exc.strerror or exc}",
-                path=getattr(exc, "filename", None) or self.file,
-            ) from None
-        with contextlib.suppress(OSError):
-            os.chmod(self.file, mode)
+        backup, self._disk = replace_with_backup(self.file, self._data, new_data, self._disk)
         self._data = new_data
-        self._disk = _fingerprint(new_data, _stat(self.file))
         self.raw = new_raw
         self.modify_timestamp = now
         self._pending = []
         self._metadata_edits = {}
         return backup
 
-    def _stat_mode(self) -> int:
-        try:
-            return self.file.stat().st_mode
-        except OSError:
-            return 0o644
 
+@contextlib.contextmanager
+def locked_project(
+    project_path: str | os.PathLike, *, wait_s: float = 0.0
+) -> Iterator[QuPathProject]:
+    """The project (``project.qpproj`` or its folder) read under its write lock, which is
+    held until the ``with`` block ends; the lock is taken before the file is read, so no
+    other writer changes it in between. GeoJSON annotations only (``use_paquo=False``).
 
-# ---------------------------------------------------------------------- helpers
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _int_or_none(value: Any) -> int | None:
-    return value if _is_int(value) else None
-
-
-def _read_bytes(path: Path) -> bytes:
-    return read_input_bytes(path, max_bytes=MAX_PROJECT_BYTES)
-
-
-def _parse_json_object(data: bytes, path: Path) -> dict[str, Any]:
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", path=path) from None
-    value = parse_json(text, path)
-    if not isinstance(value, dict):
-        raise InputError(f"expected a JSON object, found {type(value).__name__}", path=path)
-    return value
-
-
-def _read_json_object(path: Path) -> dict[str, Any]:
-    return _parse_json_object(_read_bytes(path), path)
-
-
-@dataclass(frozen=True)
-class _Fingerprint:
-    """What identifies the file as read: modification time (ns), size and SHA-256."""
-
-    mtime_ns: int
-    size: int
-    sha256: str
-
-
-def _fingerprint(data: bytes, st: os.stat_result) -> _Fingerprint:
-    return _Fingerprint(st.st_mtime_ns, st.st_size, hashlib.sha256(data).hexdigest())
-
-
-def _read_with_fingerprint(path: Path) -> tuple[bytes, _Fingerprint]:
-    """The file's bytes and their fingerprint (re-read if it changed while reading)."""
-    for _ in range(5):
-        before = _stat(path)
-        data = _read_bytes(path)
-        after = _stat(path)
-        if (before.st_mtime_ns, before.st_size) == (after.st_mtime_ns, after.st_size) and (
-            len(data) == after.st_size
-        ):
-            return data, _fingerprint(data, after)
-    raise InputError("the file keeps changing while it is read; is QuPath saving it?", path=path)
-
-
-def _stat(path: Path) -> os.stat_result:
-    try:
-        return path.stat()
-    except OSError as exc:
-        raise InputError(f"cannot read: {exc.strerror or exc}", path=path) from None
-
-
-def _collect_uris(node: Any, uris: list[str], holders: list[dict[str, Any]]) -> None:
-    """Every string ``uri`` in a server builder tree (depth first, like QuPath)."""
-    if isinstance(node, dict):
-        uri = node.get("uri")
-        if isinstance(uri, str):
-            uris.append(uri)
-            holders.append(node)
-        for value in node.values():
-            if isinstance(value, dict | list):
-                _collect_uris(value, uris, holders)
-    elif isinstance(node, list):
-        for value in node:
-            _collect_uris(value, uris, holders)
-
-
-def _parse_entry(item: Any, index: int, file: Path) -> ProjectEntry:
-    where = f"image {index}"
-    if not isinstance(item, dict):
-        raise InputError(
-            f"expected a JSON object, found {type(item).__name__}", path=file, item=where
-        )
-    for key in ("serverBuilder", "entryID"):
-        if key not in item:
-            raise InputError(f"missing key {key!r}", path=file, item=where)
-    entry_id = item["entryID"]
-    if not _is_int(entry_id):
-        raise InputError(f"'entryID' must be an integer, not {entry_id!r}", path=file, item=where)
-    where = f"image {index} (entry {entry_id})"
-    builder = item["serverBuilder"]
-    if not isinstance(builder, dict):
-        raise InputError("'serverBuilder' must be a JSON object", path=file, item=where)
-
-    def text(key: str) -> str | None:
-        value = item.get(key)
-        if value is not None and not isinstance(value, str):
-            raise InputError(f"{key!r} must be a string, not {value!r}", path=file, item=where)
-        return value
-
-    metadata = item.get("metadata")
-    metadata = {} if metadata is None else metadata
-    if not isinstance(metadata, dict):
-        raise InputError("'metadata' must be a JSON object", path=file, item=where)
-    clean_meta: dict[str, str] = {}
-    for key, value in metadata.items():
-        if isinstance(value, str):
-            clean_meta[key] = value
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            clean_meta[key] = json.dumps(value)  # Gson reads a JSON number as its text
-        else:
-            raise InputError(
-                f"metadata value of {key!r} must be a string, not {value!r}", path=file, item=where
-            )
-    tags = item.get("tags")
-    tags = [] if tags is None else tags
-    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-        raise InputError("'tags' must be a list of strings", path=file, item=where)
-
-    uris: list[str] = []
-    holders: list[dict[str, Any]] = []
-    _collect_uris(builder, uris, holders)
-    distinct = list(dict.fromkeys(uris))
-    holder = holders[0] if len(distinct) == 1 else {}
-    provider = holder.get("providerClassName")
-    args = holder.get("args") or []
-    builder_type = builder.get("builderType")
-    return ProjectEntry(
-        entry_id=entry_id,
-        name=text("imageName"),
-        description=text("description"),
-        metadata=clean_meta,
-        tags=list(tags),
-        uri=distinct[0] if len(distinct) == 1 else None,
-        uris=distinct,
-        builder_type=builder_type if isinstance(builder_type, str) else None,
-        provider=provider if isinstance(provider, str) else None,
-        args=[str(a) for a in args] if isinstance(args, list) else [],
-        randomized_name=text("randomizedName"),
-        raw=item,
-    )
-
-
-def _read_classes(path: Path) -> dict[str, RGB]:
-    """``classes.json`` like QuPath's ``loadPathClasses``; a class without a colour gets
-    the colour QuPath gives it (``default_color``)."""
-    from histosynth.integration.class_colours import argb_to_rgb, default_color
-
-    if not path.is_file():
-        return {}
-    data = _read_json_object(path)
-    items = data.get("pathClasses")
-    if items is None:
-        return {}
-    if not isinstance(items, list):
-        raise InputError("'pathClasses' must be a list", path=path)
-    classes: dict[str, RGB] = {}
-    for index, item in enumerate(items):
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            raise InputError(
-                "expected an object with a string 'name'", path=path, item=f"class {index}"
-            )
-        color = item.get("color")
-        if color is None:
-            classes[item["name"]] = default_color(item["name"])
-            continue
-        if not _is_int(color) or not -(2**31) <= color < 2**32:
-            raise InputError(
-                f"'color' must be a packed ARGB integer, not {color!r}",
-                path=path,
-                item=f"class {item['name']!r}",
-            )
-        classes[item["name"]] = argb_to_rgb(color)
-    return classes
+    Raises:
+        InputError: not a QuPath project, or the lock still held by another writer
+            after ``wait_s`` seconds (:func:`~histosynth.integration.locks.project_lock`).
+    """
+    with project_lock(QuPathProject.locate(project_path), wait_s=wait_s):
+        yield QuPathProject(project_path, use_paquo=False)

@@ -32,7 +32,7 @@ from histosynth.integration.dataset import (
 from histosynth.integration.decisions import latest_decision_times, replay_decisions
 from histosynth.integration.errors import InputError
 from histosynth.integration.images import read_rgb
-from histosynth.integration.locks import RUN_LOCK_NAME, folder_lock, project_lock
+from histosynth.integration.locks import RUN_LOCK_NAME, folder_lock
 from histosynth.integration.qupath import journal
 from histosynth.integration.qupath.entries import META_ID, META_REVIEW, META_RUN
 from histosynth.integration.qupath.plan import (
@@ -47,7 +47,7 @@ from histosynth.integration.qupath.plan import (
     record_mapping,
     run_folder,
 )
-from histosynth.integration.qupath.project import QuPathProject
+from histosynth.integration.qupath.project import QuPathProject, locked_project
 from histosynth.integration.tiff import CALIBRATED_TILE, write_calibrated_tiff
 
 log = logging.getLogger(__name__)
@@ -179,8 +179,8 @@ def write_run_to_project(
             sidecar of another entry in the way, or ``project.qpproj`` changed since it
             was read; nothing is written to the project then.
     """
-    with project_lock(QuPathProject.locate(project_path), wait_s=wait_s):
-        return _write_locked(QuPathProject(project_path, use_paquo=False), run_dir, run_name)
+    with locked_project(project_path, wait_s=wait_s) as project:
+        return _write_locked(project, run_dir, run_name)
 
 
 def _write_locked(

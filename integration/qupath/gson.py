@@ -34,6 +34,7 @@ _GSON_RE = re.compile("[" + re.escape("".join(_GSON_ESCAPES)) + "]")
 
 
 _WS = re.compile(r"[ \t\n\r]*")
+_CLOSING = {"{": "}", "[": "]"}
 
 
 def gson_json(value: Any, *, indent: str | None = "  ", newline: str = "\n", base: str = "") -> str:
@@ -48,17 +49,32 @@ def gson_json(value: Any, *, indent: str | None = "  ", newline: str = "\n", bas
     return _GSON_RE.sub(lambda m: _GSON_ESCAPES[m.group()], text)
 
 
+def _first_item(text: str, pos: int, bracket: str, what: str) -> int | None:
+    """Where the first item of the JSON container opened by ``bracket`` (``{`` or ``[``)
+    at ``pos`` starts; ``None`` when the container is empty."""
+    if not text.startswith(bracket, pos):
+        raise ValueError(f"it is not a JSON {what}")
+    pos = _WS.match(text, pos + 1).end()
+    return None if text.startswith(_CLOSING[bracket], pos) else pos
+
+
+def _next_item(text: str, end: int, closing: str) -> int | None:
+    """Where the item after the one ending at ``end`` starts; ``None`` when the container
+    closes (``closing``: ``}`` or ``]``) there."""
+    pos = _WS.match(text, end).end()
+    if text.startswith(",", pos):
+        return _WS.match(text, pos + 1).end()
+    if text.startswith(closing, pos):
+        return None
+    raise ValueError(f"',' or '{closing}' expected at character {pos}")
+
+
 def _members(text: str) -> list[tuple[str, int, int, int]]:
     """Top-level members of a JSON object text: (key, key start, value start, value end)."""
     decoder = json.JSONDecoder()
-    pos = _WS.match(text, 0).end()
-    if not text.startswith("{", pos):
-        raise ValueError("it is not a JSON object")
-    pos = _WS.match(text, pos + 1).end()
     members: list[tuple[str, int, int, int]] = []
-    if text.startswith("}", pos):
-        return members
-    while True:
+    pos = _first_item(text, _WS.match(text, 0).end(), "{", "object")
+    while pos is not None:
         key_start = pos
         key, pos = decoder.raw_decode(text, pos)
         if not isinstance(key, str):
@@ -69,34 +85,20 @@ def _members(text: str) -> list[tuple[str, int, int, int]]:
         value_start = _WS.match(text, pos + 1).end()
         _, pos = decoder.raw_decode(text, value_start)
         members.append((key, key_start, value_start, pos))
-        pos = _WS.match(text, pos).end()
-        if text.startswith(",", pos):
-            pos = _WS.match(text, pos + 1).end()
-        elif text.startswith("}", pos):
-            return members
-        else:
-            raise ValueError(f"',' or '}}' expected at character {pos}")
+        pos = _next_item(text, pos, "}")
+    return members
 
 
 def _elements(text: str, start: int) -> list[tuple[int, int]]:
     """(start, end) of each element of the JSON array whose ``[`` is at ``start``."""
     decoder = json.JSONDecoder()
-    if not text.startswith("[", start):
-        raise ValueError("it is not a JSON array")
-    pos = _WS.match(text, start + 1).end()
     out: list[tuple[int, int]] = []
-    if text.startswith("]", pos):
-        return out
-    while True:
+    pos = _first_item(text, start, "[", "array")
+    while pos is not None:
         _, end = decoder.raw_decode(text, pos)
         out.append((pos, end))
-        pos = _WS.match(text, end).end()
-        if text.startswith(",", pos):
-            pos = _WS.match(text, pos + 1).end()
-        elif text.startswith("]", pos):
-            return out
-        else:
-            raise ValueError(f"',' or ']' expected at character {pos}")
+        pos = _next_item(text, end, "]")
+    return out
 
 
 def set_metadata_text(

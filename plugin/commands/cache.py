@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from histosynth.commands.options import (
     HELP_CONTEXT,
+    batch_size_option,
     class_option,
     dataset_option,
     device_option,
@@ -21,8 +22,9 @@ from histosynth.commands.options import (
     seed_option,
     skip_missing_option,
     tile_size_option,
+    whole_number_option,
 )
-from histosynth.commands.progress import progress_for
+from histosynth.commands.to_workflow import run_arguments, settings_from
 
 if TYPE_CHECKING:  # pragma: no cover
     from histosynth.workflows.cache import CacheBuildResult
@@ -52,43 +54,25 @@ def cache() -> None:
     low=8,
 )
 @mpp_option("Resolution in µm/px [a dataset's own, else the model's].", default=None)
-@click.option(
+@whole_number_option(
     "--background-tiles",
-    type=click.IntRange(min=0),
+    low=0,
     default=0,
-    show_default=True,
     help="Also cache N tissue tiles without any annotation (for style adapters).",
 )
 @resume_option("Add to an existing cache (also after an interruption); its tiles are kept.")
 @seed_option("Seed of the background tile choice.")
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
-    help="Tiles per model call and per commit to the file.",
-)
+@batch_size_option("Tiles per model call and per commit to the file.", default=8)
 @device_option()
 @skip_missing_option()
 @click.pass_context
 def build(
     ctx: click.Context,
     dataset: Path | None,
-    project: Path | None,
-    slide: Path | None,
-    annotations: Path | None,
-    slide_mpp: float | None,
     classes: tuple[str, ...],
-    model: str,
-    out: Path,
-    tile_size: int | None,
-    mpp: float | None,
     background_tiles: int,
-    resume: bool,
-    seed: int,
-    batch_size: int,
-    device: str | None,
-    skip_missing: bool,
+    out: Path,
+    **options: Any,
 ) -> None:
     """Encode tiles once into a cache file that training reads (histosynth train …).
 
@@ -98,37 +82,15 @@ def build(
     """
     from histosynth.workflows.cache import CacheSettings, build_feature_cache
 
-    if sum(x is not None for x in (dataset, project, slide)) != 1:
-        raise click.UsageError("give one of --dataset, --project or --slide (with --annotations)")
-    if slide is not None and annotations is None:
-        raise click.UsageError("--slide needs --annotations")
+    arguments = run_arguments(ctx, "cache", dataset=True, command=False)
     if dataset is None and not classes:
         raise click.UsageError("--project / --slide need --class")
     if dataset is not None and (classes or background_tiles):
         raise click.UsageError("--class and --background-tiles go with --project / --slide")
-    settings = CacheSettings(
-        model=model,
-        classes=classes,
-        tile_size=tile_size,
-        mpp=mpp,
-        background_tiles=background_tiles,
-        seed=seed,
-        batch_size=batch_size,
-        device=device,
+    settings = settings_from(
+        CacheSettings, options, classes=classes, background_tiles=background_tiles
     )
-    result = build_feature_cache(
-        settings,
-        out=out,
-        dataset=dataset,
-        project=project,
-        slide=slide,
-        annotations=annotations,
-        slide_mpp_override=slide_mpp,
-        resume=resume,
-        skip_missing=skip_missing,
-        progress=progress_for(ctx, "cache"),
-    )
-    _report(result, out)
+    _report(build_feature_cache(settings, **arguments), out)
 
 
 def _report(result: CacheBuildResult, out: Path) -> None:

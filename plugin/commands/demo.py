@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -22,6 +21,7 @@ from histosynth.commands.options import (
 )
 from histosynth.commands.progress import progress_for
 from histosynth.commands.synthesize import report_synthesis, write_back
+from histosynth.commands.to_workflow import command_line, settings_from
 from histosynth.common.geometry import DEFAULT_MPP
 
 
@@ -45,12 +45,9 @@ def demo(
     ctx: click.Context,
     out: Path,
     model: str | None,
-    count: int,
     tile_size: int | None,
-    steps: int,
-    seed: int,
     harmonise: str,
-    allow_untrained: bool,
+    **options: Any,
 ) -> None:
     """Build a demo QuPath project (three pyramidal slides from real H&E shipped with
     TIAToolbox, vessel annotations) in DIR/project, synthesise vessels into DIR/run and add them to
@@ -70,17 +67,15 @@ def demo(
             f"the {model} engine is UNTRAINED: seams are harmonised by multiband blending "
             "(--harmonise diffusion --allow-untrained shows what it makes of them)"
         )
-    settings = SynthesisSettings(
+    settings = settings_from(
+        SynthesisSettings,
+        options,
         classes=("Vessel",),
-        count=count,
         mode="inpaint",
         tile_size=tile_size or (512 if model == "tiny" else None),
         mpp=DEFAULT_MPP,
         model=model,
-        seed=seed,
-        steps=steps,
         harmonise=harmonise,
-        allow_untrained=allow_untrained,
     )
     result = synthesize(
         settings,
@@ -88,7 +83,7 @@ def demo(
         project=project_file,
         resume=(out / "run" / "index.csv").exists(),
         progress=progress_for(ctx, "demo"),
-        command=shlex.join(["histosynth", *sys.argv[1:]]),
+        command=command_line(),
     )
     report_synthesis(ctx, result)
     write_back("native", project_file, out / "run")

@@ -3,31 +3,34 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 
 import click
 
-from histosynth.commands.options import HELP_CONTEXT, device_option
+from histosynth.commands.options import (
+    HELP_CONTEXT,
+    batch_size_option,
+    device_option,
+    path_option,
+    value_option,
+)
 from histosynth.commands.progress import progress_for
+from histosynth.commands.to_workflow import command_line
 from histosynth.options import COUNT_MAX
 
 
 @click.command(context_settings=HELP_CONTEXT)
 @click.argument("run", type=click.Path(path_type=Path))
-@click.option(
+@path_option(
     "--real",
     "real",
-    type=click.Path(path_type=Path),
     required=True,
     help="The real tiles: a dataset written by 'histosynth extract' (or a run holding "
     "extracted rows).",
 )
-@click.option(
+@value_option(
     "--features",
     default="default",
-    show_default=True,
     help="Feature spaces, comma-separated: default (the embedded engine's encoder; "
     "offline, not comparable with published numbers), inception (FID's Inception-v3; "
     "needs torch-fidelity), clip (CLIP ViT-B/32: CLIP-FID), cmmd (CLIP ViT-L/14-336), "
@@ -35,18 +38,12 @@ from histosynth.options import COUNT_MAX
     "found offline: see 'histosynth models list'.",
 )
 @click.option("--per-class", is_flag=True, help="Also measure each vessel class on its own.")
-@click.option(
+@value_option(
     "--max-images",
     type=click.IntRange(2, COUNT_MAX),
-    default=None,
     help="At most this many tiles per side (a seeded sample).",
 )
-@click.option(
-    "--batch-size",
-    type=click.IntRange(1, 1024),
-    default=None,
-    help="Tiles per feature-extractor call.",
-)
+@batch_size_option("Tiles per feature-extractor call.", high=1024)
 @device_option("cuda, cpu … [cpu].")
 @click.pass_context
 def evaluate(
@@ -74,7 +71,7 @@ def evaluate(
         batch_size=batch_size,
         device=device,
         progress=progress_for(ctx, "evaluate", unit="batch"),
-        command=shlex.join(["histosynth", *sys.argv[1:]]),
+        command=command_line(),
     )
     click.echo(
         f"{result.counts['synthetic']} synthetic tile(s) against "

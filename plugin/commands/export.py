@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from histosynth.commands.options import HELP_CONTEXT, out_option
+from histosynth.commands.options import HELP_CONTEXT, out_option, value_option
 from histosynth.commands.progress import progress_for
 from histosynth.workflows.export import IMAGE_FORMATS, export_training_set
 
@@ -21,11 +21,10 @@ from histosynth.workflows.export import IMAGE_FORMATS, export_training_set
     is_flag=True,
     help="Also export tiles that failed the content check (qc column: fail …).",
 )
-@click.option(
+@value_option(
     "--image-format",
     type=click.Choice(IMAGE_FORMATS, case_sensitive=False),
     default="png",
-    show_default=True,
     help="png: exact copies of the run's images; jpg: quality 95, smaller, lossy.",
 )
 @click.pass_context

@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import math
-import shlex
-import sys
-from pathlib import Path
+from typing import Any
 
 import click
 
@@ -20,8 +18,9 @@ from histosynth.commands.options import (
     resume_option,
     skip_missing_option,
     tile_size_option,
+    value_option,
 )
-from histosynth.commands.progress import progress_for
+from histosynth.commands.to_workflow import run_arguments, settings_from
 
 
 @click.command(context_settings=HELP_CONTEXT)
@@ -32,19 +31,13 @@ from histosynth.commands.progress import progress_for
 @out_option("Dataset folder to write (created).")
 @tile_size_option("Tile width and height in px at --mpp.", low=16, default=1024)
 @mpp_option()
-@click.option(
+@value_option(
     "--min-area",
     type=FiniteFloat(min=0),
     default=0.0,
-    show_default=True,
     help="Skip vessels smaller than this, in µm².",
 )
-@click.option(
-    "--max-area",
-    type=FiniteFloat(min=0),
-    default=None,
-    help="Skip vessels larger than this, in µm².",
-)
+@value_option("--max-area", type=FiniteFloat(min=0), help="Skip vessels larger than this, in µm².")
 @resume_option()
 @skip_missing_option()
 @click.option(
@@ -54,20 +47,7 @@ from histosynth.commands.progress import progress_for
 )
 @click.pass_context
 def extract(
-    ctx: click.Context,
-    project: Path | None,
-    slide: Path | None,
-    annotations: Path | None,
-    slide_mpp: float | None,
-    classes: tuple[str, ...],
-    out: Path,
-    tile_size: int,
-    mpp: float,
-    min_area: float,
-    max_area: float | None,
-    resume: bool,
-    skip_missing: bool,
-    compress: bool,
+    ctx: click.Context, min_area: float, max_area: float | None, compress: bool, **options: Any
 ) -> None:
     """Real vessel tiles, masks and per-tile GeoJSON into a dataset.
 
@@ -78,30 +58,15 @@ def extract(
     from histosynth.workflows.extract import ExtractSettings
     from histosynth.workflows.extract import extract as run_extract
 
-    if (project is None) == (slide is None):
-        raise click.UsageError("give either --project or --slide (with --annotations)")
-    if slide is not None and annotations is None:
-        raise click.UsageError("--slide needs --annotations")
-    settings = ExtractSettings(
-        classes=classes,
-        tile_size=tile_size,
-        mpp=mpp,
+    arguments = run_arguments(ctx, "extract")
+    settings = settings_from(
+        ExtractSettings,
+        options,
         min_area_um2=min_area,
         max_area_um2=math.inf if max_area is None else max_area,
         png="small" if compress else "fast",
     )
-    result = run_extract(
-        settings,
-        out=out,
-        project=project,
-        slide=slide,
-        annotations=annotations,
-        slide_mpp_override=slide_mpp,
-        resume=resume,
-        skip_missing=skip_missing,
-        progress=progress_for(ctx, "extract"),
-        command=shlex.join(["histosynth", *sys.argv[1:]]),
-    )
+    result = run_extract(settings, **arguments)
     click.echo(
         f"{result.written} tile(s) written, {result.already_present} already present, "
         f"{len(result.skipped)} vessel(s) skipped (reasons in {result.run_dir / 'run.json'})"

@@ -27,27 +27,35 @@ from histosynth.common.geometry import DEFAULT_MPP
 from histosynth.options import COUNT_MAX, MPP_MAX, SEED_MAX, STEPS_MAX, WAIT_MAX_S
 
 __all__ = [
+    "HELP_CONTEXT",
+    "Decorator",
     "FiniteFloat",
     "allow_untrained_option",
     "annotations_option",
+    "batch_size_option",
     "class_option",
     "count_option",
     "dataset_option",
     "device_option",
     "harmonise_option",
     "input_options",
+    "kv_compress_option",
     "model_option",
     "mpp_option",
     "out_option",
+    "path_option",
     "project_option",
     "resume_option",
     "seed_option",
     "skip_missing_option",
     "slide_mpp_option",
     "slide_option",
+    "stacked",
     "steps_option",
     "tile_size_option",
+    "value_option",
     "wait_option",
+    "whole_number_option",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -82,6 +90,41 @@ def _shown(default: Any) -> bool | None:
     return True if default is not None else None
 
 
+def stacked(*options: Decorator) -> Decorator:
+    """One decorator applying ``options`` so that ``--help`` lists them in this order."""
+
+    def decorate(func: F) -> F:
+        for option in reversed(options):  # the last applied is listed first
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def value_option(
+    *decls: str, type: Any = None, default: Any = None, help: str | None = None, **attrs: Any
+) -> Decorator:
+    """An option that takes a value, its default shown in ``--help`` when it has one
+    (``attrs``: further ``click.option`` attributes, e.g. ``required``)."""
+    return _option(
+        *decls, type=type, default=default, show_default=_shown(default), help=help, **attrs
+    )
+
+
+def whole_number_option(
+    *decls: str, low: int, default: int | None = None, help: str | None = None
+) -> Decorator:
+    """An option taking a whole number of at least ``low`` (steps, counts, ratios)."""
+    return value_option(*decls, type=click.IntRange(min=low), default=default, help=help)
+
+
+def path_option(*decls: str, help: str, required: bool = False) -> Decorator:
+    """An option naming a file or folder (value: a ``Path``)."""
+    return _option(
+        *decls, type=click.Path(path_type=Path), required=required or None, help=help
+    )
+
+
 # --------------------------------------------------------------------------- input sources
 
 PROJECT_HELP = "QuPath project: project.qpproj or its folder."
@@ -92,28 +135,20 @@ def project_option(
 ) -> Decorator:
     """``--project`` (``-p``): a QuPath project, ``project.qpproj`` or its folder."""
     decls = ("--project", "-p") if short else ("--project",)
-    return _option(
-        *decls, type=click.Path(path_type=Path), required=required or None, help=help
-    )
+    return path_option(*decls, required=required, help=help)
 
 
 def slide_option() -> Decorator:
     """``--slide`` (``-s``): a slide any TIAToolbox reader opens."""
-    return _option(
-        "--slide",
-        "-s",
-        type=click.Path(path_type=Path),
-        help="A slide any TIAToolbox reader opens (with --annotations).",
+    return path_option(
+        "--slide", "-s", help="A slide any TIAToolbox reader opens (with --annotations)."
     )
 
 
 def annotations_option() -> Decorator:
     """``--annotations`` (``-a``): the GeoJSON annotations of ``--slide``."""
-    return _option(
-        "--annotations",
-        "-a",
-        type=click.Path(path_type=Path),
-        help="GeoJSON annotations of --slide (QuPath 0.2–0.7 or plain).",
+    return path_option(
+        "--annotations", "-a", help="GeoJSON annotations of --slide (QuPath 0.2–0.7 or plain)."
     )
 
 
@@ -133,18 +168,12 @@ def input_options(*, reverse: bool = False) -> Decorator:
     options = [project_option(), slide_option(), annotations_option(), slide_mpp_option()]
     if reverse:
         options.reverse()
-
-    def decorate(func: F) -> F:
-        for option in reversed(options):  # the last applied is listed first
-            func = option(func)
-        return func
-
-    return decorate
+    return stacked(*options)
 
 
 def dataset_option(help: str) -> Decorator:
     """``--dataset``: a histosynth dataset or run folder (``index.csv`` + images)."""
-    return _option("--dataset", type=click.Path(path_type=Path), help=help)
+    return path_option("--dataset", help=help)
 
 
 def class_option(
@@ -155,14 +184,8 @@ def class_option(
 ) -> Decorator:
     """``--class`` (repeatable; value ``classes``): annotation classes, 'Vessel' includes
     'Vessel: …'."""
-    return _option(
-        "--class",
-        "classes",
-        multiple=True,
-        required=required or None,
-        default=default,
-        show_default=_shown(default),
-        help=help,
+    return value_option(
+        "--class", "classes", default=default, help=help, multiple=True, required=required or None
     )
 
 
@@ -182,13 +205,7 @@ def tile_size_option(
     help: str, *, low: int = 64, high: int = 16384, default: int | None = None
 ) -> Decorator:
     """``--tile-size``: tile side in px, in ``[low, high]`` (``None``: the model's)."""
-    return _option(
-        "--tile-size",
-        type=click.IntRange(low, high),
-        default=default,
-        show_default=_shown(default),
-        help=help,
-    )
+    return value_option("--tile-size", type=click.IntRange(low, high), default=default, help=help)
 
 
 MPP_HELP = "Target resolution in µm/px (0.5 = 20×)."
@@ -197,12 +214,8 @@ MPP_HELP = "Target resolution in µm/px (0.5 = 20×)."
 def mpp_option(help: str = MPP_HELP, *, default: float | None = DEFAULT_MPP) -> Decorator:
     """``--mpp``: the tiles' resolution in µm/px (default ``DEFAULT_MPP``; ``None``: the
     command resolves it)."""
-    return _option(
-        "--mpp",
-        type=FiniteFloat(min=0, min_open=True, max=MPP_MAX),
-        default=default,
-        show_default=_shown(default),
-        help=help,
+    return value_option(
+        "--mpp", type=FiniteFloat(min=0, min_open=True, max=MPP_MAX), default=default, help=help
     )
 
 
@@ -212,7 +225,7 @@ def mpp_option(help: str = MPP_HELP, *, default: float | None = DEFAULT_MPP) -> 
 def out_option(help: str, *, short: bool = True) -> Decorator:
     """``--out`` (``-o``), required: the folder or file the command writes."""
     decls = ("--out", "-o") if short else ("--out",)
-    return _option(*decls, type=click.Path(path_type=Path), required=True, help=help)
+    return path_option(*decls, required=True, help=help)
 
 
 RESUME_HELP = "Continue an interrupted run in --out."
@@ -239,9 +252,7 @@ def wait_option(func: F) -> F:
 
 def seed_option(help: str | None = None) -> Decorator:
     """``--seed``: a 32-bit random seed, default 0."""
-    return _option(
-        "--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True, help=help
-    )
+    return value_option("--seed", type=click.IntRange(0, SEED_MAX), default=0, help=help)
 
 
 # --------------------------------------------------------------------------- the engine
@@ -258,48 +269,46 @@ def model_option(
     help: str, *, default: str | None = None, required: bool = False
 ) -> Decorator:
     """``--model``: a preset or a local engine folder."""
-    return _option(
-        "--model",
-        required=required or None,
-        default=default,
-        show_default=_shown(default),
-        help=help,
-    )
+    return value_option("--model", default=default, help=help, required=required or None)
 
 
 def count_option(
     help: str | None = None, *, default: int | None = None, required: bool = False
 ) -> Decorator:
     """``--count`` (``-n``): how many synthetic tiles, in ``[1, COUNT_MAX]``."""
-    return _option(
+    return value_option(
         "--count",
         "-n",
         type=click.IntRange(1, COUNT_MAX),
-        required=required or None,
         default=default,
-        show_default=_shown(default),
         help=help,
+        required=required or None,
     )
 
 
 def steps_option(help: str | None = None, *, default: int | None = None) -> Decorator:
     """``--steps``: denoising steps, in ``[1, STEPS_MAX]`` (``None``: the mode's)."""
-    return _option(
-        "--steps",
-        type=click.IntRange(1, STEPS_MAX),
-        default=default,
-        show_default=_shown(default),
-        help=help,
-    )
+    return value_option("--steps", type=click.IntRange(1, STEPS_MAX), default=default, help=help)
+
+
+def batch_size_option(
+    help: str, *, default: int | None = None, high: int | None = None
+) -> Decorator:
+    """``--batch-size``: items per model call, at least 1 (at most ``high`` when given)."""
+    return value_option("--batch-size", type=click.IntRange(1, high), default=default, help=help)
+
+
+def kv_compress_option(help: str) -> Decorator:
+    """``--kv-compress``: the KV-compression ratio R of self-attention (1 = off)."""
+    return whole_number_option("--kv-compress", low=1, help=help)
 
 
 def harmonise_option(help: str) -> Decorator:
     """``--harmonise``: how an inpainted tile's seam is regenerated (default ``auto``)."""
-    return _option(
+    return value_option(
         "--harmonise",
         type=click.Choice(["auto", "diffusion", "multiband", "none"]),
         default="auto",
-        show_default=True,
         help=help,
     )
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from histosynth.commands.options import HELP_CONTEXT, project_option, wait_option
+from histosynth.commands.options import HELP_CONTEXT, project_option, value_option, wait_option
 from histosynth.commands.progress import progress_for
 
 
@@ -64,7 +64,7 @@ def sync(ctx: click.Context, project: Path, run: Path, wait_s: float) -> None:
     "entry (close the project in QuPath first).",
     short=False,
 )
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@value_option("--host", default="127.0.0.1", help="Address to listen on.")
 @click.option(
     "--allow-remote",
     is_flag=True,
@@ -76,13 +76,7 @@ def sync(ctx: click.Context, project: Path, run: Path, wait_s: float) -> None:
     multiple=True,
     help="Another Host header to accept, NAME:PORT (e.g. behind a reverse proxy); repeatable.",
 )
-@click.option(
-    "--port",
-    type=click.IntRange(0, 65535),
-    default=0,
-    show_default=True,
-    help="Port (0: a free one).",
-)
+@value_option("--port", type=click.IntRange(0, 65535), default=0, help="Port (0: a free one).")
 @click.pass_context
 def serve(
     ctx: click.Context,

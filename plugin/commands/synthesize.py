@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -14,11 +12,13 @@ from histosynth.commands.options import (
     HELP_CONTEXT,
     FiniteFloat,
     allow_untrained_option,
+    batch_size_option,
     class_option,
     count_option,
     device_option,
     harmonise_option,
     input_options,
+    kv_compress_option,
     model_option,
     mpp_option,
     out_option,
@@ -27,9 +27,10 @@ from histosynth.commands.options import (
     skip_missing_option,
     steps_option,
     tile_size_option,
+    value_option,
     wait_option,
 )
-from histosynth.commands.progress import progress_for
+from histosynth.commands.to_workflow import run_arguments, settings_from
 from histosynth.options import GUIDANCE_MAX
 from histosynth.synthesis import defaults
 
@@ -45,11 +46,10 @@ __all__ = ["fail_on_qc", "report_synthesis", "synthesize", "write_back"]
     "Vessel class to synthesise (repeatable); 'Vessel' includes 'Vessel: …'.", required=True
 )
 @count_option("Number of synthetic tiles.", required=True)
-@click.option(
+@value_option(
     "--mode",
     type=click.Choice(["inpaint", "variation"]),
     default="inpaint",
-    show_default=True,
     help="inpaint: real donor vessels into new tissue; variation: new tiles like "
     "real vessel tiles.",
 )
@@ -63,49 +63,35 @@ __all__ = ["fail_on_qc", "report_synthesis", "synthesize", "write_back"]
     "[pixcell-1024 when its weights are installed, else default: the embedded "
     "histosynth-mini-512]."
 )
-@click.option(
+@value_option(
     "--adapter",
-    default=None,
     help="LoRA style adapter: its folder, or its name in the library ($HISTOSYNTH_ADAPTERS).",
 )
 @seed_option()
 @steps_option(
     f"Denoising steps [inpaint {defaults.INPAINT_STEPS}, variation {defaults.VARIATION_STEPS}]."
 )
-@click.option(
+@value_option(
     "--guidance",
     type=FiniteFloat(1.0, GUIDANCE_MAX),
-    default=None,
     help=f"Classifier-free guidance scale [inpaint {defaults.INPAINT_GUIDANCE}, variation "
     f"{defaults.VARIATION_GUIDANCE}].",
 )
-@click.option(
+@value_option(
     "--strength",
     type=FiniteFloat(0.0, 1.0),
-    default=None,
     help="Inpainting noise level τ: the fraction of the schedule regenerated [the engine's "
     f"own: {defaults.STRENGTH} for PixCell; the embedded default's is on its model card].",
 )
-@click.option(
-    "--kv-compress",
-    type=click.IntRange(min=1),
-    default=None,
-    help="KV-compression ratio R for self-attention (1 = off).",
-)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Tiles per model call [4 on CUDA, 1 on CPU].",
-)
+@kv_compress_option("KV-compression ratio R for self-attention (1 = off).")
+@batch_size_option("Tiles per model call [4 on CUDA, 1 on CPU].")
 @device_option()
 @resume_option()
 @skip_missing_option()
-@click.option(
+@value_option(
     "--background",
     type=click.Choice(["auto", "real", "synthetic"]),
     default="auto",
-    show_default=True,
     help="Inpainting backgrounds: real tiles of the slides, generated ones (conditioned on "
     "real tissue near the donor), or real with generated ones where a donor fits none.",
 )
@@ -122,11 +108,10 @@ __all__ = ["fail_on_qc", "report_synthesis", "synthesize", "write_back"]
     help="Exit with code 1 when a tile fails the content check (they are written either "
     "way, marked in the qc column, and never exported unless --include-qc-failed).",
 )
-@click.option(
+@value_option(
     "--write-project",
     type=click.Choice(["none", "native", "paquo"]),
     default="none",
-    show_default=True,
     help="Add the synthetic tiles to --project as new entries marked for review: native "
     "(edits project.qpproj; close the project in QuPath first) or paquo (needs QuPath).",
 )
@@ -141,16 +126,14 @@ __all__ = ["fail_on_qc", "report_synthesis", "synthesize", "write_back"]
     "start'), local (a Ray instance on this machine) or the head's address. Needs "
     "pip install 'histosynth[ray]'.",
 )
-@click.option(
+@value_option(
     "--workers",
     type=click.IntRange(1, 4096),
-    default=None,
     help="Ray workers (actors), each loading the engine once [1].",
 )
-@click.option(
+@value_option(
     "--gpus-per-worker",
     type=FiniteFloat(0.0, 64.0),
-    default=None,
     help="GPUs each Ray worker holds [1 when the cluster has GPUs, else 0].",
 )
 @wait_option
@@ -158,35 +141,13 @@ __all__ = ["fail_on_qc", "report_synthesis", "synthesize", "write_back"]
 def synthesize(
     ctx: click.Context,
     project: Path | None,
-    slide: Path | None,
-    annotations: Path | None,
-    slide_mpp: float | None,
-    classes: tuple[str, ...],
-    count: int,
-    mode: str,
-    out: Path,
-    tile_size: int | None,
-    mpp: float,
-    model: str | None,
-    adapter: str | None,
-    seed: int,
-    steps: int | None,
-    guidance: float | None,
-    strength: float | None,
-    kv_compress: int | None,
-    batch_size: int | None,
-    device: str | None,
-    resume: bool,
-    skip_missing: bool,
-    background: str,
-    harmonise: str,
     write_project: str,
-    allow_untrained: bool,
     strict_qc: bool,
     ray_address: str | None,
     workers: int | None,
     gpus_per_worker: float | None,
     wait_s: float,
+    **options: Any,
 ) -> None:
     """Synthetic vessel tiles, masks, GeoJSON and index into a run folder.
 
@@ -196,10 +157,7 @@ def synthesize(
     from histosynth.workflows.synthesize import SynthesisSettings
     from histosynth.workflows.synthesize import synthesize as run_synthesize
 
-    if (project is None) == (slide is None):
-        raise click.UsageError("give either --project or --slide (with --annotations)")
-    if slide is not None and annotations is None:
-        raise click.UsageError("--slide needs --annotations")
+    arguments = run_arguments(ctx, "synthesize")
     if write_project != "none" and project is None:
         raise click.UsageError("--write-project needs --project")
     if ray_address is None and (workers is not None or gpus_per_worker is not None):
@@ -209,38 +167,7 @@ def synthesize(
         from histosynth.workflows.synthesize import RayOptions
 
         ray = RayOptions(ray_address, workers or 1, gpus_per_worker)
-    settings = SynthesisSettings(
-        classes=classes,
-        count=count,
-        mode=mode,
-        tile_size=tile_size,
-        mpp=mpp,
-        model=model,
-        adapter=adapter,
-        seed=seed,
-        steps=steps,
-        guidance=guidance,
-        strength=strength,
-        kv_compress=kv_compress,
-        batch_size=batch_size,
-        device=device,
-        background=background,
-        harmonise=harmonise,
-        allow_untrained=allow_untrained,
-    )
-    result = run_synthesize(
-        settings,
-        out=out,
-        project=project,
-        slide=slide,
-        annotations=annotations,
-        slide_mpp_override=slide_mpp,
-        resume=resume,
-        skip_missing=skip_missing,
-        progress=progress_for(ctx, "synthesize"),
-        command=shlex.join(["histosynth", *sys.argv[1:]]),
-        ray=ray,
-    )
+    result = run_synthesize(settings_from(SynthesisSettings, options), ray=ray, **arguments)
     report_synthesis(ctx, result)
     write_back(write_project, project, result.run_dir, wait_s=wait_s)
     fail_on_qc(strict_qc, result)

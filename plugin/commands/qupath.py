@@ -7,6 +7,7 @@ main group reports as one line and exit code 1.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -16,8 +17,10 @@ from histosynth.commands.options import (
     count_option,
     model_option,
     mpp_option,
+    path_option,
     project_option,
     tile_size_option,
+    value_option,
     wait_option,
 )
 from histosynth.qupath import MODES, SETTINGS_NAME, install_scripts, plan_for_scripts
@@ -30,12 +33,7 @@ def qupath() -> None:
 
 @qupath.command("install-scripts", context_settings=HELP_CONTEXT)
 @click.argument("project", type=click.Path(path_type=Path))
-@click.option(
-    "--python",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Python interpreter that runs histosynth [this one].",
-)
+@path_option("--python", help="Python interpreter that runs histosynth [this one].")
 @class_option(
     "Vessel class the scripts export and synthesise (repeatable); 'Vessel' includes "
     "'Vessel: …'.",
@@ -47,43 +45,22 @@ def qupath() -> None:
     "auto = pixcell-1024 when its weights are installed, else the embedded default.",
     default="auto",
 )
-@click.option("--mode", type=click.Choice(list(MODES)), default="inpaint", show_default=True)
+@value_option("--mode", type=click.Choice(list(MODES)), default="inpaint")
 @tile_size_option("Tile side in px at --mpp [the model's].")
 @mpp_option("Target resolution in µm/px.")
-@click.option(
+@value_option(
     "--overwrite/--no-overwrite",
     default=True,
-    show_default=True,
     help="Replace scripts and settings already in the project.",
 )
-def install_scripts_command(
-    project: Path,
-    python: Path | None,
-    classes: tuple[str, ...],
-    count: int,
-    model: str,
-    mode: str,
-    tile_size: int | None,
-    mpp: float,
-    overwrite: bool,
-) -> None:
+def install_scripts_command(project: Path, overwrite: bool, **settings: Any) -> None:
     """Copy the histosynth menu scripts into PROJECT/scripts/histosynth/.
 
     PROJECT is a QuPath project: project.qpproj or its folder. QuPath then lists the scripts
     under Automate > Project scripts > histosynth. Their defaults go to
     histosynth_settings.json beside them (also listed there, to edit).
     """
-    paths = install_scripts(
-        project,
-        python=python,
-        classes=classes,
-        count=count,
-        model=model,
-        mode=mode,
-        tile_size=tile_size,
-        mpp=mpp,
-        overwrite=overwrite,
-    )
+    paths = install_scripts(project, overwrite=overwrite, **settings)
     folder = paths[0].parent
     click.echo(f"scripts installed in {folder}")
     for path in paths:

@@ -144,16 +144,7 @@ def _is_int(value: Any) -> bool:
 
 
 def install_scripts(
-    project: str | os.PathLike,
-    *,
-    python: str | os.PathLike | None = None,
-    classes: Sequence[str] = ("Vessel",),
-    count: int = 16,
-    model: str = "auto",
-    mode: str = "inpaint",
-    tile_size: int | None = None,
-    mpp: float = DEFAULT_MPP,
-    overwrite: bool = True,
+    project: str | os.PathLike, *, overwrite: bool = True, **settings: Any
 ) -> list[Path]:
     """Copy the menu scripts into ``P/scripts/histosynth/`` and write their settings.
 
@@ -162,10 +153,10 @@ def install_scripts(
 
     Args:
         project: the QuPath project (``project.qpproj`` or its folder).
-        python, classes, count, model, mode, tile_size, mpp: the settings (see
-            :func:`settings_for`).
         overwrite: replace scripts and settings already there; when ``False`` an existing
             file is an :class:`InputError` and nothing is written.
+        settings: the keyword arguments of :func:`settings_for` (python, classes, count,
+            model, mode, tile_size, mpp); left out, its defaults.
 
     Returns:
         The paths written: the ``.groovy`` scripts (sorted), then ``histosynth_settings.json``.
@@ -175,15 +166,7 @@ def install_scripts(
             that already exists.
     """
     target = scripts_folder(project)
-    settings = settings_for(
-        python=python,
-        classes=classes,
-        count=count,
-        model=model,
-        mode=mode,
-        tile_size=tile_size,
-        mpp=mpp,
-    )
+    content = settings_for(**settings)
     names = script_names()
     if not names:
         raise InputError(
@@ -202,7 +185,7 @@ def install_scripts(
         raise InputError("exists and is not a folder", path=target)
     for name in names:
         atomic_write_bytes(target / name, _script_bytes(name))
-    atomic_write_json(target / SETTINGS_NAME, settings)
+    atomic_write_json(target / SETTINGS_NAME, content)
     return paths
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -148,6 +149,20 @@ def load_manifest(path: str | Path | None = None) -> Manifest:
     return validate_manifest(raw, path)
 
 
+Fail = Callable[[str, str], ManifestError]
+"""``fail(key, message)``: the error naming the manifest file and the key."""
+
+REQUIRED_KEYS = (
+    "name",
+    "version",
+    "description",
+    "compatibility",
+    "commands",
+    "presets",
+    "settings",
+)
+
+
 def validate_manifest(raw: Any, path: str | Path = MANIFEST_NAME) -> Manifest:
     """Turn the parsed YAML into a ``Manifest`` or raise ``ManifestError`` naming the key."""
     path = Path(path)
@@ -157,15 +172,7 @@ def validate_manifest(raw: Any, path: str | Path = MANIFEST_NAME) -> Manifest:
 
     if not isinstance(raw, dict):
         raise fail("(top level)", "expected a mapping")
-    for key in (
-        "name",
-        "version",
-        "description",
-        "compatibility",
-        "commands",
-        "presets",
-        "settings",
-    ):
+    for key in REQUIRED_KEYS:
         if key not in raw:
             raise fail(key, "missing required key")
     if not isinstance(raw["name"], str) or not raw["name"]:
@@ -173,7 +180,20 @@ def validate_manifest(raw: Any, path: str | Path = MANIFEST_NAME) -> Manifest:
     version = str(raw["version"])
     if not _VERSION_RE.match(version):
         raise fail("version", f"{version!r} is not a version like 1.2.3")
-    compat = raw["compatibility"]
+    return Manifest(
+        path,
+        raw["name"],
+        version,
+        str(raw["description"]).strip(),
+        _compatibility(raw["compatibility"], fail),
+        _commands(raw["commands"], fail),
+        _presets(raw["presets"], fail),
+        _settings(raw["settings"], fail),
+    )
+
+
+def _compatibility(compat: Any, fail: Fail) -> dict[str, Any]:
+    """``compatibility``: python, qupath ``{min, max}`` (min ≤ max) and tiatoolbox."""
     if not isinstance(compat, dict):
         raise fail("compatibility", "expected a mapping")
     for key in ("python", "qupath", "tiatoolbox"):
@@ -184,14 +204,25 @@ def validate_manifest(raw: Any, path: str | Path = MANIFEST_NAME) -> Manifest:
         raise fail("compatibility.qupath", "expected {min: ..., max: ...}")
     if _version_tuple(qupath["min"]) > _version_tuple(qupath["max"]):
         raise fail("compatibility.qupath", f"min {qupath['min']} is above max {qupath['max']}")
+    return compat
 
-    commands = {}
-    if not isinstance(raw["commands"], list):
-        raise fail("commands", "expected a list")
-    for i, item in enumerate(raw["commands"]):
-        key = f"commands[{i}]"
+
+def _mappings_in_list(items: Any, section: str, fail: Fail) -> Iterator[tuple[str, dict]]:
+    """``(key, item)`` for each item of the list ``section``, each checked to be a mapping
+    (``key``: ``section[i]``, for errors)."""
+    if not isinstance(items, list):
+        raise fail(section, "expected a list")
+    for i, item in enumerate(items):
+        key = f"{section}[{i}]"
         if not isinstance(item, dict):
             raise fail(key, "expected a mapping")
+        yield key, item
+
+
+def _commands(items: Any, fail: Fail) -> dict[str, Command]:
+    """``commands``: id, title, and an entry point ``module:function`` or a QuPath script."""
+    commands = {}
+    for key, item in _mappings_in_list(items, "commands", fail):
         for required in ("id", "title"):
             if not isinstance(item.get(required), str) or not item[required]:
                 raise fail(f"{key}.{required}", "missing or not a string")
@@ -203,21 +234,24 @@ def validate_manifest(raw: Any, path: str | Path = MANIFEST_NAME) -> Manifest:
         if item["id"] in commands:
             raise fail(key, f"duplicate command id {item['id']!r}")
         commands[item["id"]] = Command(item["id"], item["title"], entry, script)
+    return commands
 
+
+PRESET_FIELDS = (
+    ("id", str),
+    ("title", str),
+    ("tile_size", int),
+    ("mpp", (int, float)),
+    ("trained", bool),
+)
+"""A preset's required fields and their types (a bool is not a number here)."""
+
+
+def _presets(items: Any, fail: Fail) -> dict[str, Preset]:
+    """``presets``: the fields of :data:`PRESET_FIELDS` and optional ``components``."""
     presets = {}
-    if not isinstance(raw["presets"], list):
-        raise fail("presets", "expected a list")
-    for i, item in enumerate(raw["presets"]):
-        key = f"presets[{i}]"
-        if not isinstance(item, dict):
-            raise fail(key, "expected a mapping")
-        for required, kind in (
-            ("id", str),
-            ("title", str),
-            ("tile_size", int),
-            ("mpp", (int, float)),
-            ("trained", bool),
-        ):
+    for key, item in _mappings_in_list(items, "presets", fail):
+        for required, kind in PRESET_FIELDS:
             value = item.get(required)
             if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
                 raise fail(f"{key}.{required}", "missing or of the wrong type")
@@ -232,37 +266,15 @@ def validate_manifest(raw: Any, path: str | Path = MANIFEST_NAME) -> Manifest:
             item["trained"],
             components,
         )
+    return presets
 
-    settings = {}
-    if not isinstance(raw["settings"], dict):
+
+def _settings(specs: Any, fail: Fail) -> dict[str, Setting]:
+    """``settings``: name → ``{type, default, min?, max?, unit?, help?}``, each default
+    within its bounds and equal to the code's where the code defines one."""
+    if not isinstance(specs, dict):
         raise fail("settings", "expected a mapping")
-    for name, spec in raw["settings"].items():
-        key = f"settings.{name}"
-        if not isinstance(spec, dict) or "type" not in spec or "default" not in spec:
-            raise fail(key, "expected {type: ..., default: ...}")
-        if spec["type"] not in SETTING_TYPES:
-            raise fail(f"{key}.type", f"{spec['type']!r} is not one of {', '.join(SETTING_TYPES)}")
-        for bound in ("min", "max"):
-            if bound in spec and (
-                not isinstance(spec[bound], (int, float)) or isinstance(spec[bound], bool)
-            ):
-                raise fail(f"{key}.{bound}", "expected a number")
-        if "min" in spec and "max" in spec and spec["min"] > spec["max"]:
-            raise fail(key, f"min {spec['min']} is above max {spec['max']}")
-        setting = Setting(
-            name,
-            spec["type"],
-            spec["default"],
-            spec.get("min"),
-            spec.get("max"),
-            spec.get("unit"),
-            str(spec.get("help", "")),
-        )
-        try:
-            setting.check(spec["default"])
-        except ManifestError as exc:
-            raise fail(f"{key}.default", str(exc)) from None
-        settings[name] = setting
+    settings = {name: _setting(name, spec, fail) for name, spec in specs.items()}
     for name, value in CODE_DEFAULTS.items():
         if name in settings and settings[name].default != value:
             raise fail(
@@ -270,17 +282,37 @@ def validate_manifest(raw: Any, path: str | Path = MANIFEST_NAME) -> Manifest:
                 f"{settings[name].default!r} differs from the code's default {value!r} "
                 "(histosynth.synthesis.defaults)",
             )
+    return settings
 
-    return Manifest(
-        path,
-        raw["name"],
-        version,
-        str(raw["description"]).strip(),
-        compat,
-        commands,
-        presets,
-        settings,
+
+def _setting(name: str, spec: Any, fail: Fail) -> Setting:
+    """One setting, its type known, its bounds numbers (min ≤ max) and its default valid."""
+    key = f"settings.{name}"
+    if not isinstance(spec, dict) or "type" not in spec or "default" not in spec:
+        raise fail(key, "expected {type: ..., default: ...}")
+    if spec["type"] not in SETTING_TYPES:
+        raise fail(f"{key}.type", f"{spec['type']!r} is not one of {', '.join(SETTING_TYPES)}")
+    for bound in ("min", "max"):
+        if bound in spec and (
+            not isinstance(spec[bound], (int, float)) or isinstance(spec[bound], bool)
+        ):
+            raise fail(f"{key}.{bound}", "expected a number")
+    if "min" in spec and "max" in spec and spec["min"] > spec["max"]:
+        raise fail(key, f"min {spec['min']} is above max {spec['max']}")
+    setting = Setting(
+        name,
+        spec["type"],
+        spec["default"],
+        spec.get("min"),
+        spec.get("max"),
+        spec.get("unit"),
+        str(spec.get("help", "")),
     )
+    try:
+        setting.check(spec["default"])
+    except ManifestError as exc:
+        raise fail(f"{key}.default", str(exc)) from None
+    return setting
 
 
 def resolve_entry_point(entry_point: str) -> Any:

@@ -131,6 +131,25 @@ PRODUCTION_PRESET = "pixcell-1024"
 AUTO_MODEL = "auto"
 """The model name that means "choose": :data:`PRODUCTION_PRESET` if installed, else default."""
 
+
+def _pixcell_preset(tile_size: int) -> PresetSpec:
+    """PixCell-``tile_size``: StonyBrook's transformer, the SD3 VAE and UNI2-h, for
+    ``tile_size`` px tiles at :data:`DEFAULT_MPP` µm/px."""
+    return PresetSpec(
+        f"pixcell-{tile_size}",
+        f"PixCell-{tile_size} (PixArt-XL/2, UNI2-h, SD3 VAE)",
+        tile_size=tile_size,
+        mpp=DEFAULT_MPP,
+        trained=True,
+        components={
+            "transformer": ComponentSpec(f"StonyBrook-CVLab/PixCell-{tile_size}", "transformer"),
+            "vae": _VAE,
+            "encoder": _UNI,
+        },
+        abilities=EngineAbilities(tile_sizes=(tile_size,)),
+    )
+
+
 PRESETS: dict[str, PresetSpec] = {
     "default": PresetSpec(
         "default",
@@ -143,32 +162,8 @@ PRESETS: dict[str, PresetSpec] = {
         components={},
         embedded="histosynth_mini_512",
     ),
-    "pixcell-1024": PresetSpec(
-        "pixcell-1024",
-        "PixCell-1024 (PixArt-XL/2, UNI2-h, SD3 VAE)",
-        tile_size=1024,
-        mpp=DEFAULT_MPP,
-        trained=True,
-        components={
-            "transformer": ComponentSpec("StonyBrook-CVLab/PixCell-1024", "transformer"),
-            "vae": _VAE,
-            "encoder": _UNI,
-        },
-        abilities=EngineAbilities(tile_sizes=(1024,)),
-    ),
-    "pixcell-256": PresetSpec(
-        "pixcell-256",
-        "PixCell-256 (PixArt-XL/2, UNI2-h, SD3 VAE)",
-        tile_size=256,
-        mpp=DEFAULT_MPP,
-        trained=True,
-        components={
-            "transformer": ComponentSpec("StonyBrook-CVLab/PixCell-256", "transformer"),
-            "vae": _VAE,
-            "encoder": _UNI,
-        },
-        abilities=EngineAbilities(tile_sizes=(256,)),
-    ),
+    "pixcell-1024": _pixcell_preset(1024),
+    "pixcell-256": _pixcell_preset(256),
     "tiny": PresetSpec(
         "tiny",
         "Tiny engine (UNTRAINED, seeded random weights; for tests)",
@@ -384,6 +379,111 @@ def how_to_provide(preset: str, component: str) -> str:
     )
 
 
+def _first_usable(
+    candidates: list[Path], spec: ComponentSpec | None, label: str, tried: list[str]
+) -> tuple[Path | None, str]:
+    """The first of ``candidates`` that holds the component (``(path, "")``), else
+    ``(None, the first candidate's reason)``; each one looked at is noted in ``tried``."""
+    first_reason = ""
+    for candidate in candidates:
+        found, reason = _check(candidate, spec)
+        tried.append(f"{label} {candidate} ({reason or 'ok'})")
+        if found is not None:
+            return found, ""
+        first_reason = first_reason or reason
+    return None, first_reason
+
+
+def _env_weights(
+    preset: str, component: str, spec: ComponentSpec | None, tried: list[str]
+) -> Path | None:
+    """The component in a ``$HISTOSYNTH_WEIGHTS`` folder (``None`` when in none)."""
+    roots = _weights_roots()
+    if not roots:
+        tried.append("$HISTOSYNTH_WEIGHTS (not set)")
+    for root in roots:
+        candidates = _env_candidates(root, preset, component, spec)
+        found, _ = _first_usable(candidates, spec, "$HISTOSYNTH_WEIGHTS", tried)
+        if found is not None:
+            return found
+    return None
+
+
+def _settings_weights(
+    preset: str, component: str, spec: ComponentSpec | None, tried: list[str]
+) -> Path | None:
+    """The component at the path the settings file names (``None`` when it names none).
+
+    Raises:
+        EngineError: the entry is not a path, or its path does not hold the component.
+    """
+    sfile = settings_path()
+    key = f"weights.{preset}.{component}"
+    entry = ((read_settings(sfile).get("weights") or {}).get(preset) or {}).get(component)
+    if entry is None:
+        state = "no entry" if sfile.is_file() else "missing"
+        tried.append(f"settings {sfile} {key} ({state})")
+        return None
+    if not isinstance(entry, str):
+        raise EngineError(f"expected a path, found {type(entry).__name__}", path=sfile, item=key)
+    configured = Path(entry).expanduser()
+    if not configured.is_absolute():
+        configured = sfile.parent / configured
+    candidates = _candidates_in(configured, component, spec)
+    found, reason = _first_usable(candidates, spec, "settings", tried)
+    if found is None:
+        raise EngineError(
+            f"{configured} does not hold {preset}/{component} weights ({reason})",
+            path=sfile,
+            item=key,
+        )
+    return found
+
+
+def _embedded_weights(
+    preset: str, component: str, spec: ComponentSpec | None, tried: list[str], require: bool
+) -> Path | None:
+    """The component shipped inside the package for an embedded preset.
+
+    Raises:
+        EngineError: it is missing from the installation and ``require`` is true.
+    """
+    embedded = EMBEDDED_ROOT / str(PRESETS[preset].embedded) / component
+    found, reason = _first_usable([embedded], spec, "embedded", tried)
+    if found is None and require:
+        raise EngineError(
+            f"the embedded {component} of the {preset} preset is missing from this "
+            f"installation ({reason}); reinstall histosynth",
+            path=embedded,
+        )
+    return found
+
+
+def _hf_cache_weights(spec: ComponentSpec, tried: list[str]) -> Path | None:
+    """The component in the local Hugging Face cache (``None`` when not there)."""
+    cache = hf_cache_dir()
+    found, reason = _hf_cache_lookup(spec, cache)
+    where = f"{spec.repo}/{spec.subfolder}" if spec.subfolder else spec.repo
+    tried.append(f"hf-cache {cache} {where} ({reason or 'ok'})")
+    return found
+
+
+def _component_spec(preset: str, component: str) -> ComponentSpec | None:
+    """``PRESETS[preset].components.get(component)``, once both names are known.
+
+    Raises:
+        EngineError: unknown preset or component.
+    """
+    if preset not in PRESETS:
+        raise EngineError(f"unknown preset; expected one of {', '.join(PRESETS)}", item=preset)
+    if component not in COMPONENTS:
+        raise EngineError(
+            f"unknown component; expected one of {', '.join(COMPONENTS)}",
+            item=f"{preset}/{component}",
+        )
+    return PRESETS[preset].components.get(component)
+
+
 def find_component(
     preset: str,
     component: str,
@@ -407,16 +507,8 @@ def find_component(
         EngineError: unknown preset/component; an explicit or settings path that does not
             hold the component; nothing found and ``require`` is true.
     """
-    if preset not in PRESETS:
-        raise EngineError(f"unknown preset; expected one of {', '.join(PRESETS)}", item=preset)
+    spec = _component_spec(preset, component)
     spec_p = PRESETS[preset]
-    if component not in COMPONENTS:
-        raise EngineError(
-            f"unknown component; expected one of {', '.join(COMPONENTS)}",
-            item=f"{preset}/{component}",
-        )
-    spec = spec_p.components.get(component)
-    item = f"{preset}/{component}"
     tried: list[str] = []
     hint = how_to_provide(preset, component)
 
@@ -426,85 +518,33 @@ def find_component(
     # 1. explicit path: the caller asked for it, so a wrong one is an error
     if explicit is not None:
         folder = Path(explicit).expanduser()
-        reasons = []
-        for candidate in _candidates_in(folder, component, spec):
-            found, reason = _check(candidate, spec)
-            tried.append(f"explicit {candidate} ({reason or 'ok'})")
-            if found is not None:
-                return result(found, "explicit")
-            reasons.append(reason)
-        raise EngineError(f"does not hold {item} weights ({reasons[0]})", path=folder)
-
-    # 2. $HISTOSYNTH_WEIGHTS
-    roots = _weights_roots()
-    if not roots:
-        tried.append("$HISTOSYNTH_WEIGHTS (not set)")
-    for root in roots:
-        for candidate in _env_candidates(root, preset, component, spec):
-            found, reason = _check(candidate, spec)
-            tried.append(f"$HISTOSYNTH_WEIGHTS {candidate} ({reason or 'ok'})")
-            if found is not None:
-                return result(found, "env")
-
-    # 3. settings file
-    sfile = settings_path()
-    entry = ((read_settings(sfile).get("weights") or {}).get(preset) or {}).get(component)
-    if entry is None:
-        state = "no entry" if sfile.is_file() else "missing"
-        tried.append(f"settings {sfile} weights.{preset}.{component} ({state})")
-    else:
-        if not isinstance(entry, str):
+        candidates = _candidates_in(folder, component, spec)
+        found, reason = _first_usable(candidates, spec, "explicit", tried)
+        if found is None:
             raise EngineError(
-                f"expected a path, found {type(entry).__name__}",
-                path=sfile,
-                item=f"weights.{preset}.{component}",
+                f"does not hold {preset}/{component} weights ({reason})", path=folder
             )
-        configured = Path(entry).expanduser()
-        if not configured.is_absolute():
-            configured = sfile.parent / configured
-        reasons = []
-        for candidate in _candidates_in(configured, component, spec):
-            found, reason = _check(candidate, spec)
-            tried.append(f"settings {candidate} ({reason or 'ok'})")
-            if found is not None:
-                return result(found, "settings")
-            reasons.append(reason)
-        raise EngineError(
-            f"{configured} does not hold {item} weights ({reasons[0]})",
-            path=sfile,
-            item=f"weights.{preset}.{component}",
-        )
-
+        return result(found, "explicit")
+    # 2. $HISTOSYNTH_WEIGHTS, 3. the settings file
+    for source, search in (("env", _env_weights), ("settings", _settings_weights)):
+        found = search(preset, component, spec, tried)
+        if found is not None:
+            return result(found, source)
     # 4. untrained presets have nothing more to look for; embedded ones ship in the package
     if not spec_p.trained:
         return result(None, "untrained")
     if spec_p.embedded is not None:
-        embedded = EMBEDDED_ROOT / spec_p.embedded / component
-        found, reason = _check(embedded, spec)
-        tried.append(f"embedded {embedded} ({reason or 'ok'})")
-        if found is not None:
-            return result(found, "embedded")
-        if require:
-            raise EngineError(
-                f"the embedded {component} of the {preset} preset is missing from this "
-                f"installation ({reason}); reinstall histosynth",
-                path=embedded,
-            )
-        return result(None, None)
-
+        found = _embedded_weights(preset, component, spec, tried, require)
+        return result(found, "embedded" if found is not None else None)
     # 5. the local Hugging Face cache
     assert spec is not None
-    cache = hf_cache_dir()
-    found, reason = _hf_cache_lookup(spec, cache)
-    where = f"{spec.repo}/{spec.subfolder}" if spec.subfolder else spec.repo
-    tried.append(f"hf-cache {cache} {where} ({reason or 'ok'})")
+    found = _hf_cache_weights(spec, tried)
     if found is not None:
         return result(found, "hf-cache")
-
     if require:
         raise EngineError(
             f"weights not found; looked in: {'; '.join(tried)}. To provide them: {hint}",
-            item=item,
+            item=f"{preset}/{component}",
         )
     return result(None, None)
 

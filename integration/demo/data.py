@@ -191,45 +191,44 @@ _PLANS = [
 ]
 
 
-def _fits(shape: Shape, placed: list[Shape], gap: float, width: int, height: int) -> bool:
-    minx, miny, maxx, maxy = shape.bounds()
-    if minx < 2 or miny < 2 or maxx > width - 2 or maxy > height - 2:
-        return False
-    return all(
-        math.hypot(shape.cx - o.cx, shape.cy - o.cy) >= shape.radius + o.radius + gap
-        for o in placed
-    )
+@dataclass
+class _Room:
+    """Where the demo objects go: the slide's size (level-0 px), the gap kept between
+    objects (px) and the objects placed so far."""
+
+    width: int
+    height: int
+    gap: float
+    placed: list[Shape] = field(default_factory=list)
+
+    def fits(self, shape: Shape, *others: Shape) -> bool:
+        """Whether ``shape`` lies 2 px inside the slide and ``gap`` px clear of every
+        placed object and of ``others``."""
+        minx, miny, maxx, maxy = shape.bounds()
+        if minx < 2 or miny < 2 or maxx > self.width - 2 or maxy > self.height - 2:
+            return False
+        return all(
+            math.hypot(shape.cx - o.cx, shape.cy - o.cy) >= shape.radius + o.radius + self.gap
+            for o in [*self.placed, *others]
+        )
 
 
-def _place(
-    shape: Shape,
-    rng: np.random.Generator,
-    placed: list[Shape],
-    gap: float,
-    width: int,
-    height: int,
-    tries: int = 400,
-) -> bool:
-    r = shape.radius
+def _place(shape: Shape, rng: np.random.Generator, room: _Room, tries: int = 400) -> bool:
+    """Put ``shape`` at a random place where it fits (at most ``tries`` draws)."""
+    r, width, height = shape.radius, room.width, room.height
     if 2 * r + 4 > min(width, height):
         return False
     for _ in range(tries):
         shape.cx = float(rng.uniform(r + 2, width - r - 2))
         shape.cy = float(rng.uniform(r + 2, height - r - 2))
-        if _fits(shape, placed, gap, width, height):
+        if room.fits(shape):
             return True
     return False
 
 
-def _place_at_border(
-    shape: Shape,
-    rng: np.random.Generator,
-    placed: list[Shape],
-    gap: float,
-    width: int,
-    height: int,
-) -> bool:
+def _place_at_border(shape: Shape, rng: np.random.Generator, room: _Room) -> bool:
     """Put ``shape`` 4–12 px from one of the slide's edges."""
+    width, height = room.width, room.height
     for _ in range(400):
         side = int(rng.integers(4))
         shape.cx, shape.cy = 0.0, 0.0
@@ -247,31 +246,24 @@ def _place_at_border(
         else:  # bottom
             shape.cy = height - offset - maxy
             shape.cx = float(rng.uniform(-minx + 2, width - maxx - 2))
-        if _fits(shape, placed, gap, width, height):
+        if room.fits(shape):
             return True
     return False
 
 
 def _place_pair(
-    first: Shape,
-    second: Shape,
-    rng: np.random.Generator,
-    placed: list[Shape],
-    gap: float,
-    width: int,
-    height: int,
-    tile_extent: float,
+    first: Shape, second: Shape, rng: np.random.Generator, room: _Room, tile_extent: float
 ) -> bool:
     """Place two vessels close enough to share one tile of ``tile_extent`` level-0 px."""
     for _ in range(400):
-        if not _place(first, rng, placed, gap, width, height, tries=50):
+        if not _place(first, rng, room, tries=50):
             continue
         for _ in range(50):
-            distance = first.radius + second.radius + gap * rng.uniform(1.0, 3.0)
+            distance = first.radius + second.radius + room.gap * rng.uniform(1.0, 3.0)
             t = rng.uniform(0, 2 * math.pi)
             second.cx = first.cx + distance * math.cos(t)
             second.cy = first.cy + distance * math.sin(t)
-            if not _fits(second, [*placed, first], gap, width, height):
+            if not room.fits(second, first):
                 continue
             a, b = first.bounds(), second.bounds()
             minx, miny = min(a[0], b[0]), min(a[1], b[1])
@@ -329,9 +321,8 @@ def _layout(
     rng: np.random.Generator, width: int, height: int, mpp: float
 ) -> list[tuple[Shape, _Plan]] | None:
     """Seeded positions of the demo objects, or ``None`` when a required one does not fit."""
-    gap = 12.0 / mpp
+    room = _Room(width, height, 12.0 / mpp)
     tile_extent = 512.0 / mpp
-    placed: list[Shape] = []
     layout: list[tuple[Shape, _Plan]] = []
     for plan in _PLANS:
         diameter = plan.diameter_um / mpp
@@ -340,17 +331,17 @@ def _layout(
         shape = random_shape(rng, diameter, 0.12 if plan.role == "tumour" else 0.05)
         shapes = [shape]
         if plan.role == "border":
-            ok = _place_at_border(shape, rng, placed, gap, width, height)
+            ok = _place_at_border(shape, rng, room)
         elif plan.role == "pair":
             shapes.append(random_shape(rng, 35 / mpp, 0.05))
-            ok = _place_pair(shape, shapes[1], rng, placed, gap, width, height, tile_extent)
+            ok = _place_pair(shape, shapes[1], rng, room, tile_extent)
         else:
-            ok = _place(shape, rng, placed, gap, width, height)
+            ok = _place(shape, rng, room)
         if not ok:
             if plan.required:
                 return None
             continue
-        placed.extend(shapes)
+        room.placed.extend(shapes)
         layout.extend((one, plan) for one in shapes)
     return layout
 

@@ -365,20 +365,32 @@ def _lumen_point(
     return bool(rho[0] * reach + margin < float(inner(phi)[0]) * reach)
 
 
+@dataclass
+class _LumenPaint:
+    """What painting into a vessel's lumen works on: the float RGB ``patch`` whose corner
+    is at level-0 px ``origin``, the vessel's ``shape`` and lumen profile ``inner``
+    (normalised radius by angle), the crops to paint from, the seeded generator and
+    ``um`` (level-0 px per µm)."""
+
+    patch: np.ndarray
+    origin: tuple[int, int]
+    shape: Shape
+    inner: Callable[[np.ndarray], np.ndarray]
+    library: CropLibrary
+    rng: np.random.Generator
+    um: float
+
+
 def _paint_red_cells(
-    patch: np.ndarray,
-    origin: tuple[int, int],
-    shape: Shape,
-    inner: Callable[[np.ndarray], np.ndarray],
+    paint: _LumenPaint,
     lumen: np.ndarray,
-    library: CropLibrary,
-    rng: np.random.Generator,
-    um: float,
     count: int,
     level: tuple[float, float] = (0.45, 0.85),
 ) -> None:
-    """A clump of ``count`` red cells (diameter 6.5–8 µm) in the lumen, packed by a
-    random walk from a seeded start."""
+    """A clump of ``count`` red cells (diameter 6.5–8 µm) in the lumen (``lumen``: its
+    patch-sized mask), packed by a random walk from a seeded start."""
+    patch, origin, shape, inner = paint.patch, paint.origin, paint.shape, paint.inner
+    library, rng, um = paint.library, paint.rng, paint.um
     t = rng.uniform(0, 2 * math.pi)
     start = point_at(shape, t, rng.uniform(*level) * float(inner(np.array([t]))[0]))
     placed: list[tuple[float, float]] = []
@@ -411,20 +423,13 @@ def _paint_red_cells(
         )
 
 
-def _paint_embolus(
-    patch: np.ndarray,
-    origin: tuple[int, int],
-    shape: Shape,
-    inner: Callable[[np.ndarray], np.ndarray],
-    lumen: np.ndarray,
-    library: CropLibrary,
-    rng: np.random.Generator,
-    um: float,
-) -> np.ndarray:
+def _paint_embolus(paint: _LumenPaint, lumen: np.ndarray) -> np.ndarray:
     """A tumour embolus in the lumen: a cohesive blob (half to two thirds of the lumen's
     diameter) of real tumour tissue crowded with real tumour nuclei, with a retraction
-    space of ~1.5 µm to the endothelium; returns its alpha (patch-sized). ``origin``:
-    level-0 px of the patch's corner."""
+    space of ~1.5 µm to the endothelium; returns its alpha (patch-sized). ``lumen``: the
+    lumen's patch-sized mask."""
+    patch, origin, shape, inner = paint.patch, paint.origin, paint.shape, paint.inner
+    library, rng, um = paint.library, paint.rng, paint.um
     lumen_r = math.sqrt(shape.a * shape.b) * float(inner(np.linspace(0, 2 * math.pi, 16)).mean())
     t = rng.uniform(0, 2 * math.pi)
     blob = random_shape(rng, 2 * rng.uniform(0.45, 0.65) * lumen_r, 0.18)
@@ -566,12 +571,13 @@ def paint_vessel(
         _stamp(patch, nucleus.rgba, (px - x0 - 0.5, py - y0 - 0.5), angle, size, 0.95, clip=inside)
 
     free = lumen
+    paint = _LumenPaint(patch, origin, shape, inner, library, rng, um)
     if invasive:
-        embolus = _paint_embolus(patch, origin, shape, inner, lumen, library, rng, um)
+        embolus = _paint_embolus(paint, lumen)
         free = lumen * (1.0 - embolus)
     if rng.random() < (0.35 if invasive else 0.6) and lumen_r > 5 * um:
         count = int(np.clip(rng.integers(3, 9) * lumen_r / (15 * um), 3, 30))
-        _paint_red_cells(patch, origin, shape, inner, free, library, rng, um, count)
+        _paint_red_cells(paint, free, count)
 
     np.clip(patch + 0.5, 0, 255, out=patch)
     image[y0:y1, x0:x1] = patch.astype(np.uint8)

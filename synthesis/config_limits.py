@@ -260,9 +260,10 @@ def parse_json_file(path: PathLike) -> Any:
 
 
 
-def read_json_object(path: Path) -> dict:
+def read_json_object(path: Path, *, what: str = "JSON") -> dict:
     """A JSON object from a small metadata file (an engine's, a config), read with the
-    limits of :func:`parse_json_file`.
+    limits of :func:`parse_json_file`; ``what`` names it in the message of a file that
+    cannot be read ("cannot read <what> (…)").
 
     Raises:
         EngineError: unreadable, not JSON, larger or deeper than the limits, or not an
@@ -271,7 +272,7 @@ def read_json_object(path: Path) -> dict:
     try:
         data = parse_json_file(path)
     except JSONFileError as err:  # unreadable, too large, not JSON, nested too deep
-        raise EngineError(f"cannot read JSON ({err})", path=path) from None
+        raise EngineError(f"cannot read {what} ({err})", path=path) from None
     if not isinstance(data, dict):
         raise EngineError("expected a JSON object", path=path)
     return data
@@ -357,6 +358,15 @@ def _get(config: Mapping[str, Any], key: str, default: Any) -> Any:
     return default if value is None else value
 
 
+def _check_parameters(estimate: float, limit: float, sizes: str, path: PathLike) -> None:
+    """Refuse a config whose estimated number of parameters (from ``sizes``, the keys it
+    is made of) exceeds ``limit``."""
+    if estimate > limit:
+        raise EngineError(
+            f"about {estimate:.3g} parameters ({sizes}) exceed the limit {limit:g}", path=path
+        )
+
+
 def check_transformer_config(config: Mapping[str, Any], path: PathLike) -> None:
     """Limits of a PixCell transformer ``config.json`` (keys, then width, tokens and an
     estimate of its parameters), before the class is built.
@@ -397,12 +407,9 @@ def check_transformer_config(config: Mapping[str, Any], path: PathLike) -> None:
         + _get(config, "caption_num_tokens", 1) * caption
         + patch2 * hidden * (_get(config, "in_channels", 4) + _get(config, "out_channels", 8))
     )
-    if estimate > MAX_TRANSFORMER_PARAMETERS:
-        raise EngineError(
-            f"about {estimate:.3g} parameters (num_layers, widths and tokens together) exceed "
-            f"the limit {MAX_TRANSFORMER_PARAMETERS:g}",
-            path=path,
-        )
+    _check_parameters(
+        estimate, MAX_TRANSFORMER_PARAMETERS, "num_layers, widths and tokens together", path
+    )
 
 
 def check_vae_config(config: Mapping[str, Any], path: PathLike) -> None:
@@ -416,12 +423,7 @@ def check_vae_config(config: Mapping[str, Any], path: PathLike) -> None:
     widths = _get(config, "block_out_channels", [64])
     layers = _get(config, "layers_per_block", 1)
     estimate = sum((2 * layers + 3) * 18 * c * c for c in widths) + 80 * max(widths, default=0) ** 2
-    if estimate > MAX_VAE_PARAMETERS:
-        raise EngineError(
-            f"about {estimate:.3g} parameters (block_out_channels × layers_per_block) exceed "
-            f"the limit {MAX_VAE_PARAMETERS:g}",
-            path=path,
-        )
+    _check_parameters(estimate, MAX_VAE_PARAMETERS, "block_out_channels × layers_per_block", path)
 
 
 def check_encoder_config(config: Mapping[str, Any], path: PathLike) -> None:

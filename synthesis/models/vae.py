@@ -34,12 +34,12 @@ from diffusers import AutoencoderKL
 from torch import Tensor
 
 from histosynth.synthesis.config_limits import (
-    JSONFileError,
     check_model_finite,
     check_vae_config,
-    parse_json_file,
+    read_json_object,
 )
 from histosynth.synthesis.errors import EngineError
+from histosynth.synthesis.foreign_errors import as_engine_error
 from histosynth.synthesis.models.encoders import ImageInput, image_batch
 
 __all__ = [
@@ -72,13 +72,7 @@ def _read_config(folder: Path) -> tuple[Path, dict]:
     if not config_file.is_file():
         raise EngineError("no config.json (expected a diffusers AutoencoderKL folder)",
                           path=folder)
-    try:
-        config = parse_json_file(config_file)
-    except JSONFileError as err:  # unreadable, too large, not JSON, nested too deep
-        raise EngineError(f"cannot read the config ({err})", path=config_file) from None
-    if not isinstance(config, dict):
-        raise EngineError("expected a JSON object", path=config_file)
-    return folder, config
+    return folder, read_json_object(config_file, what="the config")
 
 
 def load_vae(
@@ -117,14 +111,11 @@ def load_vae(
                 raise EngineError(f"expected the SD3 VAE ({key} {value}), found {found!r}",
                                   path=config_file)
     check_vae_config(config, config_file)  # before anything is built
-    try:
+    # diffusers raises OSError/ValueError/RuntimeError/...
+    with as_engine_error("cannot load the VAE", path=folder):
         vae = AutoencoderKL.from_pretrained(
             folder, local_files_only=True, torch_dtype=dtype, use_safetensors=True
         )
-    except Exception as err:  # diffusers raises OSError/ValueError/RuntimeError/...
-        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        raise EngineError(f"cannot load the VAE ({type(err).__name__}: {reason})",
-                          path=folder) from err
     vae = vae.to(device).eval().requires_grad_(False)
     check_model_finite(vae, folder)
     return vae

@@ -55,6 +55,8 @@ def _kept(strength: float) -> float:
 def bench_section(bench: dict, names: dict[str, str]) -> str:
     """The model card's seam-benchmark table from ``scripts/bench_seam.py --out`` JSON,
     each method label's ``names`` keys replaced by their values."""
+    steps = bench["steps"]
+    steps = "/".join(map(str, steps)) if isinstance(steps, list) else steps
     lines = [
         "## Seam benchmark (held out)",
         "",
@@ -66,7 +68,7 @@ def bench_section(bench: dict, names: dict[str, str]) -> str:
             "each engine's own" if t is None else f"{t:g}" for t in bench.get("strengths", [0.55])
         )
         + ", "
-        f"{bench['steps']} steps, on the CPU. ΔE: mean CIELAB ΔE of the band to "
+        f"{steps} steps, on the CPU. ΔE: mean CIELAB ΔE of the band to "
         "the composite; HF ratio: the band's high-frequency energy over the composite's "
         "(1 = as sharp, blur → 0, noise ≫ 1); KID ×10³ of 48² seam crops against real "
         "held-out crops in a fixed random-convolution feature space (real vs real: "

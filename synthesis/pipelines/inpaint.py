@@ -54,7 +54,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,9 +66,7 @@ from torch import Tensor
 from histosynth.synthesis import defaults
 from histosynth.synthesis.errors import EngineError
 from histosynth.synthesis.inpaint.seam import seam_blend, seam_weights
-from histosynth.synthesis.pipelines.variation import (
-    PixCellPipeline,
-)
+from histosynth.synthesis.pipelines.variation import OutputType, PixCellPipeline
 
 __all__ = [
     "DEFAULT_INPAINT_GUIDANCE",
@@ -84,8 +82,6 @@ DEFAULT_STRENGTH = defaults.STRENGTH
 DEFAULT_INPAINT_GUIDANCE = defaults.INPAINT_GUIDANCE
 DEFAULT_INPAINT_STEPS = defaults.INPAINT_STEPS
 DEFAULT_SEAM_SIGMA = defaults.SEAM_SIGMA
-
-OutputType = Literal["numpy", "pil", "latent"]
 
 
 @dataclass
@@ -217,9 +213,7 @@ class InpaintPipeline(PixCellPipeline):
                 )
             rows = self.encoder.encode(images)
         else:
-            rows = torch.as_tensor(uni_rows)
-            if rows.ndim == 2:
-                rows = rows[None]
+            rows = self._given_rows(uni_rows)
         return self._checked_rows(rows, images.shape[0])
 
     @torch.no_grad()

@@ -54,6 +54,7 @@ from histosynth.synthesis.models.vae import LatentCodec
 __all__ = [
     "DEFAULT_GUIDANCE_SCALE",
     "DEFAULT_STEPS",
+    "OutputType",
     "VariationPipeline",
     "VariationPipelineOutput",
     "adapter_scope",
@@ -65,6 +66,7 @@ __all__ = [
 DEFAULT_GUIDANCE_SCALE = defaults.VARIATION_GUIDANCE
 DEFAULT_STEPS = defaults.VARIATION_STEPS
 
+#: what the pipelines return their images as (see their outputs)
 OutputType = Literal["numpy", "pil", "latent"]
 
 
@@ -224,6 +226,12 @@ class PixCellPipeline(DiffusionPipeline):
         return int(self.transformer.config.sample_size) * self.codec.downsample
 
     # -- inputs
+
+    @staticmethod
+    def _given_rows(uni_rows: Tensor | np.ndarray) -> Tensor:
+        """The condition rows a caller passed as a tensor; ``[tokens, dim]`` is one image's."""
+        rows = torch.as_tensor(uni_rows)
+        return rows[None] if rows.ndim == 2 else rows
 
     def _checked_rows(self, rows: Tensor, batch: int | None = None) -> Tensor:
         """Condition rows ``[B, tokens, dim]`` checked against the transformer (and the
@@ -388,9 +396,7 @@ class VariationPipeline(PixCellPipeline):
                 )
             rows = self.encoder.encode(images)
         else:
-            rows = torch.as_tensor(uni_rows)
-            if rows.ndim == 2:
-                rows = rows[None]
+            rows = self._given_rows(uni_rows)
         return self._checked_rows(rows)
 
     # -- call

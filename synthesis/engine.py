@@ -448,12 +448,10 @@ def save_engine(
     }
     if training is not None:
         meta["training"] = training
-    return write_engine_folder(
-        folder,
-        transformer=engine.transformer,
-        vae=engine.vae,
-        encoder=engine.encoder,
-        scheduler_config=engine.scheduler_config,
-        meta=meta,
-        generator=engine.generator,
-    )
+    parts = {
+        "transformer": engine.transformer,
+        "generator": engine.generator,
+        "vae": engine.vae,
+        "encoder": engine.encoder,
+    }
+    return write_engine_folder(folder, parts, engine.scheduler_config, meta)

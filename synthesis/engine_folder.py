@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,6 @@ from histosynth.synthesis import defaults
 from histosynth.synthesis.config_limits import check_scheduler_config, read_json_object
 from histosynth.synthesis.engine_parts import save_encoder
 from histosynth.synthesis.errors import EngineError
-from histosynth.synthesis.models.encoders import GridEncoder
 from histosynth.synthesis.schedulers import make_scheduler
 from histosynth.synthesis.weights import ENGINE_FILE, read_engine_meta
 
@@ -112,14 +111,11 @@ def has_adapters(model: torch.nn.Module) -> bool:
 
 
 def model_index(
-    *,
-    transformer: torch.nn.Module,
-    vae: torch.nn.Module,
-    encoder: GridEncoder,
-    scheduler_config: dict[str, Any],
-    generator: torch.nn.Module | None = None,
+    parts: Mapping[str, torch.nn.Module | None], scheduler_config: dict[str, Any]
 ) -> dict[str, Any]:
-    """``model_index.json`` of a saved engine: ``[library, class]`` per component."""
+    """``model_index.json`` of a saved engine: ``[library, class]`` per component of
+    ``parts`` (``transformer``, ``vae``, ``encoder``; ``generator`` when not ``None``)
+    and the scheduler's."""
     import diffusers
 
     def entry(module: Any) -> list[str]:
@@ -130,14 +126,13 @@ def model_index(
     index: dict[str, Any] = {
         "_class_name": "HistosynthEngine",
         "_diffusers_version": diffusers.__version__,
-        "transformer": entry(transformer),
-        "vae": entry(vae),
-        "encoder": entry(encoder),
-        "scheduler": ["diffusers", type(make_scheduler("dpm-solver++",
-                                                       scheduler_config)).__name__],
     }
-    if generator is not None:
-        index["generator"] = entry(generator)
+    for name in ("transformer", "vae", "encoder"):
+        index[name] = entry(parts[name])
+    scheduler = make_scheduler("dpm-solver++", scheduler_config)
+    index["scheduler"] = ["diffusers", type(scheduler).__name__]
+    if parts.get("generator") is not None:
+        index["generator"] = entry(parts["generator"])
     return index
 
 
@@ -154,18 +149,14 @@ def _temporary_sibling(folder: Path) -> Iterator[Path]:
 
 def write_engine_folder(
     folder: str | os.PathLike,
-    *,
-    transformer: torch.nn.Module,
-    vae: torch.nn.Module,
-    encoder: GridEncoder,
+    parts: Mapping[str, torch.nn.Module | None],
     scheduler_config: dict[str, Any],
     meta: dict[str, Any],
-    generator: torch.nn.Module | None = None,
 ) -> Path:
-    """Write an engine folder: ``transformer/`` (+ ``generator/``), ``vae/``,
-    ``encoder/``, ``scheduler/`` (DPM-Solver++ on ``scheduler_config``), ``meta`` as
-    :data:`ENGINE_FILE` and :data:`MODEL_INDEX`; written beside ``folder`` and renamed
-    into it.
+    """Write an engine folder: one subfolder per model of ``parts`` (``transformer``,
+    ``vae``, ``encoder``; ``generator`` when not ``None``), ``scheduler/`` (DPM-Solver++
+    on ``scheduler_config``), ``meta`` as :data:`ENGINE_FILE` and :data:`MODEL_INDEX`;
+    written beside ``folder`` and renamed into it.
 
     Raises:
         EngineError: ``folder`` exists and is not empty; adapters are loaded on the
@@ -174,7 +165,7 @@ def write_engine_folder(
     folder = Path(folder).expanduser()
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise EngineError("exists and is not an empty folder; not overwriting it", path=folder)
-    if has_adapters(transformer):
+    if has_adapters(parts["transformer"]):
         raise EngineError(
             "the transformer carries LoRA adapters; unload them before saving the base "
             "(adapters are saved on their own)",
@@ -182,22 +173,16 @@ def write_engine_folder(
         )
     folder.parent.mkdir(parents=True, exist_ok=True)
     with _temporary_sibling(folder) as tmp:
-        transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
-        if generator is not None:
-            generator.save_pretrained(tmp / "generator", safe_serialization=True)
-        vae.save_pretrained(tmp / "vae", safe_serialization=True)
-        save_encoder(encoder, tmp / "encoder")
+        for name in ("transformer", "generator", "vae"):
+            model = parts.get(name)
+            if model is not None:
+                model.save_pretrained(tmp / name, safe_serialization=True)
+        save_encoder(parts["encoder"], tmp / "encoder")
         (tmp / "scheduler").mkdir()
         scheduler = make_scheduler("dpm-solver++", scheduler_config)
         scheduler.save_config(tmp / "scheduler")
         (tmp / ENGINE_FILE).write_text(json.dumps(meta, indent=2) + "\n", "utf-8")
-        index = model_index(
-            transformer=transformer,
-            vae=vae,
-            encoder=encoder,
-            scheduler_config=scheduler_config,
-            generator=generator,
-        )
+        index = model_index(parts, scheduler_config)
         (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n", "utf-8")
         if folder.exists():
             folder.rmdir()  # empty, checked above

@@ -12,28 +12,13 @@ from diffusers import AutoencoderKL, UNet2DModel
 
 from histosynth.synthesis.errors import EngineError
 from histosynth.synthesis.models.vae import (
-    SD3_SCALING_FACTOR,
-    SD3_SHIFT_FACTOR,
     LatentCodec,
     load_vae,
 )
+from histosynth.synthesis.tiny_models import TINY_VAE_CONFIG
 
 # SD3's VAE structure at a tiny size: 4 blocks (×8 down), 16 latent channels, no quant convs
-TINY_SD3 = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "block_out_channels": (8, 8, 16, 16),
-    "layers_per_block": 1,
-    "norm_num_groups": 4,
-    "latent_channels": 16,
-    "sample_size": 32,
-    "scaling_factor": SD3_SCALING_FACTOR,
-    "shift_factor": SD3_SHIFT_FACTOR,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-}
+TINY_SD3 = {**TINY_VAE_CONFIG, "sample_size": 32}
 
 
 @pytest.fixture(scope="module")

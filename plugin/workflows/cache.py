@@ -410,9 +410,9 @@ def build_feature_cache(
     Raises:
         InputError / EngineError: one line naming the input, before anything is written.
     """
-    from histosynth.integration.tiles import check_classes, load_sources
     from histosynth.synthesis import load_engine
     from histosynth.synthesis.cache import build_cache, cached_tile_ids
+    from histosynth.workflows.tile_runs import annotated_slides
 
     classes, seed, batch_size = settings.classes, settings.seed, settings.batch_size
     if sum(x is not None for x in (dataset, project, slide)) != 1:
@@ -424,14 +424,9 @@ def build_feature_cache(
     if data is None:
         if not classes:
             raise InputError("name at least one class (--class)")
-        sources = load_sources(
-            project=project,
-            slide=slide,
-            annotations=annotations,
-            mpp=slide_mpp_override,
-            skip_missing=skip_missing,
+        sources = annotated_slides(
+            classes, project, slide, annotations, slide_mpp_override, skip_missing
         )
-        check_classes(sources, classes)
     tile_size, mpp = _sizes(settings.tile_size, settings.mpp, data, existing)
     engine = load_engine(settings.model, device=settings.device)
     tile_size = int(tile_size or engine.tile_size)

@@ -11,33 +11,31 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from histosynth import __version__
 from histosynth.common.geometry import DEFAULT_MPP
-from histosynth.integration.dataset import EncodedTile, RunWriter, TileRecord
+from histosynth.integration.dataset import EncodedTile, RunWriter
 from histosynth.integration.errors import InputError
 from histosynth.integration.slides import read_tile
 from histosynth.integration.tiles import (
     PlannedTile,
-    check_classes,
-    load_sources,
     plan_vessel_tiles,
     tile_contents,
 )
+from histosynth.workflows.tile_runs import (
+    RunResult,
+    annotated_slides,
+    output_folder,
+    slide_tile_record,
+)
 
 
-@dataclass
-class ExtractResult:
+class ExtractResult(RunResult):
     """What ``extract`` did: rows written, rows already present (resume), items skipped."""
-
-    run_dir: Path
-    written: int = 0
-    already_present: int = 0
-    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -100,18 +98,10 @@ def extract(
     """
     classes, tile_size, mpp = settings.classes, settings.tile_size, settings.mpp
     min_area_um2, max_area_um2 = settings.min_area_um2, settings.max_area_um2
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError("the output folder is a file", path=out)
-
-    sources = load_sources(
-        project=project,
-        slide=slide,
-        annotations=annotations,
-        mpp=slide_mpp_override,
-        skip_missing=skip_missing,
+    out = output_folder(out)
+    sources = annotated_slides(
+        classes, project, slide, annotations, slide_mpp_override, skip_missing
     )
-    check_classes(sources, classes)
     plan = plan_vessel_tiles(sources, classes, tile_size, mpp, min_area_um2, max_area_um2)
 
     config = {
@@ -160,18 +150,15 @@ def _encode_tile(
     writer: RunWriter, planned: PlannedTile, image: np.ndarray, tile_size: int, mpp: float
 ) -> EncodedTile:
     """Mask (0/255), tile-pixel annotations and encoded files of one planned tile."""
-    source = planned.source
     mask, tile_annotations = tile_contents(planned, tile_size, mpp)
-    record = TileRecord(
-        id=planned.tile_id,
-        synthesis_type="extracted",
-        class_name=planned.vessel.class_name or "",
-        source_image=str(source.slide_path),
-        source_entry_id=source.entry_id,
-        source_annotation_id=planned.vessel.id,
-        tile_x=planned.x,
-        tile_y=planned.y,
-        tile_size=tile_size,
-        mpp=mpp,
+    record = slide_tile_record(
+        planned.tile_id,
+        "extracted",
+        planned.vessel,
+        planned.source,
+        planned.x,
+        planned.y,
+        tile_size,
+        mpp,
     )
     return writer.encode_tile(record, image, mask, tile_annotations)

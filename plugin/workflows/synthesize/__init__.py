@@ -1,9 +1,11 @@
 """The ``synthesize`` workflow and its parts.
 
 ``settings`` (what to make: :class:`SynthesisSettings`) · ``workflow`` (:func:`synthesize`,
-one process) · ``tile_plan`` (one tile planned and made: the steps every executor shares)
-· ``scale_out`` (the same plan rendered by Ray actors: :class:`RayOptions`) ·
-``run_checks`` (what a run may ask of its engine; its tiles' content check).
+one process) · ``run_setup`` (the run set up before its first tile: slides, engine,
+resolved settings, donors and backgrounds) · ``tile_plan`` (one tile planned and made:
+the steps every executor shares) · ``scale_out`` (the same plan rendered by Ray actors:
+:class:`RayOptions`) · ``run_checks`` (what a run may ask of its engine; its tiles'
+content check).
 
 The names below load on first use, so that importing one part loads no other.
 

@@ -12,37 +12,38 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from histosynth import __version__
 from histosynth.integration.content_check import ContentThresholds, ContentVerdict
 from histosynth.integration.dataset import RunWriter, TileRecord, check_run_folder
-from histosynth.integration.errors import InputError
 from histosynth.integration.masks import union_mask
 from histosynth.integration.tiles import (
-    DONOR_MAX_FRACTION,
-    TOO_LARGE,
     Background,
     Donor,
     ReferenceTile,
     SlideSource,
-    check_classes,
-    collect_backgrounds,
-    collect_donors,
-    load_sources,
     mask_annotation,
-    open_sources,
     reference_tile,
 )
 from histosynth.workflows.synthesize.run_checks import (
     calibrate_run,
     check_content,
     check_engine_serves,
-    resolved_harmonise,
+)
+from histosynth.workflows.synthesize.run_setup import (
+    collect_tiles,
+    connect_ray,
+    load_run_engine,
+    ray_device,
+    ray_engine_spec,
+    record_collection_skips,
+    resolved_settings,
+    slide_sources,
+    write_run_info,
 )
 from histosynth.workflows.synthesize.settings import SynthesisSettings
 from histosynth.workflows.synthesize.tile_plan import (
@@ -53,11 +54,11 @@ from histosynth.workflows.synthesize.tile_plan import (
     background_ranking,
     compose_tile,
     donor_order,
-    load_adapter_for,
     plan_batches,
     render_inpaint,
     render_variation,
 )
+from histosynth.workflows.tile_runs import RunResult, output_folder, slide_tile_record
 
 if TYPE_CHECKING:  # pragma: no cover
     from histosynth.synthesis.engine import Engine
@@ -77,13 +78,9 @@ EXTRA_COLUMNS = (
 
 
 @dataclass
-class SynthesizeResult:
+class SynthesizeResult(RunResult):
     """What ``synthesize`` did."""
 
-    run_dir: Path
-    written: int = 0
-    already_present: int = 0
-    skipped: list[tuple[str, str]] = field(default_factory=list)
     engine_description: str = ""
     trained: bool = True
     #: whether the engine made pixels (not only inpainting seams harmonised without it)
@@ -142,197 +139,81 @@ def synthesize(
     ...
     histosynth.integration.errors.InputError: --count must be in [1, 1000000], not 0
     """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError("the output folder is a file", path=out)
+    out = output_folder(out)
     check_run_folder(out, resume=resume)  # before the slow part: loading the model
-    if ray is not None:
-        if engine is not None:
-            raise InputError(
-                "--ray loads the model on every worker: give it by name or folder "
-                "(settings.model), not as a loaded engine"
-            )
-        from histosynth.workflows.synthesize.scale_out import connect
-
-        ray = connect(ray)
+    ray = connect_ray(ray, engine)
     # an unknown model, or a mode it cannot serve, fails here in well under a second
     check_engine_serves(settings.model if engine is None else engine, settings)
-
-    if sources is None:
-        sources = load_sources(
-            project=project,
-            slide=slide,
-            annotations=annotations,
-            mpp=slide_mpp_override,
-            skip_missing=skip_missing,
-        )
-    else:
-        if project is not None or slide is not None or annotations is not None:
-            raise InputError("give sources, or a project / slide with annotations, not both")
-        sources = open_sources(sources, slide_mpp_override)
-    check_classes(sources, settings.classes)
+    sources = slide_sources(
+        sources, project, slide, annotations, slide_mpp_override, skip_missing, settings.classes
+    )
     if engine is None:
-        from histosynth.synthesis.engine import load_engine
-
-        engine = load_engine(
-            settings.model,
-            # on Ray the driver's copy only answers what the model is; the actors render
-            device="cpu" if ray is not None else settings.device,
-            kv_compress=settings.kv_compress,
-            tile_size=settings.tile_size if settings.model == "tiny" else None,
-        )
-    tile_size = engine.tile_size if settings.tile_size is None else settings.tile_size
-    if engine.tile_size != tile_size:
-        raise InputError(
-            f"the model makes {engine.tile_size} px tiles; use --tile-size {engine.tile_size}"
-        )
-    generates = engine.abilities.generates and (engine.trained or settings.allow_untrained)
-    run = replace(
-        settings,
-        harmonise=resolved_harmonise(settings.harmonise, engine.trained),
-        generate_backgrounds=generates,
-        tile_size=tile_size,
-        steps=settings.mode_steps,
-        guidance=settings.mode_guidance,
-        strength=engine.strength if settings.strength is None else settings.strength,
-        adapter=None if settings.adapter is None else load_adapter_for(engine, settings.adapter),
-        batch_size=settings.batch_size or (4 if _renders_on_gpu(engine, ray) else 1),
-        model=engine.model_id,
-        kv_compress=engine.kv_compress,
-    )
-    mode, classes, mpp = run.mode, run.classes, run.mpp
-    if not engine.trained and (
-        mode == "variation" or run.harmonise == "diffusion" or run.background == "synthetic"
-    ):
-        log.warning(
-            "the engine is UNTRAINED (seeded random weights): the synthetic pixels "
-            "are not histology; use it to try the workflow, not for training data"
-        )
-    skipped: list[tuple[str, str]] = []
-    role = "donor" if mode == "inpaint" else "reference vessel"
-    max_fraction = DONOR_MAX_FRACTION if mode == "inpaint" else 1.0
-    ring = run.ring if mode == "inpaint" else 0
-    donors = collect_donors(
-        sources,
-        classes,
-        tile_size,
-        mpp,
-        skipped,
-        context_px=ring,
-        max_fraction=max_fraction,
-        role=role,
-    )
-    if not donors:
-        raise InputError(
-            f"no usable {role} of class "
-            + ", ".join(repr(c) for c in classes)
-            + (f": {skipped[0][1]}" if skipped else "")
-        )
-    backgrounds: list[Background] = []
-    if mode == "inpaint" and run.background != "synthetic":
-        backgrounds = collect_backgrounds(
-            sources, classes, tile_size, mpp, seed=run.seed, skipped=skipped
-        )
-        if not backgrounds:
-            why = "no background tile with enough tissue (≥ 50 %) in the slides" + "".join(
-                f"; {reason}" for _, reason in skipped if "smaller than" in reason
-            )
-            if run.background == "real":
-                raise InputError(
-                    why + "; use other slides, a smaller --tile-size, --background auto "
-                    "(synthetic backgrounds) or --mode variation"
-                )
-            log.warning("%s: generating synthetic backgrounds instead", why)
-
-    config = run.run_config(sources)
+        engine = load_run_engine(settings, ray)
+    run = resolved_settings(settings, engine, ray)
+    donors, backgrounds, skipped = collect_tiles(sources, run)
     thresholds = calibrate_run(donors, backgrounds)
     result = SynthesizeResult(
         out,
         engine_description=engine.description,
         trained=engine.trained,
-        model_painted=mode == "variation" or run.harmonise == "diffusion",
+        model_painted=run.mode == "variation" or run.harmonise == "diffusion",
+        content_check=thresholds,
     )
     with RunWriter(
         out,
-        config=config,
+        config=run.run_config(sources),
         resume=resume,
         command=command,
         extra_columns=EXTRA_COLUMNS,
-        device=str(engine.device) if ray is None else _ray_device(ray),
+        device=str(engine.device) if ray is None else ray_device(ray),
     ) as writer:
-        writer.set_info(
-            histosynth=__version__,
-            engine=engine.description,
-            engine_trained=engine.trained,
-            content_check=thresholds.to_json(),
-        )
-        result.content_check = thresholds
-        if ray is not None:
-            writer.set_info(
-                ray={
-                    "address": ray.address,
-                    "workers": ray.workers,
-                    "gpus_per_worker": ray.gpus_per_worker,
-                }
-            )
-        too_large = [item for item, reason in skipped if reason.startswith(TOO_LARGE)]
-        for item, reason in skipped:
-            writer.skip(item, reason, warn=item not in too_large)
-        if too_large:
-            log.warning(
-                "%d vessel(s) skipped: each %s is larger than %.0f%% of the %d px tile at %g "
-                "µm/px (use a larger --tile-size or a coarser --mpp; each one is in run.json)",
-                len(too_large),
-                role,
-                100 * max_fraction,
-                tile_size,
-                mpp,
-            )
+        write_run_info(writer, engine, thresholds, ray)
+        record_collection_skips(writer, skipped, run)
         result.skipped.extend(skipped)
-        prefix = "inp" if mode == "inpaint" else "var"
-        todo = [i for i in range(run.count) if not writer.has(f"{prefix}-{i:05d}")]
+        todo = [i for i in range(run.count) if not writer.has(_tile_id(run.mode, i))]
         result.already_present = run.count - len(todo)
-        if ray is not None:
-            spec = {
-                "model": settings.model,
-                "device": settings.device,
-                "kv_compress": settings.kv_compress,
-                "tile_size": settings.tile_size if settings.model == "tiny" else None,
-                "adapter": settings.adapter,
-            }
-            _run_on_ray(ray, spec, writer, result, todo, donors, backgrounds, run, progress)
-        elif mode == "inpaint":
-            _run_inpaint(engine, writer, result, todo, donors, backgrounds, run, progress)
-        else:
-            _run_variation(engine, writer, result, todo, donors, run, progress)
+        job = _TileJob(writer, result, todo, donors, backgrounds, run, progress)
+        _make_tiles(job, engine, ray, settings)
     return result
 
 
-def _renders_on_gpu(engine: Engine, ray: RayOptions | None) -> bool:
-    return bool(ray.gpus_per_worker) if ray is not None else engine.device.type == "cuda"
+# --------------------------------------------------------------------------- executors
 
 
-def _ray_device(ray: RayOptions) -> str:
-    return f"ray: {ray.workers} worker(s), " + (
-        f"{ray.gpus_per_worker:g} GPU each" if ray.gpus_per_worker else "CPU"
-    )
+@dataclass
+class _TileJob:
+    """What every executor works with: the run folder's writer, the result it fills, the
+    tile indices still to make, what they are made from and the progress wrapper."""
+
+    writer: RunWriter
+    result: SynthesizeResult
+    todo: list[int]
+    donors: list[Donor]
+    backgrounds: list[Background]
+    #: the run's resolved settings
+    run: SynthesisSettings
+    progress: Callable[[Iterable, int], Iterable] | None
 
 
-def _run_on_ray(
-    options: RayOptions,
-    engine_spec: dict[str, Any],
-    writer: RunWriter,
-    result: SynthesizeResult,
-    todo: list[int],
-    donors: list[Donor],
-    backgrounds: list[Background],
-    run: SynthesisSettings,
-    progress,
+def _make_tiles(
+    job: _TileJob, engine: Engine, ray: RayOptions | None, settings: SynthesisSettings
 ) -> None:
+    """The tiles ``job.todo`` made by Ray actors (each loading the model as ``settings``
+    name it), else by ``engine`` in this process, inpainting or making variations."""
+    if ray is not None:
+        _run_on_ray(job, ray, ray_engine_spec(settings))
+    elif job.run.mode == "inpaint":
+        _run_inpaint(job, engine)
+    else:
+        _run_variation(job, engine)
+
+
+def _run_on_ray(job: _TileJob, options: RayOptions, engine_spec: dict[str, Any]) -> None:
     """The plan of a single-process run, rendered by Ray actors and written here in plan
     order as the outcomes arrive."""
     from histosynth.workflows.synthesize.scale_out import render_on_ray
 
+    run, donors, backgrounds, todo = job.run, job.donors, job.backgrounds, job.todo
     order = donor_order(donors, run)
     rankings: dict[int, list[int]] = {}
     histograms = background_histograms(backgrounds) if backgrounds else None
@@ -361,14 +242,12 @@ def _run_on_ray(
         backgrounds,
         references,
     )
-    for outcome in progress(outcomes, len(todo)) if progress else outcomes:
+    for outcome in job.progress(outcomes, len(todo)) if job.progress else outcomes:
         d = donor_of(outcome.index)
         if outcome.skip is not None:
-            _record_skip(writer, result, outcome.skip)
+            _record_skip(job, outcome.skip)
         elif run.mode == "variation":
-            _write_variation(
-                writer, result, outcome.index, references[d], donors[d], outcome.image, run
-            )
+            _write_variation(job, outcome.index, references[d], donors[d], outcome.image)
         else:
             background = (
                 backgrounds[outcome.background]
@@ -376,33 +255,43 @@ def _run_on_ray(
                 else Background.synthetic(donors[d].source, outcome.generated_background)
             )
             prepared = PlannedTile(outcome.index, donors[d], background, outcome.composite)
-            _write_inpaint_batch(writer, result, [prepared], [outcome.image], run)
+            _write_inpaint_batch(job, [prepared], [outcome.image])
+
+
+def _record_skip(job: _TileJob, skip: SkippedTile) -> None:
+    job.writer.skip(f"tile {skip.index}", skip.reason)
+    job.result.skipped.append((f"tile {skip.index}", skip.detail))
+
+
+def _add_tile(
+    job: _TileJob,
+    record: TileRecord,
+    verdict: ContentVerdict,
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    annotations: list,
+    refs: dict[str, np.ndarray],
+) -> None:
+    """One tile into the run folder, its content check verdict in its ``qc`` cell (and
+    in the result's failures)."""
+    record.extra["qc"] = verdict.cell
+    if not verdict.passed:
+        job.result.qc_failed[record.id] = verdict.cell
+    job.writer.add_tile(record, image, mask, annotations, refs=refs)
+    job.result.written += 1
 
 
 # --------------------------------------------------------------------------- inpainting
 
 
-def _record_skip(writer: RunWriter, result: SynthesizeResult, skip: SkippedTile) -> None:
-    writer.skip(f"tile {skip.index}", skip.reason)
-    result.skipped.append((f"tile {skip.index}", skip.detail))
-
-
-def _run_inpaint(
-    engine: Engine,
-    writer: RunWriter,
-    result: SynthesizeResult,
-    todo: list[int],
-    donors: list[Donor],
-    backgrounds: list[Background],
-    run: SynthesisSettings,
-    progress,
-) -> None:
+def _run_inpaint(job: _TileJob, engine: Engine) -> None:
+    run, donors, backgrounds = job.run, job.donors, job.backgrounds
     pipeline = engine.inpaint_pipeline()
     pipeline.set_progress_bar_config(disable=True)
     rankings: dict[int, list[int]] = {}
     histograms = background_histograms(backgrounds) if backgrounds else None
     order = donor_order(donors, run)
-    for chunk in plan_batches(todo, run.batch_size, progress):
+    for chunk in plan_batches(job.todo, run.batch_size, job.progress):
         batch: list[PlannedTile] = []
         for i in chunk:
             d = int(order[i % len(donors)])
@@ -412,33 +301,24 @@ def _run_inpaint(
                 i, donors[d], backgrounds, background_order(i, rankings[d], run), run, engine
             )
             if isinstance(prepared, SkippedTile):
-                _record_skip(writer, result, prepared)
+                _record_skip(job, prepared)
             else:
                 batch.append(prepared)
         if batch:
-            _write_inpaint_batch(writer, result, batch, render_inpaint(pipeline, batch, run), run)
+            _write_inpaint_batch(job, batch, render_inpaint(pipeline, batch, run))
 
 
 def _write_inpaint_batch(
-    writer: RunWriter,
-    result: SynthesizeResult,
-    batch: Sequence[PlannedTile],
-    images: Sequence[np.ndarray],
-    run: SynthesisSettings,
+    job: _TileJob, batch: Sequence[PlannedTile], images: Sequence[np.ndarray]
 ) -> None:
     for prepared, image in zip(batch, images, strict=True):
         if prepared.background.x is None:
-            result.model_painted = True  # a generated background
-        _write_inpainted(writer, result, prepared, image, run)
+            job.result.model_painted = True  # a generated background
+        _write_inpainted(job, prepared, image)
 
 
-def _write_inpainted(
-    writer: RunWriter,
-    result: SynthesizeResult,
-    prepared: PlannedTile,
-    image: np.ndarray,
-    run: SynthesisSettings,
-) -> None:
+def _write_inpainted(job: _TileJob, prepared: PlannedTile, image: np.ndarray) -> None:
+    run = job.run
     donor, background, comp = prepared.donor, prepared.background, prepared.composite
     diffused = run.harmonise == "diffusion"
     vessel = comp.mask if comp.vessel_mask is None else comp.vessel_mask
@@ -451,41 +331,28 @@ def _write_inpainted(
     )
     tile_annotations = [*([inserted] if inserted else []), *background.existing]
     cx, cy = comp.placement.centre
-    record = TileRecord(
-        id=f"inp-{prepared.index:05d}",
-        synthesis_type="inpainting",
-        class_name=donor.vessel.class_name or "",
-        source_image=str(background.source.slide_path),
-        source_entry_id=background.source.entry_id,
-        source_annotation_id=donor.vessel.id,
-        tile_x=background.x,
-        tile_y=background.y,
-        tile_size=run.tile_size,
-        mpp=run.mpp,
-        insert_x=round(float(cx), 2),
-        insert_y=round(float(cy), 2),
-        rotation_deg=round(float(comp.rotation_deg), 3),
-        model=run.model,
-        adapter=run.adapter or "",
-        seed=run.seed + prepared.index,
-        steps=run.steps if diffused else None,
-        guidance_scale=run.guidance if diffused else None,
-        strength=run.strength if diffused else None,
-        kv_compress=run.kv_compress or "",
-        extra={
-            "donor_image": str(donor.source.slide_path),
-            "donor_entry_id": donor.source.entry_id,
+    record = _tile_record(
+        run,
+        prepared.index,
+        donor,
+        background.source,
+        (background.x, background.y),
+        diffused,
+        {
             "background_kind": "real" if background.x is not None else "synthetic",
             "placement_penalty": round(float(comp.placement.penalty), 4),
             "mask_source": "placed donor",
             "harmonise": run.harmonise,
         },
+        insert_x=round(float(cx), 2),
+        insert_y=round(float(cy), 2),
+        rotation_deg=round(float(comp.rotation_deg), 3),
+        strength=run.strength if diffused else None,
     )
     # the tissue it was made from: the real background, or for a generated one the
     # donor's own surroundings
     source = background.image if background.x is not None else donor.context
-    verdict = check_content(result.content_check, image, source, mask, comp.composite)
-    _record_content(result, record, verdict)
+    verdict = check_content(job.result.content_check, image, source, mask, comp.composite)
     refs = {
         "background": background.image,
         "donor": comp.donor_image,
@@ -493,87 +360,85 @@ def _write_inpainted(
         "vessel-mask": vessel,  # the vessel alone, placed (tile px)
         "composite": comp.composite,
     }
-    writer.add_tile(record, image, mask, tile_annotations, refs=refs)
-    result.written += 1
+    _add_tile(job, record, verdict, image, mask, tile_annotations, refs)
 
 
 # --------------------------------------------------------------------------- variation
 
 
-def _run_variation(
-    engine: Engine,
-    writer: RunWriter,
-    result: SynthesizeResult,
-    todo: list[int],
-    donors: list[Donor],
-    run: SynthesisSettings,
-    progress,
-) -> None:
+def _run_variation(job: _TileJob, engine: Engine) -> None:
     """Variations of real vessel tiles (the donors' centred tiles) as references."""
+    run, donors = job.run, job.donors
     pipeline = engine.variation_pipeline()
     pipeline.set_progress_bar_config(disable=True)
-    tile = run.tile_size
-    mpp = run.mpp
     references: dict[int, ReferenceTile] = {}
 
     def reference(k: int) -> tuple[ReferenceTile, Donor]:
         if k not in references:
-            references[k] = reference_tile(donors[k], tile, mpp, run.classes)
+            references[k] = reference_tile(donors[k], run.tile_size, run.mpp, run.classes)
         return references[k], donors[k]
 
     order = donor_order(donors, run)
-    for batch in plan_batches(todo, run.batch_size, progress):
+    for batch in plan_batches(job.todo, run.batch_size, job.progress):
         refs = [reference(int(order[i % len(donors)])) for i in batch]
         images = render_variation(pipeline, [ref for ref, _ in refs], batch, run)
         for i, (ref, donor), image in zip(batch, refs, images, strict=True):
-            _write_variation(writer, result, i, ref, donor, image, run)
+            _write_variation(job, i, ref, donor, image)
 
 
 def _write_variation(
-    writer: RunWriter,
-    result: SynthesizeResult,
-    index: int,
-    ref: ReferenceTile,
-    donor: Donor,
-    image: np.ndarray,
-    run: SynthesisSettings,
+    job: _TileJob, index: int, ref: ReferenceTile, donor: Donor, image: np.ndarray
 ) -> None:
     """A variation row carries its class and no mask: generation from encoder rows keeps
     morphology, not pixel positions, so the reference's outline (kept in
     ``refs/<id>-reference-mask.png`` as provenance) does not match the new pixels."""
-    record = TileRecord(
-        id=f"var-{index:05d}",
-        synthesis_type="variation",
-        class_name=donor.vessel.class_name or "",
-        source_image=str(donor.source.slide_path),
-        source_entry_id=donor.source.entry_id,
-        source_annotation_id=donor.vessel.id,
-        tile_x=ref.x,
-        tile_y=ref.y,
-        tile_size=run.tile_size,
-        mpp=run.mpp,
+    extra = {"background_kind": "", "placement_penalty": "", "mask_source": "none"}
+    record = _tile_record(job.run, index, donor, donor.source, (ref.x, ref.y), True, extra)
+    verdict = check_content(job.result.content_check, image, ref.image, None)
+    refs = {"reference": ref.image, "reference-mask": ref.mask}
+    _add_tile(job, record, verdict, image, None, [], refs)
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def _tile_record(
+    run: SynthesisSettings,
+    index: int,
+    donor: Donor,
+    source: SlideSource,
+    xy: tuple[int | None, int | None],
+    painted: bool,
+    extra: dict[str, Any],
+    **fields: Any,
+) -> TileRecord:
+    """The row of tile ``index``: on the tile at ``xy`` (level-0 px; ``None`` when
+    generated) of ``source``'s slide, made for ``donor``'s vessel by the run's model
+    (its steps and guidance only where the model ``painted``); ``extra``: the run's
+    extra columns but the donor's, which come first; ``fields``: other record fields."""
+    return slide_tile_record(
+        _tile_id(run.mode, index),
+        "inpainting" if run.mode == "inpaint" else "variation",
+        donor.vessel,
+        source,
+        *xy,
+        run.tile_size,
+        run.mpp,
         model=run.model,
         adapter=run.adapter or "",
         seed=run.seed + index,
-        steps=run.steps,
-        guidance_scale=run.guidance,
+        steps=run.steps if painted else None,
+        guidance_scale=run.guidance if painted else None,
         kv_compress=run.kv_compress or "",
         extra={
             "donor_image": str(donor.source.slide_path),
             "donor_entry_id": donor.source.entry_id,
-            "background_kind": "",
-            "placement_penalty": "",
-            "mask_source": "none",
+            **extra,
         },
+        **fields,
     )
-    _record_content(result, record, check_content(result.content_check, image, ref.image, None))
-    refs = {"reference": ref.image, "reference-mask": ref.mask}
-    writer.add_tile(record, image, None, [], refs=refs)
-    result.written += 1
 
 
-def _record_content(result: SynthesizeResult, record: TileRecord, verdict: ContentVerdict) -> None:
-    """The tile's content check verdict into its ``qc`` cell (and the result's failures)."""
-    record.extra["qc"] = verdict.cell
-    if not verdict.passed:
-        result.qc_failed[record.id] = verdict.cell
+def _tile_id(mode: str, index: int) -> str:
+    """The id of tile ``index`` of a run in ``mode``: ``inp-00007``, ``var-00007``."""
+    return f"{'inp' if mode == 'inpaint' else 'var'}-{index:05d}"

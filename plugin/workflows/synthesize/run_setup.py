@@ -1,0 +1,257 @@
+"""A synthesize run set up, before its first tile: the Ray cluster connected, the slides
+opened, the engine loaded, the settings it resolves, the donors and background tiles
+collected, and what ``run.json`` says of them.
+:func:`~histosynth.workflows.synthesize.workflow.synthesize` calls these in order; its
+executors then make the tiles.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from histosynth import __version__
+from histosynth.integration.errors import InputError
+from histosynth.integration.tiles import (
+    DONOR_MAX_FRACTION,
+    TOO_LARGE,
+    Background,
+    Donor,
+    SlideSource,
+    check_classes,
+    collect_backgrounds,
+    collect_donors,
+    open_sources,
+)
+from histosynth.workflows.synthesize.run_checks import resolved_harmonise
+from histosynth.workflows.synthesize.tile_plan import load_adapter_for
+from histosynth.workflows.tile_runs import annotated_slides
+
+if TYPE_CHECKING:  # pragma: no cover
+    from histosynth.integration.content_check import ContentThresholds
+    from histosynth.integration.dataset import RunWriter
+    from histosynth.synthesis.engine import Engine
+    from histosynth.workflows.synthesize.scale_out import RayOptions
+    from histosynth.workflows.synthesize.settings import SynthesisSettings
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "collect_tiles",
+    "connect_ray",
+    "donor_role",
+    "load_run_engine",
+    "ray_device",
+    "ray_engine_spec",
+    "record_collection_skips",
+    "resolved_settings",
+    "slide_sources",
+    "write_run_info",
+]
+
+
+def connect_ray(ray: RayOptions | None, engine: Engine | None) -> RayOptions | None:
+    """The Ray cluster connected (``None``: no Ray); a loaded engine cannot go to it."""
+    if ray is None:
+        return None
+    if engine is not None:
+        raise InputError(
+            "--ray loads the model on every worker: give it by name or folder "
+            "(settings.model), not as a loaded engine"
+        )
+    from histosynth.workflows.synthesize.scale_out import connect
+
+    return connect(ray)
+
+
+def slide_sources(
+    sources: Sequence[SlideSource] | None,
+    project: str | Path | None,
+    slide: str | Path | None,
+    annotations: str | Path | None,
+    slide_mpp_override: float | None,
+    skip_missing: bool,
+    classes: Sequence[str],
+) -> list[SlideSource]:
+    """The run's slides, opened: ``sources`` given in memory, else read from ``project``
+    or ``slide`` + ``annotations``; each of ``classes`` must be annotated in them."""
+    if sources is None:
+        return annotated_slides(
+            classes, project, slide, annotations, slide_mpp_override, skip_missing
+        )
+    if project is not None or slide is not None or annotations is not None:
+        raise InputError("give sources, or a project / slide with annotations, not both")
+    opened = open_sources(sources, slide_mpp_override)
+    check_classes(opened, classes)
+    return opened
+
+
+def load_run_engine(settings: SynthesisSettings, ray: RayOptions | None) -> Engine:
+    """``settings.model`` loaded once for the run (on Ray, a CPU copy that only answers
+    what the model is: the actors render)."""
+    from histosynth.synthesis.engine import load_engine
+
+    return load_engine(
+        settings.model,
+        device="cpu" if ray is not None else settings.device,
+        kv_compress=settings.kv_compress,
+        tile_size=settings.tile_size if settings.model == "tiny" else None,
+    )
+
+
+def resolved_settings(
+    settings: SynthesisSettings, engine: Engine, ray: RayOptions | None
+) -> SynthesisSettings:
+    """``settings`` with what the engine decides filled in (tile size, harmonise, τ,
+    steps, guidance, the adapter loaded, the batch size, the model id); a warning when
+    an UNTRAINED engine will paint pixels."""
+    tile_size = engine.tile_size if settings.tile_size is None else settings.tile_size
+    if engine.tile_size != tile_size:
+        raise InputError(
+            f"the model makes {engine.tile_size} px tiles; use --tile-size {engine.tile_size}"
+        )
+    generates = engine.abilities.generates and (engine.trained or settings.allow_untrained)
+    run = replace(
+        settings,
+        harmonise=resolved_harmonise(settings.harmonise, engine.trained),
+        generate_backgrounds=generates,
+        tile_size=tile_size,
+        steps=settings.mode_steps,
+        guidance=settings.mode_guidance,
+        strength=engine.strength if settings.strength is None else settings.strength,
+        adapter=None if settings.adapter is None else load_adapter_for(engine, settings.adapter),
+        batch_size=settings.batch_size or (4 if _renders_on_gpu(engine, ray) else 1),
+        model=engine.model_id,
+        kv_compress=engine.kv_compress,
+    )
+    if not engine.trained and (
+        run.mode == "variation" or run.harmonise == "diffusion" or run.background == "synthetic"
+    ):
+        log.warning(
+            "the engine is UNTRAINED (seeded random weights): the synthetic pixels "
+            "are not histology; use it to try the workflow, not for training data"
+        )
+    return run
+
+
+def donor_role(mode: str) -> tuple[str, float]:
+    """What a donor is called in ``mode``, and the largest share of the tile it may fill."""
+    if mode == "inpaint":
+        return "donor", DONOR_MAX_FRACTION
+    return "reference vessel", 1.0
+
+
+def collect_tiles(
+    sources: Sequence[SlideSource], run: SynthesisSettings
+) -> tuple[list[Donor], list[Background], list[tuple[str, str]]]:
+    """The donors (reference vessels in ``variation``), the background tiles to inpaint
+    into (when the run takes real tissue) and what cannot be used (item, reason).
+
+    Raises:
+        InputError: no usable donor; no background tile with ``--background real``.
+    """
+    skipped: list[tuple[str, str]] = []
+    role, max_fraction = donor_role(run.mode)
+    ring = run.ring if run.mode == "inpaint" else 0
+    classes, tile_size, mpp = run.classes, run.tile_size, run.mpp
+    donors = collect_donors(
+        sources,
+        classes,
+        tile_size,
+        mpp,
+        skipped,
+        context_px=ring,
+        max_fraction=max_fraction,
+        role=role,
+    )
+    if not donors:
+        raise InputError(
+            f"no usable {role} of class "
+            + ", ".join(repr(c) for c in classes)
+            + (f": {skipped[0][1]}" if skipped else "")
+        )
+    backgrounds: list[Background] = []
+    if run.mode == "inpaint" and run.background != "synthetic":
+        backgrounds = collect_backgrounds(
+            sources, classes, tile_size, mpp, seed=run.seed, skipped=skipped
+        )
+        if not backgrounds:
+            why = "no background tile with enough tissue (≥ 50 %) in the slides" + "".join(
+                f"; {reason}" for _, reason in skipped if "smaller than" in reason
+            )
+            if run.background == "real":
+                raise InputError(
+                    why + "; use other slides, a smaller --tile-size, --background auto "
+                    "(synthetic backgrounds) or --mode variation"
+                )
+            log.warning("%s: generating synthetic backgrounds instead", why)
+    return donors, backgrounds, skipped
+
+
+# --------------------------------------------------------------------------- run.json
+
+
+def write_run_info(
+    writer: RunWriter, engine: Engine, thresholds: ContentThresholds, ray: RayOptions | None
+) -> None:
+    """The version, the engine, the content check's thresholds and the Ray cluster into
+    run.json."""
+    writer.set_info(
+        histosynth=__version__,
+        engine=engine.description,
+        engine_trained=engine.trained,
+        content_check=thresholds.to_json(),
+    )
+    if ray is not None:
+        writer.set_info(
+            ray={
+                "address": ray.address,
+                "workers": ray.workers,
+                "gpus_per_worker": ray.gpus_per_worker,
+            }
+        )
+
+
+def record_collection_skips(
+    writer: RunWriter, skipped: list[tuple[str, str]], run: SynthesisSettings
+) -> None:
+    """The vessels and slides left out while collecting (``skipped``: item, reason) into
+    run.json; the vessels too large for the tile are one warning, not one each."""
+    too_large = [item for item, reason in skipped if reason.startswith(TOO_LARGE)]
+    for item, reason in skipped:
+        writer.skip(item, reason, warn=item not in too_large)
+    if too_large:
+        role, max_fraction = donor_role(run.mode)
+        log.warning(
+            "%d vessel(s) skipped: each %s is larger than %.0f%% of the %d px tile at %g "
+            "µm/px (use a larger --tile-size or a coarser --mpp; each one is in run.json)",
+            len(too_large),
+            role,
+            100 * max_fraction,
+            run.tile_size,
+            run.mpp,
+        )
+
+
+def ray_engine_spec(settings: SynthesisSettings) -> dict[str, Any]:
+    """What each Ray actor loads: the model as the caller named it."""
+    return {
+        "model": settings.model,
+        "device": settings.device,
+        "kv_compress": settings.kv_compress,
+        "tile_size": settings.tile_size if settings.model == "tiny" else None,
+        "adapter": settings.adapter,
+    }
+
+
+def _renders_on_gpu(engine: Engine, ray: RayOptions | None) -> bool:
+    return bool(ray.gpus_per_worker) if ray is not None else engine.device.type == "cuda"
+
+
+def ray_device(ray: RayOptions) -> str:
+    return f"ray: {ray.workers} worker(s), " + (
+        f"{ray.gpus_per_worker:g} GPU each" if ray.gpus_per_worker else "CPU"
+    )

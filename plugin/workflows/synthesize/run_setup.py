@@ -18,9 +18,6 @@ from histosynth.integration.errors import InputError
 from histosynth.integration.tiles import (
     DONOR_MAX_FRACTION,
     TOO_LARGE,
-    Background,
-    Donor,
-    SlideSource,
     check_classes,
     collect_backgrounds,
     collect_donors,
@@ -33,6 +30,7 @@ from histosynth.workflows.tile_runs import annotated_slides
 if TYPE_CHECKING:  # pragma: no cover
     from histosynth.integration.content_check import ContentThresholds
     from histosynth.integration.dataset import RunWriter
+    from histosynth.integration.tiles import Background, Donor, SlideSource
     from histosynth.synthesis.engine import Engine
     from histosynth.workflows.synthesize.scale_out import RayOptions
     from histosynth.workflows.synthesize.settings import SynthesisSettings

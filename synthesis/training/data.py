@@ -26,6 +26,7 @@ __all__ = [
     "sample_generator",
     "split_indices",
     "step_indices",
+    "verified_checksum",
 ]
 
 
@@ -109,3 +110,11 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         values = [s[key] for s in samples]
         out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     return out
+
+
+def verified_checksum(data: Any, given: str) -> str:
+    """The training-data checksum a trained model records: from a cache the one computed
+    from its data (``verified_content_hash()``, which verifies every sample training did
+    not read), for other data ``given``."""
+    verified = getattr(data, "verified_content_hash", None)
+    return verified() if callable(verified) else given

@@ -26,8 +26,16 @@ import torch
 from histosynth.synthesis.errors import EngineError
 from histosynth.synthesis.models.transformer import PixCellTransformer2DModel
 from histosynth.synthesis.training.config import TrainConfig
-from histosynth.synthesis.training.data import EncodedSamples, sample_generator
-from histosynth.synthesis.training.loop import TrainResult, apply_model_options, run_training
+from histosynth.synthesis.training.data import (
+    EncodedSamples,
+    sample_generator,
+    verified_checksum,
+)
+from histosynth.synthesis.training.loop import (
+    TrainResult,
+    apply_model_options,
+    run_engine_training,
+)
 
 __all__ = ["NullInit", "grow_transformer", "train_full"]
 
@@ -159,25 +167,22 @@ def train_full(
         "resolution": int(resolution),
         "null_condition": null_condition,
     }
-    result = run_training(
+    result = run_engine_training(
+        engine,
         model,
         data,
         train_indices,
         val_indices,
         config=config,
-        noise_scheduler=engine.make_scheduler("ddpm"),
-        work_dir=Path(work_dir),
+        work_dir=work_dir,
         fingerprint=fingerprint,
         resume=resume,
-        device=engine.device,
         on_checkpoint=on_checkpoint,
         progress=progress,
     )
-    model.eval().requires_grad_(False)
     if not result.main_process:
         return None, result
-    verified = getattr(data, "verified_content_hash", None)  # a cache: computed from its data
-    training_data_checksum = verified() if callable(verified) else training_data_checksum
+    training_data_checksum = verified_checksum(data, training_data_checksum)
     if getattr(model, "_compiled_call_impl", None) is not None:
         model._compiled_call_impl = None  # save the plain module
     trained = Engine(

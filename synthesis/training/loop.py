@@ -1,29 +1,26 @@
 """The training loop shared by LoRA adapters and full fine-tuning.
 
-ε-prediction on the DDPM schedule the engine was trained with: for each sample a posterior
-draw ``z₀``, noise ``ε``, a timestep ``t`` and — with probability ``uncond_prob`` — the
-learned null condition instead of its UNI rows; the loss is the MSE between ε and the
-first ``C`` of the model's ``2C`` output channels (PixArt's learned-σ split), weighted by
-Min-SNR-γ (``min(SNR, γ) / SNR``, diffusers' ``compute_snr``). AdamW, diffusers'
-``get_scheduler``, gradient clipping, optional EMA; ``accelerate`` runs mixed precision,
-gradient accumulation and multi-process data parallelism (``accelerate launch``).
+ε-prediction on the DDPM schedule the engine was trained with, the losses of
+:mod:`histosynth.synthesis.training.losses`. AdamW, diffusers' ``get_scheduler``,
+gradient clipping, optional EMA; ``accelerate`` runs mixed precision, gradient
+accumulation and multi-process data parallelism (``accelerate launch``).
 
 Every random number comes from :mod:`histosynth.synthesis.training.data`, so a run
 resumed from a checkpoint ends with the same weights as an uninterrupted run (bit for
 bit on the CPU), and the loss of a step does not depend on how many processes share it.
 
-Validation: the held-out samples, each at one timestep drawn inside each of 4 equal bins
-of the training timestep range, with noise fixed by the seed; plain (unweighted) MSE,
-always conditional. ``val_loss`` is the mean, ``val_loss_t<lo>-<hi>`` the bins.
+:func:`run_training` sets a run up (:func:`_set_up`: optimizer, schedule, EMA, the
+restored checkpoint), runs its steps (:func:`_train_step`), writes checkpoints
+(:func:`_write_checkpoint`) and reports what it measured (:func:`_finish`).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +30,7 @@ from torch import nn
 
 from histosynth.synthesis.errors import EngineError
 from histosynth.synthesis.training.checkpoints import (
+    Checkpoint,
     find_checkpoints,
     latest_checkpoint,
     prune_checkpoints,
@@ -45,6 +43,14 @@ from histosynth.synthesis.training.data import (
     sample_generator,
     step_indices,
 )
+from histosynth.synthesis.training.losses import (
+    VALIDATION_BINS,
+    diffusion_loss,
+    validation_losses,
+)
+
+# scripts/bench_train.py and tests/unit/test_training.py draw samples as the loop does
+from histosynth.synthesis.training.losses import draw_sample as _draw
 
 __all__ = [
     "VALIDATION_BINS",
@@ -52,13 +58,11 @@ __all__ = [
     "apply_model_options",
     "diffusion_loss",
     "make_accelerator",
+    "run_engine_training",
     "run_training",
     "trainable_parameters",
     "validation_losses",
 ]
-
-VALIDATION_BINS = 4
-"""Timestep bins of the validation loss."""
 
 LOG_FILE = "metrics.jsonl"
 
@@ -137,122 +141,6 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-# --------------------------------------------------------------------------- losses
-
-
-def _draw(
-    dataset: EncodedSamples,
-    index: int,
-    generator: torch.Generator,
-    *,
-    timestep_range: tuple[int, int],
-    uncond_prob: float,
-) -> dict[str, Any]:
-    """One sample and its noise, timestep and dropout, all from ``generator``."""
-    item = dataset.sample(index, generator)
-    latents = item["latents"].float()
-    noise = torch.randn(latents.shape, generator=generator)
-    t = torch.randint(timestep_range[0], timestep_range[1], (1,), generator=generator)
-    drop = torch.rand((1,), generator=generator) < uncond_prob
-    return {
-        "latents": latents,
-        "rows": item["rows"].float(),
-        "noise": noise,
-        "timestep": t[0],
-        "drop": drop[0],
-    }
-
-
-def diffusion_loss(
-    model: nn.Module,
-    batch: dict[str, Any],
-    noise_scheduler: Any,
-    *,
-    snr_gamma: float | None,
-    null_rows: torch.Tensor,
-) -> torch.Tensor:
-    """Per-sample losses [B] of a collated batch (``latents, rows, noise, timestep, drop``).
-
-    ``null_rows`` [tokens, dim] replaces the rows of dropped samples.
-    """
-    param = next(p for p in model.parameters())
-    device = param.device
-    latents = batch["latents"].to(device)
-    noise = batch["noise"].to(device)
-    timesteps = batch["timestep"].to(device)
-    rows = batch["rows"].to(device)
-    drop = batch["drop"].to(device)
-    rows = torch.where(drop[:, None, None], null_rows.to(device, rows.dtype)[None], rows)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    out = model(
-        noisy,
-        encoder_hidden_states=rows,
-        timestep=timesteps,
-        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-        return_dict=False,
-    )[0]
-    eps = out[:, : latents.shape[1]].float()  # learned σ: [ε | variance]
-    losses = ((eps - noise) ** 2).mean(dim=(1, 2, 3))
-    if snr_gamma is not None:
-        from diffusers.training_utils import compute_snr
-
-        snr = compute_snr(noise_scheduler, timesteps).float()
-        losses = losses * torch.clamp(snr, max=snr_gamma) / snr
-    return losses
-
-
-def _bins(timestep_range: tuple[int, int]) -> list[tuple[int, int]]:
-    low, high = timestep_range
-    edges = [low + round((high - low) * k / VALIDATION_BINS) for k in range(VALIDATION_BINS + 1)]
-    return [(a, max(b, a + 1)) for a, b in itertools.pairwise(edges)]
-
-
-@torch.no_grad()
-def validation_losses(
-    model: nn.Module,
-    dataset: EncodedSamples,
-    indices: Sequence[int],
-    noise_scheduler: Any,
-    *,
-    seed: int,
-    batch_size: int,
-    timestep_range: tuple[int, int] = (0, 1000),
-) -> dict[str, float]:
-    """Held-out ε-MSE: mean (``val_loss``) and per timestep bin (``val_loss_t<lo>-<hi>``).
-
-    Deterministic for a seed: the same weights give the same numbers.
-    """
-    if not indices:
-        return {}
-    draws, bins = [], _bins(timestep_range)
-    for index in indices:
-        for b, (low, high) in enumerate(bins):
-            g = sample_generator(seed, "validation", index, b)
-            draw = _draw(dataset, index, g, timestep_range=(low, high), uncond_prob=0.0)
-            draws.append((b, draw))
-    was_training = model.training
-    model.eval()
-    per_bin: list[list[float]] = [[] for _ in bins]
-    try:
-        for start in range(0, len(draws), batch_size):
-            chunk = draws[start : start + batch_size]
-            batch = collate([d for _, d in chunk])
-            losses = diffusion_loss(
-                model,
-                batch,
-                noise_scheduler,
-                snr_gamma=None,
-                null_rows=torch.zeros(batch["rows"].shape[1:]),
-            )
-            for (b, _), value in zip(chunk, losses.tolist(), strict=True):
-                per_bin[b].append(value)
-    finally:
-        model.train(was_training)
-    out = {"val_loss": float(sum(map(sum, per_bin)) / len(draws))}
-    for (low, high), values in zip(bins, per_bin, strict=True):
-        out[f"val_loss_t{low}-{high}"] = float(sum(values) / len(values))
-    return out
-
 
 # --------------------------------------------------------------------------- the loop
 
@@ -280,6 +168,282 @@ def _write_log(work_dir: Path, history: list[dict[str, Any]]) -> None:
     tmp = work_dir / f".{LOG_FILE}.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in history), "utf-8")
     tmp.replace(work_dir / LOG_FILE)
+
+
+
+@dataclass
+class _Run:
+    """What :func:`run_training` sets up once and its steps share."""
+
+    config: TrainConfig
+    accelerator: Any
+    params: dict[str, nn.Parameter]
+    optimizer: Any
+    lr_scheduler: Any
+    ema: Any
+    total: int
+    work_dir: Path
+    fingerprint: dict[str, Any]
+    start: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: int | None = None
+    prepared: Any = None
+    unwrapped: Any = None
+    null_rows: torch.Tensor | None = None
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.work_dir / "checkpoints"
+
+
+def _latest_to_resume(
+    work_dir: Path, fingerprint: dict[str, Any], resume: bool
+) -> Checkpoint | None:
+    """The checkpoint to continue from; checkpoints without ``resume`` are refused."""
+    latest = latest_checkpoint(work_dir / "checkpoints")
+    if latest is not None and not resume:
+        raise EngineError(
+            f"holds checkpoints of an earlier run (last: step {latest.step}); pass --resume "
+            "to continue it or choose another work folder",
+            path=work_dir,
+        )
+    if latest is not None:
+        _check_resume(latest, fingerprint)
+    return latest
+
+
+def _set_up(
+    model: nn.Module,
+    train_count: int,
+    latest: Checkpoint | None,
+    *,
+    config: TrainConfig,
+    device: torch.device | None,
+    work_dir: Path,
+    fingerprint: dict[str, Any],
+) -> _Run:
+    """Accelerator, optimizer, LR schedule and EMA for ``model``; the ``latest``
+    checkpoint restored; the model prepared (compiled if asked)."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel, cast_training_params
+
+    accelerator = make_accelerator(config, device)
+    total = config.total_steps(train_count, accelerator.num_processes)
+    model.to(accelerator.device)
+    cast_training_params(model, dtype=torch.float32)
+    params = trainable_parameters(model)
+    if not params:
+        raise EngineError("the model has no trainable parameters", item="model")
+    if config.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(
+        list(params.values()),
+        lr=config.lr,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.weight_decay,
+        eps=config.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=total,
+    )
+    ema = EMAModel(list(params.values()), decay=config.ema_decay) if config.ema else None
+    run = _Run(
+        config, accelerator, params, optimizer, lr_scheduler, ema, total, work_dir, fingerprint
+    )
+    if latest is not None:
+        _restore(run, latest)
+    if config.compile:
+        model.compile()
+    run.prepared, run.optimizer = accelerator.prepare(model, optimizer)
+    run.unwrapped = accelerator.unwrap_model(run.prepared)
+    run.null_rows = run.unwrapped.caption_projection.uncond_embedding.detach().float().cpu()
+    if run.start >= total:
+        raise EngineError(
+            f"the run is already complete ({run.start} of {total} steps); raise --steps to "
+            "train further",
+            path=run.checkpoints_dir,
+        )
+    return run
+
+
+def _restore(run: _Run, latest: Checkpoint) -> None:
+    """Weights, optimizer, LR schedule, EMA and history of ``latest`` into ``run``."""
+    weights = latest.weights()
+    missing = sorted(set(run.params) - set(weights))
+    if missing:
+        raise EngineError(
+            f"checkpoint lacks trainable weights {missing[:3]}", path=latest.folder
+        )
+    with torch.no_grad():
+        for name, p in run.params.items():
+            p.copy_(weights[name].to(p.device, p.dtype))
+    run.optimizer.load_state_dict(latest.torch_state("optimizer"))
+    run.lr_scheduler.load_state_dict(latest.torch_state("lr_scheduler"))
+    if run.ema is not None:
+        run.ema.load_state_dict(latest.torch_state("ema"))
+    run.start, run.history, run.resumed_from = (
+        latest.step, list(latest.state["history"]), latest.step
+    )
+
+
+@contextmanager
+def _ema_weights(run: _Run) -> Iterator[None]:
+    """The EMA weights in the model for the block (nothing changes without EMA)."""
+    if run.ema is None:
+        yield
+        return
+    run.ema.store(list(run.params.values()))
+    run.ema.copy_to(list(run.params.values()))
+    try:
+        yield
+    finally:
+        run.ema.restore(list(run.params.values()))
+
+
+def _validate(
+    run: _Run, train_data: EncodedSamples, val_indices: Sequence[int], noise_scheduler: Any
+) -> dict[str, float]:
+    """:func:`validation_losses` of the (EMA) weights under the run's autocast."""
+    with _ema_weights(run), run.accelerator.autocast():
+        return validation_losses(
+            run.unwrapped,
+            train_data,
+            val_indices,
+            noise_scheduler,
+            seed=run.config.seed,
+            batch_size=run.config.batch_size,
+            timestep_range=run.config.timestep_range,
+        )
+
+
+def _write_checkpoint(
+    run: _Run,
+    step: int,
+    metrics: dict[str, float],
+    on_checkpoint: Callable[[nn.Module, int], None] | None,
+) -> None:
+    """On the main process: checkpoint ``step``, keep the best, rewrite the log and
+    call ``on_checkpoint`` (unless samples have their own interval); then all wait."""
+    if run.accelerator.is_main_process:
+        state = {
+            "fingerprint": run.fingerprint,
+            "history": run.history,
+            "val_loss": metrics.get("val_loss"),
+            "total_steps": run.total,
+        }
+        write_checkpoint(
+            run.checkpoints_dir,
+            step,
+            weights={n: p.detach() for n, p in run.params.items()},
+            states={
+                "optimizer": run.optimizer.state_dict(),
+                "lr_scheduler": run.lr_scheduler.state_dict(),
+                "ema": None if run.ema is None else run.ema.state_dict(),
+            },
+            state=state,
+        )
+        prune_checkpoints(run.checkpoints_dir, run.config.keep_best)
+        _write_log(run.work_dir, run.history)
+        if on_checkpoint is not None and (run.config.sample_every is None):
+            with _ema_weights(run):
+                on_checkpoint(run.unwrapped, step)
+    run.accelerator.wait_for_everyone()
+
+
+def _micro_batch(
+    run: _Run, train_data: EncodedSamples, train_indices: Sequence[int], step: int, micro: int
+) -> dict[str, Any]:
+    """This process's share of micro-batch ``micro`` of ``step``, collated."""
+    config = run.config
+    picks = step_indices(
+        train_indices,
+        seed=config.seed,
+        step=step,
+        micro=micro,
+        batch_size=config.batch_size,
+        grad_accum=config.grad_accum,
+        processes=run.accelerator.num_processes,
+        rank=run.accelerator.process_index,
+    )
+    draws = [
+        _draw(
+            train_data,
+            index,
+            sample_generator(config.seed, "train", epoch, pos),
+            timestep_range=config.timestep_range,
+            uncond_prob=config.uncond_prob,
+        )
+        for index, epoch, pos in picks
+    ]
+    return collate(draws)
+
+
+def _train_step(
+    run: _Run,
+    step: int,
+    train_data: EncodedSamples,
+    train_indices: Sequence[int],
+    noise_scheduler: Any,
+) -> float:
+    """One optimizer step (``grad_accum`` micro-batches); the mean loss of all processes."""
+    config, accelerator = run.config, run.accelerator
+    running = torch.zeros((), dtype=torch.float64)
+    for micro in range(config.grad_accum):
+        batch = _micro_batch(run, train_data, train_indices, step, micro)
+        with accelerator.accumulate(run.prepared):
+            losses = diffusion_loss(
+                run.prepared,
+                batch,
+                noise_scheduler,
+                snr_gamma=config.snr_gamma,
+                null_rows=run.null_rows,
+            )
+            loss = losses.mean()
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(list(run.params.values()), config.max_grad_norm)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        running += loss.detach().double().cpu() / config.grad_accum
+    run.lr_scheduler.step()
+    if run.ema is not None:
+        run.ema.step(list(run.params.values()))
+    mean_loss = float(accelerator.reduce(running.to(accelerator.device), "mean"))
+    if not math.isfinite(mean_loss):
+        raise EngineError(
+            f"the training loss became {mean_loss} at step {step + 1}; "
+            "lower --lr or use another --mixed-precision",
+            item="loss",
+        )
+    return mean_loss
+
+
+def _finish(run: _Run, metrics: dict[str, float], seconds: float, samples: int) -> TrainResult:
+    """The EMA weights into the model; the measurements of the run (``seconds`` of
+    training, ``samples`` trained on by all processes)."""
+    if run.ema is not None:
+        run.ema.copy_to(list(run.params.values()))
+    final = dict(metrics)
+    for record in run.history:  # the initial loss of a resumed run is in its history
+        if record["step"] == 0 and "val_loss" in record:
+            final.setdefault("val_loss_initial", record["val_loss"])
+    accelerator = run.accelerator
+    peak = torch.cuda.max_memory_allocated() if accelerator.device.type == "cuda" else None
+    accelerator.wait_for_everyone()
+    return TrainResult(
+        steps=run.total,
+        metrics=final,
+        history=run.history,
+        seconds=seconds,
+        images_per_second=samples / seconds if seconds > 0 else 0.0,
+        peak_memory_bytes=peak,
+        resumed_from=run.resumed_from,
+        work_dir=run.work_dir,
+        main_process=accelerator.is_main_process,
+    )
 
 
 def run_training(
@@ -313,230 +477,90 @@ def run_training(
             (unwrapped) model and the step, e.g. to write a grid of samples.
         progress: ``progress(total=…, initial=…)`` returning a tqdm-like bar.
     """
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel, cast_training_params
 
     work_dir = Path(work_dir)
     if not train_indices:
         raise EngineError("no training samples (the dataset is empty)", item="dataset")
     fingerprint = {**fingerprint, "config": config.fingerprint()}
-    checkpoints_dir = work_dir / "checkpoints"
-    latest = latest_checkpoint(checkpoints_dir)
-    if latest is not None and not resume:
-        raise EngineError(
-            f"holds checkpoints of an earlier run (last: step {latest.step}); pass --resume "
-            "to continue it or choose another work folder",
-            path=work_dir,
-        )
-    if latest is not None:
-        _check_resume(latest, fingerprint)
-
-    accelerator = make_accelerator(config, device)
-    processes, rank = accelerator.num_processes, accelerator.process_index
-    total = config.total_steps(len(train_indices), processes)
-    model.to(accelerator.device)
-    cast_training_params(model, dtype=torch.float32)
-    params = trainable_parameters(model)
-    if not params:
-        raise EngineError("the model has no trainable parameters", item="model")
-    if config.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(
-        list(params.values()),
-        lr=config.lr,
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.weight_decay,
-        eps=config.adam_epsilon,
+    latest = _latest_to_resume(work_dir, fingerprint, resume)
+    run = _set_up(
+        model,
+        len(train_indices),
+        latest,
+        config=config,
+        device=device,
+        work_dir=work_dir,
+        fingerprint=fingerprint,
     )
-    lr_scheduler = get_scheduler(
-        config.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=config.lr_warmup_steps,
-        num_training_steps=total,
-    )
-    ema = EMAModel(list(params.values()), decay=config.ema_decay) if config.ema else None
-    start, history, resumed_from = 0, [], None
-    if latest is not None:
-        weights = latest.weights()
-        missing = sorted(set(params) - set(weights))
-        if missing:
-            raise EngineError(
-                f"checkpoint lacks trainable weights {missing[:3]}", path=latest.folder
-            )
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(weights[name].to(p.device, p.dtype))
-        optimizer.load_state_dict(latest.torch_state("optimizer"))
-        lr_scheduler.load_state_dict(latest.torch_state("lr_scheduler"))
-        if ema is not None:
-            ema.load_state_dict(latest.torch_state("ema"))
-        start, history, resumed_from = latest.step, list(latest.state["history"]), latest.step
-    if config.compile:
-        model.compile()
-    prepared, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(prepared)
-    null_rows = unwrapped.caption_projection.uncond_embedding.detach().float().cpu()
-    if start >= total:
-        raise EngineError(
-            f"the run is already complete ({start} of {total} steps); raise --steps to "
-            "train further",
-            path=checkpoints_dir,
-        )
-
-    def ema_weights():
-        if ema is None:
-            return None
-        ema.store(list(params.values()))
-        ema.copy_to(list(params.values()))
-        return True
-
-    def validate() -> dict[str, float]:
-        swapped = ema_weights()
-        try:
-            with accelerator.autocast():
-                return validation_losses(
-                    unwrapped,
-                    train_data,
-                    val_indices,
-                    noise_scheduler,
-                    seed=config.seed,
-                    batch_size=config.batch_size,
-                    timestep_range=config.timestep_range,
-                )
-        finally:
-            if swapped:
-                ema.restore(list(params.values()))
-
-    def checkpoint(step: int, metrics: dict[str, float]) -> None:
-        if accelerator.is_main_process:
-            state = {
-                "fingerprint": fingerprint,
-                "history": history,
-                "val_loss": metrics.get("val_loss"),
-                "total_steps": total,
-            }
-            write_checkpoint(
-                checkpoints_dir,
-                step,
-                weights={n: p.detach() for n, p in params.items()},
-                states={
-                    "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": lr_scheduler.state_dict(),
-                    "ema": None if ema is None else ema.state_dict(),
-                },
-                state=state,
-            )
-            prune_checkpoints(checkpoints_dir, config.keep_best)
-            _write_log(work_dir, history)
-            if on_checkpoint is not None and (config.sample_every is None):
-                swapped = ema_weights()
-                try:
-                    on_checkpoint(unwrapped, step)
-                finally:
-                    if swapped:
-                        ema.restore(list(params.values()))
-        accelerator.wait_for_everyone()
-
+    accelerator, total = run.accelerator, run.total
     work_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, float] = {}
-    if start == 0 and accelerator.is_main_process:
-        initial = validate()
+    if run.start == 0 and accelerator.is_main_process:
+        initial = _validate(run, train_data, val_indices, noise_scheduler)
         metrics = {f"{k}_initial": v for k, v in initial.items() if k == "val_loss"}
-        history.append({"step": 0, **initial})
-    bar = progress(total=total, initial=start) if progress is not None else None
-    prepared.train()
+        run.history.append({"step": 0, **initial})
+    bar = progress(total=total, initial=run.start) if progress is not None else None
+    run.prepared.train()
     began, samples = time.perf_counter(), 0
     validate_every = config.validate_every or config.checkpoint_every
-    for step in range(start, total):
-        running = torch.zeros((), dtype=torch.float64)
-        for micro in range(config.grad_accum):
-            picks = step_indices(
-                train_indices,
-                seed=config.seed,
-                step=step,
-                micro=micro,
-                batch_size=config.batch_size,
-                grad_accum=config.grad_accum,
-                processes=processes,
-                rank=rank,
-            )
-            draws = [
-                _draw(
-                    train_data,
-                    index,
-                    sample_generator(config.seed, "train", epoch, pos),
-                    timestep_range=config.timestep_range,
-                    uncond_prob=config.uncond_prob,
-                )
-                for index, epoch, pos in picks
-            ]
-            batch = collate(draws)
-            with accelerator.accumulate(prepared):
-                losses = diffusion_loss(
-                    prepared,
-                    batch,
-                    noise_scheduler,
-                    snr_gamma=config.snr_gamma,
-                    null_rows=null_rows,
-                )
-                loss = losses.mean()
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(list(params.values()), config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            running += loss.detach().double().cpu() / config.grad_accum
-        lr_scheduler.step()
-        if ema is not None:
-            ema.step(list(params.values()))
-        samples += config.batch_size * config.grad_accum * processes
-        mean_loss = float(accelerator.reduce(running.to(accelerator.device), "mean"))
-        if not math.isfinite(mean_loss):
-            raise EngineError(
-                f"the training loss became {mean_loss} at step {step + 1}; "
-                "lower --lr or use another --mixed-precision",
-                item="loss",
-            )
-        record = {"step": step + 1, "loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0]}
+    for step in range(run.start, total):
+        mean_loss = _train_step(run, step, train_data, train_indices, noise_scheduler)
+        samples += config.batch_size * config.grad_accum * accelerator.num_processes
+        record = {"step": step + 1, "loss": mean_loss, "lr": run.lr_scheduler.get_last_lr()[0]}
         done = step + 1
         if (done % validate_every == 0 or done == total) and accelerator.is_main_process:
-            metrics = validate()
+            metrics = _validate(run, train_data, val_indices, noise_scheduler)
             record.update(metrics)
-        history.append(record)
+        run.history.append(record)
         if bar is not None:
             bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
             bar.update(1)
         if done % config.checkpoint_every == 0 or done == total:
-            checkpoint(done, metrics)
+            _write_checkpoint(run, done, metrics, on_checkpoint)
         if (
             config.sample_every
             and on_checkpoint is not None
             and accelerator.is_main_process
             and done % config.sample_every == 0
         ):
-            on_checkpoint(unwrapped, done)
+            on_checkpoint(run.unwrapped, done)
     seconds = time.perf_counter() - began
     if bar is not None:
         bar.close()
-    if ema is not None:
-        ema.copy_to(list(params.values()))
-    final = dict(metrics)
-    for record in history:  # the initial loss of a resumed run is in its history
-        if record["step"] == 0 and "val_loss" in record:
-            final.setdefault("val_loss_initial", record["val_loss"])
-    peak = torch.cuda.max_memory_allocated() if accelerator.device.type == "cuda" else None
-    accelerator.wait_for_everyone()
-    result = TrainResult(
-        steps=total,
-        metrics=final,
-        history=history,
-        seconds=seconds,
-        images_per_second=samples / seconds if seconds > 0 else 0.0,
-        peak_memory_bytes=peak,
-        resumed_from=resumed_from,
-        work_dir=work_dir,
-        main_process=accelerator.is_main_process,
+    return _finish(run, metrics, seconds, samples)
+
+
+def run_engine_training(
+    engine: Any,
+    model: nn.Module,
+    data: EncodedSamples,
+    train_indices: Sequence[int],
+    val_indices: Sequence[int],
+    *,
+    config: TrainConfig,
+    work_dir: str | Path,
+    fingerprint: dict[str, Any],
+    resume: bool,
+    on_checkpoint: Callable[[Any, int], None] | None,
+    progress: Callable[..., Any] | None,
+) -> TrainResult:
+    """:func:`run_training` of ``model`` with ``engine``'s DDPM schedule on its device;
+    ``model`` is left in eval mode without gradients (LoRA and full fine-tuning alike)."""
+    result = run_training(
+        model,
+        data,
+        train_indices,
+        val_indices,
+        config=config,
+        noise_scheduler=engine.make_scheduler("ddpm"),
+        work_dir=Path(work_dir),
+        fingerprint=fingerprint,
+        resume=resume,
+        device=engine.device,
+        on_checkpoint=on_checkpoint,
+        progress=progress,
     )
+    model.eval().requires_grad_(False)
     return result
 
 

@@ -32,9 +32,13 @@ from histosynth.synthesis.adapters import (
 )
 from histosynth.synthesis.errors import EngineError
 from histosynth.synthesis.training.config import TrainConfig
-from histosynth.synthesis.training.data import EncodedSamples
+from histosynth.synthesis.training.data import EncodedSamples, verified_checksum
 from histosynth.synthesis.training.fit import check_samples_fit
-from histosynth.synthesis.training.loop import TrainResult, apply_model_options, run_training
+from histosynth.synthesis.training.loop import (
+    TrainResult,
+    apply_model_options,
+    run_engine_training,
+)
 
 __all__ = ["train_lora"]
 
@@ -106,29 +110,26 @@ def train_lora(
         "resolution": resolution,
     }
     try:
-        result = run_training(
+        result = run_engine_training(
+            engine,
             model,
             data,
             train_indices,
             val_indices,
             config=config,
-            noise_scheduler=engine.make_scheduler("ddpm"),
-            work_dir=Path(work_dir),
+            work_dir=work_dir,
             fingerprint=fingerprint,
             resume=resume,
-            device=engine.device,
             on_checkpoint=on_checkpoint,
             progress=progress,
         )
     except BaseException:
         unload_adapter(model, name)
         raise
-    model.eval().requires_grad_(False)
     if not result.main_process:
         return None, result
-    verified = getattr(data, "verified_content_hash", None)
     try:
-        checksum = verified() if callable(verified) else training_data_checksum
+        checksum = verified_checksum(data, training_data_checksum)
     except BaseException:
         unload_adapter(model, name)
         raise

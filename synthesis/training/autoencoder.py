@@ -112,6 +112,60 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write_with(path, lambda tmp: torch.save(state, tmp))
 
 
+def _check_run(vae: torch.nn.Module, tensors: list[Tensor], *, steps: int, crop: int) -> None:
+    """:class:`EngineError` for a step count or crop the VAE cannot take, or images
+    smaller than the crop."""
+    down = 2 ** (len(vae.config.block_out_channels) - 1)
+    if int(steps) != steps or steps < 1:
+        raise EngineError(f"expected a positive number of steps, got {steps}", item="steps")
+    if crop < down or crop % down:
+        raise EngineError(f"expected a crop that is a multiple of {down} px, got {crop}",
+                          item="crop")
+    small = [tuple(t.shape[1:]) for t in tensors if min(t.shape[1:]) < crop]
+    if small:
+        raise EngineError(f"images of {small[0]} px are smaller than the {crop} px crop",
+                          item="images")
+
+
+def _resume(
+    checkpoint: Path | None,
+    vae: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    settings: dict[str, Any],
+    device: torch.device,
+) -> tuple[int, list[dict[str, Any]], float]:
+    """(step, history, seconds run before) of ``checkpoint``, its weights and optimiser
+    state loaded (it must have ``settings``); ``(0, [], 0.0)`` when there is none yet."""
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        if state["settings"] != settings:
+            differ = sorted(k for k in settings if state["settings"].get(k) != settings[k])
+            raise EngineError(f"the checkpoint was made with other settings ({', '.join(differ)})",
+                              path=checkpoint)
+        vae.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        return int(state["step"]), list(state["history"]), float(state.get("seconds", 0.0))
+    if checkpoint is not None:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    return 0, [], 0.0
+
+
+def _loss_terms(
+    vae: torch.nn.Module, x: Tensor, g: torch.Generator, *, decoder_only: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(pixel L1, gradient L1, KL) of reconstructing ``x`` from a posterior draw taken
+    with ``g``; no gradient through the encoder when ``decoder_only``."""
+    with torch.set_grad_enabled(not decoder_only):
+        dist = vae.encode(x).latent_dist
+    eps = torch.randn(dist.mean.shape, generator=g).to(x.device)
+    z = dist.mean + dist.std * eps
+    y = vae.decode(z).sample
+    l1 = (y - x).abs().mean()
+    grad = _gradient_l1(y, x)
+    kl = 0.5 * (dist.mean.square() + dist.var - 1 - dist.logvar).mean()
+    return l1, grad, kl
+
+
 def train_autoencoder(
     vae: torch.nn.Module,
     images: Sequence[np.ndarray] | np.ndarray,
@@ -159,16 +213,7 @@ def train_autoencoder(
             with other settings.
     """
     tensors = _as_tensors(images)
-    down = 2 ** (len(vae.config.block_out_channels) - 1)
-    if int(steps) != steps or steps < 1:
-        raise EngineError(f"expected a positive number of steps, got {steps}", item="steps")
-    if crop < down or crop % down:
-        raise EngineError(f"expected a crop that is a multiple of {down} px, got {crop}",
-                          item="crop")
-    small = [tuple(t.shape[1:]) for t in tensors if min(t.shape[1:]) < crop]
-    if small:
-        raise EngineError(f"images of {small[0]} px are smaller than the {crop} px crop",
-                          item="images")
+    _check_run(vae, tensors, steps=steps, crop=crop)
     device = next(vae.parameters()).device
     settings = {"steps": int(steps), "batch_size": int(batch_size), "crop": int(crop),
                 "lr": float(lr), "final_lr_ratio": float(final_lr_ratio),
@@ -187,19 +232,7 @@ def train_autoencoder(
         return lr * (1 - (1 - final_lr_ratio) * step / max(1, steps))
 
     checkpoint = Path(work_dir) / CHECKPOINT_FILE if work_dir is not None else None
-    start, history, seconds_before = 0, [], 0.0
-    if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
-        if state["settings"] != settings:
-            differ = sorted(k for k in settings if state["settings"].get(k) != settings[k])
-            raise EngineError(f"the checkpoint was made with other settings ({', '.join(differ)})",
-                              path=checkpoint)
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, history = int(state["step"]), list(state["history"])
-        seconds_before = float(state.get("seconds", 0.0))
-    elif checkpoint is not None:
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    start, history, seconds_before = _resume(checkpoint, vae, optimizer, settings, device)
 
     began = time.perf_counter()
     recent: list[float] = []
@@ -218,14 +251,7 @@ def train_autoencoder(
         x = x.to(device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        with torch.set_grad_enabled(not decoder_only):
-            dist = vae.encode(x).latent_dist
-        eps = torch.randn(dist.mean.shape, generator=g).to(device)
-        z = dist.mean + dist.std * eps
-        y = vae.decode(z).sample
-        l1 = (y - x).abs().mean()
-        grad = _gradient_l1(y, x)
-        kl = 0.5 * (dist.mean.square() + dist.var - 1 - dist.logvar).mean()
+        l1, grad, kl = _loss_terms(vae, x, g, decoder_only=decoder_only)
         loss = l1 + grad_weight * grad + kl_weight * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -17,11 +17,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 
 from histosynth.synthesis import defaults
-from histosynth.synthesis.inpaint.colour import lab_stats, reinhard_transfer
+from histosynth.synthesis.inpaint.colour import lab_stats, match_surroundings, reinhard_transfer
+from histosynth.synthesis.inpaint.donor import (
+    bounding_box,
+    check_donor,
+    cut_donor,
+    pasted_region,
+    turn_donor,
+)
 from histosynth.synthesis.inpaint.orientation import (
     axial_median,
     donor_rotation,
@@ -34,10 +40,12 @@ from histosynth.synthesis.inpaint.placement import Placement, find_placement, fo
 from histosynth.synthesis.inpaint.seam import (
     SEAM_CUTOFF,
     composite,
-    fill_holes,
     seam_blend,
     seam_weights,
 )
+
+# importable from here before donor.py took over its use
+from histosynth.synthesis.inpaint.seam import fill_holes as fill_holes
 
 __all__ = [
     "SEAM_CUTOFF",
@@ -99,28 +107,6 @@ class CompositeResult:
         }
 
 
-def _bbox(mask: np.ndarray) -> tuple[slice, slice]:
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
-
-
-def _local_ring(
-    tissue: np.ndarray, donor_mask: np.ndarray, x: int, y: int, width: int
-) -> tuple[tuple[slice, slice], np.ndarray]:
-    """Window of the tile around a placed mask and, in it, the tissue pixels within
-    ``width`` px of the mask (outside it)."""
-    H, W = tissue.shape
-    h, w = donor_mask.shape
-    y0, x0 = max(0, y - width), max(0, x - width)
-    y1, x1 = min(H, y + h + width), min(W, x + w + width)
-    outside = np.ones((y1 - y0, x1 - x0), dtype=np.uint8)
-    outside[y - y0 : y - y0 + h, x - x0 : x - x0 + w][donor_mask] = 0
-    dist = cv2.distanceTransform(outside, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    ring = (outside > 0) & (dist <= width) & tissue[y0:y1, x0:x1]
-    return (slice(y0, y1), slice(x0, x1)), ring
-
-
 def prepare_composite(
     background: np.ndarray,
     donor_image: np.ndarray,
@@ -173,115 +159,47 @@ def prepare_composite(
     Raises ValueError: donor larger than the tile, empty donor mask (before or after
     rotation), no tissue in the background, mismatched shapes.
     """
-    background = np.asarray(background)
-    donor_image = np.asarray(donor_image)
-    for name, image in (("background", background), ("donor image", donor_image)):
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(
-                f"{name}: expected uint8 RGB (H, W, 3), got {image.dtype} {image.shape}"
-            )
+    background, donor_image, vessel = check_donor(background, donor_image, donor_mask)
     H, W = background.shape[:2]
-    mask = np.asarray(donor_mask)
-    if mask.ndim == 3 and mask.shape[2] == 1:
-        mask = mask[..., 0]
-    if mask.shape != donor_image.shape[:2]:
-        raise ValueError(
-            f"donor mask {mask.shape} does not match the donor image {donor_image.shape[:2]}"
-        )
-    vessel = mask if mask.dtype == bool else mask != 0
-    if not vessel.any():
-        raise ValueError("donor mask is empty")
-    # the pasted region holds the vessel with whatever it encloses: a wall annotated as a
-    # ring (its lumen a hole) is pasted with its lumen, not with background in it
-    inside = fill_holes(vessel)
-    if context_ring > 0:
-        disc = cv2.getStructuringElement(
-            cv2.MORPH_ELLIPSE, (2 * context_ring + 1, 2 * context_ring + 1)
-        )
-        # the whole ring, pale gaps included: holes in it would put seams next to the wall
-        inside = cv2.dilate(inside.astype(np.uint8), disc) > 0
-        if donor_exclude is not None:
-            exclude = np.asarray(donor_exclude)
-            if exclude.shape != vessel.shape:
-                raise ValueError(
-                    f"donor_exclude {exclude.shape} does not match the donor {vessel.shape}"
-                )
-            inside &= fill_holes(vessel) | (exclude == 0)
-    ys, xs = _bbox(inside)
-    donor_c, inside_c, vessel_c = donor_image[ys, xs], inside[ys, xs], vessel[ys, xs]
-    h, w = inside_c.shape
+    region = pasted_region(vessel, context_ring=context_ring, donor_exclude=donor_exclude)
+    box = bounding_box(region)
+    h, w = box[0].stop - box[0].start, box[1].stop - box[1].start
     if h > H or w > W:
         raise ValueError(f"donor ({h}×{w} px) is larger than the background tile ({H}×{W} px)")
-    tissue = np.asarray(tissue, dtype=bool)
-    if tissue.shape != (H, W):
-        raise ValueError(f"tissue mask {tissue.shape} does not match the tile {(H, W)}")
-    if donor_tissue is None:
-        donor_tissue = np.ones(vessel.shape, dtype=bool)
-    donor_tissue = np.asarray(donor_tissue, dtype=bool)
-    if donor_tissue.shape != vessel.shape:
-        raise ValueError(
-            f"donor tissue {donor_tissue.shape} does not match the donor {vessel.shape}"
-        )
-    tissue_c = donor_tissue[ys, xs]
-    if not tissue.any():
-        raise ValueError("background has no tissue")
-    if existing is not None and np.asarray(existing).shape[:2] != (H, W):
-        raise ValueError(
-            f"existing annotations {np.asarray(existing).shape} do not match the tile {(H, W)}"
-        )
+    tissue, donor_tissue = _check_tissue(tissue, donor_tissue, existing, (H, W), vessel.shape)
+    crop = cut_donor(donor_image, region, vessel, donor_tissue, box)
 
     rng = np.random.default_rng(seed)
     phi_donor = phi_target = None
     rotation = 0.0
-    d_img, d_mask = np.ascontiguousarray(donor_c), np.ascontiguousarray(inside_c)
-    d_vessel, d_tissue = np.ascontiguousarray(vessel_c), np.ascontiguousarray(tissue_c)
     if rotate:
-        scale = min(1.0, long_side / max(H, W))
-        phi_target = nucleus_angle(background, scale=scale, method=orientation_method)
-        phi_donor = nucleus_angle(donor_c, inside_c, scale=scale, method=orientation_method)
-        rotation = donor_rotation(phi_donor, phi_target, rng)
-        # the vessel mask rides along as a fourth channel (bicubic, then thresholded);
-        # the donor's tissue mask is turned the same way (same mask, same canvas)
-        on = np.uint8(255)
-        stack = np.dstack([donor_c, vessel_c.astype(np.uint8) * on])
-        r_stack, r_mask = rotate_donor(stack, inside_c, rotation, margin=0)
-        if r_mask.shape[0] <= H and r_mask.shape[1] <= W:
-            r_tissue, _ = rotate_donor(tissue_c.astype(np.uint8) * on, inside_c, rotation, margin=0)
-            d_img, d_mask = np.ascontiguousarray(r_stack[..., :3]), r_mask
-            d_vessel = (r_stack[..., 3] >= 128) & r_mask
-            d_tissue = (r_tissue >= 128) & r_mask
-        else:
-            rotation = 0.0
-
+        crop, rotation, phi_donor, phi_target = turn_donor(
+            background, crop, rng, long_side=long_side, method=orientation_method
+        )
     if existing is None:
         forbidden = np.zeros((H, W), dtype=bool)
     else:
         forbidden = forbidden_zone(background, existing, margin=existing_margin)
     placement = find_placement(
-        background, d_img, d_mask, forbidden, rng=rng, tissue=tissue, donor_tissue=d_tissue
+        background, crop.image, crop.region, forbidden, rng=rng, tissue=tissue,
+        donor_tissue=crop.tissue,
     )
     if placement is None:
         return None
-
-    window, ring = _local_ring(tissue, d_mask, placement.x, placement.y, colour_ring)
-    if int(ring.sum()) >= min_ring_pixels:
-        reference = "local"
-        d_img = reinhard_transfer(d_img, d_mask, background[window], ring, blend=colour_blend)
-    else:
-        reference = "tile"
-        d_img = reinhard_transfer(d_img, d_mask, background, tissue, blend=colour_blend)
-
-    x_img, placed = composite(background, d_img, d_mask, placement.x, placement.y)
+    x, y = placement.x, placement.y
+    d_img, reference = match_surroundings(
+        crop.image, crop.region, background, tissue, x, y,
+        ring=colour_ring, min_ring_pixels=min_ring_pixels, blend=colour_blend,
+    )
+    x_img, placed = composite(background, d_img, crop.region, x, y)
     placed_vessel = np.zeros((H, W), dtype=np.uint8)
-    vh, vw = d_vessel.shape
-    placed_vessel[placement.y : placement.y + vh, placement.x : placement.x + vw] = d_vessel.astype(
-        np.uint8
-    ) * np.uint8(255)
+    vh, vw = crop.vessel.shape
+    placed_vessel[y : y + vh, x : x + vw] = crop.vessel.astype(np.uint8) * np.uint8(255)
     return CompositeResult(
         composite=x_img,
         mask=placed,
         donor_image=d_img,
-        donor_mask=d_mask.astype(np.uint8) * np.uint8(255),
+        donor_mask=crop.region.astype(np.uint8) * np.uint8(255),
         placement=placement,
         rotation_deg=float(rotation),
         phi_donor=phi_donor,
@@ -290,3 +208,30 @@ def prepare_composite(
         seed=int(seed),
         vessel_mask=placed_vessel,
     )
+
+
+def _check_tissue(
+    tissue: np.ndarray,
+    donor_tissue: np.ndarray | None,
+    existing: np.ndarray | None,
+    tile: tuple[int, int],
+    donor: tuple[int, int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """(tissue, donor tissue) as bool masks of the ``tile`` and ``donor`` shapes (donor
+    tissue ``None``: every donor pixel); the tile must have tissue and ``existing``
+    annotations the tile's shape, else ``ValueError``."""
+    tissue = np.asarray(tissue, dtype=bool)
+    if tissue.shape != tile:
+        raise ValueError(f"tissue mask {tissue.shape} does not match the tile {tile}")
+    if donor_tissue is None:
+        donor_tissue = np.ones(donor, dtype=bool)
+    donor_tissue = np.asarray(donor_tissue, dtype=bool)
+    if donor_tissue.shape != donor:
+        raise ValueError(f"donor tissue {donor_tissue.shape} does not match the donor {donor}")
+    if not tissue.any():
+        raise ValueError("background has no tissue")
+    if existing is not None and np.asarray(existing).shape[:2] != tile:
+        raise ValueError(
+            f"existing annotations {np.asarray(existing).shape} do not match the tile {tile}"
+        )
+    return tissue, donor_tissue

@@ -22,7 +22,7 @@ import numpy as np
 
 from histosynth.synthesis import defaults
 
-__all__ = ["lab_stats", "reinhard_transfer"]
+__all__ = ["lab_stats", "local_ring", "match_surroundings", "reinhard_transfer"]
 
 
 def to_lab(rgb: np.ndarray) -> np.ndarray:
@@ -131,3 +131,41 @@ def reinhard_transfer(
     lab += (blend * (mu_t - mu_d * ratio)).astype(np.float32)
     np.copyto(out, _to_rgb8(lab), where=inside[..., None])
     return out
+
+
+def local_ring(
+    tissue: np.ndarray, donor_mask: np.ndarray, x: int, y: int, width: int
+) -> tuple[tuple[slice, slice], np.ndarray]:
+    """Window of the tile around a mask placed at (``x``, ``y``) and, in it, the tissue
+    pixels within ``width`` px of the mask (outside it)."""
+    H, W = tissue.shape
+    h, w = donor_mask.shape
+    y0, x0 = max(0, y - width), max(0, x - width)
+    y1, x1 = min(H, y + h + width), min(W, x + w + width)
+    outside = np.ones((y1 - y0, x1 - x0), dtype=np.uint8)
+    outside[y - y0 : y - y0 + h, x - x0 : x - x0 + w][donor_mask] = 0
+    dist = cv2.distanceTransform(outside, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    ring = (outside > 0) & (dist <= width) & tissue[y0:y1, x0:x1]
+    return (slice(y0, y1), slice(x0, x1)), ring
+
+
+def match_surroundings(
+    donor: np.ndarray,
+    donor_mask: np.ndarray,
+    background: np.ndarray,
+    tissue: np.ndarray,
+    x: int,
+    y: int,
+    *,
+    ring: int,
+    min_ring_pixels: int,
+    blend: float,
+) -> tuple[np.ndarray, str]:
+    """(donor recoloured, reference): :func:`reinhard_transfer` of the donor placed at
+    (``x``, ``y``) towards the tissue within ``ring`` px around its mask ("local"), or
+    towards all tissue of the tile when that ring has fewer than ``min_ring_pixels``
+    tissue pixels ("tile")."""
+    window, near = local_ring(tissue, donor_mask, x, y, ring)
+    if int(near.sum()) >= min_ring_pixels:
+        return reinhard_transfer(donor, donor_mask, background[window], near, blend=blend), "local"
+    return reinhard_transfer(donor, donor_mask, background, tissue, blend=blend), "tile"

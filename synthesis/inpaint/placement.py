@@ -202,6 +202,56 @@ def _ring_colour_difference(
     return float(np.linalg.norm(ring_lab - donor_lab))
 
 
+def _coarse_colour_difference(
+    background: np.ndarray,
+    tissue_c: np.ndarray,
+    mask_any: np.ndarray,
+    donor_lab: np.ndarray,
+    f: int,
+    *,
+    ring: int,
+    colour_scale: float,
+    out_shape: tuple[int, int],
+) -> np.ndarray:
+    """CIELAB ΔE between ``donor_lab`` and the tile's tissue around the placed mask, for
+    every coarse position (``f`` px blocks; ``colour_scale`` where the ring holds no
+    tissue): tissue-weighted block means of the background, summed over the ring."""
+    H, W = background.shape[:2]
+    Hc, Wc = tissue_c.shape
+    rc = max(1, round(ring / f))
+    ring_c, _ = _ring(mask_any, rc)
+    # (block means over all pixels: in partly non-tissue blocks the colour is paler, but
+    # those blocks weigh by their tissue share; the winner is measured exactly)
+    pad_y, pad_x = Hc * f - H, Wc * f - W
+    rgb = background
+    if pad_y or pad_x:
+        rgb = cv2.copyMakeBorder(rgb, 0, pad_y, 0, pad_x, cv2.BORDER_REPLICATE)
+    block_rgb = rgb if f == 1 else cv2.resize(rgb, (Wc, Hc), interpolation=cv2.INTER_AREA)
+    block_lab = to_lab(block_rgb)
+    stack = np.concatenate([tissue_c[..., None], block_lab * tissue_c[..., None]], axis=2)
+    stack = cv2.copyMakeBorder(stack, rc, rc, rc, rc, cv2.BORDER_CONSTANT, value=0)
+    ring_sums = _correlate(stack, ring_c.astype(np.float32), out_shape)
+    ring_t = ring_sums[..., 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ring_mean = ring_sums[..., 1:] / ring_t[..., None]
+    colour = np.linalg.norm(ring_mean - donor_lab, axis=2)
+    return np.where(ring_t > 1e-3, colour, colour_scale)
+
+
+def _grid_positions(
+    rng: np.random.Generator, step_c: int, out_shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, columns) of the candidate grid in coarse units: every ``step_c``-th
+    position of ``out_shape``, the offset drawn from ``rng`` (two integers, y then x)."""
+    jmax, imax = out_shape[0] - 1, out_shape[1] - 1
+    off_y = int(rng.integers(0, step_c)) % (jmax + 1)
+    off_x = int(rng.integers(0, step_c)) % (imax + 1)
+    js = np.arange(off_y, jmax + 1, step_c)
+    is_ = np.arange(off_x, imax + 1, step_c)
+    jj, ii = np.meshgrid(js, is_, indexing="ij")
+    return jj.ravel(), ii.ravel()
+
+
 def find_placement(
     background: np.ndarray,
     donor_image: np.ndarray,
@@ -264,36 +314,15 @@ def find_placement(
     overlap = _correlate(hard_c.astype(np.float32), mask_any.astype(np.float32), out_shape)
     frac = _correlate(tissue_c, mask_frac, out_shape) / np.float32(mask_frac.sum())
 
-    # colour: tissue-weighted block means of the background in CIELAB, summed over the ring
-    rc = max(1, round(ring / f))
-    ring_c, _ = _ring(mask_any, rc)
-    # (block means over all pixels: in partly non-tissue blocks the colour is paler, but
-    # those blocks weigh by their tissue share; the winner is measured exactly)
-    pad_y, pad_x = Hc * f - H, Wc * f - W
-    rgb = background
-    if pad_y or pad_x:
-        rgb = cv2.copyMakeBorder(rgb, 0, pad_y, 0, pad_x, cv2.BORDER_REPLICATE)
-    block_rgb = rgb if f == 1 else cv2.resize(rgb, (Wc, Hc), interpolation=cv2.INTER_AREA)
-    block_lab = to_lab(block_rgb)
-    stack = np.concatenate([tissue_c[..., None], block_lab * tissue_c[..., None]], axis=2)
-    stack = cv2.copyMakeBorder(stack, rc, rc, rc, rc, cv2.BORDER_CONSTANT, value=0)
-    ring_sums = _correlate(stack, ring_c.astype(np.float32), out_shape)
     donor_lab = _donor_colour(donor_image, mask, donor_tissue)
-    ring_t = ring_sums[..., 0]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ring_mean = ring_sums[..., 1:] / ring_t[..., None]
-    colour = np.linalg.norm(ring_mean - donor_lab, axis=2)
-    colour = np.where(ring_t > 1e-3, colour, colour_scale)
+    colour = _coarse_colour_difference(
+        background, tissue_c, mask_any, donor_lab, f, ring=ring, colour_scale=colour_scale,
+        out_shape=out_shape,
+    )
 
     # ---- the grid (coarse units), offset drawn from rng
     step = grid_step if grid_step is not None else max(f, round(min(H, W) / 32))
-    step_c = max(1, round(step / f))
-    off_y = int(rng.integers(0, step_c)) % (jmax + 1)
-    off_x = int(rng.integers(0, step_c)) % (imax + 1)
-    js = np.arange(off_y, jmax + 1, step_c)
-    is_ = np.arange(off_x, imax + 1, step_c)
-    jj, ii = np.meshgrid(js, is_, indexing="ij")
-    jj, ii = jj.ravel(), ii.ravel()
+    jj, ii = _grid_positions(rng, max(1, round(step / f)), out_shape)
     ok = (overlap[jj, ii] < 0.5) & (frac[jj, ii] >= min_tissue - 0.05)
     jj, ii = jj[ok], ii[ok]
     if jj.size == 0:

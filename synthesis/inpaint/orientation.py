@@ -19,6 +19,7 @@ the donor by it brings the donor's nuclei from ``φ_D`` to the tile's ``φ_T``.
 from __future__ import annotations
 
 import math
+from typing import TypedDict, Unpack
 
 import cv2
 import numpy as np
@@ -30,6 +31,7 @@ from histosynth.synthesis.inpaint._checks import check_rgb as _check_rgb
 __all__ = [
     "MAX_NUCLEUS_AREA",
     "MIN_NUCLEUS_AREA",
+    "AngleOptions",
     "axial_median",
     "donor_rotation",
     "hematoxylin",
@@ -177,24 +179,29 @@ def axial_median(angles: np.ndarray) -> float:
     return float(np.mod(mean, 180.0)) % 180.0
 
 
+class AngleOptions(TypedDict, total=False):
+    """Keyword options of :func:`nucleus_angles` that :func:`nucleus_angle` passes on."""
+
+    long_side: int
+    scale: float | None
+    method: str
+
+
 def nucleus_angle(
-    rgb: np.ndarray,
-    mask: np.ndarray | None = None,
-    *,
-    long_side: int = 512,
-    scale: float | None = None,
-    method: str = "fit_ellipse",
+    rgb: np.ndarray, mask: np.ndarray | None = None, **options: Unpack[AngleOptions]
 ) -> float | None:
     """Dominant nucleus orientation of ``rgb`` in degrees, [0, 180), or None.
 
     ``rgb``: uint8 RGB; ``mask``: optional donor mask (non-zero = donor), restricts the
-    nuclei to the donor. Analysis at ``long_side`` px long side (downscale only), or at
-    an explicit ``scale`` — pass the tile's scale for a donor crop so that the 10–800 px²
-    nucleus area limits mean the same physical size in both. The orientation is the
+    nuclei to the donor. ``options`` as for :func:`nucleus_angles`: analysis at
+    ``long_side`` px long side (default 512, downscale only), or at an explicit
+    ``scale`` — pass the tile's scale for a donor crop so that the 10–800 px² nucleus
+    area limits mean the same physical size in both. The orientation is the
     circular median (on the 180° line, :func:`axial_median`) of the nuclei's fitted
-    ellipse angles; None when no nucleus qualifies. ``method``: see :func:`nucleus_angles`.
+    ellipse angles; None when no nucleus qualifies. ``method``: see :func:`nucleus_angles`
+    (default "fit_ellipse").
     """
-    angles = nucleus_angles(rgb, mask, long_side=long_side, scale=scale, method=method)
+    angles = nucleus_angles(rgb, mask, **options)
     if angles.size == 0:
         return None
     return axial_median(angles)

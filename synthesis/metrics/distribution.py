@@ -24,12 +24,13 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict, Unpack
 
 import numpy as np
 
 __all__ = [
     "KID",
+    "NearestOptions",
     "cmmd",
     "cosine_similarity",
     "density_coverage",
@@ -300,18 +301,19 @@ def nearest_distances(
     return nearest(f, False, banned), nearest(r, True, {})
 
 
-def nnd(
-    real: Any,
-    fake: Any,
-    *,
-    metric: str = "cosine",
-    exclude: Sequence[tuple[int, int]] = (),
-    block: int = BLOCK,
-) -> tuple[float, float]:
+class NearestOptions(TypedDict, total=False):
+    """Keyword options of :func:`nearest_distances` that :func:`nnd` passes on."""
+
+    metric: str
+    exclude: Sequence[tuple[int, int]]
+    block: int
+
+
+def nnd(real: Any, fake: Any, **options: Unpack[NearestOptions]) -> tuple[float, float]:
     """Mean nearest-neighbour distance (synth → real, real → real) of
-    :func:`nearest_distances`. Synth → real clearly below real → real hints at memorised
-    tiles."""
-    s2r, r2r = nearest_distances(real, fake, metric=metric, exclude=exclude, block=block)
+    :func:`nearest_distances` (``options`` as there: ``metric`` = "cosine", ``exclude``,
+    ``block``). Synth → real clearly below real → real hints at memorised tiles."""
+    s2r, r2r = nearest_distances(real, fake, **options)
     return float(s2r.mean()), float(r2r.mean())
 
 

@@ -174,6 +174,12 @@ LIMITS: dict[str, dict[str, Limit]] = {
     "engine": {
         "tile_size": Limit(1, 16384, nullable=True, why="px; presets 256 / 512 / 1024"),
         "mpp": Limit(1e-3, 100, kind="number", nullable=True, why="µm/px; 0.5"),
+        "inpaint_steps": Limit(1, 1000, nullable=True, why="full-schedule steps; PixCell 50"),
+        "inpaint_guidance": Limit(
+            1, 50, kind="number", nullable=True, why="CFG scale; PixCell 2.5, 1 = no CFG"
+        ),
+        "variation_steps": Limit(1, 1000, nullable=True, why="steps; PixCell 20"),
+        "variation_guidance": Limit(1, 50, kind="number", nullable=True, why="CFG; PixCell 1.5"),
     },
     "engine.abilities": {
         "tile_sizes": Limit(1, 16384, kind="ints", max_items=64, why="px"),

@@ -65,6 +65,7 @@ from histosynth.synthesis.errors import EngineError, UntrainedEngineWarning
 from histosynth.synthesis.models.encoders import GridEncoder
 from histosynth.synthesis.models.transformer import PixCellTransformer2DModel
 from histosynth.synthesis.models.vae import LatentCodec
+from histosynth.synthesis.sampling_defaults import SamplingDefaults
 from histosynth.synthesis.schedulers import PIXCELL_SCHEDULER_CONFIG, SCHEDULERS, make_scheduler
 from histosynth.synthesis.tiny_models import (
     TINY_SEED,
@@ -139,6 +140,9 @@ class Engine:
             otherwise (``histosynth_engine.json``'s ``strength``; PixCell's 0.55 by
             default; an engine whose noise schedule or training asks for another says so
             there, e.g. the embedded default's 0.35, see its model card).
+        sampling: the steps and CFG scale of each mode unless told otherwise
+            (``histosynth_engine.json``; :mod:`histosynth.synthesis.defaults` when it
+            names none), chosen by the engine's own bench.
         abilities: what it serves — the timesteps its denoiser learnt, whether it
             generates from noise, its tile sizes (:mod:`histosynth.synthesis.abilities`);
             :meth:`check` refuses the rest.
@@ -166,6 +170,7 @@ class Engine:
     compiled: bool = False
     sampler: str = "dpm-solver++"
     strength: float = defaults.STRENGTH
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
     abilities: EngineAbilities = field(default_factory=EngineAbilities)
     generator: PixCellTransformer2DModel | None = None
     codec: LatentCodec = field(init=False, repr=False)
@@ -217,12 +222,15 @@ class Engine:
         from histosynth.synthesis.pipelines.variation import VariationPipeline
 
         self.check(purpose)
-        return VariationPipeline(
+        pipe = VariationPipeline(
             transformer=self.transformer if self.generator is None else self.generator,
             vae=self.vae,
             scheduler=self.make_scheduler(scheduler),
             encoder=self.encoder,
         )
+        pipe.default_steps = self.sampling.variation_steps
+        pipe.default_guidance = self.sampling.variation_guidance
+        return pipe
 
     def inpaint_pipeline(self, scheduler: str | None = None) -> InpaintPipeline:
         """An :class:`~histosynth.synthesis.pipelines.inpaint.InpaintPipeline` (seam
@@ -237,6 +245,8 @@ class Engine:
             encoder=self.encoder,
         )
         pipe.default_strength = self.strength
+        pipe.default_steps = self.sampling.inpaint_steps
+        pipe.default_guidance = self.sampling.inpaint_guidance
         pipe.max_strength = self.abilities.max_strength
         return pipe
 
@@ -444,6 +454,7 @@ def save_engine(
         "model_id": engine.model_id,
         "sampler": engine.sampler,
         "strength": engine.strength,
+        **engine.sampling.to_meta(),
         "abilities": engine.abilities.to_json(),
     }
     if training is not None:

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 
 from histosynth.common.files import replace_durably
-from histosynth.synthesis import defaults
 from histosynth.synthesis.config_limits import check_scheduler_config, read_json_object
 from histosynth.synthesis.engine_parts import save_encoder
 from histosynth.synthesis.errors import EngineError
+from histosynth.synthesis.sampling_defaults import strength_of
 from histosynth.synthesis.schedulers import make_scheduler
 from histosynth.synthesis.weights import ENGINE_FILE, read_engine_meta
 
@@ -68,14 +68,6 @@ def sampler_of(meta: dict[str, Any], where: Path) -> str:
     except EngineError as err:
         raise EngineError(f"sampler: {err}", path=where) from err
     return name
-
-
-def strength_of(meta: dict[str, Any], where: Path) -> float:
-    """The τ an engine folder asks for (:data:`defaults.STRENGTH` when it says nothing)."""
-    value = meta.get("strength", defaults.STRENGTH)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
-        raise EngineError(f"strength must be a number in (0, 1], not {value!r}", path=where)
-    return float(value)
 
 
 def scheduler_config_near(transformer_dir: Path) -> dict[str, Any] | None:

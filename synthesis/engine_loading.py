@@ -43,6 +43,7 @@ from histosynth.synthesis.engine_parts import (
 )
 from histosynth.synthesis.errors import EngineError
 from histosynth.synthesis.models.vae import load_vae
+from histosynth.synthesis.sampling_defaults import SamplingDefaults
 from histosynth.synthesis.schedulers import PIXCELL_SCHEDULER_CONFIG
 from histosynth.synthesis.weights import (
     ENGINE_FILE,
@@ -141,6 +142,7 @@ def preset_engine_fields(
         model_id=_model_id(preset, found["transformer"]),
         sampler=sampler_of(meta, meta_file),
         strength=strength_of(meta, meta_file),
+        sampling=SamplingDefaults.from_meta(meta),
         sources={c: f"{f.source} {f.path}" for c, f in found.items()},
         title=spec.title,
         # an embedded engine says what it serves in its own file; the others in the preset
@@ -216,6 +218,7 @@ def folder_engine_fields(folder: Path, device: torch.device, dtype: torch.dtype)
         model_id=str(meta.get("model_id") or f"local:{folder.resolve()}"),
         sampler=sampler_of(meta, where),
         strength=strength_of(meta, where),
+        sampling=SamplingDefaults.from_meta(meta),
         sources=sources,
         title=str(meta.get("title") or ""),
         abilities=EngineAbilities.from_json(  # an older folder: all, at its tile size

@@ -44,9 +44,11 @@ import yaml
 from huggingface_hub import try_to_load_from_cache
 
 from histosynth.common.geometry import DEFAULT_MPP
+from histosynth.synthesis import defaults
 from histosynth.synthesis.abilities import EngineAbilities
 from histosynth.synthesis.config_limits import check_engine_meta, read_json_object
 from histosynth.synthesis.errors import EngineError
+from histosynth.synthesis.sampling_defaults import SamplingDefaults, strength_of
 
 __all__ = [
     "AUTO_MODEL",
@@ -585,6 +587,9 @@ class ModelFacts:
     abilities: EngineAbilities
     trained: bool
     tile_size: int | None
+    #: τ and the steps and CFG scale of each mode it runs at unless told otherwise
+    strength: float = defaults.STRENGTH
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
 
 
 def model_facts(model: str | os.PathLike | None) -> ModelFacts:
@@ -632,7 +637,14 @@ def _facts(name: str) -> ModelFacts:
     abilities = EngineAbilities.from_json(
         meta.get("abilities"), where=str(meta_file), tile_size=tile
     )
-    return ModelFacts(name, abilities, bool(meta.get("trained", True)), tile)
+    return ModelFacts(
+        name,
+        abilities,
+        bool(meta.get("trained", True)),
+        tile,
+        strength_of(meta, meta_file),
+        SamplingDefaults.from_meta(meta),
+    )
 
 
 def find_preset(

@@ -123,8 +123,8 @@ def generate_background(
             encoder.
         condition_tile: uint8 RGB ``(S, S, 3)``, ``S`` = the engine's tile size.
         seeds: one seed per tile (an ``int`` is one tile).
-        steps: scheduler steps (``None``: the variation default, 20).
-        guidance: CFG scale (``None``: the variation default, 1.5).
+        steps: scheduler steps (``None``: the engine's own variation steps).
+        guidance: CFG scale (``None``: the engine's own variation guidance).
         adapter: a LoRA adapter loaded on the transformer, for this call only.
 
     Returns:
@@ -135,11 +135,7 @@ def generate_background(
             seeds, an unknown adapter.
     """
     from histosynth.synthesis.engine import Engine
-    from histosynth.synthesis.pipelines.variation import (
-        DEFAULT_GUIDANCE_SCALE,
-        DEFAULT_STEPS,
-        VariationPipeline,
-    )
+    from histosynth.synthesis.pipelines.variation import VariationPipeline
 
     if isinstance(pipeline_or_engine, Engine):
         pipe = pipeline_or_engine.variation_pipeline(purpose="synthetic background")
@@ -171,8 +167,8 @@ def generate_background(
     out: Any = pipe(
         uni_rows=rows,
         seeds=[int(s) for s in seed_list],
-        num_inference_steps=DEFAULT_STEPS if steps is None else steps,
-        guidance_scale=DEFAULT_GUIDANCE_SCALE if guidance is None else guidance,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
         adapter=adapter,
         output_type="numpy",
     )

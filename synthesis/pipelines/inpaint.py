@@ -196,11 +196,16 @@ class InpaintPipeline(PixCellPipeline):
     :func:`histosynth.synthesis.engine.make_scheduler`), ``encoder`` (a
     :class:`~histosynth.synthesis.models.encoders.GridEncoder`; optional when ``uni_rows``
     are passed). Tiles are ``transformer.config.sample_size × 8`` px.
-    :attr:`default_strength` is the τ of a call that names none (the engine's, when the
-    pipeline comes from ``Engine.inpaint_pipeline``; else :data:`DEFAULT_STRENGTH`).
+    :attr:`default_strength`, :attr:`default_steps` and :attr:`default_guidance` serve a
+    call that names none (the engine's own, when the pipeline comes from
+    ``Engine.inpaint_pipeline``; else :mod:`histosynth.synthesis.defaults`).
     """
 
     default_strength: float = DEFAULT_STRENGTH
+    #: the steps and CFG scale of a call that names none (the engine's, when the pipeline
+    #: comes from ``Engine.inpaint_pipeline``)
+    default_steps: int = DEFAULT_INPAINT_STEPS
+    default_guidance: float = DEFAULT_INPAINT_GUIDANCE
     #: the largest τ its denoiser serves (the engine's ``abilities.max_strength``)
     max_strength: float = 1.0
 
@@ -223,8 +228,8 @@ class InpaintPipeline(PixCellPipeline):
         mask: np.ndarray | Sequence[np.ndarray],
         *,
         strength: float | None = None,
-        guidance_scale: float = DEFAULT_INPAINT_GUIDANCE,
-        num_inference_steps: int = DEFAULT_INPAINT_STEPS,
+        guidance_scale: float | None = None,
+        num_inference_steps: int | None = None,
         seeds: int | Sequence[int] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         seam_sigma: float = DEFAULT_SEAM_SIGMA,
@@ -245,8 +250,10 @@ class InpaintPipeline(PixCellPipeline):
             strength: τ in [0, 1], the fraction of the schedule re-run (module docstring);
                 0 returns the composites unchanged; ``None``: :attr:`default_strength`.
             guidance_scale: CFG scale s against the learned null condition; 1 = the
-                conditional prediction alone.
-            num_inference_steps: steps of the full schedule N (``int(N · τ)`` run).
+                conditional prediction alone (half the cost); ``None``:
+                :attr:`default_guidance` (the engine's own).
+            num_inference_steps: steps of the full schedule N (``int(N · τ)`` run);
+                ``None``: :attr:`default_steps` (the engine's own).
             seeds: one seed per composite (an ``int`` s means ``s, s+1, ...``); ``None``
                 draws fresh seeds and reports them.
             generator: instead of ``seeds``, one generator (the noise then depends on the
@@ -269,6 +276,10 @@ class InpaintPipeline(PixCellPipeline):
                 number of seeds, a strength outside [0, 1], an unknown adapter or output
                 type.
         """
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance
+        if num_inference_steps is None:
+            num_inference_steps = self.default_steps
         self.check_inputs(
             output_type=output_type,
             num_inference_steps=num_inference_steps,

@@ -372,7 +372,12 @@ class VariationPipeline(PixCellPipeline):
     :class:`~histosynth.synthesis.models.encoders.GridEncoder`, a plain ``nn.Module``;
     optional when ``uni_rows`` are passed). The tile side is
     ``transformer.config.sample_size × 8`` (1024 for PixCell-1024).
+    :attr:`default_steps` and :attr:`default_guidance` serve a call that names none (the
+    engine's own, when the pipeline comes from ``Engine.variation_pipeline``).
     """
+
+    default_steps: int = DEFAULT_STEPS
+    default_guidance: float = DEFAULT_GUIDANCE_SCALE
 
     def _condition(self, reference: ImageInput | None, uni_rows: Tensor | None) -> Tensor:
         """UNI rows [B, tokens, dim] (float32 on the transformer's device)."""
@@ -408,8 +413,8 @@ class VariationPipeline(PixCellPipeline):
         *,
         uni_rows: Tensor | np.ndarray | None = None,
         num_images_per_reference: int = 1,
-        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-        num_inference_steps: int = DEFAULT_STEPS,
+        guidance_scale: float | None = None,
+        num_inference_steps: int | None = None,
         seeds: int | Sequence[int] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         adapter: str | None = None,
@@ -427,8 +432,9 @@ class VariationPipeline(PixCellPipeline):
             num_images_per_reference: variations per reference; images come out grouped
                 by reference (``ref0 #0, ref0 #1, ref1 #0, ...``).
             guidance_scale: CFG scale s against the learned null condition; 1 = the
-                conditional prediction alone (no unconditional pass).
-            num_inference_steps: scheduler steps.
+                conditional prediction alone (no unconditional pass); ``None``:
+                :attr:`default_guidance` (the engine's own).
+            num_inference_steps: scheduler steps; ``None``: :attr:`default_steps`.
             seeds: one seed per output image (an ``int`` s means ``s, s+1, ...``);
                 ``None`` draws fresh seeds and reports them in the output. ``k`` seeds per
                 reference (with ``num_images_per_reference`` left at 1) make ``k``
@@ -447,6 +453,10 @@ class VariationPipeline(PixCellPipeline):
             EngineError: a reference of the wrong size or shape, rows of the wrong shape,
                 a wrong number of seeds, an unknown adapter or output type.
         """
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance
+        if num_inference_steps is None:
+            num_inference_steps = self.default_steps
         self.check_inputs(
             output_type=output_type,
             num_inference_steps=num_inference_steps,

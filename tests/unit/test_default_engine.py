@@ -178,6 +178,53 @@ def test_an_engine_folder_keeps_its_strength_and_its_pipelines_use_it(tmp_path: 
         assert str(meta_file) in str(caught.value)
 
 
+def test_an_engine_folder_keeps_its_steps_and_guidance_and_its_pipelines_use_them(
+    tmp_path: Path,
+) -> None:
+    """``histosynth_engine.json``'s inpaint / variation steps and CFG scales are the
+    pipelines' defaults, read without loading a weight (model_facts), kept by a save, and
+    held to their limits."""
+    from histosynth.synthesis import defaults
+    from histosynth.synthesis.engine import ENGINE_FILE, save_engine, tiny_engine
+    from histosynth.synthesis.weights import model_facts
+
+    folder = save_engine(tiny_engine(64, device="cpu"), tmp_path / "engine")
+    meta_file = folder / ENGINE_FILE
+    meta = json.loads(meta_file.read_text())
+    assert (meta["inpaint_steps"], meta["inpaint_guidance"]) == (
+        defaults.INPAINT_STEPS, defaults.INPAINT_GUIDANCE)
+    own = {"inpaint_steps": 10, "inpaint_guidance": 1.0, "variation_steps": 3,
+           "variation_guidance": 1.25}
+    meta_file.write_text(json.dumps({**meta, **own}))
+    facts = model_facts(folder)
+    assert (facts.sampling.steps("inpaint"), facts.sampling.guidance("inpaint")) == (10, 1.0)
+    assert (facts.sampling.steps("variation"), facts.sampling.guidance("variation")) == (3, 1.25)
+    engine = load_engine(folder, device="cpu")
+    pipe = engine.inpaint_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    assert (pipe.default_steps, pipe.default_guidance) == (10, 1.0)
+    tile = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), bool)
+    mask[20:40, 20:40] = True
+    unnamed = pipe(tile, mask, seeds=[0])
+    named = pipe(tile, mask, num_inference_steps=10, guidance_scale=1.0, seeds=[0])
+    assert unnamed.num_steps == int(10 * engine.strength)
+    assert np.array_equal(unnamed.images, named.images)
+    assert not np.array_equal(
+        unnamed.images, pipe(tile, mask, num_inference_steps=10, guidance_scale=2.5,
+                             seeds=[0]).images)
+    variation = engine.variation_pipeline()
+    assert (variation.default_steps, variation.default_guidance) == (3, 1.25)
+    saved = save_engine(engine, tmp_path / "again")
+    assert {k: json.loads((saved / ENGINE_FILE).read_text())[k] for k in own} == own
+    for key, bad in (("inpaint_steps", 0), ("inpaint_steps", 10**6), ("inpaint_guidance", 0.5),
+                     ("variation_guidance", float("inf"))):
+        meta_file.write_text(json.dumps({**meta, key: bad}))
+        with pytest.raises(EngineError, match=key) as caught:
+            model_facts(folder)
+        assert str(meta_file) in str(caught.value)
+
+
 def test_the_embedded_default_engine_regenerates_at_its_own_strength() -> None:
     engine = load_engine("default", device="cpu")
     meta = json.loads((Path(engine.sources["transformer"].split(" ", 1)[1]).parent

@@ -73,8 +73,26 @@ def load_sources(
     """Read the slides and their annotations from a QuPath project or a slide + GeoJSON pair.
 
     Opens every slide (so a missing or unreadable one fails here, before any output), and
-    checks that every annotation lies on its slide.
+    checks that every annotation lies on its slide: :func:`read_sources` then
+    :func:`open_sources`.
     """
+    sources = read_sources(
+        project=project, slide=slide, annotations=annotations, skip_missing=skip_missing
+    )
+    return open_sources(sources, mpp) if sources else []
+
+
+def read_sources(
+    *,
+    project: str | Path | None = None,
+    slide: str | Path | None = None,
+    annotations: str | Path | None = None,
+    skip_missing: bool = False,
+) -> list[SlideSource]:
+    """The slides (not opened) and their annotations, from a QuPath project or a slide +
+    GeoJSON pair: only the project and annotation files are read, so a command checks its
+    classes in a second, before a slide or a model library loads (:func:`open_sources`
+    opens them)."""
     if (project is None) == (slide is None):
         raise InputError("give either a project or a slide with its annotations")
     sources: list[SlideSource] = []
@@ -131,11 +149,6 @@ def load_sources(
                 image_name=Path(slide).name,
             )
         )
-    for source in sources:
-        source.reader = open_slide(source.slide_path, mpp=mpp)
-        source.mpp = slide_mpp(source.reader)
-        source.width, source.height = slide_size(source.reader)
-        source.annotations = annotations_on_slide(source)
     return sources
 
 

@@ -329,8 +329,6 @@ def _plan_slides(
 
 def _check_out(out: Path, resume: bool) -> CacheInfo | None:
     """The existing cache to resume (``None`` for a new file); refuses what cannot be."""
-    from histosynth.synthesis.cache import read_cache_info
-
     if out.is_dir():
         raise InputError("expected a cache file (e.g. vessels.h5), found a folder", path=out)
     if not out.exists():
@@ -339,6 +337,8 @@ def _check_out(out: Path, resume: bool) -> CacheInfo | None:
         raise InputError(
             "the cache file exists; pass --resume to add to it, or choose another --out", path=out
         )
+    from histosynth.synthesis.cache import read_cache_info  # h5py: only to resume
+
     return read_cache_info(out)
 
 
@@ -410,8 +410,7 @@ def build_feature_cache(
     Raises:
         InputError / EngineError: one line naming the input, before anything is written.
     """
-    from histosynth.synthesis import load_engine
-    from histosynth.synthesis.cache import build_cache, cached_tile_ids
+    from histosynth.synthesis.weights import check_model  # no model library imported
     from histosynth.workflows.tile_runs import annotated_slides
 
     classes, seed, batch_size = settings.classes, settings.seed, settings.batch_size
@@ -419,6 +418,7 @@ def build_feature_cache(
         raise InputError("give one of a dataset folder, a project or a slide")
     out = Path(out)
     existing = _check_out(out, resume)
+    check_model(settings.model)  # an unknown model or missing weights: before any slide
     data = _read_dataset(Path(dataset)) if dataset is not None else None
     sources = None
     if data is None:
@@ -428,6 +428,9 @@ def build_feature_cache(
             classes, project, slide, annotations, slide_mpp_override, skip_missing
         )
     tile_size, mpp = _sizes(settings.tile_size, settings.mpp, data, existing)
+    from histosynth.synthesis import load_engine  # the inputs are checked: now the slow part
+    from histosynth.synthesis.cache import build_cache, cached_tile_ids
+
     engine = load_engine(settings.model, device=settings.device)
     tile_size = int(tile_size or engine.tile_size)
     mpp = float(mpp or engine.mpp)

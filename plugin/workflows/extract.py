@@ -18,7 +18,7 @@ import numpy as np
 
 from histosynth import __version__
 from histosynth.common.geometry import DEFAULT_MPP
-from histosynth.integration.dataset import EncodedTile, RunWriter
+from histosynth.integration.dataset import EncodedTile, RunWriter, check_run_folder
 from histosynth.integration.errors import InputError
 from histosynth.integration.slides import read_tile
 from histosynth.integration.tiles import (
@@ -99,6 +99,7 @@ def extract(
     classes, tile_size, mpp = settings.classes, settings.tile_size, settings.mpp
     min_area_um2, max_area_um2 = settings.min_area_um2, settings.max_area_um2
     out = output_folder(out)
+    check_run_folder(out, resume=resume)  # before the slides are read
     sources = annotated_slides(
         classes, project, slide, annotations, slide_mpp_override, skip_missing
     )

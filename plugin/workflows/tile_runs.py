@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from histosynth.integration.dataset import TileRecord
 from histosynth.integration.errors import InputError
-from histosynth.integration.tiles import check_classes, load_sources
+from histosynth.integration.tiles import check_classes, open_sources, read_sources
 
 if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Sequence
@@ -43,21 +43,18 @@ def annotated_slides(
 ) -> list[SlideSource]:
     """The slides of ``project``, or ``slide`` with its ``annotations`` (GeoJSON), opened
     (``slide_mpp_override``: µm/px of slides without that metadata; ``skip_missing``:
-    leave out project images whose file is gone).
+    leave out project images whose file is gone). The classes are checked against the
+    annotation files before any slide is opened (or a slide library imported).
 
     Raises:
         InputError: no slide, an unreadable one, or a class of ``classes`` annotated in
             none of them (listing the classes present).
     """
-    sources = load_sources(
-        project=project,
-        slide=slide,
-        annotations=annotations,
-        mpp=slide_mpp_override,
-        skip_missing=skip_missing,
+    sources = read_sources(
+        project=project, slide=slide, annotations=annotations, skip_missing=skip_missing
     )
-    check_classes(sources, classes)
-    return sources
+    check_classes(sources, classes)  # from the annotation files alone: in a second
+    return open_sources(sources, slide_mpp_override)
 
 
 def output_folder(out: str | Path) -> Path:

@@ -209,6 +209,20 @@ class InpaintPipeline(PixCellPipeline):
     #: the largest τ its denoiser serves (the engine's ``abilities.max_strength``)
     max_strength: float = 1.0
 
+    def _checked_strength(self, strength: float | None) -> float:
+        """τ of a call (``None``: :attr:`default_strength`), within [0, 1] and what the
+        denoiser serves."""
+        strength = self.default_strength if strength is None else strength
+        if not 0 <= float(strength) <= 1:
+            raise EngineError(f"expected a strength in [0, 1], got {strength}", item="strength")
+        if float(strength) > self.max_strength + 1e-9:
+            raise EngineError(
+                f"this engine's denoiser serves strengths up to {self.max_strength:g} (the "
+                f"timesteps it was trained on), not {strength}",
+                item="strength",
+            )
+        return float(strength)
+
     def _rows(self, images: np.ndarray, uni_rows: Tensor | np.ndarray | None) -> Tensor:
         """Condition rows ``[B, tokens, dim]``, float32 on the execution device."""
         if uni_rows is None:
@@ -276,10 +290,10 @@ class InpaintPipeline(PixCellPipeline):
                 number of seeds, a strength outside [0, 1], an unknown adapter or output
                 type.
         """
-        if guidance_scale is None:
-            guidance_scale = self.default_guidance
-        if num_inference_steps is None:
-            num_inference_steps = self.default_steps
+        guidance_scale = self.default_guidance if guidance_scale is None else guidance_scale
+        num_inference_steps = self.default_steps if num_inference_steps is None else (
+            num_inference_steps
+        )
         self.check_inputs(
             output_type=output_type,
             num_inference_steps=num_inference_steps,
@@ -287,16 +301,7 @@ class InpaintPipeline(PixCellPipeline):
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
-        if strength is None:
-            strength = self.default_strength
-        if not 0 <= float(strength) <= 1:
-            raise EngineError(f"expected a strength in [0, 1], got {strength}", item="strength")
-        if float(strength) > self.max_strength + 1e-9:
-            raise EngineError(
-                f"this engine's denoiser serves strengths up to {self.max_strength:g} (the "
-                f"timesteps it was trained on), not {strength}",
-                item="strength",
-            )
+        strength = self._checked_strength(strength)
         if not float(seam_sigma) > 0:
             raise EngineError(f"expected a positive σ, px, got {seam_sigma}", item="seam_sigma")
         images = _composites(composite)

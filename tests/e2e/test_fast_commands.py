@@ -89,3 +89,65 @@ def test_demo_with_an_unknown_model_builds_nothing(tmp_path: Path) -> None:
     assert result["code"] == 1
     assert result["output"].count("\n") == 1 and "unknown preset" in result["output"]
     assert not (out / "project").exists() and not (out / "run").exists()
+
+
+# ------------------------------------------------------- mistakes known from the arguments
+
+
+@pytest.fixture(scope="module")
+def demo_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from histosynth.integration.demo import build_demo_project
+
+    return build_demo_project(tmp_path_factory.mktemp("fast") / "project", slide=1)
+
+
+def mistakes(project: Path, work: Path) -> dict[str, tuple[list[str], str]]:
+    """Each mistake a newcomer makes that the arguments, the project's annotation files and
+    the engine's metadata already show → (command line, what its one line says)."""
+    nonempty = work / "nonempty"
+    if work.is_dir():
+        nonempty.mkdir(exist_ok=True)
+        (nonempty / "notes.txt").write_text("mine\n")
+    inputs = ["--project", str(project)]
+    return {
+        "synthesize, misspelt class": (
+            ["synthesize", *inputs, "--class", "Vesel", "--count", "2", "--out",
+             str(work / "s1")], "no annotation of class 'Vesel'; classes present"),
+        "synthesize, tile size the engine does not make": (
+            ["synthesize", *inputs, "--class", "Vessel", "--count", "2", "--tile-size", "500",
+             "--out", str(work / "s2")], "makes 512 px tiles, not 500 px"),
+        "synthesize into a folder that is not a run": (
+            ["synthesize", *inputs, "--class", "Vessel", "--count", "2", "--out",
+             str(nonempty)], "not empty and is not a histosynth run folder"),
+        "extract, misspelt class": (
+            ["extract", *inputs, "--class", "Vesel", "--out", str(work / "e1")],
+            "no annotation of class 'Vesel'"),
+        "extract into a folder that is not a run": (
+            ["extract", *inputs, "--class", "Vessel", "--out", str(nonempty)],
+            "not empty and is not a histosynth run folder"),
+        "cache build, misspelt class": (
+            ["cache", "build", *inputs, "--class", "Vesel", "--model", "default", "--out",
+             str(work / "c.h5")], "no annotation of class 'Vesel'"),
+        "cache build, unknown model": (
+            ["cache", "build", *inputs, "--class", "Vessel", "--model", "nope", "--out",
+             str(work / "c.h5")], "unknown preset and no such folder"),
+    }
+
+
+MISTAKES = list(mistakes(Path("p"), Path("w")))
+
+
+@pytest.mark.parametrize("name", MISTAKES)
+def test_a_mistake_known_from_the_arguments_fails_before_any_slide_or_model_library(
+    name: str, demo_project: Path, tmp_path: Path
+) -> None:
+    """One line, exit 1, nothing written — and neither TIAToolbox (slides) nor torch
+    (models) imported: the cause of the 30–60 s failures, so each now takes about a second
+    (timed by scripts/bench_cli.py)."""
+    args, says = mistakes(demo_project, tmp_path)[name]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = _run(args)
+    assert result["code"] == 1, result
+    assert result["heavy"] == [], result
+    assert says in result["output"] and result["output"].count("\n") == 1, result
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -82,9 +82,8 @@ def slide_sources(
         )
     if project is not None or slide is not None or annotations is not None:
         raise InputError("give sources, or a project / slide with annotations, not both")
-    opened = open_sources(sources, slide_mpp_override)
-    check_classes(opened, classes)
-    return opened
+    check_classes(sources, classes)
+    return open_sources(sources, slide_mpp_override)
 
 
 def load_run_engine(settings: SynthesisSettings, ray: RayOptions | None) -> Engine:

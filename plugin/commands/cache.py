@@ -44,7 +44,7 @@ def cache() -> None:
     "Vessel class (repeatable, with --project / --slide); 'Vessel' includes 'Vessel: …'."
 )
 @model_option(
-    "Preset (pixcell-1024, pixcell-256, tiny = UNTRAINED) or a local engine folder.",
+    "Preset (pixcell-1024, pixcell-256, default, tiny = UNTRAINED) or a local engine folder.",
     required=True,
 )
 @out_option("Cache file to write (HDF5, e.g. vessels.h5).")

@@ -33,7 +33,7 @@ from histosynth.common.geometry import DEFAULT_MPP
 )
 @count_option(default=4)
 @tile_size_option("Tile side in px [the model's; 512 for tiny].", high=4096)
-@steps_option(default=10)
+@steps_option("Denoising steps of the full schedule [the engine's own].")
 @seed_option()
 @harmonise_option(
     "How seams are regenerated; auto = diffusion with a trained engine, multiband "

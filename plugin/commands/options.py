@@ -287,7 +287,7 @@ def count_option(
 
 
 def steps_option(help: str | None = None, *, default: int | None = None) -> Decorator:
-    """``--steps``: denoising steps, in ``[1, STEPS_MAX]`` (``None``: the mode's)."""
+    """``--steps``: denoising steps in ``[1, STEPS_MAX]`` (``None``: the engine's for the mode)."""
     return value_option("--steps", type=click.IntRange(1, STEPS_MAX), default=default, help=help)
 
 

@@ -69,13 +69,15 @@ __all__ = ["fail_on_qc", "report_synthesis", "synthesize", "write_back"]
 )
 @seed_option()
 @steps_option(
-    f"Denoising steps [inpaint {defaults.INPAINT_STEPS}, variation {defaults.VARIATION_STEPS}]."
+    "Denoising steps of the full schedule [the engine's own: for PixCell inpaint "
+    f"{defaults.INPAINT_STEPS}, variation {defaults.VARIATION_STEPS}; the embedded default's "
+    "are on its model card]."
 )
 @value_option(
     "--guidance",
     type=FiniteFloat(1.0, GUIDANCE_MAX),
-    help=f"Classifier-free guidance scale [inpaint {defaults.INPAINT_GUIDANCE}, variation "
-    f"{defaults.VARIATION_GUIDANCE}].",
+    help="Classifier-free guidance scale; 1 skips the unconditional pass [the engine's own: "
+    f"for PixCell inpaint {defaults.INPAINT_GUIDANCE}, variation {defaults.VARIATION_GUIDANCE}].",
 )
 @value_option(
     "--strength",

@@ -116,8 +116,10 @@ def resolved_settings(
         harmonise=resolved_harmonise(settings.harmonise, engine.trained),
         generate_backgrounds=generates,
         tile_size=tile_size,
-        steps=settings.mode_steps,
-        guidance=settings.mode_guidance,
+        steps=engine.sampling.steps(settings.mode) if settings.steps is None else settings.steps,
+        guidance=engine.sampling.guidance(settings.mode)
+        if settings.guidance is None
+        else settings.guidance,
         strength=engine.strength if settings.strength is None else settings.strength,
         adapter=None if settings.adapter is None else load_adapter_for(engine, settings.adapter),
         batch_size=settings.batch_size or (4 if _renders_on_gpu(engine, ray) else 1),
@@ -153,16 +155,9 @@ def collect_tiles(
     skipped: list[tuple[str, str]] = []
     role, max_fraction = donor_role(run.mode)
     ring = run.ring if run.mode == "inpaint" else 0
-    classes, tile_size, mpp = run.classes, run.tile_size, run.mpp
+    classes, geometry = run.classes, run.geometry
     donors = collect_donors(
-        sources,
-        classes,
-        tile_size,
-        mpp,
-        skipped,
-        context_px=ring,
-        max_fraction=max_fraction,
-        role=role,
+        sources, classes, geometry, skipped, context_px=ring, max_fraction=max_fraction, role=role
     )
     if not donors:
         raise InputError(
@@ -173,7 +168,7 @@ def collect_tiles(
     backgrounds: list[Background] = []
     if run.mode == "inpaint" and run.background != "synthetic":
         backgrounds = collect_backgrounds(
-            sources, classes, tile_size, mpp, seed=run.seed, skipped=skipped
+            sources, classes, geometry, seed=run.seed, skipped=skipped
         )
         if not backgrounds:
             why = "no background tile with enough tissue (≥ 50 %) in the slides" + "".join(

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from histosynth.common.geometry import DEFAULT_MPP
+from histosynth.common.geometry import DEFAULT_MPP, TileGeometry
 from histosynth.integration.errors import InputError
 from histosynth.options import COUNT_MAX, GUIDANCE_MAX, MPP_MAX, SEED_MAX, STEPS_MAX, check_finite
 from histosynth.synthesis import defaults
@@ -16,7 +16,7 @@ from histosynth.synthesis import defaults
 if TYPE_CHECKING:  # pragma: no cover
     from histosynth.integration.tiles import SlideSource
 
-__all__ = ["BACKGROUNDS", "HARMONISERS", "MODES", "MODE_DEFAULTS", "SynthesisSettings"]
+__all__ = ["BACKGROUNDS", "HARMONISERS", "MODES", "SynthesisSettings"]
 
 MODES = ("inpaint", "variation")
 #: where inpainting backgrounds come from: real tiles of the slides; tiles generated from
@@ -27,21 +27,14 @@ BACKGROUNDS = ("auto", "real", "synthetic")
 #: multiband (Laplacian-pyramid) blending without weights, or not at all (the composite);
 #: auto: diffusion with a trained engine, multiband with an UNTRAINED one.
 HARMONISERS = ("auto", "diffusion", "multiband", "none")
-#: mode → (steps, guidance): the dissertation's inpainting defaults; PixCell's sampler.
-MODE_DEFAULTS = {
-    "inpaint": (defaults.INPAINT_STEPS, defaults.INPAINT_GUIDANCE),
-    "variation": (defaults.VARIATION_STEPS, defaults.VARIATION_GUIDANCE),
-}
-
-
 @dataclass(frozen=True)
 class SynthesisSettings:
     """What to synthesise and how (frozen; checked when made, before anything loads).
 
     ``None`` means the engine's (``tile_size``, ``kv_compress``; ``model``: PixCell-1024
-    when its weights are installed, else the embedded default) or the mode's
-    (``steps``, ``guidance``: :data:`MODE_DEFAULTS`; ``batch_size``: 4 on a GPU, else 1;
-    ``strength``: the engine's τ, ``Engine.strength``).
+    when its weights are installed, else the embedded default; ``steps``, ``guidance``:
+    the engine's own for the mode, ``Engine.sampling``; ``strength``: its τ,
+    ``Engine.strength``) or the machine's (``batch_size``: 4 on a GPU, else 1).
     ``tile_size`` is px at ``mpp`` µm/px; ``seam_sigma`` px; ``strength`` = τ;
     ``context_ring``: px of each donor's own surrounding tissue pasted with it, so that its
     wall lies inside the pasted tissue rather than on the regenerated seam (``None``: 2σ).
@@ -88,7 +81,7 @@ class SynthesisSettings:
                 raise InputError(f"--{name} must be one of {', '.join(choices)}, not {value!r}")
         if not classes or not all(isinstance(c, str) and c.strip() for c in classes):
             raise InputError("name at least one class (--class)")
-        steps, guidance = self.mode_steps, self.mode_guidance
+        steps, guidance = self.steps, self.guidance
         integers = [
             ("--count", self.count, 1, COUNT_MAX),
             ("--steps", steps, 1, STEPS_MAX),
@@ -121,19 +114,17 @@ class SynthesisSettings:
                 raise InputError(str(exc)) from None
 
     @property
+    def geometry(self) -> TileGeometry:
+        """The tiles' size (px) and resolution (µm/px), once the tile size is resolved
+        (the engine's, :func:`~histosynth.workflows.synthesize.run_setup.resolved_settings`)."""
+        if self.tile_size is None:
+            raise ValueError("the tile size is the engine's until the run resolves it")
+        return TileGeometry(self.tile_size, self.mpp)
+
+    @property
     def ring(self) -> int:
         """``context_ring``, or 2σ rounded."""
         return round(2 * self.seam_sigma) if self.context_ring is None else self.context_ring
-
-    @property
-    def mode_steps(self) -> int:
-        """``steps``, or the mode's default."""
-        return MODE_DEFAULTS[self.mode][0] if self.steps is None else self.steps
-
-    @property
-    def mode_guidance(self) -> float:
-        """``guidance``, or the mode's default."""
-        return MODE_DEFAULTS[self.mode][1] if self.guidance is None else self.guidance
 
     def run_config(self, sources: Sequence[SlideSource]) -> dict[str, Any]:
         """The ``config`` of ``run.json`` (what a resumed run must match) of these settings

@@ -22,6 +22,7 @@ import numpy as np
 from shapely.geometry import box
 from shapely.strtree import STRtree
 
+from histosynth.common.geometry import TileGeometry
 from histosynth.integration.annotations import Annotation, class_matches, class_matches_any
 from histosynth.integration.errors import InputError
 from histosynth.integration.geojson import class_names, read_annotations
@@ -34,7 +35,6 @@ from histosynth.integration.slides import (
     read_tile,
     slide_mpp,
     slide_size,
-    tile_extent,
 )
 
 log = logging.getLogger(__name__)
@@ -224,19 +224,20 @@ class TilePlan:
 def plan_vessel_tiles(
     sources: Sequence[SlideSource],
     classes: Sequence[str],
-    tile_size: int,
-    mpp: float,
+    geometry: TileGeometry,
     min_area: float,
     max_area: float,
 ) -> TilePlan:
-    """Decide every tile (id, origin, annotations inside) before any pixel is read."""
+    """Decide every tile of ``geometry`` (id, origin, annotations inside) before any pixel
+    is read; ``min_area`` / ``max_area``: the vessels' area bounds, µm²."""
+    tile_size, mpp = geometry.size, geometry.mpp
     plan = TilePlan()
     used_ids: set[str] = set()
     for source in sources:
         chosen = [a for a in source.annotations if class_matches_any(a.class_name, classes)]
         chosen.sort(key=lambda a: (a.geometry.bounds[1], a.geometry.bounds[0], a.id))
         tree = STRtree([a.geometry for a in chosen]) if chosen else None
-        extent = tile_extent(tile_size, mpp, source.mpp)
+        extent = geometry.level0_extent(source.mpp)
         for vessel in chosen:
             item = f"{source.annotations_origin}: annotation {vessel.id}"
             area_um2 = vessel.geometry.area * source.mpp**2
@@ -270,11 +271,12 @@ def plan_vessel_tiles(
 
 
 def tile_contents(
-    planned: PlannedTile, tile_size: int, mpp: float
+    planned: PlannedTile, geometry: TileGeometry
 ) -> tuple[np.ndarray, list[Annotation]]:
-    """The mask (uint8 0/255, ``tile_size``², every chosen annotation in the tile) and the
-    annotations in tile px of one planned tile read at ``mpp`` µm/px."""
-    scale = planned.source.mpp / mpp
+    """The mask (uint8 0/255, ``geometry.size``², every chosen annotation in the tile) and
+    the annotations in tile px of one planned tile of ``geometry``."""
+    tile_size = geometry.size
+    scale = geometry.scale_from(planned.source.mpp)
     mask = rasterize(
         [a.geometry for a in planned.neighbours],
         origin=(planned.x, planned.y),
@@ -395,8 +397,7 @@ def beyond_slide(source: SlideSource, x: float, y: float, size: int, scale: floa
 def collect_donors(
     sources: Sequence[SlideSource],
     classes: Sequence[str],
-    tile_size: int,
-    mpp: float,
+    geometry: TileGeometry,
     skipped: list[tuple[str, str]],
     *,
     margin_px: int = 8,
@@ -404,7 +405,8 @@ def collect_donors(
     role: str = "donor",
     context_px: int = 0,
 ) -> list[Donor]:
-    """Every vessel of ``classes`` as a donor crop at ``mpp``; too large ones are skipped.
+    """Every vessel of ``classes`` as a donor crop at ``geometry.mpp`` for tiles of
+    ``geometry``; too large ones are skipped.
 
     A donor may span at most ``max_fraction`` of the tile so that there is room to
     place it; the crop is square, ``margin_px`` wider than the vessel on each side.
@@ -413,9 +415,10 @@ def collect_donors(
     the slide are read on every side (the tissue ring pasted with the vessel); they do not
     count against ``max_fraction``.
     """
+    tile_size, mpp = geometry.size, geometry.mpp
     donors = []
     for source in sources:
-        scale = source.mpp / mpp
+        scale = geometry.scale_from(source.mpp)
         for vessel in sorted(
             (a for a in source.annotations if class_matches_any(a.class_name, classes)),
             key=lambda a: a.id,
@@ -469,17 +472,15 @@ def collect_donors(
 
 def tissue_positions(
     source: SlideSource,
-    tile_size: int,
-    mpp: float,
+    geometry: TileGeometry,
     min_tissue: float,
     *,
     avoid: Sequence[Annotation] = (),
 ) -> list[tuple[int, int]]:
-    """Level-0 corners, in half-tile steps, of the ``tile_size`` px tiles at ``mpp`` µm/px
-    whose tissue fraction in the slide's thumbnail (≥ 4 µm/px, cheap) is at least
-    ``min_tissue`` and that touch none of ``avoid``; ``[]`` when the slide is smaller
-    than a tile."""
-    extent = tile_extent(tile_size, mpp, source.mpp)
+    """Level-0 corners, in half-tile steps, of the tiles of ``geometry`` whose tissue
+    fraction in the slide's thumbnail (≥ 4 µm/px, cheap) is at least ``min_tissue`` and
+    that touch none of ``avoid``; ``[]`` when the slide is smaller than a tile."""
+    extent = geometry.level0_extent(source.mpp)
     if source.width < extent or source.height < extent:
         return []
     thumb_mpp = max(source.mpp * 8, 4.0)
@@ -504,10 +505,11 @@ def tissue_positions(
 
 
 def mostly_tissue(
-    source: SlideSource, x: int, y: int, tile_size: int, mpp: float, min_tissue: float
+    source: SlideSource, x: int, y: int, geometry: TileGeometry, min_tissue: float
 ) -> bool:
-    """Whether the tile at level-0 (``x``, ``y``) is ≥ ``min_tissue`` tissue, checked on an
-    8× smaller read."""
+    """Whether the tile of ``geometry`` at level-0 (``x``, ``y``) is ≥ ``min_tissue``
+    tissue, checked on an 8× smaller read."""
+    tile_size, mpp = geometry.size, geometry.mpp
     small = max(16, tile_size // 8)
     preview = read_tile(source.reader, x, y, small, mpp * tile_size / small)
     return float(tissue_mask(preview, min_area_px=16).mean()) >= min_tissue
@@ -535,8 +537,7 @@ def most_tissue_crop(image: np.ndarray, tissue: np.ndarray, side: int) -> np.nda
 def collect_backgrounds(
     sources: Sequence[SlideSource],
     classes: Sequence[str],
-    tile_size: int,
-    mpp: float,
+    geometry: TileGeometry,
     *,
     seed: int,
     per_slide: int = 8,
@@ -546,13 +547,15 @@ def collect_backgrounds(
     """Tissue tiles of the slides (≥ ``min_tissue`` tissue), at most ``per_slide`` each.
 
     Candidate positions come from a tissue mask of the slide's thumbnail (cheap); only
-    the chosen ones are read at ``mpp``. Annotations of ``classes`` already in a tile are
-    kept (tile pixels) so the placement avoids them and the output carries them.
+    the chosen ones are read (tiles of ``geometry``). Annotations of ``classes`` already
+    in a tile are kept (tile pixels) so the placement avoids them and the output carries
+    them.
     """
+    tile_size, mpp = geometry.size, geometry.mpp
     rng = np.random.default_rng([seed, 7])
     backgrounds = []
     for source in sources:
-        extent = tile_extent(tile_size, mpp, source.mpp)
+        extent = geometry.level0_extent(source.mpp)
         if source.width < extent or source.height < extent:
             if skipped is not None:
                 skipped.append(
@@ -563,7 +566,7 @@ def collect_backgrounds(
                     )
                 )
             continue
-        positions = tissue_positions(source, tile_size, mpp, min_tissue)
+        positions = tissue_positions(source, geometry, min_tissue)
         if len(positions) > per_slide:
             chosen = rng.choice(len(positions), size=per_slide, replace=False)
             positions = [positions[i] for i in sorted(chosen)]
@@ -575,7 +578,7 @@ def collect_backgrounds(
             tissue = tissue_mask(image)
             if tissue.mean() < min_tissue:
                 continue
-            scale = source.mpp / mpp
+            scale = geometry.scale_from(source.mpp)
             region = box(x, y, x + extent, y + extent)
             inside = [a for a in chosen_annotations if a.geometry.intersects(region)]
             existing = annotations_in_tile(inside, x, y, scale, tile_size)
@@ -603,22 +606,24 @@ class ReferenceTile:
 
 
 def reference_tile(
-    donor: Donor, tile_size: int, mpp: float, classes: Sequence[str]
+    donor: Donor, geometry: TileGeometry, classes: Sequence[str]
 ) -> ReferenceTile:
-    """The ``tile_size`` px tile at ``mpp`` µm/px centred on ``donor``'s vessel (kept on
-    the slide), masked with every annotation of ``classes`` in it."""
+    """The tile of ``geometry`` centred on ``donor``'s vessel (kept on the slide), masked
+    with every annotation of ``classes`` in it."""
+    tile_size, mpp = geometry.size, geometry.mpp
     source = donor.source
     minx, miny, maxx, maxy = donor.vessel.geometry.bounds
     x, y = centred_tile_origin((minx + maxx) / 2, (miny + maxy) / 2, tile_size, mpp, source.reader)
     image = read_tile(source.reader, x, y, tile_size, mpp)
-    extent = tile_extent(tile_size, mpp, source.mpp)
+    extent = geometry.level0_extent(source.mpp)
     region = box(x, y, x + extent, y + extent)
     inside = [
         a.geometry
         for a in source.annotations
         if class_matches_any(a.class_name, classes) and a.geometry.intersects(region)
     ]
-    mask = rasterize(inside, origin=(x, y), scale=source.mpp / mpp, shape=(tile_size, tile_size))
+    scale = geometry.scale_from(source.mpp)
+    mask = rasterize(inside, origin=(x, y), scale=scale, shape=(tile_size, tile_size))
     return ReferenceTile(image, mask, x, y)
 
 

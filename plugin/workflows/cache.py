@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from histosynth.common.geometry import TileGeometry
 from histosynth.integration.errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -231,36 +232,35 @@ def dataset_tiles(folder: str | Path) -> Iterator[CacheTile]:
 # --------------------------------------------------------------------------- slide input
 
 
-def _vessel_tile(planned: Any, tile_size: int, mpp: float) -> CacheTile:
+def _vessel_tile(planned: Any, geometry: TileGeometry) -> CacheTile:
     """Pixels and mask (every chosen-class vessel in it) of one ``extract`` tile."""
     from histosynth.integration.slides import read_tile
     from histosynth.integration.tiles import tile_contents
     from histosynth.synthesis.cache import CacheTile
 
     source = planned.source
-    image = read_tile(source.reader, planned.x, planned.y, tile_size, mpp)
-    mask, _ = tile_contents(planned, tile_size, mpp)
+    image = read_tile(source.reader, planned.x, planned.y, geometry.size, geometry.mpp)
+    mask, _ = tile_contents(planned, geometry)
     return CacheTile(planned.tile_id, image, mask, source=str(source.slide_path), kind="vessel")
 
 
 def _background_tile(
-    source: SlideSource, tile_id: str, x: int, y: int, tile_size: int, mpp: float
+    source: SlideSource, tile_id: str, x: int, y: int, geometry: TileGeometry
 ) -> CacheTile:
     import numpy as np
 
     from histosynth.integration.slides import read_tile
     from histosynth.synthesis.cache import CacheTile
 
-    image = read_tile(source.reader, x, y, tile_size, mpp)
-    mask = np.zeros((tile_size, tile_size), dtype=np.uint8)
+    image = read_tile(source.reader, x, y, geometry.size, geometry.mpp)
+    mask = np.zeros((geometry.size, geometry.size), dtype=np.uint8)
     return CacheTile(tile_id, image, mask, source=str(source.slide_path), kind="background")
 
 
 def _plan_backgrounds(
     sources: Sequence[SlideSource],
     count: int,
-    tile_size: int,
-    mpp: float,
+    geometry: TileGeometry,
     seed: int,
     min_tissue: float = MIN_BACKGROUND_TISSUE,
 ) -> list[_Planned]:
@@ -274,7 +274,7 @@ def _plan_backgrounds(
     candidates = [
         (source, x, y)
         for source in sources
-        for x, y in tissue_positions(source, tile_size, mpp, min_tissue, avoid=source.annotations)
+        for x, y in tissue_positions(source, geometry, min_tissue, avoid=source.annotations)
     ]
     order = np.random.default_rng([seed, 0xCAC4E]).permutation(len(candidates))
     planned: list[_Planned] = []
@@ -282,14 +282,14 @@ def _plan_backgrounds(
         if len(planned) == count:
             break
         source, x, y = candidates[int(k)]
-        if not mostly_tissue(source, x, y, tile_size, mpp, min_tissue):
+        if not mostly_tissue(source, x, y, geometry, min_tissue):
             continue
         tile_id = f"{source.label}-bg-{x}-{y}"
         planned.append(
             _Planned(
                 tile_id,
                 "background",
-                lambda s=source, t=tile_id, x=x, y=y: _background_tile(s, t, x, y, tile_size, mpp),
+                lambda s=source, t=tile_id, x=x, y=y: _background_tile(s, t, x, y, geometry),
             )
         )
     if len(planned) < count:
@@ -305,23 +305,22 @@ def _plan_backgrounds(
 def _plan_slides(
     sources: Sequence[SlideSource],
     classes: Sequence[str],
-    tile_size: int,
-    mpp: float,
+    geometry: TileGeometry,
     background_tiles: int,
     seed: int,
     skipped: list[tuple[str, str]],
 ) -> list[_Planned]:
     from histosynth.integration.tiles import plan_vessel_tiles
 
-    plan = plan_vessel_tiles(sources, classes, tile_size, mpp, 0.0, math.inf)
+    plan = plan_vessel_tiles(sources, classes, geometry, 0.0, math.inf)
     for item, reason in plan.skipped:  # counted in the summary; listed with --debug
         log.info("%s: skipped (%s)", item, reason)
     skipped.extend(plan.skipped)
     vessels = [
-        _Planned(t.tile_id, "vessel", lambda t=t: _vessel_tile(t, tile_size, mpp))
+        _Planned(t.tile_id, "vessel", lambda t=t: _vessel_tile(t, geometry))
         for t in plan.tiles
     ]
-    return vessels + _plan_backgrounds(sources, background_tiles, tile_size, mpp, seed)
+    return vessels + _plan_backgrounds(sources, background_tiles, geometry, seed)
 
 
 # --------------------------------------------------------------------------- the workflow
@@ -442,7 +441,12 @@ def build_feature_cache(
         planned = _plan_dataset(data, tile_size)
     else:
         planned = _plan_slides(
-            sources, classes, tile_size, mpp, settings.background_tiles, seed, result.skipped
+            sources,
+            classes,
+            TileGeometry(tile_size, mpp),
+            settings.background_tiles,
+            seed,
+            result.skipped,
         )
     if not planned:
         raise InputError(

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from histosynth import __version__
-from histosynth.common.geometry import DEFAULT_MPP
+from histosynth.common.geometry import DEFAULT_MPP, TileGeometry
 from histosynth.integration.dataset import EncodedTile, RunWriter, check_run_folder
 from histosynth.integration.errors import InputError
 from histosynth.integration.slides import read_tile
@@ -58,6 +58,11 @@ class ExtractSettings:
     min_area_um2: float = 0.0
     max_area_um2: float = math.inf
     png: str = "fast"
+
+    @property
+    def geometry(self) -> TileGeometry:
+        """The tiles' size (px) and resolution (µm/px)."""
+        return TileGeometry(self.tile_size, self.mpp)
 
     def __post_init__(self) -> None:
         classes = (self.classes,) if isinstance(self.classes, str) else tuple(self.classes)
@@ -103,7 +108,7 @@ def extract(
     sources = annotated_slides(
         classes, project, slide, annotations, slide_mpp_override, skip_missing
     )
-    plan = plan_vessel_tiles(sources, classes, tile_size, mpp, min_area_um2, max_area_um2)
+    plan = plan_vessel_tiles(sources, classes, settings.geometry, min_area_um2, max_area_um2)
 
     config = {
         "command": "extract",
@@ -151,7 +156,7 @@ def _encode_tile(
     writer: RunWriter, planned: PlannedTile, image: np.ndarray, tile_size: int, mpp: float
 ) -> EncodedTile:
     """Mask (0/255), tile-pixel annotations and encoded files of one planned tile."""
-    mask, tile_annotations = tile_contents(planned, tile_size, mpp)
+    mask, tile_annotations = tile_contents(planned, TileGeometry(tile_size, mpp))
     record = slide_tile_record(
         planned.tile_id,
         "extracted",

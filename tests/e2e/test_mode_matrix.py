@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
+from histosynth.common.geometry import TileGeometry
 from histosynth.integration.content_check import QC_PASS, calibrate, check_tile
 from histosynth.integration.errors import InputError
 
@@ -129,7 +130,7 @@ def test_auto_backgrounds_never_generate_with_an_engine_that_cannot(demo_project
     from histosynth.workflows.synthesize.tile_plan import compose_tile
 
     sources = load_sources(project=demo_project)
-    donors = collect_donors(sources, ("Vessel",), 512, 0.5, [], context_px=30)
+    donors = collect_donors(sources, ("Vessel",), TileGeometry(512, 0.5), [], context_px=30)
     run = SynthesisSettings(("Vessel",), 1, model="histosynth-mini-512", tile_size=512,
                             generate_backgrounds=False)
     skipped = compose_tile(0, donors[0], [], [], run, engine=None)

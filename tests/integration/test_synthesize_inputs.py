@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
+from histosynth.common.geometry import TileGeometry
 from histosynth.integration.annotations import class_matches
 from histosynth.integration.tiles import collect_backgrounds, collect_donors, load_sources
 
@@ -17,7 +18,7 @@ def sources(demo_project):
 
 def test_donors_are_vessel_crops_with_their_own_mask(sources):
     skipped = []
-    donors = collect_donors(sources, ["Vessel"], 512, 0.5, skipped)
+    donors = collect_donors(sources, ["Vessel"], TileGeometry(512, 0.5), skipped)
     vessels = [a for s in sources for a in s.annotations if class_matches(a.class_name, "Vessel")]
     assert len(donors) + len(skipped) == len(vessels)
     assert all("larger than 50% of the 512 px tile" in reason for _, reason in skipped)
@@ -33,7 +34,9 @@ def test_donors_are_vessel_crops_with_their_own_mask(sources):
 
 def test_backgrounds_carry_the_vessels_inside_and_skip_small_slides(sources):
     skipped = []
-    backgrounds = collect_backgrounds(sources, ["Vessel"], 1024, 0.5, seed=0, skipped=skipped)
+    backgrounds = collect_backgrounds(
+        sources, ["Vessel"], TileGeometry(1024, 0.5), seed=0, skipped=skipped
+    )
     # the second demo slide is 2048×1536 px at 0.25 µm/px: smaller than a 1024 px tile
     assert any("smaller than a background tile" in reason for _, reason in skipped)
     assert backgrounds and all(b.source is sources[0] for b in backgrounds)
@@ -45,14 +48,14 @@ def test_backgrounds_carry_the_vessels_inside_and_skip_small_slides(sources):
             sum(a.geometry.area for a in background.existing), rel=0.02, abs=50
         )
     assert any(b.existing for b in backgrounds), "some background should hold a vessel"
-    again = collect_backgrounds(sources, ["Vessel"], 1024, 0.5, seed=0)
+    again = collect_backgrounds(sources, ["Vessel"], TileGeometry(1024, 0.5), seed=0)
     assert [(b.x, b.y) for b in again] == [(b.x, b.y) for b in backgrounds]
 
 
 def test_a_donor_crop_beyond_the_slide_edge_excludes_the_white_from_its_ring(sources):
     """A vessel by the slide's edge: the part of its crop beyond the slide is white, and
     ``others`` marks exactly that part, so the ring pasted with the vessel holds tissue."""
-    donors = collect_donors(sources, ["Vessel"], 512, 0.5, [], context_px=30)
+    donors = collect_donors(sources, ["Vessel"], TileGeometry(512, 0.5), [], context_px=30)
     edge = []
     for donor in donors:
         minx, miny, maxx, maxy = donor.vessel.geometry.bounds

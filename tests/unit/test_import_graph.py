@@ -276,6 +276,47 @@ def test_the_size_rule_finds_a_long_module_without_a_reason(tmp_path: Path) -> N
     assert _unexplained_long_modules(modules, tmp_path) == [f"long.py ({MAX_LINES + 1} lines)"]
 
 
+#: the largest a module and a function may be (lines; a function counts what it nests)
+MAX_MODULE_LINES = 800
+MAX_FUNCTION_LINES = 120
+
+
+def _oversized(modules: dict[str, Path], root: Path) -> list[str]:
+    """Modules over :data:`MAX_MODULE_LINES` and functions over :data:`MAX_FUNCTION_LINES`."""
+    out = []
+    for path in modules.values():
+        source = path.read_text(encoding="utf-8")
+        where = path.relative_to(root)
+        if len(source.splitlines()) > MAX_MODULE_LINES:
+            out.append(f"{where} ({len(source.splitlines())} lines)")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    out.append(f"{where}:{node.lineno} {node.name} ({length} lines)")
+    return out
+
+
+def test_no_module_or_function_is_too_long_to_read() -> None:
+    assert _oversized(MODULES, ROOT) == []
+
+
+def test_the_length_rule_finds_a_long_function_and_a_long_module(tmp_path: Path) -> None:
+    long_function = "def f():\n" + "    x = 1\n" * MAX_FUNCTION_LINES
+    files = {
+        "function": long_function,
+        "module": "x = 1\n" * (MAX_MODULE_LINES + 1),
+        "fine": "def g():\n" + "    x = 1\n" * (MAX_FUNCTION_LINES - 1),
+    }
+    for name, text in files.items():
+        (tmp_path / f"{name}.py").write_text(text, encoding="utf-8")
+    modules = {name: tmp_path / f"{name}.py" for name in files}
+    assert _oversized(modules, tmp_path) == [
+        f"function.py:1 f ({MAX_FUNCTION_LINES + 1} lines)",
+        f"module.py ({MAX_MODULE_LINES + 1} lines)",
+    ]
+
+
 #: a concept → the one module that defines it (issue: one home per concept)
 ONE_HOME = {
     "tissue_mask": "histosynth.integration.masks",
@@ -289,6 +330,9 @@ ONE_HOME = {
     "check_finite": "histosynth.options",
     "FiniteFloat": "histosynth.commands.options",
     "wait_option": "histosynth.commands.options",
+    "TileGeometry": "histosynth.common.geometry",
+    "strength_of": "histosynth.synthesis.sampling_defaults",
+    "read_sources": "histosynth.integration.tiles",
 }
 
 

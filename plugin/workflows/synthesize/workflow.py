@@ -230,7 +230,7 @@ def _run_on_ray(job: _TileJob, options: RayOptions, engine_spec: dict[str, Any])
     references: dict[int, ReferenceTile] = {}
     if run.mode == "variation":  # read from the slides here: the actors have no readers
         for d in sorted({donor_of(i) for i in todo}):
-            references[d] = reference_tile(donors[d], run.tile_size, run.mpp, run.classes)
+            references[d] = reference_tile(donors[d], run.geometry, run.classes)
     outcomes = render_on_ray(
         options,
         engine_spec,
@@ -375,7 +375,7 @@ def _run_variation(job: _TileJob, engine: Engine) -> None:
 
     def reference(k: int) -> tuple[ReferenceTile, Donor]:
         if k not in references:
-            references[k] = reference_tile(donors[k], run.tile_size, run.mpp, run.classes)
+            references[k] = reference_tile(donors[k], run.geometry, run.classes)
         return references[k], donors[k]
 
     order = donor_order(donors, run)

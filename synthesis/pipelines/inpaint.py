@@ -54,7 +54,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -187,6 +187,28 @@ def _masks(mask: np.ndarray | Sequence[np.ndarray], shape: tuple[int, int, int])
     return masks > 0
 
 
+#: latent cells decoded beyond the seam band on every side (the decoder's context)
+BAND_MARGIN_CELLS = 8
+
+
+def band_window(weights: np.ndarray, downsample: int, cells: int) -> tuple[slice, slice] | None:
+    """The latent window (rows, columns) that covers every pixel where the seam blend
+    ``weights`` are non-zero plus ``cells`` latent cells of context on each side, or
+    ``None`` when it would cover most of the tile (decoding the tile costs about the
+    same)."""
+    rows, columns = np.nonzero(weights > 0)
+    side_h, side_w = (n // downsample for n in weights.shape)
+    if rows.size == 0:
+        return slice(0, 0), slice(0, 0)
+    top = max(int(rows.min()) // downsample - cells, 0)
+    bottom = min(-(-(int(rows.max()) + 1) // downsample) + cells, side_h)
+    left = max(int(columns.min()) // downsample - cells, 0)
+    right = min(-(-(int(columns.max()) + 1) // downsample) + cells, side_w)
+    if (bottom - top) * (right - left) > 0.7 * side_h * side_w:
+        return None
+    return slice(top, bottom), slice(left, right)
+
+
 class InpaintPipeline(PixCellPipeline):
     """Partial diffusion of composites (SDEdit) with a seam blend around the mask.
 
@@ -208,6 +230,31 @@ class InpaintPipeline(PixCellPipeline):
     default_guidance: float = DEFAULT_INPAINT_GUIDANCE
     #: the largest τ its denoiser serves (the engine's ``abilities.max_strength``)
     max_strength: float = 1.0
+
+    def _decode(
+        self, latents: Tensor, images: np.ndarray, weights: Sequence[np.ndarray], decode: str
+    ) -> np.ndarray:
+        """The generated tiles: ``"tile"`` decodes every latent; ``"band"`` each composite
+        with the latent window around its seam band decoded in place (:func:`band_window`;
+        a window that covers most of the tile decodes the tile)."""
+        if decode == "tile":
+            return self.codec.decode(latents, output="numpy")
+        if decode != "band":
+            raise EngineError(f"decode is 'band' or 'tile', not {decode!r}", item="decode")
+        down = self.codec.downsample
+        out = images.copy()
+        for i, weight in enumerate(weights):
+            window = band_window(weight, down, BAND_MARGIN_CELLS)
+            if window is None:
+                out[i] = self.codec.decode(latents[i : i + 1], output="numpy")[0]
+                continue
+            rows, columns = window
+            if rows.stop <= rows.start or columns.stop <= columns.start:
+                continue  # no seam: the composite
+            decoded = self.codec.decode(latents[i : i + 1, :, rows, columns], output="numpy")[0]
+            y, x = rows.start * down, columns.start * down
+            out[i, y : y + decoded.shape[0], x : x + decoded.shape[1]] = decoded
+        return out
 
     def _checked_strength(self, strength: float | None) -> float:
         """τ of a call (``None``: :attr:`default_strength`), within [0, 1] and what the
@@ -249,6 +296,7 @@ class InpaintPipeline(PixCellPipeline):
         seam_sigma: float = DEFAULT_SEAM_SIGMA,
         adapter: str | None = None,
         uni_rows: Tensor | np.ndarray | None = None,
+        decode: Literal["band", "tile"] = "band",
         output_type: OutputType = "numpy",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
@@ -276,6 +324,10 @@ class InpaintPipeline(PixCellPipeline):
             adapter: a LoRA adapter loaded on the transformer, for this call only.
             uni_rows: the condition ``[B, tokens, dim]`` instead of the encoder's rows of
                 the composites.
+            decode: ``"band"`` decodes only the latent window around the seam band (what
+                the blend keeps; ``generated`` is the composite beyond it; about half the
+                decoder's cost for a vessel of a third of the tile), ``"tile"`` the whole
+                tile.
             output_type: ``"numpy"``, ``"pil"`` or ``"latent"`` (see
                 :class:`InpaintPipelineOutput`).
             return_dict: return an :class:`InpaintPipelineOutput`, else the tuple
@@ -345,13 +397,9 @@ class InpaintPipeline(PixCellPipeline):
             return self._finish(
                 latents, None, seed_list, start, num_steps, output_type, return_dict
             )
-        generated = self.codec.decode(latents, output="numpy")
-        final = np.stack(
-            [
-                seam_blend(images[i], generated[i], seam_weights(masks[i], sigma=float(seam_sigma)))
-                for i in range(count)
-            ]
-        )
+        weights = [seam_weights(masks[i], sigma=float(seam_sigma)) for i in range(count)]
+        generated = self._decode(latents, images, weights, decode)
+        final = np.stack([seam_blend(images[i], generated[i], weights[i]) for i in range(count)])
         return self._finish(final, generated, seed_list, start, num_steps, output_type, return_dict)
 
     def _finish(

@@ -199,7 +199,7 @@ def test_the_method_written_out_by_hand(
     manual = manual_sdedit(untrained_engine, composite, seed=11, guidance=guidance)
     assert torch.allclose(out.images, manual, rtol=0, atol=1e-5 * manual.abs().max())
     # decoded and blended: the final image is seam_blend(X, X_gen, A)
-    full = run(pipe, composite, mask, seeds=[11], guidance_scale=guidance)
+    full = run(pipe, composite, mask, seeds=[11], guidance_scale=guidance, decode="tile")
     assert np.array_equal(full.generated, untrained_engine.codec.decode(out.images))
     expected = seam_blend(composite, full.generated[0], seam_weights(mask, sigma=SIGMA))
     assert np.array_equal(full.images[0], expected)
@@ -358,3 +358,37 @@ def test_callback_on_step_end_sees_and_replaces_the_latents(pipe: InpaintPipelin
         )
     with pytest.raises(EngineError, match="guidance scale"):
         run(pipe, tile(), disk(), seeds=[3], guidance_scale=float("nan"))
+
+
+def test_band_decoding_decodes_only_the_window_around_the_seam(
+    untrained_engine: Engine, pipe: InpaintPipeline
+) -> None:
+    """``decode="band"`` (the default) decodes the latent window around the seam band:
+    beyond it ``generated`` is the composite, inside it the pixels are those of the
+    window's own decode, and the final tile is the composite beyond 4σ as always; a window
+    covering most of the tile decodes the tile."""
+    from histosynth.synthesis.pipelines.inpaint import BAND_MARGIN_CELLS, band_window
+
+    composite, mask = tile(6), disk(60, 60, 12)
+    weights = seam_weights(mask, sigma=SIGMA)
+    down = untrained_engine.codec.downsample
+    rows, columns = band_window(weights, down, BAND_MARGIN_CELLS)
+    assert (rows.start, columns.start) == (0, 0) and rows.stop * down < TILE
+    band = run(pipe, composite, mask, seeds=[2])
+    whole = run(pipe, composite, mask, seeds=[2], decode="tile")
+    latents = run(pipe, composite, mask, seeds=[2], output_type="latent").images
+    window = (slice(rows.start * down, rows.stop * down),
+              slice(columns.start * down, columns.stop * down))
+    outside = np.ones((TILE, TILE), bool)
+    outside[window] = False
+    assert np.array_equal(band.generated[0][outside], composite[outside])
+    decoded = untrained_engine.codec.decode(latents[:, :, rows, columns])[0]
+    assert np.array_equal(band.generated[0][window], decoded)
+    assert np.array_equal(band.images[0][weights == 0], composite[weights == 0])
+    assert not np.array_equal(band.images, whole.images)  # the window is its own decode
+    big = disk(128, 128, 90)
+    assert band_window(seam_weights(big, sigma=SIGMA), down, BAND_MARGIN_CELLS) is None
+    assert np.array_equal(run(pipe, composite, big, seeds=[2]).images,
+                          run(pipe, composite, big, seeds=[2], decode="tile").images)
+    with pytest.raises(EngineError, match="decode is 'band' or 'tile'"):
+        run(pipe, composite, mask, seeds=[2], decode="half")

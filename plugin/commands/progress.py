@@ -8,6 +8,20 @@ from collections.abc import Iterable
 import click
 
 
+def bar_options(quiet: bool) -> dict:
+    """tqdm's options on stderr: on a terminal the bar redraws in place and is wiped when
+    done; into a pipe or a log (a QuPath script, CI) it is redrawn every 10 s at most and
+    its last state ends with a newline, so the next message starts a line of its own."""
+    terminal = sys.stderr.isatty()
+    return {
+        "disable": quiet,
+        "file": sys.stderr,
+        "dynamic_ncols": terminal,
+        "leave": not terminal,
+        "mininterval": 0.1 if terminal else 10.0,
+    }
+
+
 def progress_for(ctx: click.Context, description: str, unit: str = "tile"):
     """``progress(items, total)`` showing a tqdm bar on stderr unless ``--quiet`` was given."""
     root = ctx.find_root()
@@ -16,16 +30,7 @@ def progress_for(ctx: click.Context, description: str, unit: str = "tile"):
     def wrap(items: Iterable, total: int) -> Iterable:
         from tqdm.auto import tqdm
 
-        return tqdm(
-            items,
-            total=total,
-            desc=description,
-            unit=unit,
-            disable=quiet,
-            file=sys.stderr,
-            dynamic_ncols=True,
-            leave=False,
-        )
+        return tqdm(items, total=total, desc=description, unit=unit, **bar_options(quiet))
 
     return wrap
 

@@ -72,6 +72,22 @@ def test_quiet_silences_progress_and_warnings_not_the_result(extracted_run):
     assert "tile(s) written" in result.output and f"dataset: {out}" in result.output
 
 
+def test_into_a_log_the_progress_bar_ends_its_line(demo, tmp_path):
+    """Into a pipe (a QuPath script's log, CI) the bar's last state ends with a newline:
+    the messages after it start lines of their own (they ran into it: '…tile/s]dataset:')."""
+    done = subprocess.run(
+        [sys.executable, "-m", "histosynth", "extract", "--project", str(demo["project"]),
+         "--class", "Vessel", "--out", str(tmp_path / "run")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout
+    bar_lines = [line for line in done.stdout.split("\n") if "tile/s]" in line or "it/s]" in line]
+    assert bar_lines, done.stdout  # the bar was drawn
+    for line in bar_lines:
+        assert line.rstrip().endswith("]"), repr(line)
+    assert any(line.startswith("dataset: ") for line in done.stdout.split("\n")), done.stdout
+
+
 def _vessels(slide):
     return [a for a in slide.annotations if class_matches(a.class_name, "Vessel")]
 

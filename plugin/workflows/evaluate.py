@@ -276,6 +276,11 @@ def _metrics(
             Row("precision (k 3)", None, note="needs ≥ 4 tiles per side", group=group),
             Row("recall (k 3)", None, note="needs ≥ 4 tiles per side", group=group),
         ]
+    if not pair:  # every metric has its row, with what it needs when it cannot be measured
+        rows += [
+            Row("density (k 5)", None, note="needs ≥ 6 tiles per side", group=group),
+            Row("coverage (k 5)", None, note="needs ≥ 6 tiles per side", group=group),
+        ]
     if len(real) >= 2 and len(fake) >= 1:
         s2r, r2r = (
             (pair.nnd_synth_to_real, pair.nnd_real_to_real)

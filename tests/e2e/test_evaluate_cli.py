@@ -57,8 +57,8 @@ def test_evaluate_writes_the_table_and_metrics_json(invoke, sets, tmp_path):
     result = invoke("evaluate", run, "--real", real, "--features", "tiny")
     assert result.exit_code == 0, result.output
     assert "12 synthetic tile(s) against 24 real tile(s)" in result.output
-    for name in ("FID", "KID ×10³", "precision (k 3)", "recall (k 3)", "NND synth → real",
-                 "CMMD", "cosine to the source tile"):
+    for name in ("FID", "KID ×10³", "precision (k 3)", "recall (k 3)", "density (k 5)",
+                 "coverage (k 5)", "NND synth → real", "CMMD", "cosine to the source tile"):
         assert f"| {name}" in result.output
     doc = json.loads((run / "metrics.json").read_text())
     assert doc["feature_space"]["name"] == "tiny"
@@ -163,3 +163,20 @@ def test_several_feature_spaces_in_one_evaluation(invoke, sets, tmp_path, monkey
     assert doc["plots"]["space"] == "tiny"
     unknown = invoke("evaluate", run, "--real", real, "--features", "tiny,inceptoin")
     assert unknown.exit_code == 1 and "unknown feature space 'inceptoin'" in unknown.stderr
+
+
+def test_every_metric_has_its_row_even_when_too_few_tiles_measure_it(
+    invoke, tmp_path, monkeypatch
+):
+    """Four synthetic tiles: density and coverage (k 5) cannot be measured, and their rows
+    say what they need instead of being left out."""
+    monkeypatch.setenv("HISTOSYNTH_CACHE", str(tmp_path / "cache"))
+    real, run = tmp_path / "real", tmp_path / "run"
+    _write(real, "extracted", 10, 0)
+    _write(run, "inpainting", 4, 5000, donors=[f"vessel-{n}" for n in range(4)])
+    result = invoke("evaluate", run, "--real", real, "--features", "tiny")
+    assert result.exit_code == 0, result.output
+    for name in ("density (k 5)", "coverage (k 5)"):
+        assert f"| {name} | tiny | n/a  (needs ≥ 6 tiles per side)" in result.output
+    values = {m["metric"]: m for m in json.loads((run / "metrics.json").read_text())["metrics"]}
+    assert values["density (k 5)"]["value"] is None

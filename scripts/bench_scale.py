@@ -135,19 +135,22 @@ class _Stages:
 
 
 def _stage_timers() -> _Stages:
+    """Timers on the functions where each stage runs, in the modules that call them."""
+    import histosynth.workflows.synthesize.run_setup as run_setup
+    import histosynth.workflows.synthesize.tile_plan as tile_plan
     import histosynth.workflows.synthesize.workflow as workflow
 
     stages = _Stages()
-    for name, stage in (
-        ("load_sources", "slides and annotations opened"),
-        ("collect_donors", "donors read and cut"),
-        ("collect_backgrounds", "background tiles read"),
-        ("background_ranking", "backgrounds ranked per donor"),
-        ("compose_tile", "composites (placement, colour, paste)"),
-        ("render_inpaint", "rendering (the engine)"),
-        ("_write_inpainted", "writing (PNG, GeoJSON, index commit)"),
+    for module, name, stage in (
+        (workflow, "slide_sources", "slides and annotations opened"),
+        (run_setup, "collect_donors", "donors read and cut"),
+        (run_setup, "collect_backgrounds", "background tiles read"),
+        (tile_plan, "background_ranking", "backgrounds ranked per donor"),
+        (workflow, "compose_tile", "composites (placement, colour, paste)"),
+        (workflow, "render_inpaint", "rendering (the engine)"),
+        (workflow, "_write_inpaint_batch", "writing (PNG, GeoJSON, index commit)"),
     ):
-        stages.wrap(workflow, name, stage)
+        stages.wrap(module, name, stage)
     return stages
 
 

@@ -136,3 +136,29 @@ def test_names_with_lone_surrogates_and_control_characters_are_stored_safely(
     assert len(rows) == 1
     for written in out.rglob("*.geojson"):
         written.read_text(encoding="utf-8")  # valid UTF-8
+
+
+def test_the_tiles_of_a_run_start_from_different_backgrounds(sources):
+    """Each tile's first background is one no earlier tile started from while the run has
+    such backgrounds (two of the demo's four tiles once shared one), chosen from the
+    seed and the tile's index alone: asked in any order, the same choices."""
+    from histosynth.workflows.synthesize.settings import SynthesisSettings
+    from histosynth.workflows.synthesize.tile_plan import BackgroundOrders
+
+    geometry = TileGeometry(512, 0.5)
+    donors = collect_donors(sources, ["Vessel"], geometry, [], context_px=30)
+    backgrounds = collect_backgrounds(sources, ["Vessel"], geometry, seed=0)
+    assert len(backgrounds) >= 4
+    run = SynthesisSettings(classes=("Vessel",), count=40, tile_size=512)
+    orders = BackgroundOrders(donors, backgrounds, run)
+    firsts = [orders(i)[0] for i in range(len(backgrounds))]
+    assert len(set(firsts)) == len(backgrounds)
+    for i in range(len(backgrounds)):  # the donor's whole ranking, its first choice first
+        assert sorted(orders(i)) == list(range(len(backgrounds)))
+    later = [orders(i)[0] for i in range(len(backgrounds), 3 * len(backgrounds))]
+    assert set(later) <= set(range(len(backgrounds)))  # all used: the most similar again
+    resumed = BackgroundOrders(donors, backgrounds, run)
+    assert [resumed(i)[0] for i in (7, 2, 0, 5)] == [firsts[7], firsts[2], firsts[0], firsts[5]]
+    synthetic = SynthesisSettings(classes=("Vessel",), count=4, tile_size=512,
+                                  background="synthetic")
+    assert BackgroundOrders(donors, backgrounds, synthetic)(0) == []

@@ -29,11 +29,11 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "BackgroundOrders",
     "PlannedTile",
     "SkippedTile",
     "adapter_folder",
     "background_histograms",
-    "background_order",
     "background_ranking",
     "compose_tile",
     "donor_order",
@@ -125,14 +125,47 @@ def background_ranking(
     return rank_histograms(reference, histograms)
 
 
-def background_order(index: int, ranked: Sequence[int], run: SynthesisSettings) -> list[int]:
-    """The backgrounds tile ``index`` tries, in turn: one of the three most similar (seeded
-    by the tile), then the rest of the ranking."""
-    if not ranked or run.background == "synthetic":
-        return []
-    rng = np.random.default_rng([run.seed, index])
-    first = ranked[int(rng.integers(min(3, len(ranked))))]
-    return [first, *[r for r in ranked if r != first]]
+class BackgroundOrders:
+    """The backgrounds each tile of a run tries, in turn: first a seeded one of the three
+    most similar to its donor's surroundings that no earlier tile of the run starts from
+    (while the run has such backgrounds: the tiles of a run show different tissue), then
+    the rest of its donor's ranking. Every choice follows from the seed and the tile's
+    index alone (a resumed run, a Ray run and a single-process run choose alike)."""
+
+    def __init__(
+        self, donors: Sequence[Donor], backgrounds: Sequence[Background], run: SynthesisSettings
+    ) -> None:
+        self.donors, self.backgrounds, self.run = donors, backgrounds, run
+        self.donor_order = donor_order(donors, run)
+        self._histograms = background_histograms(backgrounds) if backgrounds else None
+        self._rankings: dict[int, list[int]] = {}
+        self._firsts: list[int] = []
+
+    def donor_of(self, index: int) -> int:
+        """The donor tile ``index`` takes (the donors in a seeded cycle)."""
+        return int(self.donor_order[index % len(self.donors)])
+
+    def ranking(self, donor: int) -> list[int]:
+        """The backgrounds by similarity to ``donor``'s surroundings (computed once)."""
+        if donor not in self._rankings:
+            self._rankings[donor] = background_ranking(
+                self.donors[donor], self.backgrounds, self._histograms
+            )
+        return self._rankings[donor]
+
+    def __call__(self, index: int) -> list[int]:
+        """The background indices tile ``index`` tries, in turn."""
+        if not self.backgrounds or self.run.background == "synthetic":
+            return []
+        while len(self._firsts) <= index:  # every earlier tile's first choice, in order
+            tile = len(self._firsts)
+            used = set(self._firsts)
+            ranked = self.ranking(self.donor_of(tile))
+            pool = ([r for r in ranked if r not in used] or ranked)[:3]
+            rng = np.random.default_rng([self.run.seed, tile])
+            self._firsts.append(pool[int(rng.integers(len(pool)))])
+        first = self._firsts[index]
+        return [first, *[r for r in self.ranking(self.donor_of(index)) if r != first]]
 
 
 def compose_tile(

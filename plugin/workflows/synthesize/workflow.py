@@ -47,11 +47,9 @@ from histosynth.workflows.synthesize.run_setup import (
 )
 from histosynth.workflows.synthesize.settings import SynthesisSettings
 from histosynth.workflows.synthesize.tile_plan import (
+    BackgroundOrders,
     PlannedTile,
     SkippedTile,
-    background_histograms,
-    background_order,
-    background_ranking,
     compose_tile,
     donor_order,
     plan_batches,
@@ -214,18 +212,8 @@ def _run_on_ray(job: _TileJob, options: RayOptions, engine_spec: dict[str, Any])
     from histosynth.workflows.synthesize.scale_out import render_on_ray
 
     run, donors, backgrounds, todo = job.run, job.donors, job.backgrounds, job.todo
-    order = donor_order(donors, run)
-    rankings: dict[int, list[int]] = {}
-    histograms = background_histograms(backgrounds) if backgrounds else None
-
-    def donor_of(i: int) -> int:
-        return int(order[i % len(donors)])
-
-    def orders(i: int) -> list[int]:
-        d = donor_of(i)
-        if d not in rankings:
-            rankings[d] = background_ranking(donors[d], backgrounds, histograms)
-        return background_order(i, rankings[d], run)
+    orders = BackgroundOrders(donors, backgrounds, run)
+    donor_of = orders.donor_of
 
     references: dict[int, ReferenceTile] = {}
     if run.mode == "variation":  # read from the slides here: the actors have no readers
@@ -288,18 +276,12 @@ def _run_inpaint(job: _TileJob, engine: Engine) -> None:
     run, donors, backgrounds = job.run, job.donors, job.backgrounds
     pipeline = engine.inpaint_pipeline()
     pipeline.set_progress_bar_config(disable=True)
-    rankings: dict[int, list[int]] = {}
-    histograms = background_histograms(backgrounds) if backgrounds else None
-    order = donor_order(donors, run)
+    orders = BackgroundOrders(donors, backgrounds, run)
     for chunk in plan_batches(job.todo, run.batch_size, job.progress):
         batch: list[PlannedTile] = []
         for i in chunk:
-            d = int(order[i % len(donors)])
-            if d not in rankings:
-                rankings[d] = background_ranking(donors[d], backgrounds, histograms)
-            prepared = compose_tile(
-                i, donors[d], backgrounds, background_order(i, rankings[d], run), run, engine
-            )
+            donor = donors[orders.donor_of(i)]
+            prepared = compose_tile(i, donor, backgrounds, orders(i), run, engine)
             if isinstance(prepared, SkippedTile):
                 _record_skip(job, prepared)
             else:

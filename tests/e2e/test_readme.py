@@ -53,3 +53,24 @@ def test_readme_block_runs_as_printed(section, code, line, tmp_path, monkeypatch
         assert "(1, 512, 512, 3)" in printed or "PixCell-1024" in printed.splitlines()[0]
         assert "generates=False" in printed or "PixCell-1024" in printed.splitlines()[0]
         assert "\npass\n" in printed
+
+
+def test_the_demo_paragraph_says_what_the_demo_does() -> None:
+    """The numbers the README quotes of the demo are the code's: its slides, its tiles,
+    their size and resolution, and the steps the README names for the embedded engine."""
+    import click
+
+    from histosynth.commands.demo import demo
+    from histosynth.synthesis.weights import model_facts
+    from histosynth.workflows.demo import DEMO_SLIDES
+
+    words = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
+    text = " ".join(README.split())
+    assert f"({words[DEMO_SLIDES]} real pyramidal OME-TIFF slides" in text
+    count = next(p.default for p in demo.params if isinstance(p, click.Option)
+                 and p.name == "count")
+    facts = model_facts("default")
+    assert f"{words[count]} {facts.tile_size} px tiles at 0.5 µm/px" in text
+    own = facts.sampling
+    assert (f"{own.inpaint_guidance:g} and {own.inpaint_steps} for the embedded default"
+            in text)

@@ -342,10 +342,10 @@ class InpaintPipeline(PixCellPipeline):
                 number of seeds, a strength outside [0, 1], an unknown adapter or output
                 type.
         """
-        guidance_scale = self.default_guidance if guidance_scale is None else guidance_scale
-        num_inference_steps = self.default_steps if num_inference_steps is None else (
-            num_inference_steps
-        )
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance
+        if num_inference_steps is None:
+            num_inference_steps = self.default_steps
         self.check_inputs(
             output_type=output_type,
             num_inference_steps=num_inference_steps,

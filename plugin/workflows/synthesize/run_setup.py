@@ -111,15 +111,14 @@ def resolved_settings(
             f"the model makes {engine.tile_size} px tiles; use --tile-size {engine.tile_size}"
         )
     generates = engine.abilities.generates and (engine.trained or settings.allow_untrained)
+    own = engine.sampling  # the engine's steps and guidance where the settings name none
     run = replace(
         settings,
         harmonise=resolved_harmonise(settings.harmonise, engine.trained),
         generate_backgrounds=generates,
         tile_size=tile_size,
-        steps=engine.sampling.steps(settings.mode) if settings.steps is None else settings.steps,
-        guidance=engine.sampling.guidance(settings.mode)
-        if settings.guidance is None
-        else settings.guidance,
+        steps=own.steps(settings.mode) if settings.steps is None else settings.steps,
+        guidance=own.guidance(settings.mode) if settings.guidance is None else settings.guidance,
         strength=engine.strength if settings.strength is None else settings.strength,
         adapter=None if settings.adapter is None else load_adapter_for(engine, settings.adapter),
         batch_size=settings.batch_size or (4 if _renders_on_gpu(engine, ray) else 1),

@@ -352,6 +352,7 @@ class RunWriter:
                 self.info[key] = self.config[key]
         self._ids: set[str] = set()
         self._lock = threading.Lock()
+        self._claimed: set[str] = set()  # ids whose files are being written (commit)
         self._counts: Counter[str] = Counter()
         self._classes: Counter[str] = Counter()
         self._skipped: list[dict[str, str]] = []
@@ -675,6 +676,9 @@ class RunWriter:
     def commit(self, tile: EncodedTile) -> TileRecord:
         """Write an encoded tile's files atomically, then append its index row.
 
+        Thread-safe: several threads may commit at once; the files are written in the
+        calling thread (its id claimed first, so a duplicate fails before any write) and
+        only the index row is appended under the writer's lock.
         Returns the completed record (paths, ``image_sha256``, ``created_at`` filled).
         """
         if not self._open:
@@ -682,49 +686,57 @@ class RunWriter:
         record = tile.record
         tile_id = record.id
         with self._lock:
-            if tile_id in self._ids:
+            if tile_id in self._ids or tile_id in self._claimed:
                 raise InputError("a tile with this id is already in the run", item=tile_id)
+            self._claimed.add(tile_id)
+        written: list[Path] = []  # removed again unless the row lands in the index
+        try:
             paths = tile_paths(tile_id)
             image_rel, mask_rel = paths["image_path"], paths["mask_path"]
             annotation_rel = paths["annotation_path"]
-            written: list[Path] = []
-            try:
-                for name, data in tile.refs.items():
-                    ref = self.run_dir / "refs" / f"{tile_id}-{name}.png"
-                    written.append(refuse_links_in(self.run_dir, ref))
-                    atomic_write_bytes(written[-1], data)
-                if tile.mask_png is None:
-                    mask_rel = ""
-                for rel, data in (
-                    (image_rel, tile.image_png),
-                    (mask_rel, tile.mask_png),
-                    (annotation_rel, tile.geojson),
-                ):
-                    if data is None:
-                        continue
-                    written.append(refuse_links_in(self.run_dir, self.run_dir / rel))
-                    atomic_write_bytes(written[-1], data)
-                done = dataclasses.replace(
-                    record,
-                    image_path=image_rel,
-                    mask_path=mask_rel,
-                    annotation_path=annotation_rel,
-                    image_sha256=tile.image_sha256 or hashlib.sha256(tile.image_png).hexdigest(),
-                    created_at=record.created_at or utc_now(),
-                    extra={
-                        **record.extra,
-                        "mask_sha256": _sha256(tile.mask_png),
-                        "annotation_sha256": _sha256(tile.geojson),
-                    },
-                )
+            for name, data in tile.refs.items():
+                ref = self.run_dir / "refs" / f"{tile_id}-{name}.png"
+                written.append(refuse_links_in(self.run_dir, ref))
+                atomic_write_bytes(written[-1], data)
+            if tile.mask_png is None:
+                mask_rel = ""
+            for rel, data in (
+                (image_rel, tile.image_png),
+                (mask_rel, tile.mask_png),
+                (annotation_rel, tile.geojson),
+            ):
+                if data is None:
+                    continue
+                written.append(refuse_links_in(self.run_dir, self.run_dir / rel))
+                atomic_write_bytes(written[-1], data)
+            done = dataclasses.replace(
+                record,
+                image_path=image_rel,
+                mask_path=mask_rel,
+                annotation_path=annotation_rel,
+                image_sha256=tile.image_sha256 or hashlib.sha256(tile.image_png).hexdigest(),
+                created_at=record.created_at or utc_now(),
+                extra={
+                    **record.extra,
+                    "mask_sha256": _sha256(tile.mask_png),
+                    "annotation_sha256": _sha256(tile.geojson),
+                },
+            )
+            with self._lock:
+                if not self._open:
+                    raise RuntimeError("RunWriter was closed while a tile was being written")
                 self._append_row(done.row(self.columns))
-            except BaseException:
-                for path in written:
-                    path.unlink(missing_ok=True)
-                raise
-            self._ids.add(tile_id)
-            self._written += 1
-            self._count(done.synthesis_type, done.class_name)
+                written = []
+                self._ids.add(tile_id)
+                self._written += 1
+                self._count(done.synthesis_type, done.class_name)
+        except BaseException:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
+        finally:
+            with self._lock:
+                self._claimed.discard(tile_id)
         return done
 
     def _append_row(self, cells: list[str]) -> None:

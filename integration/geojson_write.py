@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import shapely
 from shapely.geometry import GeometryCollection, MultiPolygon, Polygon, box
 from shapely.geometry.base import BaseGeometry
@@ -45,6 +46,8 @@ def is_real(value: Any) -> bool:
 
 def finite_float(value: Any) -> float | None:
     """``value`` as a finite float, or ``None`` (NaN, infinity, too large, not a number)."""
+    if type(value) is float:  # the common case (parsed JSON), without the ABC checks
+        return value if math.isfinite(value) else None
     if not is_real(value):
         return None
     try:
@@ -96,12 +99,9 @@ def _metadata(annotation: Annotation, ann_id: str) -> dict[str, str]:
     return result
 
 
-def _round(value: float) -> float:
-    return round(float(value), 2) + 0.0  # + 0.0 turns -0.0 into 0.0
-
-
 def _ring_coords(ring: Any) -> list[list[float]]:
-    coords = [[_round(x), _round(y)] for x, y, *_ in ring.coords]
+    """The ring's (x, y) rounded to 0.01 px (``+ 0.0`` turns -0.0 into 0.0), closed."""
+    coords = (np.round(shapely.get_coordinates(ring), 2) + 0.0).tolist()
     if coords and coords[0] != coords[-1]:
         coords.append(coords[0])
     return coords

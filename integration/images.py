@@ -6,6 +6,8 @@ inside this module).
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +27,51 @@ __all__ = [
 ]
 
 # Lossless at every setting; chosen for speed. Measured on 1024² H&E tiles (2 cores):
-# "small" (zlib level 1, SUB filter) ~1.5× faster than OpenCV's default for ~7 % larger
-# files; "fast" (stored, no filter) ~8× faster again, ~1.6× larger. Masks, mostly runs of
-# 0, need no filter at all: ~8× faster than the default, same size.
+# "small" (zlib level 1, SUB filter, OpenCV) ~1.5× faster than OpenCV's default for ~7 %
+# larger files; "fast" (stored deflate blocks, no filter, written here) ~3× faster than
+# OpenCV's own stored PNG (9 ms → 3 ms), ~1.6× larger than "small". Masks, mostly runs of
+# 0, need no filter: zlib level 1 over the raw rows, ~2.5× faster than through OpenCV.
 PNG_SETTINGS = {
     "small": [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB],
     "fast": [cv2.IMWRITE_PNG_COMPRESSION, 0, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE],
 }
-_PNG_MASK = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_STORED_BLOCK = 65535  # bytes: the most one stored deflate block holds
+
+
+def _chunk(kind: bytes, data: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+    """A PNG chunk as its four parts: length, type, data, CRC (joined once, by the caller)."""
+    crc = zlib.crc32(data, zlib.crc32(kind))
+    return struct.pack(">I", len(data)), kind, data, struct.pack(">I", crc)
+
+
+def _png(pixels: np.ndarray, colour_type: int, level: int | None) -> bytes:
+    """PNG bytes of uint8 ``pixels`` (H, W) grey (colour type 0) or (H, W, 3) RGB (2),
+    every row with filter 0; ``level`` None writes stored deflate blocks (no compression,
+    the fastest lossless PNG), else zlib at that level. The file is joined once."""
+    height, width = pixels.shape[:2]
+    rows = np.empty((height, 1 + pixels[0].size), np.uint8)
+    rows[:, 0] = 0  # filter type: none
+    rows[:, 1:] = pixels.reshape(height, -1)
+    raw = memoryview(rows).cast("B")
+    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
+    head = [_PNG_SIGNATURE, *_chunk(b"IHDR", header)]
+    tail = _chunk(b"IEND", b"")
+    if level is not None:
+        return b"".join((*head, *_chunk(b"IDAT", zlib.compress(raw, level)), *tail))
+    # zlib header (deflate, 32 KiB window), stored blocks, Adler-32 of the raw rows
+    stream: list[bytes | memoryview] = [b"\x78\x01"]
+    for start in range(0, len(raw), _STORED_BLOCK):
+        block = raw[start : start + _STORED_BLOCK]
+        last = start + _STORED_BLOCK >= len(raw)
+        stream += [struct.pack("<BHH", last, len(block), 0xFFFF ^ len(block)), block]
+    stream.append(struct.pack(">I", zlib.adler32(raw)))
+    crc = zlib.crc32(b"IDAT")
+    for part in stream:
+        crc = zlib.crc32(part, crc)
+    size = sum(len(part) for part in stream)
+    idat = [struct.pack(">I", size), b"IDAT", *stream, struct.pack(">I", crc)]
+    return b"".join((*head, *idat, *tail))
 
 
 def encode_rgb_png(image: Any, what: str, params: list[int] = PNG_SETTINGS["small"]) -> bytes:
@@ -44,6 +83,8 @@ def encode_rgb_png(image: Any, what: str, params: list[int] = PNG_SETTINGS["smal
         raise InputError(f"expected uint8 pixels, got {image.dtype}", item=what)
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise InputError("the image is empty", item=what)
+    if params == PNG_SETTINGS["fast"]:
+        return _png(image, colour_type=2, level=None)
     bgr = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR)
     ok, encoded = cv2.imencode(".png", bgr, params)
     if not ok:
@@ -66,10 +107,7 @@ def encode_mask_png(mask: Any, size: tuple[int, int] | None, what: str) -> bytes
     if mask.shape[0] == 0 or mask.shape[1] == 0:
         raise InputError("the mask is empty", item=what)
     binary = np.where(mask != 0, np.uint8(255), np.uint8(0))
-    ok, encoded = cv2.imencode(".png", binary, _PNG_MASK)
-    if not ok:
-        raise InputError("PNG encoding failed", item=what)
-    return encoded.tobytes()
+    return _png(binary, colour_type=0, level=1)
 
 
 def read_rgb(path: str | Path, item: str | None = None) -> np.ndarray:

@@ -494,6 +494,44 @@ def test_fast_and_small_png_are_both_lossless(tmp_path):
         RunWriter(tmp_path / "x", config={}, png="tiny")
 
 
+def test_threads_commit_at_once_and_one_id_lands_once(tmp_path):
+    """commit writes files outside the writer's lock: 8 threads committing 8 tiles leave 8
+    rows whose files match their hashes; 8 threads committing one id leave one row, one set
+    of files and 7 clear errors."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(8)]
+    mask = np.zeros((32, 32), np.uint8)
+    mask[4:20, 4:20] = 255
+    run = tmp_path / "run"
+    with RunWriter(run, config={}) as writer:
+        encoded = [
+            writer.encode_tile(
+                TileRecord(id=f"t{k}", synthesis_type="extracted"), image, mask, []
+            )
+            for k, image in enumerate(images)
+        ]
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(writer.commit, encoded))
+        same = [
+            writer.encode_tile(TileRecord(id="dup", synthesis_type="extracted"), image, mask, [])
+            for image in images
+        ]
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(writer.commit, tile) for tile in same]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+    assert len(errors) == 7 and all(isinstance(e, InputError) for e in errors)
+    rows = read_index(run)
+    assert sorted(r["id"] for r in rows) == sorted([f"t{k}" for k in range(8)] + ["dup"])
+    for row in rows:
+        data = (run / row["image_path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == row["image_sha256"]
+    assert sorted(p.name for p in (run / "images").iterdir()) == sorted(
+        [f"t{k}.png" for k in range(8)] + ["dup.png"]
+    )
+
+
 # ----------------------------------------------------------------------------- kills, races
 
 _KILL_FIRST_RENAME = """

@@ -13,6 +13,7 @@ import warnings
 import click
 
 from histosynth import __version__
+from histosynth.commands.adapters import adapters
 from histosynth.commands.benchmark import benchmark
 from histosynth.commands.cache import cache
 from histosynth.commands.demo import demo
@@ -104,3 +105,4 @@ for _command in (
     extract, synthesize, demo, evaluate, models, review, export, qupath, cache, train, benchmark
 ):
     main.add_command(_command)
+main.add_command(adapters)

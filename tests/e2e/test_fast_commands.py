@@ -44,6 +44,8 @@ def _run(args: list[str]) -> dict:
         ["synthesize", "--help"],
         ["models", "list"],
         ["models", "check", "pixcell-1024"],
+        ["adapters", "list"],
+        ["adapters", "list", "--json"],
         ["synthesize", "--class", "Vessel"],  # missing --count / --out: usage error
     ],
 )

@@ -23,6 +23,13 @@ from histosynth.commands.options import (
     value_option,
     wait_option,
 )
+from histosynth.integration.qupath.classes import (
+    SKETCH_CLASS,
+    add_project_classes,
+    classes_file,
+    histosynth_classes,
+)
+from histosynth.integration.qupath.project_classes import read_project_classes
 from histosynth.qupath import MODES, SETTINGS_NAME, install_scripts, plan_for_scripts
 
 
@@ -53,13 +60,25 @@ def qupath() -> None:
     default=True,
     help="Replace scripts and settings already in the project.",
 )
-def install_scripts_command(project: Path, overwrite: bool, **settings: Any) -> None:
+@value_option(
+    "--sketch-class/--no-sketch-class",
+    default=True,
+    help=f"Add the class {SKETCH_CLASS!r} (outlines for --mode shape) to the project's classes.",
+)
+def install_scripts_command(
+    project: Path, overwrite: bool, sketch_class: bool, **settings: Any
+) -> None:
     """Copy the histosynth menu scripts into PROJECT/scripts/histosynth/.
 
     PROJECT is a QuPath project: project.qpproj or its folder. QuPath then lists the scripts
     under Automate > Project scripts > histosynth. Their defaults go to
-    histosynth_settings.json beside them (also listed there, to edit).
+    histosynth_settings.json beside them (also listed there, to edit). The class
+    'Vessel sketch' (cyan), whose outlines "Synthesize vessels" fills "into drawn shapes",
+    is added to PROJECT/classifiers/classes.json unless the project has it (the old file
+    kept as classes.json.backup; every other class kept as it is).
     """
+    if sketch_class:  # a classes.json the project cannot read: refused before anything is written
+        read_project_classes(classes_file(project))
     paths = install_scripts(project, overwrite=overwrite, **settings)
     folder = paths[0].parent
     click.echo(f"scripts installed in {folder}")
@@ -68,6 +87,16 @@ def install_scripts_command(project: Path, overwrite: bool, **settings: Any) -> 
             click.echo(f"  {path.name} (settings)")
         else:
             click.echo(f"  {path.name}  (menu: {path.stem.replace('_', ' ')})")
+    if sketch_class:
+        update = add_project_classes(project, histosynth_classes())
+        if update.added:
+            click.echo(
+                f"class {SKETCH_CLASS!r} added to {update.path}"
+                + (f" (previous file: {update.backup.name})" if update.backup else "")
+                + "; a project open in QuPath shows it once reopened"
+            )
+        else:
+            click.echo(f"class {SKETCH_CLASS!r}: already in {update.path}")
     click.echo("In QuPath: Automate > Project scripts > histosynth > Synthesize vessels")
 
 

@@ -14,11 +14,15 @@ __all__ = [
     "META_ID",
     "META_REVIEW",
     "META_RUN",
+    "META_SHAPE_ID",
+    "META_SHAPE_SOURCE",
     "META_SOURCE_ENTRY",
     "META_SYNTHETIC",
     "META_TYPE",
+    "ROW_METADATA",
     "SYNTHETIC_TAGS",
     "entry_description",
+    "row_metadata",
     "synthetic_image_name",
     "synthetic_metadata",
 ]
@@ -30,6 +34,13 @@ META_ID = "histosynth.id"
 META_TYPE = "histosynth.synthesis_type"
 META_SOURCE_ENTRY = "histosynth.source_entry_id"
 META_REVIEW = "review_status"
+META_SHAPE_SOURCE = "histosynth.shape_source"
+META_SHAPE_ID = "histosynth.shape_id"
+
+#: ``index.csv`` columns copied into a synthetic entry's metadata when the row has a value:
+#: a shape row's target outline (``drawn`` | ``bank``) and its id (a drawn sketch's
+#: annotation id; a bank outline's source annotation id and deformation seed)
+ROW_METADATA = {"shape_source": META_SHAPE_SOURCE, "shape_id": META_SHAPE_ID}
 
 
 def synthetic_image_name(run: str, tile_id: str) -> str:
@@ -55,6 +66,23 @@ def synthetic_metadata(
     }
 
 
+def row_metadata(row: Mapping[str, str]) -> dict[str, str]:
+    """The provenance of an ``index.csv`` row that goes into its entry's metadata beside
+    :func:`synthetic_metadata` (:data:`ROW_METADATA`; empty cells left out).
+
+    >>> row_metadata({"id": "shp-00000", "shape_source": "drawn", "shape_id": "9f1c", "seed": "3"})
+    {'histosynth.shape_source': 'drawn', 'histosynth.shape_id': '9f1c'}
+    >>> row_metadata({"id": "inp-00000", "shape_id": ""})
+    {}
+    """
+    copied = {}
+    for column, key in ROW_METADATA.items():
+        value = str(row.get(column) or "").strip()
+        if value:
+            copied[key] = value
+    return copied
+
+
 def entry_description(row: Mapping[str, str], run_name: str) -> str:
     """One line of provenance from an ``index.csv`` row, for the entry's description.
 
@@ -75,6 +103,8 @@ def entry_description(row: Mapping[str, str], run_name: str) -> str:
     details = [f"{key} {row[key]}" for key in ("model", "adapter", "seed") if row.get(key)]
     if details:
         text += "; " + ", ".join(details)
+    if row.get("shape_id"):
+        text += f"; {row.get('shape_source') or 'target'} shape {row['shape_id']}"
     text += f"; run {run_name}, tile {row.get('id', '')}"
     if row.get("mask_source", "").strip().lower() == "none":
         text += "; no mask (generated pixels: a classification sample)"

@@ -36,6 +36,7 @@ from histosynth.integration.qupath.entries import (
     META_ID,
     SYNTHETIC_TAGS,
     entry_description,
+    row_metadata,
     synthetic_image_name,
     synthetic_metadata,
 )
@@ -45,7 +46,7 @@ from histosynth.integration.tiff import write_calibrated_tiff
 log = logging.getLogger(__name__)
 
 #: ``synthesis_type`` values written into a project (``extracted`` rows are not)
-SYNTHETIC_TYPES = ("inpainting", "variation")
+SYNTHETIC_TYPES = ("inpainting", "variation", "shape")
 #: ``RUN/qupath-entries.json``: per project, the entry id of each tile written into it
 MAPPING_NAME = "qupath-entries.json"
 #: ``RUN/qupath-plan.json``: the plan for the menu scripts
@@ -327,7 +328,8 @@ def plan_write_back(
                     kind,
                     row.get("source_entry_id", ""),
                     status if status in REVIEW_STATUSES else "pending",
-                ),
+                )
+                | row_metadata(row),
             )
         )
     return planned, skipped

@@ -4,8 +4,9 @@
  * Writes the annotations of the chosen classes ("classes" in histosynth_settings.json;
  * "Vessel" also takes derived classes such as "Vessel: Invasive") of every image of this
  * project to P/annotations/<entryID>.geojson, the file `histosynth synthesize --project P`
- * reads. Synthetic entries (metadata histosynth.synthetic = "true") are left out, so
- * synthetic tiles never become sources.
+ * reads, together with the outlines drawn with the sketch class ("Vessel sketch", for
+ * `synthesize --mode shape --shapes drawn`). Synthetic entries (metadata
+ * histosynth.synthetic = "true") are left out, so synthetic tiles never become sources.
  *
  * Run from Automate > Project scripts > histosynth, or headless:
  *     QuPath script -p P/project.qpproj P/scripts/histosynth/Export_vessels.groovy
@@ -101,6 +102,25 @@ List<String> settingsClasses(Map settings) {
     if (names.isEmpty())
         throw new IllegalStateException("histosynth_settings.json: 'classes' names no class")
     return names
+}
+
+/**
+ * The class of the outlines an annotator draws for "into drawn shapes" (settings 'sketch_class',
+ * else "Vessel sketch", the class `histosynth qupath install-scripts` adds to the project).
+ */
+String settingsSketchClass(Map settings) {
+    def value = settings.get("sketch_class")
+    String name = value == null ? "" : String.valueOf(value).trim()
+    return name.isEmpty() ? "Vessel sketch" : name
+}
+
+/** The classes to export: the vessel classes, then the sketch class (sketches are drawn outlines, never vessels). */
+List<String> classesWithSketches(List<String> classes, Map settings) {
+    List<String> all = new ArrayList<String>(classes)
+    String sketch = settingsSketchClass(settings)
+    if (!all.contains(sketch))
+        all.add(sketch)
+    return all
 }
 // END histosynth:settings
 
@@ -216,7 +236,9 @@ void exportVessels() {
     if (project == null)
         throw new IllegalStateException("open a project first (File > Open project)")
     File projectFolder = Projects.getBaseDirectory(project)
-    List<String> classes = settingsClasses(readHistosynthSettings(projectFolder))
+    Map settings = readHistosynthSettings(projectFolder)
+    // the sketches too: `histosynth synthesize --mode shape --shapes drawn` reads them from these files
+    List<String> classes = classesWithSketches(settingsClasses(settings), settings)
     Map counts = exportVesselAnnotations(project, projectFolder, classes)
     String message = counts.objects + " annotation(s) of class " + classes.join(", ") + " from " + counts.entries +
             " image(s) written to " + new File(projectFolder, "annotations").getPath()

@@ -98,6 +98,25 @@ List<String> settingsClasses(Map settings) {
         throw new IllegalStateException("histosynth_settings.json: 'classes' names no class")
     return names
 }
+
+/**
+ * The class of the outlines an annotator draws for "into drawn shapes" (settings 'sketch_class',
+ * else "Vessel sketch", the class `histosynth qupath install-scripts` adds to the project).
+ */
+String settingsSketchClass(Map settings) {
+    def value = settings.get("sketch_class")
+    String name = value == null ? "" : String.valueOf(value).trim()
+    return name.isEmpty() ? "Vessel sketch" : name
+}
+
+/** The classes to export: the vessel classes, then the sketch class (sketches are drawn outlines, never vessels). */
+List<String> classesWithSketches(List<String> classes, Map settings) {
+    List<String> all = new ArrayList<String>(classes)
+    String sketch = settingsSketchClass(settings)
+    if (!all.contains(sketch))
+        all.add(sketch)
+    return all
+}
 // END histosynth:settings
 
 // BEGIN histosynth:metadata

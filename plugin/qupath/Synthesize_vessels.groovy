@@ -1,15 +1,22 @@
 /*
  * histosynth: Synthesize vessels
  *
- * 1. asks for the vessel classes, the number of tiles and the model (defaults from
- *    histosynth_settings.json, written by `histosynth qupath install-scripts P`);
- * 2. exports the vessels of every image to P/annotations/<entryID>.geojson (as "Export vessels");
+ * 1. asks for the vessel classes, what to make, the number of tiles, the model and the style
+ *    (defaults from histosynth_settings.json, written by `histosynth qupath install-scripts P`).
+ *    What to make: real vessels into new tissue (--mode inpaint), new tiles like real vessel
+ *    tiles (--mode variation), or "into drawn shapes": one tile per outline drawn with the class
+ *    "Vessel sketch" (--mode shape --shapes drawn --shape-class "Vessel sketch"; no tile count).
+ *    The style is picked from the adapter library (`histosynth adapters list --json`), passed as
+ *    --adapter NAME; "none" passes nothing;
+ * 2. exports the vessels and the sketches of every image to P/annotations/<entryID>.geojson
+ *    (as "Export vessels");
  * 3. runs `histosynth synthesize --project P ... --out P/histosynth/runs/<run> --write-project none`
  *    with the Python of the settings (an argument list, no shell), its output going to the log;
  * 4. runs `histosynth qupath plan RUN --project P --run-name <run>`, which decides every new
  *    entry as histosynth's own write-back does (image name "synthetic-<run>-<id>", metadata
  *    histosynth.synthetic = "true", histosynth.run, histosynth.id, histosynth.synthesis_type,
- *    histosynth.source_entry_id, review_status, tags histosynth + synthetic, description) and
+ *    histosynth.source_entry_id, review_status, tags histosynth + synthetic, description; a tile
+ *    made into a drawn shape also the sketch's id and source) and
  *    writes each tile's calibrated TIFF and RUN/qupath-plan.json;
  * 5. applies that plan through QuPath's API: image type Brightfield (H&E), a thumbnail, and
  *    the tile's annotations from RUN/annotations/<id>.geojson.
@@ -115,6 +122,25 @@ List<String> settingsClasses(Map settings) {
     if (names.isEmpty())
         throw new IllegalStateException("histosynth_settings.json: 'classes' names no class")
     return names
+}
+
+/**
+ * The class of the outlines an annotator draws for "into drawn shapes" (settings 'sketch_class',
+ * else "Vessel sketch", the class `histosynth qupath install-scripts` adds to the project).
+ */
+String settingsSketchClass(Map settings) {
+    def value = settings.get("sketch_class")
+    String name = value == null ? "" : String.valueOf(value).trim()
+    return name.isEmpty() ? "Vessel sketch" : name
+}
+
+/** The classes to export: the vessel classes, then the sketch class (sketches are drawn outlines, never vessels). */
+List<String> classesWithSketches(List<String> classes, Map settings) {
+    List<String> all = new ArrayList<String>(classes)
+    String sketch = settingsSketchClass(settings)
+    if (!all.contains(sketch))
+        all.add(sketch)
+    return all
 }
 // END histosynth:settings
 
@@ -303,9 +329,34 @@ String histosynthLauncherCode() {
     return "import sys; from histosynth.cli import main; sys.exit(main(prog_name='histosynth'))"
 }
 
-/** The `histosynth synthesize` command as an argument list, run without a shell. */
-List<String> buildSynthesizeCommand(Map settings, String projectFile, List<String> classes, int count, String model,
-                                    long seed, String runFolder) {
+/**
+ * What the dialog offers to make, choice -> its label: "inpaint" and "variation" (the `synthesize` modes) and
+ * "drawn" (into the outlines drawn with the sketch class: `--mode shape --shapes drawn`).
+ */
+Map<String, String> synthesisChoices(String sketchClass) {
+    Map<String, String> choices = new LinkedHashMap<String, String>()
+    choices.put("inpaint", "real vessels into new tissue (inpaint)")
+    choices.put("variation", "new tiles like real vessel tiles (variation)")
+    choices.put("drawn", "into drawn shapes (outlines of class '" + sketchClass + "')")
+    return choices
+}
+
+/** The `synthesize` arguments of a choice of synthesisChoices. */
+List<String> modeArguments(String choice, String sketchClass) {
+    if (choice == "inpaint" || choice == "variation")
+        return ["--mode", choice]
+    if (choice == "drawn" || choice == "shape")
+        return ["--mode", "shape", "--shapes", "drawn", "--shape-class", sketchClass]
+    throw new IllegalStateException("unknown mode '" + choice + "'; use inpaint, variation or drawn")
+}
+
+/**
+ * The `histosynth synthesize` command as an argument list, run without a shell. choice: a key of
+ * synthesisChoices (null: the settings' mode); count null: none passed ("drawn" makes one tile per sketch);
+ * adapter: a style adapter's name in the library, or null for none.
+ */
+List<String> buildSynthesizeCommand(Map settings, String projectFile, List<String> classes, Integer count, String model,
+                                    long seed, String runFolder, String choice = null, String adapter = null) {
     def python = settings.get("python")
     if (python == null || String.valueOf(python).trim().isEmpty())
         throw new IllegalStateException("histosynth_settings.json: 'python' is not set; run histosynth qupath install-scripts again")
@@ -314,12 +365,81 @@ List<String> buildSynthesizeCommand(Map settings, String projectFile, List<Strin
         command.add("--class")
         command.add(name)
     }
-    command.addAll(["--count", count, "--model", model, "--mode", settings.get("mode") ?: "inpaint"])
+    if (count != null)
+        command.addAll(["--count", count])
+    command.addAll(["--model", model])
+    command.addAll(modeArguments(choice ?: String.valueOf(settings.get("mode") ?: "inpaint"), settingsSketchClass(settings)))
     if (settings.get("tile_size") != null)  // null: the model's tile size
         command.addAll(["--tile-size", settings.get("tile_size")])
     command.addAll(["--mpp", settings.get("mpp") ?: 0.5, "--seed", seed, "--out", runFolder,
                     "--write-project", "none"])
+    if (adapter != null && !adapter.trim().isEmpty() && adapter.trim() != "none")
+        command.addAll(["--adapter", adapter.trim()])
     return command.collect { String.valueOf(it) }
+}
+
+/** The `histosynth adapters list --json` command: the adapter library's styles, as JSON. */
+List<String> buildAdaptersCommand(Map settings) {
+    def python = settings.get("python")
+    if (python == null || String.valueOf(python).trim().isEmpty())
+        throw new IllegalStateException("histosynth_settings.json: 'python' is not set; run histosynth qupath install-scripts again")
+    return [python, "-c", histosynthLauncherCode(), "adapters", "list", "--json"].collect { String.valueOf(it) }
+}
+
+/** Run the command; returns [exit code, its standard output, its error output] (UTF-8 text). */
+List runAndCapture(List<String> command, File workingFolder) {
+    File errors = File.createTempFile("histosynth-", ".log")
+    try {
+        ProcessBuilder builder = new ProcessBuilder(command)
+        builder.directory(workingFolder)
+        builder.redirectError(errors)
+        Map<String, String> environment = builder.environment()
+        environment.put("PYTHONIOENCODING", "utf-8")
+        Process process = builder.start()
+        process.getOutputStream().close()
+        String output = process.getInputStream().getText("UTF-8")
+        int exitCode = process.waitFor()
+        return [exitCode, output, errors.getText("UTF-8")]
+    } finally {
+        errors.delete()
+    }
+}
+
+/** The adapters in the output of `histosynth adapters list --json` (a JSON list of objects with a 'name'). */
+List<Map> parseAdapterList(String text) {
+    def value
+    try {
+        value = new groovy.json.JsonSlurper().parseText(text)
+    } catch (Exception e) {
+        throw new IllegalStateException("histosynth adapters list: not JSON: " + e.getMessage())
+    }
+    if (!(value instanceof List))
+        throw new IllegalStateException("histosynth adapters list: expected a JSON list")
+    List<Map> adapters = []
+    for (def item : (List) value) {
+        if (!(item instanceof Map) || !(item.get("name") instanceof String) || ((String) item.get("name")).isEmpty())
+            throw new IllegalStateException("histosynth adapters list: an item has no name")
+        adapters.add((Map) item)
+    }
+    return adapters
+}
+
+/** The style pick-list, label -> adapter name: "none" (no adapter) first, then each adapter with its base and tile size. */
+Map<String, String> adapterChoices(List<Map> adapters) {
+    Map<String, String> choices = new LinkedHashMap<String, String>()
+    choices.put("none", null)
+    for (Map adapter : adapters) {
+        String name = (String) adapter.get("name")
+        List<String> about = []
+        if (adapter.get("base_model"))
+            about.add("base " + adapter.get("base_model"))
+        if (adapter.get("tile_size") != null)
+            about.add(adapter.get("tile_size") + " px")
+        if (adapter.get("domain"))
+            about.add(String.valueOf(adapter.get("domain")))
+        choices.put(about.isEmpty() ? name : name + " (" + about.join(", ") + ")", name)
+    }
+    return choices
 }
 
 /** Run the command, every output line to the log; returns its exit code. */
@@ -434,17 +554,48 @@ def addPlannedEntry(project, Map planned) {
     return entry
 }
 
-/** Vessel classes, tile count and model: asked in the GUI (defaults from the settings), else the settings. */
-Map askParameters(Map settings) {
+// BEGIN histosynth:dialog
+/**
+ * The style pick-list (adapterChoices) of the adapter library that `synthesize --adapter NAME` reads, from
+ * `histosynth adapters list --json`; only "none" when the library cannot be listed (the reason goes to the log).
+ */
+Map<String, String> listAdapterChoices(Map settings, File workingFolder) {
+    List result = runAndCapture(buildAdaptersCommand(settings), workingFolder)
+    if (result[0] != 0) {
+        List<String> lines = String.valueOf(result[2]).readLines().findAll { it.trim().length() > 0 }
+        println("WARNING: no style to pick: histosynth adapters list stopped with exit code " + result[0] +
+                (lines.isEmpty() ? "" : ": " + lines.last()))
+        return adapterChoices([])
+    }
+    try {
+        return adapterChoices(parseAdapterList((String) result[1]))
+    } catch (IllegalStateException e) {
+        println("WARNING: no style to pick: " + e.getMessage())
+        return adapterChoices([])
+    }
+}
+
+/**
+ * Vessel classes, what to make (inpaint, variation or into drawn shapes), tile count (none for drawn shapes:
+ * one tile per sketch), model and style: asked in the GUI (defaults from the settings), else the settings.
+ */
+Map askParameters(Map settings, File projectFolder) {
     String title = "histosynth: synthesize vessels"
     List<String> classes = settingsClasses(settings)
-    int count = 16
+    Map<String, String> choices = synthesisChoices(settingsSketchClass(settings))
+    String choice = String.valueOf(settings.get("mode") ?: "inpaint")
+    if (choice == "shape")
+        choice = "drawn"
+    if (!choices.containsKey(choice))
+        throw new IllegalStateException("histosynth_settings.json: 'mode' must be inpaint, variation or drawn, not '" + choice + "'")
+    Integer count = 16
     try {
         count = Integer.parseInt(String.valueOf(settings.get("count") ?: 16))
     } catch (NumberFormatException ignored) {
         throw new IllegalStateException("histosynth_settings.json: 'count' must be a whole number")
     }
     String model = String.valueOf(settings.get("model") ?: "auto")
+    String adapter = settings.get("adapter") ? String.valueOf(settings.get("adapter")).trim() : null
     def dialogs = histosynthDialogs()
     if (dialogs != null) {
         String answer = dialogs.showInputDialog(title, "Vessel classes, comma-separated ('Vessel' includes 'Vessel: ...')", classes.join(", "))
@@ -453,25 +604,43 @@ Map askParameters(Map settings) {
         classes = answer.split(",").collect { it.trim() }.findAll { it.length() > 0 }
         if (classes.isEmpty())
             throw new IllegalStateException("no vessel class given")
-        answer = dialogs.showInputDialog(title, "Number of synthetic tiles", String.valueOf(count))
-        if (answer == null)
+        def picked = dialogs.showChoiceDialog(title, "What to make", new ArrayList<String>(choices.values()), choices.get(choice))
+        if (picked == null)
             return null
-        try {
-            count = Integer.parseInt(answer.trim())
-        } catch (NumberFormatException ignored) {
-            throw new IllegalStateException("the number of tiles must be a whole number, not '" + answer + "'")
+        choice = choices.find { it.value == picked }.key
+        if (choice != "drawn") {
+            answer = dialogs.showInputDialog(title, "Number of synthetic tiles", String.valueOf(count))
+            if (answer == null)
+                return null
+            try {
+                count = Integer.parseInt(answer.trim())
+            } catch (NumberFormatException ignored) {
+                throw new IllegalStateException("the number of tiles must be a whole number, not '" + answer + "'")
+            }
         }
         answer = dialogs.showInputDialog(title, "Model: auto (PixCell-1024 when installed, else the embedded default), a preset (pixcell-1024, pixcell-256, default, tiny) or a local folder", model)
         if (answer == null)
             return null
         model = answer.trim()
+        Map<String, String> styles = listAdapterChoices(settings, projectFolder)
+        if (styles.size() > 1) {
+            String current = styles.find { it.value != null && it.value == adapter }?.key ?: "none"
+            picked = dialogs.showChoiceDialog(title, "Style: a LoRA adapter of the adapter library (it must have been trained on the model)",
+                    new ArrayList<String>(styles.keySet()), current)
+            if (picked == null)
+                return null
+            adapter = styles.get(picked)
+        }
     }
-    if (count < 1)
+    if (choice == "drawn")
+        count = null  // one tile per sketch
+    else if (count < 1)
         throw new IllegalStateException("the number of tiles must be at least 1, not " + count)
     if (model.isEmpty())
         throw new IllegalStateException("no model given")
-    return [classes: classes, count: count, model: model]
+    return [classes: classes, count: count, model: model, mode: choice, adapter: adapter == "none" ? null : adapter]
 }
+// END histosynth:dialog
 
 void synthesizeVessels() {
     String title = "histosynth: synthesize vessels"
@@ -480,7 +649,7 @@ void synthesizeVessels() {
         throw new IllegalStateException("open a project first (File > Open project)")
     File projectFolder = Projects.getBaseDirectory(project)
     Map settings = readHistosynthSettings(projectFolder)
-    Map parameters = askParameters(settings)
+    Map parameters = askParameters(settings, projectFolder)
     if (parameters == null) {
         println(title + ": cancelled")
         return
@@ -492,8 +661,11 @@ void synthesizeVessels() {
 
     // the project file on disk must list every entry, and P/annotations the current vessels
     project.syncChanges()
-    Map exported = exportVesselAnnotations(project, projectFolder, (List<String>) parameters.classes)
-    println("exported " + exported.objects + " annotation(s) from " + exported.entries + " image(s)")
+    // the sketches too, for "into drawn shapes" (and for a later `histosynth synthesize --mode shape` of one's own)
+    List<String> exportClasses = classesWithSketches((List<String>) parameters.classes, settings)
+    Map exported = exportVesselAnnotations(project, projectFolder, exportClasses)
+    println("exported " + exported.objects + " annotation(s) of class " + exportClasses.join(", ") + " from " +
+            exported.entries + " image(s)")
 
     Date now = new Date()
     String runName = new SimpleDateFormat("yyyyMMdd-HHmmss").format(now)
@@ -508,7 +680,8 @@ void synthesizeVessels() {
     runs.mkdirs()
     long seed = settings.get("seed") instanceof Number ? ((Number) settings.get("seed")).longValue() : now.getTime().intdiv(1000L) % 2147483647L
     List<String> command = buildSynthesizeCommand(settings, project.getPath().toString(), (List<String>) parameters.classes,
-            (int) parameters.count, (String) parameters.model, seed, runFolder.getPath())
+            (Integer) parameters.count, (String) parameters.model, seed, runFolder.getPath(), (String) parameters.mode,
+            (String) parameters.adapter)
     println("running: " + command.collect { it.contains(" ") ? "\"" + it + "\"" : it }.join(" "))
     int exitCode = runAndLog(command, projectFolder)
     if (exitCode != 0)

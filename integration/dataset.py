@@ -99,6 +99,7 @@ __all__ = [
     "REVIEW_STATUSES",
     "RUN_JSON_NAME",
     "SYNTHESIS_TYPES",
+    "SYNTHETIC_TYPES",
     "EncodedTile",
     "RunWriter",
     "TileRecord",
@@ -118,9 +119,13 @@ FORMAT_VERSION = 1
 """Version of the run-folder layout written into ``run.json``."""
 
 
-SYNTHESIS_TYPES = ("extracted", "inpainting", "variation")
+#: what made a row: a real tile, a donor placed as it is, a tile like a reference, a donor
+#: warped into a target outline (``synthesize --mode shape``)
+SYNTHESIS_TYPES = ("extracted", "inpainting", "variation", "shape")
+#: the synthetic ones (every type but ``extracted``)
+SYNTHETIC_TYPES = SYNTHESIS_TYPES[1:]
 REF_NAMES = ("background", "donor", "donor-mask", "vessel-mask", "composite", "reference",
-             "reference-mask")
+             "reference-mask", "shape-mask")
 """Allowed names of reference images (``refs/<id>-<name>.png``); ``*mask`` ones are masks."""
 
 

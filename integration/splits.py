@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from histosynth.common.files import atomic_write_json
 from histosynth.integration.content_check import qc_failed
-from histosynth.integration.dataset import INDEX_NAME, read_index
+from histosynth.integration.dataset import INDEX_NAME, SYNTHETIC_TYPES, read_index
 from histosynth.integration.errors import InputError
 from histosynth.integration.files import read_input_bytes
 from histosynth.integration.run_folder import has_mask
@@ -52,7 +52,6 @@ __all__ = [
     "write_split_file",
 ]
 
-SYNTHETIC_TYPES = ("inpainting", "variation")
 METADATA = Path("train") / "metadata.csv"
 
 

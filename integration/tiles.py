@@ -10,6 +10,7 @@ set of units and checks; geometry is in ``geometry.py``, pixels in ``slides.py``
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from shapely.geometry import box
+from shapely.geometry import Polygon, box
 from shapely.strtree import STRtree
 
 from histosynth.common.geometry import TileGeometry
@@ -551,7 +552,6 @@ def collect_backgrounds(
     in a tile are kept (tile pixels) so the placement avoids them and the output carries
     them.
     """
-    tile_size, mpp = geometry.size, geometry.mpp
     rng = np.random.default_rng([seed, 7])
     backgrounds = []
     for source in sources:
@@ -570,26 +570,32 @@ def collect_backgrounds(
         if len(positions) > per_slide:
             chosen = rng.choice(len(positions), size=per_slide, replace=False)
             positions = [positions[i] for i in sorted(chosen)]
-        chosen_annotations = [
-            a for a in source.annotations if class_matches_any(a.class_name, classes)
-        ]
         for x, y in positions:
-            image = read_tile(source.reader, x, y, tile_size, mpp)
-            tissue = tissue_mask(image)
-            if tissue.mean() < min_tissue:
-                continue
-            scale = geometry.scale_from(source.mpp)
-            region = box(x, y, x + extent, y + extent)
-            inside = [a for a in chosen_annotations if a.geometry.intersects(region)]
-            existing = annotations_in_tile(inside, x, y, scale, tile_size)
-            existing_mask = rasterize(
-                [a.geometry for a in existing],
-                origin=(0, 0),
-                scale=1.0,
-                shape=(tile_size, tile_size),
-            )
-            backgrounds.append(Background(source, x, y, image, tissue, existing, existing_mask))
+            background = background_at(source, x, y, geometry, classes)
+            if background.tissue.mean() >= min_tissue:
+                backgrounds.append(background)
     return backgrounds
+
+
+def background_at(
+    source: SlideSource, x: int, y: int, geometry: TileGeometry, classes: Sequence[str]
+) -> Background:
+    """The tile of ``geometry`` at level-0 (``x``, ``y``) of ``source`` as a background: its
+    pixels, tissue and the annotations of ``classes`` in it (tile px, and their mask)."""
+    tile_size = geometry.size
+    image = read_tile(source.reader, x, y, tile_size, geometry.mpp)
+    extent = geometry.level0_extent(source.mpp)
+    region = box(x, y, x + extent, y + extent)
+    inside = [
+        a
+        for a in source.annotations
+        if class_matches_any(a.class_name, classes) and a.geometry.intersects(region)
+    ]
+    existing = annotations_in_tile(inside, x, y, geometry.scale_from(source.mpp), tile_size)
+    existing_mask = rasterize(
+        [a.geometry for a in existing], origin=(0, 0), scale=1.0, shape=(tile_size, tile_size)
+    )
+    return Background(source, x, y, image, tissue_mask(image), existing, existing_mask)
 
 
 # --------------------------------------------------------------------------- references
@@ -642,3 +648,41 @@ def mask_annotation(
         name=name,
         properties=dict(properties or {}),
     )
+
+
+def outline_annotation(
+    outline: np.ndarray,
+    like: Annotation,
+    name: str,
+    properties: dict[str, str] | None = None,
+    *,
+    size: int,
+) -> Annotation | None:
+    """The closed polygon ``outline`` ((n, 2) tile px) clipped to the ``size`` px tile as
+    one annotation with ``like``'s class and colour, named ``name``; ``None`` when nothing
+    of it is in the tile."""
+    shape = polygonal(Polygon(np.asarray(outline, dtype=float)))  # repaired if it crosses itself
+    geometry = None if shape is None else polygonal(shape.intersection(box(0, 0, size, size)))
+    if geometry is None:
+        return None
+    return Annotation(
+        geometry=geometry,
+        class_name=like.class_name,
+        color=like.color,
+        name=name,
+        properties=dict(properties or {}),
+    )
+
+
+def annotations_outside(annotations: Iterable[Annotation], region: np.ndarray) -> list[Annotation]:
+    """``annotations`` (tile px) less the pixels of ``region`` (non-zero: what was pasted
+    over them); those left empty are dropped."""
+    cover = mask_to_polygons(np.asarray(region))
+    if cover is None:
+        return list(annotations)
+    out = []
+    for ann in annotations:
+        rest = polygonal(ann.geometry.difference(cover))
+        if rest is not None:
+            out.append(dataclasses.replace(ann, geometry=rest))
+    return out

@@ -43,12 +43,13 @@ class SamplingDefaults:
     variation_guidance: float = defaults.VARIATION_GUIDANCE
 
     def steps(self, mode: str) -> int:
-        """Steps of ``mode`` (``"inpaint"``, or ``"variation"`` for any tile from noise)."""
-        return self.inpaint_steps if mode == "inpaint" else self.variation_steps
+        """Steps of ``mode`` (``"inpaint"`` or ``"shape"``, or ``"variation"`` for any tile
+        from noise)."""
+        return self.inpaint_steps if mode in ("inpaint", "shape") else self.variation_steps
 
     def guidance(self, mode: str) -> float:
         """CFG scale of ``mode`` (as :meth:`steps`)."""
-        return self.inpaint_guidance if mode == "inpaint" else self.variation_guidance
+        return self.inpaint_guidance if mode in ("inpaint", "shape") else self.variation_guidance
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> SamplingDefaults:

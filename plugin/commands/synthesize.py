@@ -45,13 +45,34 @@ __all__ = ["fail_on_qc", "report_synthesis", "synthesize", "write_back"]
 @class_option(
     "Vessel class to synthesise (repeatable); 'Vessel' includes 'Vessel: …'.", required=True
 )
-@count_option("Number of synthetic tiles.", required=True)
+@count_option(
+    "Number of synthetic tiles (needed but with --shapes drawn, which makes one per sketch: "
+    "then at most this many)."
+)
 @value_option(
     "--mode",
-    type=click.Choice(["inpaint", "variation"]),
+    type=click.Choice(["inpaint", "variation", "shape"]),
     default="inpaint",
     help="inpaint: real donor vessels into new tissue; variation: new tiles like "
-    "real vessel tiles.",
+    "real vessel tiles; shape: real donor vessels warped into target outlines (--shapes).",
+)
+@value_option(
+    "--shapes",
+    type=click.Choice(["drawn", "bank"]),
+    help="--mode shape's target outlines: drawn = every polygon of --shape-class an "
+    "annotator drew (one tile centred on each); bank = the project's real vessel outlines "
+    "of --class, deformed (seeded), placed on real tissue.",
+)
+@value_option(
+    "--shape-class",
+    default="Vessel sketch",
+    help="The class of the outlines an annotator draws for --shapes drawn.",
+)
+@value_option(
+    "--inside-strength",
+    type=FiniteFloat(0.0, 1.0),
+    help="--mode shape: noise level τ regenerated inside the target outline (repairs the "
+    "warp's stretching) [the seam's: --strength, else the engine's own τ].",
 )
 @out_option("Run folder to write (created).")
 @tile_size_option(

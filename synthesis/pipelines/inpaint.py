@@ -209,6 +209,70 @@ def band_window(weights: np.ndarray, downsample: int, cells: int) -> tuple[slice
     return slice(top, bottom), slice(left, right)
 
 
+def region_strengths(
+    weights: Sequence[np.ndarray],
+    inside: np.ndarray,
+    strength: float,
+    inside_strength: float,
+    downsample: int,
+) -> np.ndarray:
+    """Each latent cell's τ ``[B, h, w]`` for masked partial diffusion: ``inside_strength``
+    where a pixel of the cell is ``inside``, else ``strength`` where the seam blend
+    ``weights`` are non-zero, else 0 (the cell is the composite's); the most of its
+    pixels."""
+    count, height, width = inside.shape
+    h, w = height // downsample, width // downsample
+    out = np.zeros((count, h, w), np.float32)
+    for i in range(count):
+        band = (weights[i] > 0)[: h * downsample, : w * downsample]
+        core = inside[i][: h * downsample, : w * downsample]
+        pooled_band = band.reshape(h, downsample, w, downsample).any(axis=(1, 3))
+        pooled_core = core.reshape(h, downsample, w, downsample).any(axis=(1, 3))
+        out[i] = np.where(pooled_band, strength, 0.0)
+        out[i][pooled_core] = np.maximum(out[i][pooled_core], inside_strength)
+    return out
+
+
+def _region_lock(
+    scheduler: SchedulerMixin,
+    clean: Tensor,
+    noise: Tensor,
+    timesteps: Tensor,
+    num_inference_steps: int,
+    cells: np.ndarray,
+    callback: Callable | None,
+    tensor_inputs: Sequence[str],
+) -> tuple[Callable, Sequence[str]]:
+    """A step-end callback that holds every latent cell to the composite (noised to the
+    next step's timestep; clean after the last) until the schedule reaches its τ, then
+    calls ``callback``. A cell of τ s runs the last ``int(N · s)`` steps of the schedule
+    (``int`` truncates, as :func:`img2img_timesteps` does)."""
+    total = len(timesteps)
+    runs = torch.as_tensor(
+        np.minimum((num_inference_steps * cells).astype(np.int64), total), device=clean.device
+    )  # [B, h, w]: steps each cell runs
+    first = (total - runs)[:, None]  # the step index at which a cell starts running
+
+    def lock(pipe: Any, i: int, t: Tensor, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        latents = state["latents"]
+        following = i + 1
+        held = first > following if following < total else runs[:, None] == 0
+        if bool(held.any()):
+            if following < total:
+                step = timesteps[following : following + 1].repeat(latents.shape[0])
+                target = scheduler.add_noise(clean, noise, step)
+            else:
+                target = clean
+            latents = torch.where(held, target.to(latents.dtype), latents)
+        if callback is None:
+            return {"latents": latents}
+        seen = {**state, "latents": latents}
+        returned = callback(pipe, i, t, {k: seen[k] for k in tensor_inputs}) or {}
+        return {"latents": returned.get("latents", latents)}
+
+    return lock, ("latents", *[k for k in tensor_inputs if k != "latents"])
+
+
 class InpaintPipeline(PixCellPipeline):
     """Partial diffusion of composites (SDEdit) with a seam blend around the mask.
 
@@ -270,6 +334,29 @@ class InpaintPipeline(PixCellPipeline):
             )
         return float(strength)
 
+    def _region(
+        self,
+        masks: np.ndarray,
+        inside: np.ndarray | Sequence[np.ndarray] | None,
+        strength: float,
+        inside_strength: float | None,
+        seam_sigma: float,
+    ) -> tuple[list[np.ndarray], np.ndarray | None, float]:
+        """What a call regenerates: the blend weights of each image (the seam band, and
+        the ``inside`` region where its τ is not 0), each latent cell's τ (``None``
+        without ``inside``: the whole tile at ``strength``) and the highest τ."""
+        weights = [seam_weights(m, sigma=float(seam_sigma)) for m in masks]
+        if inside is None:
+            return weights, None, strength
+        inner = _masks(inside, masks.shape)
+        inner_strength = self._checked_strength(
+            strength if inside_strength is None else inside_strength
+        )
+        cells = region_strengths(weights, inner, strength, inner_strength, self.codec.downsample)
+        if inner_strength > 0:
+            weights = [np.maximum(w, inner[i]) for i, w in enumerate(weights)]
+        return weights, cells, max(strength, inner_strength)
+
     def _rows(self, images: np.ndarray, uni_rows: Tensor | np.ndarray | None) -> Tensor:
         """Condition rows ``[B, tokens, dim]``, float32 on the execution device."""
         if uni_rows is None:
@@ -297,6 +384,8 @@ class InpaintPipeline(PixCellPipeline):
         adapter: str | None = None,
         uni_rows: Tensor | np.ndarray | None = None,
         decode: Literal["band", "tile"] = "band",
+        inside: np.ndarray | Sequence[np.ndarray] | None = None,
+        inside_strength: float | None = None,
         output_type: OutputType = "numpy",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
@@ -328,6 +417,14 @@ class InpaintPipeline(PixCellPipeline):
                 the blend keeps; ``generated`` is the composite beyond it; about half the
                 decoder's cost for a vessel of a third of the tile), ``"tile"`` the whole
                 tile.
+            inside: masked partial diffusion (shape mode): a region ``(H, W)`` /
+                ``(B, H, W)`` regenerated at ``inside_strength`` as well as the seam band
+                at ``strength``; every latent cell outside both is, at every step, the
+                composite's latent noised to that step (and the composite's at the end),
+                and a cell of lower strength joins the denoising when the schedule reaches
+                its strength (:func:`region_strengths`). The blend keeps the generated
+                pixels inside the region and in the seam band, the composite beyond 4σ.
+            inside_strength: τ of ``inside`` (``None``: ``strength``).
             output_type: ``"numpy"``, ``"pil"`` or ``"latent"`` (see
                 :class:`InpaintPipelineOutput`).
             return_dict: return an :class:`InpaintPipelineOutput`, else the tuple
@@ -367,10 +464,11 @@ class InpaintPipeline(PixCellPipeline):
             )
         masks = _masks(mask, (count, height, width))
         seed_list, gen = self._seeds(seeds, generator, count)
+        weights, cells, top = self._region(masks, inside, strength, inside_strength, seam_sigma)
 
         device = self._execution_device
         timesteps, num_steps = img2img_timesteps(
-            self.scheduler, int(num_inference_steps), float(strength), device
+            self.scheduler, int(num_inference_steps), float(top), device
         )
         if num_steps == 0:
             return self._finish(
@@ -378,18 +476,10 @@ class InpaintPipeline(PixCellPipeline):
             )
 
         rows = self._rows(images, uni_rows)
-        latents = self.codec.encode(images).to(device, torch.float32)  # posterior mean
-        noise = randn_tensor(latents.shape, generator=gen, device=device, dtype=torch.float32)
-        latents = self.scheduler.add_noise(latents, noise, timesteps[:1].repeat(count))
-        latents = self.denoise(
-            latents,
-            timesteps,
-            rows,
-            guidance_scale,
-            gen,
-            adapter=adapter,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        step_end = (callback_on_step_end, callback_on_step_end_tensor_inputs)
+        latents = self._partial_denoise(
+            images, rows, timesteps, int(num_inference_steps), cells, guidance_scale, gen,
+            adapter, step_end,
         )
 
         start = int(timesteps[0])
@@ -397,10 +487,45 @@ class InpaintPipeline(PixCellPipeline):
             return self._finish(
                 latents, None, seed_list, start, num_steps, output_type, return_dict
             )
-        weights = [seam_weights(masks[i], sigma=float(seam_sigma)) for i in range(count)]
         generated = self._decode(latents, images, weights, decode)
         final = np.stack([seam_blend(images[i], generated[i], weights[i]) for i in range(count)])
         return self._finish(final, generated, seed_list, start, num_steps, output_type, return_dict)
+
+    def _partial_denoise(
+        self,
+        images: np.ndarray,
+        rows: Tensor,
+        timesteps: Tensor,
+        num_inference_steps: int,
+        cells: np.ndarray | None,
+        guidance_scale: float,
+        gen: Any,
+        adapter: str | None,
+        step_end: tuple[Callable | None, Sequence[str]],
+    ) -> Tensor:
+        """The composites' latents (posterior mean) noised to ``timesteps[0]`` and denoised;
+        with ``cells`` (each latent cell's τ) a cell is held to the noised composite until
+        the schedule reaches its τ (:func:`_region_lock`)."""
+        count, device = images.shape[0], self._execution_device
+        clean = self.codec.encode(images).to(device, torch.float32)
+        noise = randn_tensor(clean.shape, generator=gen, device=device, dtype=torch.float32)
+        latents = self.scheduler.add_noise(clean, noise, timesteps[:1].repeat(count))
+        callback, tensor_inputs = step_end
+        if cells is not None:
+            callback, tensor_inputs = _region_lock(
+                self.scheduler, clean, noise, timesteps, num_inference_steps, cells,
+                callback, tensor_inputs,
+            )
+        return self.denoise(
+            latents,
+            timesteps,
+            rows,
+            guidance_scale,
+            gen,
+            adapter=adapter,
+            callback_on_step_end=callback,
+            callback_on_step_end_tensor_inputs=tensor_inputs,
+        )
 
     def _finish(
         self,

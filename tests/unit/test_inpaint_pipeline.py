@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -392,3 +393,40 @@ def test_band_decoding_decodes_only_the_window_around_the_seam(
                           run(pipe, composite, big, seeds=[2], decode="tile").images)
     with pytest.raises(EngineError, match="decode is 'band' or 'tile'"):
         run(pipe, composite, mask, seeds=[2], decode="half")
+
+
+def test_masked_partial_diffusion_holds_cells_outside_the_region(pipe: InpaintPipeline) -> None:
+    """Shape mode: the inside of the outline at its own τ, the seam band at τ; every latent
+    cell outside both is the composite's at the end, and so is every pixel beyond 4σ of
+    the pasted region outside the outline."""
+    composite, mask = tile(3), disk(r=60)
+    inside = disk(r=30)
+    common = {"strength": 0.25, "num_inference_steps": 8, "seeds": 5}
+    latents = run(pipe, composite, mask, inside=inside, inside_strength=0.75,
+                  output_type="latent", **common).images
+    clean = pipe.codec.encode(composite[None]).float()
+    moved = (latents - clean).abs()[0].amax(0).numpy() > 1e-6  # [h, w] latent cells
+    down = pipe.codec.downsample
+    band = ~far_from_seam(mask, SIGMA)
+    region = (band | (inside > 0))[::down, ::down]  # a cell's corner pixel, conservative
+    reach = cv2.dilate(region.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+    assert moved.any() and not (moved & ~reach).any()
+    out = run(pipe, composite, mask, inside=inside, inside_strength=0.75, **common).images[0]
+    keep = far_from_seam(mask, SIGMA) & (inside == 0)
+    assert np.array_equal(out[keep], composite[keep])
+    # the centre of the outline, beyond 4σ of the seam, is regenerated (a plain inpaint
+    # call keeps it)
+    centre = far_from_seam(mask, SIGMA) & (inside > 0)
+    assert centre.any() and (out[centre] != composite[centre]).mean() > 0.5
+    plain = run(pipe, composite, mask, **common).images[0]
+    assert np.array_equal(plain[centre], composite[centre])
+
+
+def test_inside_strength_above_what_the_denoiser_serves_is_refused(pipe: InpaintPipeline) -> None:
+    old = pipe.max_strength
+    pipe.max_strength = 0.5
+    try:
+        with pytest.raises(EngineError, match=r"serves strengths up to 0\.5"):
+            run(pipe, tile(), disk(), inside=disk(r=20), inside_strength=0.7)
+    finally:
+        pipe.max_strength = old

@@ -79,10 +79,12 @@ def check_engine_serves(
 
         facts = model_facts(model)
         engine, abilities, trained = facts.name, facts.abilities, facts.trained
-    inpaint = settings.mode == "inpaint"
+    inpaint = settings.places_donors
     diffusion = inpaint and resolved_harmonise(settings.harmonise, trained) == "diffusion"
     # the tile size always; τ only where the engine regenerates seams
     asks = [("inpaint", settings.strength if diffusion else None)]
+    if diffusion and settings.inside_strength is not None:
+        asks.append(("inpaint", settings.inside_strength))
     if not inpaint:
         asks.append(("variation", None))
     elif settings.background == "synthetic":

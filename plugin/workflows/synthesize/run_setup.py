@@ -30,6 +30,7 @@ from histosynth.workflows.tile_runs import annotated_slides
 if TYPE_CHECKING:  # pragma: no cover
     from histosynth.integration.content_check import ContentThresholds
     from histosynth.integration.dataset import RunWriter
+    from histosynth.integration.sketches import Sketch
     from histosynth.integration.tiles import Background, Donor, SlideSource
     from histosynth.synthesis.engine import Engine
     from histosynth.workflows.synthesize.scale_out import RayOptions
@@ -51,10 +52,14 @@ __all__ = [
 ]
 
 
-def connect_ray(ray: RayOptions | None, engine: Engine | None) -> RayOptions | None:
+def connect_ray(
+    ray: RayOptions | None, engine: Engine | None, mode: str = "inpaint"
+) -> RayOptions | None:
     """The Ray cluster connected (``None``: no Ray); a loaded engine cannot go to it."""
     if ray is None:
         return None
+    if mode == "shape":
+        raise InputError("--mode shape does not run on Ray yet; run it without --ray")
     if engine is not None:
         raise InputError(
             "--ray loads the model on every worker: give it by name or folder "
@@ -120,6 +125,7 @@ def resolved_settings(
         steps=own.steps(settings.mode) if settings.steps is None else settings.steps,
         guidance=own.guidance(settings.mode) if settings.guidance is None else settings.guidance,
         strength=engine.strength if settings.strength is None else settings.strength,
+        inside_strength=_inside_strength(settings, engine),
         adapter=None if settings.adapter is None else load_adapter_for(engine, settings.adapter),
         batch_size=settings.batch_size or (4 if _renders_on_gpu(engine, ray) else 1),
         model=engine.model_id,
@@ -135,9 +141,19 @@ def resolved_settings(
     return run
 
 
+def _inside_strength(settings: SynthesisSettings, engine: Engine) -> float | None:
+    """Shape mode's τ inside the outline: the one named, else the seam's (the engine's
+    own τ: higher, the embedded engine paints speckle into a lumen — measured at 0.56)."""
+    if settings.mode != "shape":
+        return None
+    if settings.inside_strength is not None:
+        return settings.inside_strength
+    return engine.strength if settings.strength is None else settings.strength
+
+
 def donor_role(mode: str) -> tuple[str, float]:
     """What a donor is called in ``mode``, and the largest share of the tile it may fill."""
-    if mode == "inpaint":
+    if mode in ("inpaint", "shape"):
         return "donor", DONOR_MAX_FRACTION
     return "reference vessel", 1.0
 
@@ -153,7 +169,7 @@ def collect_tiles(
     """
     skipped: list[tuple[str, str]] = []
     role, max_fraction = donor_role(run.mode)
-    ring = run.ring if run.mode == "inpaint" else 0
+    ring = run.ring if run.places_donors else 0
     classes, geometry = run.classes, run.geometry
     donors = collect_donors(
         sources, classes, geometry, skipped, context_px=ring, max_fraction=max_fraction, role=role
@@ -165,7 +181,7 @@ def collect_tiles(
             + (f": {skipped[0][1]}" if skipped else "")
         )
     backgrounds: list[Background] = []
-    if run.mode == "inpaint" and run.background != "synthetic":
+    if run.places_donors and run.shapes != "drawn" and run.background != "synthetic":
         backgrounds = collect_backgrounds(
             sources, classes, geometry, seed=run.seed, skipped=skipped
         )
@@ -180,6 +196,30 @@ def collect_tiles(
                 )
             log.warning("%s: generating synthetic backgrounds instead", why)
     return donors, backgrounds, skipped
+
+
+def drawn_sketches(
+    sources: Sequence[SlideSource], run: SynthesisSettings, skipped: list[tuple[str, str]]
+) -> list[Sketch]:
+    """The sketches of ``run.shape_class`` usable as target outlines (the others added to
+    ``skipped`` and logged, one line each).
+
+    Raises:
+        InputError: no usable sketch (the reason of the first one when there were some).
+    """
+    from histosynth.integration.sketches import collect_sketches
+
+    before = len(skipped)
+    sketches = collect_sketches(sources, run.shape_class, run.geometry, run.ring, skipped)
+    for item, reason in skipped[before:]:
+        log.warning("%s: %s; skipped", item, reason)
+    if not sketches:
+        first = skipped[before:][:1]
+        raise InputError(
+            f"no usable sketch of class {run.shape_class!r} for --shapes drawn"
+            + (f": {first[0][0]}: {first[0][1]}" if first else "")
+        )
+    return sketches
 
 
 # --------------------------------------------------------------------------- run.json

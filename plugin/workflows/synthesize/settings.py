@@ -16,9 +16,24 @@ from histosynth.synthesis import defaults
 if TYPE_CHECKING:  # pragma: no cover
     from histosynth.integration.tiles import SlideSource
 
-__all__ = ["BACKGROUNDS", "HARMONISERS", "MODES", "SynthesisSettings"]
+__all__ = [
+    "BACKGROUNDS",
+    "DEFAULT_SHAPE_CLASS",
+    "HARMONISERS",
+    "MODES",
+    "SHAPE_SOURCES",
+    "SynthesisSettings",
+]
 
-MODES = ("inpaint", "variation")
+#: inpaint: a real donor placed as it is; variation: tiles like real vessel tiles; shape:
+#: a real donor warped into a target outline (an annotator's sketch or a deformed real one)
+MODES = ("inpaint", "variation", "shape")
+#: where shape mode's target outlines come from: polygons an annotator drew (of
+#: ``shape_class``), or the project's real vessel outlines of the class, deformed
+SHAPE_SOURCES = ("drawn", "bank")
+#: the QuPath class of the outlines an annotator draws for ``--shapes drawn``
+DEFAULT_SHAPE_CLASS = "Vessel sketch"
+
 #: where inpainting backgrounds come from: real tiles of the slides; tiles generated from
 #: noise conditioned on 16 rotated copies of real tissue near the donor; real, and
 #: synthetic for a donor that fits no real tile.
@@ -42,13 +57,17 @@ class SynthesisSettings:
     synthetic backgrounds, diffusion seams — to try the workflow; its tiles fail the
     content check. ``generate_backgrounds`` is resolved by the run: whether ``--background
     auto`` may generate one for a donor that fits no real tile (the engine generates).
+    Shape mode: ``shapes`` (``drawn`` | ``bank``), ``shape_class`` (the sketches' class,
+    ``drawn``), ``inside_strength`` (τ inside the target outline; ``None``: the seam's
+    τ); ``count`` may be ``None`` with ``drawn`` (one tile per
+    sketch; a count makes at most that many).
 
     Raises:
         InputError: a value out of range or not one of the choices, naming the option.
     """
 
     classes: tuple[str, ...]
-    count: int
+    count: int | None
     mode: str = "inpaint"
     tile_size: int | None = None
     mpp: float = DEFAULT_MPP
@@ -68,6 +87,14 @@ class SynthesisSettings:
     device: str | None = None
     allow_untrained: bool = False
     generate_backgrounds: bool = True
+    shapes: str | None = None
+    shape_class: str = DEFAULT_SHAPE_CLASS
+    inside_strength: float | None = None
+
+    @property
+    def places_donors(self) -> bool:
+        """Whether tiles are real backgrounds with a donor pasted in (inpaint, shape)."""
+        return self.mode in ("inpaint", "shape")
 
     def __post_init__(self) -> None:
         classes = (self.classes,) if isinstance(self.classes, str) else tuple(self.classes)
@@ -81,6 +108,7 @@ class SynthesisSettings:
                 raise InputError(f"--{name} must be one of {', '.join(choices)}, not {value!r}")
         if not classes or not all(isinstance(c, str) and c.strip() for c in classes):
             raise InputError("name at least one class (--class)")
+        self._check_shape_options()
         steps, guidance = self.steps, self.guidance
         integers = [
             ("--count", self.count, 1, COUNT_MAX),
@@ -100,6 +128,7 @@ class SynthesisSettings:
                 raise InputError(f"{name} must be in [{low}, {high}], not {value}")
         reals = [
             ("--strength", self.strength, 0.0, 1.0),
+            ("--inside-strength", self.inside_strength, 0.0, 1.0),
             ("--guidance", guidance, 1.0, GUIDANCE_MAX),
             ("--mpp", self.mpp, 1e-6, MPP_MAX),
             ("the seam σ (px)", self.seam_sigma, 0.1, 1000.0),
@@ -112,6 +141,23 @@ class SynthesisSettings:
                 check_finite(name, value, low, high)
             except ValueError as exc:
                 raise InputError(str(exc)) from None
+
+    def _check_shape_options(self) -> None:
+        if self.mode == "shape":
+            if self.shapes not in SHAPE_SOURCES:
+                raise InputError(
+                    f"--mode shape needs --shapes {' or '.join(SHAPE_SOURCES)}"
+                    + ("" if self.shapes is None else f", not {self.shapes!r}")
+                )
+            if not (isinstance(self.shape_class, str) and self.shape_class.strip()):
+                raise InputError("--shape-class must name a class")
+            if self.background == "synthetic":
+                raise InputError("--mode shape places vessels on real tissue: not with "
+                                 "--background synthetic")
+        elif self.shapes is not None or self.inside_strength is not None:
+            raise InputError("--shapes and --inside-strength need --mode shape")
+        if self.count is None and not (self.mode == "shape" and self.shapes == "drawn"):
+            raise InputError("--count is needed (only --shapes drawn makes one per sketch)")
 
     @property
     def geometry(self) -> TileGeometry:
@@ -129,7 +175,8 @@ class SynthesisSettings:
     def run_config(self, sources: Sequence[SlideSource]) -> dict[str, Any]:
         """The ``config`` of ``run.json`` (what a resumed run must match) of these settings
         as resolved for a run (model id, steps, tile size … filled in)."""
-        inpaint = self.mode == "inpaint"
+        inpaint = self.places_donors
+        shape = self.mode == "shape"
         return {
             "command": "synthesize",
             "mode": self.mode,
@@ -150,4 +197,13 @@ class SynthesisSettings:
             "background": self.background if inpaint else None,
             "harmonise": self.harmonise if inpaint else None,
             "sources": sorted(str(s.slide_path) for s in sources),
+            **(
+                {
+                    "shapes": self.shapes,
+                    "shape_class": self.shape_class if self.shapes == "drawn" else None,
+                    "inside_strength": self.inside_strength,
+                }
+                if shape
+                else {}
+            ),
         }

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,12 +21,15 @@ import numpy as np
 from histosynth.integration.content_check import ContentThresholds, ContentVerdict
 from histosynth.integration.dataset import RunWriter, TileRecord, check_run_folder
 from histosynth.integration.masks import union_mask
+from histosynth.integration.sketches import Sketch
 from histosynth.integration.tiles import (
     Background,
     Donor,
     ReferenceTile,
     SlideSource,
+    annotations_outside,
     mask_annotation,
+    outline_annotation,
     reference_tile,
 )
 from histosynth.workflows.synthesize.run_checks import (
@@ -37,6 +40,7 @@ from histosynth.workflows.synthesize.run_checks import (
 from histosynth.workflows.synthesize.run_setup import (
     collect_tiles,
     connect_ray,
+    drawn_sketches,
     load_run_engine,
     ray_device,
     ray_engine_spec,
@@ -73,6 +77,11 @@ EXTRA_COLUMNS = (
     "harmonise",
     "qc",
 )
+#: shape mode's own columns, after the others: where the target outline came from
+SHAPE_COLUMNS = ("shape_source", "shape_id")
+#: each mode's rows: tile id prefix and synthesis_type
+MODE_ROWS = {"inpaint": ("inp", "inpainting"), "variation": ("var", "variation"),
+             "shape": ("shp", "shape")}
 
 
 @dataclass
@@ -139,16 +148,21 @@ def synthesize(
     """
     out = output_folder(out)
     check_run_folder(out, resume=resume)  # before the slow part: loading the model
-    ray = connect_ray(ray, engine)
+    ray = connect_ray(ray, engine, settings.mode)
     # an unknown model, or a mode it cannot serve, fails here in well under a second
     check_engine_serves(settings.model if engine is None else engine, settings)
+    drawn = settings.mode == "shape" and settings.shapes == "drawn"
+    classes = (*settings.classes, settings.shape_class) if drawn else settings.classes
     sources = slide_sources(
-        sources, project, slide, annotations, slide_mpp_override, skip_missing, settings.classes
+        sources, project, slide, annotations, slide_mpp_override, skip_missing, classes
     )
     if engine is None:
         engine = load_run_engine(settings, ray)
     run = resolved_settings(settings, engine, ray)
     donors, backgrounds, skipped = collect_tiles(sources, run)
+    sketches = drawn_sketches(sources, run, skipped) if drawn else []
+    if drawn:
+        run = replace(run, count=min(run.count or len(sketches), len(sketches)))
     thresholds = calibrate_run(donors, backgrounds)
     result = SynthesizeResult(
         out,
@@ -162,7 +176,7 @@ def synthesize(
         config=run.run_config(sources),
         resume=resume,
         command=command,
-        extra_columns=EXTRA_COLUMNS,
+        extra_columns=EXTRA_COLUMNS + (SHAPE_COLUMNS if run.mode == "shape" else ()),
         device=str(engine.device) if ray is None else ray_device(ray),
     ) as writer:
         write_run_info(writer, engine, thresholds, ray)
@@ -170,7 +184,7 @@ def synthesize(
         result.skipped.extend(skipped)
         todo = [i for i in range(run.count) if not writer.has(_tile_id(run.mode, i))]
         result.already_present = run.count - len(todo)
-        job = _TileJob(writer, result, todo, donors, backgrounds, run, progress)
+        job = _TileJob(writer, result, todo, donors, backgrounds, run, progress, sketches)
         _make_tiles(job, engine, ray, settings)
     return result
 
@@ -191,6 +205,8 @@ class _TileJob:
     #: the run's resolved settings
     run: SynthesisSettings
     progress: Callable[[Iterable, int], Iterable] | None
+    #: shape mode with drawn outlines: the sketches, one per tile
+    sketches: Sequence[Sketch] = ()
 
 
 def _make_tiles(
@@ -200,6 +216,8 @@ def _make_tiles(
     name it), else by ``engine`` in this process, inpainting or making variations."""
     if ray is not None:
         _run_on_ray(job, ray, ray_engine_spec(settings))
+    elif job.run.mode == "shape":
+        _run_shape(job, engine)
     elif job.run.mode == "inpaint":
         _run_inpaint(job, engine)
     else:
@@ -345,6 +363,99 @@ def _write_inpainted(job: _TileJob, prepared: PlannedTile, image: np.ndarray) ->
     _add_tile(job, record, verdict, image, mask, tile_annotations, refs)
 
 
+# --------------------------------------------------------------------------- shapes
+
+
+def _run_shape(job: _TileJob, engine: Engine) -> None:
+    """Donors warped into target outlines (drawn sketches or deformed real outlines)."""
+    from histosynth.workflows.synthesize.shape_plan import (
+        ShapeTargets,
+        compose_shape_tile,
+        render_shape,
+    )
+
+    run, donors, backgrounds = job.run, job.donors, job.backgrounds
+    pipeline = engine.inpaint_pipeline()
+    pipeline.set_progress_bar_config(disable=True)
+    orders = BackgroundOrders(donors, backgrounds, run)
+    targets = ShapeTargets(run, donors, job.sketches)
+    for chunk in plan_batches(job.todo, run.batch_size, job.progress):
+        batch, shapes = [], []
+        for i in chunk:
+            target = targets(i)
+            donor = donors[orders.donor_of(i)]
+            prepared = compose_shape_tile(i, donor, target, backgrounds, orders(i), run)
+            if isinstance(prepared, SkippedTile):
+                _record_skip(job, prepared)
+            else:
+                batch.append(prepared)
+                shapes.append(target)
+        if batch:
+            images = render_shape(pipeline, batch, run)
+            for prepared, target, image in zip(batch, shapes, images, strict=True):
+                _write_shape(job, prepared, target, image)
+
+
+def _write_shape(job: _TileJob, prepared: PlannedTile, target: Any, image: np.ndarray) -> None:
+    """A shape row: its mask is the target outline (with the background's annotations of
+    the classes outside the pasted region), its GeoJSON the outline itself."""
+    run = job.run
+    donor, background, comp = prepared.donor, prepared.background, prepared.composite
+    diffused = run.harmonise == "diffusion"
+    vessel = comp.vessel_mask
+    pasted = comp.mask > 0
+    kept = background.existing_mask.copy()
+    kept[pasted] = 0
+    mask = union_mask(vessel, kept)
+    x, y = comp.placement.x, comp.placement.y
+    outline = target.outline + np.array([x, y], dtype=float)
+    inserted = outline_annotation(
+        outline,
+        donor.vessel,
+        "synthetic vessel",
+        {
+            "histosynth_inserted": "true",
+            "source_annotation_id": donor.vessel.id,
+            "shape_source": target.source,
+            "shape_id": target.shape_id,
+        },
+        size=run.tile_size,
+    )
+    carried = annotations_outside(background.existing, comp.mask)
+    cx, cy = (outline.min(axis=0) + outline.max(axis=0)) / 2
+    record = _tile_record(
+        run,
+        prepared.index,
+        donor,
+        background.source,
+        (background.x, background.y),
+        diffused,
+        {
+            "background_kind": "real",
+            "placement_penalty": round(float(comp.placement.penalty), 4),
+            "mask_source": "target outline",
+            "harmonise": run.harmonise,
+            "shape_source": target.source,
+            "shape_id": target.shape_id,
+        },
+        insert_x=round(float(cx), 2),
+        insert_y=round(float(cy), 2),
+        rotation_deg=0.0,
+        strength=run.strength if diffused else None,
+    )
+    verdict = check_content(job.result.content_check, image, background.image, mask,
+                            comp.composite)
+    refs = {
+        "background": background.image,
+        "shape-mask": vessel,  # the target outline (tile px)
+        "donor": donor.image,  # the real vessel whose content was warped in
+        "donor-mask": donor.mask,
+        "composite": comp.composite,  # the warped donor pasted, before harmonising
+    }
+    _add_tile(job, record, verdict, image, mask, [*([inserted] if inserted else []), *carried],
+              refs)
+
+
 # --------------------------------------------------------------------------- variation
 
 
@@ -400,7 +511,7 @@ def _tile_record(
     extra columns but the donor's, which come first; ``fields``: other record fields."""
     return slide_tile_record(
         _tile_id(run.mode, index),
-        "inpainting" if run.mode == "inpaint" else "variation",
+        MODE_ROWS[run.mode][1],
         donor.vessel,
         source,
         *xy,
@@ -422,5 +533,6 @@ def _tile_record(
 
 
 def _tile_id(mode: str, index: int) -> str:
-    """The id of tile ``index`` of a run in ``mode``: ``inp-00007``, ``var-00007``."""
-    return f"{'inp' if mode == 'inpaint' else 'var'}-{index:05d}"
+    """The id of tile ``index`` of a run in ``mode``: ``inp-00007``, ``var-00007``,
+    ``shp-00007``."""
+    return f"{MODE_ROWS[mode][0]}-{index:05d}"

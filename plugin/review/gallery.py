@@ -67,7 +67,7 @@ from histosynth.integration.decisions import rows_with_logged_decisions
 from histosynth.integration.errors import InputError
 from histosynth.integration.images import overlay_png, read_mask, read_rgb
 from histosynth.integration.run_folder import has_mask, refuse_links_in, review_status
-from histosynth.review.metrics_view import metrics_section
+from histosynth.review.metrics_view import adherence_by_tile, adherence_section, metrics_section
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,7 @@ def gallery_html(
     run = Path(run_dir)
     rows = list(rows_with_logged_decisions(run, read_index(run)) if rows is None else rows)
     extra_columns = _extra_columns(rows)
+    adherence = adherence_by_tile(run)
     shown = rows
     pager = ""
     if page is not None:
@@ -169,7 +170,7 @@ def gallery_html(
     cards = []
     iterator: Iterable = progress(shown, len(shown)) if progress else shown
     for row in iterator:
-        cards.append(_card(run, row, extra_columns))
+        cards.append(_card(run, row, extra_columns, adherence.get(row.get("id", ""), [])))
     return _page(
         run,
         rows,
@@ -282,7 +283,12 @@ def _figure(caption: str, src: str | None, missing: str, tile_id: str) -> str:
     )
 
 
-def _card(run: Path, row: dict[str, str], extra_columns: Sequence[str]) -> str:
+def _card(
+    run: Path,
+    row: dict[str, str],
+    extra_columns: Sequence[str],
+    adherence: Sequence[tuple[str, str]] = (),
+) -> str:
     tile_id = row.get("id", "")
     kind = row.get("synthesis_type", "")
     status = _status(row)
@@ -340,6 +346,7 @@ def _card(run: Path, row: dict[str, str], extra_columns: Sequence[str]) -> str:
     for column in extra_columns:
         if row.get(column):
             items.append(_dd(column.replace("_", " "), row[column], full=row[column]))
+    items += [_dd(label, value, full=value) for label, value in adherence]
 
     return (
         f'<article class="card" id="card-{_e(tile_id)}" data-id="{_e(tile_id)}" '
@@ -476,6 +483,7 @@ Written {_e(written)}.</p>
 {pager}
 </header>
 {metrics_section(run)}
+{adherence_section(run)}
 <main id="cards">
 {body}
 </main>
@@ -497,11 +505,12 @@ body { margin: 0; font: 14px/1.4 system-ui, sans-serif; color: var(--fg); backgr
 header.page { position: sticky; top: 0; z-index: 1; padding: 8px 16px; background: var(--card);
   border-bottom: 1px solid var(--line); }
 h1 { font-size: 18px; margin: 0 0 4px; }
-#metrics { margin: 12px 16px; padding: 8px 12px; background: var(--card);
+#metrics, #adherence { margin: 12px 16px; padding: 8px 12px; background: var(--card);
   border: 1px solid var(--line); border-radius: 6px; }
-#metrics h2 { font-size: 15px; margin: 0 0 6px; }
-#metrics table { border-collapse: collapse; }
-#metrics th, #metrics td { padding: 2px 10px 2px 0; text-align: left; }
+#metrics h2, #adherence h2 { font-size: 15px; margin: 0 0 6px; }
+#metrics table, #adherence table { border-collapse: collapse; }
+#metrics th, #metrics td, #adherence th, #adherence td { padding: 2px 10px 2px 0;
+  text-align: left; }
 #metrics td:nth-child(2), #metrics td:nth-child(3) { text-align: right; }
 #metrics .plots { display: flex; gap: 16px; flex-wrap: wrap; margin-top: 8px; }
 #metrics .caveat { color: var(--muted); margin: 0 0 6px; }

@@ -13,7 +13,7 @@ from typing import Any
 
 log = logging.getLogger("histosynth")
 
-__all__ = ["metrics_section"]
+__all__ = ["adherence_by_tile", "adherence_section", "metrics_section"]
 
 REAL, SYNTHETIC = "#1f77b4", "#d62728"
 W, H, PAD = 380, 240, 28
@@ -135,4 +135,66 @@ def metrics_section(run: Path) -> str:
         f"<tbody>{''.join(lines)}</tbody></table>"
         f'<div class="plots">{_scatter(plots.get("pca", {}))}{_histogram(plots.get("nnd", {}))}'
         "</div></section>"
+    )
+
+
+ADHERENCE_FILE = "adherence.json"
+
+
+def _adherence(run: Path) -> dict[str, Any] | None:
+    """``RUN/adherence.json`` (``evaluate --mask-adherence``), or None when there is none
+    (or it is unreadable: then a warning in the log)."""
+    path = run / ADHERENCE_FILE
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(doc.get("tiles"), dict) or not isinstance(doc.get("summary"), dict):
+            raise ValueError("no tiles or summary")
+        float(doc["boundary_tolerance_px"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("%s: not shown in the gallery (%s)", path, exc)
+        return None
+    return doc
+
+
+def adherence_by_tile(run: Path) -> dict[str, list[tuple[str, str]]]:
+    """tile id → the (label, value) items of its mask adherence for the tile's card:
+    mask IoU and boundary F1 at the file's tolerance; {} without ``RUN/adherence.json``."""
+    doc = _adherence(run)
+    if doc is None:
+        return {}
+    tolerance = f"boundary F1 ({float(doc['boundary_tolerance_px']):g} px)"
+    out = {}
+    for tile_id, values in doc["tiles"].items():
+        try:
+            out[str(tile_id)] = [("mask IoU", f"{float(values['iou']):.3f}"),
+                                 (tolerance, f"{float(values['boundary_f1']):.3f}")]
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
+
+
+def adherence_section(run: Path) -> str:
+    """The mask adherence summary (one row per synthesis type), or "" without
+    ``RUN/adherence.json``."""
+    doc = _adherence(run)
+    if doc is None:
+        return ""
+    lines = []
+    for kind, s in doc["summary"].items():
+        try:
+            cells = [s["tiles"], f"{s['iou']:.3f} ± {s['iou_sd']:.2f}",
+                     f"{s['boundary_f1']:.3f} ± {s['boundary_f1_sd']:.2f}", s.get("lowest", "")]
+        except (KeyError, TypeError, ValueError):
+            continue
+        lines.append(f'<tr><th scope="row">{_e(kind)}</th>'
+                     + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
+    tolerance = f"{float(doc['boundary_tolerance_px']):g} px"
+    return (
+        '<section id="adherence" aria-label="mask adherence">'
+        "<h2>Mask adherence: the segmented vessel against each tile's own mask</h2>"
+        "<table><thead><tr><th>synthesis type</th><th>tiles</th><th>IoU</th>"
+        f"<th>boundary F1 ({_e(tolerance)})</th><th>lowest IoU</th></tr></thead>"
+        f"<tbody>{''.join(lines)}</tbody></table></section>"
     )

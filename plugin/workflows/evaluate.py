@@ -13,6 +13,12 @@ with the real tile it was made from (``refs/<id>-background.png`` for an inpaint
 ``refs/<id>-reference.png`` for a variation), never with an unrelated one.
 
 Writes ``RUN/metrics.json`` (atomically) and returns the rows of the printed table.
+With ``--mask-adherence`` it also measures whether each masked synthetic tile's pixels
+follow its mask (:mod:`histosynth.workflows.adherence`, ``RUN/adherence.json``).
+
+Size: over 600 lines because the fidelity metrics, the notes that say when one cannot be
+measured, the per-class groups, the own-donor exclusions and metrics.json are one table
+read together; mask adherence, a separate measure, lives in its own module.
 """
 
 from __future__ import annotations
@@ -35,6 +41,12 @@ from histosynth.integration.dataset import INDEX_NAME, read_index, utc_now
 from histosynth.integration.errors import InputError
 from histosynth.integration.images import read_rgb
 from histosynth.integration.run_folder import refuse_links_in
+from histosynth.workflows.adherence import (
+    AdherenceResult,
+    AdherenceSettings,
+    measure_adherence,
+    write_adherence,
+)
 
 log = logging.getLogger("histosynth")
 
@@ -74,6 +86,7 @@ class EvaluationResult:
     rows: list[Row] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     path: Path | None = None
+    adherence: AdherenceResult | None = None
 
     @property
     def space(self) -> str:
@@ -358,7 +371,7 @@ def feature_space_names(features: str | Sequence[str]) -> list[str]:
 
 def evaluate(
     run_dir: str | os.PathLike,
-    real_dir: str | os.PathLike,
+    real_dir: str | os.PathLike | None,
     *,
     features: str | Sequence[str] = "default",
     per_class: bool = False,
@@ -368,14 +381,53 @@ def evaluate(
     seed: int = 0,
     progress: Callable[[Iterable, int], Iterable] | None = None,
     command: str = "",
+    adherence: AdherenceSettings | None = None,
+    adherence_progress: Callable[[Iterable, int], Iterable] | None = None,
 ) -> EvaluationResult:
     """Measure the run's synthetic tiles against the real tiles of ``real_dir`` and
     write ``RUN/metrics.json``. ``max_images``: at most this many tiles per side (a
-    seeded sample). Raises InputError: not a run / dataset, no synthetic or no real
-    tiles, unreadable images or tiles of different sizes (each naming the file)."""
-    names = feature_space_names(features)
-    run, real = _folder(run_dir, "run folder"), _folder(real_dir, "dataset or run folder")
-    run_rows, real_rows = _synthetic_rows(run), _real_rows(real)
+    seeded sample). With ``adherence``, also the mask adherence of its masked synthetic
+    tiles (:mod:`histosynth.workflows.adherence`, ``RUN/adherence.json``); ``real_dir``
+    may then be ``None`` when a saved segmenter is named (no fidelity metrics).
+
+    Raises InputError: not a run / dataset, no synthetic or no real tiles, unreadable
+    images or tiles of different sizes (each naming the file), and adherence's own
+    (:func:`~histosynth.workflows.adherence.measure_adherence`) — all before anything is
+    written."""
+    run = _folder(run_dir, "run folder")
+    real = None if real_dir is None else _folder(real_dir, "dataset or run folder")
+    if real is None and (adherence is None or adherence.segmenter is None):
+        also = " (or, for --mask-adherence alone, a saved --segmenter FILE)" if adherence else ""
+        raise InputError(f"name the real tiles: --real DIR, a dataset written by 'histosynth "
+                         f"extract'{also}", item="--real")
+    names = feature_space_names(features) if real is not None else []
+    rows = (_synthetic_rows(run), _real_rows(real)) if real is not None else None
+    measured = None
+    if adherence is not None:
+        measured = measure_adherence(run, real, adherence, device=device,
+                                     batch_size=batch_size, progress=adherence_progress)
+    result = EvaluationResult(run, real or run, [])
+    if rows is not None:
+        document = _fidelity(result, names, rows, per_class=per_class, max_images=max_images,
+                             batch_size=batch_size, device=device, seed=seed,
+                             progress=progress, command=command)
+        result.path = refuse_links_in(run, run / METRICS_NAME)
+        atomic_write_json(result.path, document)
+    if measured is not None and adherence is not None:
+        result.adherence, model = measured
+        write_adherence(run, result.adherence, model, adherence, command)
+    return result
+
+
+def _fidelity(result: EvaluationResult, names: list[str],
+              rows: tuple[list[dict[str, str]], list[dict[str, str]]], *, per_class: bool,
+              max_images: int | None, batch_size: int | None, device: str | None, seed: int,
+              progress: Callable[[Iterable, int], Iterable] | None, command: str
+              ) -> dict[str, Any]:
+    """The fidelity metrics of every feature space into ``result``; returns the content
+    of metrics.json (not written here)."""
+    run, real = result.run_dir, result.real_dir
+    run_rows, real_rows = rows
     # sampled first: only the tiles used are read and hashed
     fake_tiles = _tiles(run, _sample(run_rows, max_images, seed))
     real_tiles = _tiles(real, _sample(real_rows, max_images, seed + 1))
@@ -383,7 +435,6 @@ def evaluate(
     groups = _groups(fake_tiles, real_tiles, per_class)
     pairs = _source_pairs(run, fake_tiles)
 
-    result = EvaluationResult(run, real, [])
     spaces: list[dict[str, Any]] = []
     plots: dict[str, Any] | None = None
     for name in names:
@@ -391,12 +442,13 @@ def evaluate(
         fake, real_features, ref_features = _embed_sets(
             space, fake_tiles, real_tiles, [path for _, path in pairs], progress
         )
-        rows = _group_rows(space.name, real_features, fake, groups, exclusions, device or "cpu")
+        space_rows = _group_rows(space.name, real_features, fake, groups, exclusions,
+                                 device or "cpu")
         if ref_features is not None:
-            rows.append(_pair_row(ref_features, fake, pairs))
-        for row in rows:
+            space_rows.append(_pair_row(ref_features, fake, pairs))
+        for row in space_rows:
             row.space = space.name
-        result.rows += rows
+        result.rows += space_rows
         result.spaces.append(space.name)
         spaces.append(_space_info(space))
         if plots is None:  # the plots are drawn in the first space
@@ -405,10 +457,7 @@ def evaluate(
             )
             plots = {"space": space.name, **_plot_data(real_features, fake, everything, seed)}
     result.counts = {"synthetic": len(fake_tiles), "real": len(real_tiles), "pairs": len(pairs)}
-    document = _metrics_document(result, spaces, plots, command)
-    result.path = refuse_links_in(run, run / METRICS_NAME)
-    atomic_write_json(result.path, document)
-    return result
+    return _metrics_document(result, spaces, plots, command)
 
 
 def _synthetic_rows(run: Path) -> list[dict[str, str]]:

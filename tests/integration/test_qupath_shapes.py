@@ -411,3 +411,14 @@ def test_native_write_back_and_review_sync_take_shape_rows(world: dict, tmp_path
     review_sync(project, run, run_name="r2")
     statuses = {row["id"]: row["review_status"] for row in read_index(run)}
     assert statuses == {"inp-00000": "pending", "shp-00000": "accepted", "shp-00001": "pending"}
+
+
+def test_one_sketch_class_name_everywhere() -> None:
+    """The class install-scripts adds is the one synthesize looks for and the script names."""
+    from histosynth.workflows.synthesize.settings import DEFAULT_SHAPE_CLASS
+
+    option = {p.name: p for p in main.commands["synthesize"].params}["shape_class"]
+    assert SKETCH_CLASS == DEFAULT_SHAPE_CLASS == option.default
+    fallback = re.findall(r'name\.isEmpty\(\) \? "([^"]+)" : name',
+                          (SOURCE / "Synthesize_vessels.groovy").read_text(encoding="utf-8"))
+    assert fallback == [SKETCH_CLASS]

@@ -22,9 +22,10 @@ from typing import Any
 
 from histosynth.common.files import atomic_write_json
 from histosynth.integration.content_check import qc_failed
-from histosynth.integration.dataset import (
+from histosynth.integration.dataset import (  # SYNTHETIC_TYPES: the rows written into a project
     INDEX_NAME,
     REVIEW_STATUSES,
+    SYNTHETIC_TYPES,
     read_index,
     row_problem,
     utc_now,
@@ -45,8 +46,6 @@ from histosynth.integration.tiff import write_calibrated_tiff
 
 log = logging.getLogger(__name__)
 
-#: ``synthesis_type`` values written into a project (``extracted`` rows are not)
-SYNTHETIC_TYPES = ("inpainting", "variation", "shape")
 #: ``RUN/qupath-entries.json``: per project, the entry id of each tile written into it
 MAPPING_NAME = "qupath-entries.json"
 #: ``RUN/qupath-plan.json``: the plan for the menu scripts

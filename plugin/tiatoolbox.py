@@ -6,6 +6,10 @@ preset or a loaded engine, ``batch_size``, ``device``, ``verbose``), and run on 
 ``.db`` files or QuPath GeoJSON, one per slide) into ``save_dir``, returning what
 ``output_type`` asks for.
 
+Size: one module because it is one class and the readers of its inputs (stores, GeoJSON,
+TIAToolbox readers) and writers of its outputs, which only it uses; split when another
+caller needs them.
+
 >>> from histosynth.tiatoolbox import SynthesisEngine                  # doctest: +SKIP
 >>> engine = SynthesisEngine(batch_size=1, device="cpu")  # doctest: +SKIP
 >>> store = engine.run(["slide.ome.tif"], annotations=["slide.db"],    # doctest: +SKIP
@@ -59,6 +63,9 @@ _PARAMS = {
     "background": "background",
     "harmonise": "harmonise",
     "allow_untrained": "allow_untrained",
+    "shapes": "shapes",
+    "shape_class": "shape_class",
+    "inside_strength": "inside_strength",
 }
 _STORE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 _GEOJSON_SUFFIXES = (".geojson", ".json")
@@ -151,13 +158,15 @@ class SynthesisEngine:
         return self.engine
 
     def _check_serves(
-        self, classes: list[str], count: int, mode: str, tile_size: int | None, params: dict
+        self, classes: list[str], count: int | None, mode: str, tile_size: int | None,
+        params: dict,
     ) -> None:
         """Refuse a mode the engine cannot serve before any slide or weight is read."""
         from histosynth.workflows.synthesize import SynthesisSettings
         from histosynth.workflows.synthesize.run_checks import check_engine_serves
 
-        keys = ("strength", "background", "harmonise", "allow_untrained")
+        keys = ("strength", "background", "harmonise", "allow_untrained", "shapes",
+                "shape_class", "inside_strength")
         settings = SynthesisSettings(
             classes=tuple(classes),
             count=count,
@@ -177,7 +186,7 @@ class SynthesisEngine:
         *,
         annotations: Sequence[Any] | Any,
         classes: Sequence[str] | str,
-        count: int,
+        count: int | None = None,
         mode: str = "inpaint",
         save_dir: str | os.PathLike,
         output_type: str = "dict",
@@ -196,10 +205,14 @@ class SynthesisEngine:
                 is read from ``type`` (TIAToolbox), ``classification`` or ``class_name``;
                 points and lines are ignored.
             classes: class names to synthesise (``"Vessel"`` includes ``"Vessel: …"``).
-            count: number of synthetic tiles.
+            count: number of synthetic tiles (``None`` only with ``shapes="drawn"``: one
+                per sketch).
             mode: ``"inpaint"`` (a real donor vessel placed into real tissue, the seam
-                regenerated) or ``"variation"`` (new tiles conditioned on real vessel
-                tiles).
+                regenerated), ``"variation"`` (new tiles conditioned on real vessel
+                tiles) or ``"shape"`` (a real donor warped into a target outline:
+                ``shapes="drawn"`` takes every annotation of ``shape_class``
+                [``"Vessel sketch"``] in the stores as an outline, ``shapes="bank"`` real
+                outlines of ``classes`` deformed; ``inside_strength``: τ inside it).
             save_dir: the run folder (new or empty; ``resume=True`` continues one).
             output_type: ``"dict"``, ``"annotationstore"`` or ``"qupath"`` (see Returns).
             seed: same inputs + same seed → same tiles on the same device.
@@ -212,6 +225,7 @@ class SynthesisEngine:
                 ``colour_blend``, ``adapter``, ``background`` (``auto``, ``real``,
                 ``synthetic``), ``harmonise`` (``auto``, ``diffusion``, ``multiband``,
                 ``none``), ``allow_untrained`` (let the UNTRAINED tiny engine paint),
+                ``shapes``, ``shape_class``, ``inside_strength`` (``mode="shape"``),
                 ``resume``, ``slide_mpp`` (µm per level-0
                 pixel for slide paths without that metadata), ``ray`` (render on a Ray
                 cluster: a :class:`histosynth.workflows.synthesize.RayOptions` or its address,
@@ -244,7 +258,12 @@ class SynthesisEngine:
         )
         names = _class_names(class_dict)
         self._check_serves(classes, count, mode, tile_size, params)
-        sources = _sources(images, annotations, names, params.get("slide_mpp"), classes)
+        read = list(classes)
+        if mode == "shape" and params.get("shapes") == "drawn":
+            from histosynth.workflows.synthesize.settings import DEFAULT_SHAPE_CLASS
+
+            read.append(params.get("shape_class") or DEFAULT_SHAPE_CLASS)
+        sources = _sources(images, annotations, names, params.get("slide_mpp"), read)
 
         engine = self._load(tile_size)
         tile_size = engine.tile_size if tile_size is None else tile_size

@@ -49,6 +49,7 @@ from histosynth.integration.demo.vessels import (
     random_shape,
 )
 from histosynth.integration.errors import InputError
+from histosynth.integration.qupath.classes import SKETCH_CLASS, SKETCH_COLOUR
 from histosynth.integration.qupath.server import bioformats_server_builder
 from histosynth.integration.qupath.uris import path_to_uri
 from histosynth.integration.tiff import (
@@ -74,6 +75,11 @@ __all__ = [
 CLASS_VESSEL = "Vessel"
 CLASS_INVASIVE = "Vessel: Invasive"
 CLASS_TUMOR = "Tumor"
+#: outlines an annotator drew for new vessels (``synthesize --mode shape --shapes drawn``)
+CLASS_SKETCH = SKETCH_CLASS
+#: sketches per demo slide, and their diameters (µm): lobed outlines no donor has
+DEMO_SKETCHES = 2
+SKETCH_DIAMETERS_UM = (90.0, 150.0)
 
 #: Names of the GeoJSON flavours written by :func:`write_qupath_geojson_variants`.
 GEOJSON_VARIANTS = (
@@ -380,10 +386,46 @@ def build_demo_slide(
             "make it larger"
         )
     annotations = [_paint_and_annotate(image, shape, plan, mpp, rng) for shape, plan in layout]
-    order = {CLASS_VESSEL: 0, CLASS_INVASIVE: 1, CLASS_TUMOR: 2}
+    annotations += _sketches(
+        np.random.default_rng([seed, 97]), [shape for shape, _ in layout], width, height, mpp
+    )
+    order = {CLASS_VESSEL: 0, CLASS_INVASIVE: 1, CLASS_TUMOR: 2, CLASS_SKETCH: 3}
     annotations.sort(key=lambda a: order.get(a.class_name or "", 3))
     write_pyramidal_ome_tiff(path, image, mpp=mpp)
     return DemoSlide(Path(path), mpp, width, height, annotations)
+
+
+def _sketches(
+    rng: np.random.Generator, placed: list[Shape], width: int, height: int, mpp: float
+) -> list[Annotation]:
+    """Up to :data:`DEMO_SKETCHES` lobed outlines of class ``Vessel sketch`` on free tissue
+    (drawn, not painted: where an annotator wants a new vessel), 40 µm clear of every
+    object and 20 µm inside the slide's edges."""
+    room = _Room(width, height, 40.0 / mpp, list(placed))
+    edge = 20.0 / mpp
+    sketches = []
+    for _ in range(DEMO_SKETCHES):
+        diameter = float(rng.uniform(*SKETCH_DIAMETERS_UM)) / mpp
+        shape = random_shape(rng, diameter, 0.35)
+        low, high = edge + shape.radius, (width - edge - shape.radius, height - edge - shape.radius)
+        if high[0] <= low or high[1] <= low:
+            break
+        for _ in range(400):
+            shape.cx, shape.cy = float(rng.uniform(low, high[0])), float(rng.uniform(low, high[1]))
+            if room.fits(shape):
+                break
+        else:
+            continue
+        room.placed.append(shape)
+        sketches.append(
+            Annotation(
+                geometry=_polygon(shape.outline()),
+                class_name=CLASS_SKETCH,
+                color=SKETCH_COLOUR,
+                id=_uuid(rng),
+            )
+        )
+    return sketches
 
 
 def _paint_and_annotate(

@@ -294,6 +294,31 @@ def test_qupath_output_from_geojson_in_variation_mode(engine, slide, tmp_path):
     assert row["source_annotation_id"] in {a.id for a in slide.annotations}
 
 
+def test_shape_mode_takes_sketches_from_a_store(engine, slide, tmp_path):
+    """``mode="shape"``: a ``Vessel sketch`` in the annotation store becomes one tile whose
+    mask is the sketch (tile px), its row ``shape`` with the sketch's id."""
+    t = np.linspace(0, 2 * np.pi, 40, endpoint=False)
+    outline = Polygon(np.stack([1000 + 150 * np.cos(t), 760 + 80 * np.sin(t)], axis=1))
+    sketch = Annotation(geometry=outline, class_name="Vessel sketch",
+                        id="00000000-0000-4000-8000-0000000000aa")
+    db = tmp_path / "with-sketch.db"
+    annotations_to_store([*slide.annotations, sketch], db).close()
+    out = engine.run(
+        [slide.path], annotations=[db], classes=["Vessel"], mode="shape", shapes="drawn",
+        save_dir=tmp_path / "run", tile_size=TILE, harmonise="multiband",
+    )
+    (record,) = out["records"]
+    assert record["synthesis_type"] == "shape" and record["shape_id"] == sketch.id
+    scale = 0.25 / float(record["mpp"])
+    wanted = rasterize([outline], origin=(float(record["tile_x"]), float(record["tile_y"])),
+                       scale=scale, shape=(TILE, TILE)) > 0
+    got = (out["masks"][0] > 0) & (cv2.dilate(wanted.astype(np.uint8), np.ones((5, 5))) > 0)
+    assert (got & wanted).sum() / (got | wanted).sum() >= 0.98
+    with pytest.raises(InputError, match="needs --shapes"):
+        engine.run([slide.path], annotations=[db], classes=["Vessel"], mode="shape", count=1,
+                   save_dir=tmp_path / "bad", tile_size=TILE)
+
+
 # --------------------------------------------------------------------------- bad input
 
 

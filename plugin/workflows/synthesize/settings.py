@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from histosynth.common.geometry import DEFAULT_MPP, TileGeometry
 from histosynth.integration.errors import InputError
+from histosynth.integration.qupath.classes import SKETCH_CLASS
 from histosynth.options import COUNT_MAX, GUIDANCE_MAX, MPP_MAX, SEED_MAX, STEPS_MAX, check_finite
 from histosynth.synthesis import defaults
 
@@ -32,7 +33,7 @@ MODES = ("inpaint", "variation", "shape")
 #: ``shape_class``), or the project's real vessel outlines of the class, deformed
 SHAPE_SOURCES = ("drawn", "bank")
 #: the QuPath class of the outlines an annotator draws for ``--shapes drawn``
-DEFAULT_SHAPE_CLASS = "Vessel sketch"
+DEFAULT_SHAPE_CLASS = SKETCH_CLASS
 
 #: where inpainting backgrounds come from: real tiles of the slides; tiles generated from
 #: noise conditioned on 16 rotated copies of real tissue near the donor; real, and

@@ -90,6 +90,7 @@ class AdherenceResult:
     mpp: float | None = None
     path: Path | None = None
     segmenter_file: Path | None = None
+    saved_to: Path | None = None
 
     def summary(self) -> dict[str, dict[str, Any]]:
         """synthesis type → tiles, mean and sd of IoU and boundary F1, the lowest-IoU
@@ -123,6 +124,8 @@ class AdherenceResult:
         cfg = self.segmenter
         source = (f"loaded from {self.segmenter_file}" if self.segmenter_file
                   else f"trained on {cfg.get('train_tiles', '?')} real tile(s)")
+        if self.saved_to:
+            source += f", saved to {self.saved_to}"
         um = f" = {self.tolerance_px * self.mpp:g} µm at {self.mpp:g} µm/px" if self.mpp else ""
         return (f"mask adherence: segmenter {cfg.get('arch')} / {cfg.get('encoder')} "
                 f"({source}, {cfg.get('epochs', '?')} epochs); boundary F1 within "
@@ -320,11 +323,11 @@ def write_adherence(run: Path, result: AdherenceResult, model: Any, settings: Ad
     segmenter: dict[str, Any] = {"config": result.segmenter}
     if settings.save_to is not None and settings.segmenter is None:
         save_segmenter(model, result.segmenter, settings.save_to)
-        result.segmenter_file = Path(settings.save_to).absolute()
-        segmenter["saved_to"] = str(result.segmenter_file)
-    if result.segmenter_file is not None:
-        segmenter["file"] = str(result.segmenter_file)
-        segmenter["sha256"] = hashlib.sha256(result.segmenter_file.read_bytes()).hexdigest()
+        result.saved_to = Path(settings.save_to).absolute()
+    file = result.segmenter_file or result.saved_to
+    if file is not None:
+        segmenter["file"] = str(file)
+        segmenter["sha256"] = hashlib.sha256(file.read_bytes()).hexdigest()
     document = {
         "format_version": 1, "created_at": utc_now(), "histosynth": __version__,
         "command": command, "segmenter": segmenter,

@@ -44,7 +44,7 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two boolean masks (1 when both are empty)."""
     a, b = _pair(a, b)
     union = np.count_nonzero(a | b)
-    return 1.0 if union == 0 else np.count_nonzero(a & b) / union
+    return 1.0 if union == 0 else float(np.count_nonzero(a & b) / union)
 
 
 def mask_boundary(mask: np.ndarray) -> np.ndarray:
@@ -56,7 +56,7 @@ def mask_boundary(mask: np.ndarray) -> np.ndarray:
 def _within(points: np.ndarray, target: np.ndarray, tolerance_px: float) -> float:
     """Share of ``points``' pixels within ``tolerance_px`` of a pixel of ``target``."""
     distance = ndimage.distance_transform_edt(~target)
-    return float(np.count_nonzero(distance[points] <= tolerance_px)) / np.count_nonzero(points)
+    return float(np.count_nonzero(distance[points] <= tolerance_px) / np.count_nonzero(points))
 
 
 def boundary_f1(
@@ -73,4 +73,4 @@ def boundary_f1(
     precision = _within(edge_b, edge_a, tolerance_px)
     recall = _within(edge_a, edge_b, tolerance_px)
     total = precision + recall
-    return 0.0 if total == 0 else 2 * precision * recall / total
+    return 0.0 if total == 0 else float(2 * precision * recall / total)

@@ -20,7 +20,7 @@ from histosynth.integration.images import read_mask, read_rgb
 TILE, MPP = 128, 1.0
 SHIFT = TILE // 2  # px: the bad row's mask, moved half a tile right and down (wrapping)
 TINY = ["--segmenter-arch", "unet", "--segmenter-encoder", "tu-mobilenetv3_small_050",
-        "--segmenter-epochs", 10, "--batch-size", 4, "--features", "tiny"]
+        "--segmenter-epochs", 6, "--batch-size", 4, "--features", "tiny"]
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,7 @@ def test_a_row_whose_mask_is_off_its_vessel_is_caught(invoke, sets, tmp_path, mo
     # fidelity as before, then the adherence table, its tolerance said in px and µm
     assert "| FID | tiny |" in result.output
     assert "boundary F1 within 2 px = 2 µm at 1 µm/px" in result.output
+    assert f"real tile(s), saved to {saved}" in result.output
     assert "| synthesis type | tiles | IoU |" in result.output
     assert "| inpainting |" in result.output and "| real (validation) |" in result.output
     doc = json.loads((run / "adherence.json").read_text())
@@ -88,8 +89,8 @@ def test_a_row_whose_mask_is_off_its_vessel_is_caught(invoke, sets, tmp_path, mo
     good = [t["iou"] for k, t in tiles.items() if k != "inp-000"]
     assert len(good) == len(read_index(run)) - 2
     bad = tiles["inp-000"]
-    # the shifted mask is caught: far below the rows whose pixels follow their masks
-    assert bad["iou"] < np.median(good) - 0.2, (bad, good)
+    # the shifted mask is caught: under half of every row whose pixels follow its mask
+    assert bad["iou"] < 0.5 * min(good), (bad, good)
     assert bad["boundary_f1"] < np.median([t["boundary_f1"] for k, t in tiles.items()
                                            if k != "inp-000"])
     assert doc["summary"]["inpainting"]["lowest"] == "inp-000"

@@ -52,14 +52,10 @@ __all__ = [
 ]
 
 
-def connect_ray(
-    ray: RayOptions | None, engine: Engine | None, mode: str = "inpaint"
-) -> RayOptions | None:
+def connect_ray(ray: RayOptions | None, engine: Engine | None) -> RayOptions | None:
     """The Ray cluster connected (``None``: no Ray); a loaded engine cannot go to it."""
     if ray is None:
         return None
-    if mode == "shape":
-        raise InputError("--mode shape does not run on Ray yet; run it without --ray")
     if engine is not None:
         raise InputError(
             "--ray loads the model on every worker: give it by name or folder "

@@ -32,7 +32,7 @@ import os
 import pickle
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -154,6 +154,8 @@ class PlannedCall:
     indices: list[int]
     donors: list[int]
     orders: list[list[int]]
+    #: shape mode: each tile's target outline (a drawn one with its tile, read here)
+    targets: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -175,6 +177,14 @@ def _detached(items: Sequence[Any]) -> list[Any]:
             sources[id(source)] = replace(source, reader=None)
         out.append(replace(item, source=sources[id(source)]))
     return out
+
+
+def _detached_target(target: Any) -> Any:
+    """A shape target whose background (a drawn one's tile) has no slide reader."""
+    if target.background is None:
+        return target
+    (background,) = _detached([target.background])
+    return replace(target, background=background)
 
 
 class TileRenderer:
@@ -203,7 +213,7 @@ class TileRenderer:
         if adapter:
             load_adapter_for(self.engine, adapter)
         self.run = run
-        if run.mode == "inpaint":
+        if run.places_donors:
             self.pipeline = self.engine.inpaint_pipeline()
         else:
             self.pipeline = self.engine.variation_pipeline()
@@ -237,12 +247,27 @@ class TileRenderer:
             images = render_variation(self.pipeline, refs, indices, run)
             return [Outcome(i, image=image) for i, image in zip(indices, images, strict=True)]
         position = {id(b): k for k, b in enumerate(self.backgrounds)}
-        planned = [
-            compose_tile(i, self.donors[d], self.backgrounds, order, run, self.engine)
-            for i, d, order in zip(indices, call.donors, call.orders, strict=True)
-        ]
+        if run.mode == "shape":
+            from histosynth.workflows.synthesize.shape_plan import (
+                compose_shape_tile,
+                render_shape,
+            )
+
+            planned = [
+                compose_shape_tile(i, self.donors[d], target, self.backgrounds, order, run)
+                for i, d, order, target in zip(
+                    indices, call.donors, call.orders, call.targets, strict=True
+                )
+            ]
+            render = render_shape
+        else:
+            planned = [
+                compose_tile(i, self.donors[d], self.backgrounds, order, run, self.engine)
+                for i, d, order in zip(indices, call.donors, call.orders, strict=True)
+            ]
+            render = render_inpaint
         made = [p for p in planned if not isinstance(p, SkippedTile)]
-        images = iter(render_inpaint(self.pipeline, made, run) if made else [])
+        images = iter(render(self.pipeline, made, run) if made else [])
         out = []
         for p in planned:
             if isinstance(p, SkippedTile):
@@ -288,10 +313,12 @@ def render_on_ray(
     donors: Sequence[Donor],
     backgrounds: Sequence[Background],
     references: dict[int, ReferenceTile],
+    targets: Callable[[int], Any] | None = None,
 ) -> Iterator[Outcome]:
     """Render the planned engine calls on Ray and yield each tile's :class:`Outcome` in
     plan order. ``donor_of(i)``: tile i's donor; ``orders(i)``: the backgrounds it
-    tries, in turn (inpaint)."""
+    tries, in turn (inpaint, shape); ``targets(i)``: its target outline (shape; a drawn
+    one's tile is read here, where the slides are open)."""
     import ray
     import ray.data
 
@@ -301,7 +328,8 @@ def render_on_ray(
                 PlannedCall(
                     list(call),
                     [donor_of(i) for i in call],
-                    [orders(i) for i in call] if run.mode == "inpaint" else [],
+                    [orders(i) for i in call] if run.places_donors else [],
+                    [_detached_target(targets(i)) for i in call] if targets else [],
                 ),
                 protocol=5,
             )

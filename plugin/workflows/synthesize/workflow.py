@@ -148,7 +148,7 @@ def synthesize(
     """
     out = output_folder(out)
     check_run_folder(out, resume=resume)  # before the slow part: loading the model
-    ray = connect_ray(ray, engine, settings.mode)
+    ray = connect_ray(ray, engine)
     # an unknown model, or a mode it cannot serve, fails here in well under a second
     check_engine_serves(settings.model if engine is None else engine, settings)
     drawn = settings.mode == "shape" and settings.shapes == "drawn"
@@ -228,6 +228,7 @@ def _run_on_ray(job: _TileJob, options: RayOptions, engine_spec: dict[str, Any])
     """The plan of a single-process run, rendered by Ray actors and written here in plan
     order as the outcomes arrive."""
     from histosynth.workflows.synthesize.scale_out import render_on_ray
+    from histosynth.workflows.synthesize.shape_plan import ShapeTargets
 
     run, donors, backgrounds, todo = job.run, job.donors, job.backgrounds, job.todo
     orders = BackgroundOrders(donors, backgrounds, run)
@@ -237,6 +238,10 @@ def _run_on_ray(job: _TileJob, options: RayOptions, engine_spec: dict[str, Any])
     if run.mode == "variation":  # read from the slides here: the actors have no readers
         for d in sorted({donor_of(i) for i in todo}):
             references[d] = reference_tile(donors[d], run.geometry, run.classes)
+    targets: dict[int, Any] = {}
+    if run.mode == "shape":
+        target_of = ShapeTargets(run, donors, job.sketches)
+        targets = {i: target_of(i) for i in todo}
     outcomes = render_on_ray(
         options,
         engine_spec,
@@ -247,6 +252,7 @@ def _run_on_ray(job: _TileJob, options: RayOptions, engine_spec: dict[str, Any])
         donors,
         backgrounds,
         references,
+        targets.__getitem__ if targets else None,
     )
     for outcome in job.progress(outcomes, len(todo)) if job.progress else outcomes:
         d = donor_of(outcome.index)
@@ -254,6 +260,14 @@ def _run_on_ray(job: _TileJob, options: RayOptions, engine_spec: dict[str, Any])
             _record_skip(job, outcome.skip)
         elif run.mode == "variation":
             _write_variation(job, outcome.index, references[d], donors[d], outcome.image)
+        elif run.mode == "shape":
+            target = targets[outcome.index]
+            background = (
+                target.background if outcome.background is None
+                else backgrounds[outcome.background]
+            )
+            prepared = PlannedTile(outcome.index, donors[d], background, outcome.composite)
+            _write_shape(job, prepared, target, outcome.image)
         else:
             background = (
                 backgrounds[outcome.background]

@@ -1,7 +1,7 @@
 """``histosynth evaluate``: how close a run's synthetic tiles are to real vessel tiles.
 
-The synthetic set is the run's ``inpainting`` / ``variation`` rows (rejected ones left
-out); the real set is the ``extracted`` rows of ``--real`` (a dataset written by
+The synthetic set is the run's ``inpainting`` / ``variation`` / ``shape`` rows (rejected
+ones left out); the real set is the ``extracted`` rows of ``--real`` (a dataset written by
 ``histosynth extract``, or a run holding such rows). Both are embedded in one feature
 space (:mod:`histosynth.synthesis.metrics.features`); each image's vector is cached by
 the SHA-256 of its file, so a second evaluation only embeds new tiles.
@@ -37,7 +37,7 @@ import numpy as np
 
 from histosynth import __version__
 from histosynth.common.files import atomic_write_bytes, atomic_write_json
-from histosynth.integration.dataset import INDEX_NAME, read_index, utc_now
+from histosynth.integration.dataset import INDEX_NAME, SYNTHETIC_TYPES, read_index, utc_now
 from histosynth.integration.errors import InputError
 from histosynth.integration.images import read_rgb
 from histosynth.integration.run_folder import refuse_links_in
@@ -55,7 +55,6 @@ __all__ = ["METRICS_NAME", "EvaluationResult", "evaluate", "feature_cache_dir"]
 METRICS_NAME = "metrics.json"
 #: ``--features`` names that stand for a feature space: the space CMMD is defined in.
 FEATURE_ALIASES = {"cmmd": "clip-l14-336", "clip-fid": "clip", "fid": "inception"}
-SYNTHETIC_TYPES = ("inpainting", "variation")
 #: Smallest KID subset for a ± (smaller subsets give a meaningless spread).
 KID_MIN_SUBSET = 10
 
@@ -504,11 +503,11 @@ def _exclusions(
     real_index: dict[int, int],
 ) -> list[tuple[int, int]]:
     """(fake, real) positions within a group that must not be neighbours: the real tile
-    of an inpainted tile's own donor is not an independent neighbour."""
+    of an inpainted (or shape) tile's own donor is not an independent neighbour."""
     out = []
     for local, i in enumerate(fake_idx):
         row = fake_tiles[i].row
-        if row["synthesis_type"] != "inpainting":
+        if row["synthesis_type"] == "variation":  # no donor
             continue
         donor = (
             row.get("donor_image") or row.get("source_image", ""),
@@ -539,7 +538,7 @@ def _source_pairs(run: Path, fake_tiles: Sequence[_Tile]) -> list[tuple[int, Pat
     """Each synthetic tile with the real tile it was made from (its ``refs/`` file)."""
     pairs = []
     for i, tile in enumerate(fake_tiles):
-        kind = "background" if tile.row["synthesis_type"] == "inpainting" else "reference"
+        kind = "reference" if tile.row["synthesis_type"] == "variation" else "background"
         ref = run / "refs" / f"{tile.row['id']}-{kind}.png"
         if ref.is_file():
             pairs.append((i, ref))

@@ -113,6 +113,13 @@ _PANELS: dict[str, tuple[tuple[str, str | None], ...]] = {
         ("result", None),
     ),
     "variation": (("reference", "reference"), ("result", None)),
+    "shape": (
+        ("background", "background"),
+        ("target outline", "shape-mask"),
+        ("donor", "donor"),
+        ("warped composite", "composite"),
+        ("result", None),
+    ),
 }
 _DEFAULT_PANELS: tuple[tuple[str, str | None], ...] = (("image", None),)
 

@@ -4,6 +4,7 @@ carries two ``Vessel sketch`` outlines) and on a slide + GeoJSON with bad sketch
 
 from __future__ import annotations
 
+import csv
 import json
 
 import cv2
@@ -134,6 +135,13 @@ def test_a_bank_of_20_has_20_distinct_outlines_each_the_rows_mask(invoke, demo_p
             a, b = outlines[i], outlines[j]
             if a.shape == b.shape:
                 assert (a & b).sum() / (a | b).sum() < 0.98, (i, j)
+    # exported like any synthetic row: a segmentation sample with its mask
+    exported = invoke("-q", "export", run, "--out", tmp_path / "export", "--include-pending")
+    assert exported.exit_code == 0, exported.stderr
+    with open(tmp_path / "export" / "train" / "metadata.csv", encoding="utf-8") as handle:
+        meta = list(csv.DictReader(handle))
+    assert len(meta) == 20 and {m["synthesis_type"] for m in meta} == {"shape"}
+    assert {m["has_mask"] for m in meta} == {"true"}
 
 
 def test_shape_mode_mistakes_fail_with_one_line_and_write_nothing(invoke, demo_project, tmp_path):
@@ -194,6 +202,15 @@ def test_bad_sketches_are_skipped_one_line_each_and_the_good_one_made(
     assert result.exit_code == 0, result.output + result.stderr
     rows = read_index(run)
     assert [r["shape_id"] for r in rows] == ["00000000-0000-4000-8000-000000000001"]
+    # --harmonise none keeps the warped composite as it is
+    plain = invoke(
+        "-q", "synthesize", "--slide", slide, "--annotations", geojson, "--class", "Vessel",
+        "--mode", "shape", "--shapes", "drawn", "--harmonise", "none", "--out", tmp_path / "none",
+    )
+    assert plain.exit_code == 0, plain.stderr
+    (kept,) = read_index(tmp_path / "none")
+    assert np.array_equal(_png(tmp_path / "none" / kept["image_path"]),
+                          _png(tmp_path / "none" / "refs" / f"{kept['id']}-composite.png"))
     skipped = json.loads((run / "run.json").read_text())["skipped"]
     reasons = " | ".join(s["reason"] for s in skipped)
     for expected in ("not one closed outline", "touches the edge of the slide",

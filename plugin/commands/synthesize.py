@@ -71,8 +71,9 @@ __all__ = ["fail_on_qc", "report_synthesis", "synthesize", "write_back"]
 @value_option(
     "--inside-strength",
     type=FiniteFloat(0.0, 1.0),
-    help="--mode shape: noise level τ regenerated inside the target outline (repairs the "
-    "warp's stretching) [the seam's: --strength, else the engine's own τ].",
+    help="--mode shape: noise level τ regenerated inside the target outline beyond the seam "
+    "band (repairs the warp's stretching) [0: the warped donor kept, as inpainting keeps "
+    "its donor].",
 )
 @out_option("Run folder to write (created).")
 @tile_size_option(

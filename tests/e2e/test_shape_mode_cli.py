@@ -66,7 +66,7 @@ def test_drawn_shapes_make_one_tile_per_sketch_whose_mask_is_the_sketch(drawn, s
     assert all(r["qc"] == "pass" for r in rows), [r["qc"] for r in rows]
     config = json.loads((run / "run.json").read_text())["config"]
     assert config["mode"] == "shape" and config["shapes"] == "drawn"
-    assert config["inside_strength"] == config["strength"]  # the engine's own τ
+    assert config["inside_strength"] == 0.0  # the warped donor kept beyond the seam band
     for row in rows:
         entry, sketch = sketches[row["shape_id"]]
         tile, mpp = int(row["tile_size"]), float(row["mpp"])

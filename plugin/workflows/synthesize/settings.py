@@ -59,9 +59,9 @@ class SynthesisSettings:
     content check. ``generate_backgrounds`` is resolved by the run: whether ``--background
     auto`` may generate one for a donor that fits no real tile (the engine generates).
     Shape mode: ``shapes`` (``drawn`` | ``bank``), ``shape_class`` (the sketches' class,
-    ``drawn``), ``inside_strength`` (τ inside the target outline; ``None``: the seam's
-    τ); ``count`` may be ``None`` with ``drawn`` (one tile per
-    sketch; a count makes at most that many).
+    ``drawn``), ``inside_strength`` (τ inside the target outline beyond the seam band;
+    ``None``: 0, the warped donor kept there); ``count`` may be ``None`` with ``drawn``
+    (one tile per sketch; a count makes at most that many).
 
     Raises:
         InputError: a value out of range or not one of the choices, naming the option.

@@ -21,6 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 from shapely.geometry import Polygon, box
+from shapely.geometry.base import BaseGeometry
 from shapely.strtree import STRtree
 
 from histosynth.common.geometry import TileGeometry
@@ -638,16 +639,7 @@ def mask_annotation(
 ) -> Annotation | None:
     """The polygons of ``mask`` (tile px) as one annotation with ``like``'s class and
     colour, named ``name``; ``None`` when the mask is empty."""
-    geometry = mask_to_polygons(mask)
-    if geometry is None:
-        return None
-    return Annotation(
-        geometry=geometry,
-        class_name=like.class_name,
-        color=like.color,
-        name=name,
-        properties=dict(properties or {}),
-    )
+    return _annotation_like(mask_to_polygons(mask), like, name, properties)
 
 
 def outline_annotation(
@@ -663,6 +655,13 @@ def outline_annotation(
     of it is in the tile."""
     shape = polygonal(Polygon(np.asarray(outline, dtype=float)))  # repaired if it crosses itself
     geometry = None if shape is None else polygonal(shape.intersection(box(0, 0, size, size)))
+    return _annotation_like(geometry, like, name, properties)
+
+
+def _annotation_like(
+    geometry: BaseGeometry | None, like: Annotation, name: str, properties: dict[str, str] | None
+) -> Annotation | None:
+    """``geometry`` as an annotation with ``like``'s class and colour (``None``: none)."""
     if geometry is None:
         return None
     return Annotation(

@@ -248,10 +248,7 @@ class TileRenderer:
             return [Outcome(i, image=image) for i, image in zip(indices, images, strict=True)]
         position = {id(b): k for k, b in enumerate(self.backgrounds)}
         if run.mode == "shape":
-            from histosynth.workflows.synthesize.shape_plan import (
-                compose_shape_tile,
-                render_shape,
-            )
+            from histosynth.workflows.synthesize.shape_plan import compose_shape_tile
 
             planned = [
                 compose_shape_tile(i, self.donors[d], target, self.backgrounds, order, run)
@@ -259,15 +256,13 @@ class TileRenderer:
                     indices, call.donors, call.orders, call.targets, strict=True
                 )
             ]
-            render = render_shape
         else:
             planned = [
                 compose_tile(i, self.donors[d], self.backgrounds, order, run, self.engine)
                 for i, d, order in zip(indices, call.donors, call.orders, strict=True)
             ]
-            render = render_inpaint
         made = [p for p in planned if not isinstance(p, SkippedTile)]
-        images = iter(render(self.pipeline, made, run) if made else [])
+        images = iter(render_inpaint(self.pipeline, made, run) if made else [])
         out = []
         for p in planned:
             if isinstance(p, SkippedTile):

@@ -1,5 +1,6 @@
 """Shape mode's tiles: the target outline of each (an annotator's sketch, or a real
-vessel outline deformed), the donor warped into it and the engine call that renders it.
+vessel outline deformed), and the donor warped into it (rendered by
+:func:`~histosynth.workflows.synthesize.tile_plan.render_inpaint`).
 
 ``--shapes drawn``: tile i is centred on the i-th sketch (slide, then annotation id order),
 its donor the i-th of the seeded donor cycle. ``--shapes bank``: tile i takes the outline
@@ -30,7 +31,6 @@ __all__ = [
     "ShapeTarget",
     "ShapeTargets",
     "compose_shape_tile",
-    "render_shape",
 ]
 
 
@@ -128,26 +128,3 @@ def compose_shape_tile(
                            str(exc))
     reason = f"shape {target.shape_id} fits no background tile (tissue, free space)"
     return SkippedTile(index, reason, reason)
-
-
-def render_shape(pipeline, batch: Sequence[PlannedTile], run: SynthesisSettings) -> list:
-    """The tiles of ``batch``: masked partial diffusion (inside the outline at
-    ``run.inside_strength``, the seam band at τ, the composite beyond) in one engine call,
-    or the seam blended by Laplacian pyramids, or the composites."""
-    from histosynth.workflows.synthesize.tile_plan import render_inpaint
-
-    if run.harmonise != "diffusion":
-        return render_inpaint(pipeline, batch, run)
-    output = pipeline(
-        np.stack([p.composite.composite for p in batch]),
-        np.stack([p.composite.mask for p in batch]),
-        strength=run.strength,
-        inside=np.stack([p.composite.vessel_mask for p in batch]),
-        inside_strength=run.inside_strength,
-        guidance_scale=run.guidance,
-        num_inference_steps=run.steps,
-        seeds=[run.seed + p.index for p in batch],
-        seam_sigma=run.seam_sigma,
-        adapter=run.adapter,
-    )
-    return list(output.images)

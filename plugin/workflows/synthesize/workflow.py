@@ -334,7 +334,6 @@ def _write_inpaint_batch(
 def _write_inpainted(job: _TileJob, prepared: PlannedTile, image: np.ndarray) -> None:
     run = job.run
     donor, background, comp = prepared.donor, prepared.background, prepared.composite
-    diffused = run.harmonise == "diffusion"
     vessel = comp.mask if comp.vessel_mask is None else comp.vessel_mask
     mask = union_mask(vessel, background.existing_mask)
     inserted = mask_annotation(
@@ -344,25 +343,7 @@ def _write_inpainted(job: _TileJob, prepared: PlannedTile, image: np.ndarray) ->
         {"histosynth_inserted": "true", "source_annotation_id": donor.vessel.id},
     )
     tile_annotations = [*([inserted] if inserted else []), *background.existing]
-    cx, cy = comp.placement.centre
-    record = _tile_record(
-        run,
-        prepared.index,
-        donor,
-        background.source,
-        (background.x, background.y),
-        diffused,
-        {
-            "background_kind": "real" if background.x is not None else "synthetic",
-            "placement_penalty": round(float(comp.placement.penalty), 4),
-            "mask_source": "placed donor",
-            "harmonise": run.harmonise,
-        },
-        insert_x=round(float(cx), 2),
-        insert_y=round(float(cy), 2),
-        rotation_deg=round(float(comp.rotation_deg), 3),
-        strength=run.strength if diffused else None,
-    )
+    record = _placed_record(run, prepared, "placed donor", comp.placement.centre, {})
     # the tissue it was made from: the real background, or for a generated one the
     # donor's own surroundings
     source = background.image if background.x is not None else donor.context
@@ -382,11 +363,7 @@ def _write_inpainted(job: _TileJob, prepared: PlannedTile, image: np.ndarray) ->
 
 def _run_shape(job: _TileJob, engine: Engine) -> None:
     """Donors warped into target outlines (drawn sketches or deformed real outlines)."""
-    from histosynth.workflows.synthesize.shape_plan import (
-        ShapeTargets,
-        compose_shape_tile,
-        render_shape,
-    )
+    from histosynth.workflows.synthesize.shape_plan import ShapeTargets, compose_shape_tile
 
     run, donors, backgrounds = job.run, job.donors, job.backgrounds
     pipeline = engine.inpaint_pipeline()
@@ -405,7 +382,7 @@ def _run_shape(job: _TileJob, engine: Engine) -> None:
                 batch.append(prepared)
                 shapes.append(target)
         if batch:
-            images = render_shape(pipeline, batch, run)
+            images = render_inpaint(pipeline, batch, run)
             for prepared, target, image in zip(batch, shapes, images, strict=True):
                 _write_shape(job, prepared, target, image)
 
@@ -415,7 +392,6 @@ def _write_shape(job: _TileJob, prepared: PlannedTile, target: Any, image: np.nd
     the classes outside the pasted region), its GeoJSON the outline itself."""
     run = job.run
     donor, background, comp = prepared.donor, prepared.background, prepared.composite
-    diffused = run.harmonise == "diffusion"
     vessel = comp.vessel_mask
     pasted = comp.mask > 0
     kept = background.existing_mask.copy()
@@ -423,40 +399,17 @@ def _write_shape(job: _TileJob, prepared: PlannedTile, target: Any, image: np.nd
     mask = union_mask(vessel, kept)
     x, y = comp.placement.x, comp.placement.y
     outline = target.outline + np.array([x, y], dtype=float)
+    shape = {"shape_source": target.source, "shape_id": target.shape_id}
     inserted = outline_annotation(
         outline,
         donor.vessel,
         "synthetic vessel",
-        {
-            "histosynth_inserted": "true",
-            "source_annotation_id": donor.vessel.id,
-            "shape_source": target.source,
-            "shape_id": target.shape_id,
-        },
+        {"histosynth_inserted": "true", "source_annotation_id": donor.vessel.id, **shape},
         size=run.tile_size,
     )
     carried = annotations_outside(background.existing, comp.mask)
-    cx, cy = (outline.min(axis=0) + outline.max(axis=0)) / 2
-    record = _tile_record(
-        run,
-        prepared.index,
-        donor,
-        background.source,
-        (background.x, background.y),
-        diffused,
-        {
-            "background_kind": "real",
-            "placement_penalty": round(float(comp.placement.penalty), 4),
-            "mask_source": "target outline",
-            "harmonise": run.harmonise,
-            "shape_source": target.source,
-            "shape_id": target.shape_id,
-        },
-        insert_x=round(float(cx), 2),
-        insert_y=round(float(cy), 2),
-        rotation_deg=0.0,
-        strength=run.strength if diffused else None,
-    )
+    centre = (outline.min(axis=0) + outline.max(axis=0)) / 2
+    record = _placed_record(run, prepared, "target outline", centre, shape)
     verdict = check_content(job.result.content_check, image, background.image, mask,
                             comp.composite)
     refs = {
@@ -507,6 +460,39 @@ def _write_variation(
 
 
 # --------------------------------------------------------------------------- rows
+
+
+def _placed_record(
+    run: SynthesisSettings,
+    prepared: PlannedTile,
+    mask_source: str,
+    centre: Sequence[float],
+    extra: dict[str, Any],
+) -> TileRecord:
+    """The row of a tile with a donor pasted in (inpaint, shape): its background, the
+    placement, ``mask_source``, the inserted vessel's ``centre`` (tile px) and ``extra``
+    columns."""
+    comp, background = prepared.composite, prepared.background
+    diffused = run.harmonise == "diffusion"
+    return _tile_record(
+        run,
+        prepared.index,
+        prepared.donor,
+        background.source,
+        (background.x, background.y),
+        diffused,
+        {
+            "background_kind": "real" if background.x is not None else "synthetic",
+            "placement_penalty": round(float(comp.placement.penalty), 4),
+            "mask_source": mask_source,
+            "harmonise": run.harmonise,
+            **extra,
+        },
+        insert_x=round(float(centre[0]), 2),
+        insert_y=round(float(centre[1]), 2),
+        rotation_deg=round(float(comp.rotation_deg), 3),
+        strength=run.strength if diffused else None,
+    )
 
 
 def _tile_record(

@@ -1,5 +1,6 @@
-"""``histosynth export``: a reviewed run as an image-folder training dataset (the work:
-:mod:`histosynth.workflows.export`)."""
+"""``histosynth export``: a reviewed run as an image-folder training dataset or a COCO
+instance-segmentation dataset (the work: :mod:`histosynth.workflows.export`,
+:mod:`histosynth.workflows.export_coco`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import click
 from histosynth.commands.options import HELP_CONTEXT, out_option, value_option
 from histosynth.commands.progress import progress_for
 from histosynth.workflows.export import IMAGE_FORMATS, export_training_set
+from histosynth.workflows.export_coco import SPLITS, export_coco
+
+FORMATS = ("imagefolder", "coco")
 
 
 @click.command("export", context_settings=HELP_CONTEXT)
@@ -25,7 +29,23 @@ from histosynth.workflows.export import IMAGE_FORMATS, export_training_set
     "--image-format",
     type=click.Choice(IMAGE_FORMATS, case_sensitive=False),
     default="png",
-    help="png: exact copies of the run's images; jpg: quality 95, smaller, lossy.",
+    help="png: exact copies of the run's images; jpg: quality 95, smaller, lossy "
+    "(imagefolder only).",
+)
+@value_option(
+    "--format",
+    "dataset_format",
+    type=click.Choice(FORMATS, case_sensitive=False),
+    default="imagefolder",
+    help="imagefolder: train/ + metadata.csv + masks/; coco: images/ + annotations/*.json, "
+    "one COCO annotation per vessel instance.",
+)
+@value_option(
+    "--split",
+    type=click.Choice(SPLITS, case_sensitive=False),
+    default=None,
+    help="coco only: slide (train/val/test by slide_group, the benchmark's leakage rules; "
+    "the default) or none (one annotations/all.json).",
 )
 @click.pass_context
 def export(
@@ -35,10 +55,21 @@ def export(
     include_pending: bool,
     include_qc_failed: bool,
     image_format: str,
+    dataset_format: str,
+    split: str | None,
 ) -> None:
     """Accepted (and with --include-pending, pending) tiles of RUN as an image-folder
     training dataset in OUT: train/<id>.png + train/metadata.csv, masks/<id>.png,
-    README.md. Rejected tiles are never exported."""
+    README.md; or, with --format coco, as COCO: images/<id>.png and
+    annotations/{train,val,test}.json (RUN may be an extract dataset: its real tiles go in
+    unless rejected). Rejected tiles are never exported."""
+    if dataset_format.lower() == "coco":
+        if image_format.lower() != "png":
+            raise click.UsageError("--format coco copies the run's PNG images: drop --image-format")
+        _export_coco(ctx, run, out, include_pending, include_qc_failed, split or "slide")
+        return
+    if split is not None:
+        raise click.UsageError("--split goes with --format coco")
     result = export_training_set(
         run,
         out,
@@ -55,4 +86,39 @@ def export(
             f"{pending} tile(s) are pending review and were left out: review them (QuPath's "
             "'Accept / Reject synthetic image', then `histosynth review sync`), or export "
             "them unreviewed with --include-pending"
+        )
+
+
+def _export_coco(
+    ctx: click.Context,
+    run: Path,
+    out: Path,
+    include_pending: bool,
+    include_qc_failed: bool,
+    split: str,
+) -> None:
+    result = export_coco(
+        run,
+        out,
+        include_pending=include_pending,
+        include_qc_failed=include_qc_failed,
+        split=split.lower(),
+        progress=progress_for(ctx, "export"),
+    )
+    files = ", ".join(f"{name}.json {n}" for name, n in result.by_split.items()) or "none"
+    left_out = ", ".join(f"{n} {status}" for status, n in result.excluded.items()) or "none"
+    click.echo(
+        f"{result.images} images, {result.annotations} vessel instances written to "
+        f"{result.out_dir} as COCO (annotations/: {files} images; left out: {left_out})"
+    )
+    if result.left_out:
+        click.echo(
+            f"{len(result.left_out)} synthetic tile(s) left out of the slide split: they use "
+            "a validation or test slide (info.split_rule.left_out lists them)"
+        )
+    pending = result.excluded.get("pending", 0)
+    if pending:
+        click.echo(
+            f"{pending} synthetic tile(s) are pending review and were left out: review "
+            "them, or export them unreviewed with --include-pending"
         )

@@ -142,8 +142,9 @@ class ExportResult:
         return self.out_dir / "train" / "metadata.csv"
 
 
-def _run_path(run: Path, rel: str, what: str, tile_id: str) -> Path:
-    """A file of the run named by the index, which must stay inside the run folder."""
+def run_file(run: Path, rel: str, what: str, tile_id: str) -> Path:
+    """A file of the run named by the index, which must stay inside the run folder
+    (InputError naming the file and ``tile_id`` otherwise, or when it is missing)."""
     posix = PurePosixPath(rel.replace("\\", "/"))
     parts = posix.parts
     if not parts or posix.is_absolute() or ".." in parts or ":" in parts[0]:
@@ -200,38 +201,16 @@ def export_training_set(
             item="image_format",
         )
     rows = rows_with_logged_decisions(run, read_index(run))
-    _check_out(out)
+    check_out(out)
     if rows and "mask_sha256" not in rows[0]:
         log.warning(
             "%s: this run records no mask / annotation hashes (written before runs did): "
             "only the images are checked against the index", run / "index.csv",
         )
 
-    wanted = {"accepted", "pending"} if include_pending else {"accepted"}
-    seen: set[str] = set()
-    for row in rows:
-        if row.get("id", "") in seen:
-            raise InputError(
-                "two rows of the index have this id (their files would overwrite each other)",
-                path=run / "index.csv",
-                item=repr(row.get("id", "")),
-            )
-        seen.add(row.get("id", ""))
-    unknown = sorted({review_status(r) for r in rows} - {"pending", "accepted", "rejected"})
-    if unknown:
-        log.warning(
-            "%s: review status(es) %s are none of pending, accepted, rejected: those tiles "
-            "are left out",
-            run / "index.csv",
-            ", ".join(repr(u) for u in unknown),
-        )
-    excluded = Counter(review_status(row) for row in rows if review_status(row) not in wanted)
-    selected = [row for row in rows if review_status(row) in wanted]
-    if not include_qc_failed:
-        failed = [row for row in selected if qc_failed(row.get("qc"))]
-        if failed:
-            excluded["failed the content check"] = len(failed)
-            selected = [row for row in selected if not qc_failed(row.get("qc"))]
+    selected, excluded = select_rows(
+        run, rows, include_pending=include_pending, include_qc_failed=include_qc_failed
+    )
     unaligned = [r for r in selected if r.get("mask_source", "").strip().lower() == "reference"]
     if unaligned:
         log.warning(
@@ -253,7 +232,7 @@ def export_training_set(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give what mkdir would
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; give what mkdir would
         (tmp / "train").mkdir()
         (tmp / "masks").mkdir()
         records = []
@@ -273,7 +252,7 @@ def export_training_set(
         _write_text(tmp / "README.md", _readme(info))
         for folder in ("train", "masks", "annotations", "."):
             _fsync_dir(tmp / folder)
-        _check_out(out)  # again: someone may have written there meanwhile
+        check_out(out)  # again: someone may have written there meanwhile
         try:
             os.rename(tmp, out)  # replaces an empty folder, fails on a non-empty one
         except OSError as exc:
@@ -287,13 +266,66 @@ def export_training_set(
     return result
 
 
-def _umask() -> int:
+def select_rows(
+    run: Path,
+    rows: list[dict[str, str]],
+    *,
+    include_pending: bool,
+    include_qc_failed: bool,
+    real_unless_rejected: bool = False,
+) -> tuple[list[dict[str, str]], Counter]:
+    """The rows an export writes, and the count left out per reason: ``accepted`` rows
+    (with ``include_pending``, ``pending`` ones too; with ``real_unless_rejected``, every
+    ``extracted`` row not rejected), never ``rejected`` ones, nor (unless
+    ``include_qc_failed``) rows that failed the content check.
+
+    Raises:
+        InputError: two rows share an id (naming the index and the id).
+    """
+    wanted = {"accepted", "pending"} if include_pending else {"accepted"}
+    seen: set[str] = set()
+    for row in rows:
+        if row.get("id", "") in seen:
+            raise InputError(
+                "two rows of the index have this id (their files would overwrite each other)",
+                path=run / "index.csv",
+                item=repr(row.get("id", "")),
+            )
+        seen.add(row.get("id", ""))
+    unknown = sorted({review_status(r) for r in rows} - {"pending", "accepted", "rejected"})
+    if unknown:
+        log.warning(
+            "%s: review status(es) %s are none of pending, accepted, rejected: those tiles "
+            "are left out",
+            run / "index.csv",
+            ", ".join(repr(u) for u in unknown),
+        )
+
+    def kept(row: dict[str, str]) -> bool:
+        status = review_status(row)
+        if real_unless_rejected and (row.get("synthesis_type") or "extracted") == "extracted":
+            return status in {"accepted", "pending"}
+        return status in wanted
+
+    excluded = Counter(review_status(row) for row in rows if not kept(row))
+    selected = [row for row in rows if kept(row)]
+    if not include_qc_failed:
+        failed = [row for row in selected if qc_failed(row.get("qc"))]
+        if failed:
+            excluded["failed the content check"] = len(failed)
+            selected = [row for row in selected if not qc_failed(row.get("qc"))]
+    return selected, excluded
+
+
+def umask() -> int:
+    """The process's file-creation mask (read without changing it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def _check_out(out: Path) -> None:
+def check_out(out: Path) -> None:
+    """Refuse an output path that exists and is not an empty folder (InputError)."""
     if out.is_dir():
         if any(out.iterdir()):
             raise InputError(
@@ -311,27 +343,27 @@ def _export_row(
         validate_tile_id(tile_id)
     except InputError as exc:
         raise InputError(exc.message, path=run / "index.csv", item=repr(tile_id)) from exc
-    image_path = _run_path(run, row.get("image_path", ""), "image", tile_id)
+    image_path = run_file(run, row.get("image_path", ""), "image", tile_id)
     masked = has_mask(row)
-    mask_path = _run_path(run, row.get("mask_path", ""), "mask", tile_id) if masked else None
-    data = _checked_bytes(image_path, row, "image_sha256", tile_id)
+    mask_path = run_file(run, row.get("mask_path", ""), "mask", tile_id) if masked else None
+    data = checked_bytes(image_path, row, "image_sha256", tile_id)
     file_name = f"{tile_id}.{fmt}"
     if fmt == "jpg":
         data = _to_jpeg(data, image_path, tile_id)
     _write_bytes(tmp / "train" / file_name, data)
     if mask_path is not None:  # the bytes checked are the bytes written
         _write_bytes(tmp / "masks" / f"{tile_id}.png",
-                     _checked_bytes(mask_path, row, "mask_sha256", tile_id))
+                     checked_bytes(mask_path, row, "mask_sha256", tile_id))
     annotation_name = ""
     # a tile without a matching mask has no outline either (an older run's variation
     # GeoJSON held its reference's unaligned outline)
     annotation_rel = row.get("annotation_path", "") if masked else ""
     if annotation_rel:
-        annotation = _run_path(run, annotation_rel, "annotation", tile_id)
+        annotation = run_file(run, annotation_rel, "annotation", tile_id)
         annotation_name = f"annotations/{tile_id}.geojson"
         (tmp / "annotations").mkdir(exist_ok=True)
         _write_bytes(tmp / annotation_name,
-                     _checked_bytes(annotation, row, "annotation_sha256", tile_id))
+                     checked_bytes(annotation, row, "annotation_sha256", tile_id))
     record = {
         "file_name": file_name,
         "id": tile_id,
@@ -348,7 +380,7 @@ def _export_row(
     return {column: record[column] for column in METADATA_COLUMNS}
 
 
-def _checked_bytes(path: Path, row: dict[str, str], column: str, tile_id: str) -> bytes:
+def checked_bytes(path: Path, row: dict[str, str], column: str, tile_id: str) -> bytes:
     """The file's bytes, whose SHA-256 must be the one the index recorded in ``column``
     (a run written before these hash columns existed: unchecked)."""
     data = _read_regular(path, tile_id)

@@ -10,6 +10,7 @@ import click
 from histosynth.commands.options import (
     HELP_CONTEXT,
     FiniteFloat,
+    coco_options,
     device_option,
     out_option,
     resume_option,
@@ -36,9 +37,10 @@ def benchmark() -> None:
 
 
 @benchmark.command("downstream", context_settings=HELP_CONTEXT)
-@click.option("--real", type=click.Path(path_type=Path), required=True,
+@click.option("--real", type=click.Path(path_type=Path),
               help="Real tiles: an export (histosynth export) or a dataset (histosynth "
-              "extract).")
+              "extract); or give them with --coco.")
+@coco_options(mpp=None)
 @click.option("--synthetic", type=click.Path(path_type=Path), required=True,
               help="Synthetic tiles: an export or a run.")
 @click.option("--task", type=click.Choice(list(METRICS)), default="segmentation",
@@ -64,18 +66,24 @@ def benchmark() -> None:
 @out_option("Folder of the splits, per-fold results and the table.", short=False)
 @resume_option("Continue an interrupted benchmark in --out.")
 @click.pass_context
-def downstream(ctx: click.Context, real: Path, synthetic: Path, task: str, folds: int,
+def downstream(ctx: click.Context, real: Path | None, coco: Path | None, images: Path | None,
+               synthetic: Path, task: str, folds: int,
                split_text: str, arch: str, encoder: str | None, encoder_weights: str,
                epochs: int, batch_size: int, lr: float, seed: int, device: str | None,
                out: Path, resume: bool) -> None:
     """Train a downstream model on real tiles, + augmentation, + augmentation + synthetic
     tiles, with slide-level k-fold cross-validation; print the table (mean ± sd)."""
+    if (real is None) == (coco is None):
+        raise click.UsageError("give the real tiles with --real or --coco (with --images)")
+    if (coco is None) != (images is None):
+        raise click.UsageError("--coco and --images go together")
     settings = DownstreamSettings(
         task=task, folds=folds, split=_split(split_text), arch=arch, encoder=encoder,
         encoder_weights=None if encoder_weights.lower() == "none" else encoder_weights,
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
     )
-    result = run_downstream(real, synthetic, out, settings, device=device, resume=resume,
+    result = run_downstream(real, synthetic, out, settings, coco=coco, images=images,
+                            device=device, resume=resume,
                             progress=progress_for(ctx, "benchmark", unit="fold·arm"))
     counts = result.counts
     click.echo(

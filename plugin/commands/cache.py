@@ -12,6 +12,7 @@ from histosynth.commands.options import (
     HELP_CONTEXT,
     batch_size_option,
     class_option,
+    coco_options,
     dataset_option,
     device_option,
     input_options,
@@ -39,9 +40,11 @@ def cache() -> None:
 @dataset_option(
     "A histosynth dataset or run folder (index.csv); rejected tiles are left out."
 )
+@coco_options()
 @input_options()
 @class_option(
-    "Vessel class (repeatable, with --project / --slide); 'Vessel' includes 'Vessel: …'."
+    "Vessel class (repeatable, with --project / --slide; with --coco: the categories of "
+    "the masks [all]); 'Vessel' includes 'Vessel: …'."
 )
 @model_option(
     "Preset (pixcell-1024, pixcell-256, default, tiny = UNTRAINED) or a local engine folder.",
@@ -69,6 +72,7 @@ def cache() -> None:
 def build(
     ctx: click.Context,
     dataset: Path | None,
+    coco: Path | None,
     classes: tuple[str, ...],
     background_tiles: int,
     out: Path,
@@ -76,17 +80,21 @@ def build(
 ) -> None:
     """Encode tiles once into a cache file that training reads (histosynth train …).
 
-    Give a dataset folder, or a project / slide with --class: one tile per vessel,
-    centred on it, plus --background-tiles tissue tiles. Per tile the file holds the VAE
-    posterior (mean, std; float16), the encoder rows, the mask and the tile's provenance.
+    Give a dataset folder, a COCO dataset (--coco with --images: each image a tile), or a
+    project / slide with --class: one tile per vessel, centred on it, plus
+    --background-tiles tissue tiles. Per tile the file holds the VAE posterior (mean,
+    std; float16), the encoder rows, the mask and the tile's provenance.
     """
     from histosynth.workflows.cache import CacheSettings, build_feature_cache
 
-    arguments = run_arguments(ctx, "cache", dataset=True, command=False)
-    if dataset is None and not classes:
+    arguments = run_arguments(ctx, "cache", dataset=True, coco=True, command=False)
+    slides = dataset is None and coco is None
+    if slides and not classes:
         raise click.UsageError("--project / --slide need --class")
     if dataset is not None and (classes or background_tiles):
         raise click.UsageError("--class and --background-tiles go with --project / --slide")
+    if coco is not None and background_tiles:
+        raise click.UsageError("--background-tiles goes with --project / --slide")
     settings = settings_from(
         CacheSettings, options, classes=classes, background_tiles=background_tiles
     )

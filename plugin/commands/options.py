@@ -34,6 +34,7 @@ __all__ = [
     "annotations_option",
     "batch_size_option",
     "class_option",
+    "coco_options",
     "count_option",
     "dataset_option",
     "device_option",
@@ -174,6 +175,21 @@ def input_options(*, reverse: bool = False) -> Decorator:
 def dataset_option(help: str) -> Decorator:
     """``--dataset``: a histosynth dataset or run folder (``index.csv`` + images)."""
     return path_option("--dataset", help=help)
+
+
+def coco_options(mpp: str | None = "--mpp") -> Decorator:
+    """``--coco FILE`` and ``--images DIR``: a COCO instance dataset (each image a tile,
+    each annotation an instance of its category) whose µm/px is the option ``mpp``'s
+    value, else the file's ``info.mpp`` (``mpp`` ``None``: a command that needs none)."""
+    resolution = f"; µm/px from {mpp}, else its info.mpp" if mpp else ""
+    return stacked(
+        path_option(
+            "--coco",
+            help="A COCO instance dataset (JSON; with --images): each image a tile, each "
+            f"annotation a vessel of its category{resolution}.",
+        ),
+        path_option("--images", help="Folder of the --coco images (their file_name)."),
+    )
 
 
 def class_option(

@@ -14,6 +14,7 @@ from histosynth.commands.options import (
     allow_untrained_option,
     batch_size_option,
     class_option,
+    coco_options,
     count_option,
     device_option,
     harmonise_option,
@@ -42,6 +43,7 @@ __all__ = ["fail_on_qc", "report_synthesis", "synthesize", "write_back"]
 
 @click.command(context_settings=HELP_CONTEXT)
 @input_options(reverse=True)
+@coco_options("--slide-mpp")
 @class_option(
     "Vessel class to synthesise (repeatable); 'Vessel' includes 'Vessel: …'.", required=True
 )
@@ -181,7 +183,13 @@ def synthesize(
     from histosynth.workflows.synthesize import SynthesisSettings
     from histosynth.workflows.synthesize import synthesize as run_synthesize
 
-    arguments = run_arguments(ctx, "synthesize")
+    arguments = run_arguments(ctx, "synthesize", coco=True)
+    coco, images = arguments.pop("coco"), arguments.pop("images")
+    if coco is not None:  # each COCO image a slide, each annotation a vessel
+        from histosynth.workflows.tile_runs import coco_slides
+
+        sources, mpp = coco_slides(coco, images, arguments["slide_mpp_override"])
+        arguments.update(sources=sources, slide_mpp_override=mpp)
     if write_project != "none" and project is None:
         raise click.UsageError("--write-project needs --project")
     if ray_address is None and (workers is not None or gpus_per_worker is not None):

@@ -44,29 +44,40 @@ def command_line() -> str:
 
 
 def run_arguments(
-    ctx: click.Context, description: str, *, dataset: bool = False, command: bool = True
+    ctx: click.Context,
+    description: str,
+    *,
+    dataset: bool = False,
+    coco: bool = False,
+    command: bool = True,
 ) -> dict[str, Any]:
     """The keywords of a workflow that reads slides into an output folder, besides its
     settings, from the command's options: ``out``, the sources (``project``, ``slide``,
-    ``annotations``, ``slide_mpp_override``; also ``dataset`` with ``dataset``),
-    ``resume``, ``skip_missing``, ``progress`` (a bar named ``description``) and, with
-    ``command``, the command line.
+    ``annotations``, ``slide_mpp_override``; also ``dataset`` with ``dataset``, and
+    ``coco`` and ``images`` with ``coco``), ``resume``, ``skip_missing``, ``progress`` (a
+    bar named ``description``) and, with ``command``, the command line.
 
     Raises:
-        click.UsageError: not exactly one source given, or ``--slide`` without
-            ``--annotations``.
+        click.UsageError: not exactly one source given, ``--slide`` without
+            ``--annotations``, or ``--coco`` without ``--images`` (or the reverse).
     """
     options = ctx.params
     sources = ("dataset", "project", "slide") if dataset else ("project", "slide")
+    sources += ("coco",) if coco else ()
     if sum(options[name] is not None for name in sources) != 1:
         raise click.UsageError(
-            "give one of --dataset, --project or --slide (with --annotations)"
-            if dataset
-            else "give either --project or --slide (with --annotations)"
+            ("give one of --dataset, --project or --slide (with --annotations)"
+             if dataset
+             else "give either --project or --slide (with --annotations)")
+            + (", or --coco (with --images)" if coco else "")
         )
     if options["slide"] is not None and options["annotations"] is None:
         raise click.UsageError("--slide needs --annotations")
+    if coco and (options["coco"] is None) != (options["images"] is None):
+        raise click.UsageError("--coco and --images go together")
     arguments = {name: options[name] for name in (*sources, "annotations", "out", "resume")}
+    if coco:
+        arguments["images"] = options["images"]
     arguments.update(
         slide_mpp_override=options["slide_mpp"],
         skip_missing=options["skip_missing"],

@@ -10,7 +10,10 @@ fold trained from the same seed —
 * ``synthetic`` — ``augmented`` plus the synthetic tiles whose slides (vessel and
   background) are all training slides of the fold —
 
-validated (best epoch) and tested on real tiles only. Segmentation (UNet++ by default,
+validated (best epoch) and tested on real tiles only. The real tiles are a tile set
+folder or a COCO instance dataset (each image a tile, its mask the union of its
+instances; its slide the provenance's ``slide_group`` / ``source_image``, else the image
+file: :mod:`histosynth.integration.coco_read`). Segmentation (UNet++ by default,
 ``segmentation_models_pytorch``): IoU, sensitivity, specificity of vessel pixels.
 Classification (EfficientNet-b1 by default, timm; invasive = a class name containing
 "Invasive"): F1, sensitivity, specificity. Mean ± sd over folds.
@@ -46,6 +49,8 @@ from histosynth.integration.splits import (
     leaks,
     read_labelled_tiles,
     slide_folds,
+    slide_group,
+    slide_stem,
     write_split_file,
 )
 
@@ -142,8 +147,64 @@ def _label(tile: LabelledTile) -> int:
     return int(INVASIVE in tile.class_name.lower())
 
 
-def _load(tiles: Iterable[LabelledTile], task: str, cache: dict) -> None:
-    """Images (and masks) of ``tiles`` into ``cache`` (id → (image, target))."""
+def coco_real_tiles(
+    coco: str | Path, images: str | Path
+) -> tuple[list[LabelledTile], dict[str, np.ndarray]]:
+    """The tiles of a COCO dataset as real tiles (those its provenance marks rejected or
+    failed by the content check left out), and their masks (tile id → uint8 0 / 255, the
+    union of the image's instances; none: an empty mask).
+
+    Raises:
+        InputError: a COCO file or image that cannot be used, or no tile left.
+    """
+    from histosynth.integration.coco_read import image_mask, read_coco
+    from histosynth.integration.content_check import qc_failed
+
+    data = read_coco(coco, images)
+    tiles, masks = [], {}
+    for image in data.images:
+        provenance = image.attributes
+        if provenance.get("review_status", "").lower() == "rejected" or qc_failed(
+            provenance.get("qc")
+        ):
+            continue
+        group = provenance.get("slide_group") or slide_group(provenance) or slide_stem(
+            str(image.path)
+        )
+        source = provenance.get("source_image")
+        tiles.append(LabelledTile(
+            id=image.tile_id, image=image.path, mask=None, class_name=image.class_name,
+            synthesis_type=provenance.get("synthesis_type") or "extracted",
+            slide_group=group, background_slide=slide_stem(source) if source else group,
+        ))
+        masks[image.tile_id] = image_mask(image)
+    if not tiles:
+        raise InputError("no tiles to use (all rejected or failed the content check)",
+                         path=data.file)
+    return tiles, masks
+
+
+def _real_tiles(
+    real: str | Path | None, coco: str | Path | None, images: str | Path | None,
+    need_masks: bool,
+) -> tuple[Path, Path | None, list[LabelledTile], dict[str, np.ndarray]]:
+    """The real tiles of the tile set ``real`` or of the COCO file ``coco`` (its images in
+    ``images``): the absolute file and images folder they came from, the tiles, and the
+    masks that are not files (COCO's)."""
+    if (real is None) == (coco is None) or (coco is None) != (images is None):
+        raise InputError("give the real tiles as a tile set folder, or a COCO file with "
+                         "its images folder")
+    if coco is not None:
+        coco, images = Path(coco).absolute(), Path(images).absolute()
+        return (coco, images, *coco_real_tiles(coco, images))
+    real = Path(real).absolute()
+    return real, None, read_labelled_tiles(real, need_masks=need_masks), {}
+
+
+def _load(tiles: Iterable[LabelledTile], task: str, cache: dict,
+          masks: dict[str, np.ndarray] | None = None) -> None:
+    """Images (and masks) of ``tiles`` into ``cache`` (id → (image, target)); ``masks``:
+    the masks of tiles that have no mask file (id → mask)."""
     shape = next((v[0].shape for v in cache.values()), None)
     for tile in tiles:
         if tile.id in cache:
@@ -158,9 +219,13 @@ def _load(tiles: Iterable[LabelledTile], task: str, cache: dict) -> None:
                 path=tile.image,
             )
         if task == "segmentation":
-            target = read_mask(tile.mask, f"tile {tile.id}") > 0
+            if masks is not None and tile.id in masks:
+                target = masks[tile.id] > 0
+            else:
+                target = read_mask(tile.mask, f"tile {tile.id}") > 0
             if target.shape != image.shape[:2]:
-                raise InputError("the mask is not the size of its image", path=tile.mask)
+                raise InputError("the mask is not the size of its image",
+                                 path=tile.mask or tile.image)
         else:
             target = np.int64(_label(tile))
         cache[tile.id] = (image, target)
@@ -171,9 +236,14 @@ def _arrays(tiles: list[LabelledTile], cache: dict) -> tuple[np.ndarray, np.ndar
             np.stack([cache[t.id][1] for t in tiles]))
 
 
-def _config(settings: DownstreamSettings, real: Path, synthetic: Path) -> dict[str, Any]:
-    return {"real": str(real), "synthetic": str(synthetic), **asdict(settings),
-            "split": list(settings.split)}
+def _config(settings: DownstreamSettings, real: Path, synthetic: Path,
+            images: Path | None = None) -> dict[str, Any]:
+    """``benchmark.json``'s config (``images``: the folder of a COCO ``real``)."""
+    config = {"real": str(real), "synthetic": str(synthetic), **asdict(settings),
+              "split": list(settings.split)}
+    if images is not None:
+        config["real_images"] = str(images)
+    return config
 
 
 def _prepare_out(out: Path, config: dict[str, Any], resume: bool) -> None:
@@ -200,16 +270,19 @@ def _prepare_out(out: Path, config: dict[str, Any], resume: bool) -> None:
 
 
 def run_downstream(
-    real: str | Path,
+    real: str | Path | None,
     synthetic: str | Path,
     out: str | Path,
     settings: DownstreamSettings,
     *,
+    coco: str | Path | None = None,
+    images: str | Path | None = None,
     device: str | None = None,
     resume: bool = False,
     progress: Callable[[Iterable, int], Iterable] | None = None,
 ) -> DownstreamResult:
-    """Run the three arms on every fold (module docstring) and write the table.
+    """Run the three arms on every fold (module docstring) and write the table. The real
+    tiles are the tile set ``real``, or the COCO file ``coco`` with its ``images`` folder.
 
     Raises:
         InputError: bad settings, a set without tiles or masks (segmentation), tiles of
@@ -222,9 +295,9 @@ def run_downstream(
     from histosynth.synthesis.devices import resolve_device
     from histosynth.synthesis.errors import EngineError
 
-    real, synthetic, out = (Path(p).absolute() for p in (real, synthetic, out))
     need_masks = settings.task == "segmentation"
-    real_tiles = read_labelled_tiles(real, need_masks=need_masks)
+    real, images, real_tiles, real_masks = _real_tiles(real, coco, images, need_masks)
+    synthetic, out = Path(synthetic).absolute(), Path(out).absolute()
     left_out: list[tuple[str, str]] = []
     fake_tiles = [t for t in read_labelled_tiles(synthetic, need_masks=need_masks,
                                                  left_out=left_out)
@@ -250,7 +323,7 @@ def run_downstream(
         problems = leaks(a)
         if problems:  # by construction this cannot happen; never train on a leak
             raise RuntimeError(f"fold {a.fold.index} leaks: {'; '.join(problems)}")
-    config = _config(settings, real, synthetic)
+    config = _config(settings, real, synthetic, images)
     _prepare_out(out, config, resume)
     write_split_file(out / "splits.json", assigned, settings.seed, left_out)
     torch_device = resolve_device(device)
@@ -266,7 +339,7 @@ def run_downstream(
             scores = json.loads(record.read_text(encoding="utf-8"))["scores"]
         else:
             train = a.train_real + (a.train_synthetic if arm == "synthetic" else [])
-            _load([*train, *a.val, *a.test], settings.task, cache)
+            _load([*train, *a.val, *a.test], settings.task, cache, real_masks)
             if not a.train_real or not a.val or not a.test:
                 raise InputError(
                     f"fold {a.fold.index} has no real tiles on one side (slides of train "

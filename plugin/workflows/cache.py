@@ -1,7 +1,9 @@
 """The feature cache of a dataset, a QuPath project or a slide (``histosynth cache build``).
 
 Tiles come from a histosynth dataset / run folder (``index.csv``; rows a reviewer rejected
-are left out), or from slides: one tile centred on each vessel of the chosen classes (the
+are left out), a COCO instance dataset (each image a tile, its mask the union of its
+instances, of ``classes`` when named; :mod:`histosynth.integration.coco_read`), or from
+slides: one tile centred on each vessel of the chosen classes (the
 tiles ``extract`` writes, same ids) plus ``--background-tiles N`` tissue tiles that hold
 no annotation of any class (for style adapters), chosen from ``--seed``. The engine's VAE
 and encoder turn them into a cache file (:mod:`histosynth.synthesis.cache`); the encoder
@@ -29,6 +31,7 @@ from histosynth.integration.errors import InputError
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
+    from histosynth.integration.coco_read import CocoDataset, CocoImage
     from histosynth.integration.tiles import SlideSource
     from histosynth.synthesis.cache import CacheInfo, CacheTile
 
@@ -229,6 +232,62 @@ def dataset_tiles(folder: str | Path) -> Iterator[CacheTile]:
     return iter(_TileStream(_plan_dataset(data, data.tile_size)))
 
 
+# --------------------------------------------------------------------------- COCO input
+
+
+@dataclass
+class _CocoInput:
+    data: CocoDataset
+    tile_size: int
+    mpp: float
+    classes: tuple[str, ...]
+
+
+def _read_coco(
+    coco: str | Path, images: str | Path | None, mpp: float | None, classes: Sequence[str]
+) -> _CocoInput:
+    """A COCO dataset as cache input: square images of one size at ``mpp`` µm/px (else
+    ``info.mpp``); ``classes``, when named, must each match a category."""
+    from histosynth.integration.annotations import class_matches
+    from histosynth.integration.coco_read import coco_mpp, read_coco
+
+    if images is None:
+        raise InputError("--coco needs --images (the folder of its images)", item="--images")
+    data = read_coco(coco, images)
+    names = sorted(set(data.categories.values()))
+    for wanted in classes:
+        if not any(class_matches(name, wanted) for name in names):
+            raise InputError(
+                f"no category of class {wanted!r}; categories: "
+                + (", ".join(repr(n) for n in names) or "none"),
+                path=data.file,
+            )
+    sizes = sorted({(image.width, image.height) for image in data.images})
+    if len(sizes) > 1 or sizes[0][0] != sizes[0][1]:
+        raise InputError(
+            "a cache holds square tiles of one size; the images are "
+            + ", ".join(f"{w}×{h}" for w, h in sizes[:4])
+            + " px",
+            path=data.file,
+        )
+    return _CocoInput(data, sizes[0][0], coco_mpp(data, mpp), tuple(classes))
+
+
+def _coco_tile(image: CocoImage, classes: tuple[str, ...]) -> CacheTile:
+    from histosynth.integration.coco_read import image_mask, read_coco_image
+    from histosynth.synthesis.cache import CacheTile
+
+    return CacheTile(image.tile_id, read_coco_image(image), image_mask(image, classes),
+                     source=image.source_image, kind="vessel")
+
+
+def _plan_coco(coco: _CocoInput) -> list[_Planned]:
+    return [
+        _Planned(image.tile_id, "vessel", lambda image=image: _coco_tile(image, coco.classes))
+        for image in coco.data.images
+    ]
+
+
 # --------------------------------------------------------------------------- slide input
 
 
@@ -357,7 +416,7 @@ def _resolve(option: str, given: Any, *choices: tuple[str, Any]) -> Any:
 def _sizes(
     tile_size: int | None,
     mpp: float | None,
-    data: _DatasetInput | None,
+    data: _DatasetInput | _CocoInput | None,
     existing: CacheInfo | None,
 ) -> tuple[int | None, float | None]:
     """Tile size (px) and mpp (µm/px) from the options, the dataset and a resumed cache
@@ -394,17 +453,21 @@ def build_feature_cache(
     project: str | Path | None = None,
     slide: str | Path | None = None,
     annotations: str | Path | None = None,
+    coco: str | Path | None = None,
+    images: str | Path | None = None,
     slide_mpp_override: float | None = None,
     resume: bool = False,
     skip_missing: bool = False,
     progress: Callable[[Iterable, int | None], Iterable] | None = None,
 ) -> CacheBuildResult:
-    """Cache the tiles of a dataset folder, or of a project / slide, into the cache file
-    ``out`` (HDF5); ``resume`` adds to an existing one.
+    """Cache the tiles of a dataset folder, a COCO file (``coco``, its images in
+    ``images``), or a project / slide, into the cache file ``out`` (HDF5); ``resume`` adds
+    to an existing one.
 
     ``settings.tile_size`` (px) and ``settings.mpp`` (µm/px) default to the dataset's own,
-    then to a resumed cache's, then to the model's. The model (``load_engine(model)`` at
-    its native size) is loaded after the inputs are checked.
+    then to a resumed cache's, then to the model's; a COCO dataset's µm/px is
+    ``settings.mpp``, else its ``info.mpp``, else an error. The model
+    (``load_engine(model)`` at its native size) is loaded after the inputs are checked.
 
     Raises:
         InputError / EngineError: one line naming the input, before anything is written.
@@ -413,12 +476,16 @@ def build_feature_cache(
     from histosynth.workflows.tile_runs import annotated_slides
 
     classes, seed, batch_size = settings.classes, settings.seed, settings.batch_size
-    if sum(x is not None for x in (dataset, project, slide)) != 1:
-        raise InputError("give one of a dataset folder, a project or a slide")
+    if sum(x is not None for x in (dataset, coco, project, slide)) != 1:
+        raise InputError("give one of a dataset folder, a COCO file, a project or a slide")
     out = Path(out)
     existing = _check_out(out, resume)
     check_model(settings.model)  # an unknown model or missing weights: before any slide
-    data = _read_dataset(Path(dataset)) if dataset is not None else None
+    data: _DatasetInput | _CocoInput | None = None
+    if dataset is not None:
+        data = _read_dataset(Path(dataset))
+    elif coco is not None:
+        data = _read_coco(coco, images, settings.mpp, classes)
     sources = None
     if data is None:
         if not classes:
@@ -437,7 +504,9 @@ def build_feature_cache(
     result = CacheBuildResult(
         info=existing, engine_description=engine.description, trained=engine.trained
     )
-    if data is not None:
+    if isinstance(data, _CocoInput):
+        planned = _plan_coco(data)
+    elif data is not None:
         planned = _plan_dataset(data, tile_size)
     else:
         planned = _plan_slides(

@@ -1,6 +1,7 @@
 """What the workflows that make tiles of annotated slides share (``extract``,
-``synthesize``, ``cache build``): the slides loaded and checked, the output folder's
-first check, the row of a tile that sits on a slide, and what a run did.
+``synthesize``, ``cache build``): the slides loaded and checked (also the images of a
+COCO dataset as slides), the output folder's first check, the row of a tile that sits on
+a slide, and what a run did.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from histosynth.integration.annotations import Annotation
     from histosynth.integration.tiles import SlideSource
 
-__all__ = ["RunResult", "annotated_slides", "output_folder", "slide_tile_record"]
+__all__ = ["RunResult", "annotated_slides", "coco_slides", "output_folder", "slide_tile_record"]
 
 
 @dataclass
@@ -55,6 +56,23 @@ def annotated_slides(
     )
     check_classes(sources, classes)  # from the annotation files alone: in a second
     return open_sources(sources, slide_mpp_override)
+
+
+def coco_slides(
+    coco: str | Path, images: str | Path, mpp: float | None, option: str = "--slide-mpp"
+) -> tuple[list[SlideSource], float]:
+    """The images of the COCO dataset ``coco`` (in the folder ``images``) as slides (not
+    opened; each image a slide, its instances its annotations), and their µm/px: ``mpp``
+    (the command's ``option``), else the file's ``info.mpp``. Open them with
+    ``open_sources(sources, mpp)``.
+
+    Raises:
+        InputError: a COCO file or image that cannot be used, or no µm/px known.
+    """
+    from histosynth.integration.coco_read import coco_mpp, coco_slide_sources, read_coco
+
+    data = read_coco(coco, images)
+    return coco_slide_sources(data), coco_mpp(data, mpp, option)
 
 
 def output_folder(out: str | Path) -> Path:

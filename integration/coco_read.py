@@ -8,8 +8,9 @@ polygons (``[[x1, y1, x2, y2, ...], ...]``, image px, origin top-left, y down) o
 :mod:`histosynth.integration.coco` exactly as pycocotools decodes them. The tiles'
 resolution (µm/px) is the caller's, else ``info.mpp`` (histosynth's export writes it).
 An image's provenance, when the file carries it (histosynth's export does, in an extra
-``attributes`` or ``histosynth`` object: ``id``, ``synthesis_type``, ``source_image``,
-``slide_group``, ``class_name``, ``review_status``, ``qc``), is kept.
+``histosynth`` object, other tools in ``attributes``: ``id``, ``synthesis_type``,
+``source_image``, ``slide_group``, ``class_name``, ``review_status``, ``qc``,
+``has_mask``), is kept.
 
 Nothing in the file is trusted: every refusal is one :class:`InputError` naming the file
 and the item (``image 3``, ``annotation 17``, ``category 2``, ``info.mpp``), raised by
@@ -220,14 +221,15 @@ def _slug(text: str) -> str:
 
 
 def _provenance(item: dict) -> dict[str, str]:
-    """An image's provenance: the strings and numbers of its ``attributes`` /
-    ``histosynth`` object (the first present), as strings."""
+    """An image's provenance: the strings, numbers and flags (``"true"`` / ``"false"``)
+    of its ``attributes`` / ``histosynth`` object (the first present), as strings."""
     for key in PROVENANCE_KEYS:
         extra = item.get(key)
         if isinstance(extra, dict):
             return {
-                str(k): str(v) for k, v in extra.items()
-                if isinstance(v, str) or (_is_number(v) and math.isfinite(v))
+                str(k): str(v).lower() if isinstance(v, bool) else str(v)
+                for k, v in extra.items()
+                if isinstance(v, str | bool) or (_is_number(v) and math.isfinite(v))
             }
     return {}
 

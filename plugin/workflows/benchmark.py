@@ -148,11 +148,12 @@ def _label(tile: LabelledTile) -> int:
 
 
 def coco_real_tiles(
-    coco: str | Path, images: str | Path
+    coco: str | Path, images: str | Path, need_masks: bool = True
 ) -> tuple[list[LabelledTile], dict[str, np.ndarray]]:
     """The tiles of a COCO dataset as real tiles (those its provenance marks rejected or
-    failed by the content check left out), and their masks (tile id → uint8 0 / 255, the
-    union of the image's instances; none: an empty mask).
+    failed by the content check left out; with ``need_masks`` also those it marks
+    ``has_mask`` false: image-level labels), and their masks (tile id → uint8 0 / 255,
+    the union of the image's instances; none: an empty mask).
 
     Raises:
         InputError: a COCO file or image that cannot be used, or no tile left.
@@ -164,8 +165,10 @@ def coco_real_tiles(
     tiles, masks = [], {}
     for image in data.images:
         provenance = image.attributes
-        if provenance.get("review_status", "").lower() == "rejected" or qc_failed(
-            provenance.get("qc")
+        if (
+            provenance.get("review_status", "").lower() == "rejected"
+            or qc_failed(provenance.get("qc"))
+            or (need_masks and provenance.get("has_mask") == "false")
         ):
             continue
         group = provenance.get("slide_group") or slide_group(provenance) or slide_stem(
@@ -196,7 +199,7 @@ def _real_tiles(
                          "its images folder")
     if coco is not None:
         coco, images = Path(coco).absolute(), Path(images).absolute()
-        return (coco, images, *coco_real_tiles(coco, images))
+        return (coco, images, *coco_real_tiles(coco, images, need_masks))
     real = Path(real).absolute()
     return real, None, read_labelled_tiles(real, need_masks=need_masks), {}
 

@@ -71,7 +71,8 @@ def dataset(tmp_path):
         "info": {"mpp": 0.5, "description": "test"},
         "images": [
             {"id": 7, "file_name": names[(16, 16)], "width": 16, "height": 16,
-             "attributes": {"id": "row-a", "source_image": "/slides/s1.svs"}},
+             "histosynth": {"id": "row-a", "source_image": "/slides/s1.svs",
+                            "has_mask": True, "mpp": 0.5, "qc": None}},
             {"id": 9, "file_name": names[(20, 9)], "width": 20, "height": 9},
         ],
         "annotations": [
@@ -115,6 +116,8 @@ def test_a_pycocotools_file_reads_back_with_its_masks_classes_and_provenance(dat
     assert data.categories == {1: "Vessel", 2: "Vessel: Invasive"} and data.mpp == 0.5
     first, second = data.images
     assert first.tile_id == "row-a" and first.source_image == "/slides/s1.svs"
+    assert first.attributes == {"id": "row-a", "source_image": "/slides/s1.svs",
+                                "has_mask": "true", "mpp": "0.5"}  # histosynth's export
     assert second.tile_id == "tile-20x9" and second.source_image == str(images / "tile-20x9.png")
     assert [(n.id, n.class_name) for n in second.instances] == [(2, "Vessel"),
                                                                (3, "Vessel: Invasive")]

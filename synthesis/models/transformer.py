@@ -229,27 +229,60 @@ class PixCellTransformer2DModel(PixArtTransformer2DModel, PeftAdapterMixin):
         attention_mask: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         return_dict: bool = True,
+        block_residuals: Sequence[torch.Tensor] | None = None,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """Predict noise (and σ) for latents [B, in_channels, H, W] at ``timestep`` [B].
 
         ``encoder_hidden_states`` are the UNI rows [B, caption_num_tokens, caption_channels]
         (or :meth:`null_condition`). Returns [B, out_channels, H, W]; H and W must be
-        multiples of ``patch_size`` and need not be equal.
+        multiples of ``patch_size`` and need not be equal. ``block_residuals`` (a
+        ControlNet's output, each [B, tokens, hidden]) are added to the hidden states after
+        block ``i`` for ``i < len(block_residuals)``; ``None`` is the plain forward.
         """
         if self.caption_projection is not None:
             encoder_hidden_states = self._check_condition(hidden_states, encoder_hidden_states)
             if self.y_pos_embed is not None:
                 encoder_hidden_states = self.y_pos_embed(encoder_hidden_states)
-        return super().forward(
-            hidden_states,
-            encoder_hidden_states=encoder_hidden_states,
-            timestep=timestep,
-            added_cond_kwargs=added_cond_kwargs,
-            cross_attention_kwargs=cross_attention_kwargs,
-            attention_mask=attention_mask,
-            encoder_attention_mask=encoder_attention_mask,
-            return_dict=return_dict,
-        )
+        hooks = self._add_block_residuals(block_residuals)
+        try:
+            return super().forward(
+                hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                timestep=timestep,
+                added_cond_kwargs=added_cond_kwargs,
+                cross_attention_kwargs=cross_attention_kwargs,
+                attention_mask=attention_mask,
+                encoder_attention_mask=encoder_attention_mask,
+                return_dict=return_dict,
+            )
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def _add_block_residuals(
+        self, residuals: Sequence[torch.Tensor] | None
+    ) -> list[torch.utils.hooks.RemovableHandle]:
+        """Forward hooks adding ``residuals[i]`` to block ``i``'s output, for one call.
+
+        The hooks run inside a checkpointed block too; diffusers' non-reentrant
+        checkpointing passes gradients to the residuals (an addition saves no tensors, so
+        the recomputation without the hooks is the same).
+        """
+        if residuals is None:
+            return []
+        if len(residuals) > len(self.transformer_blocks):
+            raise EngineError(
+                f"expected at most {len(self.transformer_blocks)} block residuals, "
+                f"got {len(residuals)}"
+            )
+
+        def adder(residual: torch.Tensor) -> Any:
+            return lambda _module, _args, output: output + residual.to(output.dtype)
+
+        return [
+            block.register_forward_hook(adder(residual))
+            for block, residual in zip(self.transformer_blocks, residuals, strict=False)
+        ]
 
     def _check_condition(
         self, hidden_states: torch.Tensor, rows: torch.Tensor | None

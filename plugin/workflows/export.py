@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
+from histosynth.common.files import fsync_dir
 from histosynth.integration.content_check import qc_failed
 from histosynth.integration.dataset import read_index, untrained_tile_ids, validate_tile_id
 from histosynth.integration.decisions import rows_with_logged_decisions
@@ -250,16 +251,7 @@ def export_training_set(
         info = _info(run, result, include_pending, fmt, has_donor)
         _write_text(tmp / "export.json", json.dumps(info, indent=2, ensure_ascii=False) + "\n")
         _write_text(tmp / "README.md", _readme(info))
-        for folder in ("train", "masks", "annotations", "."):
-            _fsync_dir(tmp / folder)
-        check_out(out)  # again: someone may have written there meanwhile
-        try:
-            os.rename(tmp, out)  # replaces an empty folder, fails on a non-empty one
-        except OSError as exc:
-            raise InputError(
-                f"cannot move the export into place: {exc.strerror or exc}", path=out
-            ) from exc
-        _fsync_dir(out.parent)
+        move_into_place(tmp, out, ("train", "masks", "annotations", "."))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -455,17 +447,20 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def move_into_place(tmp: Path, out: Path, folders: Iterable[str]) -> None:
+    """An export built in ``tmp`` made the folder ``out``: ``folders`` of ``tmp`` flushed,
+    ``out`` checked again (someone may have written there meanwhile), renamed (replaces an
+    empty folder, fails on a non-empty one) and its parent flushed."""
+    for folder in folders:
+        fsync_dir(tmp / folder)
+    check_out(out)
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        os.rename(tmp, out)
+    except OSError as exc:
+        raise InputError(
+            f"cannot move the export into place: {exc.strerror or exc}", path=out
+        ) from exc
+    fsync_dir(out.parent)
 
 
 def _info(

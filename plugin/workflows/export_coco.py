@@ -68,7 +68,6 @@ from pathlib import Path
 
 from shapely.geometry import box
 
-from histosynth.common.files import fsync_dir
 from histosynth.integration.annotations import Annotation
 from histosynth.integration.coco import (
     bbox_of_mask,
@@ -94,7 +93,14 @@ from histosynth.integration.splits import (
     slide_group,
     slide_stem,
 )
-from histosynth.workflows.export import check_out, checked_bytes, run_file, select_rows, umask
+from histosynth.workflows.export import (
+    check_out,
+    checked_bytes,
+    move_into_place,
+    run_file,
+    select_rows,
+    umask,
+)
 
 log = logging.getLogger(__name__)
 
@@ -196,16 +202,7 @@ def export_coco(
         ]
         result = _write_files(tmp, run, out, tiles, split_info, left_out)
         result.excluded = dict(sorted(excluded.items()))
-        for folder in ("images", "annotations", "."):
-            fsync_dir(tmp / folder)
-        check_out(out)  # again: someone may have written there meanwhile
-        try:
-            os.rename(tmp, out)  # replaces an empty folder, fails on a non-empty one
-        except OSError as exc:
-            raise InputError(
-                f"cannot move the export into place: {exc.strerror or exc}", path=out
-            ) from exc
-        fsync_dir(out.parent)
+        move_into_place(tmp, out, ("images", "annotations", "."))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

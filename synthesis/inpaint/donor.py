@@ -43,13 +43,16 @@ class DonorCrop:
 
 
 def check_donor(
-    background: np.ndarray, donor_image: np.ndarray, donor_mask: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    background: np.ndarray | None, donor_image: np.ndarray, donor_mask: np.ndarray
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     """(background, donor image, vessel mask as bool) checked: uint8 RGB images, a
-    non-empty donor mask of the donor image's size; ``ValueError`` naming what is wrong."""
-    background = np.asarray(background)
+    non-empty donor mask of the donor image's size; ``ValueError`` naming what is wrong.
+    ``background`` ``None``: a donor prepared before it has a background."""
+    background = None if background is None else np.asarray(background)
     donor_image = np.asarray(donor_image)
     for name, image in (("background", background), ("donor image", donor_image)):
+        if image is None:
+            continue
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(
                 f"{name}: expected uint8 RGB (H, W, 3), got {image.dtype} {image.shape}"

@@ -8,18 +8,27 @@ outline at ``inside_strength``, the seam band at τ, nothing beyond); the result
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 
 from histosynth.synthesis import defaults
 from histosynth.synthesis.inpaint import CompositeResult
+from histosynth.synthesis.inpaint._checks import check_rgb
 from histosynth.synthesis.inpaint.colour import match_surroundings
 from histosynth.synthesis.inpaint.donor import check_donor, pasted_region
 from histosynth.synthesis.inpaint.placement import Placement, find_placement, forbidden_zone
 from histosynth.synthesis.inpaint.seam import composite, fill_holes
 from histosynth.synthesis.inpaint.warp import warp_donor
 
-__all__ = ["donor_outline", "prepare_shape_composite", "target_frame"]
+__all__ = [
+    "ShapeCrop",
+    "donor_outline",
+    "prepare_shape_composite",
+    "target_frame",
+    "warp_into_target",
+]
 
 
 def donor_outline(vessel: np.ndarray) -> np.ndarray:
@@ -52,54 +61,77 @@ def _grow(mask: np.ndarray, ring: int) -> np.ndarray:
     return cv2.dilate(mask.astype(np.uint8), disc) > 0
 
 
-def prepare_shape_composite(
-    background: np.ndarray,
+@dataclass(eq=False)
+class ShapeCrop:
+    """A donor warped into a target outline, in the target's frame: ``image`` uint8 RGB,
+    ``pasted`` (bool) the outline grown by the tissue ring where the warp brought donor
+    pixels, ``target`` (bool) the outline's mask (holes filled)."""
+
+    image: np.ndarray
+    pasted: np.ndarray
+    target: np.ndarray
+
+
+def warp_into_target(
     donor_image: np.ndarray,
     donor_mask: np.ndarray,
     target_outline: np.ndarray,
     target_mask: np.ndarray,
     *,
-    tissue: np.ndarray,
-    existing: np.ndarray | None = None,
-    seed: int,
-    place: bool,
     context_ring: int = 0,
     donor_exclude: np.ndarray | None = None,
-    colour_blend: float = defaults.COLOUR_BLEND,
-    colour_ring: int = 64,
-    min_ring_pixels: int = 500,
-) -> CompositeResult | None:
+) -> ShapeCrop:
     """The donor (``donor_image`` uint8 RGB, ``donor_mask`` its vessel) warped so that its
     outline lands on ``target_outline`` ((n, 2) px of ``target_mask``'s frame; the mask:
     non-zero inside it), with ``context_ring`` px of its own tissue kept around it (less
-    ``donor_exclude``), recoloured towards the tissue around it and pasted onto
-    ``background``.
+    ``donor_exclude``). Independent of the background: warp once, place anywhere.
 
-    ``place=False``: the target's frame is the tile (a drawn sketch, already where it
-    goes); ``place=True``: the frame is a crop placed where it fits best
-    (:func:`~histosynth.synthesis.inpaint.placement.find_placement`, away from
-    ``existing`` annotations, on ``tissue``; seeded by ``seed``) — ``None`` when nowhere.
-    ``vessel_mask`` of the result is the target outline's mask in tile px; ``mask`` (M′)
-    the pasted region: the outline grown by the ring, where the warp brought donor pixels.
-
-    Raises ValueError: an empty donor, mismatched shapes, a frame larger than the tile.
+    Raises ValueError: an empty donor or target.
     """
-    background, donor_image, vessel = check_donor(background, donor_image, donor_mask)
+    _, donor_image, vessel = check_donor(None, donor_image, donor_mask)
     target = np.asarray(target_mask) > 0
     if not target.any():
         raise ValueError("the target outline covers no pixel")
-    height, width = background.shape[:2]
-    if not place and target.shape != (height, width):
-        raise ValueError(f"target mask {target.shape} does not match the tile {(height, width)}")
-    if target.shape[0] > height or target.shape[1] > width:
-        raise ValueError(f"the target's frame {target.shape} is larger than the tile")
     region = pasted_region(vessel, context_ring=context_ring, donor_exclude=donor_exclude)
     warped = warp_donor(
         donor_image, region, donor_outline(vessel), target_outline, target.shape,
         ring=float(context_ring),
     )
     target = fill_holes(target)
-    pasted = _grow(target, context_ring) & (warped.region | target)
+    return ShapeCrop(warped.image, _grow(target, context_ring) & (warped.region | target), target)
+
+
+def prepare_shape_composite(
+    background: np.ndarray,
+    crop: ShapeCrop,
+    *,
+    tissue: np.ndarray,
+    existing: np.ndarray | None = None,
+    seed: int,
+    place: bool,
+    colour_blend: float = defaults.COLOUR_BLEND,
+    colour_ring: int = 64,
+    min_ring_pixels: int = 500,
+) -> CompositeResult | None:
+    """The warped donor ``crop`` (:func:`warp_into_target`) recoloured towards the tissue
+    around it and pasted onto ``background``.
+
+    ``place=False``: the crop's frame is the tile (a drawn sketch, already where it goes);
+    ``place=True``: the crop is placed where it fits best
+    (:func:`~histosynth.synthesis.inpaint.placement.find_placement`, away from
+    ``existing`` annotations, on ``tissue``; seeded by ``seed``) — ``None`` when nowhere.
+    ``vessel_mask`` of the result is the target outline's mask in tile px; ``mask`` (M′)
+    the pasted region.
+
+    Raises ValueError: a frame that is not the tile (``place=False``) or is larger.
+    """
+    background = check_rgb(background, "background")
+    height, width = background.shape[:2]
+    target, pasted = crop.target, crop.pasted
+    if not place and target.shape != (height, width):
+        raise ValueError(f"target mask {target.shape} does not match the tile {(height, width)}")
+    if target.shape[0] > height or target.shape[1] > width:
+        raise ValueError(f"the target's frame {target.shape} is larger than the tile")
     rng = np.random.default_rng(seed)
     tissue = np.asarray(tissue, dtype=bool)
     if place:
@@ -108,7 +140,7 @@ def prepare_shape_composite(
             else forbidden_zone(background, existing)
         )
         placement = find_placement(
-            background, warped.image, pasted, forbidden, rng=rng, tissue=tissue
+            background, crop.image, pasted, forbidden, rng=rng, tissue=tissue
         )
         if placement is None:
             return None
@@ -116,7 +148,7 @@ def prepare_shape_composite(
         placement = Placement(0, 0, 0.0, 0.0, float(tissue[pasted].mean()), 0.0, width, height)
     x, y = placement.x, placement.y
     recoloured, reference = match_surroundings(
-        warped.image, pasted, background, tissue, x, y,
+        crop.image, pasted, background, tissue, x, y,
         ring=colour_ring, min_ring_pixels=min_ring_pixels, blend=colour_blend,
     )
     tile, placed = composite(background, recoloured, pasted, x, y)

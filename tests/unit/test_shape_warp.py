@@ -9,7 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from histosynth.synthesis.inpaint.shape import donor_outline, prepare_shape_composite
+from histosynth.synthesis.inpaint.shape import (
+    donor_outline,
+    prepare_shape_composite,
+    warp_into_target,
+)
 from histosynth.synthesis.inpaint.warp import (
     deform_outline,
     match_outlines,
@@ -114,8 +118,8 @@ def test_shape_composite_mask_is_the_target_and_the_rest_is_the_background():
     target = _ellipse(128, 120, 70, 35)
     target_mask = _fill(target, (256, 256)).astype(np.uint8) * 255
     made = prepare_shape_composite(
-        background, donor, donor_mask, target, target_mask,
-        tissue=np.ones((256, 256), bool), seed=0, place=False, context_ring=6,
+        background, warp_into_target(donor, donor_mask, target, target_mask, context_ring=6),
+        tissue=np.ones((256, 256), bool), seed=0, place=False,
     )
     assert np.array_equal(made.vessel_mask > 0, target_mask > 0)
     grown = cv2.dilate(target_mask, np.ones((15, 15), np.uint8)) > 0
@@ -123,10 +127,7 @@ def test_shape_composite_mask_is_the_target_and_the_rest_is_the_background():
     outside = made.mask == 0
     assert np.array_equal(made.composite[outside], background[outside])
     with pytest.raises(ValueError, match="covers no pixel"):
-        prepare_shape_composite(
-            background, donor, donor_mask, target, np.zeros((256, 256), np.uint8),
-            tissue=np.ones((256, 256), bool), seed=0, place=False,
-        )
+        warp_into_target(donor, donor_mask, target, np.zeros((256, 256), np.uint8))
 
 
 def test_donor_outline_is_the_largest_part():

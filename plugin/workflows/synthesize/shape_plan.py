@@ -97,25 +97,29 @@ def compose_shape_tile(
 ) -> PlannedTile | SkippedTile:
     """Tile ``index``'s composite: ``donor`` warped into ``target``, on the sketch's own
     tile (``drawn``) or on the first background of ``order`` it fits (``bank``)."""
-    from histosynth.synthesis.inpaint.shape import prepare_shape_composite
+    from histosynth.synthesis.inpaint.shape import prepare_shape_composite, warp_into_target
 
     def paste(background: Background, place: bool):
         return prepare_shape_composite(
             background.image,
-            donor.image,
-            donor.mask,
-            target.outline,
-            target.mask,
+            crop,
             tissue=background.tissue,
             existing=background.existing_mask if place else None,
             seed=run.seed + index,
             place=place,
-            context_ring=run.ring,
-            donor_exclude=donor.others,
             colour_blend=run.colour_blend,
         )
 
     try:
+        # the warp does not depend on the background: once per tile, whatever it tries
+        crop = warp_into_target(
+            donor.image,
+            donor.mask,
+            target.outline,
+            target.mask,
+            context_ring=run.ring,
+            donor_exclude=donor.others,
+        )
         if target.background is not None:
             made = paste(target.background, place=False)
             return PlannedTile(index, donor, target.background, made)

@@ -59,6 +59,7 @@ from histosynth.synthesis.models.transformer import UNIPositionEmbedding, UNIPro
 
 __all__ = [
     "MASK_ENCODERS",
+    "SHARED_KEYS",
     "PixCellControlNet",
     "controlnet_config_from_transformer",
     "match_transformer_options",
@@ -68,7 +69,7 @@ __all__ = [
 MASK_ENCODERS = ("conv",)
 
 #: Transformer config keys a ControlNet shares (the block and embedding shapes).
-_SHARED_KEYS = (
+SHARED_KEYS = (
     "num_attention_heads",
     "attention_head_dim",
     "in_channels",
@@ -106,7 +107,7 @@ def controlnet_config_from_transformer(
         name: parameter.default
         for name, parameter in inspect.signature(PixCellControlNet.__init__).parameters.items()
     }
-    config = {k: transformer_config.get(k, defaults.get(k)) for k in _SHARED_KEYS}
+    config = {k: transformer_config.get(k, defaults.get(k)) for k in SHARED_KEYS}
     extra = transformer_config.get("use_additional_conditions")
     if extra is None:  # PixArt's rule: only the 1024² (sample_size 128) model adds them
         extra = config["sample_size"] == 128

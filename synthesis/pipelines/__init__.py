@@ -11,6 +11,7 @@ from histosynth.common.lazy import lazy_names
 
 if TYPE_CHECKING:  # pragma: no cover
     from histosynth.synthesis.engine import make_scheduler
+    from histosynth.synthesis.pipelines.control import ControlledTransformer, MaskControl
     from histosynth.synthesis.pipelines.inpaint import InpaintPipeline, InpaintPipelineOutput
     from histosynth.synthesis.pipelines.variation import (
         VariationPipeline,
@@ -18,14 +19,18 @@ if TYPE_CHECKING:  # pragma: no cover
     )
 
 __all__ = [
+    "ControlledTransformer",
     "InpaintPipeline",
     "InpaintPipelineOutput",
+    "MaskControl",
     "VariationPipeline",
     "VariationPipelineOutput",
     "make_scheduler",
 ]
 
 _LAZY = {
+    "ControlledTransformer": "histosynth.synthesis.pipelines.control",
+    "MaskControl": "histosynth.synthesis.pipelines.control",
     "InpaintPipeline": "histosynth.synthesis.pipelines.inpaint",
     "InpaintPipelineOutput": "histosynth.synthesis.pipelines.inpaint",
     "VariationPipeline": "histosynth.synthesis.pipelines.variation",

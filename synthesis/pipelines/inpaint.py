@@ -66,7 +66,12 @@ from torch import Tensor
 from histosynth.synthesis import defaults
 from histosynth.synthesis.errors import EngineError
 from histosynth.synthesis.inpaint.seam import seam_blend, seam_weights
-from histosynth.synthesis.pipelines.variation import OutputType, PixCellPipeline
+from histosynth.synthesis.pipelines.control import MaskControl
+from histosynth.synthesis.pipelines.variation import (
+    OutputType,
+    PixCellPipeline,
+    checked_control,
+)
 
 __all__ = [
     "DEFAULT_INPAINT_GUIDANCE",
@@ -386,6 +391,7 @@ class InpaintPipeline(PixCellPipeline):
         decode: Literal["band", "tile"] = "band",
         inside: np.ndarray | Sequence[np.ndarray] | None = None,
         inside_strength: float | None = None,
+        control: MaskControl | None = None,
         output_type: OutputType = "numpy",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
@@ -425,6 +431,9 @@ class InpaintPipeline(PixCellPipeline):
                 its strength (:func:`region_strengths`). The blend keeps the generated
                 pixels inside the region and in the seam band, the composite beyond 4σ.
             inside_strength: τ of ``inside`` (``None``: ``strength``).
+            control: a vessel-mask ControlNet and one mask per composite
+                (:class:`~histosynth.synthesis.pipelines.control.MaskControl`): every
+                denoising step is mask-conditioned with its own guidance scale.
             output_type: ``"numpy"``, ``"pil"`` or ``"latent"`` (see
                 :class:`InpaintPipelineOutput`).
             return_dict: return an :class:`InpaintPipelineOutput`, else the tuple
@@ -479,7 +488,7 @@ class InpaintPipeline(PixCellPipeline):
         step_end = (callback_on_step_end, callback_on_step_end_tensor_inputs)
         latents = self._partial_denoise(
             images, rows, timesteps, int(num_inference_steps), cells, guidance_scale, gen,
-            adapter, step_end,
+            adapter, step_end, checked_control(control, count),
         )
 
         start = int(timesteps[0])
@@ -502,6 +511,7 @@ class InpaintPipeline(PixCellPipeline):
         gen: Any,
         adapter: str | None,
         step_end: tuple[Callable | None, Sequence[str]],
+        control: MaskControl | None = None,
     ) -> Tensor:
         """The composites' latents (posterior mean) noised to ``timesteps[0]`` and denoised;
         with ``cells`` (each latent cell's τ) a cell is held to the noised composite until
@@ -523,6 +533,7 @@ class InpaintPipeline(PixCellPipeline):
             guidance_scale,
             gen,
             adapter=adapter,
+            control=control,
             callback_on_step_end=callback,
             callback_on_step_end_tensor_inputs=tensor_inputs,
         )

@@ -50,6 +50,7 @@ from histosynth.synthesis import defaults
 from histosynth.synthesis.errors import EngineError
 from histosynth.synthesis.models.encoders import ImageInput, image_batch
 from histosynth.synthesis.models.vae import LatentCodec
+from histosynth.synthesis.pipelines.control import MaskControl, controlled_noise
 
 __all__ = [
     "DEFAULT_GUIDANCE_SCALE",
@@ -192,6 +193,25 @@ def adapter_scope(transformer: nn.Module, adapter: str | None) -> Iterator[None]
 # --------------------------------------------------------------------------- the pipeline
 
 
+def checked_control(control: MaskControl | None, count: int) -> MaskControl | None:
+    """``control`` with one mask per image (a single mask serves every image)."""
+    if control is None:
+        return None
+    masks = control.masks
+    if masks.shape[0] == 1 and count > 1:
+        masks = masks.expand(count, -1, -1, -1)
+    if masks.shape[0] != count:
+        raise EngineError(
+            f"expected one vessel mask per image ({count}), got {masks.shape[0]}", item="mask"
+        )
+    if not float(control.mask_guidance) >= 1 or not math.isfinite(float(control.mask_guidance)):
+        raise EngineError(
+            f"expected a mask guidance scale ≥ 1, got {control.mask_guidance}",
+            item="mask_guidance",
+        )
+    return MaskControl(control.controlnet, masks, control.mask_guidance, control.conditioning_scale)
+
+
 class PixCellPipeline(DiffusionPipeline):
     """What the PixCell pipelines share: the components, the tile size, seeds and the
     checks of condition rows. Components (``register_modules``): ``transformer`` (a
@@ -330,16 +350,19 @@ class PixCellPipeline(DiffusionPipeline):
         generator: Any,
         *,
         adapter: str | None = None,
+        control: MaskControl | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> Tensor:
         """The denoising loop both pipelines run: for each ``t`` of ``timesteps``, the
-        guided noise estimate (CFG against the learned null condition; none at scale 1)
-        and one scheduler step, under ``adapter``; then ``callback_on_step_end(self, i, t,
+        guided noise estimate (CFG against the learned null condition; none at scale 1;
+        with ``control`` the two-scale guidance of
+        :func:`~histosynth.synthesis.pipelines.control.controlled_noise`) and one
+        scheduler step, under ``adapter``; then ``callback_on_step_end(self, i, t,
         {name: tensor})`` (diffusers' convention), whose returned ``latents`` replace them."""
         count = latents.shape[0]
         null_rows = None
-        if guidance_scale != 1:
+        if guidance_scale != 1 or (control is not None and control.mask_guidance != 1):
             null_rows = self.transformer.null_condition(
                 count, dtype=torch.float32, device=latents.device
             )
@@ -350,9 +373,15 @@ class PixCellPipeline(DiffusionPipeline):
         ):
             for i, t in enumerate(timesteps):
                 model_input = self.scheduler.scale_model_input(latents, t)
-                eps = guided_noise(
-                    self.transformer, model_input, t, rows, null_rows, guidance_scale
-                )
+                if control is None:
+                    eps = guided_noise(
+                        self.transformer, model_input, t, rows, null_rows, guidance_scale
+                    )
+                else:
+                    eps = controlled_noise(
+                        self.transformer, control, model_input, t, rows, null_rows,
+                        guidance_scale,
+                    )
                 latents = self.scheduler.step(eps, t, latents, return_dict=False, **step_kwargs)[0]
                 if callback_on_step_end is not None:
                     state = {"latents": latents}
@@ -418,6 +447,7 @@ class VariationPipeline(PixCellPipeline):
         seeds: int | Sequence[int] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         adapter: str | None = None,
+        control: MaskControl | None = None,
         output_type: OutputType = "numpy",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
@@ -443,6 +473,8 @@ class VariationPipeline(PixCellPipeline):
                 or one generator per image.
             adapter: name of a LoRA adapter loaded on the transformer to use for this
                 call only; the previous adapter state is restored afterwards.
+            control: a vessel-mask ControlNet and one mask per output image
+                (:class:`~histosynth.synthesis.pipelines.control.MaskControl`).
             output_type: ``"numpy"`` (uint8 ``[N, H, W, 3]``), ``"pil"`` or ``"latent"``.
             return_dict: return a :class:`VariationPipelineOutput` (else a tuple).
             callback_on_step_end: ``f(pipe, step, t, {"latents": …}) -> dict`` after each
@@ -500,6 +532,7 @@ class VariationPipeline(PixCellPipeline):
             guidance_scale,
             gen,
             adapter=adapter,
+            control=checked_control(control, count),
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )

@@ -5,6 +5,7 @@
 * :mod:`.loop` — the ε-prediction loop on ``accelerate`` (:func:`run_training`);
 * :mod:`.checkpoints` — atomic checkpoints, exact resume, the best k kept;
 * :mod:`.lora` — :func:`train_lora` into the adapter library;
+* :mod:`.controlnet` — :func:`train_controlnet` (vessel masks) into the ControlNet library;
 * :mod:`.full` — :func:`grow_transformer` (256 → 512 → 1024 px) and :func:`train_full`;
 * :mod:`.fit` — does a cache fit a model; :mod:`.samples` — validation sample grids.
 
@@ -25,6 +26,8 @@ _LAZY = {
     "TrainResult": "loop",
     "run_training": "loop",
     "train_lora": "lora",
+    "train_controlnet": "controlnet",
+    "check_masks": "controlnet",
     "sample_grid": "samples",
 }
 

@@ -190,6 +190,7 @@ class _Run:
     prepared: Any = None
     unwrapped: Any = None
     null_rows: torch.Tensor | None = None
+    mask_dropout: float | None = None
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -316,6 +317,7 @@ def _validate(
             seed=run.config.seed,
             batch_size=run.config.batch_size,
             timestep_range=run.config.timestep_range,
+            mask_dropout=None if run.mask_dropout is None else 0.0,
         )
 
 
@@ -375,6 +377,7 @@ def _micro_batch(
             sample_generator(config.seed, "train", epoch, pos),
             timestep_range=config.timestep_range,
             uncond_prob=config.uncond_prob,
+            mask_dropout=run.mask_dropout,
         )
         for index, epoch, pos in picks
     ]
@@ -460,6 +463,7 @@ def run_training(
     device: torch.device | None = None,
     on_checkpoint: Callable[[nn.Module, int], None] | None = None,
     progress: Callable[..., Any] | None = None,
+    mask_dropout: float | None = None,
 ) -> TrainResult:
     """Train the parameters of ``model`` that require gradients; return what was measured.
 
@@ -476,6 +480,9 @@ def run_training(
         on_checkpoint: called on the main process after each checkpoint with the
             (unwrapped) model and the step, e.g. to write a grid of samples.
         progress: ``progress(total=…, initial=…)`` returning a tqdm-like bar.
+        mask_dropout: a ControlNet's training (``model`` takes ``controlnet_cond``): the
+            samples' masks go in, each dropped to the null mask with this probability;
+            validation uses every mask.
     """
 
     work_dir = Path(work_dir)
@@ -492,6 +499,7 @@ def run_training(
         work_dir=work_dir,
         fingerprint=fingerprint,
     )
+    run.mask_dropout = mask_dropout
     accelerator, total = run.accelerator, run.total
     work_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, float] = {}
@@ -543,6 +551,7 @@ def run_engine_training(
     resume: bool,
     on_checkpoint: Callable[[Any, int], None] | None,
     progress: Callable[..., Any] | None,
+    mask_dropout: float | None = None,
 ) -> TrainResult:
     """:func:`run_training` of ``model`` with ``engine``'s DDPM schedule on its device;
     ``model`` is left in eval mode without gradients (LoRA and full fine-tuning alike)."""
@@ -559,6 +568,7 @@ def run_engine_training(
         device=engine.device,
         on_checkpoint=on_checkpoint,
         progress=progress,
+        mask_dropout=mask_dropout,
     )
     model.eval().requires_grad_(False)
     return result

@@ -35,20 +35,31 @@ def draw_sample(
     *,
     timestep_range: tuple[int, int],
     uncond_prob: float,
+    mask_dropout: float | None = None,
 ) -> dict[str, Any]:
-    """One sample and its noise, timestep and dropout, all from ``generator``."""
+    """One sample and its noise, timestep and dropout, all from ``generator``.
+
+    With ``mask_dropout`` (a ControlNet's training) also the sample's vessel mask
+    (``mask`` float32 [1, H, W] of 0/1) and whether it is dropped (``mask_drop``), drawn
+    after everything else so that the other draws are those of a run without masks.
+    """
     item = dataset.sample(index, generator)
     latents = item["latents"].float()
     noise = torch.randn(latents.shape, generator=generator)
     t = torch.randint(timestep_range[0], timestep_range[1], (1,), generator=generator)
     drop = torch.rand((1,), generator=generator) < uncond_prob
-    return {
+    out = {
         "latents": latents,
         "rows": item["rows"].float(),
         "noise": noise,
         "timestep": t[0],
         "drop": drop[0],
     }
+    if mask_dropout is not None:
+        mask = torch.as_tensor(item["mask"])
+        out["mask"] = (mask > (127 if mask.dtype == torch.uint8 else 0.5)).float()[None]
+        out["mask_drop"] = (torch.rand((1,), generator=generator) < mask_dropout)[0]
+    return out
 
 
 def diffusion_loss(
@@ -59,9 +70,11 @@ def diffusion_loss(
     snr_gamma: float | None,
     null_rows: torch.Tensor,
 ) -> torch.Tensor:
-    """Per-sample losses [B] of a collated batch (``latents, rows, noise, timestep, drop``).
+    """Per-sample losses [B] of a collated batch (``latents, rows, noise, timestep, drop``;
+    for a ControlNet also ``mask, mask_drop``).
 
-    ``null_rows`` [tokens, dim] replaces the rows of dropped samples.
+    ``null_rows`` [tokens, dim] replaces the rows of dropped samples; a dropped mask
+    becomes the null mask (every pixel ``NULL_MASK_VALUE``), passed as ``controlnet_cond``.
     """
     param = next(p for p in model.parameters())
     device = param.device
@@ -72,12 +85,20 @@ def diffusion_loss(
     drop = batch["drop"].to(device)
     rows = torch.where(drop[:, None, None], null_rows.to(device, rows.dtype)[None], rows)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    extra = {}
+    if "mask" in batch:
+        from histosynth.synthesis.pipelines.control import NULL_MASK_VALUE
+
+        mask = batch["mask"].to(device)
+        dropped = batch["mask_drop"].to(device)[:, None, None, None]
+        extra["controlnet_cond"] = torch.where(dropped, NULL_MASK_VALUE, mask)
     out = model(
         noisy,
         encoder_hidden_states=rows,
         timestep=timesteps,
         added_cond_kwargs={"resolution": None, "aspect_ratio": None},
         return_dict=False,
+        **extra,
     )[0]
     eps = out[:, : latents.shape[1]].float()  # learned σ: [ε | variance]
     losses = ((eps - noise) ** 2).mean(dim=(1, 2, 3))
@@ -105,10 +126,12 @@ def validation_losses(
     seed: int,
     batch_size: int,
     timestep_range: tuple[int, int] = (0, 1000),
+    mask_dropout: float | None = None,
 ) -> dict[str, float]:
     """Held-out ε-MSE: mean (``val_loss``) and per timestep bin (``val_loss_t<lo>-<hi>``).
 
-    Deterministic for a seed: the same weights give the same numbers.
+    Deterministic for a seed: the same weights give the same numbers. ``mask_dropout``
+    (a ControlNet): ``0`` validates with every mask, ``1`` with the null mask.
     """
     if not indices:
         return {}
@@ -116,7 +139,14 @@ def validation_losses(
     for index in indices:
         for b, (low, high) in enumerate(bins):
             g = sample_generator(seed, "validation", index, b)
-            draw = draw_sample(dataset, index, g, timestep_range=(low, high), uncond_prob=0.0)
+            draw = draw_sample(
+                dataset,
+                index,
+                g,
+                timestep_range=(low, high),
+                uncond_prob=0.0,
+                mask_dropout=mask_dropout,
+            )
             draws.append((b, draw))
     was_training = model.training
     model.eval()

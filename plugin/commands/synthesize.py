@@ -34,6 +34,7 @@ from histosynth.commands.options import (
 from histosynth.commands.to_workflow import run_arguments, settings_from
 from histosynth.options import GUIDANCE_MAX
 from histosynth.synthesis import defaults
+from histosynth.workflows.synthesize.settings import DEFAULT_MASK_GUIDANCE
 
 if TYPE_CHECKING:  # pragma: no cover
     from histosynth.workflows.synthesize import SynthesizeResult
@@ -76,6 +77,28 @@ __all__ = ["fail_on_qc", "report_synthesis", "synthesize", "write_back"]
     help="--mode shape: noise level τ regenerated inside the target outline beyond the seam "
     "band (repairs the warp's stretching) [0: the warped donor kept, as inpainting keeps "
     "its donor].",
+)
+@value_option(
+    "--controlnet",
+    metavar="NAME|FOLDER|none",
+    help="--mode shape: a vessel-mask ControlNet (its name in the library "
+    "$HISTOSYNTH_CONTROLNETS, or its folder) that conditions every denoising step on the "
+    "target outline; the inside is then generated from the mask (--inside-strength: the "
+    "engine's highest τ). 'none': without one [the engine's own when it ships one, with "
+    "diffusion seams].",
+)
+@value_option(
+    "--mask-guidance",
+    type=float,
+    help="With a ControlNet: the mask's classifier-free guidance scale s_mask ≥ 1 "
+    f"(--guidance is the UNI rows' s_uni) [{DEFAULT_MASK_GUIDANCE:g}].",
+)
+@click.option(
+    "--whole-tile",
+    is_flag=True,
+    help="With a ControlNet: generate the whole tile from noise, from the mask and the "
+    "composite's encoder rows (new tissue and vessel; no seam). Needs an engine that "
+    "serves τ = 1 (not the embedded default).",
 )
 @out_option("Run folder to write (created).")
 @tile_size_option(

@@ -57,9 +57,9 @@ def check_engine_serves(
     model: str | os.PathLike | Any | None, settings: SynthesisSettings
 ) -> None:
     """Refuse, before any slide or weight is read, a run the engine cannot serve: a mode
-    that generates from noise with an engine that does not, a τ beyond the timesteps its
-    denoiser learnt, a tile size it does not make, or pixels painted by an UNTRAINED
-    engine without ``allow_untrained``.
+    that generates from noise with an engine that does not (``--whole-tile`` too), a τ
+    beyond the timesteps its denoiser learnt, a tile size it does not make, or pixels
+    painted by an UNTRAINED engine without ``allow_untrained``.
 
     Args:
         model: a loaded ``Engine``, or what ``settings.model`` names (a preset, a folder,
@@ -93,6 +93,13 @@ def check_engine_serves(
         line = refusal(engine, abilities, mode, strength=strength, tile_size=settings.tile_size)
         if line is not None:
             raise InputError(line)
+    if settings.whole_tile and (abilities.max_strength < 1 or not abilities.generates):
+        raise InputError(
+            f"engine {engine!r} cannot make --whole-tile: a whole tile is generated from noise "
+            f"(strength 1) and its denoiser serves strengths up to {abilities.max_strength:g} "
+            "(the timesteps it learnt); use an engine that generates (pixcell-1024, "
+            "pixcell-256), or drop --whole-tile (the seams and the outline's inside regenerated)"
+        )
     if trained or settings.allow_untrained:
         return
     generating = "an engine that generates (pixcell-1024, pixcell-256)"
@@ -100,6 +107,7 @@ def check_engine_serves(
         "--mode variation": (not inpaint, generating),
         "--background synthetic": (inpaint and settings.background == "synthetic", generating),
         "--harmonise diffusion": (diffusion, "a trained engine (default, pixcell-1024)"),
+        "--whole-tile": (settings.whole_tile, generating),
     }
     for what, (asked, instead) in painted.items():
         if asked:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from histosynth.integration.dataset import RunWriter
     from histosynth.integration.sketches import Sketch
     from histosynth.integration.tiles import Background, Donor, SlideSource
+    from histosynth.synthesis.controlnet_library import ControlNetInfo
     from histosynth.synthesis.engine import Engine
     from histosynth.workflows.synthesize.scale_out import RayOptions
     from histosynth.workflows.synthesize.settings import SynthesisSettings
@@ -39,13 +40,17 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "RunControl",
     "collect_tiles",
     "connect_ray",
     "donor_role",
+    "engine_folder",
+    "load_run_controlnet",
     "load_run_engine",
     "ray_device",
     "ray_engine_spec",
     "record_collection_skips",
+    "requested_controlnet",
     "resolved_settings",
     "slide_sources",
     "write_run_info",
@@ -101,11 +106,15 @@ def load_run_engine(settings: SynthesisSettings, ray: RayOptions | None) -> Engi
 
 
 def resolved_settings(
-    settings: SynthesisSettings, engine: Engine, ray: RayOptions | None
+    settings: SynthesisSettings,
+    engine: Engine,
+    ray: RayOptions | None,
+    control: RunControl | None = None,
 ) -> SynthesisSettings:
     """``settings`` with what the engine decides filled in (tile size, harmonise, τ,
-    steps, guidance, the adapter loaded, the batch size, the model id); a warning when
-    an UNTRAINED engine will paint pixels."""
+    steps, guidance, the adapter loaded, the batch size, the model id; with a ``control``
+    ControlNet its name, weights hash and the mask's guidance scale); a warning when an
+    UNTRAINED engine will paint pixels."""
     tile_size = engine.tile_size if settings.tile_size is None else settings.tile_size
     if engine.tile_size != tile_size:
         raise InputError(
@@ -113,15 +122,21 @@ def resolved_settings(
         )
     generates = engine.abilities.generates and (engine.trained or settings.allow_untrained)
     own = engine.sampling  # the engine's steps and guidance where the settings name none
+    # a whole tile is a tile from noise: the engine's steps and guidance for those
+    sampled = "variation" if settings.whole_tile else settings.mode
+    harmonise = resolved_harmonise(settings.harmonise, engine.trained)
     run = replace(
         settings,
-        harmonise=resolved_harmonise(settings.harmonise, engine.trained),
+        harmonise="diffusion" if settings.whole_tile else harmonise,
         generate_backgrounds=generates,
         tile_size=tile_size,
-        steps=own.steps(settings.mode) if settings.steps is None else settings.steps,
-        guidance=own.guidance(settings.mode) if settings.guidance is None else settings.guidance,
+        steps=own.steps(sampled) if settings.steps is None else settings.steps,
+        guidance=own.guidance(sampled) if settings.guidance is None else settings.guidance,
         strength=engine.strength if settings.strength is None else settings.strength,
-        inside_strength=_inside_strength(settings, engine),
+        inside_strength=_inside_strength(settings, engine, control),
+        controlnet=None if control is None else control.info.name,
+        controlnet_sha256=None if control is None else control.info.weights_sha256,
+        mask_guidance=_mask_guidance(settings, control),
         adapter=None if settings.adapter is None else load_adapter_for(engine, settings.adapter),
         batch_size=settings.batch_size or (4 if _renders_on_gpu(engine, ray) else 1),
         model=engine.model_id,
@@ -137,13 +152,117 @@ def resolved_settings(
     return run
 
 
-def _inside_strength(settings: SynthesisSettings, engine: Engine) -> float | None:
+def _inside_strength(
+    settings: SynthesisSettings, engine: Engine, control: RunControl | None = None
+) -> float | None:
     """Shape mode's τ inside the outline beyond the seam band: the one named, else 0 (the
     warped donor kept there, as inpainting keeps its donor; regenerating it lowered the
-    mask adherence of the embedded engine's drawn tiles from 0.60 to 0.43 IoU)."""
+    mask adherence of the embedded engine's drawn tiles from 0.60 to 0.43 IoU); with a
+    ControlNet the engine's highest τ (the inside generated from the mask, not kept)."""
     if settings.mode != "shape":
         return None
-    return 0.0 if settings.inside_strength is None else settings.inside_strength
+    if settings.inside_strength is not None:
+        return settings.inside_strength
+    return 0.0 if control is None else min(1.0, engine.abilities.max_strength)
+
+
+def _mask_guidance(settings: SynthesisSettings, control: RunControl | None) -> float | None:
+    """s_mask of a run with a ControlNet (the one named, else the default); ``None``
+    without one."""
+    from histosynth.workflows.synthesize.settings import DEFAULT_MASK_GUIDANCE
+
+    if control is None:
+        return None
+    return DEFAULT_MASK_GUIDANCE if settings.mask_guidance is None else settings.mask_guidance
+
+
+# --------------------------------------------------------------------------- ControlNet
+
+
+@dataclass
+class RunControl:
+    """The run's vessel-mask ControlNet: the module (on the engine's device), its folder
+    (what Ray actors load) and its metadata."""
+
+    controlnet: Any
+    folder: Path
+    info: ControlNetInfo
+
+
+def requested_controlnet(settings: SynthesisSettings) -> Path | None:
+    """The folder of the ControlNet ``settings.controlnet`` names (a library name or a
+    folder), found before any slide or weight is read; ``None`` when it names none (the
+    engine's own may still apply, :func:`load_run_controlnet`).
+
+    Raises:
+        EngineError: no such ControlNet (one line naming the library).
+    """
+    from histosynth.synthesis.controlnet_library import resolve_controlnet
+    from histosynth.workflows.synthesize.settings import NO_CONTROLNET
+
+    if settings.controlnet is None or settings.controlnet == NO_CONTROLNET:
+        return None
+    return resolve_controlnet(settings.controlnet)
+
+
+def engine_folder(engine: Engine) -> Path | None:
+    """The engine folder ``engine`` was loaded from (the parent of its ``transformer/``
+    folder), or ``None`` (a preset built in memory, a bare transformer folder)."""
+    where = str(engine.sources.get("transformer", ""))
+    _, _, path = where.partition(" ")
+    folder = Path(path) if path else None
+    if folder is None or folder.name != "transformer" or not folder.is_dir():
+        return None
+    return folder.parent
+
+
+def load_run_controlnet(
+    settings: SynthesisSettings, engine: Engine, folder: Path | None
+) -> RunControl | None:
+    """The run's ControlNet loaded once onto ``engine``'s transformer: the one named
+    (``folder``, :func:`requested_controlnet`), else in shape mode the one the engine
+    folder ships when the run regenerates with the engine; ``None`` without one.
+
+    Raises:
+        InputError: ``--whole-tile`` or ``--mask-guidance`` without a ControlNet; a
+            ControlNet named for seams harmonised without the engine.
+        EngineError: a ControlNet of another base, resolution or shape (one line).
+    """
+    from histosynth.synthesis.controlnet_library import engine_controlnet_folder, load_controlnet
+    from histosynth.workflows.synthesize.settings import NO_CONTROLNET
+
+    if settings.mode != "shape":
+        return None
+    diffused = settings.whole_tile or (
+        resolved_harmonise(settings.harmonise, engine.trained) == "diffusion"
+    )
+    if folder is None and settings.controlnet is None and diffused:
+        folder = engine_controlnet_folder(engine_folder(engine))
+        if folder is not None:
+            log.info("the engine's own ControlNet: %s", folder)
+    if folder is None:
+        if settings.whole_tile or settings.mask_guidance is not None:
+            what = "--whole-tile" if settings.whole_tile else "--mask-guidance"
+            raise InputError(
+                f"{what} needs a vessel-mask ControlNet (--controlnet NAME); "
+                + ("none was asked for" if settings.controlnet == NO_CONTROLNET
+                   else f"the engine ({engine.model_id}) ships none")
+            )
+        return None
+    if not diffused:
+        raise InputError(
+            f"--controlnet steers the engine's regeneration: not with --harmonise "
+            f"{resolved_harmonise(settings.harmonise, engine.trained)} (use --harmonise "
+            "diffusion" + ("" if engine.trained else ", with --allow-untrained for an "
+                           "UNTRAINED engine") + ")"
+        )
+    if settings.whole_tile and engine.generator is not None:
+        raise InputError(
+            f"engine {engine.preset!r} generates from noise with a companion generator; "
+            "a ControlNet steers its seam denoiser: not with --whole-tile"
+        )
+    controlnet, info = load_controlnet(folder, engine.transformer)
+    return RunControl(controlnet, folder, info)
 
 
 def donor_role(mode: str) -> tuple[str, float]:
@@ -262,14 +381,18 @@ def record_collection_skips(
         )
 
 
-def ray_engine_spec(settings: SynthesisSettings) -> dict[str, Any]:
-    """What each Ray actor loads: the model as the caller named it."""
+def ray_engine_spec(
+    settings: SynthesisSettings, control: RunControl | None = None
+) -> dict[str, Any]:
+    """What each Ray actor loads: the model as the caller named it (and the run's
+    ControlNet from its folder, checked against the actor's engine)."""
     return {
         "model": settings.model,
         "device": settings.device,
         "kv_compress": settings.kv_compress,
         "tile_size": settings.tile_size if settings.model == "tiny" else None,
         "adapter": settings.adapter,
+        "controlnet": None if control is None else str(control.folder.resolve()),
     }
 
 

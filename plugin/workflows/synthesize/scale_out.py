@@ -209,11 +209,17 @@ class TileRenderer:
         self.donors, self.backgrounds, self.references = shared
         spec = dict(engine_spec)
         adapter = spec.pop("adapter", None)
+        controlnet = spec.pop("controlnet", None)
         self.engine = load_engine(**spec)
         if adapter:
             load_adapter_for(self.engine, adapter)
+        self.controlnet = None
+        if controlnet:  # the driver's ControlNet, from its folder (checked again here)
+            from histosynth.synthesis.controlnet_library import load_controlnet
+
+            self.controlnet, _ = load_controlnet(controlnet, self.engine.transformer)
         self.run = run
-        if run.places_donors:
+        if run.places_donors and not run.whole_tile:
             self.pipeline = self.engine.inpaint_pipeline()
         else:
             self.pipeline = self.engine.variation_pipeline()
@@ -232,6 +238,7 @@ class TileRenderer:
             SkippedTile,
             compose_tile,
             render_inpaint,
+            render_shape,
             render_variation,
         )
 
@@ -262,7 +269,12 @@ class TileRenderer:
                 for i, d, order in zip(indices, call.donors, call.orders, strict=True)
             ]
         made = [p for p in planned if not isinstance(p, SkippedTile)]
-        images = iter(render_inpaint(self.pipeline, made, run) if made else [])
+        if not made:
+            images = iter([])
+        elif run.mode == "shape":
+            images = iter(render_shape(self.pipeline, made, run, self.controlnet))
+        else:
+            images = iter(render_inpaint(self.pipeline, made, run))
         out = []
         for p in planned:
             if isinstance(p, SkippedTile):

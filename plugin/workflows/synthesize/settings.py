@@ -19,9 +19,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "BACKGROUNDS",
+    "DEFAULT_MASK_GUIDANCE",
     "DEFAULT_SHAPE_CLASS",
     "HARMONISERS",
     "MODES",
+    "NO_CONTROLNET",
     "SHAPE_SOURCES",
     "SynthesisSettings",
 ]
@@ -34,6 +36,11 @@ MODES = ("inpaint", "variation", "shape")
 SHAPE_SOURCES = ("drawn", "bank")
 #: the QuPath class of the outlines an annotator draws for ``--shapes drawn``
 DEFAULT_SHAPE_CLASS = SKETCH_CLASS
+#: shape mode with a vessel-mask ControlNet: the mask's classifier-free guidance scale
+#: s_mask unless ``--mask-guidance`` names another (two-scale guidance, issue 29)
+DEFAULT_MASK_GUIDANCE = 2.0
+#: ``--controlnet none``: no ControlNet, not even the one the engine ships
+NO_CONTROLNET = "none"
 
 #: where inpainting backgrounds come from: real tiles of the slides; tiles generated from
 #: noise conditioned on 16 rotated copies of real tissue near the donor; real, and
@@ -62,6 +69,12 @@ class SynthesisSettings:
     ``drawn``), ``inside_strength`` (τ inside the target outline beyond the seam band;
     ``None``: 0, the warped donor kept there); ``count`` may be ``None`` with ``drawn``
     (one tile per sketch; a count makes at most that many).
+    With a vessel-mask ControlNet (shape mode): ``controlnet`` (a library name, a folder,
+    ``"none"``; ``None``: the engine folder's own when it ships one), ``mask_guidance``
+    (s_mask ≥ 1; ``None``: :data:`DEFAULT_MASK_GUIDANCE`), ``whole_tile`` (the whole tile
+    generated from noise with the mask; needs a ControlNet and an engine serving τ = 1);
+    ``controlnet_sha256`` is resolved by the run (the weights' sha256 of the ControlNet
+    used, ``controlnet`` then its name; ``None``: none used).
 
     Raises:
         InputError: a value out of range or not one of the choices, naming the option.
@@ -91,6 +104,10 @@ class SynthesisSettings:
     shapes: str | None = None
     shape_class: str = DEFAULT_SHAPE_CLASS
     inside_strength: float | None = None
+    controlnet: str | None = None
+    mask_guidance: float | None = None
+    whole_tile: bool = False
+    controlnet_sha256: str | None = None
 
     @property
     def places_donors(self) -> bool:
@@ -131,6 +148,7 @@ class SynthesisSettings:
             ("--strength", self.strength, 0.0, 1.0),
             ("--inside-strength", self.inside_strength, 0.0, 1.0),
             ("--guidance", guidance, 1.0, GUIDANCE_MAX),
+            ("--mask-guidance", self.mask_guidance, 1.0, GUIDANCE_MAX),
             ("--mpp", self.mpp, 1e-6, MPP_MAX),
             ("the seam σ (px)", self.seam_sigma, 0.1, 1000.0),
             ("the colour blend", self.colour_blend, 0.0, 1.0),
@@ -157,6 +175,18 @@ class SynthesisSettings:
                                  "--background synthetic")
         elif self.shapes is not None or self.inside_strength is not None:
             raise InputError("--shapes and --inside-strength need --mode shape")
+        elif self.controlnet is not None or self.mask_guidance is not None or self.whole_tile:
+            raise InputError("--controlnet, --mask-guidance and --whole-tile need --mode shape")
+        if self.controlnet is not None and not (
+            isinstance(self.controlnet, str) and self.controlnet.strip()
+        ):
+            raise InputError("--controlnet must name a ControlNet, a folder or 'none'")
+        if self.whole_tile and self.controlnet == NO_CONTROLNET:
+            raise InputError("--whole-tile generates the tile from the mask: it needs a "
+                             "ControlNet, not --controlnet none")
+        if self.whole_tile and self.harmonise in ("multiband", "none"):
+            raise InputError(f"--whole-tile generates the whole tile: there is no seam to "
+                             f"harmonise (not with --harmonise {self.harmonise})")
         if self.count is None and not (self.mode == "shape" and self.shapes == "drawn"):
             raise InputError("--count is needed (only --shapes drawn makes one per sketch)")
 
@@ -203,6 +233,17 @@ class SynthesisSettings:
                     "shapes": self.shapes,
                     "shape_class": self.shape_class if self.shapes == "drawn" else None,
                     "inside_strength": self.inside_strength,
+                    # None (as in runs made before ControlNets) when none is used
+                    **(
+                        {
+                            "controlnet": self.controlnet,
+                            "controlnet_sha256": self.controlnet_sha256,
+                            "mask_guidance": self.mask_guidance,
+                            "whole_tile": self.whole_tile,
+                        }
+                        if self.controlnet_sha256
+                        else {}
+                    ),
                 }
                 if shape
                 else {}

@@ -38,13 +38,16 @@ from histosynth.workflows.synthesize.run_checks import (
     check_engine_serves,
 )
 from histosynth.workflows.synthesize.run_setup import (
+    RunControl,
     collect_tiles,
     connect_ray,
     drawn_sketches,
+    load_run_controlnet,
     load_run_engine,
     ray_device,
     ray_engine_spec,
     record_collection_skips,
+    requested_controlnet,
     resolved_settings,
     slide_sources,
     write_run_info,
@@ -58,6 +61,7 @@ from histosynth.workflows.synthesize.tile_plan import (
     donor_order,
     plan_batches,
     render_inpaint,
+    render_shape,
     render_variation,
 )
 from histosynth.workflows.tile_runs import RunResult, output_folder, slide_tile_record
@@ -79,6 +83,10 @@ EXTRA_COLUMNS = (
 )
 #: shape mode's own columns, after the others: where the target outline came from
 SHAPE_COLUMNS = ("shape_source", "shape_id")
+#: shape mode with a vessel-mask ControlNet, after those: the ControlNet (name, weights
+#: sha256), both guidance scales (s_mask, s_uni) and whether the whole tile was generated
+CONTROL_COLUMNS = ("controlnet", "controlnet_sha256", "mask_guidance", "uni_guidance",
+                   "whole_tile")
 #: each mode's rows: tile id prefix and synthesis_type
 MODE_ROWS = {"inpaint": ("inp", "inpainting"), "variation": ("var", "variation"),
              "shape": ("shp", "shape")}
@@ -151,6 +159,7 @@ def synthesize(
     ray = connect_ray(ray, engine)
     # an unknown model, or a mode it cannot serve, fails here in well under a second
     check_engine_serves(settings.model if engine is None else engine, settings)
+    control_folder = requested_controlnet(settings)  # an unknown name: before the slides
     drawn = settings.mode == "shape" and settings.shapes == "drawn"
     classes = (*settings.classes, settings.shape_class) if drawn else settings.classes
     sources = slide_sources(
@@ -158,7 +167,8 @@ def synthesize(
     )
     if engine is None:
         engine = load_run_engine(settings, ray)
-    run = resolved_settings(settings, engine, ray)
+    control = load_run_controlnet(settings, engine, control_folder)
+    run = resolved_settings(settings, engine, ray, control)
     donors, backgrounds, skipped = collect_tiles(sources, run)
     sketches = drawn_sketches(sources, run, skipped) if drawn else []
     if drawn:
@@ -176,7 +186,9 @@ def synthesize(
         config=run.run_config(sources),
         resume=resume,
         command=command,
-        extra_columns=EXTRA_COLUMNS + (SHAPE_COLUMNS if run.mode == "shape" else ()),
+        extra_columns=EXTRA_COLUMNS
+        + (SHAPE_COLUMNS if run.mode == "shape" else ())
+        + (CONTROL_COLUMNS if control is not None else ()),
         device=str(engine.device) if ray is None else ray_device(ray),
     ) as writer:
         write_run_info(writer, engine, thresholds, ray)
@@ -184,7 +196,9 @@ def synthesize(
         result.skipped.extend(skipped)
         todo = [i for i in range(run.count) if not writer.has(_tile_id(run.mode, i))]
         result.already_present = run.count - len(todo)
-        job = _TileJob(writer, result, todo, donors, backgrounds, run, progress, sketches)
+        job = _TileJob(
+            writer, result, todo, donors, backgrounds, run, progress, sketches, control
+        )
         _make_tiles(job, engine, ray, settings)
     return result
 
@@ -207,6 +221,8 @@ class _TileJob:
     progress: Callable[[Iterable, int], Iterable] | None
     #: shape mode with drawn outlines: the sketches, one per tile
     sketches: Sequence[Sketch] = ()
+    #: shape mode: the vessel-mask ControlNet every tile's generation is conditioned on
+    control: RunControl | None = None
 
 
 def _make_tiles(
@@ -215,7 +231,7 @@ def _make_tiles(
     """The tiles ``job.todo`` made by Ray actors (each loading the model as ``settings``
     name it), else by ``engine`` in this process, inpainting or making variations."""
     if ray is not None:
-        _run_on_ray(job, ray, ray_engine_spec(settings))
+        _run_on_ray(job, ray, ray_engine_spec(settings, job.control))
     elif job.run.mode == "shape":
         _run_shape(job, engine)
     elif job.run.mode == "inpaint":
@@ -366,8 +382,9 @@ def _run_shape(job: _TileJob, engine: Engine) -> None:
     from histosynth.workflows.synthesize.shape_plan import ShapeTargets, compose_shape_tile
 
     run, donors, backgrounds = job.run, job.donors, job.backgrounds
-    pipeline = engine.inpaint_pipeline()
+    pipeline = engine.variation_pipeline() if run.whole_tile else engine.inpaint_pipeline()
     pipeline.set_progress_bar_config(disable=True)
+    controlnet = None if job.control is None else job.control.controlnet
     orders = BackgroundOrders(donors, backgrounds, run)
     targets = ShapeTargets(run, donors, job.sketches)
     for chunk in plan_batches(job.todo, run.batch_size, job.progress):
@@ -382,20 +399,23 @@ def _run_shape(job: _TileJob, engine: Engine) -> None:
                 batch.append(prepared)
                 shapes.append(target)
         if batch:
-            images = render_inpaint(pipeline, batch, run)
+            images = render_shape(pipeline, batch, run, controlnet)
             for prepared, target, image in zip(batch, shapes, images, strict=True):
                 _write_shape(job, prepared, target, image)
 
 
 def _write_shape(job: _TileJob, prepared: PlannedTile, target: Any, image: np.ndarray) -> None:
     """A shape row: its mask is the target outline (with the background's annotations of
-    the classes outside the pasted region), its GeoJSON the outline itself."""
+    the classes outside the pasted region; a whole tile generated from the mask: the
+    outline alone), its GeoJSON the outline itself."""
     run = job.run
     donor, background, comp = prepared.donor, prepared.background, prepared.composite
     vessel = comp.vessel_mask
     pasted = comp.mask > 0
     kept = background.existing_mask.copy()
     kept[pasted] = 0
+    if run.whole_tile:  # no pixel of the background is left: nor are its vessels
+        kept[:] = 0
     mask = union_mask(vessel, kept)
     x, y = comp.placement.x, comp.placement.y
     outline = target.outline + np.array([x, y], dtype=float)
@@ -407,11 +427,13 @@ def _write_shape(job: _TileJob, prepared: PlannedTile, target: Any, image: np.nd
         {"histosynth_inserted": "true", "source_annotation_id": donor.vessel.id, **shape},
         size=run.tile_size,
     )
-    carried = annotations_outside(background.existing, comp.mask)
+    carried = [] if run.whole_tile else annotations_outside(background.existing, comp.mask)
     centre = (outline.min(axis=0) + outline.max(axis=0)) / 2
-    record = _placed_record(run, prepared, "target outline", centre, shape)
+    record = _placed_record(run, prepared, "target outline", centre, {**shape, **_control(job)})
+    if run.whole_tile:
+        record.strength = 1.0  # the full schedule, from noise
     verdict = check_content(job.result.content_check, image, background.image, mask,
-                            comp.composite)
+                            None if run.whole_tile else comp.composite)
     refs = {
         "background": background.image,
         "shape-mask": vessel,  # the target outline (tile px)
@@ -421,6 +443,20 @@ def _write_shape(job: _TileJob, prepared: PlannedTile, target: Any, image: np.nd
     }
     _add_tile(job, record, verdict, image, mask, [*([inserted] if inserted else []), *carried],
               refs)
+
+
+def _control(job: _TileJob) -> dict[str, Any]:
+    """A shape row's ControlNet columns (none without a ControlNet)."""
+    if job.control is None:
+        return {}
+    run = job.run
+    return {
+        "controlnet": job.control.info.name,
+        "controlnet_sha256": job.control.info.weights_sha256,
+        "mask_guidance": run.mask_guidance,
+        "uni_guidance": run.guidance,
+        "whole_tile": "true" if run.whole_tile else "false",
+    }
 
 
 # --------------------------------------------------------------------------- variation

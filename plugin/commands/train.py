@@ -1,5 +1,5 @@
-"""``histosynth train lora`` / ``histosynth train full``: adapters and fine-tuning from a
-feature cache (the work: :mod:`histosynth.workflows.train`).
+"""``histosynth train lora`` / ``controlnet`` / ``full``: adapters, ControlNets and
+fine-tuning from a feature cache (the work: :mod:`histosynth.workflows.train`).
 
 They run as one process or under ``accelerate launch`` (``accelerate launch -m histosynth
 train lora …``), where every process trains on its share of each batch and only the main
@@ -193,7 +193,8 @@ def _training_run(opts: dict[str, Any]):
 
 @click.group(context_settings=HELP_CONTEXT)
 def train() -> None:
-    """Train LoRA style adapters and fine-tune the engine, from a feature cache."""
+    """Train LoRA style adapters, vessel-mask ControlNets and fine-tune the engine, from a
+    feature cache."""
 
 
 @train.command("lora", context_settings=HELP_CONTEXT)
@@ -230,6 +231,55 @@ def lora(ctx: click.Context, base: str, name: str, **opts: Any) -> None:
         click.echo(
             f"use it: histosynth synthesize … --model {shlex.quote(base)} "
             f"--adapter {shlex.quote(name)}"
+        )
+
+
+@train.command("controlnet", context_settings=HELP_CONTEXT)
+@click.option("--base", "-m", required=True, help="Base engine: a preset or an engine folder.")
+@click.option("--name", required=True, help="ControlNet name in the library.")
+@whole_number_option(
+    "--layers", low=1, default=2, help="Base blocks the ControlNet copies (1..the base's)."
+)
+@_fraction_option(
+    "--mask-dropout", 0.1, "Mask dropout to the null mask (its own guidance scale)."
+)
+@path_option(
+    "--library",
+    help="ControlNet library (default $HISTOSYNTH_CONTROLNETS or "
+    "~/.local/share/histosynth/controlnets).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace a ControlNet of the same name.")
+@_training_options(lr=1e-4)
+@click.pass_context
+def controlnet(ctx: click.Context, base: str, name: str, **opts: Any) -> None:
+    """Train a vessel-mask ControlNet on the base's frozen transformer into the library.
+
+    Each cached tile brings its vessel mask (tiles without vessels train "no vessel
+    here"); the UNI rows (--uncond-prob) and the mask (--mask-dropout) are dropped
+    independently so that each gets its own guidance scale. The work folder (default
+    ./train-controlnet-NAME) holds checkpoints, sample grids and metrics.jsonl; --resume
+    continues an interrupted run exactly. Use it with `histosynth synthesize --mode shape
+    --controlnet NAME`.
+    """
+    from histosynth.workflows.train import (
+        ControlNetSettings,
+        describe_training,
+        train_controlnet_model,
+    )
+
+    run = _training_run(opts)
+    settings = settings_from(ControlNetSettings, opts, base=base, name=name)
+    trained = train_controlnet_model(
+        settings, run, progress=step_progress_for(ctx, f"train controlnet {name}")
+    )
+    if trained.info is not None:
+        click.echo(
+            f"ControlNet {name!r} saved to {trained.folder}: "
+            f"{describe_training(trained.result)}"
+        )
+        click.echo(
+            f"use it: histosynth synthesize … --model {shlex.quote(base)} --mode shape "
+            f"--controlnet {shlex.quote(name)}"
         )
 
 

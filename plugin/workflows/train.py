@@ -1,6 +1,6 @@
-"""Training workflows: LoRA style adapters (``histosynth train lora``) and full
-fine-tuning at a new resolution (``histosynth train full``), from a feature cache or a
-dataset folder encoded on the fly.
+"""Training workflows: LoRA style adapters (``histosynth train lora``), vessel-mask
+ControlNets (``histosynth train controlnet``) and full fine-tuning at a new resolution
+(``histosynth train full``), from a feature cache or a dataset folder encoded on the fly.
 
 They compose the feature cache, the engine and the trainer in
 :mod:`histosynth.synthesis.training`, and run as one process or under ``accelerate
@@ -21,15 +21,19 @@ from histosynth.integration.errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     from histosynth.synthesis.adapters import AdapterInfo
+    from histosynth.synthesis.controlnet_library import ControlNetInfo
     from histosynth.synthesis.training import TrainConfig, TrainResult
 
 __all__ = [
+    "ControlNetSettings",
+    "ControlNetTrained",
     "FullSettings",
     "FullTrained",
     "LoraSettings",
     "LoraTrained",
     "TrainingRun",
     "describe_training",
+    "train_controlnet_model",
     "train_full_engine",
     "train_lora_adapter",
 ]
@@ -75,6 +79,32 @@ class LoraSettings:
     alpha: float = 4.0
     library: Path | None = None
     overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class ControlNetSettings:
+    """A vessel-mask ControlNet to train: ``base`` engine (preset or folder), its ``name``
+    in the ControlNet ``library`` (``None``: ``$HISTOSYNTH_CONTROLNETS`` or
+    ``~/.local/share/histosynth/controlnets``), ``layers`` (base blocks copied) and
+    ``mask_dropout`` (probability of the null mask); ``overwrite`` replaces one of the
+    same name."""
+
+    base: str
+    name: str
+    layers: int = 2
+    mask_dropout: float = 0.1
+    library: Path | None = None
+    overwrite: bool = False
+
+
+@dataclass
+class ControlNetTrained:
+    """What :func:`train_controlnet_model` did: the ControlNet's ``folder``, its ``info``
+    (``None`` on processes other than the main one) and the trainer's ``result``."""
+
+    folder: Path
+    info: ControlNetInfo | None
+    result: TrainResult
 
 
 @dataclass(frozen=True)
@@ -162,6 +192,101 @@ def train_lora_adapter(
         progress=progress,
     )
     return LoraTrained(folder, info, result)
+
+
+def train_controlnet_model(
+    settings: ControlNetSettings, run: TrainingRun, *, progress: StepProgress | None = None
+) -> ControlNetTrained:
+    """Train a vessel-mask ControlNet on the base's frozen transformer into the library.
+
+    Every sample brings its mask (tiles without vessels train "no vessel here"); the UNI
+    rows and the mask are dropped independently (``--uncond-prob``, ``--mask-dropout``).
+    Its work folder (default ``./train-controlnet-NAME``) holds checkpoints, sample grids
+    (held-out tiles, a mask, the tile re-generated under it) and metrics.jsonl.
+
+    Raises:
+        InputError: a bad name, a ControlNet of that name without ``overwrite``, more layers
+            than the base has, samples that do not fit the engine or carry no masks.
+        EngineError: an unknown base engine or missing weights.
+    """
+    from histosynth.synthesis.controlnet_library import (
+        controlnet_library,
+        validate_controlnet_name,
+    )
+    from histosynth.synthesis.engine import load_engine
+    from histosynth.synthesis.training import check_masks, train_controlnet
+
+    name = settings.name
+    validate_controlnet_name(name)
+    library = settings.library
+    folder = (library.expanduser() if library else controlnet_library()) / name
+    if folder.exists() and not settings.overwrite:
+        raise InputError(
+            f"a ControlNet named {name!r} already exists; pass --overwrite to replace it",
+            path=folder,
+            item="--name",
+        )
+    config = run.config
+    work_dir = run.work_dir or Path(f"train-controlnet-{name}")
+    engine = load_engine(settings.base, device=_device(run.device), dtype="float32")
+    layers = int(engine.transformer.config.num_layers)
+    if not 1 <= settings.layers <= layers:
+        raise InputError(
+            f"the base has {layers} blocks; a ControlNet copies 1..{layers} of them, not "
+            f"{settings.layers}",
+            item="--layers",
+        )
+    resolution = int(engine.transformer.config.sample_size) * engine.codec.downsample
+    data, train_ids, val_ids, checksum = _samples(run, engine, engine.transformer, resolution)
+    check_masks(data, train_ids, resolution)
+    strength = float(engine.abilities.max_strength)  # what the sample grids regenerate
+    info, result = train_controlnet(
+        engine,
+        data,
+        train_ids,
+        val_ids,
+        name=name,
+        folder=folder,
+        config=config,
+        work_dir=work_dir,
+        layers=settings.layers,
+        mask_dropout=settings.mask_dropout,
+        training_data_checksum=checksum,
+        overwrite=settings.overwrite,
+        resume=run.resume,
+        on_checkpoint=_controlnet_sample_writer(
+            engine, data, val_ids, work_dir, config, strength
+        ),
+        progress=progress,
+    )
+    return ControlNetTrained(folder, info, result)
+
+
+def _controlnet_sample_writer(
+    engine: Any, data: Any, val_ids: list[int], work_dir: Path, config: Any, strength: float
+):
+    """``on_checkpoint(model, step)`` writing ``work_dir/samples/step-<N>.png``."""
+    from histosynth.common.files import atomic_write_bytes
+    from histosynth.integration.images import encode_rgb_png
+    from histosynth.synthesis.training import controlnet_sample_grid
+
+    indices = val_ids or list(range(min(len(data), 4)))
+
+    def write(model: Any, step: int) -> None:
+        grid = controlnet_sample_grid(
+            model,
+            engine.vae,
+            engine.make_scheduler(),
+            data,
+            indices,
+            seed=config.seed,
+            steps=config.sample_steps,
+            strength=strength,
+        )
+        png = encode_rgb_png(grid, f"samples at step {step}")
+        atomic_write_bytes(work_dir / "samples" / f"step-{step:08d}.png", png)
+
+    return write
 
 
 def train_full_engine(

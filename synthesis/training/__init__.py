@@ -29,6 +29,7 @@ _LAZY = {
     "train_controlnet": "controlnet",
     "check_masks": "controlnet",
     "sample_grid": "samples",
+    "controlnet_sample_grid": "samples",
 }
 
 __all__ = sorted(_LAZY)

@@ -7,6 +7,7 @@ their zero projections, as after training) and one saved for another tiny engine
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -34,11 +35,14 @@ def _errors(result) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("histosynth: error:")]
 
 
-def _save(folder: Path, name: str, engine_seed: int | None, weight_seed: int) -> ControlNetInfo:
-    """A ControlNet for the tiny engine of ``engine_seed`` (``None``: the preset's)."""
+def _save(
+    folder: Path, name: str, engine_seed: int | None, weight_seed: int, tile: int = TILE
+) -> ControlNetInfo:
+    """A ControlNet for the tiny engine of ``engine_seed`` (``None``: the preset's) and
+    ``tile`` px."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        engine = tiny_engine(TILE, device="cpu", **({} if engine_seed is None else
+        engine = tiny_engine(tile, device="cpu", **({} if engine_seed is None else
                                                     {"seed": engine_seed}))
     down = int(engine.codec.downsample)
     controlnet = PixCellControlNet.from_transformer(
@@ -51,7 +55,7 @@ def _save(folder: Path, name: str, engine_seed: int | None, weight_seed: int) ->
             for parameter in module.parameters():
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
     info = ControlNetInfo(
-        name=name, base_hash=base_weight_hash(engine.transformer), resolution=TILE, layers=1,
+        name=name, base_hash=base_weight_hash(engine.transformer), resolution=tile, layers=1,
         base_id=engine.model_id,
     )
     return save_controlnet(controlnet, folder / name, info)
@@ -59,14 +63,15 @@ def _save(folder: Path, name: str, engine_seed: int | None, weight_seed: int) ->
 
 @pytest.fixture(scope="module")
 def library(tmp_path_factory) -> dict[str, object]:
-    """The library: ``vessels`` and ``vessels-b`` for the tiny engine; ``other-base``
-    (outside it) for a differently seeded tiny engine."""
+    """The library: ``vessels`` and ``vessels-b`` for the tiny engine, ``small`` for its
+    128 px tiles; ``other-base`` (outside it) for a differently seeded tiny engine."""
     root = tmp_path_factory.mktemp("controlnets")
     lib = root / "library"
     return {
         "env": {"HISTOSYNTH_CONTROLNETS": str(lib)},
         "vessels": _save(lib, "vessels", None, 3),
         "vessels-b": _save(lib, "vessels-b", None, 4),
+        "small": _save(lib, "small", None, 3, tile=128),
         "other-base": _save(root / "elsewhere", "other-base", 7, 3),
     }
 
@@ -172,6 +177,7 @@ def test_controlnet_mistakes_fail_with_one_line_and_write_nothing(
         (_args(demo_project, "{out}", "--controlnet", "nope"),
          "no ControlNet named 'nope' in the library"),
         (_args(demo_project, "{out}", "--controlnet", other), "made for another base"),
+        (_args(demo_project, "{out}", "--controlnet", "small"), "made for 128 px tiles"),
         ([*embedded, "--out", "{out}"], "cannot make --whole-tile"),
         (_args(demo_project, "{out}", "--controlnet", "vessels", "--mask-guidance", 0.5),
          "--mask-guidance must be a finite number in [1,"),
@@ -188,3 +194,28 @@ def test_controlnet_mistakes_fail_with_one_line_and_write_nothing(
         errors = _errors(result)
         assert len(errors) == 1 and expected in errors[0], (expected, result.stderr)
         assert not out.exists()
+
+
+def test_an_engine_folder_that_ships_a_controlnet_uses_it_unless_told_none(
+    invoke, demo_project, library, tmp_path
+) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine_folder = tiny_engine(TILE, device="cpu").save_pretrained(tmp_path / "engine")
+    shutil.copytree(library["vessels"].folder, engine_folder / "controlnet")
+    model = ("--model", engine_folder)
+    result = invoke(*_args(demo_project, tmp_path / "own", *model), env=library["env"])
+    assert result.exit_code == 0, result.output + result.stderr
+    (row,) = read_index(tmp_path / "own")
+    assert row["controlnet"] == "vessels"
+    assert row["controlnet_sha256"] == library["vessels"].weights_sha256
+    off = invoke(*_args(demo_project, tmp_path / "off", *model, "--controlnet", "none"),
+                 env=library["env"])
+    assert off.exit_code == 0, off.output + off.stderr
+    (plain,) = read_index(tmp_path / "off")
+    assert "controlnet" not in plain
+    # multiband seams: the engine's ControlNet has nothing to steer, and is not asked for
+    seams = invoke(*_args(demo_project, tmp_path / "mb", *model, "--harmonise", "multiband"),
+                   env=library["env"])
+    assert seams.exit_code == 0, seams.output + seams.stderr
+    assert "controlnet" not in read_index(tmp_path / "mb")[0]

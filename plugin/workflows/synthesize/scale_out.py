@@ -21,6 +21,10 @@ Ray restarts an actor that dies (``max_restarts``) and re-runs its call
 ``--resume`` completes it. ``HISTOSYNTH_TEST_KILL_WORKER_AT=<tile>:<marker file>`` kills
 the actor rendering that tile once (the marker records it), for the fault tests.
 
+A shape run's vessel-mask ControlNet (``--controlnet``) is loaded by each actor from
+the folder the driver resolved (and checked against the actor's engine again): on a
+cluster of several machines that folder must be on a shared file system.
+
 The planned calls and their outcomes travel through Ray as pickled bytes that this run
 made itself; nothing a user hands over is unpickled.
 """

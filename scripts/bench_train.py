@@ -17,6 +17,12 @@ each adding one optimisation to the one before:
 5. **+ torch.compile** — ``model.compile()`` as ``TrainConfig(compile=True)`` does; row 5
    is the seed's last row (compile + xFormers + fp16 together, ×9.06).
 
+A sixth row, **ControlNet** (issue 29), trains a vessel-mask ControlNet of a quarter of
+the base's blocks (7 of 28 at real size; 1 of the tiny 2) on the frozen base, as ``histosynth
+train controlnet`` does (``ControlledTransformer``, masks with dropout), under the
+attention row's settings (cache, KV-compression, attention, mixed precision; eager): its
+images/s and peak memory against full fine-tuning under the same settings.
+
 Every configuration trains a freshly built transformer with the same seed, batch size and
 samples (the trainer's seeded data order and per-sample noise), runs ``--warmup`` steps
 that are not timed (compile needs several), then times ``--steps`` optimiser steps:
@@ -42,7 +48,7 @@ unsaturated pixels (mean > 0.8, saturation < 0.18), as the README's stand-in ves
 
     python scripts/bench_train.py [--quick] [--size tiny|pixcell-1024|auto] [--device cuda]
         [--steps N] [--warmup N] [--batch-size B] [--out results.json]
-        [--sections baseline,cache,kv,attention,compile]
+        [--sections baseline,cache,kv,attention,compile,controlnet]
 
 ``--sections`` runs a subset; the options stay cumulative (``compile`` alone still has the
 cache, KV-compression, attention and mixed precision), and ratios need ``baseline``. On the
@@ -83,9 +89,11 @@ from histosynth.synthesis.engine import (
     tiny_engine,
     tiny_transformer_config,
 )
+from histosynth.synthesis.models.controlnet import PixCellControlNet
 from histosynth.synthesis.models.kv_compression import enable_kv_compression
 from histosynth.synthesis.models.transformer import PixCellTransformer2DModel
 from histosynth.synthesis.models.vae import LatentCodec
+from histosynth.synthesis.pipelines.control import ControlledTransformer
 from histosynth.synthesis.training.config import TrainConfig
 from histosynth.synthesis.training.data import collate, sample_generator, step_indices
 from histosynth.synthesis.training.loop import (
@@ -95,7 +103,7 @@ from histosynth.synthesis.training.loop import (
     trainable_parameters,
 )
 
-SECTIONS = ("baseline", "cache", "kv", "attention", "compile")
+SECTIONS = ("baseline", "cache", "kv", "attention", "compile", "controlnet")
 """The configurations, in the cumulative order of the seed's Table 6."""
 
 SEED_A100 = {"baseline": 0.28, "cache": 0.35, "kv": 0.41, "compile": 2.56}
@@ -321,11 +329,14 @@ class Plan:
     attention: str
     mixed_precision: str
     compiled: bool
+    controlnet: int = 0  # > 0: a ControlNet of that many blocks trains, the base frozen
 
 
-def plans(attention: str, mixed_precision: str) -> list[Plan]:
+def plans(attention: str, mixed_precision: str, blocks: int = 28) -> list[Plan]:
     """The five cumulative configurations, ``attention`` / ``mixed_precision`` being the
-    memory-efficient attention and the autocast dtype this device gets."""
+    memory-efficient attention and the autocast dtype this device gets, and the ControlNet
+    row: a quarter of the base's ``blocks`` copied (7 of PixCell's 28), the base frozen,
+    the settings of the attention row (eager)."""
     mp = {"fp16": "fp16", "bf16": "bf16"}[mixed_precision]
     return [
         Plan("baseline", "on-the-fly baseline", False, 1, "sdpa", "no", False),
@@ -334,6 +345,8 @@ def plans(attention: str, mixed_precision: str) -> list[Plan]:
         Plan("attention", f"+ mem-eff. attention ({attention}) + {mp}", True, 2, attention, mp,
              False),
         Plan("compile", "+ torch.compile", True, 2, attention, mp, True),
+        Plan("controlnet", f"ControlNet {max(1, blocks // 4)} blocks, base frozen (as "
+             "attention row)", True, 2, attention, mp, False, max(1, blocks // 4)),
     ]
 
 
@@ -361,6 +374,17 @@ class _Training:
             enable_kv_compression(model, ratio=plan.kv)
         self.attention = set_attention(model, plan.attention)
         model.requires_grad_(True).train()
+        self.mask_dropout = None
+        if plan.controlnet:  # the trainer's ControlNet path: train_controlnet's model
+            model.requires_grad_(False)
+            controlnet = _seeded(lambda: PixCellControlNet.from_transformer(
+                model, num_layers=plan.controlnet,
+                vae_scale_factor=LatentCodec(models.vae).downsample,
+                mask_encoder_channels=(16, 32, 96, 256)[: 1 + int(
+                    math.log2(LatentCodec(models.vae).downsample))],
+            ))
+            controlnet.requires_grad_(True).train()
+            model, self.mask_dropout = ControlledTransformer(model, controlnet), 0.1
         self.accelerator = make_accelerator(config, device)
         model.to(self.accelerator.device)
         self.params = list(trainable_parameters(model).values())
@@ -397,6 +421,7 @@ class _Training:
                 sample_generator(config.seed, "train", epoch, pos),
                 timestep_range=config.timestep_range,
                 uncond_prob=config.uncond_prob,
+                mask_dropout=self.mask_dropout,
             )
             for i, epoch, pos in picks
         ]
@@ -743,7 +768,8 @@ def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
                      f"{'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'} (torch "
                      f"default), cuDNN TF32 "
                      f"{'on' if torch.backends.cudnn.allow_tf32 else 'off'}")
-    all_plans = plans(attention, mixed)
+    blocks = 28 if real else int(tiny_transformer_config(resolution).get("num_layers", 2))
+    all_plans = plans(attention, mixed, blocks)
     chosen = [p for p in all_plans if p.name in sections]
 
     print(f"device: {_describe_device(device)}")

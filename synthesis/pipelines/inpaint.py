@@ -448,10 +448,10 @@ class InpaintPipeline(PixCellPipeline):
                 number of seeds, a strength outside [0, 1], an unknown adapter or output
                 type.
         """
-        if guidance_scale is None:
-            guidance_scale = self.default_guidance
-        if num_inference_steps is None:
-            num_inference_steps = self.default_steps
+        guidance_scale = self.default_guidance if guidance_scale is None else guidance_scale
+        num_inference_steps = (
+            self.default_steps if num_inference_steps is None else num_inference_steps
+        )
         self.check_inputs(
             output_type=output_type,
             num_inference_steps=num_inference_steps,
@@ -466,18 +466,13 @@ class InpaintPipeline(PixCellPipeline):
         count, height, width = images.shape[:3]
         side = self.tile_size
         if (height, width) != (side, side):
-            raise EngineError(
-                f"expected composites of {side}×{side} px (the engine's tile "
-                f"size), found {width}×{height} px",
-                item="composite",
-            )
+            raise EngineError(f"expected composites of {side}×{side} px (the engine's tile "
+                              f"size), found {width}×{height} px", item="composite")
         masks = _masks(mask, (count, height, width))
         seed_list, gen = self._seeds(seeds, generator, count)
         weights, cells, top = self._region(masks, inside, strength, inside_strength, seam_sigma)
-
-        device = self._execution_device
         timesteps, num_steps = img2img_timesteps(
-            self.scheduler, int(num_inference_steps), float(top), device
+            self.scheduler, int(num_inference_steps), float(top), self._execution_device
         )
         if num_steps == 0:
             return self._finish(

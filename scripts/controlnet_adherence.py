@@ -1,0 +1,134 @@
+"""Measure: do ControlNet-generated vessels follow their outlines better than the base alone?
+
+    python scripts/controlnet_adherence.py [--controlnet NAME|FOLDER] [--slides 2]
+        [--strengths 0.2,0.35,0.55] [--card FOLDER] [--workdir DIR]
+
+On held-out demo slides (seeds 200, 201, …: neither ``histosynth demo``'s nor the
+ControlNet's training slides), every drawn outline (``Vessel sketch``) is generated with
+the embedded engine as ``synthesize --mode shape --shapes drawn`` does:
+
+* ``warped donors``: the donor warped into the outline, kept inside (τ 0 inside);
+* ``base, τ T``: the inside regenerated at τ T by the base alone (``--controlnet none``);
+* ``ControlNet, τ T``: the inside regenerated at τ T with the ControlNet (mask guidance
+  ``--mask-guidance``).
+
+``histosynth evaluate --mask-adherence`` then segments every tile with one segmenter
+(trained once on the real vessel tiles of the same slides, ``histosynth extract``, then
+reused with ``--segmenter``) and compares its vessel with the target outline: mean IoU per
+run. Prints a table; ``--card FOLDER`` records it in the ControlNet folder's
+``training.json`` and re-writes its ``MODEL_CARD.md``. Not a unit test: it takes minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+
+def histosynth(*args: str) -> None:
+    print("$ histosynth " + " ".join(args), flush=True)
+    subprocess.run([sys.executable, "-m", "histosynth", *args], check=True)
+
+
+def mean_iou(run: Path) -> tuple[float, int]:
+    """Mean IoU over the run's measured tiles and their number (``adherence.json``)."""
+    data = json.loads((run / "adherence.json").read_text())
+    values = [t["iou"] for t in data["tiles"].values()]
+    return sum(values) / len(values), len(values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--controlnet", default=None, help="[the engine's own]")
+    parser.add_argument("--slides", type=int, default=2)
+    parser.add_argument("--strengths", default="0.2,0.35,0.55")
+    parser.add_argument("--mask-guidance", default="2.0")
+    parser.add_argument("--segmenter-epochs", default="20")
+    parser.add_argument("--card", type=Path, help="ControlNet folder whose card to update")
+    parser.add_argument("--workdir", type=Path)
+    args = parser.parse_args()
+
+    from histosynth.integration.demo.data import build_demo_project, build_demo_slide
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        project = work / "project" / "project.qpproj"
+        if not project.exists():
+            slides = [
+                build_demo_slide(work / "project" / "slides" / f"held-{k}.ome.tif", seed=200 + k)
+                for k in range(args.slides)
+            ]
+            project = build_demo_project(work / "project", slide=slides)
+        real = work / "real"
+        if not real.exists():
+            histosynth("extract", "--project", str(project), "--class", "Vessel",
+                       "--tile-size", "512", "--out", str(real))
+        controlnet = ["--controlnet", args.controlnet] if args.controlnet else []
+        runs: dict[str, list[str]] = {"warped donors": ["--controlnet", "none"]}
+        for strength in args.strengths.split(","):
+            runs[f"base, τ {strength}"] = [
+                "--controlnet", "none", "--inside-strength", strength,
+            ]
+            runs[f"ControlNet, τ {strength}"] = [
+                *controlnet, "--inside-strength", strength,
+                "--mask-guidance", args.mask_guidance,
+            ]
+        segmenter = work / "segmenter.pt"
+        rows: list[dict[str, Any]] = []
+        for name, extra in runs.items():
+            out = work / name.replace(", τ ", "-").replace(" ", "-")
+            began = time.perf_counter()
+            if not (out / "index.csv").exists():
+                histosynth("synthesize", "--project", str(project), "--class", "Vessel",
+                           "--mode", "shape", "--shapes", "drawn", "--model", args.model,
+                           "--seed", "0", "--out", str(out), *extra)
+            seconds = time.perf_counter() - began
+            if segmenter.exists():
+                histosynth("evaluate", str(out), "--mask-adherence", "--segmenter",
+                           str(segmenter), "--features", "default")
+            else:
+                histosynth("evaluate", str(out), "--real", str(real), "--mask-adherence",
+                           "--save-segmenter", str(segmenter), "--segmenter-epochs",
+                           args.segmenter_epochs, "--features", "default")
+            iou, tiles = mean_iou(out)
+            rows.append({"name": name, "adherence": round(iou, 4), "tiles": tiles,
+                         "seconds": round(seconds, 1)})
+            print(f"{name}: mean IoU {iou:.3f} over {tiles} tiles", flush=True)
+
+    print(f"\nmask adherence (mean IoU), {args.model}, {os.cpu_count()} CPU cores")
+    print(f"{'generation':22}{'IoU':>7}{'tiles':>7}")
+    for row in rows:
+        print(f"{row['name']:22}{row['adherence']:7.3f}{row['tiles']:7d}")
+    if args.card:
+        report_file = args.card / "training.json"
+        report = json.loads(report_file.read_text())
+        report["adherence"] = {
+            "command": "python scripts/controlnet_adherence.py " + " ".join(sys.argv[1:]),
+            "tiles": rows[0]["tiles"],
+            "outlines": rows[0]["tiles"],
+            "rows": rows,
+        }
+        report_file.write_text(json.dumps(report, indent=2) + "\n")
+        spec = importlib.util.spec_from_file_location(
+            "train_embedded_controlnet", HERE / "train_embedded_controlnet.py"
+        )
+        trainer = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(trainer)
+        (args.card / "MODEL_CARD.md").write_text(trainer.model_card(report))
+        print(f"recorded in {args.card}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""scripts/study_downstream.py --quick at its smallest size: the files, the slide split, the
+donor rule and the leakage rule (issue 30). The numbers are not asserted."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "study_downstream.py"
+SMALLEST = ["--quick", "--modes", "none", "--synthetic-only", "none", "--seeds", "1"]
+
+
+@pytest.fixture(scope="module")
+def study():
+    pytest.importorskip("segmentation_models_pytorch")
+    spec = importlib.util.spec_from_file_location("study_downstream", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["study_downstream"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def world(study, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("study") / "world"
+    assert study.main(["--world", str(folder), *SMALLEST]) == 0
+    return folder
+
+
+def _rows(index: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(index.read_text(encoding="utf-8"), newline="")))
+
+
+def _stem(path: str) -> str:
+    return Path(path).name.split(".")[0]
+
+
+def test_files_split_and_donors(world):
+    record = json.loads((world / "study.json").read_text(encoding="utf-8"))
+    assert (world / "study.md").read_text(encoding="utf-8").startswith("Command: `python")
+    if importlib.util.find_spec("matplotlib"):
+        assert (world / "learning-curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    split = json.loads((world / "split.json").read_text(encoding="utf-8"))
+    sides = {side: set(split[side]) for side in ("train", "val", "test")}
+    assert all(sides.values())
+    assert not (sides["train"] & sides["val"] or sides["train"] & sides["test"]
+                or sides["val"] & sides["test"])
+    for side, names in sides.items():  # each side's project holds its slides only
+        project = json.loads((world / "projects" / side / "project.qpproj").read_text())
+        assert {_stem(image["imageName"]) for image in project["images"]} == names
+        assert {_stem(r["source_image"]) for r in _rows(world / "real" / side / "index.csv")
+                } <= names
+    synthetic = _rows(world / "synthetic" / "none" / "index.csv")
+    assert synthetic
+    for row in synthetic:
+        assert {_stem(row["source_image"]), _stem(row["donor_image"])} <= sides["train"]
+    arms = {r["arm"]: r for r in record["rows"]}
+    assert set(arms) == {"real", "+aug", "+aug +none 1×", "synthetic only none 1×"}
+    assert arms["synthetic only none 1×"]["real"] == 0
+    assert arms["+aug +none 1×"]["synthetic"] > 0
+    assert "variation" in " ".join(record["notes"])
+    # the synthetic tiles of an arm come from the arm's own real vessels only
+    training = json.loads(next((world / "trainings").glob("k2-+aug_+none_1x-s0.json"))
+                          .read_text(encoding="utf-8"))
+    real = {r["id"]: r for r in _rows(world / "real" / "train" / "index.csv")}
+    fake = {r["id"]: r for r in synthetic}
+    vessels = {real[i]["source_annotation_id"] for i in training["tiles"] if i in real}
+    donors = {fake[i]["source_annotation_id"] for i in training["tiles"] if i in fake}
+    assert vessels and donors and donors <= vessels
+
+
+@pytest.mark.parametrize("column", ["source_image", "donor_image"])
+def test_synthetic_tile_from_a_test_slide_fails_the_study(study, world, column, capsys):
+    index = world / "synthetic" / "none" / "index.csv"
+    before_index, before_study = index.read_bytes(), (world / "study.json").read_bytes()
+    rows = _rows(index)
+    test_slide = next((world / "projects" / "test" / "slides").glob("*.ome.tif"))
+    rows[0][column] = str(test_slide)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\r\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    index.write_text(buffer.getvalue(), encoding="utf-8")
+    try:
+        assert study.main(["--world", str(world), *SMALLEST]) == 1
+        err = capsys.readouterr().err
+        assert "leakage" in err and rows[0]["id"] in err and column in err
+        assert (world / "study.json").read_bytes() == before_study  # nothing written
+    finally:
+        index.write_bytes(before_index)

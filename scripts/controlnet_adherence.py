@@ -7,7 +7,7 @@ On held-out demo slides (seeds 200, 201, …: neither ``histosynth demo``'s nor 
 ControlNet's training slides), every drawn outline (``Vessel sketch``) is generated with
 the embedded engine as ``synthesize --mode shape --shapes drawn`` does:
 
-* ``warped donors``: the donor warped into the outline, kept inside (τ 0 inside);
+* ``warped donors (base, τ 0)``: the donor warped into the outline, kept inside;
 * ``base, τ T``: the inside regenerated at τ T by the base alone (``--controlnet none``);
 * ``ControlNet, τ T``: the inside regenerated at τ T with the ControlNet (mask guidance
   ``--mask-guidance``).
@@ -16,7 +16,10 @@ the embedded engine as ``synthesize --mode shape --shapes drawn`` does:
 (trained once on the real vessel tiles of the same slides, ``histosynth extract``, then
 reused with ``--segmenter``) and compares its vessel with the target outline: mean IoU per
 run. Prints a table; ``--card FOLDER`` records it in the ControlNet folder's
-``training.json`` and re-writes its ``MODEL_CARD.md``. Not a unit test: it takes minutes.
+``training.json``, re-writes its ``MODEL_CARD.md`` and records the best ControlNet row's
+τ and mask guidance as the ControlNet's own defaults (``generation`` in its metadata,
+what ``synthesize`` uses when ``--inside-strength`` / ``--mask-guidance`` are not given).
+Not a unit test: it takes minutes.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--controlnet", default=None, help="[the engine's own]")
     parser.add_argument("--slides", type=int, default=2)
-    parser.add_argument("--strengths", default="0.2,0.35,0.55")
+    parser.add_argument("--strengths", default="0,0.2,0.35,0.55")
     parser.add_argument("--mask-guidance", default="2.0")
     parser.add_argument("--segmenter-epochs", default="20")
     parser.add_argument("--card", type=Path, help="ControlNet folder whose card to update")
@@ -76,11 +79,11 @@ def main() -> None:
             histosynth("extract", "--project", str(project), "--class", "Vessel",
                        "--tile-size", "512", "--out", str(real))
         controlnet = ["--controlnet", args.controlnet] if args.controlnet else []
-        runs: dict[str, list[str]] = {"warped donors": ["--controlnet", "none"]}
+        runs: dict[str, list[str]] = {}
         for strength in args.strengths.split(","):
-            runs[f"base, τ {strength}"] = [
-                "--controlnet", "none", "--inside-strength", strength,
-            ]
+            name = "warped donors (base, τ 0)" if float(strength) == 0 else f"base, τ {strength}"
+            runs[name] = ["--controlnet", "none", "--inside-strength", strength]
+        for strength in args.strengths.split(","):
             runs[f"ControlNet, τ {strength}"] = [
                 *controlnet, "--inside-strength", strength,
                 "--mask-guidance", args.mask_guidance,
@@ -88,7 +91,7 @@ def main() -> None:
         segmenter = work / "segmenter.pt"
         rows: list[dict[str, Any]] = []
         for name, extra in runs.items():
-            out = work / name.replace(", τ ", "-").replace(" ", "-")
+            out = work / "".join(c if c.isalnum() or c in ".-" else "-" for c in name)
             began = time.perf_counter()
             if not (out / "index.csv").exists():
                 histosynth("synthesize", "--project", str(project), "--class", "Vessel",
@@ -104,7 +107,8 @@ def main() -> None:
                            args.segmenter_epochs, "--features", "default")
             iou, tiles = mean_iou(out)
             rows.append({"name": name, "adherence": round(iou, 4), "tiles": tiles,
-                         "seconds": round(seconds, 1)})
+                         "seconds": round(seconds, 1), "controlnet": "none" not in extra,
+                         "inside_strength": float(extra[extra.index("--inside-strength") + 1])})
             print(f"{name}: mean IoU {iou:.3f} over {tiles} tiles", flush=True)
 
     print(f"\nmask adherence (mean IoU), {args.model}, {os.cpu_count()} CPU cores")
@@ -120,7 +124,14 @@ def main() -> None:
             "outlines": rows[0]["tiles"],
             "rows": rows,
         }
+        best = max((r for r in rows if r["controlnet"]), key=lambda r: r["adherence"])
+        report["adherence"]["best"] = best["name"]
         report_file.write_text(json.dumps(report, indent=2) + "\n")
+        meta_file = args.card / "histosynth_controlnet.json"
+        meta = json.loads(meta_file.read_text())
+        meta["generation"] = {"inside_strength": best["inside_strength"],
+                              "mask_guidance": float(args.mask_guidance)}
+        meta_file.write_text(json.dumps(meta, indent=2) + "\n")
         spec = importlib.util.spec_from_file_location(
             "train_embedded_controlnet", HERE / "train_embedded_controlnet.py"
         )

@@ -16,10 +16,11 @@ trainer's ``ControlledTransformer``), summed by ``torch.autograd.graph.saved_ten
 over every saved tensor (float32, no autocast; KV-compression R = 2 on PixCell's second
 half). Each saved tensor counts once per save (views of one buffer saved twice count twice:
 an upper bound). The meta device runs SDPA's math kernel, which keeps each N × M attention
-matrix (as [B, heads, N, M] and [B·heads, N, M]); a fused kernel (flash / memory-efficient SDPA, xFormers — what CUDA
-uses) keeps none, so they are reported apart. It is the peak of
-a step to within the transient buffers of the backward pass; the CUDA peak is measured by
-``scripts/bench_train.py --size pixcell-1024`` (its ControlNet row) when a GPU is present.
+matrix (as [B, heads, N, M] and [B·heads, N, M]); a fused kernel (flash /
+memory-efficient SDPA, xFormers — what CUDA uses) keeps none, so they are reported apart.
+It is the peak of a step to within the transient buffers of the backward pass; the CUDA
+peak is measured by ``scripts/bench_train.py --size pixcell-1024`` (its ControlNet row)
+when a GPU is present.
 
     python scripts/controlnet_size.py [--layers 7 14] [--batch-size 4]
 """

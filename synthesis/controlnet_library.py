@@ -102,6 +102,8 @@ class ControlNetInfo:
     base transformer's weight hash; ``training_data_checksum``: the training cache's
     content hash; ``metrics``: validation metrics by name (``val_loss`` …);
     ``training``: the settings and measurements of the run (``mask_dropout`` …);
+    ``generation``: the settings it generates best with, as measured (``inside_strength``
+    in [0, 1], ``mask_guidance`` ≥ 1; ``synthesize`` uses them when not given);
     ``weights_sha256``: sha256 of the weights file. ``folder``: where it was read from.
     """
 
@@ -114,6 +116,7 @@ class ControlNetInfo:
     training_data_checksum: str = ""
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     training: dict[str, Any] = dataclasses.field(default_factory=dict)
+    generation: dict[str, float] = dataclasses.field(default_factory=dict)
     histosynth_version: str = ""
     weights_sha256: str = ""
     folder: Path | None = dataclasses.field(default=None, compare=False)
@@ -165,7 +168,23 @@ class ControlNetInfo:
             raise bad("metrics", "an object of numbers")
         if not isinstance(values.get("training", {}), Mapping):
             raise bad("training", "an object")
+        _check_generation(values.get("generation", {}), bad)
         return cls(**values)
+
+
+def _check_generation(generation: Any, bad: Any) -> None:
+    """``generation``: ``inside_strength`` in [0, 1] and ``mask_guidance`` in [1, 100]."""
+    bounds = {"inside_strength": (0.0, 1.0), "mask_guidance": (1.0, 100.0)}
+    if not isinstance(generation, Mapping) or not set(generation) <= set(bounds):
+        raise bad("generation", f"an object of {sorted(bounds)}")
+    for key, value in generation.items():
+        low, high = bounds[key]
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not low <= float(value) <= high
+        ):
+            raise bad("generation", f"{key} in [{low:g}, {high:g}]")
 
 
 def _own_file(folder: Path, name: str) -> Path:

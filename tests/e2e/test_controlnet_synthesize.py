@@ -36,7 +36,8 @@ def _errors(result) -> list[str]:
 
 
 def _save(
-    folder: Path, name: str, engine_seed: int | None, weight_seed: int, tile: int = TILE
+    folder: Path, name: str, engine_seed: int | None, weight_seed: int, tile: int = TILE,
+    generation: dict[str, float] | None = None,
 ) -> ControlNetInfo:
     """A ControlNet for the tiny engine of ``engine_seed`` (``None``: the preset's) and
     ``tile`` px."""
@@ -56,7 +57,7 @@ def _save(
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
     info = ControlNetInfo(
         name=name, base_hash=base_weight_hash(engine.transformer), resolution=tile, layers=1,
-        base_id=engine.model_id,
+        base_id=engine.model_id, generation=generation or {},
     )
     return save_controlnet(controlnet, folder / name, info)
 
@@ -219,3 +220,22 @@ def test_an_engine_folder_that_ships_a_controlnet_uses_it_unless_told_none(
                    env=library["env"])
     assert seams.exit_code == 0, seams.output + seams.stderr
     assert "controlnet" not in read_index(tmp_path / "mb")[0]
+
+
+def test_a_controlnet_s_measured_settings_are_the_run_s_defaults(
+    invoke, demo_project, library, tmp_path
+) -> None:
+    """``generation`` in a ControlNet's metadata (what its adherence measured best) gives
+    the inside τ and the mask guidance of a run that names neither; flags still win."""
+    lib = tmp_path / "lib"
+    _save(lib, "tuned", None, 3, generation={"inside_strength": 0.25, "mask_guidance": 4.0})
+    env = {"HISTOSYNTH_CONTROLNETS": str(lib)}
+    result = invoke(*_args(demo_project, tmp_path / "a", "--controlnet", "tuned"), env=env)
+    assert result.exit_code == 0, result.output + result.stderr
+    config = json.loads((tmp_path / "a" / "run.json").read_text())["config"]
+    assert config["inside_strength"] == 0.25 and config["mask_guidance"] == 4.0
+    result = invoke(*_args(demo_project, tmp_path / "b", "--controlnet", "tuned",
+                           "--inside-strength", 0.5, "--mask-guidance", 2.0), env=env)
+    assert result.exit_code == 0, result.output + result.stderr
+    config = json.loads((tmp_path / "b" / "run.json").read_text())["config"]
+    assert config["inside_strength"] == 0.5 and config["mask_guidance"] == 2.0

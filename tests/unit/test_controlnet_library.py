@@ -113,7 +113,9 @@ def test_a_link_out_of_the_folder_is_refused(engine, tmp_path):
 
 @settings(max_examples=40, deadline=None)
 @given(
-    key=st.sampled_from(["name", "base_hash", "resolution", "layers", "metrics", "format"]),
+    key=st.sampled_from(
+        ["name", "base_hash", "resolution", "layers", "metrics", "format", "generation"]
+    ),
     value=st.one_of(st.none(), st.integers(-5, 0), st.text(max_size=5), st.lists(st.integers())),
 )
 def test_bad_metadata_is_one_line_naming_the_file(tmp_path_factory, key, value):

@@ -158,22 +158,28 @@ def _inside_strength(
     """Shape mode's τ inside the outline beyond the seam band: the one named, else 0 (the
     warped donor kept there, as inpainting keeps its donor; regenerating it lowered the
     mask adherence of the embedded engine's drawn tiles from 0.60 to 0.43 IoU); with a
-    ControlNet the engine's highest τ (the inside generated from the mask, not kept)."""
+    ControlNet the τ its metadata records as measured best (``generation``), else the
+    engine's highest τ (the inside generated from the mask, not kept)."""
     if settings.mode != "shape":
         return None
     if settings.inside_strength is not None:
         return settings.inside_strength
-    return 0.0 if control is None else min(1.0, engine.abilities.max_strength)
+    if control is None:
+        return 0.0
+    top = min(1.0, engine.abilities.max_strength)
+    return min(top, float(control.info.generation.get("inside_strength", top)))
 
 
 def _mask_guidance(settings: SynthesisSettings, control: RunControl | None) -> float | None:
-    """s_mask of a run with a ControlNet (the one named, else the default); ``None``
-    without one."""
+    """s_mask of a run with a ControlNet (the one named, else the one its metadata records
+    as measured best, else the default); ``None`` without one."""
     from histosynth.workflows.synthesize.settings import DEFAULT_MASK_GUIDANCE
 
     if control is None:
         return None
-    return DEFAULT_MASK_GUIDANCE if settings.mask_guidance is None else settings.mask_guidance
+    if settings.mask_guidance is not None:
+        return settings.mask_guidance
+    return float(control.info.generation.get("mask_guidance", DEFAULT_MASK_GUIDANCE))
 
 
 # --------------------------------------------------------------------------- ControlNet

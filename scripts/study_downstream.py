@@ -134,7 +134,8 @@ class Size:
 
 
 QUICK = dict(slides=3, train_slides=1, val_slides=1, slide_width=2048, slide_height=1536,
-             ks=(2,), ratios=(1,), seeds=2, epochs=1, epoch_tiles=8, train_size=64)
+             ks=(2,), ratios=(1,), modes=("none", "diffusion"), seeds=2, epochs=1,
+             epoch_tiles=8, train_size=64)
 
 
 @dataclass
@@ -358,6 +359,15 @@ def check_leakage(world: Path, split: dict[str, Any], modes: list[str]) -> int:
     return checked
 
 
+def synthesis_settings(run: Path) -> dict[str, str]:
+    """What made a run's tiles (its first row): model, seam mode, ControlNet, τ, steps."""
+    from histosynth.integration.dataset import read_index
+
+    rows = read_index(run)
+    keys = ("synthesis_type", "model", "harmonise", "controlnet", "strength", "steps")
+    return {k: rows[0].get(k, "") for k in keys} if rows else {}
+
+
 # ----------------------------------------------------------------------------- the tiles
 
 
@@ -569,6 +579,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> str | None:
         return "no plot: matplotlib is not installed (pip install matplotlib, then re-run)"
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for arm in dict.fromkeys(r["arm"] for r in rows):
@@ -578,6 +589,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> str | None:
         ax.errorbar(x, y, yerr=[r["iou"]["sd"] for r in mine], marker="o", capsize=3,
                     label=arm, linestyle="--" if arm.startswith("synthetic") else "-")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("training tiles (real + synthetic)")
     ax.set_ylabel("held-out IoU (mean ± sd over seeds)")
     ax.legend(fontsize=7, ncol=2)
@@ -715,6 +728,7 @@ def run_study(args: argparse.Namespace, size: Size, command: str) -> dict[str, A
                           "ratio": a.ratio} for a in arms},
         "rows": summarise(arms, synthesis_seconds),
         "synthesis_seconds": synthesis_seconds,
+        "synthesis": {m: synthesis_settings(world / "synthetic" / m) for m in modes},
         "notes": [VARIATION_NOTE],
         "seconds": time.perf_counter() - began,
         "cpus": os.cpu_count(),

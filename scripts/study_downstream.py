@@ -58,15 +58,21 @@ table, the plot's path and the exact command into ``docs/evidence.md`` (between 
 Finished trainings are kept in ``DIR/trainings/`` and reused by a re-run with the same
 settings.
 
-**Size and time.** Default: 12 slides of 4096 × 3072 px (6 train, 2 validation, 4 test:
-36 + 12 training vessels of 512 px, ~30 + 12 usable as donors), K = 8, 16, 32, ratios 1
-and 4, four modes, synthetic-only diffusion, 3 seeds — 3 × 3 × 11 = 99 trainings of a
-UNet with the ``tu-mobilenetv3_small_050`` encoder at 128 px, 6 epochs of ≥ 64 tiles.
-Estimate on 2 CPU cores (from timed ``--quick`` runs and per-tile costs measured on this
-machine; see the timings in ``docs/evidence.md``): world and extraction ~2 min, the
-synthesis ~14 min (two diffusion modes at ~1.8 s a tile, two model-free ones at ~0.2 s),
-training ~35 min — about 50 minutes in all. ``--quick``: 3 slides of 2048 × 1536 px (1 per side),
-K = 2, ratio 1, 2 seeds, 1 epoch at 64 px: under 2 minutes.
+**Size and time.** Default: 12 slides of 4096 × 3072 px (6 train, 2 validation, 4 test;
+per slide 6 ``Vessel`` + 2 ``Vessel: Invasive`` tiles of 512 px, the 300 µm artery is
+larger than a tile: 48 training tiles, ~42 of them small enough to be donors), K = 8,
+16, 32 (16, 28, 44 real tiles), ratios 1 and 4, four modes, synthetic-only diffusion,
+3 seeds: 3 × 3 × 11 = 99 trainings of a UNet with the ``tu-mobilenetv3_small_050``
+encoder (the benchmark's CPU suggestion) at 128 px, 2 epochs of ≥ 48 tiles.
+Estimate on 2 CPU cores: world and extraction ~2 min; synthesis 4 × 192 tiles, ~20 min
+(README: 2.6 s a tile for inpainting and bank shapes on 2 idle cores, ~0.5 s without a
+model step); training ~21,500 tile passes (forward + backward at 128 px; validation and
+test forward passes counted at a third), measured 0.28 s a pass on 2 cores shared with
+another job and expected 0.08–0.1 s idle: ~30–36 min — 52–58 minutes in all. If a run
+takes longer, ``--epochs``, ``--ratios`` or ``--modes`` cut it (trainings already
+finished are kept). ``--quick``: 3 slides of 1536 × 1024 px (one a side), K = 2, ratio 1,
+modes none and diffusion, 2 seeds, 1 epoch at 64 px — 3.2 min measured on 2 cores shared
+with another job, 1.1–1.3 min for the smoke test's ``--modes none``.
 """
 
 from __future__ import annotations
@@ -121,8 +127,8 @@ class Size:
     modes: tuple[str, ...] = ("diffusion", "multiband", "none", "shape")
     synthetic_only: tuple[str, ...] = ("diffusion",)
     seeds: int = 3
-    epochs: int = 6
-    epoch_tiles: int = 64
+    epochs: int = 2
+    epoch_tiles: int = 48
     train_size: int = 128
     batch_size: int = 8
     arch: str = "unet"
@@ -133,7 +139,7 @@ class Size:
     seed: int = 0
 
 
-QUICK = dict(slides=3, train_slides=1, val_slides=1, slide_width=2048, slide_height=1536,
+QUICK = dict(slides=3, train_slides=1, val_slides=1, slide_width=1536, slide_height=1024,
              ks=(2,), ratios=(1,), modes=("none", "diffusion"), seeds=2, epochs=1,
              epoch_tiles=8, train_size=64)
 
@@ -295,7 +301,7 @@ def extract_sides(world: Path, size: Size) -> None:
         histosynth("extract", "--project", str(world / "projects" / side), "--class",
                    size.vessel_class, "--tile-size", str(TILE_SIZE), "--mpp", str(TILE_MPP),
                    "--out", str(out), *(["--resume"] if out.exists() else []))
-        (out / ".done").write_text("")
+        write_json(out / ".done", {})
 
 
 def synthesize_modes(world: Path, size: Size, real_train: int) -> dict[str, float]:
@@ -306,17 +312,22 @@ def synthesize_modes(world: Path, size: Size, real_train: int) -> dict[str, floa
     for mode in modes:
         out = world / "synthetic" / mode
         done = out / ".done"
-        if done.is_file():
-            seconds[mode] = float(read_json(done)["seconds"])
-            continue
         count = max(size.ratios) * real_train
+        made = {"count": count, "model": size.model, "seed": size.seed}
+        if done.is_file():
+            before = read_json(done)
+            if {k: before.get(k) for k in made} != made:
+                raise StudyError(f"{out}: made with other settings ({before}); delete it or "
+                                 "use a new --world")
+            seconds[mode] = float(before["seconds"])
+            continue
         seconds[mode] = histosynth(
             "synthesize", "--project", str(world / "projects" / "train"), "--class",
             size.vessel_class, "--model", size.model, "--tile-size", str(TILE_SIZE),
             "--mpp", str(TILE_MPP), "--count", str(count), "--seed", str(size.seed),
             "--out", str(out), *MODES[mode], *(["--resume"] if out.exists() else []),
         )
-        write_json(done, {"seconds": seconds[mode], "count": count})
+        write_json(done, {"seconds": seconds[mode], **made})
     return seconds
 
 

@@ -12,7 +12,8 @@ mask** for the mask — every pixel at :data:`NULL_MASK_VALUE` (−1), which is 
 "vessel" (1) nor "no vessel" (0): a ControlNet trained with mask dropout learns it as
 "the mask is unknown", so a tile without vessels (all 0) stays a meaningful condition.
 One forward of 3B (base and ControlNet) per step; 2B when ``s_uni == s_mask`` (ε̂ =
-ε(∅,∅) + s·(ε(e,m) − ε(∅,∅))); B when both are 1.
+ε(∅,∅) + s·(ε(e,m) − ε(∅,∅))) or ``s_uni == 1`` (ε(∅,∅) cancels: ε̂ = ε(e,∅) +
+s_mask·(ε(e,m) − ε(e,∅)); the embedded engine's own guidance is 1); B when both are 1.
 
 :class:`ControlledTransformer` is the pair (base, ControlNet) as one module with the
 transformer's call signature plus ``controlnet_cond`` — what the trainer calls.
@@ -115,6 +116,8 @@ def controlled_noise(
     s_uni, s_mask = float(guidance_scale), float(control.mask_guidance)
     if s_uni == 1 and s_mask == 1:
         parts = [(rows, masks)]
+    elif s_uni == 1:  # ε(∅,∅) cancels: ε(e,∅) + s_mask·(ε(e,m) − ε(e,∅))
+        parts = [(rows, null_masks), (rows, masks)]
     elif null_rows is None:
         raise EngineError("guidance needs the null condition (null_rows)")
     elif s_uni == s_mask:
@@ -138,7 +141,7 @@ def controlled_noise(
     if len(eps) == 1:
         return eps[0]
     if len(eps) == 2:
-        return eps[0] + s_uni * (eps[1] - eps[0])
+        return eps[0] + (s_mask if s_uni == 1 else s_uni) * (eps[1] - eps[0])
     uncond, rows_only, both = eps
     return uncond + s_uni * (rows_only - uncond) + s_mask * (both - rows_only)
 

@@ -114,7 +114,9 @@ def explicit_forward(engine, controlnet, latents, t, rows, masks) -> torch.Tenso
     return out[:, : latents.shape[1]]
 
 
-@pytest.mark.parametrize(("s_uni", "s_mask"), [(1.5, 3.0), (2.0, 2.0), (1.0, 1.0)])
+@pytest.mark.parametrize(
+    ("s_uni", "s_mask"), [(1.5, 3.0), (2.0, 2.0), (1.0, 1.0), (1.0, 3.0), (2.5, 1.0)]
+)
 def test_two_scale_guidance_is_the_formula(engine, s_uni: float, s_mask: float) -> None:
     controlnet = trained_controlnet(engine, seed=4)
     _, masks = composites()

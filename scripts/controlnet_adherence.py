@@ -57,7 +57,9 @@ def main() -> None:
     parser.add_argument("--slides", type=int, default=2)
     parser.add_argument("--strengths", default="0,0.2,0.35,0.55")
     parser.add_argument("--mask-guidance", default="2.0")
-    parser.add_argument("--segmenter-epochs", default="20")
+    parser.add_argument("--segmenter-epochs", default="12")
+    parser.add_argument("--segmenter-arch", default="unet", help="smp architecture (CPU-sized)")
+    parser.add_argument("--segmenter-encoder", default="resnet18")
     parser.add_argument("--card", type=Path, help="ControlNet folder whose card to update")
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args()
@@ -104,7 +106,9 @@ def main() -> None:
             else:
                 histosynth("evaluate", str(out), "--real", str(real), "--mask-adherence",
                            "--save-segmenter", str(segmenter), "--segmenter-epochs",
-                           args.segmenter_epochs, "--features", "default")
+                           args.segmenter_epochs, "--segmenter-arch", args.segmenter_arch,
+                           "--segmenter-encoder", args.segmenter_encoder,
+                           "--features", "default")
             iou, tiles = mean_iou(out)
             rows.append({"name": name, "adherence": round(iou, 4), "tiles": tiles,
                          "seconds": round(seconds, 1), "controlnet": "none" not in extra,

@@ -31,7 +31,11 @@ def bench():
 def test_plans_are_cumulative(bench) -> None:
     """Each configuration keeps what the one before turned on and adds one thing."""
     plans = bench.plans("xformers", "fp16")
-    assert [p.name for p in plans] == NAMES
+    assert [p.name for p in plans] == [*NAMES, "controlnet"]
+    controlnet = plans.pop()  # the ControlNet row: the attention row's settings, eager
+    assert (controlnet.cached, controlnet.kv, controlnet.attention, controlnet.compiled) == (
+        True, 2, "xformers", False)
+    assert controlnet.controlnet == 7 and all(p.controlnet == 0 for p in plans)
     assert [(p.cached, p.kv, p.attention, p.mixed_precision, p.compiled) for p in plans] == [
         (False, 1, "sdpa", "no", False),
         (True, 1, "sdpa", "no", False),
@@ -56,7 +60,7 @@ def test_he_tiles_are_distinct_real_pixels(bench) -> None:
 def test_ratios_goal_and_table_without_a_gpu(bench) -> None:
     """Ratios are to the baseline of the run; the GPU goal is judged on the last measured
     row only at the real size on CUDA; a failed row stays in the table with its status."""
-    plans = bench.plans("xformers", "fp16")
+    plans = bench.plans("xformers", "fp16")[:5]
     speeds = [0.5, 0.6, 0.7, None, 6.5]
     rows = []
     for plan, speed in zip(plans, speeds, strict=True):
@@ -92,7 +96,7 @@ def test_cpu_quick_run_prints_the_table(bench, tmp_path: Path, capsys) -> None:
     printed = capsys.readouterr().out
 
     rows = result["rows"]
-    assert [r["name"] for r in rows] == NAMES
+    assert [r["name"] for r in rows] == [*NAMES, "controlnet"]
     for row in rows:
         assert row["status"] == "ok", row
         assert row["images_per_s"] > 0 and row["ratio"] > 0
@@ -108,7 +112,7 @@ def test_cpu_quick_run_prints_the_table(bench, tmp_path: Path, capsys) -> None:
 
     table = [line for line in printed.splitlines() if line.startswith("| ")]
     labels = [r["label"] for r in rows]
-    assert len(table) == 1 + len(NAMES)  # the header and one line per configuration
+    assert len(table) == 2 + len(NAMES)  # the header and one line per configuration
     assert [next(lab for lab in labels if line.startswith(f"| {lab} ")) for line in table[1:]] \
         == labels
     assert "bf16" in printed and "fp16 autocast is not supported" in printed

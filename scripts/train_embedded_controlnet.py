@@ -36,9 +36,7 @@ from pathlib import Path
 from typing import Any
 
 NAME = "histosynth-mini-512-vessels"
-ENGINE_FOLDER = (
-    Path(__file__).resolve().parents[1] / "synthesis" / "embedded" / "histosynth_mini_512"
-)
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def log(text: str) -> None:
@@ -99,8 +97,8 @@ def model_card(report: dict[str, Any]) -> str:
         "",
         "A ControlNet (histosynth `PixCellControlNet`) for the embedded engine "
         "`histosynth-mini-512`, trained by `scripts/train_embedded_controlnet.py` on the CPU. "
-        "It is used by `histosynth synthesize --mode shape` with the embedded engine unless "
-        "`--controlnet` names another (or `none`).",
+        "Use it with `histosynth synthesize --mode shape --controlnet "
+        "models/histosynth-mini-512-vessels`.",
         "",
         "## Model",
         f"- {meta['layers']} of the base's 4 blocks copied, zero-initialised projections; the "
@@ -154,7 +152,7 @@ def model_card(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ENGINE_FOLDER / "controlnet")
+    parser.add_argument("--out", type=Path, default=REPOSITORY / "models" / NAME)
     parser.add_argument("--work-dir", type=Path, help="project, cache, checkpoints (OUT-work)")
     parser.add_argument("--slides", type=int, default=12)
     parser.add_argument("--background-tiles", type=int, default=24)

@@ -67,11 +67,7 @@ def test_auto_chooses_pixcell_1024_once_its_weights_are_installed(
 def test_the_shipped_folder_is_small_and_documented() -> None:
     folder = embedded_folder("default")
     sizes = [f.stat().st_size for f in folder.rglob("*.safetensors")]
-    # transformer, VAE, encoder and the engine's own vessel-mask ControlNet (issue 29)
-    assert len(sizes) == 4 and sum(sizes) <= 30e6
-    controlnet_card = (folder / "controlnet" / "MODEL_CARD.md").read_text()
-    for needle in ("held-out", "Mask adherence", "steps of batch", "demo slides"):
-        assert needle in controlnet_card, needle
+    assert len(sizes) == 3 and sum(sizes) <= 25e6
     card = (folder / "MODEL_CARD.md").read_text()
     for needle in ("BSD-3-Clause", "Held out", "PSNR", "steps", "KV-compression"):
         assert needle in card, needle

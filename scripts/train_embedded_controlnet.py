@@ -117,7 +117,9 @@ def model_card(report: dict[str, Any]) -> str:
         "## Training",
         f"- {meta['training']['steps_run']} steps of batch {p['batch_size']}, AdamW lr "
         f"{p['lr']}, timesteps 0–559 (the denoiser's), UNI-row dropout "
-        f"{meta['training']['uncond_prob']}, mask dropout {meta['training']['mask_dropout']}; "
+        f"{meta['training']['uncond_prob']}, mask dropout {meta['training']['mask_dropout']}, "
+        f"loss weight {meta['training'].get('mask_loss_weight', 1.0):g} on the latent cells a "
+        "vessel touches; "
         f"{report['seconds'] / 60:.1f} minutes on {report['machine']}.",
         f"- held-out ε-loss with the masks: {metrics.get('val_loss_initial', float('nan')):.4f}"
         f" (step 0, the base alone) → {metrics['val_loss']:.4f}; with the null mask "
@@ -160,6 +162,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=4000, help="at most this many steps")
     parser.add_argument("--chunk", type=int, default=100, help="steps per resumed chunk")
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--mask-loss-weight", type=float, default=1.0,
+                        help="train controlnet --mask-loss-weight")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="toy sizes (tests)")
@@ -191,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "--name", NAME, "--layers", str(args.layers), "--steps", str(target),
             "--batch-size", str(args.batch_size), "--lr", str(args.lr),
             "--timesteps", "0", "560", "--checkpoint-every", str(args.chunk),
+            "--mask-loss-weight", str(args.mask_loss_weight),
             "--sample-every", "0" if args.quick else str(4 * args.chunk),
             "--val-fraction", "0.1", "--work-dir", str(work / "train"),
             "--device", "cpu", "--overwrite", *(["--resume"] if done else []),
@@ -221,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "slides": args.slides,
             "background_tiles": args.background_tiles,
             "layers": args.layers,
+            "mask_loss_weight": args.mask_loss_weight,
             "lr": args.lr,
             "batch_size": args.batch_size,
             "chunk": args.chunk,

@@ -243,6 +243,12 @@ def lora(ctx: click.Context, base: str, name: str, **opts: Any) -> None:
 @_fraction_option(
     "--mask-dropout", 0.1, "Mask dropout to the null mask (its own guidance scale)."
 )
+@value_option(
+    "--mask-loss-weight",
+    type=FiniteFloat(1, 100),
+    default=1.0,
+    help="Loss weight of the latent cells a vessel touches (1 elsewhere; 1 = plain).",
+)
 @path_option(
     "--library",
     help="ControlNet library (default $HISTOSYNTH_CONTROLNETS or "

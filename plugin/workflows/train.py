@@ -86,13 +86,15 @@ class ControlNetSettings:
     """A vessel-mask ControlNet to train: ``base`` engine (preset or folder), its ``name``
     in the ControlNet ``library`` (``None``: ``$HISTOSYNTH_CONTROLNETS`` or
     ``~/.local/share/histosynth/controlnets``), ``layers`` (base blocks copied) and
-    ``mask_dropout`` (probability of the null mask); ``overwrite`` replaces one of the
-    same name."""
+    ``mask_dropout`` (probability of the null mask), ``mask_loss_weight`` (the training
+    loss's weight of the latent cells a vessel touches, 1 elsewhere); ``overwrite``
+    replaces one of the same name."""
 
     base: str
     name: str
     layers: int = 2
     mask_dropout: float = 0.1
+    mask_loss_weight: float = 1.0
     library: Path | None = None
     overwrite: bool = False
 
@@ -251,6 +253,7 @@ def train_controlnet_model(
         work_dir=work_dir,
         layers=settings.layers,
         mask_dropout=settings.mask_dropout,
+        mask_loss_weight=settings.mask_loss_weight,
         training_data_checksum=checksum,
         overwrite=settings.overwrite,
         resume=run.resume,

@@ -92,6 +92,7 @@ def train_controlnet(
     work_dir: str | Path,
     layers: int = 2,
     mask_dropout: float = 0.1,
+    mask_loss_weight: float = 1.0,
     training_data_checksum: str = "",
     overwrite: bool = False,
     resume: bool = False,
@@ -99,7 +100,9 @@ def train_controlnet(
     progress: Callable[..., Any] | None = None,
 ) -> tuple[ControlNetInfo | None, TrainResult]:
     """Train ControlNet ``name`` (``layers`` blocks) on ``engine``'s frozen transformer and
-    save it to ``folder``. Returns ``(info, result)``; ``info`` is ``None`` on processes
+    save it to ``folder``; ``mask_loss_weight`` weighs the latent cells a vessel touches
+    in the training loss (:func:`~histosynth.synthesis.training.losses.diffusion_loss`).
+    Returns ``(info, result)``; ``info`` is ``None`` on processes
     other than the main one (they write nothing).
 
     Raises:
@@ -120,6 +123,8 @@ def train_controlnet(
         )
     if not 0 <= float(mask_dropout) < 1:
         raise EngineError(f"expected a mask dropout in [0, 1), got {mask_dropout}")
+    if not 1 <= float(mask_loss_weight) <= 100:
+        raise EngineError(f"expected a mask loss weight in [1, 100], got {mask_loss_weight}")
     base = engine.transformer
     check_cache_fits(data, base, training_data_checksum)
     down = int(engine.codec.downsample)
@@ -145,6 +150,8 @@ def train_controlnet(
         "mask_dropout": float(mask_dropout),
         "resolution": resolution,
     }
+    if float(mask_loss_weight) != 1.0:  # runs from before the option resume as they were
+        fingerprint["mask_loss_weight"] = float(mask_loss_weight)
     result = run_engine_training(
         engine,
         model,
@@ -158,6 +165,7 @@ def train_controlnet(
         on_checkpoint=on_checkpoint,
         progress=progress,
         mask_dropout=float(mask_dropout),
+        mask_loss_weight=float(mask_loss_weight),
     )
     if not result.main_process:
         return None, result
@@ -185,6 +193,7 @@ def train_controlnet(
         training={
             **config.to_dict(),
             "mask_dropout": float(mask_dropout),
+            "mask_loss_weight": float(mask_loss_weight),
             "steps_run": result.steps,
             "seconds": round(result.seconds, 1),
             "images_per_second": round(result.images_per_second, 3),

@@ -191,6 +191,7 @@ class _Run:
     unwrapped: Any = None
     null_rows: torch.Tensor | None = None
     mask_dropout: float | None = None
+    mask_loss_weight: float = 1.0
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -403,6 +404,7 @@ def _train_step(
                 noise_scheduler,
                 snr_gamma=config.snr_gamma,
                 null_rows=run.null_rows,
+                mask_loss_weight=run.mask_loss_weight,
             )
             loss = losses.mean()
             accelerator.backward(loss)
@@ -464,6 +466,7 @@ def run_training(
     on_checkpoint: Callable[[nn.Module, int], None] | None = None,
     progress: Callable[..., Any] | None = None,
     mask_dropout: float | None = None,
+    mask_loss_weight: float = 1.0,
 ) -> TrainResult:
     """Train the parameters of ``model`` that require gradients; return what was measured.
 
@@ -483,6 +486,8 @@ def run_training(
         mask_dropout: a ControlNet's training (``model`` takes ``controlnet_cond``): the
             samples' masks go in, each dropped to the null mask with this probability;
             validation uses every mask.
+        mask_loss_weight: with ``mask_dropout``, the training loss's weight of the latent
+            cells a vessel touches (1 elsewhere; validation stays unweighted).
     """
 
     work_dir = Path(work_dir)
@@ -500,6 +505,7 @@ def run_training(
         fingerprint=fingerprint,
     )
     run.mask_dropout = mask_dropout
+    run.mask_loss_weight = float(mask_loss_weight)
     accelerator, total = run.accelerator, run.total
     work_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, float] = {}
@@ -552,6 +558,7 @@ def run_engine_training(
     on_checkpoint: Callable[[Any, int], None] | None,
     progress: Callable[..., Any] | None,
     mask_dropout: float | None = None,
+    mask_loss_weight: float = 1.0,
 ) -> TrainResult:
     """:func:`run_training` of ``model`` with ``engine``'s DDPM schedule on its device;
     ``model`` is left in eval mode without gradients (LoRA and full fine-tuning alike)."""
@@ -569,6 +576,7 @@ def run_engine_training(
         on_checkpoint=on_checkpoint,
         progress=progress,
         mask_dropout=mask_dropout,
+        mask_loss_weight=mask_loss_weight,
     )
     model.eval().requires_grad_(False)
     return result

@@ -4,7 +4,10 @@ For each sample a posterior draw ``z₀``, noise ``ε``, a timestep ``t`` and �
 probability ``uncond_prob`` — the learned null condition instead of its UNI rows, all from
 one ``torch.Generator`` (:func:`draw_sample`); the loss is the MSE between ε and the
 first ``C`` of the model's ``2C`` output channels (PixArt's learned-σ split), weighted by
-Min-SNR-γ (``min(SNR, γ) / SNR``, diffusers' ``compute_snr``).
+Min-SNR-γ (``min(SNR, γ) / SNR``, diffusers' ``compute_snr``). A ControlNet's training may
+weigh the latent cells its vessel mask touches ``mask_loss_weight`` times the others (the
+mean over cells normalised by the mean weight, so a tile without a vessel keeps its plain
+loss): the vessel is a small share of a tile, and what the mask should teach.
 
 Validation: the held-out samples, each at one timestep drawn inside each of 4 equal bins
 of the training timestep range, with noise fixed by the seed; plain (unweighted) MSE,
@@ -22,7 +25,13 @@ from torch import nn
 
 from histosynth.synthesis.training.data import EncodedSamples, collate, sample_generator
 
-__all__ = ["VALIDATION_BINS", "diffusion_loss", "draw_sample", "validation_losses"]
+__all__ = [
+    "VALIDATION_BINS",
+    "diffusion_loss",
+    "draw_sample",
+    "validation_losses",
+    "vessel_cell_weights",
+]
 
 VALIDATION_BINS = 4
 """Timestep bins of the validation loss."""
@@ -69,12 +78,15 @@ def diffusion_loss(
     *,
     snr_gamma: float | None,
     null_rows: torch.Tensor,
+    mask_loss_weight: float = 1.0,
 ) -> torch.Tensor:
     """Per-sample losses [B] of a collated batch (``latents, rows, noise, timestep, drop``;
     for a ControlNet also ``mask, mask_drop``).
 
     ``null_rows`` [tokens, dim] replaces the rows of dropped samples; a dropped mask
     becomes the null mask (every pixel ``NULL_MASK_VALUE``), passed as ``controlnet_cond``.
+    ``mask_loss_weight``: the weight of the latent cells any vessel pixel of the sample's
+    mask falls in (dropped or not), relative to 1 elsewhere; 1 = plain MSE.
     """
     param = next(p for p in model.parameters())
     device = param.device
@@ -101,13 +113,29 @@ def diffusion_loss(
         **extra,
     )[0]
     eps = out[:, : latents.shape[1]].float()  # learned σ: [ε | variance]
-    losses = ((eps - noise) ** 2).mean(dim=(1, 2, 3))
+    squared = (eps - noise) ** 2
+    if mask_loss_weight != 1.0 and "mask" in batch:
+        mask = batch["mask"].to(device)
+        weights = vessel_cell_weights(mask, latents.shape[-2:], mask_loss_weight)
+        losses = (squared * weights).mean(dim=(1, 2, 3)) / weights.mean(dim=(1, 2, 3))
+    else:
+        losses = squared.mean(dim=(1, 2, 3))
     if snr_gamma is not None:
         from diffusers.training_utils import compute_snr
 
         snr = compute_snr(noise_scheduler, timesteps).float()
         losses = losses * torch.clamp(snr, max=snr_gamma) / snr
     return losses
+
+
+def vessel_cell_weights(
+    mask: torch.Tensor, grid: Sequence[int], weight: float
+) -> torch.Tensor:
+    """Loss weights [B, 1, h, w] on the latent ``grid`` (h, w): ``weight`` in each cell
+    that any vessel pixel of ``mask`` [B, 1, H, W] (0/1, H = h × the VAE's px per cell)
+    falls in, 1 elsewhere."""
+    touched = nn.functional.adaptive_max_pool2d(mask.float(), tuple(int(g) for g in grid))
+    return 1.0 + (float(weight) - 1.0) * (touched > 0).float()
 
 
 def _bins(timestep_range: tuple[int, int]) -> list[tuple[int, int]]:

@@ -76,7 +76,7 @@ def test_controlnet_trains_into_its_library_with_metadata_and_samples(cache, tmp
     result = invoke(
         "train", "controlnet", "--cache", cache, "--base", "tiny", "--name", "cn",
         "--work-dir", work, "--steps", 20, "--checkpoint-every", 10, *FAST,
-        "--sample-every", 20, "--mask-dropout", 0.2,
+        "--sample-every", 20, "--mask-dropout", 0.2, "--mask-loss-weight", 3,
         env={"HISTOSYNTH_CONTROLNETS": str(library)},
     )
     assert result.exit_code == 0, result.output
@@ -85,6 +85,7 @@ def test_controlnet_trains_into_its_library_with_metadata_and_samples(cache, tmp
     assert info.name == "cn" and info.layers == 1 and info.resolution == TILE
     assert info.training_data_checksum == read_cache_info(cache).content_hash
     assert info.training["mask_dropout"] == 0.2 and info.training["steps_run"] == 20
+    assert info.training["mask_loss_weight"] == 3.0
     assert {"val_loss", "val_loss_initial", "val_loss_null_mask"} <= set(info.metrics)
     engine = tiny_engine(TILE, device="cpu")
     controlnet, loaded = load_controlnet(info.folder, engine.transformer)

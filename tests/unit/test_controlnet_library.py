@@ -36,7 +36,12 @@ from histosynth.synthesis.models.controlnet import PixCellControlNet
 from histosynth.synthesis.pipelines.control import ControlledTransformer
 from histosynth.synthesis.training import TrainConfig, split_indices, train_controlnet
 from histosynth.synthesis.training.data import sample_generator
-from histosynth.synthesis.training.losses import draw_sample, validation_losses
+from histosynth.synthesis.training.losses import (
+    diffusion_loss,
+    draw_sample,
+    validation_losses,
+    vessel_cell_weights,
+)
 
 TILE = 64
 
@@ -191,3 +196,53 @@ def test_controlled_transformer_without_a_mask_is_the_base(engine):
     assert torch.equal(pair(x, rows, t, return_dict=False)[0], base)
     mask = torch.zeros(2, 1, TILE, TILE)
     assert not torch.allclose(pair(x, rows, t, controlnet_cond=mask)[0], base)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    weight=st.floats(1.0, 20.0),
+    box=st.tuples(st.integers(0, TILE - 1), st.integers(0, TILE - 1),
+                  st.integers(1, TILE), st.integers(1, TILE)),
+)
+def test_vessel_cell_weights_mark_every_cell_a_vessel_pixel_falls_in(weight, box):
+    y, x, h, w = box
+    mask = torch.zeros(1, 1, TILE, TILE)
+    mask[..., y:y + h, x:x + w] = 1.0
+    cells = vessel_cell_weights(mask, (8, 8), weight)[0, 0]
+    down = TILE // 8
+    for i in range(8):
+        for j in range(8):
+            touched = bool(mask[0, 0, i * down:(i + 1) * down, j * down:(j + 1) * down].any())
+            assert float(cells[i, j]) == pytest.approx(weight if touched else 1.0)
+
+
+def test_mask_loss_weight_weighs_the_vessel_cells_and_leaves_empty_tiles_alone(engine):
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 16, 8, 8, generator=g)
+    mask = torch.zeros(2, 1, TILE, TILE)
+    mask[0, :, 8:24, 16:40] = 1.0  # sample 1 has no vessel
+    batch = {"latents": latents, "noise": noise, "timestep": torch.tensor([100, 400]),
+             "rows": engine.transformer.null_condition(2), "drop": torch.tensor([False, False]),
+             "mask": mask, "mask_drop": torch.tensor([False, True])}
+    controlnet = fresh(engine)
+    for p in controlnet.controlnet_blocks.parameters():
+        p.data.normal_(std=0.05)
+    model = ControlledTransformer(engine.transformer, controlnet).eval()
+    scheduler, null = engine.make_scheduler("ddpm"), engine.transformer.null_condition(1)[0]
+    with torch.no_grad():
+        plain = diffusion_loss(model, batch, scheduler, snr_gamma=None, null_rows=null)
+        weighted = diffusion_loss(model, batch, scheduler, snr_gamma=None, null_rows=null,
+                                  mask_loss_weight=5.0)
+        out = model(scheduler.add_noise(latents, noise, batch["timestep"]),
+                    encoder_hidden_states=batch["rows"], timestep=batch["timestep"],
+                    controlnet_cond=torch.where(batch["mask_drop"][:, None, None, None],
+                                                -1.0, mask),
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                    return_dict=False)[0][:, :16]
+    squared = (out - noise) ** 2
+    cells = torch.ones(8, 8)
+    cells[1:3, 2:5] = 5.0  # the vessel's rows 8–23 and columns 16–39 at 8 px per cell
+    expected = (squared[0] * cells).mean() / cells.mean()
+    assert float(weighted[0]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(weighted[0]) != pytest.approx(float(plain[0]), rel=1e-3)
+    assert float(weighted[1]) == pytest.approx(float(plain[1]), rel=1e-6)

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from histosynth.common.files import file_sha256
+from histosynth.synthesis.defaults import SEAM_MODES
 from histosynth.synthesis.errors import EngineError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -458,6 +459,11 @@ def check_engine_meta(meta: Mapping[str, Any], path: PathLike) -> None:
     for key in ("preset", "title", "model_id", "sampler"):
         if meta.get(key) is not None and not isinstance(meta[key], str):
             raise EngineError(f"{key} = {_show(meta[key])}: expected a string", path=path)
+    if meta.get("harmonise") is not None and meta["harmonise"] not in SEAM_MODES:
+        raise EngineError(
+            f"harmonise = {_show(meta['harmonise'])}: expected one of {', '.join(SEAM_MODES)}",
+            path=path,
+        )
     manifest = meta.get(WEIGHT_HASHES_KEY)
     if manifest is None:
         return

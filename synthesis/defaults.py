@@ -10,6 +10,7 @@ __all__ = [
     "COLOUR_BLEND",
     "INPAINT_GUIDANCE",
     "INPAINT_STEPS",
+    "SEAM_MODES",
     "SEAM_SIGMA",
     "STRENGTH",
     "VARIATION_GUIDANCE",
@@ -30,3 +31,5 @@ STRENGTH = 0.55
 SEAM_SIGMA = 15.0
 #: λ of the Reinhard colour transfer of a donor into its background (0 = none, 1 = full)
 COLOUR_BLEND = 0.85
+#: how an inpainted seam is regenerated: the diffusion model, multiband blending, or not
+SEAM_MODES = ("diffusion", "multiband", "none")

@@ -6,6 +6,12 @@ They live in the engine folder's ``histosynth_engine.json`` (``inpaint_steps``,
 ``strength``), chosen by that engine's own bench; a folder that names none takes
 :mod:`histosynth.synthesis.defaults` (the dissertation's values, tuned for PixCell).
 Read without loading a weight, so a command knows them before any work.
+
+``harmonise`` names the seam mode ``--harmonise auto`` picks for this engine, as its model
+card's evidence found best (``diffusion``, ``multiband`` or ``none``: the downstream study
+and the seam bench, ``docs/evidence.md``). It is a measurement of these weights, so an
+engine trained from this one does not inherit it (:meth:`SamplingDefaults.to_meta` leaves
+it out); a folder that names none gets ``diffusion`` when trained.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class SamplingDefaults:
     inpaint_guidance: float = defaults.INPAINT_GUIDANCE
     variation_steps: int = defaults.VARIATION_STEPS
     variation_guidance: float = defaults.VARIATION_GUIDANCE
+    harmonise: str | None = None
 
     def steps(self, mode: str) -> int:
         """Steps of ``mode`` (``"inpaint"`` or ``"shape"``, or ``"variation"`` for any tile
@@ -57,10 +64,12 @@ class SamplingDefaults:
         :func:`~histosynth.synthesis.config_limits.check_engine_meta`); the rest
         :mod:`~histosynth.synthesis.defaults`."""
         given = {key: meta[key] for key in META_KEYS if meta.get(key) is not None}
-        return cls(**given)
+        harmonise = meta.get("harmonise")
+        return cls(**given, harmonise=harmonise if isinstance(harmonise, str) else None)
 
     def to_meta(self) -> dict[str, Any]:
-        """The ``histosynth_engine.json`` keys of these defaults."""
+        """The ``histosynth_engine.json`` keys of these defaults an engine trained from this
+        one starts with (not ``harmonise``: its evidence is of these weights)."""
         return {key: getattr(self, key) for key in META_KEYS}
 
 

@@ -25,7 +25,7 @@ from histosynth.synthesis.inpaint.seam import as_mask2d, seam_blend, seam_weight
 
 __all__ = ["HARMONISERS", "harmonise_multiband", "multiband_blend", "pyramid_levels"]
 
-HARMONISERS = ("diffusion", "multiband", "none")
+HARMONISERS = defaults.SEAM_MODES
 """How the seam is regenerated: the diffusion model, multiband blending, or not at all."""
 
 

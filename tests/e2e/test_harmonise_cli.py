@@ -102,3 +102,34 @@ def test_the_demo_harmonises_without_the_untrained_engine_and_says_so(tmp_path):
     assert "UNTRAINED: seams are harmonised by multiband blending" in result.output
     assert "these tiles show the workflow" not in result.output
     assert [row["harmonise"] for row in read_index(tmp_path / "run")] == ["multiband"]
+
+
+def test_auto_follows_the_seam_mode_the_engine_records(demo_project, tmp_path):
+    """``--harmonise auto`` takes the engine's recorded ``harmonise`` (its evidence), not
+    the trained engine's diffusion; naming a mode still wins."""
+    import json
+
+    from histosynth.synthesis.engine import ENGINE_FILE, save_engine, tiny_engine
+
+    folder = save_engine(tiny_engine(256, device="cpu"), tmp_path / "engine")
+    meta = json.loads((folder / ENGINE_FILE).read_text())
+    assert "harmonise" not in meta
+    (folder / ENGINE_FILE).write_text(json.dumps({**meta, "trained": True, "harmonise": "none"}))
+    runs = {}
+    for mode in ("auto", "multiband"):
+        out = tmp_path / mode
+        result = CliRunner().invoke(
+            main,
+            ["synthesize", "--project", str(demo_project), "--class", "Vessel", "--count", "1",
+             "--model", str(folder), "--tile-size", "256", "--harmonise", mode, "--out",
+             str(out)],
+            catch_exceptions=False,
+        )
+        assert result.exit_code == 0, result.output
+        [row] = read_index(out)
+        runs[mode] = (row, _png(out / row["image_path"]),
+                      _png(out / "refs" / f"{row['id']}-composite.png"))
+    row, image, composite = runs["auto"]
+    assert row["harmonise"] == "none" and np.array_equal(image, composite)
+    row, image, composite = runs["multiband"]
+    assert row["harmonise"] == "multiband" and not np.array_equal(image, composite)

@@ -230,3 +230,33 @@ def test_the_embedded_default_engine_regenerates_at_its_own_strength() -> None:
     meta = json.loads((Path(engine.sources["transformer"].split(" ", 1)[1]).parent
                        / "histosynth_engine.json").read_text())
     assert engine.strength == meta["strength"] == 0.35
+
+
+def test_an_engine_records_the_seam_mode_auto_picks_and_a_save_does_not_inherit_it(
+    tmp_path: Path,
+) -> None:
+    from histosynth.synthesis.engine import ENGINE_FILE, save_engine, tiny_engine
+    from histosynth.synthesis.weights import model_facts
+    from histosynth.workflows.synthesize.run_checks import resolved_harmonise
+
+    folder = save_engine(tiny_engine(64, device="cpu"), tmp_path / "engine")
+    meta_file = folder / ENGINE_FILE
+    meta = json.loads(meta_file.read_text())
+    assert model_facts(folder).sampling.harmonise is None
+    meta_file.write_text(json.dumps({**meta, "harmonise": "multiband"}))
+    assert model_facts(folder).sampling.harmonise == "multiband"
+    engine = load_engine(folder, device="cpu")
+    assert engine.sampling.harmonise == "multiband"
+    saved = save_engine(engine, tmp_path / "again")
+    assert "harmonise" not in json.loads((saved / ENGINE_FILE).read_text())
+    for bad in ("auto", "poisson", 3):
+        meta_file.write_text(json.dumps({**meta, "harmonise": bad}))
+        with pytest.raises(EngineError, match="harmonise") as caught:
+            model_facts(folder)
+        assert str(meta_file) in str(caught.value)
+    # auto: a steered run (a ControlNet) diffuses; else the record; else by training
+    assert resolved_harmonise("auto", True, "multiband") == "multiband"
+    assert resolved_harmonise("auto", True, "multiband", steered=True) == "diffusion"
+    assert resolved_harmonise("auto", True) == "diffusion"
+    assert resolved_harmonise("auto", False) == "multiband"
+    assert resolved_harmonise("none", True, "multiband", steered=True) == "none"

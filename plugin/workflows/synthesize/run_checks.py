@@ -38,6 +38,7 @@ __all__ = [
     "check_content",
     "check_engine_serves",
     "resolved_harmonise",
+    "steered",
 ]
 
 #: real tiles the content check is calibrated on (backgrounds, then donors' surroundings)
@@ -46,11 +47,27 @@ CALIBRATION_TILES = 16
 WEAK_GAMUT = 0.3
 
 
-def resolved_harmonise(harmonise: str, trained: bool) -> str:
-    """``auto`` → diffusion with a trained engine, multiband with an UNTRAINED one."""
+def resolved_harmonise(
+    harmonise: str, trained: bool, recorded: str | None = None, *, steered: bool = False
+) -> str:
+    """``auto`` → diffusion when a ControlNet steers the run (``steered``: one named, or
+    ``--whole-tile``), else the seam mode the engine's metadata records as best by its
+    evidence (``recorded``, its ``harmonise``), else diffusion with a trained engine,
+    multiband with an UNTRAINED one."""
     if harmonise != "auto":
         return harmonise
+    if steered:
+        return "diffusion"
+    if recorded is not None:
+        return recorded
     return "diffusion" if trained else "multiband"
+
+
+def steered(settings: SynthesisSettings) -> bool:
+    """Whether a ControlNet is asked for by name (or ``--whole-tile``, which needs one)."""
+    from histosynth.workflows.synthesize.settings import NO_CONTROLNET
+
+    return settings.whole_tile or settings.controlnet not in (None, NO_CONTROLNET)
 
 
 def check_engine_serves(
@@ -74,13 +91,18 @@ def check_engine_serves(
 
     if hasattr(model, "abilities"):  # a loaded engine
         engine, abilities, trained = model.preset, model.abilities, model.trained
+        recorded = model.sampling.harmonise
     else:
         from histosynth.synthesis.weights import model_facts
 
         facts = model_facts(model)
         engine, abilities, trained = facts.name, facts.abilities, facts.trained
+        recorded = facts.sampling.harmonise
     inpaint = settings.places_donors
-    diffusion = inpaint and resolved_harmonise(settings.harmonise, trained) == "diffusion"
+    harmonise = resolved_harmonise(
+        settings.harmonise, trained, recorded, steered=steered(settings)
+    )
+    diffusion = inpaint and harmonise == "diffusion"
     # the tile size always; τ only where the engine regenerates seams
     asks = [("inpaint", settings.strength if diffusion else None)]
     if diffusion and settings.inside_strength is not None:

@@ -23,7 +23,7 @@ from histosynth.integration.tiles import (
     collect_donors,
     open_sources,
 )
-from histosynth.workflows.synthesize.run_checks import resolved_harmonise
+from histosynth.workflows.synthesize.run_checks import resolved_harmonise, steered
 from histosynth.workflows.synthesize.tile_plan import load_adapter_for
 from histosynth.workflows.tile_runs import annotated_slides
 
@@ -52,6 +52,7 @@ __all__ = [
     "record_collection_skips",
     "requested_controlnet",
     "resolved_settings",
+    "run_harmonise",
     "slide_sources",
     "write_run_info",
 ]
@@ -124,7 +125,7 @@ def resolved_settings(
     own = engine.sampling  # the engine's steps and guidance where the settings name none
     # a whole tile is a tile from noise: the engine's steps and guidance for those
     sampled = "variation" if settings.whole_tile else settings.mode
-    harmonise = resolved_harmonise(settings.harmonise, engine.trained)
+    harmonise = run_harmonise(settings, engine)
     run = replace(
         settings,
         harmonise="diffusion" if settings.whole_tile else harmonise,
@@ -150,6 +151,14 @@ def resolved_settings(
             "are not histology; use it to try the workflow, not for training data"
         )
     return run
+
+
+def run_harmonise(settings: SynthesisSettings, engine: Engine) -> str:
+    """The seam mode of the run: ``settings.harmonise`` with ``auto`` resolved for
+    ``engine`` (:func:`~histosynth.workflows.synthesize.run_checks.resolved_harmonise`)."""
+    return resolved_harmonise(
+        settings.harmonise, engine.trained, engine.sampling.harmonise, steered=steered(settings)
+    )
 
 
 def _inside_strength(
@@ -239,9 +248,7 @@ def load_run_controlnet(
 
     if settings.mode != "shape":
         return None
-    diffused = settings.whole_tile or (
-        resolved_harmonise(settings.harmonise, engine.trained) == "diffusion"
-    )
+    diffused = settings.whole_tile or run_harmonise(settings, engine) == "diffusion"
     if folder is None and settings.controlnet is None and diffused:
         folder = engine_controlnet_folder(engine_folder(engine))
         if folder is not None:
@@ -258,7 +265,7 @@ def load_run_controlnet(
     if not diffused:
         raise InputError(
             f"--controlnet steers the engine's regeneration: not with --harmonise "
-            f"{resolved_harmonise(settings.harmonise, engine.trained)} (use --harmonise "
+            f"{run_harmonise(settings, engine)} (use --harmonise "
             "diffusion" + ("" if engine.trained else ", with --allow-untrained for an "
                            "UNTRAINED engine") + ")"
         )

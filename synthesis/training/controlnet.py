@@ -121,10 +121,7 @@ def train_controlnet(
             f"a ControlNet named {name!r} already exists; pass --overwrite to replace it",
             path=folder,
         )
-    if not 0 <= float(mask_dropout) < 1:
-        raise EngineError(f"expected a mask dropout in [0, 1), got {mask_dropout}")
-    if not 1 <= float(mask_loss_weight) <= 100:
-        raise EngineError(f"expected a mask loss weight in [1, 100], got {mask_loss_weight}")
+    _check_mask_settings(mask_dropout, mask_loss_weight)
     base = engine.transformer
     check_cache_fits(data, base, training_data_checksum)
     down = int(engine.codec.downsample)
@@ -204,6 +201,13 @@ def train_controlnet(
     )
     saved = save_controlnet(controlnet, folder, info, overwrite=overwrite)
     return dataclasses.replace(saved), result
+
+
+def _check_mask_settings(mask_dropout: float, mask_loss_weight: float) -> None:
+    if not 0 <= float(mask_dropout) < 1:
+        raise EngineError(f"expected a mask dropout in [0, 1), got {mask_dropout}")
+    if not 1 <= float(mask_loss_weight) <= 100:
+        raise EngineError(f"expected a mask loss weight in [1, 100], got {mask_loss_weight}")
 
 
 def _encoder_widths(downsample: int, heads: int) -> tuple[int, ...]:

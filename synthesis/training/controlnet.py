@@ -101,8 +101,7 @@ def train_controlnet(
 ) -> tuple[ControlNetInfo | None, TrainResult]:
     """Train ControlNet ``name`` (``layers`` blocks) on ``engine``'s frozen transformer and
     save it to ``folder``; ``mask_loss_weight`` weighs the latent cells a vessel touches
-    in the training loss (:func:`~histosynth.synthesis.training.losses.diffusion_loss`).
-    Returns ``(info, result)``; ``info`` is ``None`` on processes
+    in the loss (``diffusion_loss``). Returns ``(info, result)``; ``info`` is ``None`` on processes
     other than the main one (they write nothing).
 
     Raises:

@@ -27,6 +27,13 @@ invents only detail finer than 4 px).
 
     python scripts/bench_seam.py [--models tiny default] [--steps 20] [--strength own 0.55]
                                  [--guidance 1 2.5] [--out seam.json]
+
+With ``--real-seams`` it runs the seam bench with real seams instead (scripts/
+bench_seam_real.py: donors from other slides pasted into real backgrounds by
+``histosynth synthesize`` in each ``--harmonise`` mode, no ground truth, scored by seam
+visibility and KID of seam crops against real crops; its own options):
+
+    python scripts/bench_seam.py --real-seams --world DIR [--samples 60] [--write-docs]
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 import time
 from collections.abc import Callable
 
@@ -285,7 +293,23 @@ def autoencoder_round_trip(spec: str) -> Callable | None:
     return run
 
 
+def real_seams(argv: list[str]) -> dict:
+    """``--real-seams``: scripts/bench_seam_real.py's bench with ``argv`` (loaded by path)."""
+    import importlib.util
+    from pathlib import Path
+
+    name = "bench_seam_real"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, Path(__file__).with_name("bench_seam_real.py"))
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name].main(argv)
+
+
 def main(argv: list[str] | None = None) -> dict:
+    if "--real-seams" in (given := sys.argv[1:] if argv is None else argv):
+        return real_seams([a for a in given if a != "--real-seams"])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--models",

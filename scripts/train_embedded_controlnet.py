@@ -87,6 +87,15 @@ def halve(folder: Path) -> None:
     (folder / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def _paired_cells(row: dict[str, Any]) -> str:
+    pair = row.get("vs_base")
+    if not pair:
+        return " | "
+    low, high = pair["ci95"]
+    return (f"{pair['mean']:+.3f} [{low:+.3f}, {high:+.3f}] | "
+            f"{pair['wins']} / {pair['losses']} / {pair['ties']}")
+
+
 def model_card(report: dict[str, Any]) -> str:
     """MODEL_CARD.md from the training report (and its adherence section, when measured)."""
     meta, p = report["metadata"], report["params"]
@@ -129,14 +138,17 @@ def model_card(report: dict[str, Any]) -> str:
     ]
     if adherence:
         lines += [
-            f"Measured by `{adherence['command']}`: Dice of a vessel segmenter's mask against "
+            f"Measured by `{adherence['command']}`: IoU of a vessel segmenter's mask against "
             "the target outline (the shape issue's metric), on "
-            f"{adherence['tiles']} tiles of {adherence['outlines']} held-out outlines "
-            "(demo slides of seeds 200+):",
+            f"{adherence['tiles']} tiles: {adherence['outlines']} held-out outlines (demo "
+            f"slides of seeds 200+) × {adherence.get('seeds', 1)} seed(s). Paired: the "
+            "ControlNet tile minus the base tile of the same outline, donor, seed and τ "
+            "(bootstrap 95 % interval):",
             "",
-            "| generation | mask adherence |",
-            "|---|---|",
-            *[f"| {row['name']} | {row['adherence']:.3f} |" for row in adherence["rows"]],
+            "| generation | mask adherence | paired Δ vs base [95 % CI] | wins / losses / ties |",
+            "|---|---|---|---|",
+            *[f"| {row['name']} | {row['adherence']:.3f} | {_paired_cells(row)} |"
+              for row in adherence["rows"]],
         ]
     else:
         lines.append("Not measured yet: run `scripts/controlnet_adherence.py --card OUT`.")

@@ -26,15 +26,13 @@ import dataclasses
 import inspect
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from histosynth.common.files import file_sha256, replace_durably
+from histosynth.common.files import file_sha256, folder_written_in_place
 from histosynth.common.version import histosynth_version
-from histosynth.synthesis.adapters.folder import ADAPTER_NAME, SHA256_HEX, now_utc
+from histosynth.synthesis.adapters.folder import ADAPTER_NAME, check_shared_meta, now_utc
 from histosynth.synthesis.config_limits import (
     JSONFileError,
     check_transformer_config,
@@ -148,26 +146,11 @@ class ControlNetInfo:
         def bad(key: str, expected: str) -> EngineError:
             return EngineError(f"expected {expected}, found {data[key]!r}", path=path, item=key)
 
-        if not isinstance(values["name"], str) or not ADAPTER_NAME.fullmatch(values["name"]):
-            raise bad("name", "a name of letters, digits, '_' and '-'")
-        for key in ("base_hash", "weights_sha256"):
-            if not isinstance(values[key], str) or not SHA256_HEX.fullmatch(values[key]):
-                raise bad(key, "64 lower-case hex digits (sha256)")
+        check_shared_meta(values, bad)
         for key, top in (("resolution", 16384), ("layers", 256)):
             value = values[key]
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
                 raise bad(key, f"an integer in 1..{top}")
-        for key in ("base_id", "created", "training_data_checksum", "histosynth_version"):
-            if key in values and not isinstance(values[key], str):
-                raise bad(key, "a string")
-        metrics = values.get("metrics", {})
-        if not isinstance(metrics, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
-            for k, v in metrics.items()
-        ):
-            raise bad("metrics", "an object of numbers")
-        if not isinstance(values.get("training", {}), Mapping):
-            raise bad("training", "an object")
         _check_generation(values.get("generation", {}), bad)
         return cls(**values)
 
@@ -280,10 +263,7 @@ def save_controlnet(
     validate_controlnet_name(info.name)
     if folder.exists() and not overwrite:
         raise EngineError("already exists; pass --overwrite to replace it", path=folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with folder_written_in_place(folder) as tmp:
         state = {k: v.detach().to("cpu").contiguous() for k, v in controlnet.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         config = {k: v for k, v in dict(controlnet.config).items() if not k.startswith("_")}
@@ -299,16 +279,6 @@ def save_controlnet(
             folder=None,
         )
         (tmp / METADATA_FILE).write_text(json.dumps(info.to_dict(), indent=2) + "\n")
-        if folder.exists():
-            old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(folder, old)
-            replace_durably(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            replace_durably(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     info.folder = folder
     return info
 

@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from histosynth.common.files import replace_durably
+from histosynth.common.files import folder_written_in_place
 from histosynth.synthesis.config_limits import check_scheduler_config, read_json_object
 from histosynth.synthesis.engine_parts import save_encoder
 from histosynth.synthesis.errors import EngineError
@@ -128,17 +125,6 @@ def model_index(
     return index
 
 
-@contextmanager
-def _temporary_sibling(folder: Path) -> Iterator[Path]:
-    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def write_engine_folder(
     folder: str | os.PathLike,
     parts: Mapping[str, torch.nn.Module | None],
@@ -164,7 +150,7 @@ def write_engine_folder(
             path=folder,
         )
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with _temporary_sibling(folder) as tmp:
+    with folder_written_in_place(folder) as tmp:  # an empty folder there is replaced
         for name in ("transformer", "generator", "vae"):
             model = parts.get(name)
             if model is not None:
@@ -176,7 +162,4 @@ def write_engine_folder(
         (tmp / ENGINE_FILE).write_text(json.dumps(meta, indent=2) + "\n", "utf-8")
         index = model_index(parts, scheduler_config)
         (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n", "utf-8")
-        if folder.exists():
-            folder.rmdir()  # empty, checked above
-        replace_durably(tmp, folder)
     return folder

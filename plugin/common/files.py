@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_with",
     "file_sha256",
+    "folder_written_in_place",
     "fsync_dir",
     "replace_durably",
     "temporary_path",
@@ -55,6 +58,29 @@ def replace_durably(source: str | os.PathLike, target: str | os.PathLike) -> Non
     """``os.replace(source, target)``, then fsync the target's folder."""
     os.replace(source, target)
     fsync_dir(Path(target).parent)
+
+
+@contextlib.contextmanager
+def folder_written_in_place(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new empty folder beside ``folder`` (``.<name>.tmp-XXXXXXXX``) to write into;
+    when the block ends without an error it replaces ``folder`` (an existing one is moved
+    aside first, then removed), else it is removed and ``folder`` is left as it was."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if folder.exists():
+            old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(folder, old)
+            replace_durably(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            replace_durably(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def temporary_path(path: str | os.PathLike, suffix: str = ".tmp") -> Path:

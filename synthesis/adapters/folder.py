@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +34,7 @@ __all__ = [
     "VAE_DOWNSCALE",
     "WEIGHTS_FILE",
     "AdapterInfo",
+    "check_shared_meta",
     "adapter_library",
     "lora_config",
     "lora_config_json",
@@ -155,11 +156,7 @@ class AdapterInfo:
         def bad(key: str, expected: str) -> EngineError:
             return EngineError(f"expected {expected}, found {data[key]!r}", path=path, item=key)
 
-        if not isinstance(values["name"], str) or not ADAPTER_NAME.fullmatch(values["name"]):
-            raise bad("name", "a name of letters, digits, '_' and '-'")
-        for key in ("base_hash", "weights_sha256"):  # the weights are checked against it
-            if not isinstance(values[key], str) or not SHA256_HEX.fullmatch(values[key]):
-                raise bad(key, "64 lower-case hex digits (sha256)")
+        check_shared_meta(values, bad, strings=("domain",))
         for key in ("resolution", "rank"):
             value = values[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -170,31 +167,42 @@ class AdapterInfo:
         targets = values["target_modules"]
         if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
             raise bad("target_modules", "a list of module names")
-        for key in (
-            "domain",
-            "base_id",
-            "created",
-            "training_data_checksum",
-            "histosynth_version",
-            "weights_sha256",
-        ):
-            if key in values and not isinstance(values[key], str):
-                raise bad(key, "a string")
-        if values.get("created"):
-            try:
-                datetime.fromisoformat(values["created"])
-            except ValueError:
-                raise bad("created", "an ISO 8601 time") from None
-        metrics = values.get("metrics", {})
-        if not isinstance(metrics, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
-            for k, v in metrics.items()
-        ):
-            raise bad("metrics", "an object of numbers")
-        if not isinstance(values.get("training", {}), Mapping):
-            raise bad("training", "an object")
         check_adapter_meta(values, path or "")  # rank, alpha, resolution within LIMITS
         return cls(**values)
+
+
+def check_shared_meta(
+    values: Mapping[str, Any],
+    bad: Callable[[str, str], EngineError],
+    *,
+    strings: Sequence[str] = (),
+) -> None:
+    """The keys an adapter's and a ControlNet's metadata share: ``name`` (letters, digits,
+    ``_``, ``-``), ``base_hash`` and ``weights_sha256`` (sha256 hex), ``base_id``,
+    ``created`` (ISO 8601), ``training_data_checksum``, ``histosynth_version`` and
+    ``strings`` as strings, ``metrics`` an object of numbers, ``training`` an object;
+    ``bad(key, expected)`` makes the error raised."""
+    if not isinstance(values["name"], str) or not ADAPTER_NAME.fullmatch(values["name"]):
+        raise bad("name", "a name of letters, digits, '_' and '-'")
+    for key in ("base_hash", "weights_sha256"):  # the weights are checked against it
+        if not isinstance(values[key], str) or not SHA256_HEX.fullmatch(values[key]):
+            raise bad(key, "64 lower-case hex digits (sha256)")
+    for key in (*strings, "base_id", "created", "training_data_checksum", "histosynth_version"):
+        if key in values and not isinstance(values[key], str):
+            raise bad(key, "a string")
+    if values.get("created"):
+        try:
+            datetime.fromisoformat(values["created"])
+        except ValueError:
+            raise bad("created", "an ISO 8601 time") from None
+    metrics = values.get("metrics", {})
+    if not isinstance(metrics, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+        for k, v in metrics.items()
+    ):
+        raise bad("metrics", "an object of numbers")
+    if not isinstance(values.get("training", {}), Mapping):
+        raise bad("training", "an object")
 
 
 def now_utc() -> str:

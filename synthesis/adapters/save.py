@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from histosynth.common.files import replace_durably
+from histosynth.common.files import folder_written_in_place
 from histosynth.common.version import histosynth_version
 from histosynth.synthesis.adapters.base import base_weight_hash, model_resolution
 from histosynth.synthesis.adapters.folder import (
@@ -129,21 +127,8 @@ def save_adapter(
         histosynth_version=info.histosynth_version or histosynth_version(),
         folder=None,
     )
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with folder_written_in_place(folder) as tmp:
         write_adapter_files(tmp, state, config, info)  # sets info.weights_sha256
-        if folder.exists():
-            old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(folder, old)
-            replace_durably(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            replace_durably(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     info.folder = folder
     adapter_registry(model)[name] = dataclasses.replace(info)
     return info

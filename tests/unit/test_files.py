@@ -126,3 +126,21 @@ def test_atomic_writes_go_through_a_symbolic_link(tmp_path):
     atomic_write_bytes(chain, b"x")
     assert chain.is_symlink() and link.is_symlink() and target.read_bytes() == b"x"
     assert not list(target.parent.glob(".*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_folder_written_in_place_replaces_the_old_one_only_when_it_is_whole(tmp_path):
+    from histosynth.common.files import folder_written_in_place
+
+    target = tmp_path / "model"
+    with folder_written_in_place(target) as tmp:
+        (tmp / "weights").write_text("one")
+    assert (target / "weights").read_text() == "one"
+    with pytest.raises(RuntimeError), folder_written_in_place(target) as tmp:
+        (tmp / "weights").write_text("half")
+        raise RuntimeError("killed while writing")
+    assert (target / "weights").read_text() == "one"
+    with folder_written_in_place(target) as tmp:
+        (tmp / "weights").write_text("two")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary or old folder
+    assert sorted(p.name for p in target.iterdir()) == ["weights"]
+    assert (target / "weights").read_text() == "two"

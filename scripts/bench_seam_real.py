@@ -29,20 +29,19 @@ of ``bench_seam.FeatureBank`` (160 features of the whole crop and of each half):
 * seam visibility — balanced accuracy of an L2 logistic regression telling band crops
   from real crops, 5-fold cross-validated with folds split by donor vessel (its real
   tile and every tile it was pasted into in one fold), 3 fold draws averaged; 0.5 =
-  invisible. A reference row runs it on real crops against real crops (each real
-  tile's crops alternately in one class): what 0.5 looks like here;
+  invisible. Reference rows: real crops against real crops (each real tile's crops
+  alternately in one class: what 0.5 looks like here), and the same points' crops of
+  each background before its donor was pasted (what is not the paste's doing);
 * KID ×10³ of band crops against real crops (``metrics.distribution.kid``, whole crops);
-* 95 % intervals: percentile bootstrap over donor vessels (1000 draws; KID's as a
-  weighted U-statistic never pairing a crop with its own copy), and per pair of modes a
-  paired bootstrap of the difference (same draws, same crop places);
-* s / tile — the synthesize run's own time (run.json) over its tiles.
+  95 % intervals: percentile bootstrap over donor vessels (1000 draws; KID's a weighted
+  U-statistic never pairing a crop with its copy), per pair of modes a paired bootstrap;
+* HF ratio — the crops' high-frequency energy (``bench_seam.hf_energy``) over the real
+  crops' (1: as sharp; blur → 0); s / tile — the synthesize run's time over its tiles.
 
-**Output.** ``--out`` JSON; the Markdown printed; ``--sheet PNG`` a contact sheet (tiles
-with seam and crop centres, each mode's crops, real crops); ``--write-docs`` puts the
-table, command and a reading written from the numbers between ``docs/evidence.md``'s
-``bench_seam`` markers. Default: 6 slides of 4096 × 3072 px, 90 tiles per mode, 60
-samples (~10–20 min on 2 CPU cores, most of it diffusion at 3–6 s a tile). ``--quick``:
-3 slides of 2048 × 1536 px, 8 tiles per mode, 5 samples (~1–2.5 min).
+**Output.** ``--out`` JSON, the Markdown printed, ``--sheet PNG`` a contact sheet;
+``--write-docs`` puts it between ``docs/evidence.md``'s ``bench_seam`` markers. Default:
+6 slides of 4096 × 3072 px, 90 tiles per mode, 60 samples (~15 min on 2 busy CPU
+cores, most of it diffusion). ``--quick``: 3 slides of 2048 × 1536 px, 8 tiles, 5 samples.
 """
 
 from __future__ import annotations
@@ -50,6 +49,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import io
 import json
 import math
 import subprocess
@@ -71,6 +71,7 @@ DEMO_SEED0 = 4000
 FOLDS, REPEATS, BOOTSTRAPS, L2 = 5, 3, 1000, 1e-2
 DOCS_BEGIN = "<!-- bench_seam:start -->"
 DOCS_END = "<!-- bench_seam:end -->"
+BACKGROUND = "background"  # the reference crops of the backgrounds without their donor
 PAIR_KEYS = ("source_image", "donor_image", "tile_x", "tile_y", "insert_x", "insert_y",
              "source_annotation_id")
 
@@ -110,8 +111,7 @@ def bench_seam_module() -> Any:
         return sys.modules["bench_seam"]
     spec = importlib.util.spec_from_file_location(
         "bench_seam", Path(__file__).with_name("bench_seam.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_seam"] = module
+    sys.modules["bench_seam"] = module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
@@ -127,9 +127,8 @@ def harmonise_modes() -> list[str]:
 def histosynth(*args: str) -> None:
     """Run ``histosynth ARGS`` (this interpreter's). BenchError on failure."""
     print("$ histosynth " + " ".join(args), flush=True)
-    done = subprocess.run([sys.executable, "-m", "histosynth", *args], check=False)
-    if done.returncode:
-        raise BenchError(f"histosynth {args[0]} failed (exit {done.returncode})")
+    if code := subprocess.run([sys.executable, "-m", "histosynth", *args]).returncode:
+        raise BenchError(f"histosynth {args[0]} failed (exit {code})")
 
 
 def read_json(path: Path) -> Any:
@@ -144,8 +143,7 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def read_rows(folder: Path) -> list[dict[str, str]]:
-    with open(folder / "index.csv", newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+    return list(csv.DictReader(io.StringIO((folder / "index.csv").read_text("utf-8"), "")))
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -261,9 +259,7 @@ def pasted_region(run: Path, tile_id: str) -> np.ndarray:
 
 def largest_part(mask: np.ndarray) -> np.ndarray:
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), 8)
-    if count < 2:
-        return mask.astype(bool)
-    return labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    return mask.astype(bool) if count < 2 else labels == 1 + int(np.argmax(stats[1:, 4]))
 
 
 def real_region(dataset: Path, row: dict[str, str], ring: int) -> np.ndarray | None:
@@ -365,6 +361,10 @@ def band_crops(world: Path, modes: list[str], ids: list[str], size: Size
                 groups.append(rows[i]["source_annotation_id"])
                 tiles.append(i)
         out[mode] = Crops(np.stack(images), groups, tiles)
+    # a reference: the same points on the background tile before the donor was pasted
+    out[BACKGROUND] = Crops(np.stack([
+        aligned_crop(read_rgb(first / "refs" / f"{i}-background.png"), *p)
+        for i in ids for p in points[i]]), out[modes[0]].groups, out[modes[0]].tiles)
     return out, points, differing
 
 
@@ -482,8 +482,7 @@ def weighted_kid(kxx: np.ndarray, kyy: np.ndarray, kxy: np.ndarray, wx: np.ndarr
 
 def interval(values: np.ndarray) -> list[float]:
     """The 95 % percentile interval of bootstrap values (NaN draws left out)."""
-    lo, hi = np.nanpercentile(values, [2.5, 97.5])
-    return [float(lo), float(hi)]
+    return [float(v) for v in np.nanpercentile(values, [2.5, 97.5])]
 
 
 def classify_and_kid(real_x: np.ndarray, fake_x: np.ndarray, real_g: np.ndarray,
@@ -505,14 +504,12 @@ def classify_and_kid(real_x: np.ndarray, fake_x: np.ndarray, real_g: np.ndarray,
         wr, wf = draw[real_g], draw[fake_g]
         boot_kid[b] = (weighted_kid(krr, kff, krf, wr, wf)
                        if wr.sum() > 1 and wf.sum() > 1 else math.nan)
-    subsets = kid(rk, fk, subsets=20, subset_size=max(2, min(len(rk), len(fk)) // 2), seed=seed)
     return {
         "crops": [len(real_x), len(fake_x)],
         "accuracy": balanced_accuracy(correct, y, np.ones(len(y))),
         "accuracy_ci": interval(boot_acc),
         "kid": kid(rk, fk).mean,
         "kid_ci": interval(boot_kid),
-        "kid_half_subsets": [subsets.mean, subsets.std],
         "_boot": (boot_acc, boot_kid),
     }
 
@@ -537,7 +534,7 @@ def score(real: Crops, real_x: np.ndarray, bands: dict[str, Crops],
                                  counts, seed)
     reference["samples"] = len(set(real.tiles))
     differences = []
-    modes = list(bands)
+    modes = [m for m in bands if m != BACKGROUND]
     for a_k, a in enumerate(modes):
         for b in modes[a_k + 1 :]:
             (acc_a, kid_a), (acc_b, kid_b) = rows[a]["_boot"], rows[b]["_boot"]
@@ -568,7 +565,7 @@ def ci_text(value: float, ci: list[float], scale: float = 1.0, digits: int = 2) 
 
 def verdict(d: dict[str, Any]) -> str:
     """How mode A's seams compare with mode B's, from the paired accuracy interval."""
-    a, b = d["modes"]
+    a, b = (f"{m} (copy-paste)" if m == "none" else m for m in d["modes"])
     lo, hi = d["accuracy_ci"]
     numbers = f"Δ accuracy {ci_text(d['accuracy'], d['accuracy_ci'])}"
     if hi < 0:
@@ -580,24 +577,23 @@ def verdict(d: dict[str, Any]) -> str:
 
 def reading(result: dict[str, Any]) -> str:
     """Two sentences on what the numbers mean, written from them."""
-    lead = "diffusion" if "diffusion" in result["rows"] else next(iter(result["rows"]))
+    rows, ref, back = result["rows"], result["reference"], result["background_reference"]
+    lead = "diffusion" if "diffusion" in rows else next(iter(rows))
     against = [dict(d) for d in result["differences"] if lead in d["modes"]]
     for d in against:  # the lead mode first in each pair
         if d["modes"][0] != lead:
             d.update(modes=d["modes"][::-1], accuracy=-d["accuracy"],
                      accuracy_ci=[-d["accuracy_ci"][1], -d["accuracy_ci"][0]])
     first = "; ".join(verdict(d) for d in against) or f"only {lead} was run"
-    ref = result["reference"]
-    seen = [m for m, r in result["rows"].items() if r["accuracy_ci"][0] > ref["accuracy_ci"][1]]
-    hidden = [m for m, r in result["rows"].items() if m not in seen]
+    seen = [m for m, r in rows.items() if r["accuracy_ci"][0] > ref["accuracy_ci"][1]]
+    hidden = "".join(f", not those of {m}" for m in rows if m not in seen)
     second = (
-        f"Against real tissue, the classifier finds the seams of {', '.join(seen) or 'no mode'} "
-        f"(their intervals lie above the real-vs-real reference's, "
-        f"{ci_text(ref['accuracy'], ref['accuracy_ci'])})"
-        + (f", and does not find those of {', '.join(hidden)}" if hidden else "")
-        + "; KID orders the modes "
-        + " < ".join(sorted(result["rows"], key=lambda m: result["rows"][m]["kid"]))
-        + " (lower: band crops more like real crops)."
+        f"Against real tissue the classifier finds the seams of {', '.join(seen) or 'no mode'}"
+        f"{hidden} (real vs real: {ci_text(ref['accuracy'], ref['accuracy_ci'])}; the "
+        f"backgrounds before the paste: {ci_text(back['accuracy'], back['accuracy_ci'])}, "
+        f"what is not the paste's doing); {lead}'s band keeps {rows[lead]['hf_ratio']:.0%} "
+        "of real tissue's fine detail (HF ratio), and KID orders the modes "
+        + " < ".join(sorted(rows, key=lambda m: rows[m]["kid"])) + " (lower: more like real)."
     )
     return f"{first[0].upper()}{first[1:]}. {second}"
 
@@ -617,17 +613,18 @@ def markdown(result: dict[str, Any]) -> str:
         f"{FOLDS}-fold cross-validated by donor vessel; 0.5 = invisible. 95 % intervals: "
         f"bootstrap over donor vessels ({BOOTSTRAPS} draws).",
         "",
-        "| mode | samples | seam-visibility accuracy [95 % CI] | KID ×10³ [95 % CI] | s / tile |",
-        "|---|---:|---:|---:|---:|",
+        "| mode | samples | seam-visibility accuracy [95 % CI] | KID ×10³ [95 % CI] | "
+        "HF ratio | s / tile |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    for mode, r in result["rows"].items():
+    for mode, r in [*result["rows"].items(),
+                    ("reference: the backgrounds without their donor, same points",
+                     result["background_reference"]),
+                    ("reference: real vs real (each tile's crops in two)", result["reference"])]:
         lines.append(f"| {mode} | {r['samples']} | {ci_text(r['accuracy'], r['accuracy_ci'])} | "
-                     f"{ci_text(r['kid'], r['kid_ci'], 1000)} | {r['s_per_tile']:.2f} |")
-    ref = result["reference"]
+                     f"{ci_text(r['kid'], r['kid_ci'], 1000)} | {r.get('hf_ratio', 1):.2f} | "
+                     f"{r.get('s_per_tile', math.nan):.2f} |".replace("nan", "–"))
     lines += [
-        f"| reference: real vs real (each tile's crops in two) | {ref['samples']} | "
-        f"{ci_text(ref['accuracy'], ref['accuracy_ci'])} | "
-        f"{ci_text(ref['kid'], ref['kid_ci'], 1000)} | – |",
         "",
         "Paired differences (the same tiles and crop places in every mode):",
         "",
@@ -644,7 +641,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{len(c['mismatched_ids'])} of them with a different donor, background or "
         f"placement between modes, {len(result['composites_differ'])} with a different "
         f"composite; {c['same_slide_excluded']} rows left out because donor and background "
-        f"share a slide. Wall time {result['seconds']:.0f} s ({result['device']}).",
+        f"share a slide. This command's wall time {result['seconds']:.0f} s "
+        f"({result['device']}; tiles an earlier run of the --world made are reused).",
         "",
         "```bash",
         result["command"],
@@ -762,6 +760,11 @@ def run_bench(args: argparse.Namespace, size: Size, command: str) -> dict[str, A
     real_x = crop_features(bank, real.images)
     band_x = {m: crop_features(bank, c.images) for m, c in bands.items()}
     rows, reference, differences = score(real, real_x, bands, band_x, size.seed)
+    hf = {k: np.mean([bench_seam_module().hf_energy(c, np.ones(c.shape[:2], bool))
+                      for c in crops.images]) for k, crops in [("real", real), *bands.items()]}
+    for mode in bands:
+        rows[mode]["hf_ratio"] = float(hf[mode] / hf["real"])
+    background = rows.pop(BACKGROUND)
     for mode in modes:
         rows[mode]["s_per_tile"] = seconds_per_tile(args.world / "runs" / mode)
     if args.sheet:
@@ -770,6 +773,7 @@ def run_bench(args: argparse.Namespace, size: Size, command: str) -> dict[str, A
         "config": asdict(size) | {"count": size.tiles, "modes": modes},
         "command": command, "context_ring": ring, "samples": ids, "check": check,
         "composites_differ": differing, "rows": rows, "reference": reference,
+        "background_reference": background,
         "differences": differences, "real_tiles": len(real_points),
         "real_crops": len(real.images), "seconds": time.perf_counter() - began,
         "device": f"CPU, {torch.get_num_threads()} threads",

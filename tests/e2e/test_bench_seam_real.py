@@ -55,17 +55,21 @@ def test_files_table_and_ranges(real, run):
     assert saved["samples"] == result["samples"] and len(result["samples"]) >= 2
     assert (folder / "sheet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list(result["rows"]) == MODES
-    for row in [*result["rows"].values(), result["reference"]]:
+    for row in [*result["rows"].values(), result["reference"], result["background_reference"]]:
         assert 0 <= row["accuracy_ci"][0] <= row["accuracy_ci"][1] <= 1
         assert 0 <= row["accuracy"] <= 1
         assert row["kid_ci"][0] <= row["kid_ci"][1]
     for mode in MODES:
         assert result["rows"][mode]["samples"] == len(result["samples"])
         assert result["rows"][mode]["s_per_tile"] > 0
+        assert 0 < result["rows"][mode]["hf_ratio"] < 3
+    # the backgrounds' crops before the paste are real tissue: as sharp as the real crops
+    assert 0.7 < result["background_reference"]["hf_ratio"] < 1.4
     assert [d["modes"] for d in result["differences"]] == [MODES]
     printed = real.markdown(result)
     for line in ("| mode | samples | seam-visibility accuracy [95 % CI] |", "| multiband | ",
                  "| none | ", "| reference: real vs real", "| multiband − none | ",
+                 "| reference: the backgrounds without their donor, same points | ",
                  "python scripts/bench_seam.py --real-seams --world"):
         assert line in printed
 

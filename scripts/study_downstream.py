@@ -441,16 +441,16 @@ def load_arrays(tiles: list[Tile], side: int, cache: dict) -> tuple[np.ndarray, 
 
     from histosynth.integration.images import read_mask, read_rgb
 
-    for tile in tiles:
-        if tile.id not in cache:
+    for tile in tiles:  # by file: runs of different modes share their tile ids
+        if tile.image not in cache:
             image = read_rgb(tile.image, f"tile {tile.id}")
             mask = read_mask(tile.mask, f"tile {tile.id}")
             if image.shape[:2] != (side, side):
                 image = cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA)
                 mask = cv2.resize(mask, (side, side), interpolation=cv2.INTER_AREA)
-            cache[tile.id] = (image, mask >= 128)
-    return (np.stack([cache[t.id][0] for t in tiles]),
-            np.stack([cache[t.id][1] for t in tiles]))
+            cache[tile.image] = (image, mask >= 128)
+    return (np.stack([cache[t.image][0] for t in tiles]),
+            np.stack([cache[t.image][1] for t in tiles]))
 
 
 # ----------------------------------------------------------------------------- the arms

@@ -94,3 +94,22 @@ def test_synthetic_tile_from_a_test_slide_fails_the_study(study, world, column, 
         assert (world / "study.json").read_bytes() == before_study  # nothing written
     finally:
         index.write_bytes(before_index)
+
+
+def test_tiles_of_two_runs_with_the_same_ids_load_their_own_pixels(study, tmp_path):
+    """Runs of different seam modes number their tiles alike (inp-00000, …): each arm
+    must train on its own run's pixels, not on the first run's that shared the id."""
+    import cv2
+    import numpy as np
+
+    tiles = []
+    for value, run in ((40, "diffusion"), (200, "none")):
+        folder = tmp_path / run
+        folder.mkdir()
+        cv2.imwrite(str(folder / "i.png"), np.full((32, 32, 3), value, np.uint8))
+        cv2.imwrite(str(folder / "m.png"), np.full((32, 32), 255, np.uint8))
+        tiles.append(study.Tile("inp-00000", folder / "i.png", folder / "m.png", "Vessel", "v"))
+    cache: dict = {}
+    first, _ = study.load_arrays(tiles[:1], 16, cache)
+    second, _ = study.load_arrays(tiles[1:], 16, cache)
+    assert first.max() == 40 and second.min() == 200

@@ -266,6 +266,12 @@ def report_synthesis(ctx: click.Context, result: SynthesizeResult) -> None:
         )
     if ctx.obj.get("quiet"):
         return
+    if result.evidence_harmonise:
+        click.echo(
+            f"seams: {result.evidence_harmonise}, what this engine's evidence picks for "
+            "--harmonise auto (its model card; docs/evidence.md); --harmonise diffusion "
+            "regenerates them with the engine"
+        )
     if not result.trained and result.model_painted:
         click.echo(
             "note: the engine is UNTRAINED; these tiles show the workflow, they are not "

@@ -1,6 +1,8 @@
-"""`histosynth demo` with no model named: the embedded default engine regenerates the seams
-by diffusion, names itself, recommends PixCell-1024, and its seams are H&E-coloured tissue
-(not the green/red noise of the untrained engine)."""
+"""`histosynth demo` with no model named: the embedded default engine names itself and
+recommends PixCell-1024; `--harmonise auto` blends its seams by multiband, as the engine's
+recorded evidence picks (docs/evidence.md), and says so; asked to (`--harmonise
+diffusion`) it regenerates them as H&E-coloured tissue (not the green/red noise of the
+untrained engine)."""
 
 from __future__ import annotations
 
@@ -42,9 +44,19 @@ def _seam_stats(run: Path) -> tuple[float, float]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("default-demo")
-    default = _demo(root / "default")
+    default = _demo(root / "default", "--harmonise", "diffusion")
     tiny = _demo(root / "tiny", "--model", "tiny", "--harmonise", "diffusion", "--allow-untrained")
     return root, default, tiny
+
+
+def test_auto_blends_the_default_engines_seams_as_its_evidence_picks(tmp_path) -> None:
+    result = _demo(tmp_path / "auto")
+    assert result.exit_code == 0, result.output
+    assert "engine: histosynth-mini-512" in result.output
+    assert "seams: multiband, what this engine's evidence picks" in result.output
+    (row,) = list(csv.DictReader((tmp_path / "auto" / "run" / "index.csv").open()))
+    assert (row["model"], row["harmonise"], row["strength"]) == (
+        "histosynth-mini-512", "multiband", "")
 
 
 def test_the_demo_uses_the_embedded_default_by_diffusion_and_says_so(runs) -> None:

@@ -23,18 +23,21 @@ STEPS = "3"
 # engine → mode → the refusal's words, or None: written, and every tile passes
 EXPECTED: dict[str, dict[str, list[str] | None]] = {
     "default": {
-        "inpaint": None,
+        "inpaint": None,  # multiband: the engine's recorded evidence (docs/evidence.md)
+        "inpaint-diffusion": None,
         "synthetic": ["engine 'default' cannot make synthetic backgrounds", "--background real"],
         "variation": ["engine 'default' cannot make --mode variation", "--mode inpaint"],
     },
     "tiny": {
         "inpaint": None,  # harmonised by multiband: the untrained engine paints nothing
+        "inpaint-diffusion": ["engine 'tiny' is UNTRAINED", "--allow-untrained"],
         "synthetic": ["engine 'tiny' is UNTRAINED", "--background synthetic", "--allow-untrained"],
         "variation": ["engine 'tiny' is UNTRAINED", "--mode variation", "--allow-untrained"],
     },
 }
 MODE_ARGS = {
     "inpaint": ["--mode", "inpaint", "--background", "real"],
+    "inpaint-diffusion": ["--mode", "inpaint", "--background", "real", "--harmonise", "diffusion"],
     "synthetic": ["--mode", "inpaint", "--background", "synthetic"],
     "variation": ["--mode", "variation"],
 }

@@ -74,3 +74,4 @@ def test_the_demo_paragraph_says_what_the_demo_does() -> None:
     own = facts.sampling
     assert (f"{own.inpaint_guidance:g} and {own.inpaint_steps} for the embedded default"
             in text)
+    assert f"with the embedded default engine the seam blended by {own.harmonise}" in text

@@ -100,6 +100,9 @@ class SynthesizeResult(RunResult):
     trained: bool = True
     #: whether the engine made pixels (not only inpainting seams harmonised without it)
     model_painted: bool = True
+    #: the seam mode ``--harmonise auto`` took from the engine's recorded evidence ("" when
+    #: a mode was named, or the engine records none)
+    evidence_harmonise: str = ""
     #: ids of the tiles written in this call that failed the content check, with reasons
     qc_failed: dict[str, str] = field(default_factory=dict)
     #: the content check's thresholds (calibrated on real tiles of the run's slides)
@@ -180,6 +183,9 @@ def synthesize(
         trained=engine.trained,
         model_painted=run.mode == "variation" or run.harmonise == "diffusion",
         content_check=thresholds,
+        evidence_harmonise=run.harmonise if (
+            settings.harmonise == "auto" and run.places_donors
+            and run.harmonise == engine.sampling.harmonise) else "",
     )
     with RunWriter(
         out,

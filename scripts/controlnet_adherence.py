@@ -7,6 +7,9 @@ On held-out demo slides (seeds 200, 201, …: neither ``histosynth demo``'s nor 
 ControlNet's training slides), every drawn outline (``Vessel sketch``) is generated with
 the embedded engine as ``synthesize --mode shape --shapes drawn`` does:
 
+Every run regenerates its seam by diffusion (``--harmonise diffusion``, whatever the
+engine's ``auto`` picks), so the rows differ only in the inside and the ControlNet:
+
 * ``warped donors (base, τ 0)``: the donor warped into the outline, kept inside;
 * ``base, τ T``: the inside regenerated at τ T by the base alone (``--controlnet none``);
 * ``ControlNet, τ T``: the inside regenerated at τ T with the ControlNet (mask guidance
@@ -127,7 +130,8 @@ def main() -> None:
                 if not (out / "index.csv").exists():
                     histosynth("synthesize", "--project", str(project), "--class", "Vessel",
                                "--mode", "shape", "--shapes", "drawn", "--model", args.model,
-                               "--seed", seed, "--out", str(out), *extra)
+                               "--harmonise", "diffusion", "--seed", seed, "--out", str(out),
+                               *extra)
                 if segmenter.exists():
                     histosynth("evaluate", str(out), "--mask-adherence", "--segmenter",
                                str(segmenter), "--features", "default")

@@ -66,15 +66,14 @@ per slide 6 ``Vessel`` + 2 ``Vessel: Invasive`` tiles of 512 px, the 300 µm art
 larger than a tile: 48 training tiles, ~42 of them small enough to be donors), K = 8,
 16, 32 (16, 28, 44 real tiles), ratios 1 and 4, four modes, synthetic-only diffusion,
 3 seeds: 3 × 3 × 11 = 99 trainings of a UNet with the ``tu-mobilenetv3_small_050``
-encoder (the benchmark's CPU suggestion) at 128 px, 2 epochs of ≥ 48 tiles.
-Estimate on 2 CPU cores: world and extraction ~2 min; synthesis 4 × 192 tiles, ~20 min
-(README: 2.6 s a tile for inpainting and bank shapes on 2 idle cores, ~0.5 s without a
-model step); training ~21,500 tile passes (forward + backward at 128 px; validation and
-test forward passes counted at a third), measured 0.28 s a pass on 2 cores shared with
-another job and expected 0.08–0.1 s idle: ~30–36 min — 52–58 minutes in all. If a run
-takes longer, ``--epochs``, ``--ratios`` or ``--modes`` cut it (trainings already
-finished are kept). ``--quick``: 3 slides of 1536 × 1024 px (one a side), K = 2, ratio 1,
-modes none and diffusion, 2 seeds, 1 epoch at 64 px — 3.2 min measured on 2 cores shared
+encoder (the benchmark's CPU suggestion) at 128 px, 2 epochs of 220 tiles.
+Measured on 2 CPU cores (shared at times with other jobs): world and extraction ~2 min;
+synthesis 40.3 min (diffusion 25.8 of it, 192 tiles; 2.2 s a tile on idle cores);
+training 57.6 min (99 × 2 × 220 tile passes at 128 px) — about 98 minutes, more than the
+hour the study should take: ``--epochs 1`` halves the training; ``--ratios``,
+``--modes`` cut it further (trainings already finished are kept). ``--quick``: 3 slides
+of 1536 × 1024 px (one a side), K = 2, ratio 1, modes none and diffusion, 2 seeds, 1
+epoch of 8 tiles at 64 px — 3.2 min measured on 2 cores shared
 with another job, 1.1–1.3 min for the smoke test's ``--modes none``.
 """
 

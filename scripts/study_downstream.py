@@ -67,11 +67,11 @@ larger than a tile: 48 training tiles, ~42 of them small enough to be donors), K
 16, 32 (16, 28, 44 real tiles), ratios 1 and 4, four modes, synthetic-only diffusion,
 3 seeds: 3 × 3 × 11 = 99 trainings of a UNet with the ``tu-mobilenetv3_small_050``
 encoder (the benchmark's CPU suggestion) at 128 px, 2 epochs of 220 tiles.
-Measured on 2 CPU cores (shared at times with other jobs): world and extraction ~2 min;
-synthesis 40.3 min (diffusion 25.8 of it, 192 tiles; 2.2 s a tile on idle cores);
-training 57.6 min (99 × 2 × 220 tile passes at 128 px) — about 98 minutes, more than the
-hour the study should take: ``--epochs 1`` halves the training; ``--ratios``,
-``--modes`` cut it further (trainings already finished are kept). ``--quick``: 3 slides
+Measured on 2 idle CPU cores: world and extraction 0.8 min; synthesis 11.5 min
+(diffusion 5.0 of it, 192 tiles, 1.5 s a tile); training 24.3 min (99 × 2 × 220 tile
+passes at 128 px, about 15 s a training) — 36.6 minutes in all (about 98 on cores shared
+with other jobs); ``--epochs 1`` halves the training, ``--ratios`` and ``--modes`` cut it
+further (trainings already finished are kept). ``--quick``: 3 slides
 of 1536 × 1024 px (one a side), K = 2, ratio 1, modes none and diffusion, 2 seeds, 1
 epoch of 8 tiles at 64 px — 3.2 min measured on 2 cores shared
 with another job, 1.1–1.3 min for the smoke test's ``--modes none``.
@@ -597,15 +597,18 @@ def plot(rows: list[dict[str, Any]], path: Path) -> str | None:
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for arm in dict.fromkeys(r["arm"] for r in rows):
+    palette = plt.get_cmap("tab20").colors  # 20 colours: every arm its own
+    for index, arm in enumerate(dict.fromkeys(r["arm"] for r in rows)):
         mine = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["k"])
         x = [r["real"] + r["synthetic"] for r in mine]
         y = [r["iou"]["mean"] for r in mine]
         ax.errorbar(x, y, yerr=[r["iou"]["sd"] for r in mine], marker="o", capsize=3,
-                    label=arm, linestyle="--" if arm.startswith("synthetic") else "-")
+                    label=arm, color=palette[(2 * index) % 20 + (2 * index) // 20 % 2],
+                    linestyle="--" if arm.startswith("synthetic") else "-")
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([5, 10, 20, 50, 100, 200, 500]))
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("training tiles (real + synthetic)")
     ax.set_ylabel("held-out IoU (mean ± sd over seeds)")
     ax.legend(fontsize=7, ncol=2)

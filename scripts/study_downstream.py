@@ -45,11 +45,12 @@ by nearest neighbour). Every training makes the same number of updates: each epo
 shows ``--epoch-tiles`` tiles (default: as many as the largest arm holds — 220 at the
 default size), smaller sets repeated (with augmentation each repeat is a fresh copy), so
 an arm with synthetic tiles cannot win by training longer, and K = 8's 16 tiles get as
-many updates as K = 32's. Classification with variation tiles
-(the issue's ``+ variation`` arm) is left out: the embedded default engine generates no
-tile from noise (``--mode variation`` needs PixCell), and the study says so in its
-output. The synthetic tiles are the same for every seed (one synthesis per mode); the
-seeds change the model's start and the order of its batches.
+many updates as K = 32's. Classification with variation tiles (invasive or not; the
+arms ``real``, ``+aug``, ``+aug +variation R×``: ``scripts/study_variation.py``) runs
+when ``--variation-model`` (default ``--model``) generates from noise; the embedded
+default does not, and the study says so in one line. The synthetic tiles are the same
+for every seed (one synthesis per mode); the seeds change the model's start and the
+order of its batches.
 
 **Output.** ``DIR/study.json`` (config, split, tiles per arm, per-seed scores, mean ± sd,
 seconds), ``DIR/study.md`` (the table: held-out IoU and F1 = pixel Dice, mean ± sd over
@@ -107,10 +108,6 @@ DEMO_SEED0 = 3000
 DOCS_BEGIN = "<!-- study_downstream:begin -->"
 DOCS_END = "<!-- study_downstream:end -->"
 NOT_RUN = "not yet run at its default size"
-VARIATION_NOTE = (
-    "Classification with variation tiles is left out: the embedded default engine "
-    "generates no tile from noise (--mode variation needs PixCell)."
-)
 
 
 class StudyError(Exception):
@@ -139,6 +136,8 @@ class Size:
     encoder: str = "tu-mobilenetv3_small_050"
     lr: float = 1e-3
     model: str = "default"
+    variation_model: str = ""  # "": --model
+    cls_encoder: str = "mobilenetv3_small_050"  # the classification arms' timm model
     vessel_class: str = "Vessel"
     seed: int = 0
 
@@ -565,72 +564,15 @@ def summarise(arms: list[Arm], synthesis_seconds: dict[str, float]) -> list[dict
     return rows
 
 
-def table(rows: list[dict[str, Any]], ks: list[int]) -> str:
-    """Markdown: one line per arm, IoU and F1 (mean ± sd over seeds) per K, tiles, time."""
-    head = " | ".join(f"K={k} IoU | K={k} F1" for k in ks)
-    lines = [f"| arm | {head} | tiles per K (real + synthetic) | training s (all K, seeds) "
-             "| synthesis s |",
-             "|---|" + "---:|---:|" * len(ks) + "---|---:|---:|"]
-    for arm in dict.fromkeys(r["arm"] for r in rows):
-        mine = {r["k"]: r for r in rows if r["arm"] == arm}
-        cells = []
-        for k in ks:
-            for metric in ("iou", "f1"):
-                m = mine[k][metric]
-                cells.append(f"{m['mean']:.3f} ± {m['sd']:.3f}")
-        tiles = ", ".join(f"{mine[k]['real']}+{mine[k]['synthetic']}" for k in ks)
-        first = mine[ks[0]]
-        lines.append(f"| {arm} | {' | '.join(cells)} | {tiles} | {first['train_seconds']:.0f}"
-                     f" | {first['synthesis_seconds']:.0f} |")
-    return "\n".join(lines)
+def sibling(name: str) -> Any:
+    """The module ``scripts/NAME.py`` beside this one (loaded by path, once)."""
+    import importlib.util
 
-
-def plot(rows: list[dict[str, Any]], path: Path) -> str | None:
-    """The learning curve (IoU against training tiles, one line per arm) as a PNG; a note
-    instead when matplotlib is not installed (histosynth does not depend on it)."""
-    try:
-        import matplotlib
-    except ImportError:
-        return "no plot: matplotlib is not installed (pip install matplotlib, then re-run)"
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    palette = plt.get_cmap("tab20").colors  # 20 colours: every arm its own
-    for index, arm in enumerate(dict.fromkeys(r["arm"] for r in rows)):
-        mine = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["k"])
-        x = [r["real"] + r["synthetic"] for r in mine]
-        y = [r["iou"]["mean"] for r in mine]
-        ax.errorbar(x, y, yerr=[r["iou"]["sd"] for r in mine], marker="o", capsize=3,
-                    label=arm, color=palette[(2 * index) % 20 + (2 * index) // 20 % 2],
-                    linestyle="--" if arm.startswith("synthetic") else "-")
-    ax.set_xscale("log")
-    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([5, 10, 20, 50, 100, 200, 500]))
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("training tiles (real + synthetic)")
-    ax.set_ylabel("held-out IoU (mean ± sd over seeds)")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    from io import BytesIO
-
-    from histosynth.common.files import atomic_write_bytes
-
-    buffer = BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-    return None
-
-
-def stage_minutes(rows: list[dict[str, Any]]) -> tuple[float, float]:
-    """(synthesis, training) minutes recorded for the study's arms: each mode's synthesis
-    once, each arm's trainings once (its rows repeat them per K)."""
-    synthesis = {r["arm"].split()[-2].lstrip("+") if r["synthetic"] else "": r["synthesis_seconds"]
-                 for r in rows}
-    training = {r["arm"]: r["train_seconds"] for r in rows}
-    return sum(synthesis.values()) / 60, sum(training.values()) / 60
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
 
 
 def report_markdown(study: dict[str, Any], plot_path: str | None, plot_note: str | None) -> str:
@@ -648,15 +590,20 @@ def report_markdown(study: dict[str, Any], plot_path: str | None, plot_note: str
         f"{study['config']['epoch_tiles']} tiles, {study['config']['seeds']} seeds. "
         f"Wall time of this invocation {study['seconds'] / 60:.1f} min on {study['cpus']} "
         f"CPU cores; the stages' own recorded times (a re-run reuses finished ones): "
-        f"synthesis {stage_minutes(study['rows'])[0]:.1f} min, training "
-        f"{stage_minutes(study['rows'])[1]:.1f} min.",
+        "synthesis {:.1f} min, training {:.1f} min.".format(
+            *sibling("study_report").stage_minutes(study["rows"])),
         "",
-        table(study["rows"], study["config"]["ks"]),
+        sibling("study_report").table(study["rows"], study["config"]["ks"]),
         "",
         f"![learning curve]({plot_path})" if plot_path else f"({plot_note})",
-        "",
-        f"{study['notes'][0]}",
     ]
+    if study["classification"]:
+        lines += ["", "Classification, invasive or not (F1 of the invasive class, balanced "
+                  "accuracy), with variation tiles:", "",
+                  sibling("study_variation").table(
+                      study["classification"], study["config"]["ks"],
+                      study["variation_seconds"])]
+    lines += [f"\n{note}" for note in study["notes"] if not note.startswith("no plot")]
     return "\n".join(lines) + "\n"
 
 
@@ -709,7 +656,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Size]:
                        ("--synthetic-only", names), ("--seeds", int), ("--epochs", int),
                        ("--epoch-tiles", int), ("--train-size", int), ("--arch", str),
                        ("--encoder", str), ("--model", str), ("--class", str),
-                       ("--seed", int)):
+                       ("--seed", int), ("--variation-model", str), ("--cls-encoder", str)):
         parser.add_argument(flag, type=kind, default=None)
     args = parser.parse_args(argv)
     if args.write_docs and args.quick:
@@ -748,6 +695,13 @@ def run_study(args: argparse.Namespace, size: Size, command: str) -> dict[str, A
         size = replace(size, epoch_tiles=largest)
     run_arms(world, size, arms, real, synthetic, val, test)
     import os
+    from types import SimpleNamespace
+
+    tools = SimpleNamespace(histosynth=histosynth, read_json=read_json, write_json=write_json,
+                            check_leakage=lambda w, m: check_leakage(w, split, m),
+                            error=StudyError, tile=(TILE_SIZE, TILE_MPP))
+    real_ids = {k: [t.id for t in v] for k, v in real.items()}
+    classify = sibling("study_variation").classification_study(world, size, real_ids, tools)
 
     return {
         "command": command,
@@ -755,7 +709,7 @@ def run_study(args: argparse.Namespace, size: Size, command: str) -> dict[str, A
                    "tile_mpp": TILE_MPP},
         "split": split,
         "counts": {"real_train": len(real_train), "real_val": len(val), "real_test": len(test),
-                   "synthetic_checked": checked,
+                   "synthetic_checked": checked + classify["checked"],
                    "synthetic_usable": {m: len(t) for m, t in synthetic.items()},
                    "real_per_k": {k: [t.id for t in v] for k, v in real.items()}},
         "arms": {a.name: {"real": a.real, "augmented": a.augmented, "mode": a.mode,
@@ -763,7 +717,9 @@ def run_study(args: argparse.Namespace, size: Size, command: str) -> dict[str, A
         "rows": summarise(arms, synthesis_seconds),
         "synthesis_seconds": synthesis_seconds,
         "synthesis": {m: synthesis_settings(world / "synthetic" / m) for m in modes},
-        "notes": [VARIATION_NOTE],
+        "classification": classify["rows"],
+        "variation_seconds": classify["seconds"],
+        "notes": [classify["note"]] if classify["note"] else [],
         "seconds": time.perf_counter() - began,
         "cpus": os.cpu_count(),
     }
@@ -780,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     world = args.world.absolute()
     plot_file = world / "learning-curve.png"
-    plot_note = plot(study["rows"], plot_file)
+    plot_note = sibling("study_report").plot(study["rows"], plot_file)
     study["plot"] = None if plot_note else str(plot_file)
     if plot_note:
         study["notes"].append(plot_note)

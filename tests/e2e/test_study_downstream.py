@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "study_downstream.py"
-SMALLEST = ["--quick", "--modes", "none", "--synthetic-only", "none", "--seeds", "1"]
+SMALLEST = ["--quick", "--modes", "none", "--synthetic-only", "none", "--seeds", "1",
+            "--variation-model", "tiny"]  # tiny generates from noise (untrained: plumbing)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def test_files_split_and_donors(world):
     assert set(arms) == {"real", "+aug", "+aug +none 1×", "synthetic only none 1×"}
     assert arms["synthetic only none 1×"]["real"] == 0
     assert arms["+aug +none 1×"]["synthetic"] > 0
-    assert "variation" in " ".join(record["notes"])
+    assert "UNTRAINED" in " ".join(record["notes"])  # tiny's numbers mean nothing
     # the synthetic tiles of an arm come from the arm's own real vessels only
     training = json.loads(next((world / "trainings").glob("k2-+aug_+none_1x-s0.json"))
                           .read_text(encoding="utf-8"))
@@ -75,9 +76,36 @@ def test_files_split_and_donors(world):
     assert vessels and donors and donors <= vessels
 
 
-@pytest.mark.parametrize("column", ["source_image", "donor_image"])
-def test_synthetic_tile_from_a_test_slide_fails_the_study(study, world, column, capsys):
-    index = world / "synthetic" / "none" / "index.csv"
+def test_variation_arms_classify_with_the_arms_own_vessels(world):
+    record = json.loads((world / "study.json").read_text(encoding="utf-8"))
+    arms = {r["arm"]: r for r in record["classification"]}
+    assert set(arms) == {"real", "+aug", "+aug +variation 1×"}
+    assert arms["+aug +variation 1×"]["synthetic"] > 0 and arms["real"]["synthetic"] == 0
+    for row in arms.values():
+        assert set(row) >= {"f1", "balanced_accuracy", "sensitivity", "specificity"}
+    variation = {r["id"]: r for r in _rows(world / "synthetic" / "variation" / "index.csv")}
+    assert variation and all(r["synthesis_type"] == "variation" for r in variation.values())
+    train = set(json.loads((world / "split.json").read_text(encoding="utf-8"))["train"])
+    for row in variation.values():  # generated from training slides' vessels only
+        assert {_stem(row["source_image"]), _stem(row["donor_image"])} <= train
+    training = json.loads((world / "trainings" / "cls-k2-+aug_+variation_1x-s0.json")
+                          .read_text(encoding="utf-8"))
+    real = {r["id"]: r for r in _rows(world / "real" / "train" / "index.csv")}
+    vessels = {real[i]["source_annotation_id"] for i in training["tiles"] if i in real}
+    made = {variation[i]["source_annotation_id"] for i in training["tiles"] if i in variation}
+    assert vessels and made and made <= vessels
+    assert "Classification, invasive or not" in (world / "study.md").read_text(encoding="utf-8")
+
+
+def test_an_engine_that_does_not_generate_leaves_the_variation_arms_out(study):
+    generates, note = study.sibling("study_variation").engine_note("default")
+    assert not generates and "generates no tile from noise" in note
+
+
+@pytest.mark.parametrize(("run", "column"), [("none", "source_image"), ("none", "donor_image"),
+                                            ("variation", "source_image")])
+def test_synthetic_tile_from_a_test_slide_fails_the_study(study, world, run, column, capsys):
+    index = world / "synthetic" / run / "index.csv"
     before_index, before_study = index.read_bytes(), (world / "study.json").read_bytes()
     rows = _rows(index)
     test_slide = next((world / "projects" / "test" / "slides").glob("*.ome.tif"))

@@ -36,8 +36,9 @@ from histosynth.common.geometry import DEFAULT_MPP
 @steps_option("Denoising steps of the full schedule [the engine's own].")
 @seed_option()
 @harmonise_option(
-    "How seams are regenerated; auto = diffusion with a trained engine, multiband "
-    "blending with an UNTRAINED one (whose diffusion seams are noise)."
+    "How seams are regenerated; auto = what the engine's evidence picks (multiband for "
+    "the embedded default), diffusion for a trained engine that records none, multiband "
+    "for an UNTRAINED one (whose diffusion seams are noise)."
 )
 @allow_untrained_option()
 @click.pass_context

@@ -147,7 +147,9 @@ __all__ = ["fail_on_qc", "report_synthesis", "synthesize", "write_back"]
 @harmonise_option(
     "How the seam is regenerated: partial diffusion with the engine, multiband "
     "(Laplacian-pyramid) blending without a model step (fast on a CPU), or not at all; "
-    "auto = diffusion with a trained engine, multiband with an UNTRAINED one. "
+    "auto = what the engine's evidence picks (its histosynth_engine.json: multiband for the "
+    "embedded default), diffusion when a ControlNet steers the run or the engine records "
+    "none, multiband for an UNTRAINED one. "
     "Beyond 4σ of the seam the tile is the composite in every mode."
 )
 @allow_untrained_option()

@@ -48,7 +48,9 @@ NO_CONTROLNET = "none"
 BACKGROUNDS = ("auto", "real", "synthetic")
 #: how the seam of an inpainted tile is regenerated: partial diffusion (the engine),
 #: multiband (Laplacian-pyramid) blending without weights, or not at all (the composite);
-#: auto: diffusion with a trained engine, multiband with an UNTRAINED one.
+#: auto: the mode the engine's metadata records as best by its evidence (the embedded
+#: default: multiband), diffusion when a ControlNet steers the run, else diffusion with a
+#: trained engine and multiband with an UNTRAINED one.
 HARMONISERS = ("auto", "diffusion", "multiband", "none")
 @dataclass(frozen=True)
 class SynthesisSettings:

@@ -102,7 +102,7 @@ class ContentThresholds:
         outliers_max: highest share of colour outliers.
         mask_on_tissue_min: lowest share of a mask lying on tissue.
         real_tiles: how many real tiles they were calibrated on (0: the built-in bounds).
-        real: the real tiles' ranges, for ``run.json``.
+        real: the real tiles' ranges (and the median gamut share), for ``run.json``.
     """
 
     gamut_min: float = _GAMUT_CAP
@@ -110,7 +110,7 @@ class ContentThresholds:
     outliers_max: float = _OUTLIER_FLOOR
     mask_on_tissue_min: float = _MASK_CAP
     real_tiles: int = 0
-    real: dict[str, list[float]] = field(default_factory=dict)
+    real: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The thresholds as ``run.json`` keeps them."""
@@ -269,6 +269,7 @@ def calibrate(
         real_tiles=len(measures),
         real={
             "gamut": [round(min(gamut), 4), round(max(gamut), 4)],
+            "gamut_median": round(float(np.median(gamut)), 4),
             "detail": [round(min(details), 2), round(max(details), 2)] if details else [],
             "outliers": [round(min(outliers), 4), round(max(outliers), 4)],
             "mask_on_tissue": [round(min(on_tissue), 4), round(max(on_tissue), 4)]

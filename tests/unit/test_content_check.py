@@ -173,3 +173,24 @@ def test_bad_arrays_are_refused() -> None:
     with pytest.raises(ValueError, match="height and width"):
         measure_tile(np.zeros((8, 8, 3), np.uint8), mask=np.ones((4, 4)), tissue=np.ones((4, 4)))
     assert not qc_failed("") and not qc_failed(None) and not qc_failed("pass")
+
+
+def _hue_rotated(tile: np.ndarray) -> np.ndarray:
+    hsv = cv2.cvtColor(tile, cv2.COLOR_RGB2HSV)
+    hsv[..., 0] = (hsv[..., 0].astype(int) + 60) % 180
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+
+def test_one_odd_tile_does_not_call_h_and_e_another_stain(held_out) -> None:
+    """The stain warning reads the real tiles' median gamut share: one off-gamut tile
+    (blood, a hue shift) among H&E tiles lowers the bound but does not warn; slides whose
+    tiles are mostly off the gamut do."""
+    from histosynth.workflows.synthesize.run_checks import WEAK_GAMUT, stain_warning
+
+    one_odd = calibrate([*held_out[:6], _hue_rotated(held_out[6])])
+    assert one_odd.real["gamut"][0] < WEAK_GAMUT <= one_odd.real["gamut_median"]
+    assert stain_warning(one_odd) is None
+    mostly_odd = calibrate([held_out[0], *(_hue_rotated(t) for t in held_out[1:7])])
+    line = stain_warning(mostly_odd)
+    assert line is not None and "another stain?" in line and "median share" in line
+    assert stain_warning(ContentThresholds(real={"gamut": [0.1, 0.9]})) is not None  # older

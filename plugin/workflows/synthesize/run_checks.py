@@ -38,12 +38,14 @@ __all__ = [
     "check_content",
     "check_engine_serves",
     "resolved_harmonise",
+    "stain_warning",
     "steered",
 ]
 
 #: real tiles the content check is calibrated on (backgrounds, then donors' surroundings)
 CALIBRATION_TILES = 16
-#: below this share of in-gamut pixels in a real tile, the slides are not H&E-like
+#: below this median share of in-gamut pixels in a run's real tiles, its slides are not
+#: H&E-like
 WEAK_GAMUT = 0.3
 
 
@@ -151,16 +153,26 @@ def calibrate_run(donors: Sequence[Donor], backgrounds: Sequence[Background]) ->
         for d in donors[:CALIBRATION_TILES]
     ]
     thresholds = calibrate(real, masked)
-    gamut = thresholds.real.get("gamut") or [1.0]
-    if gamut[0] < WEAK_GAMUT:
-        log.warning(
-            "real tiles of these slides lie largely outside the H&E gamut (lowest share "
-            "%.2f): another stain? The content check's gamut bound is weak for this run "
-            "(%.2f); its detail and colour checks still apply",
-            gamut[0],
-            thresholds.gamut_min,
-        )
+    warning = stain_warning(thresholds)
+    if warning:
+        log.warning("%s", warning)
     return thresholds
+
+
+def stain_warning(thresholds: ContentThresholds) -> str | None:
+    """One line when most real tiles of a run (their median share) lie outside the H&E
+    gamut — another stain? — else None; a few odd tiles (blood, glass) do not warn."""
+    typical = thresholds.real.get("gamut_median")
+    if typical is None:  # thresholds recorded before the median was
+        typical = (thresholds.real.get("gamut") or [1.0])[0]
+    if typical >= WEAK_GAMUT:
+        return None
+    return (
+        f"most real tiles of these slides lie outside the H&E gamut (median share "
+        f"{typical:.2f} of {thresholds.real_tiles} tiles): another stain? The content "
+        f"check's gamut bound is weak for this run ({thresholds.gamut_min:.2f}); its detail "
+        "and colour checks still apply"
+    )
 
 
 def check_content(

@@ -278,12 +278,15 @@ def build_project_world(world: Path, project: Path, size: Size) -> dict[str, Any
 
     source = QuPathProject(project)
     names = {}
-    for entry in source.entries:
+    made = {e.entry_id for e in source.synthetic_entries()}  # never real data, never split
+    if made:
+        print(f"left out {len(made)} entries histosynth added (histosynth.synthetic)")
+    for entry in (e for e in source.entries if e.entry_id not in made):
         if entry.image_path is None:
             raise StudyError(f"{source.file}: the image of entry {entry.entry_id} was not "
                              "found")
         names[stem(str(entry.image_path))] = entry.entry_id
-    if len(names) != len(source.entries):
+    if len(names) != len(source.entries) - len(made):
         raise StudyError(f"{source.file}: two entries share a slide name; the study splits "
                          "by slide")
     sides = split_names(sorted(names), size)

@@ -141,3 +141,23 @@ def test_tiles_of_two_runs_with_the_same_ids_load_their_own_pixels(study, tmp_pa
     first, _ = study.load_arrays(tiles[:1], 16, cache)
     second, _ = study.load_arrays(tiles[1:], 16, cache)
     assert first.max() == 40 and second.min() == 200
+
+
+def test_a_lab_project_s_synthetic_entries_are_never_split_as_slides(study, tmp_path, capsys):
+    """--project on a project histosynth already added tiles to: its synthetic entries
+    (marked for review) are left out, so no synthetic tile is a training or test slide."""
+    from click.testing import CliRunner
+
+    from histosynth.cli import main as cli
+
+    done = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "demo"), "--count", "2"])
+    assert done.exit_code == 0, done.output
+    project = tmp_path / "demo" / "project" / "project.qpproj"
+    entries = json.loads(project.read_text(encoding="utf-8"))["images"]
+    assert any(e["imageName"].startswith("synthetic-") for e in entries)
+    size = study.Size(**{**study.QUICK})
+    split = study.build_project_world(tmp_path / "world", project, size)
+    named = split["train"] + split["val"] + split["test"]
+    assert sorted(named) == sorted(_stem(e["imageName"]) + ".ome" for e in entries
+                                   if not e["imageName"].startswith("synthetic-"))
+    assert "left out 2 entries histosynth added" in capsys.readouterr().out

@@ -517,7 +517,8 @@ def run_arms(world: Path, size: Size, arms: list[Arm], real: dict[int, list[Tile
     """Every arm at every K and seed (finished trainings reused from ``DIR/trainings``)."""
     config = {k: v for k, v in asdict(size).items()
               if k not in ("slides", "train_slides", "val_slides", "slide_width",
-                           "slide_height", "ks", "modes", "ratios", "synthetic_only", "seeds")}
+                           "slide_height", "ks", "modes", "ratios", "synthetic_only", "seeds",
+                           "variation_model", "cls_encoder")}  # what a segmenter never sees
     cache: dict = {}
     for k, chosen in real.items():
         for arm in arms:

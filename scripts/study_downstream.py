@@ -593,11 +593,16 @@ def report_markdown(study: dict[str, Any], plot_path: str | None, plot_note: str
         f"{study['config']['train_size']} px, {study['config']['epochs']} epochs of ≥ "
         f"{study['config']['epoch_tiles']} tiles, {study['config']['seeds']} seeds. "
         f"Wall time of this invocation {study['seconds'] / 60:.1f} min on {study['cpus']} "
-        f"CPU cores; the stages' own recorded times (a re-run reuses finished ones): "
+        "CPU cores; the stages' own recorded times, whichever invocation ran them: "
         "synthesis {:.1f} min, training {:.1f} min.".format(
             *sibling("study_report").stage_minutes(study["rows"])),
         "",
         sibling("study_report").table(study["rows"], study["config"]["ks"]),
+        "",
+        "Each arm against `+aug` (held-out IoU, difference of the seed means, Welch 95 % "
+        "interval; * where it excludes 0):",
+        "",
+        sibling("study_report").differences(study["rows"], study["config"]["ks"]),
         "",
         f"![learning curve]({plot_path})" if plot_path else f"({plot_note})",
     ]

@@ -1,10 +1,13 @@
-"""The downstream study's output: the segmentation table, the learning curve and the
-stages' minutes (``scripts/study_downstream.py``; its rows as ``summarise`` makes them)."""
+"""The downstream study's output: the segmentation table, each arm's difference from
+``+aug`` with a Welch interval, the learning curve and the stages' minutes
+(``scripts/study_downstream.py``; its rows as ``summarise`` makes them)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def table(rows: list[dict[str, Any]], ks: list[int]) -> str:
@@ -73,3 +76,44 @@ def stage_minutes(rows: list[dict[str, Any]]) -> tuple[float, float]:
                  for r in rows}
     training = {r["arm"]: r["train_seconds"] for r in rows}
     return sum(synthesis.values()) / 60, sum(training.values()) / 60
+
+
+def welch(x: list[float], y: list[float]) -> tuple[float, float, float]:
+    """Mean of ``x`` minus mean of ``y`` and its Welch 95 % interval (t quantile at the
+    Welch–Satterthwaite degrees of freedom); nan bounds with fewer than 2 values a side."""
+    import math
+
+    from scipy import stats
+
+    a = np.array([v for v in x if not math.isnan(v)], float)
+    b = np.array([v for v in y if not math.isnan(v)], float)
+    if not len(a) or not len(b):
+        return math.nan, math.nan, math.nan
+    diff = float(a.mean() - b.mean())
+    if len(a) < 2 or len(b) < 2:
+        return diff, math.nan, math.nan
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return diff, diff, diff
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = float(stats.t.ppf(0.975, df)) * se
+    return diff, diff - half, diff + half
+
+
+def differences(rows: list[dict[str, Any]], ks: list[int], baseline: str = "+aug") -> str:
+    """Markdown: every other arm's held-out IoU minus ``baseline``'s at each K (difference
+    of the seed means, Welch 95 % interval); ``*`` where the interval excludes 0."""
+    by = {(r["arm"], r["k"]): r["iou"]["per_seed"] for r in rows}
+    lines = [f"| arm − {baseline} | " + " | ".join(f"K={k} ΔIoU [95 % CI]" for k in ks) + " |",
+             "|---|" + "---:|" * len(ks)]
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        if arm in ("real", baseline):
+            continue
+        cells = []
+        for k in ks:
+            diff, low, high = welch(by[(arm, k)], by[(baseline, k)])
+            mark = " *" if low > 0 or high < 0 else ""
+            cells.append(f"{diff:+.3f} [{low:+.3f}, {high:+.3f}]{mark}")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

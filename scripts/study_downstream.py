@@ -708,6 +708,7 @@ def run_study(args: argparse.Namespace, size: Size, command: str) -> dict[str, A
 
     tools = SimpleNamespace(histosynth=histosynth, read_json=read_json, write_json=write_json,
                             check_leakage=lambda w, m: check_leakage(w, split, m),
+                            choose=choose_synthetic,
                             error=StudyError, tile=(TILE_SIZE, TILE_MPP))
     real_ids = {k: [t.id for t in v] for k, v in real.items()}
     classify = sibling("study_variation").classification_study(world, size, real_ids, tools)

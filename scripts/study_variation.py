@@ -124,24 +124,6 @@ def load_images(tiles: list[ClassTile], side: int, cache: dict) -> tuple[np.ndar
     return images, np.array([t.label for t in tiles], np.int64)
 
 
-def pick_variation(pool: list[ClassTile], real: list[ClassTile], count: int,
-                   seed: int) -> list[ClassTile]:
-    """Up to ``count`` variation tiles made from ``real``'s vessels, in rounds (each
-    vessel's first tile, then each one's second, …; vessels in seeded order)."""
-    by_vessel: dict[str, list[ClassTile]] = {t.vessel: [] for t in real}
-    for tile in sorted(pool, key=lambda t: t.id):
-        if tile.vessel in by_vessel:
-            by_vessel[tile.vessel].append(tile)
-    vessels = list(by_vessel)
-    order = [vessels[i] for i in np.random.default_rng([seed, 17]).permutation(len(vessels))]
-    chosen: list[ClassTile] = []
-    for round_ in range(max((len(v) for v in by_vessel.values()), default=0)):
-        for vessel in order:
-            if len(chosen) < count and round_ < len(by_vessel[vessel]):
-                chosen.append(by_vessel[vessel][round_])
-    return chosen
-
-
 def train_classifier(tiles: list[ClassTile], val: list[ClassTile], test: list[ClassTile],
                      size: Any, augmented: bool, seed: int, epoch_tiles: int,
                      cache: dict) -> dict[str, Any]:
@@ -191,7 +173,7 @@ def run_classification(world: Path, size: Any, real: dict[int, list[str]],
     rows = []
     for name, augmented, ratio in arms:
         for k, tiles in chosen.items():
-            fake = pick_variation(pool, tiles, ratio * len(tiles), size.seed) if ratio else []
+            fake = tools.choose(pool, tiles, ratio * len(tiles), size.seed) if ratio else []
             ids = [t.id for t in tiles + fake]
             per_seed = []
             for s in range(size.seeds):
@@ -246,7 +228,8 @@ def classification_study(world: Path, size: Any, real: dict[int, list[str]],
     run's) and ``checked`` (variation rows checked for leakage).
 
     ``tools``: the study's ``histosynth``, ``read_json``, ``write_json``,
-    ``check_leakage``, ``error`` (its exception) and ``tile`` ((px, µm/px))."""
+    ``check_leakage``, ``choose`` (its synthetic tiles of an arm's own vessels), ``error``
+    (its exception) and ``tile`` ((px, µm/px))."""
     generates, note = engine_note(size.variation_model or size.model)
     if not generates:
         return {"rows": [], "note": note, "seconds": 0.0, "checked": 0}

@@ -708,7 +708,7 @@ def run_study(args: argparse.Namespace, size: Size, command: str) -> dict[str, A
 
     tools = SimpleNamespace(histosynth=histosynth, read_json=read_json, write_json=write_json,
                             check_leakage=lambda w, m: check_leakage(w, split, m),
-                            choose=choose_synthetic,
+                            choose=choose_synthetic, mean_sd=mean_sd,
                             error=StudyError, tile=(TILE_SIZE, TILE_MPP))
     real_ids = {k: [t.id for t in v] for k, v in real.items()}
     classify = sibling("study_variation").classification_study(world, size, real_ids, tools)
@@ -721,7 +721,7 @@ def run_study(args: argparse.Namespace, size: Size, command: str) -> dict[str, A
         "counts": {"real_train": len(real_train), "real_val": len(val), "real_test": len(test),
                    "synthetic_checked": checked + classify["checked"],
                    "synthetic_usable": {m: len(t) for m, t in synthetic.items()},
-                   "real_per_k": {k: [t.id for t in v] for k, v in real.items()}},
+                   "real_per_k": real_ids},
         "arms": {a.name: {"real": a.real, "augmented": a.augmented, "mode": a.mode,
                           "ratio": a.ratio} for a in arms},
         "rows": summarise(arms, synthesis_seconds),

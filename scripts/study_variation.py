@@ -193,12 +193,8 @@ def run_classification(world: Path, size: Any, real: dict[int, list[str]],
                                    "train_seconds": round(sum(d["seconds"] for d in per_seed), 1)}
             for metric in ("f1", "balanced_accuracy", "sensitivity", "specificity"):
                 values = [d["scores"][metric] for d in per_seed]
-                kept = np.array([v for v in values if not math.isnan(v)], float)
-                row[metric] = {
-                    "mean": float(kept.mean()) if len(kept) else math.nan,
-                    "sd": float(kept.std(ddof=1)) if len(kept) > 1 else 0.0,
-                    "per_seed": values,
-                }
+                mean, sd = tools.mean_sd(values)
+                row[metric] = {"mean": mean, "sd": sd, "per_seed": values}
             rows.append(row)
     return rows
 
@@ -228,8 +224,8 @@ def classification_study(world: Path, size: Any, real: dict[int, list[str]],
     run's) and ``checked`` (variation rows checked for leakage).
 
     ``tools``: the study's ``histosynth``, ``read_json``, ``write_json``,
-    ``check_leakage``, ``choose`` (its synthetic tiles of an arm's own vessels), ``error``
-    (its exception) and ``tile`` ((px, µm/px))."""
+    ``check_leakage``, ``choose`` (its synthetic tiles of an arm's own vessels),
+    ``mean_sd``, ``error`` (its exception) and ``tile`` ((px, µm/px))."""
     generates, note = engine_note(size.variation_model or size.model)
     if not generates:
         return {"rows": [], "note": note, "seconds": 0.0, "checked": 0}
